@@ -1,0 +1,75 @@
+"""The peer: the same LoRA fine-tune as configs/quickstart.toml with transformers + peft
+on the same torch. Prints one JSON line: examples/s over the timed steps and peak RSS."""
+import argparse
+import csv
+import json
+import os
+import resource
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModel, AutoTokenizer
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", default=os.environ.get("TESSERA_MODEL_DIR"))
+ap.add_argument("--data", default=os.path.join(os.environ.get("TESSERA_DATA_DIR", ""), "polarity.csv"))
+ap.add_argument("--steps", type=int, default=30)
+ap.add_argument("--warmup-steps", type=int, default=3)
+ap.add_argument("--batch-size", type=int, default=32)
+ap.add_argument("--max-length", type=int, default=64)
+ap.add_argument("--threads", type=int, default=os.cpu_count())
+ap.add_argument("--rank", type=int, default=8)
+args = ap.parse_args()
+torch.set_num_threads(args.threads)
+torch.manual_seed(0)
+
+with open(args.data, newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+texts = [r["text"] for r in rows]
+labels = [int(r["label"]) for r in rows]
+
+tok = AutoTokenizer.from_pretrained(args.model)
+encoder = AutoModel.from_pretrained(args.model)
+
+
+class Classifier(torch.nn.Module):
+    """Mean pooling + linear head, as Tessera's sequence-classification task."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.head = torch.nn.Linear(encoder.config.hidden_size, 2)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1).clamp_min(1e-9))
+
+
+cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1,
+                 target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
+model = Classifier(get_peft_model(encoder, cfg))
+for p in model.head.parameters():
+    p.requires_grad_(True)
+model.train()
+params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+seen, start = 0, None
+for step in range(args.warmup_steps + args.steps):
+    if step == args.warmup_steps:
+        start, seen = time.perf_counter(), 0
+    i = (step * args.batch_size) % (len(texts) - args.batch_size)
+    batch = tok(texts[i:i + args.batch_size], padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+    y = torch.tensor(labels[i:i + args.batch_size])
+    loss = torch.nn.functional.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), y)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    seen += y.numel()
+elapsed = time.perf_counter() - start
+print(json.dumps({"peer": "transformers+peft", "examples_per_s": seen / elapsed,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size}))

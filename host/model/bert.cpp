@@ -1,0 +1,234 @@
+#include "model/bert.h"
+
+#include "model/safetensors.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+namespace tessera {
+
+BertConfig BertConfig::from_json_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(path + ": " + e.what());
+  }
+  std::string type = j.value("model_type", "");
+  if (type != "bert") throw std::runtime_error(path + ": model_type '" + type + "' is not supported (supported: bert)");
+  if (j.value("hidden_act", "gelu") != "gelu") throw std::runtime_error(path + ": hidden_act '" + j.value("hidden_act", "") + "' is not supported");
+  if (j.value("position_embedding_type", "absolute") != "absolute")
+    throw std::runtime_error(path + ": position_embedding_type '" + j.value("position_embedding_type", "") + "' is not supported");
+  BertConfig c;
+  auto need = [&](const char* key) {
+    if (!j.contains(key) || !j[key].is_number_integer()) throw std::runtime_error(path + ": missing integer '" + key + "'");
+    return j[key].get<std::int64_t>();
+  };
+  c.vocab_size = need("vocab_size");
+  c.hidden_size = need("hidden_size");
+  c.num_layers = need("num_hidden_layers");
+  c.num_heads = need("num_attention_heads");
+  c.intermediate_size = need("intermediate_size");
+  c.max_positions = j.value("max_position_embeddings", c.max_positions);
+  c.type_vocab_size = j.value("type_vocab_size", c.type_vocab_size);
+  c.pad_token_id = j.value("pad_token_id", c.pad_token_id);
+  c.layer_norm_eps = j.value("layer_norm_eps", c.layer_norm_eps);
+  c.hidden_dropout = j.value("hidden_dropout_prob", c.hidden_dropout);
+  c.attention_dropout = j.value("attention_probs_dropout_prob", c.attention_dropout);
+  if (c.hidden_size % c.num_heads != 0) throw std::runtime_error(path + ": hidden_size is not a multiple of num_attention_heads");
+  return c;
+}
+
+ParameterSite* BertModel::param(const std::string& canonical, const std::string& hf, Tensor t) {
+  params_.push_back(std::make_unique<ParameterSite>(canonical, hf, std::move(t)));
+  return params_.back().get();
+}
+
+LinearSite* BertModel::linear(const std::string& canonical, const std::string& hf, ParameterSite* w, ParameterSite* b) {
+  linears_.push_back(std::make_unique<LinearSite>(canonical, hf, w, b));
+  return linears_.back().get();
+}
+
+std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOptions options) {
+  namespace fs = std::filesystem;
+  std::unique_ptr<BertModel> m(new BertModel());
+  m->config_ = BertConfig::from_json_file((fs::path(dir) / "config.json").string());
+  const auto& c = m->config_;
+  fs::path weights = fs::path(dir) / "model.safetensors";
+  if (!fs::exists(weights)) throw std::runtime_error(dir + ": no model.safetensors (convert pytorch_model.bin at set-up)");
+  auto file = SafetensorsFile::open(weights.string());
+
+  // Checkpoints of BertFor* heads prefix every encoder tensor with "bert.".
+  const std::string prefix = file->contains("bert.embeddings.word_embeddings.weight") ? "bert." : "";
+  std::set<std::string> used;
+  auto load = [&](const std::string& hf, std::vector<int64_t> shape) {
+    std::string name = prefix + hf;
+    if (!file->contains(name)) {
+      // Old TF-converted checkpoints call LayerNorm's parameters gamma and beta.
+      std::string old = name;
+      auto swap = [&](const std::string& from, const std::string& to) {
+        if (old.size() > from.size() && old.compare(old.size() - from.size(), from.size(), from) == 0)
+          old = old.substr(0, old.size() - from.size()) + to;
+      };
+      swap("LayerNorm.weight", "LayerNorm.gamma");
+      swap("LayerNorm.bias", "LayerNorm.beta");
+      if (!file->contains(old)) throw SafetensorsError(weights.string(), name, "missing from the checkpoint");
+      name = old;
+    }
+    Tensor t = file->tensor(name);
+    if (t.sizes().vec() != shape)
+      throw SafetensorsError(weights.string(), name, "has shape " + c10::str(t.sizes()) + ", the config needs " + c10::str(at::IntArrayRef(shape)));
+    used.insert(name);
+    // Same dtype and device: a zero-copy view of the (private) mapping.
+    return t.to(options).detach().set_requires_grad(false);
+  };
+  const auto H = c.hidden_size, I = c.intermediate_size;
+  m->word_ = m->param("embed.word.weight", prefix + "embeddings.word_embeddings.weight", load("embeddings.word_embeddings.weight", {c.vocab_size, H}));
+  m->position_ = m->param("embed.position.weight", prefix + "embeddings.position_embeddings.weight", load("embeddings.position_embeddings.weight", {c.max_positions, H}));
+  m->token_type_ = m->param("embed.token_type.weight", prefix + "embeddings.token_type_embeddings.weight", load("embeddings.token_type_embeddings.weight", {c.type_vocab_size, H}));
+  m->embed_norm_w_ = m->param("embed.norm.weight", prefix + "embeddings.LayerNorm.weight", load("embeddings.LayerNorm.weight", {H}));
+  m->embed_norm_b_ = m->param("embed.norm.bias", prefix + "embeddings.LayerNorm.bias", load("embeddings.LayerNorm.bias", {H}));
+  m->embed_site_ = std::make_unique<EmbeddingSite>("embed", prefix + "embeddings", H);
+
+  for (std::int64_t i = 0; i < c.num_layers; ++i) {
+    const std::string cn = "layers." + std::to_string(i), hf = "encoder.layer." + std::to_string(i);
+    auto lin = [&](const std::string& cname, const std::string& hname, std::int64_t out, std::int64_t in) {
+      auto* w = m->param(cn + "." + cname + ".weight", prefix + hf + "." + hname + ".weight", load(hf + "." + hname + ".weight", {out, in}));
+      auto* b = m->param(cn + "." + cname + ".bias", prefix + hf + "." + hname + ".bias", load(hf + "." + hname + ".bias", {out}));
+      return m->linear(cn + "." + cname, prefix + hf + "." + hname, w, b);
+    };
+    auto norm = [&](const std::string& cname, const std::string& hname, const char* which) {
+      return m->param(cn + "." + cname + "." + which, prefix + hf + "." + hname + "." + which, load(hf + "." + hname + "." + which, {H}));
+    };
+    Layer l{};
+    l.q = lin("attn.q", "attention.self.query", H, H);
+    l.k = lin("attn.k", "attention.self.key", H, H);
+    l.v = lin("attn.v", "attention.self.value", H, H);
+    l.o = lin("attn.o", "attention.output.dense", H, H);
+    l.up = lin("mlp.up", "intermediate.dense", I, H);
+    l.down = lin("mlp.down", "output.dense", H, I);
+    l.attn_norm_w = norm("attn.norm", "attention.output.LayerNorm", "weight");
+    l.attn_norm_b = norm("attn.norm", "attention.output.LayerNorm", "bias");
+    l.mlp_norm_w = norm("mlp.norm", "output.LayerNorm", "weight");
+    l.mlp_norm_b = norm("mlp.norm", "output.LayerNorm", "bias");
+    m->sublayers_.push_back(std::make_unique<SublayerSite>(cn + ".attn", prefix + hf + ".attention", H));
+    l.attn = m->sublayers_.back().get();
+    m->sublayers_.push_back(std::make_unique<SublayerSite>(cn + ".mlp", prefix + hf + ".output", H));
+    l.mlp = m->sublayers_.back().get();
+    m->attentions_.push_back(std::make_unique<AttentionSite>(cn + ".attn", prefix + hf + ".attention.self", c.num_heads, H / c.num_heads));
+    l.attention = m->attentions_.back().get();
+    m->layer_sites_.push_back(std::make_unique<LayerSite>(cn, prefix + hf, i));
+    l.layer = m->layer_sites_.back().get();
+    m->layers_.push_back(l);
+  }
+  for (const auto& n : file->names())
+    if (!used.count(n)) m->ignored_.push_back(n);  // pooler, position_ids, task heads
+
+  m->info_.architecture = "bert";
+  m->info_.hidden_size = H;
+  m->info_.num_layers = c.num_layers;
+  m->info_.num_heads = c.num_heads;
+  m->info_.intermediate_size = I;
+  m->info_.vocab_size = c.vocab_size;
+  m->info_.options = options.requires_grad(false);
+  return m;
+}
+
+Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask) const {
+  // h: (B, T, H); mask: (B, S) with S = prefix + T, 1 = attend
+  const auto B = h.size(0), T = h.size(1), nh = config_.num_heads, hd = config_.hidden_size / nh;
+  auto heads = [&](const Tensor& x) { return x.view({B, T, nh, hd}).transpose(1, 2); };  // (B, nh, T, hd)
+  Tensor q = heads(l.q->forward(h)), k = heads(l.k->forward(h)), v = heads(l.v->forward(h));
+  if (l.attention->has_prefix()) {
+    auto [pk, pv] = l.attention->prefix(B);  // (B, nh, P, hd)
+    k = at::cat({pk.to(k.dtype()), k}, 2);
+    v = at::cat({pv.to(v.dtype()), v}, 2);
+  }
+  if (mask.size(1) != k.size(2)) throw std::runtime_error("attention mask covers " + std::to_string(mask.size(1)) + " keys, not " + std::to_string(k.size(2)));
+  const double p = training_ ? config_.attention_dropout : 0.0;
+  Tensor ctx;  // (B, nh, T, hd)
+  if (!l.attention->has_score_hooks()) {
+    Tensor keep = mask.to(at::kBool).view({B, 1, 1, k.size(2)});
+    ctx = at::scaled_dot_product_attention(q, k, v, keep, p);
+  } else {
+    Tensor bias = (1.0 - mask.to(q.dtype())).view({B, 1, 1, k.size(2)}) * std::numeric_limits<float>::lowest();
+    Tensor scores = at::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(hd)) + bias;  // (B, nh, T, S)
+    scores = l.attention->hook_scores(scores);
+    ctx = at::matmul(at::dropout(at::softmax(scores, -1), p, training_), v);
+  }
+  return ctx.transpose(1, 2).reshape({B, T, config_.hidden_size});  // (B, T, H)
+}
+
+Tensor BertModel::layer_forward(const Layer& l, const Tensor& h, const Tensor& mask) const {
+  const double p = config_.hidden_dropout;
+  const std::vector<int64_t> H{config_.hidden_size};  // owned: an IntArrayRef of a braced list dangles
+  Tensor a = at::dropout(l.o->forward(attention(l, h, mask)), p, training_);
+  a = l.attn->apply(h, a);
+  Tensor h1 = at::layer_norm(h + a, H, l.attn_norm_w->value(), l.attn_norm_b->value(), config_.layer_norm_eps);
+  Tensor mm = at::dropout(l.down->forward(at::gelu(l.up->forward(h1))), p, training_);
+  mm = l.mlp->apply(h1, mm);
+  return at::layer_norm(h1 + mm, H, l.mlp_norm_w->value(), l.mlp_norm_b->value(), config_.layer_norm_eps);
+}
+
+Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask) const {
+  // input_ids, attention_mask: (B, T)
+  Encoded out;
+  Tensor words = at::embedding(word_->value(), input_ids);  // (B, T, H)
+  words = embed_site_->prepend(words, &out.prompt_length);  // (B, P + T, H)
+  const auto B = words.size(0), S = words.size(1);
+  if (S > config_.max_positions)
+    throw std::runtime_error("sequence of " + std::to_string(S) + " tokens exceeds max_position_embeddings " + std::to_string(config_.max_positions));
+  Tensor positions = at::arange(S, input_ids.options());                              // (S)
+  Tensor x = words + at::embedding(position_->value(), positions).unsqueeze(0) +     // (1, S, H)
+             token_type_->value()[0];                                                  // single-segment input
+  x = at::layer_norm(x, {config_.hidden_size}, embed_norm_w_->value(), embed_norm_b_->value(), config_.layer_norm_eps);
+  x = at::dropout(x, config_.hidden_dropout, training_);
+  out.mask = attention_mask;
+  if (out.prompt_length > 0)
+    out.mask = at::cat({at::ones({B, out.prompt_length}, attention_mask.options()), attention_mask}, 1);
+  for (const auto& l : layers_) {
+    Tensor mask = out.mask;
+    if (l.attention->has_prefix()) {
+      auto P = l.attention->prefix(1).first.size(2);
+      mask = at::cat({at::ones({B, P}, out.mask.options()), out.mask}, 1);
+    }
+    x = l.layer->run(x, [&](const Tensor& h) { return layer_forward(l, h, mask); });
+  }
+  out.hidden = x;
+  return out;
+}
+
+std::vector<LinearSite*> BertModel::linear_sites() {
+  std::vector<LinearSite*> v;
+  for (auto& s : linears_) v.push_back(s.get());
+  return v;
+}
+std::vector<SublayerSite*> BertModel::sublayer_sites() {
+  std::vector<SublayerSite*> v;
+  for (auto& s : sublayers_) v.push_back(s.get());
+  return v;
+}
+std::vector<AttentionSite*> BertModel::attention_sites() {
+  std::vector<AttentionSite*> v;
+  for (auto& s : attentions_) v.push_back(s.get());
+  return v;
+}
+std::vector<LayerSite*> BertModel::layer_sites() {
+  std::vector<LayerSite*> v;
+  for (auto& s : layer_sites_) v.push_back(s.get());
+  return v;
+}
+std::vector<ParameterSite*> BertModel::parameter_sites() {
+  std::vector<ParameterSite*> v;
+  for (auto& s : params_) v.push_back(s.get());
+  return v;
+}
+
+}  // namespace tessera

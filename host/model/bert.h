@@ -1,0 +1,85 @@
+// The BERT encoder (Devlin et al. 2019, arXiv:1810.04805), built from Tessera sites and
+// loaded from a Hugging Face directory (config.json + model.safetensors).
+//
+// Per layer (post-LayerNorm):
+//   a  = Dropout(O · Attention(Q h, K h, V h, mask))   sites layers.i.attn.{q,k,v,o}
+//   a  = attn-sublayer interventions(h, a)             site  layers.i.attn
+//   h1 = LayerNorm(h + a)
+//   m  = Dropout(Down · GELU(Up h1))                   sites layers.i.mlp.{up,down}
+//   m  = mlp-sublayer interventions(h1, m)             site  layers.i.mlp
+//   h2 = LayerNorm(h1 + m)
+#pragma once
+
+#include <tessera/model_view.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace tessera {
+
+struct BertConfig {
+  std::int64_t vocab_size = 0, hidden_size = 0, num_layers = 0, num_heads = 0, intermediate_size = 0;
+  std::int64_t max_positions = 512, type_vocab_size = 2, pad_token_id = 0;
+  double layer_norm_eps = 1e-12, hidden_dropout = 0.1, attention_dropout = 0.1;
+  static BertConfig from_json_file(const std::string& path);
+};
+
+// The encoder's output: hidden states over [prompt tokens ; input tokens].
+struct Encoded {
+  Tensor hidden;                 // (B, P + T, H)
+  Tensor mask;                   // (B, P + T), 1 = real token (prompt tokens are real)
+  std::int64_t prompt_length = 0;  // P
+};
+
+class BertModel final : public ModelView {
+ public:
+  // Loads dir/config.json and dir/model.safetensors, converting to `options` (device,
+  // dtype). Missing tensors are an error naming them.
+  static std::unique_ptr<BertModel> load(const std::string& dir, c10::TensorOptions options);
+
+  Encoded forward(const Tensor& input_ids, const Tensor& attention_mask) const;  // (B, T) each
+  void train(bool on) { training_ = on; }
+  bool training() const override { return training_; }
+  const BertConfig& config() const { return config_; }
+  const std::vector<std::string>& ignored_tensors() const { return ignored_; }
+
+  const ModelInfo& info() const override { return info_; }
+  std::vector<LinearSite*> linear_sites() override;
+  std::vector<SublayerSite*> sublayer_sites() override;
+  std::vector<AttentionSite*> attention_sites() override;
+  std::vector<LayerSite*> layer_sites() override;
+  EmbeddingSite* embedding_site() override { return embed_site_.get(); }
+  std::vector<ParameterSite*> parameter_sites() override;
+
+ private:
+  struct Layer {
+    LinearSite *q, *k, *v, *o, *up, *down;
+    ParameterSite *attn_norm_w, *attn_norm_b, *mlp_norm_w, *mlp_norm_b;
+    SublayerSite* attn;
+    SublayerSite* mlp;
+    AttentionSite* attention;
+    LayerSite* layer;
+  };
+  BertModel() = default;
+  ParameterSite* param(const std::string& canonical, const std::string& hf, Tensor t);
+  LinearSite* linear(const std::string& canonical, const std::string& hf, ParameterSite* w, ParameterSite* b);
+  Tensor attention(const Layer& l, const Tensor& h, const Tensor& mask) const;
+  Tensor layer_forward(const Layer& l, const Tensor& h, const Tensor& mask) const;
+
+  BertConfig config_;
+  ModelInfo info_;
+  bool training_ = false;
+  std::vector<std::unique_ptr<ParameterSite>> params_;
+  std::vector<std::unique_ptr<LinearSite>> linears_;
+  std::vector<std::unique_ptr<SublayerSite>> sublayers_;
+  std::vector<std::unique_ptr<AttentionSite>> attentions_;
+  std::vector<std::unique_ptr<LayerSite>> layer_sites_;
+  std::unique_ptr<EmbeddingSite> embed_site_;
+  ParameterSite *word_ = nullptr, *position_ = nullptr, *token_type_ = nullptr, *embed_norm_w_ = nullptr, *embed_norm_b_ = nullptr;
+  std::vector<Layer> layers_;
+  std::vector<std::string> ignored_;  // tensors in the file the encoder does not use
+};
+
+}  // namespace tessera

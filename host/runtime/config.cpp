@@ -1,0 +1,331 @@
+#include "runtime/config.h"
+
+#include "runtime/plugin_registry.h"
+
+#include <toml++/toml.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <regex>
+#include <set>
+#include <sstream>
+
+namespace tessera {
+namespace fs = std::filesystem;
+
+std::string SourcePos::str() const { return file + ":" + std::to_string(line) + ":" + std::to_string(column); }
+
+std::string nearest(const std::string& word, const std::vector<std::string>& candidates) {
+  std::string best;
+  std::size_t best_d = std::max<std::size_t>(2, word.size() / 3) + 1;
+  for (const auto& c : candidates) {
+    std::vector<std::size_t> prev(c.size() + 1), cur(c.size() + 1);
+    for (std::size_t j = 0; j <= c.size(); ++j) prev[j] = j;
+    for (std::size_t i = 1; i <= word.size(); ++i) {
+      cur[0] = i;
+      for (std::size_t j = 1; j <= c.size(); ++j)
+        cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (word[i - 1] == c[j - 1] ? 0 : 1)});
+      std::swap(prev, cur);
+    }
+    if (prev[c.size()] < best_d) { best_d = prev[c.size()]; best = c; }
+  }
+  return best;
+}
+
+namespace {
+
+SourcePos pos_of(const std::string& file, const toml::node& n) {
+  const auto& b = n.source().begin;
+  return {file, static_cast<int>(b.line), static_cast<int>(b.column)};
+}
+
+std::string expand_env(const std::string& s, const SourcePos& pos) {
+  static const std::regex var(R"(\$\{([A-Za-z_][A-Za-z0-9_]*)\})");
+  std::string out;
+  auto begin = std::sregex_iterator(s.begin(), s.end(), var);
+  std::size_t last = 0;
+  for (auto it = begin; it != std::sregex_iterator(); ++it) {
+    out += s.substr(last, static_cast<std::size_t>(it->position()) - last);
+    const char* v = std::getenv((*it)[1].str().c_str());
+    if (v == nullptr) throw ConfigError(pos, "environment variable " + (*it)[1].str() + " is not set (run scripts/bootstrap and source its env.sh)");
+    out += v;
+    last = static_cast<std::size_t>(it->position() + it->length());
+  }
+  return out + s.substr(last);
+}
+
+// Reads the keys of one table, and reports the ones nobody asked for.
+class Section {
+ public:
+  Section(const std::string& file, const std::string& name, const toml::table* t) : file_(file), name_(name), t_(t) {}
+
+  template <class T>
+  void get(const char* key, T& out) {
+    known_.push_back(key);
+    if (t_ == nullptr) return;
+    const toml::node* n = t_->get(key);
+    if (n == nullptr) return;
+    if constexpr (std::is_same_v<T, std::string>) {
+      if (!n->is_string()) fail(*n, std::string("'") + key + "' must be a string");
+      out = expand_env(n->as_string()->get(), pos_of(file_, *n));
+    } else if constexpr (std::is_same_v<T, double>) {
+      if (n->is_integer()) out = static_cast<double>(n->as_integer()->get());
+      else if (n->is_floating_point()) out = n->as_floating_point()->get();
+      else fail(*n, std::string("'") + key + "' must be a number");
+    } else {
+      if (!n->is_integer()) fail(*n, std::string("'") + key + "' must be an integer");
+      out = n->as_integer()->get();
+    }
+  }
+  void path(const char* key, std::string& out) {
+    get(key, out);
+    if (!out.empty() && fs::path(out).is_relative()) out = (fs::path(file_).parent_path() / out).lexically_normal().string();
+  }
+  void choice(const char* key, std::string& out, const std::vector<std::string>& allowed) {
+    get(key, out);
+    if (std::find(allowed.begin(), allowed.end(), out) != allowed.end()) return;
+    std::string list;
+    for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
+    fail(*t_->get(key), "'" + std::string(key) + "' = \"" + out + "\" is not one of: " + list);
+  }
+  void positive(const char* key, std::int64_t& out, std::int64_t min = 1) {
+    get(key, out);
+    if (out < min) fail(*t_->get(key), "'" + std::string(key) + "' must be at least " + std::to_string(min));
+  }
+  void finish() {
+    if (t_ == nullptr) return;
+    for (const auto& [k, v] : *t_) {
+      std::string key(k.str());
+      if (std::find(known_.begin(), known_.end(), key) != known_.end()) continue;
+      std::string hint = nearest(key, known_);
+      fail(v, "unknown key '" + key + "' in [" + name_ + "]" + (hint.empty() ? "" : " (did you mean '" + hint + "'?)"));
+    }
+  }
+  [[noreturn]] void fail(const toml::node& n, const std::string& msg) const { throw ConfigError(pos_of(file_, n), msg); }
+
+ private:
+  std::string file_, name_;
+  const toml::table* t_;
+  std::vector<std::string> known_;
+};
+
+ParamValue to_param(const std::string& file, const std::string& key, const toml::node& n) {
+  if (auto* b = n.as_boolean()) return b->get();
+  if (auto* i = n.as_integer()) return static_cast<std::int64_t>(i->get());
+  if (auto* f = n.as_floating_point()) return f->get();
+  if (auto* s = n.as_string()) return s->get();
+  if (auto* a = n.as_array()) {
+    std::vector<std::string> out;
+    for (const auto& e : *a) {
+      if (!e.is_string()) throw ConfigError(pos_of(file, e), "'" + key + "' must be a list of strings");
+      out.push_back(e.as_string()->get());
+    }
+    return out;
+  }
+  if (auto* t = n.as_table()) {
+    NumberTable out;
+    for (const auto& [k, v] : *t) {
+      if (v.is_integer()) out[std::string(k.str())] = static_cast<double>(v.as_integer()->get());
+      else if (v.is_floating_point()) out[std::string(k.str())] = v.as_floating_point()->get();
+      else throw ConfigError(pos_of(file, v), "'" + key + "." + std::string(k.str()) + "' must be a number");
+    }
+    return out;
+  }
+  throw ConfigError(pos_of(file, n), "'" + key + "' has an unsupported type");
+}
+
+MethodConfig read_method(const std::string& file, const toml::table& t, std::size_t index) {
+  MethodConfig m;
+  m.pos = pos_of(file, t);
+  m.params_pos = m.pos;
+  const std::vector<std::string> known = {"plugin", "name", "targets", "params"};
+  for (const auto& [k, v] : t) {
+    std::string key(k.str());
+    if (key == "plugin" || key == "name") {
+      if (!v.is_string()) throw ConfigError(pos_of(file, v), "'" + key + "' must be a string");
+      (key == "plugin" ? m.plugin : m.name) = v.as_string()->get();
+    } else if (key == "targets") {
+      auto value = to_param(file, key, v);
+      if (!std::holds_alternative<std::vector<std::string>>(value)) throw ConfigError(pos_of(file, v), "'targets' must be a list of strings");
+      m.targets = std::get<std::vector<std::string>>(value);
+    } else if (key == "params") {
+      if (!v.is_table()) throw ConfigError(pos_of(file, v), "'params' must be a table");
+      m.params_pos = pos_of(file, v);
+      for (const auto& [pk, pv] : *v.as_table()) {
+        std::string name(pk.str());
+        m.params[name] = to_param(file, name, pv);
+        m.param_pos[name] = pos_of(file, pv);
+      }
+    } else {
+      std::string hint = nearest(key, known);
+      throw ConfigError(pos_of(file, v), "unknown key '" + key + "' in [[methods]] (parameters go in [methods.params])" +
+                                             (hint.empty() ? "" : "; did you mean '" + hint + "'?"));
+    }
+  }
+  if (m.plugin.empty()) throw ConfigError(m.pos, "method " + std::to_string(index + 1) + " has no 'plugin' id");
+  if (m.name.empty()) m.name = m.plugin;
+  return m;
+}
+
+}  // namespace
+
+Config load_config(const std::string& path) {
+  Config c;
+  c.file = path;
+  toml::table root;
+  try {
+    root = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    const auto& b = e.source().begin;
+    throw ConfigError({path, static_cast<int>(b.line), static_cast<int>(b.column)}, std::string(e.description()));
+  }
+  auto table = [&](const char* name) -> const toml::table* {
+    const toml::node* n = root.get(name);
+    if (n != nullptr && !n->is_table()) throw ConfigError(pos_of(path, *n), std::string("[") + name + "] must be a table");
+    return n ? n->as_table() : nullptr;
+  };
+  {
+    Section s(path, "model", table("model"));
+    s.path("path", c.model.path);
+    s.choice("dtype", c.model.dtype, {"f32", "bf16"});
+    s.get("device", c.model.device);
+    s.finish();
+    if (c.model.path.empty()) throw ConfigError({path, 1, 1}, "[model] needs 'path'");
+  }
+  {
+    Section s(path, "data", table("data"));
+    s.path("path", c.data.path);
+    s.choice("format", c.data.format, {"auto", "csv", "jsonl"});
+    s.get("text_column", c.data.text_column);
+    s.get("label_column", c.data.label_column);
+    s.get("test_fraction", c.data.test_fraction);
+    s.get("seed", c.data.seed);
+    s.positive("max_length", c.data.max_length, 2);
+    s.positive("limit", c.data.limit, 0);
+    s.finish();
+    if (c.data.path.empty()) throw ConfigError({path, 1, 1}, "[data] needs 'path'");
+    if (!(c.data.test_fraction > 0 && c.data.test_fraction < 1))
+      s.fail(*table("data")->get("test_fraction"), "'test_fraction' must lie strictly between 0 and 1");
+  }
+  {
+    Section s(path, "task", table("task"));
+    s.choice("kind", c.task.kind, {"sequence-classification"});
+    s.positive("num_labels", c.task.num_labels, 0);
+    s.choice("pooling", c.task.pooling, {"mean", "cls"});
+    s.finish();
+  }
+  {
+    Section s(path, "train", table("train"));
+    s.positive("epochs", c.train.epochs);
+    s.positive("batch_size", c.train.batch_size);
+    s.positive("eval_batch_size", c.train.eval_batch_size);
+    s.get("lr", c.train.lr);
+    s.get("head_lr", c.train.head_lr);
+    s.get("weight_decay", c.train.weight_decay);
+    s.get("warmup_ratio", c.train.warmup_ratio);
+    s.get("max_grad_norm", c.train.max_grad_norm);
+    s.positive("threads", c.train.threads, 0);
+    s.get("seed", c.train.seed);
+    s.positive("max_steps", c.train.max_steps, 0);
+    s.finish();
+  }
+  {
+    Section s(path, "output", table("output"));
+    s.path("dir", c.output_dir);
+    s.finish();
+  }
+  if (const toml::node* n = root.get("methods")) {
+    const toml::array* arr = n->as_array();
+    if (arr == nullptr || !arr->is_array_of_tables()) throw ConfigError(pos_of(path, *n), "'methods' must be an array of tables ([[methods]])");
+    std::set<std::string> names;
+    for (std::size_t i = 0; i < arr->size(); ++i) {
+      MethodConfig m = read_method(path, *arr->get(i)->as_table(), i);
+      if (!names.insert(m.name).second) throw ConfigError(m.pos, "two methods are named '" + m.name + "'; give each a unique 'name'");
+      c.methods.push_back(std::move(m));
+    }
+  }
+  const std::vector<std::string> sections = {"model", "data", "task", "train", "output", "methods"};
+  for (const auto& [k, v] : root) {
+    std::string key(k.str());
+    if (std::find(sections.begin(), sections.end(), key) != sections.end()) continue;
+    std::string hint = nearest(key, sections);
+    throw ConfigError(pos_of(path, v), "unknown section '" + key + "'" + (hint.empty() ? "" : " (did you mean '" + hint + "'?)"));
+  }
+  return c;
+}
+
+void check_methods(Config& config, const PluginRegistry& registry) {
+  for (auto& m : config.methods) {
+    const PluginInfo* info = registry.find(m.plugin);
+    if (info == nullptr) {
+      std::vector<std::string> ids;
+      for (const auto& p : registry.plugins()) ids.push_back(p.id);
+      std::string hint = nearest(m.plugin, ids);
+      throw ConfigError(m.pos, "no plugin with id '" + m.plugin + "'" + (hint.empty() ? "" : " (did you mean '" + hint + "'?)") +
+                                   "; `tessera plugins` lists the plugins found");
+    }
+    std::vector<std::string> keys;
+    for (const auto& s : info->params) keys.push_back(s.name);
+    for (const auto& [k, v] : m.params) {
+      auto spec = std::find_if(info->params.begin(), info->params.end(), [&](const ParamSpec& s) { return s.name == k; });
+      if (spec == info->params.end()) {
+        std::string hint = nearest(k, keys);
+        throw ConfigError(m.param_pos.at(k), "plugin '" + m.plugin + "' has no parameter '" + k + "'" +
+                                                 (hint.empty() ? "" : " (did you mean '" + hint + "'?)"));
+      }
+    }
+    auto at = [&](const std::string& key) { return m.param_pos.count(key) ? m.param_pos.at(key) : m.params_pos; };
+    try {
+      m.checked = apply_schema(info->params, m.params);
+      auto probe = registry.create(m.plugin, m.name);
+      probe->call("validate", [&](Method& method) { method.validate(m.checked); });
+    } catch (const ParamError& e) {
+      throw ConfigError(at(e.key()), "method '" + m.name + "' (plugin '" + m.plugin + "'): " + e.what());
+    }
+  }
+}
+
+std::string resolved_toml(const Config& c) {
+  toml::table root;
+  root.insert("model", toml::table{{"path", c.model.path}, {"dtype", c.model.dtype}, {"device", c.model.device}});
+  root.insert("data", toml::table{{"path", c.data.path}, {"format", c.data.format}, {"text_column", c.data.text_column},
+                                  {"label_column", c.data.label_column}, {"test_fraction", c.data.test_fraction},
+                                  {"seed", c.data.seed}, {"max_length", c.data.max_length}, {"limit", c.data.limit}});
+  root.insert("task", toml::table{{"kind", c.task.kind}, {"num_labels", c.task.num_labels}, {"pooling", c.task.pooling}});
+  root.insert("train", toml::table{{"epochs", c.train.epochs}, {"batch_size", c.train.batch_size},
+                                   {"eval_batch_size", c.train.eval_batch_size}, {"lr", c.train.lr}, {"head_lr", c.train.head_lr},
+                                   {"weight_decay", c.train.weight_decay}, {"warmup_ratio", c.train.warmup_ratio},
+                                   {"max_grad_norm", c.train.max_grad_norm}, {"threads", c.train.threads},
+                                   {"seed", c.train.seed}, {"max_steps", c.train.max_steps}});
+  root.insert("output", toml::table{{"dir", c.output_dir}});
+  toml::array methods;
+  for (const auto& m : c.methods) {
+    toml::array targets;
+    for (const auto& t : m.targets) targets.push_back(t);
+    toml::table params;
+    for (const auto& [k, v] : (m.checked.values().empty() ? m.params : m.checked.values())) {
+      std::visit([&](const auto& x) {
+        using T = std::decay_t<decltype(x)>;
+        if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+          toml::array a;
+          for (const auto& s : x) a.push_back(s);
+          params.insert(k, a);
+        } else if constexpr (std::is_same_v<T, NumberTable>) {
+          toml::table t;
+          for (const auto& [tk, tv] : x) t.insert(tk, tv);
+          params.insert(k, t);
+        } else {
+          params.insert(k, x);
+        }
+      }, v);
+    }
+    methods.push_back(toml::table{{"plugin", m.plugin}, {"name", m.name}, {"targets", targets}, {"params", params}});
+  }
+  root.insert("methods", methods);
+  std::ostringstream out;
+  out << toml::toml_formatter(root) << "\n";
+  return out.str();
+}
+
+}  // namespace tessera

@@ -1,0 +1,88 @@
+// The run configuration, read from TOML. Every error names file, line and column, and
+// an unknown key comes with the nearest known one.
+//
+//   [model]  path, dtype ("f32" | "bf16"), device ("cpu" | "cuda" | "cuda:N")
+//   [data]   path, format ("auto" | "csv" | "jsonl"), text_column, label_column,
+//            test_fraction, seed, max_length, limit
+//   [task]   kind ("sequence-classification"), num_labels, pooling ("mean" | "cls")
+//   [train]  epochs, batch_size, eval_batch_size, lr, head_lr, weight_decay,
+//            warmup_ratio, max_grad_norm, threads, seed, max_steps
+//   [output] dir
+//   [[methods]] plugin, name, targets, [methods.params] …
+//
+// Strings may use ${VAR} for environment variables; relative paths are taken from the
+// config file's directory.
+#pragma once
+
+#include <tessera/params.h>
+
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace tessera {
+
+class PluginRegistry;
+
+struct SourcePos {
+  std::string file;
+  int line = 0, column = 0;
+  std::string str() const;  // "file:line:column"
+};
+
+class ConfigError : public std::runtime_error {
+ public:
+  ConfigError(const SourcePos& pos, const std::string& message) : std::runtime_error(pos.str() + ": " + message) {}
+};
+
+struct MethodConfig {
+  std::string plugin, name;
+  std::vector<std::string> targets;
+  std::map<std::string, ParamValue> params;  // as written; checked by check_methods
+  std::map<std::string, SourcePos> param_pos;
+  SourcePos pos, params_pos;
+  Params checked;                           // after check_methods: schema defaults filled
+};
+
+struct ModelConfig {
+  std::string path, dtype = "f32", device = "cpu";
+};
+
+struct DataConfig {
+  std::string path, format = "auto", text_column = "text", label_column = "label";
+  double test_fraction = 0.2;
+  std::int64_t seed = 13, max_length = 128, limit = 0;
+};
+
+struct TaskConfig {
+  std::string kind = "sequence-classification", pooling = "mean";
+  std::int64_t num_labels = 0;  // 0: from the data
+};
+
+struct TrainConfig {
+  std::int64_t epochs = 3, batch_size = 32, eval_batch_size = 128, threads = 0, seed = 42, max_steps = 0;
+  double lr = 1e-3, head_lr = 0, weight_decay = 0.01, warmup_ratio = 0.06, max_grad_norm = 1.0;
+};
+
+struct Config {
+  std::string file;
+  ModelConfig model;
+  DataConfig data;
+  TaskConfig task;
+  TrainConfig train;
+  std::string output_dir = "runs/latest";
+  std::vector<MethodConfig> methods;
+};
+
+Config load_config(const std::string& path);
+// Checks every method's parameters against its plugin's schema and its validate();
+// fills MethodConfig::checked. Errors point at the key in the file.
+void check_methods(Config& config, const PluginRegistry& registry);
+// The config as TOML with every default filled in (written into the run directory).
+std::string resolved_toml(const Config& config);
+
+// Levenshtein-nearest candidate within a small distance, or "".
+std::string nearest(const std::string& word, const std::vector<std::string>& candidates);
+
+}  // namespace tessera

@@ -1,0 +1,143 @@
+#include "runtime/plugin_registry.h"
+
+#include <tessera/fingerprint.h>
+
+#define BOOST_DLL_USE_STD_FS
+#include <boost/dll/shared_library.hpp>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <sstream>
+
+namespace tessera {
+namespace fs = std::filesystem;
+
+MethodInstance::MethodInstance(std::shared_ptr<boost::dll::shared_library> lib, const tessera_plugin_descriptor* d, Method* m,
+                               std::string instance)
+    : lib_(std::move(lib)), descriptor_(d), method_(m), id_(d->id), instance_(std::move(instance)) {}
+
+MethodInstance::~MethodInstance() { descriptor_->destroy(method_); }  // in the library that allocated it
+
+std::string MethodInstance::where(const char* step) const {
+  return "plugin '" + id_ + "'" + (instance_.empty() ? "" : " (instance '" + instance_ + "')") + ": " + step + ": ";
+}
+
+std::string one_line(const std::exception& e) {
+  std::string s = e.what();
+  auto cut = s.find("\nException raised from");
+  if (cut != std::string::npos) s.resize(cut);
+  return s;
+}
+
+bool compatible(const tessera_plugin_descriptor& d, std::string* reason) {
+  std::ostringstream why;
+  if (d.abi_major != TESSERA_SDK_ABI_MAJOR || d.abi_minor > TESSERA_SDK_ABI_MINOR)
+    why << "SDK ABI " << d.abi_major << "." << d.abi_minor << " is not compatible with the host's " << TESSERA_SDK_ABI_MAJOR << "."
+        << TESSERA_SDK_ABI_MINOR << " (needs the same major and a minor not above the host's)";
+  else if (d.struct_size < sizeof(tessera_plugin_descriptor))
+    why << "descriptor is " << d.struct_size << " bytes, expected " << sizeof(tessera_plugin_descriptor);
+  else if (d.build.torch_version == nullptr || std::string(d.build.torch_version) != TESSERA_TORCH_VERSION)
+    why << "built against libtorch " << (d.build.torch_version ? d.build.torch_version : "(none)") << ", the host uses "
+        << TESSERA_TORCH_VERSION;
+  else if (d.build.cxx11_abi != TESSERA_CXX11_ABI)
+    why << "built with _GLIBCXX_USE_CXX11_ABI=" << d.build.cxx11_abi << ", the host with " << TESSERA_CXX11_ABI;
+  else if (d.id == nullptr || *d.id == '\0' || d.create == nullptr || d.destroy == nullptr)
+    why << "descriptor lacks an id, create or destroy";
+  if (why.str().empty()) return true;
+  if (reason) *reason = why.str();
+  return false;
+}
+
+PluginRegistry::PluginRegistry() = default;
+PluginRegistry::~PluginRegistry() = default;
+
+std::vector<std::string> PluginRegistry::search_path(const std::string& exe_path, const std::vector<std::string>& plugin_dirs) {
+  std::vector<std::string> dirs;
+  std::error_code ec;
+  fs::path exe = fs::canonical(exe_path, ec);
+  if (!ec) dirs.push_back((exe.parent_path() / "plugins").string());
+  dirs.insert(dirs.end(), plugin_dirs.begin(), plugin_dirs.end());
+  if (const char* env = std::getenv("TESSERA_PLUGIN_PATH")) {
+    std::stringstream s(env);
+    std::string d;
+    while (std::getline(s, d, ':'))
+      if (!d.empty()) dirs.push_back(d);
+  }
+  return dirs;
+}
+
+void PluginRegistry::scan(const std::vector<std::string>& directories) {
+  for (const auto& dir : directories) {
+    std::error_code ec;
+    if (!fs::is_directory(dir, ec)) {
+      spdlog::debug("plugin directory {} does not exist", dir);
+      continue;
+    }
+    std::vector<std::string> files;
+    for (const auto& e : fs::directory_iterator(dir, ec)) {
+      const auto name = e.path().filename().string();
+      if (e.is_regular_file() && name.rfind("tessera-plugin-", 0) == 0 && e.path().extension() == ".so") files.push_back(e.path().string());
+    }
+    std::sort(files.begin(), files.end());
+    for (const auto& f : files) load(f);
+  }
+}
+
+void PluginRegistry::load(const std::string& path) {
+  auto refuse = [&](const std::string& why) {
+    spdlog::warn("plugin {} refused: {}", path, why);
+    refused_.push_back({path, why});
+  };
+  auto lib = std::make_shared<boost::dll::shared_library>();
+  try {
+    lib->load(path, boost::dll::load_mode::rtld_lazy | boost::dll::load_mode::rtld_local);
+  } catch (const std::exception& e) {
+    return refuse(std::string("cannot be loaded: ") + e.what());
+  }
+  if (!lib->has(TESSERA_PLUGIN_ENTRY_SYMBOL)) return refuse("no entry symbol '" TESSERA_PLUGIN_ENTRY_SYMBOL "'");
+  const tessera_plugin_descriptor* d = lib->get<const tessera_plugin_descriptor*()>(TESSERA_PLUGIN_ENTRY_SYMBOL)();
+  if (d == nullptr) return refuse("entry returned no descriptor");
+  std::string why;
+  if (!compatible(*d, &why)) return refuse(std::string("plugin '") + (d->id ? d->id : "?") + "': " + why);
+  if (const PluginInfo* first = find(d->id))
+    return refuse("duplicate id '" + std::string(d->id) + "', already loaded from " + first->path);
+
+  PluginInfo info{d->id, d->version ? d->version : "", d->family ? d->family : "", d->summary ? d->summary : "",
+                  d->paper ? d->paper : "", path, {}};
+  // Create one method to read its schema: a plugin that cannot even be created is refused now.
+  char err[512] = {0};
+  void* raw = d->create(err, sizeof err);
+  if (raw == nullptr) return refuse("plugin '" + info.id + "': cannot create its method: " + (err[0] ? err : "no reason given"));
+  MethodInstance probe(lib, d, static_cast<Method*>(raw), "");
+  try {
+    info.params = probe.call("describe", [](Method& m) { return m.describe().params; });
+  } catch (const std::exception& e) {
+    return refuse(e.what());
+  }
+  spdlog::debug("plugin {} {} loaded from {}", info.id, info.version, path);
+  plugins_.push_back(std::move(info));
+  loaded_.push_back({lib, d});
+}
+
+const PluginInfo* PluginRegistry::find(const std::string& id) const {
+  for (const auto& p : plugins_)
+    if (p.id == id) return &p;
+  return nullptr;
+}
+
+std::unique_ptr<MethodInstance> PluginRegistry::create(const std::string& id, const std::string& instance) const {
+  for (std::size_t i = 0; i < plugins_.size(); ++i) {
+    if (plugins_[i].id != id) continue;
+    char err[512] = {0};
+    void* raw = loaded_[i].descriptor->create(err, sizeof err);
+    if (raw == nullptr) throw PluginError("plugin '" + id + "': cannot create instance '" + instance + "': " + err);
+    return std::make_unique<MethodInstance>(loaded_[i].lib, loaded_[i].descriptor, static_cast<Method*>(raw), instance);
+  }
+  std::string known;
+  for (const auto& p : plugins_) known += (known.empty() ? "" : ", ") + p.id;
+  throw PluginError("no plugin with id '" + id + "' (found: " + (known.empty() ? "none" : known) + ")");
+}
+
+}  // namespace tessera

@@ -1,0 +1,32 @@
+// Labelled text from CSV (RFC 4180, header row) or JSON lines, and a seeded train/test
+// split that is the same on every machine (our own shuffle, not the library's).
+#pragma once
+
+#include "runtime/config.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace tessera {
+
+struct Example {
+  std::string text;
+  std::int64_t label = 0;  // index into Dataset::label_names
+};
+
+struct Dataset {
+  std::vector<std::string> label_names;  // numeric labels sorted numerically, others by text
+  std::vector<Example> train, test;
+};
+
+// Throws std::runtime_error naming file and line for malformed input.
+Dataset load_dataset(const DataConfig& config);
+
+// Fisher–Yates with a SplitMix64 stream: identical on every platform and library.
+void seeded_shuffle(std::vector<std::size_t>& v, std::uint64_t seed);
+
+// Rows of a CSV file as strings, the header first.
+std::vector<std::vector<std::string>> read_csv(const std::string& path);
+
+}  // namespace tessera

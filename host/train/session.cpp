@@ -1,0 +1,152 @@
+#include "train/session.h"
+
+#include "model/safetensors.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+namespace tessera {
+namespace fs = std::filesystem;
+
+c10::TensorOptions options_for(const ModelConfig& m) {
+  return c10::TensorOptions().dtype(m.dtype == "bf16" ? at::kBFloat16 : at::kFloat).device(c10::Device(m.device));
+}
+
+Session::Session(Config config, const PluginRegistry& registry) : config_(std::move(config)) {
+  const auto opts = options_for(config_.model);
+  model_ = BertModel::load(config_.model.path, opts);
+  for (const auto& n : model_->ignored_tensors()) spdlog::debug("checkpoint tensor {} is not used by the encoder", n);
+  tokenizer_ = std::make_unique<WordPieceTokenizer>(WordPieceTokenizer::from_directory(config_.model.path));
+  data_ = load_dataset(config_.data);
+  std::int64_t L = config_.task.num_labels ? config_.task.num_labels : static_cast<std::int64_t>(data_.label_names.size());
+  if (L < static_cast<std::int64_t>(data_.label_names.size()))
+    throw std::runtime_error("task.num_labels = " + std::to_string(L) + " but the data has " + std::to_string(data_.label_names.size()) + " labels");
+
+  at::manual_seed(static_cast<std::uint64_t>(config_.train.seed));
+  for (auto& m : config_.methods) {
+    auto inst = registry.create(m.plugin, m.name);
+    AttachContext ctx{m.name, m.targets, m.checked, *model_};
+    inst->call("attach", [&](Method& method) { method.attach(ctx); });
+    methods_.push_back(std::move(inst));
+  }
+  // The task head: nn.Linear's default init.
+  const double bound = 1.0 / std::sqrt(static_cast<double>(model_->info().hidden_size));
+  head_w_ = at::empty({L, model_->info().hidden_size}, opts).uniform_(-bound, bound).set_requires_grad(true);
+  head_b_ = at::empty({L}, opts).uniform_(-bound, bound).set_requires_grad(true);
+}
+
+Session::~Session() {
+  for (auto& m : methods_) {
+    try {
+      m->call("detach", [&](Method& method) { method.detach(*model_); });
+    } catch (const std::exception& e) {
+      spdlog::warn("{}", e.what());
+    }
+  }
+}
+
+Batch Session::batch(const std::vector<Example>& split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end) const {
+  std::vector<std::vector<std::int64_t>> ids;
+  std::size_t T = 0;
+  for (std::size_t i = begin; i < end; ++i) {
+    ids.push_back(tokenizer_->encode(split[order[i]].text, static_cast<std::size_t>(config_.data.max_length)));
+    T = std::max(T, ids.back().size());
+  }
+  const auto B = static_cast<std::int64_t>(ids.size());
+  Batch b;
+  b.ids = at::full({B, static_cast<std::int64_t>(T)}, tokenizer_->pad_id(), at::kLong);
+  b.mask = at::zeros({B, static_cast<std::int64_t>(T)}, at::kLong);
+  b.labels = at::empty({B}, at::kLong);
+  auto ids_a = b.ids.accessor<std::int64_t, 2>();
+  auto mask_a = b.mask.accessor<std::int64_t, 2>();
+  auto lab_a = b.labels.accessor<std::int64_t, 1>();
+  for (std::int64_t r = 0; r < B; ++r) {
+    for (std::size_t t = 0; t < ids[r].size(); ++t) {
+      ids_a[r][static_cast<std::int64_t>(t)] = ids[r][t];
+      mask_a[r][static_cast<std::int64_t>(t)] = 1;
+    }
+    lab_a[r] = split[order[begin + static_cast<std::size_t>(r)]].label;
+  }
+  const auto dev = model_->info().options.device();
+  b.ids = b.ids.to(dev);
+  b.mask = b.mask.to(dev);
+  b.labels = b.labels.to(dev);
+  return b;
+}
+
+Tensor Session::logits(const Batch& b) {
+  Encoded e = model_->forward(b.ids, b.mask);
+  // Pool over the input tokens only: prompt tokens (if any) are the method's, not the text's.
+  Tensor h = e.hidden.narrow(1, e.prompt_length, b.ids.size(1));  // (B, T, H)
+  Tensor pooled;                                                   // (B, H)
+  if (config_.task.pooling == "cls") {
+    pooled = h.select(1, 0);
+  } else {
+    Tensor m = b.mask.unsqueeze(-1).to(h.dtype());  // (B, T, 1)
+    pooled = (h * m).sum(1) / m.sum(1).clamp_min(1e-9);
+  }
+  return at::linear(pooled, head_w_, head_b_);  // (B, L)
+}
+
+std::int64_t Session::base_parameter_count() {
+  std::int64_t n = 0;
+  for (auto* p : model_->parameter_sites()) n += p->base().numel();
+  return n;
+}
+
+std::int64_t Session::trainable_parameter_count() {
+  std::int64_t n = head_w_.numel() + head_b_.numel();
+  for (auto& m : methods_)
+    for (const auto& [_, t] : m->call("trainable", [](Method& x) { return x.trainable(); })) n += t.numel();
+  return n;
+}
+
+void Session::save_adapter(const std::string& dir) {
+  fs::create_directories(dir);
+  nlohmann::json manifest = {{"format", "tessera-adapter"}, {"version", 1}, {"labels", data_.label_names},
+                             {"pooling", config_.task.pooling}, {"architecture", model_->info().architecture}};
+  manifest["methods"] = nlohmann::json::array();
+  for (std::size_t i = 0; i < methods_.size(); ++i) {
+    auto& m = methods_[i];
+    const auto& mc = config_.methods[i];
+    fs::path sub = fs::path(dir) / mc.name;
+    fs::create_directories(sub);
+    auto tensors = m->call("state", [](Method& x) { return x.state(); });
+    save_safetensors((sub / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
+    write_file_atomic((sub / "adapter_config.json").string(), m->call("adapter_config_json", [](Method& x) { return x.adapter_config_json(); }) + "\n");
+    manifest["methods"].push_back({{"plugin", mc.plugin}, {"name", mc.name}, {"targets", mc.targets}, {"dir", mc.name}});
+  }
+  save_safetensors((fs::path(dir) / "head.safetensors").string(), head(), {{"format", "pt"}});
+  write_file_atomic((fs::path(dir) / "tessera.json").string(), manifest.dump(2) + "\n");
+}
+
+void Session::load_adapter(const std::string& dir) {
+  auto read_all = [](const std::string& path) {
+    auto file = SafetensorsFile::open(path);
+    NamedTensors out;
+    for (const auto& n : file->names()) out[n] = file->tensor(n);
+    return out;
+  };
+  at::NoGradGuard no_grad;
+  for (std::size_t i = 0; i < methods_.size(); ++i) {
+    fs::path file = fs::path(dir) / config_.methods[i].name / "adapter_model.safetensors";
+    auto tensors = read_all(file.string());
+    methods_[i]->call("load_state", [&](Method& x) { x.load_state(tensors); });
+  }
+  auto head = read_all((fs::path(dir) / "head.safetensors").string());
+  for (auto pair : std::initializer_list<std::pair<const char*, Tensor*>>{{"classifier.weight", &head_w_}, {"classifier.bias", &head_b_}}) {
+    auto it = head.find(pair.first);
+    if (it == head.end()) throw SafetensorsError(dir + "/head.safetensors", pair.first, "missing");
+    if (it->second.sizes() != pair.second->sizes())
+      throw SafetensorsError(dir + "/head.safetensors", pair.first, "has shape " + c10::str(it->second.sizes()) + ", the task needs " + c10::str(pair.second->sizes()));
+    pair.second->copy_(it->second);
+  }
+}
+
+}  // namespace tessera

@@ -1,0 +1,60 @@
+// Everything one run works on: the base model, its tokenizer, the data, the attached
+// method instances and the task head. `tessera train` and `tessera eval` both build one
+// from a config, so evaluation sees exactly what training saw.
+#pragma once
+
+#include "model/bert.h"
+#include "model/wordpiece.h"
+#include "runtime/config.h"
+#include "runtime/plugin_registry.h"
+#include "train/dataset.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace tessera {
+
+struct Batch {
+  Tensor ids;     // (B, T) int64, padded
+  Tensor mask;    // (B, T) int64, 1 = token
+  Tensor labels;  // (B) int64
+};
+
+class Session {
+ public:
+  // `config` must have passed check_methods against `registry`.
+  Session(Config config, const PluginRegistry& registry);
+  ~Session();  // detaches every method before the model goes
+
+  const Config& config() const { return config_; }
+  BertModel& model() { return *model_; }
+  const Dataset& data() const { return data_; }
+  std::vector<std::unique_ptr<MethodInstance>>& methods() { return methods_; }
+
+  // Examples [begin, end) of `split` in the given order, tokenized and padded.
+  Batch batch(const std::vector<Example>& split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end) const;
+  Tensor logits(const Batch& b);  // (B, num_labels)
+
+  NamedTensors head() const { return {{"classifier.weight", head_w_}, {"classifier.bias", head_b_}}; }
+  std::int64_t base_parameter_count();
+  std::int64_t trainable_parameter_count();
+
+  // The adapter directory: tessera.json, head.safetensors, and per method instance
+  // <name>/adapter_config.json + <name>/adapter_model.safetensors (HF PEFT layout).
+  void save_adapter(const std::string& dir);
+  void load_adapter(const std::string& dir);
+
+ private:
+  Config config_;
+  std::unique_ptr<BertModel> model_;
+  std::unique_ptr<WordPieceTokenizer> tokenizer_;
+  Dataset data_;
+  std::vector<std::unique_ptr<MethodInstance>> methods_;
+  Tensor head_w_;  // (L, H)
+  Tensor head_b_;  // (L)
+};
+
+c10::TensorOptions options_for(const ModelConfig& m);
+
+}  // namespace tessera

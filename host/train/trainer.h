@@ -1,0 +1,31 @@
+// The training loop, readable top to bottom: AdamW over the trainable tensors only
+// (method tensors and the task head), linear warm-up then linear decay, gradient
+// clipping, method hooks, evaluation each epoch, metrics as JSON lines, the adapter
+// saved atomically after each epoch.
+#pragma once
+
+#include "train/session.h"
+
+#include <string>
+
+namespace tessera {
+
+struct EvalResult {
+  double accuracy = 0, loss = 0;
+  std::int64_t examples = 0;
+};
+
+struct TrainResult {
+  EvalResult test;
+  double seconds = 0, examples_per_s = 0;
+  std::int64_t steps = 0, trainable = 0, base = 0;
+};
+
+// Sets libtorch's intra-op threads: `threads`, or every processor when 0 (libtorch may
+// see fewer cores than there are).
+void set_threads(std::int64_t threads);
+
+EvalResult evaluate(Session& s, const std::vector<Example>& split);
+TrainResult train(Session& s, const std::string& run_dir);
+
+}  // namespace tessera

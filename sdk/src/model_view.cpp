@@ -1,0 +1,63 @@
+// Target matching over both names of a site (canonical and Hugging Face).
+#include <tessera/model_view.h>
+
+#include <regex>
+
+namespace tessera {
+namespace {
+
+std::string glob_to_regex(const std::string& glob) {
+  std::string re;
+  for (char c : glob) {
+    switch (c) {
+      case '*': re += ".*"; break;
+      case '?': re += '.'; break;
+      case '[': case ']': re += c; break;
+      case '.': case '(': case ')': case '+': case '^': case '$': case '|': case '{': case '}': case '\\':
+        re += '\\'; re += c; break;
+      default: re += c;
+    }
+  }
+  return re;
+}
+
+template <class Site>
+std::vector<Site*> pick(const std::vector<Site*>& sites, const std::vector<std::string>& targets) {
+  std::vector<Site*> out;
+  for (Site* s : sites)
+    if (matches_any(targets, s->name(), s->hf_path())) out.push_back(s);
+  return out;
+}
+
+}  // namespace
+
+bool matches(const std::string& target, const std::string& name) {
+  if (target.rfind("re:", 0) == 0) return std::regex_match(name, std::regex(target.substr(3)));
+  if (target.find_first_of("*?[") != std::string::npos) return std::regex_match(name, std::regex(glob_to_regex(target)));
+  if (name == target) return true;
+  return name.size() > target.size() && name.compare(name.size() - target.size(), target.size(), target) == 0 &&
+         name[name.size() - target.size() - 1] == '.';
+}
+
+bool matches_any(const std::vector<std::string>& targets, const std::string& canonical, const std::string& hf_path) {
+  for (const auto& t : targets)
+    if (matches(t, canonical) || (!hf_path.empty() && matches(t, hf_path))) return true;
+  return false;
+}
+
+std::vector<LinearSite*> ModelView::match_linear(const std::vector<std::string>& targets) {
+  return pick(linear_sites(), targets);
+}
+
+std::vector<SublayerSite*> ModelView::match_sublayers(const std::vector<std::string>& targets) {
+  return pick(sublayer_sites(), targets);
+}
+
+std::vector<ParameterSite*> ModelView::match_parameters(const std::vector<std::string>& targets) {
+  std::vector<ParameterSite*> out;
+  for (ParameterSite* p : parameter_sites())
+    if (matches_any(targets, p->name(), p->hf_name())) out.push_back(p);
+  return out;
+}
+
+}  // namespace tessera

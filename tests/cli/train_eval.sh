@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# `tessera train` then `tessera eval` on a small real run: eval must reproduce the
+# recorded test accuracy exactly. A bad config must end in one line and exit 1.
+set -euo pipefail
+tessera=$1 out=$2
+rm -rf "$out" && mkdir -p "$out"
+cat >"$out/run.toml" <<TOML
+[model]
+path = "\${TESSERA_MODEL_DIR}"
+[data]
+path = "\${TESSERA_DATA_DIR}/polarity.csv"
+limit = 200
+max_length = 32
+[train]
+epochs = 1
+batch_size = 16
+max_steps = 3
+[[methods]]
+plugin = "lora"
+targets = ["attn.q", "attn.v"]
+[methods.params]
+r = 4
+TOML
+"$tessera" --log-level warn train "$out/run.toml" --run-dir "$out/run"
+"$tessera" eval "$out/run" | tee "$out/eval.txt"
+grep -q "reproduces the accuracy recorded at training time" "$out/eval.txt"
+
+printf '[model]\npath = "/x"\n[data]\npath = "/y"\n[train]\nepochs = "two"\n' >"$out/bad.toml"
+set +e
+"$tessera" train "$out/bad.toml" 2>"$out/err.txt"
+rc=$?
+set -e
+cat "$out/err.txt"
+[ "$rc" -eq 1 ]
+[ "$(wc -l <"$out/err.txt")" -eq 1 ]
+grep -q "bad.toml:6:10: 'epochs' must be an integer" "$out/err.txt"
+echo "cli train/eval: ok"

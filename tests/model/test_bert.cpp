@@ -1,0 +1,40 @@
+// The encoder against transformers' BertModel on the real all-MiniLM-L6-v2 weights.
+#include "support.h"
+
+#include <fstream>
+
+using namespace tessera;
+
+CATCH_TEST_CASE("BERT hidden states equal transformers within 1e-4", "[model][bert]") {
+  auto model = test::load_minilm();
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  at::NoGradGuard no_grad;
+  Encoded e = model->forward(ref["input_ids"], ref["attention_mask"]);
+  CATCH_CHECK(e.prompt_length == 0);
+  CATCH_CHECK(e.hidden.sizes() == ref["hidden"].sizes());
+  const double diff = test::max_abs_diff(e.hidden, ref["hidden"]);
+  CATCH_INFO("max |ours - transformers| = " << diff);
+  CATCH_CHECK(diff < 1e-4);
+}
+
+CATCH_TEST_CASE("BERT sites carry canonical names and Hugging Face paths", "[model][bert]") {
+  auto model = test::load_minilm();
+  auto q = model->match_linear({"layers.3.attn.q"});
+  CATCH_REQUIRE(q.size() == 1);
+  CATCH_CHECK(q[0]->hf_path() == "encoder.layer.3.attention.self.query");
+  CATCH_CHECK(model->match_linear({"query"}).size() == 6);
+  CATCH_CHECK(model->match_linear({"output.dense"}).size() == 12);  // PEFT's suffix rule: attention output and MLP down
+  CATCH_CHECK(model->match_linear({"re:.*mlp\\.(up|down)"}).size() == 12);
+  CATCH_CHECK(model->linear_sites().size() == 36);
+  CATCH_CHECK(model->sublayer_sites().size() == 12);
+  CATCH_CHECK(model->layer_sites().size() == 6);
+  CATCH_CHECK(model->embedding_site() != nullptr);
+}
+
+CATCH_TEST_CASE("a directory that is not a supported model is refused with the reason", "[model][bert]") {
+  auto dir = test::temp_dir("notbert");
+  {
+    std::ofstream((dir / "config.json").string()) << R"({"model_type": "gpt2"})";
+  }
+  CATCH_CHECK_THROWS_WITH(BertModel::load(dir.string(), at::TensorOptions()), Catch::Contains("model_type 'gpt2' is not supported"));
+}

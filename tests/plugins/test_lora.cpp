@@ -1,0 +1,66 @@
+// LoRA against peft: the same base weights, the same A and B (peft's saved adapter),
+// the same inputs; unmerged, merged and unmerged again.
+#include "support.h"
+
+#include "runtime/peft_import.h"
+
+#include <nlohmann/json.hpp>
+
+using namespace tessera;
+
+CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora]") {
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  for (const std::string variant : {"lora_basic", "lora_rs_patterns"}) {
+    CATCH_INFO("variant " << variant);
+    auto model = test::load_minilm();
+    const auto dir = test::fixture(variant);
+    MethodConfig mc = method_from_peft_dir(dir, test::registry(), "adapter");
+    CATCH_CHECK(mc.plugin == "lora");
+    auto lora = test::registry().create("lora", "adapter");
+    AttachContext ctx{"adapter", mc.targets, mc.checked, *model};
+    lora->call("attach", [&](Method& m) { m.attach(ctx); });
+    auto peft_tensors = test::read_tensors(dir + "/adapter_model.safetensors");
+    lora->call("load_state", [&](Method& m) { m.load_state(peft_tensors); });
+    // Our state uses exactly peft's keys and shapes.
+    auto ours = lora->call("state", [](Method& m) { return m.state(); });
+    CATCH_CHECK(ours.size() == peft_tensors.size());
+    for (const auto& [k, v] : peft_tensors) CATCH_CHECK((ours.count(k) && ours[k].sizes() == v.sizes()));
+
+    at::NoGradGuard no_grad;
+    const auto& ids = ref["input_ids"];
+    const auto& mask = ref["attention_mask"];
+    Tensor unmerged = model->forward(ids, mask).hidden;
+    CATCH_CHECK(test::max_abs_diff(unmerged, ref[variant + ".hidden"]) < 1e-4);
+    CATCH_CHECK(test::max_abs_diff(unmerged, ref["hidden"]) > 1e-2);  // the adapter really changes the output
+
+    lora->call("merge", [](Method& m) { m.merge(); });
+    CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, ref[variant + ".merged_hidden"]) < 1e-4);
+    lora->call("unmerge", [](Method& m) { m.unmerge(); });
+    CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, ref[variant + ".hidden"]) < 1e-4);
+    lora->call("detach", [&](Method& m) { m.detach(*model); });
+  }
+}
+
+CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's config", "[plugins][lora]") {
+  auto model = test::load_minilm();
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  auto lora = test::registry().create("lora", "l");
+  const auto* info = test::registry().find("lora");
+  AttachContext ctx{"l", {"attn.q", "attn.v"}, apply_schema(info->params, {{"r", std::int64_t{4}}, {"use_rslora", true}, {"lora_alpha", 8.0}}), *model};
+  lora->call("attach", [&](Method& m) { m.attach(ctx); });
+  auto trainable = lora->call("trainable", [](Method& m) { return m.trainable(); });
+  CATCH_CHECK(trainable.size() == 24);
+  for (const auto& [k, t] : trainable) {
+    CATCH_CHECK(t.requires_grad());
+    if (k.find("lora_B") != std::string::npos) CATCH_CHECK(t.abs().sum().item<double>() == 0);  // B = 0
+    if (k.find("lora_A") != std::string::npos) CATCH_CHECK(t.abs().max().item<double>() <= 1.0 / std::sqrt(384.0));  // Kaiming bound
+  }
+  at::NoGradGuard no_grad;
+  CATCH_CHECK(test::max_abs_diff(model->forward(ref["input_ids"], ref["attention_mask"]).hidden, ref["hidden"]) < 1e-4);
+  auto cfg = nlohmann::json::parse(lora->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
+  CATCH_CHECK(cfg["peft_type"] == "LORA");
+  CATCH_CHECK(cfg["r"] == 4);
+  CATCH_CHECK(cfg["use_rslora"] == true);
+  CATCH_CHECK(cfg["target_modules"].size() == 12);
+  lora->call("detach", [&](Method& m) { m.detach(*model); });
+}

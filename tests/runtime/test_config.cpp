@@ -1,0 +1,77 @@
+// Config errors name file, line and column, with a suggestion for a misspelt key.
+#include "support.h"
+
+#include "runtime/config.h"
+
+#include <fstream>
+
+using namespace tessera;
+
+namespace {
+
+const char* kBase = R"([model]
+path = "/m"
+[data]
+path = "/d.csv"
+)";
+
+std::string config_error(const std::string& body, bool check = false) {
+  auto dir = test::temp_dir("cfg");
+  auto path = (dir / "run.toml").string();
+  {
+    std::ofstream(path) << body;
+  }
+  try {
+    Config c = load_config(path);
+    if (check) check_methods(c, test::registry());
+  } catch (const ConfigError& e) {
+    std::string s = e.what();
+    return s.substr(s.find("run.toml"));
+  }
+  return "no error";
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("a valid config loads, with defaults and relative paths", "[runtime][config]") {
+  std::string body = std::string(kBase) + "[train]\nepochs = 2\nlr = 5e-4\n[output]\ndir = \"out\"\n"
+                     "[[methods]]\nplugin = \"lora\"\ntargets = [\"attn.q\"]\n[methods.params]\nr = 4\n";
+  auto dir = test::temp_dir("cfg-ok");
+  auto path = (dir / "run.toml").string();
+  {
+    std::ofstream(path) << body;
+  }
+  Config c = load_config(path);
+  check_methods(c, test::registry());
+  CATCH_CHECK(c.train.epochs == 2);
+  CATCH_CHECK(c.train.batch_size == 32);
+  CATCH_CHECK(c.output_dir == (dir / "out").string());
+  CATCH_REQUIRE(c.methods.size() == 1);
+  CATCH_CHECK(c.methods[0].name == "lora");
+  CATCH_CHECK(c.methods[0].checked.integer("r") == 4);
+  CATCH_CHECK(c.methods[0].checked.number("lora_alpha") == 8.0);  // the schema's default
+  CATCH_CHECK_THAT(resolved_toml(c), Catch::Contains("lora_alpha = 8.0"));
+}
+
+CATCH_TEST_CASE("config errors carry file, line, column and a suggestion", "[runtime][config]") {
+  CATCH_CHECK(config_error(std::string(kBase) + "[train]\nepoch = 3\n") ==
+              "run.toml:6:9: unknown key 'epoch' in [train] (did you mean 'epochs'?)");
+  CATCH_CHECK(config_error(std::string(kBase) + "[train]\nepochs = \"three\"\n") == "run.toml:6:10: 'epochs' must be an integer");
+  CATCH_CHECK(config_error(std::string(kBase) + "[trian]\n") == "run.toml:5:1: unknown section 'trian' (did you mean 'train'?)");
+  CATCH_CHECK_THAT(config_error(std::string(kBase) + "[train\n"), Catch::StartsWith("run.toml:5:"));
+  CATCH_CHECK(config_error(std::string(kBase) + "[model]\n") != "no error");  // redefined table: a TOML error
+}
+
+CATCH_TEST_CASE("method parameters are checked against the plugin's schema with positions", "[runtime][config]") {
+  const std::string m = std::string(kBase) + "[[methods]]\nplugin = \"lora\"\ntargets = [\"attn.q\"]\n[methods.params]\n";
+  CATCH_CHECK(config_error(m + "lora_alpah = 4\n", true) ==
+              "run.toml:9:14: plugin 'lora' has no parameter 'lora_alpah' (did you mean 'lora_alpha'?)");
+  CATCH_CHECK_THAT(config_error(m + "r = 0\n", true), Catch::StartsWith("run.toml:9:5: method 'lora' (plugin 'lora'): 'r' = 0 is outside [1"));
+  CATCH_CHECK(config_error(m + "r = \"eight\"\n", true) == "run.toml:9:5: method 'lora' (plugin 'lora'): 'r' must be a int, not a string");
+  CATCH_CHECK_THAT(config_error(m + "rank_pattern = { \"q\" = 2.5 }\n", true),
+                   Catch::StartsWith("run.toml:9:16: method 'lora' (plugin 'lora'): rank_pattern['q'] must be a positive integer"));
+  CATCH_CHECK(config_error(std::string(kBase) + "[[methods]]\nplugin = \"lorra\"\n", true) ==
+              "run.toml:5:1: no plugin with id 'lorra' (did you mean 'lora'?); `tessera plugins` lists the plugins found");
+  CATCH_CHECK(config_error(std::string(kBase) + "[[methods]]\nplugin = \"lora\"\nrank = 8\n") ==
+              "run.toml:7:8: unknown key 'rank' in [[methods]] (parameters go in [methods.params])");
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the SDK from the build tree, builds the plugin template out of tree against
+# it with find_package(TesseraSDK), and checks that the host loads the result.
+set -euo pipefail
+build=$1 template=$2 tessera=$3
+work=$build/out-of-tree
+rm -rf "$work" && mkdir -p "$work"
+cmake --install "$build" --component Unspecified --prefix "$work/sdk" >/dev/null
+cmake -S "$template" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$work/sdk" \
+  -DCMAKE_CXX_COMPILER_LAUNCHER=ccache >/dev/null
+cmake --build "$work/build" >/dev/null
+"$tessera" --plugin-dir "$work/build" plugins | tee "$work/plugins.txt"
+grep -q "^my-method 0.1.0" "$work/plugins.txt"
+! grep -q "refused" "$work/plugins.txt"
+echo "out-of-tree plugin: ok"
