@@ -4,7 +4,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import time
 
 import torch
@@ -20,6 +19,7 @@ ap.add_argument("--batch-size", type=int, default=32)
 ap.add_argument("--max-length", type=int, default=64)
 ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--rank", type=int, default=8)
+ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
@@ -61,9 +61,12 @@ for step in range(args.warmup_steps + args.steps):
     if step == args.warmup_steps:
         start, seen = time.perf_counter(), 0
     i = (step * args.batch_size) % (len(texts) - args.batch_size)
-    batch = tok(texts[i:i + args.batch_size], padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+    batch = tok(texts[i:i + args.batch_size], padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt")
     y = torch.tensor(labels[i:i + args.batch_size])
-    loss = torch.nn.functional.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), y)
+    # bf16: the peer's usual mixed precision on CPU (autocast), f32 master weights.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+    loss = torch.nn.functional.cross_entropy(logits.float(), y)
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -71,5 +74,4 @@ for step in range(args.warmup_steps + args.steps):
     seen += y.numel()
 elapsed = time.perf_counter() - start
 print(json.dumps({"peer": "transformers+peft", "examples_per_s": seen / elapsed,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size}))
+                  "threads": args.threads, "dtype": args.dtype, "steps": args.steps, "batch_size": args.batch_size}))

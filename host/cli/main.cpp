@@ -124,7 +124,7 @@ int main(int argc, char** argv) {
     }
     Session session(config, registry);
     session.load_adapter((fs::path(eval_dir) / "adapter").string());
-    EvalResult ev = evaluate(session, session.data().test);
+    EvalResult ev = evaluate(session, Split::Test);
     std::printf("test accuracy %.4f on %lld examples (loss %.6f)\n", ev.accuracy, static_cast<long long>(ev.examples), ev.loss);
     std::ifstream recorded(fs::path(eval_dir) / "result.json");
     if (recorded) {

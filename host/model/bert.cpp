@@ -138,6 +138,7 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
   m->info_.intermediate_size = I;
   m->info_.vocab_size = c.vocab_size;
   m->info_.options = options.requires_grad(false);
+  m->info_.param_options = options.dtype(at::kFloat).requires_grad(false);
   return m;
 }
 

@@ -66,7 +66,10 @@ class Section {
     if (t_ == nullptr) return;
     const toml::node* n = t_->get(key);
     if (n == nullptr) return;
-    if constexpr (std::is_same_v<T, std::string>) {
+    if constexpr (std::is_same_v<T, bool>) {
+      if (!n->is_boolean()) fail(*n, std::string("'") + key + "' must be true or false");
+      out = n->as_boolean()->get();
+    } else if constexpr (std::is_same_v<T, std::string>) {
       if (!n->is_string()) fail(*n, std::string("'") + key + "' must be a string");
       out = expand_env(n->as_string()->get(), pos_of(file_, *n));
     } else if constexpr (std::is_same_v<T, double>) {
@@ -203,6 +206,7 @@ Config load_config(const std::string& path) {
     s.get("seed", c.data.seed);
     s.positive("max_length", c.data.max_length, 2);
     s.positive("limit", c.data.limit, 0);
+    s.choice("padding", c.data.padding, {"longest", "max_length"});
     s.finish();
     if (c.data.path.empty()) throw ConfigError({path, 1, 1}, "[data] needs 'path'");
     if (!(c.data.test_fraction > 0 && c.data.test_fraction < 1))
@@ -228,6 +232,7 @@ Config load_config(const std::string& path) {
     s.positive("threads", c.train.threads, 0);
     s.get("seed", c.train.seed);
     s.positive("max_steps", c.train.max_steps, 0);
+    s.get("group_by_length", c.train.group_by_length);
     s.finish();
   }
   {
@@ -291,13 +296,15 @@ std::string resolved_toml(const Config& c) {
   root.insert("model", toml::table{{"path", c.model.path}, {"dtype", c.model.dtype}, {"device", c.model.device}});
   root.insert("data", toml::table{{"path", c.data.path}, {"format", c.data.format}, {"text_column", c.data.text_column},
                                   {"label_column", c.data.label_column}, {"test_fraction", c.data.test_fraction},
-                                  {"seed", c.data.seed}, {"max_length", c.data.max_length}, {"limit", c.data.limit}});
+                                  {"seed", c.data.seed}, {"max_length", c.data.max_length}, {"limit", c.data.limit},
+                                  {"padding", c.data.padding}});
   root.insert("task", toml::table{{"kind", c.task.kind}, {"num_labels", c.task.num_labels}, {"pooling", c.task.pooling}});
   root.insert("train", toml::table{{"epochs", c.train.epochs}, {"batch_size", c.train.batch_size},
                                    {"eval_batch_size", c.train.eval_batch_size}, {"lr", c.train.lr}, {"head_lr", c.train.head_lr},
                                    {"weight_decay", c.train.weight_decay}, {"warmup_ratio", c.train.warmup_ratio},
                                    {"max_grad_norm", c.train.max_grad_norm}, {"threads", c.train.threads},
-                                   {"seed", c.train.seed}, {"max_steps", c.train.max_steps}});
+                                   {"seed", c.train.seed}, {"max_steps", c.train.max_steps},
+                                   {"group_by_length", c.train.group_by_length}});
   root.insert("output", toml::table{{"dir", c.output_dir}});
   toml::array methods;
   for (const auto& m : c.methods) {

@@ -3,10 +3,10 @@
 //
 //   [model]  path, dtype ("f32" | "bf16"), device ("cpu" | "cuda" | "cuda:N")
 //   [data]   path, format ("auto" | "csv" | "jsonl"), text_column, label_column,
-//            test_fraction, seed, max_length, limit
+//            test_fraction, seed, max_length, limit, padding ("longest" | "max_length")
 //   [task]   kind ("sequence-classification"), num_labels, pooling ("mean" | "cls")
 //   [train]  epochs, batch_size, eval_batch_size, lr, head_lr, weight_decay,
-//            warmup_ratio, max_grad_norm, threads, seed, max_steps
+//            warmup_ratio, max_grad_norm, threads, seed, max_steps, group_by_length
 //   [output] dir
 //   [[methods]] plugin, name, targets, [methods.params] …
 //
@@ -51,6 +51,7 @@ struct ModelConfig {
 
 struct DataConfig {
   std::string path, format = "auto", text_column = "text", label_column = "label";
+  std::string padding = "longest";  // or "max_length": every batch padded to max_length
   double test_fraction = 0.2;
   std::int64_t seed = 13, max_length = 128, limit = 0;
 };
@@ -63,6 +64,7 @@ struct TaskConfig {
 struct TrainConfig {
   std::int64_t epochs = 3, batch_size = 32, eval_batch_size = 128, threads = 0, seed = 42, max_steps = 0;
   double lr = 1e-3, head_lr = 0, weight_decay = 0.01, warmup_ratio = 0.06, max_grad_norm = 1.0;
+  bool group_by_length = false;  // batches of similar length (less padding), in shuffled order
 };
 
 struct Config {

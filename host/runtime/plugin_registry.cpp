@@ -2,7 +2,6 @@
 
 #include <tessera/fingerprint.h>
 
-#define BOOST_DLL_USE_STD_FS
 #include <boost/dll/shared_library.hpp>
 #include <spdlog/spdlog.h>
 

@@ -24,6 +24,8 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   for (const auto& n : model_->ignored_tensors()) spdlog::debug("checkpoint tensor {} is not used by the encoder", n);
   tokenizer_ = std::make_unique<WordPieceTokenizer>(WordPieceTokenizer::from_directory(config_.model.path));
   data_ = load_dataset(config_.data);
+  for (const auto& e : data_.train) train_ids_.push_back(tokenizer_->encode(e.text, static_cast<std::size_t>(config_.data.max_length)));
+  for (const auto& e : data_.test) test_ids_.push_back(tokenizer_->encode(e.text, static_cast<std::size_t>(config_.data.max_length)));
   std::int64_t L = config_.task.num_labels ? config_.task.num_labels : static_cast<std::int64_t>(data_.label_names.size());
   if (L < static_cast<std::int64_t>(data_.label_names.size()))
     throw std::runtime_error("task.num_labels = " + std::to_string(L) + " but the data has " + std::to_string(data_.label_names.size()) + " labels");
@@ -37,8 +39,9 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   }
   // The task head: nn.Linear's default init.
   const double bound = 1.0 / std::sqrt(static_cast<double>(model_->info().hidden_size));
-  head_w_ = at::empty({L, model_->info().hidden_size}, opts).uniform_(-bound, bound).set_requires_grad(true);
-  head_b_ = at::empty({L}, opts).uniform_(-bound, bound).set_requires_grad(true);
+  const auto popts = model_->info().param_options;
+  head_w_ = at::empty({L, model_->info().hidden_size}, popts).uniform_(-bound, bound).set_requires_grad(true);
+  head_b_ = at::empty({L}, popts).uniform_(-bound, bound).set_requires_grad(true);
 }
 
 Session::~Session() {
@@ -51,14 +54,12 @@ Session::~Session() {
   }
 }
 
-Batch Session::batch(const std::vector<Example>& split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end) const {
-  std::vector<std::vector<std::int64_t>> ids;
-  std::size_t T = 0;
-  for (std::size_t i = begin; i < end; ++i) {
-    ids.push_back(tokenizer_->encode(split[order[i]].text, static_cast<std::size_t>(config_.data.max_length)));
-    T = std::max(T, ids.back().size());
-  }
-  const auto B = static_cast<std::int64_t>(ids.size());
+Batch Session::batch(Split which, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end) const {
+  const auto& split = examples(which);
+  const auto& all_ids = token_ids(which);
+  std::size_t T = config_.data.padding == "max_length" ? static_cast<std::size_t>(config_.data.max_length) : 0;
+  for (std::size_t i = begin; i < end; ++i) T = std::max(T, all_ids[order[i]].size());
+  const auto B = static_cast<std::int64_t>(end - begin);
   Batch b;
   b.ids = at::full({B, static_cast<std::int64_t>(T)}, tokenizer_->pad_id(), at::kLong);
   b.mask = at::zeros({B, static_cast<std::int64_t>(T)}, at::kLong);
@@ -67,8 +68,9 @@ Batch Session::batch(const std::vector<Example>& split, const std::vector<std::s
   auto mask_a = b.mask.accessor<std::int64_t, 2>();
   auto lab_a = b.labels.accessor<std::int64_t, 1>();
   for (std::int64_t r = 0; r < B; ++r) {
-    for (std::size_t t = 0; t < ids[r].size(); ++t) {
-      ids_a[r][static_cast<std::int64_t>(t)] = ids[r][t];
+    const auto& ids = all_ids[order[begin + static_cast<std::size_t>(r)]];
+    for (std::size_t t = 0; t < ids.size(); ++t) {
+      ids_a[r][static_cast<std::int64_t>(t)] = ids[t];
       mask_a[r][static_cast<std::int64_t>(t)] = 1;
     }
     lab_a[r] = split[order[begin + static_cast<std::size_t>(r)]].label;
@@ -91,7 +93,7 @@ Tensor Session::logits(const Batch& b) {
     Tensor m = b.mask.unsqueeze(-1).to(h.dtype());  // (B, T, 1)
     pooled = (h * m).sum(1) / m.sum(1).clamp_min(1e-9);
   }
-  return at::linear(pooled, head_w_, head_b_);  // (B, L)
+  return at::linear(pooled.to(head_w_.scalar_type()), head_w_, head_b_);  // (B, L), f32
 }
 
 std::int64_t Session::base_parameter_count() {

@@ -15,6 +15,8 @@
 
 namespace tessera {
 
+enum class Split { Train, Test };
+
 struct Batch {
   Tensor ids;     // (B, T) int64, padded
   Tensor mask;    // (B, T) int64, 1 = token
@@ -32,8 +34,11 @@ class Session {
   const Dataset& data() const { return data_; }
   std::vector<std::unique_ptr<MethodInstance>>& methods() { return methods_; }
 
-  // Examples [begin, end) of `split` in the given order, tokenized and padded.
-  Batch batch(const std::vector<Example>& split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end) const;
+  // Examples order[begin, end) of a split, padded as [data] padding says.
+  Batch batch(Split split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end) const;
+  const std::vector<Example>& examples(Split split) const { return split == Split::Train ? data_.train : data_.test; }
+  // Token ids of every example, [CLS] and [SEP] included (tokenized once).
+  const std::vector<std::vector<std::int64_t>>& token_ids(Split split) const { return split == Split::Train ? train_ids_ : test_ids_; }
   Tensor logits(const Batch& b);  // (B, num_labels)
 
   NamedTensors head() const { return {{"classifier.weight", head_w_}, {"classifier.bias", head_b_}}; }
@@ -50,6 +55,7 @@ class Session {
   std::unique_ptr<BertModel> model_;
   std::unique_ptr<WordPieceTokenizer> tokenizer_;
   Dataset data_;
+  std::vector<std::vector<std::int64_t>> train_ids_, test_ids_;
   std::vector<std::unique_ptr<MethodInstance>> methods_;
   Tensor head_w_;  // (L, H)
   Tensor head_b_;  // (L)

@@ -24,27 +24,56 @@ void set_threads(std::int64_t threads) {
   at::set_num_threads(static_cast<int>(n));
 }
 
-EvalResult evaluate(Session& s, const std::vector<Example>& split) {
+EvalResult evaluate(Session& s, Split split) {
   at::NoGradGuard no_grad;
   const bool was_training = s.model().training();
   s.model().train(false);
-  std::vector<std::size_t> order(split.size());
-  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  const auto n = s.examples(split).size();
+  std::vector<std::size_t> order(n);
+  for (std::size_t i = 0; i < n; ++i) order[i] = i;
   EvalResult r;
   std::int64_t correct = 0;
   double loss_sum = 0;
   const auto bs = static_cast<std::size_t>(s.config().train.eval_batch_size);
-  for (std::size_t b = 0; b < split.size(); b += bs) {
-    Batch batch = s.batch(split, order, b, std::min(split.size(), b + bs));
+  for (std::size_t b = 0; b < n; b += bs) {
+    Batch batch = s.batch(split, order, b, std::min(n, b + bs));
     Tensor logits = s.logits(batch).to(at::kFloat);  // (B, L)
     loss_sum += at::cross_entropy_loss(logits, batch.labels, {}, at::Reduction::Sum).item<double>();
     correct += logits.argmax(-1).eq(batch.labels).sum().item<std::int64_t>();
   }
   s.model().train(was_training);
-  r.examples = static_cast<std::int64_t>(split.size());
+  r.examples = static_cast<std::int64_t>(n);
   r.accuracy = static_cast<double>(correct) / static_cast<double>(r.examples);
   r.loss = loss_sum / static_cast<double>(r.examples);
   return r;
+}
+
+std::vector<std::vector<std::size_t>> epoch_batches(const Session& s, std::int64_t epoch) {
+  const auto& cfg = s.config().train;
+  const auto& ids = s.token_ids(Split::Train);
+  const auto bs = static_cast<std::size_t>(cfg.batch_size);
+  const std::uint64_t seed = static_cast<std::uint64_t>(cfg.seed) * 1000003ULL + static_cast<std::uint64_t>(epoch);
+  std::vector<std::size_t> order(ids.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  seeded_shuffle(order, seed);
+  if (cfg.group_by_length) {
+    const std::size_t window = 50 * bs;
+    for (std::size_t w = 0; w < order.size(); w += window)
+      std::stable_sort(order.begin() + static_cast<long>(w), order.begin() + static_cast<long>(std::min(order.size(), w + window)),
+                       [&](std::size_t a, std::size_t b) { return ids[a].size() > ids[b].size(); });
+  }
+  std::vector<std::vector<std::size_t>> batches;
+  for (std::size_t b = 0; b < order.size(); b += bs)
+    batches.emplace_back(order.begin() + static_cast<long>(b), order.begin() + static_cast<long>(std::min(order.size(), b + bs)));
+  if (cfg.group_by_length) {
+    std::vector<std::size_t> visit(batches.size());
+    for (std::size_t i = 0; i < visit.size(); ++i) visit[i] = i;
+    seeded_shuffle(visit, seed ^ 0xba7c4ULL);
+    std::vector<std::vector<std::size_t>> shuffled;
+    for (auto i : visit) shuffled.push_back(std::move(batches[i]));
+    batches = std::move(shuffled);
+  }
+  return batches;
 }
 
 TrainResult train(Session& s, const std::string& run_dir) {
@@ -73,9 +102,9 @@ TrainResult train(Session& s, const std::string& run_dir) {
   std::vector<Tensor> all_params = method_params;
   all_params.insert(all_params.end(), head_params.begin(), head_params.end());
 
-  const auto& train_set = s.data().train;
+  const auto n_train = s.examples(Split::Train).size();
   const auto bs = static_cast<std::size_t>(cfg.batch_size);
-  const std::int64_t per_epoch = static_cast<std::int64_t>((train_set.size() + bs - 1) / bs);
+  const std::int64_t per_epoch = static_cast<std::int64_t>((n_train + bs - 1) / bs);
   std::int64_t total = per_epoch * cfg.epochs;
   if (cfg.max_steps > 0) total = std::min(total, cfg.max_steps);
   const auto warmup = static_cast<std::int64_t>(static_cast<double>(total) * cfg.warmup_ratio + 0.5);
@@ -84,20 +113,22 @@ TrainResult train(Session& s, const std::string& run_dir) {
   result.trainable = s.trainable_parameter_count();
   result.base = s.base_parameter_count();
   spdlog::info("training {} of {} parameters ({:.3f}% of the base) on {} examples, {} steps", result.trainable, result.base,
-               100.0 * static_cast<double>(result.trainable) / static_cast<double>(result.base), train_set.size(), total);
+               100.0 * static_cast<double>(result.trainable) / static_cast<double>(result.base), n_train, total);
 
-  const auto start = std::chrono::steady_clock::now();
-  std::int64_t step = 0, seen = 0;
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  constexpr std::int64_t kUntimedSteps = 3;  // allocator and kernel warm-up, left out of examples/s
+  double timed_seconds = 0;
+  std::int64_t step = 0, timed_examples = 0;
   s.model().train(true);
   for (std::int64_t epoch = 0; epoch < cfg.epochs && step < total; ++epoch) {
-    std::vector<std::size_t> order(train_set.size());
-    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-    seeded_shuffle(order, static_cast<std::uint64_t>(cfg.seed) * 1000003ULL + static_cast<std::uint64_t>(epoch));
+    const auto batches = epoch_batches(s, epoch);
     Progress bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(cfg.epochs), std::min(per_epoch, total - step));
-    double loss_avg = 0;
-    const auto epoch_start = std::chrono::steady_clock::now();
+    double loss_avg = 0, epoch_seconds = 0;
     std::int64_t epoch_seen = 0, epoch_step = 0;
-    for (std::size_t b = 0; b < train_set.size() && step < total; b += bs, ++step, ++epoch_step) {
+    for (const auto& order : batches) {
+      if (step >= total) break;
+      const auto t0 = clock::now();
       // HF's linear schedule: ramp over the warm-up steps, then decay to zero.
       const double factor = step < warmup ? static_cast<double>(step) / static_cast<double>(std::max<std::int64_t>(1, warmup))
                                           : std::max(0.0, static_cast<double>(total - step) / static_cast<double>(std::max<std::int64_t>(1, total - warmup)));
@@ -106,8 +137,8 @@ TrainResult train(Session& s, const std::string& run_dir) {
       StepInfo info{step, total, base_lr[0] * factor};
       for (auto& m : s.methods()) m->call("on_step", [&](Method& x) { x.on_step(info); });
 
-      Batch batch = s.batch(train_set, order, b, std::min(train_set.size(), b + bs));
-      Tensor loss = at::cross_entropy_loss(s.logits(batch).to(at::kFloat), batch.labels);
+      Batch batch = s.batch(Split::Train, order, 0, order.size());
+      Tensor loss = at::cross_entropy_loss(s.logits(batch), batch.labels);
       for (auto& m : s.methods()) {
         Tensor extra = m->call("extra_loss", [](Method& x) { return x.extra_loss(); });
         if (extra.defined()) loss = loss + extra;
@@ -117,17 +148,20 @@ TrainResult train(Session& s, const std::string& run_dir) {
       for (auto& m : s.methods()) m->call("after_backward", [](Method& x) { x.after_backward(); });
       if (cfg.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(all_params, cfg.max_grad_norm);
       opt.step();
-
       const double l = loss.item<double>();
+
+      const double dt = std::chrono::duration<double>(clock::now() - t0).count();
+      const auto B = batch.ids.size(0);
+      if (step >= kUntimedSteps) timed_seconds += dt, timed_examples += B;
+      epoch_seconds += dt;
+      epoch_seen += B;
       loss_avg = epoch_step == 0 ? l : 0.9 * loss_avg + 0.1 * l;
-      epoch_seen += batch.ids.size(0);
-      seen += batch.ids.size(0);
-      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - epoch_start).count();
-      bar.update(epoch_step + 1, loss_avg, static_cast<double>(epoch_seen) / std::max(secs, 1e-9));
-      log_metric({{"event", "step"}, {"epoch", epoch + 1}, {"step", step + 1}, {"loss", l}, {"lr", base_lr[0] * factor}});
+      ++step, ++epoch_step;
+      bar.update(epoch_step, loss_avg, static_cast<double>(epoch_seen) / std::max(epoch_seconds, 1e-9));
+      log_metric({{"event", "step"}, {"epoch", epoch + 1}, {"step", step}, {"loss", l}, {"lr", base_lr[0] * factor}, {"seconds", dt}});
     }
     bar.finish();
-    EvalResult ev = evaluate(s, s.data().test);
+    EvalResult ev = evaluate(s, Split::Test);
     spdlog::info("epoch {}: test accuracy {:.4f}, test loss {:.4f}", epoch + 1, ev.accuracy, ev.loss);
     log_metric({{"event", "eval"}, {"epoch", epoch + 1}, {"step", step}, {"accuracy", ev.accuracy}, {"loss", ev.loss}});
     s.save_adapter((fs::path(run_dir) / "adapter").string());
@@ -136,7 +170,7 @@ TrainResult train(Session& s, const std::string& run_dir) {
   s.model().train(false);
   result.steps = step;
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  result.examples_per_s = static_cast<double>(seen) / std::max(result.seconds, 1e-9);
+  result.examples_per_s = timed_examples > 0 ? static_cast<double>(timed_examples) / timed_seconds : 0.0;
   return result;
 }
 

@@ -17,7 +17,8 @@ struct EvalResult {
 
 struct TrainResult {
   EvalResult test;
-  double seconds = 0, examples_per_s = 0;
+  double seconds = 0;         // wall time of the whole run, evaluation included
+  double examples_per_s = 0;  // training steps only, after the first few (warm-up of allocators and kernels)
   std::int64_t steps = 0, trainable = 0, base = 0;
 };
 
@@ -25,7 +26,11 @@ struct TrainResult {
 // see fewer cores than there are).
 void set_threads(std::int64_t threads);
 
-EvalResult evaluate(Session& s, const std::vector<Example>& split);
+EvalResult evaluate(Session& s, Split split);
+
+// The batches of one epoch: a seeded shuffle; with group_by_length, batches of similar
+// length (sorted within windows of 50 batches) visited in a seeded order.
+std::vector<std::vector<std::size_t>> epoch_batches(const Session& s, std::int64_t epoch);
 TrainResult train(Session& s, const std::string& run_dir);
 
 }  // namespace tessera

@@ -17,8 +17,8 @@ class MyMethod final : public tessera::Method {
   void attach(tessera::AttachContext& ctx) override {
     instance_ = ctx.instance;
     for (auto* site : ctx.model.match_linear(ctx.targets)) {
-      auto scale = at::full({site->out_features()}, ctx.params.number("init"), ctx.model.info().options).set_requires_grad(true);
-      site->add_output_scale(instance_, [scale] { return scale; });
+      auto scale = at::full({site->out_features()}, ctx.params.number("init"), ctx.model.info().param_options).set_requires_grad(true);
+      site->add_output_scale(instance_, [scale, site] { return scale.to(site->weight().base().scalar_type()); });
       scales_[site->hf_path() + ".scale"] = scale;
       sites_.push_back(site);
     }

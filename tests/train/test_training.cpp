@@ -55,7 +55,7 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
     }
     for (std::size_t i = 0; i < s.data().test.size(); ++i) order.push_back(i);
     at::NoGradGuard ng;
-    logits_after = s.logits(s.batch(s.data().test, order, 0, order.size()));
+    logits_after = s.logits(s.batch(Split::Test, order, 0, order.size()));
   }
   CATCH_CHECK(std::filesystem::exists(c.output_dir + "/adapter/lora/adapter_model.safetensors"));
   CATCH_CHECK(std::filesystem::exists(c.output_dir + "/adapter/lora/adapter_config.json"));
@@ -63,7 +63,7 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
   Session reloaded(c, test::registry());
   reloaded.load_adapter(c.output_dir + "/adapter");
   at::NoGradGuard ng;
-  Tensor logits = reloaded.logits(reloaded.batch(reloaded.data().test, order, 0, order.size()));
+  Tensor logits = reloaded.logits(reloaded.batch(Split::Test, order, 0, order.size()));
   CATCH_CHECK(at::equal(logits, logits_after));
 }
 

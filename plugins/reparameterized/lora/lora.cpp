@@ -77,7 +77,7 @@ class Lora final : public tessera::Method {
     dropout_ = p.number("lora_dropout");
     auto sites = ctx.model.match_linear(ctx.targets);
     if (sites.empty()) throw std::runtime_error("no linear site matches the targets");
-    const auto& opts = ctx.model.info().options;
+    const auto& opts = ctx.model.info().param_options;  // f32 master weights
     const std::string init = p.text("init_lora_weights");
     at::NoGradGuard no_grad;
     for (auto* site : sites) {
@@ -199,7 +199,8 @@ class Lora final : public tessera::Method {
       const Adapter* ad = &a;  // adapters_ does not grow after attach
       a.site->add_branch(instance_, [this, ad](const Tensor& x) {  // x: (..., in) -> (..., out)
         Tensor h = dropout_ > 0 ? at::dropout(x, dropout_, model_->training()) : x;
-        return at::linear(at::linear(h, ad->A), ad->B) * ad->scaling;
+        // A bf16 model computes in bf16; the f32 masters get their gradients through the cast.
+        return at::linear(at::linear(h, ad->A.to(h.scalar_type())), ad->B.to(h.scalar_type())) * ad->scaling;
       });
     }
   }

@@ -19,7 +19,9 @@ struct ModelInfo {
   std::int64_t num_heads = 0;
   std::int64_t intermediate_size = 0;
   std::int64_t vocab_size = 0;
-  c10::TensorOptions options;   // device and compute dtype every new tensor should follow
+  c10::TensorOptions options;        // device and compute dtype of activations and base weights
+  c10::TensorOptions param_options;  // device and dtype (f32) of trainable tensors: with a bf16
+                                     // model they are master weights, cast to `options` in forward
 };
 
 class ModelView {

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# LoRA fine-tuning throughput and peak memory, Tessera against transformers + peft on the
+# same torch, side by side: same model (all-MiniLM-L6-v2), data (polarity), batch size,
+# sequence length (every batch padded to it), LoRA targets and rank, threads and steps.
+#   bash bench/lora_vs_peft.sh [steps] [f32|bf16]
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+steps=${1:-30} dtype=${2:-f32} batch=32 len=64 threads=$(nproc)
+bash "$root/scripts/build" >/dev/null
+source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
+work=$(mktemp -d)
+cat >"$work/bench.toml" <<TOML
+[model]
+path = "\${TESSERA_MODEL_DIR}"
+dtype = "$dtype"
+[data]
+path = "\${TESSERA_DATA_DIR}/polarity.csv"
+max_length = $len
+padding = "max_length"
+[train]
+epochs = 1
+batch_size = $batch
+threads = $threads
+max_steps = $((steps + 3))
+[[methods]]
+plugin = "lora"
+targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
+[methods.params]
+r = 8
+lora_alpha = 16
+lora_dropout = 0.1
+TOML
+py=$TESSERA_VENV/bin/python
+echo "== transformers + peft ($dtype, $threads threads, batch $batch, length $len, $steps timed steps)"
+$py "$root/bench/measure.py" $py "$root/bench/peer_hf_peft.py" --steps "$steps" --batch-size $batch --max-length $len \
+  --threads "$threads" --dtype "$dtype" >"$work/peer.json" 2>"$work/peer.err" || { cat "$work/peer.err"; exit 1; }
+echo "== tessera"
+$py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn train "$work/bench.toml" --run-dir "$work/run" \
+  >/dev/null 2>"$work/tessera.err" || { cat "$work/tessera.err"; exit 1; }
+$py - "$work" <<'PY'
+import json, sys, pathlib
+w = pathlib.Path(sys.argv[1])
+last = lambda p: json.loads([l for l in p.read_text().splitlines() if l.startswith("{")][-1])
+peer, peer_rss = json.loads((w / "peer.json").read_text()), last(w / "peer.err")["peak_rss_mib"]
+ours, ours_rss = json.loads((w / "run" / "result.json").read_text()), last(w / "tessera.err")["peak_rss_mib"]
+print(f"{'':24}{'examples/s':>12}{'peak RSS MiB':>14}")
+print(f"{'transformers + peft':24}{peer['examples_per_s']:12.1f}{peer_rss:14.0f}")
+print(f"{'tessera':24}{ours['examples_per_s']:12.1f}{ours_rss:14.0f}")
+print(f"{'ratio (tessera / peer)':24}{ours['examples_per_s'] / peer['examples_per_s']:12.2f}{ours_rss / peer_rss:14.2f}")
+PY
+rm -rf "$work"
