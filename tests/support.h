@@ -36,6 +36,13 @@ inline NamedTensors read_tensors(const std::string& path) {
 
 inline double max_abs_diff(const Tensor& a, const Tensor& b) { return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>(); }
 
+// Over real tokens only: hidden states at padding positions are nobody's output
+// (transformers computes them anyway, Tessera skips them).
+inline double max_abs_diff_tokens(const Tensor& a, const Tensor& b, const Tensor& mask) {  // (B, T, H), (B, T, H), (B, T)
+  Tensor keep = mask.to(at::kBool);
+  return max_abs_diff(a.index({keep}), b.index({keep}));
+}
+
 inline std::unique_ptr<BertModel> load_minilm() { return BertModel::load(model_dir(), at::TensorOptions().dtype(at::kFloat)); }
 
 // The registry of the in-tree plugins plus the test plugins.

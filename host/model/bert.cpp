@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <set>
 
 namespace tessera {
@@ -142,10 +143,14 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
   return m;
 }
 
-Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask) const {
-  // h: (B, T, H); mask: (B, S) with S = prefix + T, 1 = attend
-  const auto B = h.size(0), T = h.size(1), nh = config_.num_heads, hd = config_.hidden_size / nh;
-  auto heads = [&](const Tensor& x) { return x.view({B, T, nh, hd}).transpose(1, 2); };  // (B, nh, T, hd)
+Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask, const Unpadded* u) const {
+  // h: (B, T, H), or (N, H) real tokens when unpadded; mask: (B, S) with S = prefix + T, 1 = attend
+  const auto B = u ? u->batch : h.size(0), T = u ? u->seq : h.size(1);
+  const auto H = config_.hidden_size, nh = config_.num_heads, hd = H / nh;
+  auto heads = [&](Tensor x) {  // -> (B, nh, T, hd)
+    if (u) x = at::zeros({B * T, H}, x.options()).index_copy(0, u->index, x);
+    return x.view({B, T, nh, hd}).transpose(1, 2);
+  };
   Tensor q = heads(l.q->forward(h)), k = heads(l.k->forward(h)), v = heads(l.v->forward(h));
   if (l.attention->has_prefix()) {
     auto [pk, pv] = l.attention->prefix(B);  // (B, nh, P, hd)
@@ -164,13 +169,14 @@ Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask)
     scores = l.attention->hook_scores(scores);
     ctx = at::matmul(at::dropout(at::softmax(scores, -1), p, training_), v);
   }
-  return ctx.transpose(1, 2).reshape({B, T, config_.hidden_size});  // (B, T, H)
+  ctx = ctx.transpose(1, 2).reshape({B * T, H});
+  return u ? ctx.index_select(0, u->index) : ctx.view({B, T, H});  // (N, H) or (B, T, H)
 }
 
-Tensor BertModel::layer_forward(const Layer& l, const Tensor& h, const Tensor& mask) const {
+Tensor BertModel::layer_forward(const Layer& l, const Tensor& h, const Tensor& mask, const Unpadded* u) const {
   const double p = config_.hidden_dropout;
   const std::vector<int64_t> H{config_.hidden_size};  // owned: an IntArrayRef of a braced list dangles
-  Tensor a = at::dropout(l.o->forward(attention(l, h, mask)), p, training_);
+  Tensor a = at::dropout(l.o->forward(attention(l, h, mask, u)), p, training_);
   a = l.attn->apply(h, a);
   Tensor h1 = at::layer_norm(h + a, H, l.attn_norm_w->value(), l.attn_norm_b->value(), config_.layer_norm_eps);
   Tensor mm = at::dropout(l.down->forward(at::gelu(l.up->forward(h1))), p, training_);
@@ -178,31 +184,50 @@ Tensor BertModel::layer_forward(const Layer& l, const Tensor& h, const Tensor& m
   return at::layer_norm(h1 + mm, H, l.mlp_norm_w->value(), l.mlp_norm_b->value(), config_.layer_norm_eps);
 }
 
+bool BertModel::token_wise_only() const {
+  for (const auto& l : layers_)
+    if (!l.attn->empty() || !l.mlp->empty() || !l.layer->empty()) return false;
+  return true;
+}
+
 Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask) const {
   // input_ids, attention_mask: (B, T)
   Encoded out;
   Tensor words = at::embedding(word_->value(), input_ids);  // (B, T, H)
   words = embed_site_->prepend(words, &out.prompt_length);  // (B, P + T, H)
-  const auto B = words.size(0), S = words.size(1);
+  const auto B = words.size(0), S = words.size(1), H = config_.hidden_size;
   if (S > config_.max_positions)
     throw std::runtime_error("sequence of " + std::to_string(S) + " tokens exceeds max_position_embeddings " + std::to_string(config_.max_positions));
   Tensor positions = at::arange(S, input_ids.options());                              // (S)
   Tensor x = words + at::embedding(position_->value(), positions).unsqueeze(0) +     // (1, S, H)
              token_type_->value()[0];                                                  // single-segment input
-  x = at::layer_norm(x, {config_.hidden_size}, embed_norm_w_->value(), embed_norm_b_->value(), config_.layer_norm_eps);
+  x = at::layer_norm(x, {H}, embed_norm_w_->value(), embed_norm_b_->value(), config_.layer_norm_eps);
   x = at::dropout(x, config_.hidden_dropout, training_);
   out.mask = attention_mask;
   if (out.prompt_length > 0)
     out.mask = at::cat({at::ones({B, out.prompt_length}, attention_mask.options()), attention_mask}, 1);
+
+  // Padding tokens never influence real ones, so token-wise work skips them: the linear
+  // layers, GELU and LayerNorm run on the N real tokens only. Their hidden states come
+  // back as zeros.
+  std::optional<Unpadded> unpadded;
+  if (token_wise_only()) {
+    Tensor flat = out.mask.reshape({-1}).to(at::kBool);
+    if (!flat.all().item<bool>()) {
+      unpadded = Unpadded{flat.nonzero().squeeze(1), B, S};
+      x = x.reshape({B * S, H}).index_select(0, unpadded->index);  // (N, H)
+    }
+  }
+  const Unpadded* u = unpadded ? &*unpadded : nullptr;
   for (const auto& l : layers_) {
     Tensor mask = out.mask;
     if (l.attention->has_prefix()) {
       auto P = l.attention->prefix(1).first.size(2);
       mask = at::cat({at::ones({B, P}, out.mask.options()), out.mask}, 1);
     }
-    x = l.layer->run(x, [&](const Tensor& h) { return layer_forward(l, h, mask); });
+    x = l.layer->run(x, [&](const Tensor& h) { return layer_forward(l, h, mask, u); });
   }
-  out.hidden = x;
+  out.hidden = u ? at::zeros({B * S, H}, x.options()).index_copy(0, u->index, x).view({B, S, H}) : x;
   return out;
 }
 

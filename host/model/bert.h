@@ -65,8 +65,15 @@ class BertModel final : public ModelView {
   BertModel() = default;
   ParameterSite* param(const std::string& canonical, const std::string& hf, Tensor t);
   LinearSite* linear(const std::string& canonical, const std::string& hf, ParameterSite* w, ParameterSite* b);
-  Tensor attention(const Layer& l, const Tensor& h, const Tensor& mask) const;
-  Tensor layer_forward(const Layer& l, const Tensor& h, const Tensor& mask) const;
+  // Padding tokens dropped: token-wise work runs on (N, H) rows, attention on the padded
+  // (B, S) layout rebuilt from `index` (the flat positions of the N real tokens).
+  struct Unpadded {
+    Tensor index;  // (N) int64 into B * S
+    std::int64_t batch, seq;
+  };
+  Tensor attention(const Layer& l, const Tensor& h, const Tensor& mask, const Unpadded* u) const;
+  Tensor layer_forward(const Layer& l, const Tensor& h, const Tensor& mask, const Unpadded* u) const;
+  bool token_wise_only() const;  // no sublayer or layer interventions anywhere
 
   BertConfig config_;
   ModelInfo info_;

@@ -30,13 +30,13 @@ CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora]") {
     const auto& ids = ref["input_ids"];
     const auto& mask = ref["attention_mask"];
     Tensor unmerged = model->forward(ids, mask).hidden;
-    CATCH_CHECK(test::max_abs_diff(unmerged, ref[variant + ".hidden"]) < 1e-4);
-    CATCH_CHECK(test::max_abs_diff(unmerged, ref["hidden"]) > 1e-2);  // the adapter really changes the output
+    CATCH_CHECK(test::max_abs_diff_tokens(unmerged, ref[variant + ".hidden"], ref["attention_mask"]) < 1e-4);
+    CATCH_CHECK(test::max_abs_diff_tokens(unmerged, ref["hidden"], ref["attention_mask"]) > 1e-2);  // the adapter really changes the output
 
     lora->call("merge", [](Method& m) { m.merge(); });
-    CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, ref[variant + ".merged_hidden"]) < 1e-4);
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, ref[variant + ".merged_hidden"], ref["attention_mask"]) < 1e-4);
     lora->call("unmerge", [](Method& m) { m.unmerge(); });
-    CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, ref[variant + ".hidden"]) < 1e-4);
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, ref[variant + ".hidden"], ref["attention_mask"]) < 1e-4);
     lora->call("detach", [&](Method& m) { m.detach(*model); });
   }
 }
@@ -56,7 +56,7 @@ CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's 
     if (k.find("lora_A") != std::string::npos) CATCH_CHECK(t.abs().max().item<double>() <= 1.0 / std::sqrt(384.0));  // Kaiming bound
   }
   at::NoGradGuard no_grad;
-  CATCH_CHECK(test::max_abs_diff(model->forward(ref["input_ids"], ref["attention_mask"]).hidden, ref["hidden"]) < 1e-4);
+  CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ref["input_ids"], ref["attention_mask"]).hidden, ref["hidden"], ref["attention_mask"]) < 1e-4);
   auto cfg = nlohmann::json::parse(lora->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
   CATCH_CHECK(cfg["peft_type"] == "LORA");
   CATCH_CHECK(cfg["r"] == 4);

@@ -45,11 +45,13 @@ CATCH_TEST_CASE("sublayer, attention, embedding and layer interventions through 
   const Tensor base = model->forward(ids, mask).hidden;
   auto detach = [&](std::unique_ptr<MethodInstance>& p) { p->call("detach", [&](Method& m) { m.detach(*model); }); };
 
-  {  // sequential ×1 and gate ×1 leave the output as it was; parallel 0 too
+  {  // sequential ×1 and gate ×1 leave the output as it was; parallel 0 too. Sublayer
+     // interventions also switch the encoder from its unpadded path to the padded one, so
+     // this compares the two paths as well.
     auto a = probe(*model, "s", "sequential", 1.0, {"attn", "mlp"});
     auto g = probe(*model, "g", "gate", 1.0, {"attn", "mlp"});
     auto p = probe(*model, "p", "parallel", 0.0, {"attn", "mlp"});
-    CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, base) < 1e-5);
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, base, mask) < 1e-5);
     detach(a), detach(g), detach(p);
     // A zero gate on every attention sublayer: each layer becomes LN(h) then its MLP.
     auto z = probe(*model, "z", "gate", 0.0, {"attn"});
@@ -57,18 +59,18 @@ CATCH_TEST_CASE("sublayer, attention, embedding and layer interventions through 
     Tensor zeroed = model->forward(ids, mask).hidden;
     detach(z), detach(s2);
     auto zp = probe(*model, "zp", "parallel", -1.0, {"attn"});  // h + (-x)... differs from the gate
-    CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, zeroed) > 1e-3);
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, zeroed, mask) > 1e-3);
     detach(zp);
     auto z2 = probe(*model, "z2", "gate", 0.0, {"attn"});
-    CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, zeroed) == 0);
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, zeroed, mask) == 0);
     detach(z2);
   }
   {  // A prefix whose keys score -1e9 through a score hook is invisible.
     auto pre = probe(*model, "pre", "prefix", 7.0, {"layers.*"}, 3);
     Tensor with_prefix = model->forward(ids, mask).hidden;
-    CATCH_CHECK(test::max_abs_diff(with_prefix, base) > 1e-3);
+    CATCH_CHECK(test::max_abs_diff_tokens(with_prefix, base, mask) > 1e-3);
     auto hook = probe(*model, "hook", "score_hook", -1e9, {"layers.*"}, 3);
-    CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, base) < 1e-4);
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, base, mask) < 1e-4);
     detach(hook), detach(pre);
   }
   {  // Soft prompt: P tokens prepended, mask extended, pooling positions shifted.
@@ -84,12 +86,12 @@ CATCH_TEST_CASE("sublayer, attention, embedding and layer interventions through 
     auto tap = probe(*model, "tap", "tap", 0.0, {"layers.5"});
     Tensor out = model->forward(ids, mask).hidden;
     auto seen = tap->call("state", [](Method& m) { return m.state(); });
-    CATCH_CHECK(test::max_abs_diff(seen.at("tapped"), out) == 0);
+    CATCH_CHECK(test::max_abs_diff_tokens(seen.at("tapped"), out, mask) == 0);
     auto r = probe(*model, "r", "router", 0.0, {"layers.*"});
     Tensor routed = model->forward(ids, mask).hidden;
     auto keep_all = probe(*model, "r1", "router", 1.0, {"layers.*"});
     detach(r);
-    CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, base) < 1e-5);
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, base, mask) < 1e-5);
     detach(keep_all), detach(tap);
     // With every token skipping every layer, the output is the embedding block's output.
     auto P = [&](const std::string& n) {
@@ -100,7 +102,7 @@ CATCH_TEST_CASE("sublayer, attention, embedding and layer interventions through 
     Tensor emb = at::embedding(P("embed.word.weight"), ids) + P("embed.position.weight").narrow(0, 0, ids.size(1)) +
                  P("embed.token_type.weight")[0];
     emb = at::layer_norm(emb, {384}, P("embed.norm.weight"), P("embed.norm.bias"), 1e-12);
-    CATCH_CHECK(test::max_abs_diff(routed, emb) < 1e-5);
+    CATCH_CHECK(test::max_abs_diff_tokens(routed, emb, mask) < 1e-5);
   }
-  CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, base) == 0);
+  CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, base, mask) == 0);
 }

@@ -23,6 +23,11 @@
 //                   h'     = keep ∘ layer(h) + (1 − keep) ∘ h
 //                   tap_k(h') for every tap                        read-only
 //
+// Shapes: sublayer and layer interventions always see (B, T, H). Linear-site
+// interventions must be token-wise: they see (..., in), which may be (N, in) when the
+// host drops padding tokens (it does so only while no sublayer or layer site has an
+// intervention).
+//
 // Thread-safety: sites are configured before training and read during forward; they
 // are not safe to modify concurrently with a forward pass.
 #pragma once
@@ -118,6 +123,7 @@ class SublayerSite {
   void remove(const std::string& owner);
 
   Tensor apply(const Tensor& x, Tensor h) const;  // x: block input, h: block output
+  bool empty() const { return sequential_.empty() && parallel_.empty() && gates_.empty(); }
 
  private:
   std::string name_, hf_path_;
@@ -188,6 +194,7 @@ class LayerSite {
 
   // Runs `layer` on h under the routers, then the taps.
   Tensor run(const Tensor& h, const std::function<Tensor(const Tensor&)>& layer) const;
+  bool empty() const { return taps_.empty() && routers_.empty(); }
 
  private:
   std::string name_, hf_path_;
