@@ -2,10 +2,12 @@
 # LoRA fine-tuning throughput and peak memory, Tessera against transformers + peft on the
 # same torch, side by side: same model (all-MiniLM-L6-v2), data (polarity), batch size,
 # sequence length (every batch padded to it), LoRA targets and rank, threads and steps.
-#   bash bench/lora_vs_peft.sh [steps] [f32|bf16]
+#   bash bench/lora_vs_peft.sh [steps] [f32|bf16] [max_length|longest]
+# padding max_length: every batch padded to the full length; longest: to its longest
+# sentence (both sides see the same consecutive batches of the file, unshuffled).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-steps=${1:-30} dtype=${2:-f32} batch=32 len=64 threads=$(nproc)
+steps=${1:-30} dtype=${2:-f32} padding=${3:-max_length} batch=32 len=64 threads=$(nproc)
 bash "$root/scripts/build" >/dev/null
 source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
 work=$(mktemp -d)
@@ -16,12 +18,13 @@ dtype = "$dtype"
 [data]
 path = "\${TESSERA_DATA_DIR}/polarity.csv"
 max_length = $len
-padding = "max_length"
+padding = "$padding"
 [train]
 epochs = 1
 batch_size = $batch
 threads = $threads
 max_steps = $((steps + 3))
+shuffle = false
 [[methods]]
 plugin = "lora"
 targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
@@ -31,9 +34,9 @@ lora_alpha = 16
 lora_dropout = 0.1
 TOML
 py=$TESSERA_VENV/bin/python
-echo "== transformers + peft ($dtype, $threads threads, batch $batch, length $len, $steps timed steps)"
+echo "== transformers + peft ($dtype, $threads threads, batch $batch, length $len, padding $padding, $steps timed steps)"
 $py "$root/bench/measure.py" $py "$root/bench/peer_hf_peft.py" --steps "$steps" --batch-size $batch --max-length $len \
-  --threads "$threads" --dtype "$dtype" >"$work/peer.json" 2>"$work/peer.err" || { cat "$work/peer.err"; exit 1; }
+  --threads "$threads" --dtype "$dtype" --padding "$padding" >"$work/peer.json" 2>"$work/peer.err" || { cat "$work/peer.err"; exit 1; }
 echo "== tessera"
 $py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn train "$work/bench.toml" --run-dir "$work/run" \
   >/dev/null 2>"$work/tessera.err" || { cat "$work/tessera.err"; exit 1; }

@@ -20,14 +20,34 @@ ap.add_argument("--max-length", type=int, default=64)
 ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--rank", type=int, default=8)
 ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+ap.add_argument("--padding", choices=["max_length", "longest"], default="max_length")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 
 with open(args.data, newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
-texts = [r["text"] for r in rows]
-labels = [int(r["label"]) for r in rows]
+
+
+def seeded_shuffle(v, seed):
+    """Tessera's split shuffle (Fisher-Yates over SplitMix64), so both sides train on the same batches."""
+    mask = (1 << 64) - 1
+    s = seed
+    for i in range(len(v), 1, -1):
+        s = (s + 0x9E3779B97F4A7C15) & mask
+        z = s
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        j = z % i
+        v[i - 1], v[j] = v[j], v[i - 1]
+
+
+order = list(range(len(rows)))
+seeded_shuffle(order, 13)  # [data] seed
+train = order[int(len(rows) * 0.2 + 0.5):]  # [data] test_fraction = 0.2: the first share is the test split
+texts = [rows[k]["text"] for k in train]
+labels = [int(rows[k]["label"]) for k in train]
 
 tok = AutoTokenizer.from_pretrained(args.model)
 encoder = AutoModel.from_pretrained(args.model)
@@ -60,8 +80,9 @@ seen, start = 0, None
 for step in range(args.warmup_steps + args.steps):
     if step == args.warmup_steps:
         start, seen = time.perf_counter(), 0
-    i = (step * args.batch_size) % (len(texts) - args.batch_size)
-    batch = tok(texts[i:i + args.batch_size], padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt")
+    # Consecutive batches from the start of the file: the same ones Tessera sees with shuffle = false.
+    i = step * args.batch_size
+    batch = tok(texts[i:i + args.batch_size], padding=args.padding, truncation=True, max_length=args.max_length, return_tensors="pt")
     y = torch.tensor(labels[i:i + args.batch_size])
     # bf16: the peer's usual mixed precision on CPU (autocast), f32 master weights.
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):

@@ -233,6 +233,7 @@ Config load_config(const std::string& path) {
     s.get("seed", c.train.seed);
     s.positive("max_steps", c.train.max_steps, 0);
     s.get("group_by_length", c.train.group_by_length);
+    s.get("shuffle", c.train.shuffle);
     s.finish();
   }
   {
@@ -304,7 +305,8 @@ std::string resolved_toml(const Config& c) {
                                    {"weight_decay", c.train.weight_decay}, {"warmup_ratio", c.train.warmup_ratio},
                                    {"max_grad_norm", c.train.max_grad_norm}, {"threads", c.train.threads},
                                    {"seed", c.train.seed}, {"max_steps", c.train.max_steps},
-                                   {"group_by_length", c.train.group_by_length}});
+                                   {"group_by_length", c.train.group_by_length},
+                                   {"shuffle", c.train.shuffle}});
   root.insert("output", toml::table{{"dir", c.output_dir}});
   toml::array methods;
   for (const auto& m : c.methods) {

@@ -6,7 +6,7 @@
 //            test_fraction, seed, max_length, limit, padding ("longest" | "max_length")
 //   [task]   kind ("sequence-classification"), num_labels, pooling ("mean" | "cls")
 //   [train]  epochs, batch_size, eval_batch_size, lr, head_lr, weight_decay,
-//            warmup_ratio, max_grad_norm, threads, seed, max_steps, group_by_length
+//            warmup_ratio, max_grad_norm, threads, seed, max_steps, group_by_length, shuffle
 //   [output] dir
 //   [[methods]] plugin, name, targets, [methods.params] …
 //
@@ -65,6 +65,7 @@ struct TrainConfig {
   std::int64_t epochs = 3, batch_size = 32, eval_batch_size = 128, threads = 0, seed = 42, max_steps = 0;
   double lr = 1e-3, head_lr = 0, weight_decay = 0.01, warmup_ratio = 0.06, max_grad_norm = 1.0;
   bool group_by_length = false;  // batches of similar length (less padding), in shuffled order
+  bool shuffle = true;           // false: every epoch visits the train split in its order
 };
 
 struct Config {

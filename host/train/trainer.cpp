@@ -55,7 +55,7 @@ std::vector<std::vector<std::size_t>> epoch_batches(const Session& s, std::int64
   const std::uint64_t seed = static_cast<std::uint64_t>(cfg.seed) * 1000003ULL + static_cast<std::uint64_t>(epoch);
   std::vector<std::size_t> order(ids.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-  seeded_shuffle(order, seed);
+  if (cfg.shuffle) seeded_shuffle(order, seed);
   if (cfg.group_by_length) {
     const std::size_t window = 50 * bs;
     for (std::size_t w = 0; w < order.size(); w += window)
