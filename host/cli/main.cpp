@@ -23,6 +23,12 @@ using namespace tessera;
 
 namespace {
 
+std::string number(double x) {
+  std::ostringstream o;
+  o << x;
+  return o.str();
+}
+
 void print_plugins(const PluginRegistry& reg) {
   std::cout << reg.plugins().size() << " plugin(s) found\n";
   for (const auto& p : reg.plugins()) {
@@ -30,7 +36,7 @@ void print_plugins(const PluginRegistry& reg) {
               << "  paper: " << p.paper << "\n  file:  " << p.path << "\n  parameters:\n";
     for (const auto& s : p.params) {
       std::cout << "    " << s.name << " (" << to_string(s.type) << ", default " << format_value(s.default_value);
-      if (s.min || s.max) std::cout << ", range [" << (s.min ? std::to_string(*s.min) : "-inf") << ", " << (s.max ? std::to_string(*s.max) : "inf") << "]";
+      if (s.min || s.max) std::cout << ", range [" << (s.min ? number(*s.min) : "-inf") << ", " << (s.max ? number(*s.max) : "inf") << "]";
       if (!s.choices.empty()) {
         std::cout << ", one of";
         for (const auto& c : s.choices) std::cout << " " << c;

@@ -115,6 +115,17 @@ TrainResult train(Session& s, const std::string& run_dir) {
   spdlog::info("training {} of {} parameters ({:.3f}% of the base) on {} examples, {} steps", result.trainable, result.base,
                100.0 * static_cast<double>(result.trainable) / static_cast<double>(result.base), n_train, total);
 
+  // Data-dependent set-up (Fisher masks, SVD inits): methods that override prepare()
+  // pull the loss of calibration batches; the others never run it.
+  {
+    const auto calib = epoch_batches(s, -1);
+    Calibration c{std::min<std::int64_t>(8, static_cast<std::int64_t>(calib.size())), [&](std::int64_t i) {
+                    Batch b = s.batch(Split::Train, calib.at(static_cast<std::size_t>(i)), 0, calib[static_cast<std::size_t>(i)].size());
+                    return at::cross_entropy_loss(s.logits(b), b.labels);
+                  }};
+    for (auto& m : s.methods()) m->call("prepare", [&](Method& x) { x.prepare(c); });
+  }
+
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   constexpr std::int64_t kUntimedSteps = 3;  // allocator and kernel warm-up, left out of examples/s

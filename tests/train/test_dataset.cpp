@@ -1,0 +1,56 @@
+#include "support.h"
+
+#include "train/dataset.h"
+
+#include <fstream>
+
+using namespace tessera;
+
+namespace {
+std::string write(const std::filesystem::path& dir, const std::string& name, const std::string& body) {
+  auto p = (dir / name).string();
+  std::ofstream(p, std::ios::binary) << body;
+  return p;
+}
+}  // namespace
+
+CATCH_TEST_CASE("CSV: quotes, doubled quotes, embedded newlines and commas, CRLF, BOM", "[train][data]") {
+  auto dir = test::temp_dir("csv");
+  auto rows = read_csv(write(dir, "a.csv", "\xEF\xBB\xBFtext,label\r\n\"a, \"\"quoted\"\"\nline\",1\r\nplain,0\n"));
+  CATCH_REQUIRE(rows.size() == 3);
+  CATCH_CHECK(rows[0] == std::vector<std::string>{"text", "label"});
+  CATCH_CHECK(rows[1][0] == "a, \"quoted\"\nline");
+  CATCH_CHECK(rows[2] == std::vector<std::string>{"plain", "0"});
+  CATCH_CHECK_THROWS_WITH(read_csv(write(dir, "b.csv", "text,label\n\"never closed,1\n")), Catch::Contains("b.csv:2: quoted field never closed"));
+}
+
+CATCH_TEST_CASE("datasets from CSV and JSONL: labels, seeded split, errors with line numbers", "[train][data]") {
+  auto dir = test::temp_dir("ds");
+  std::string csv = "label,text\n";
+  std::string jsonl;
+  for (int i = 0; i < 10; ++i) {
+    csv += std::to_string(i % 2 ? 10 : 2) + ",sentence " + std::to_string(i) + "\n";
+    jsonl += "{\"text\": \"sentence " + std::to_string(i) + "\", \"label\": \"" + (i % 2 ? "pos" : "neg") + "\"}\n";
+  }
+  DataConfig c;
+  c.path = write(dir, "d.csv", csv);
+  c.test_fraction = 0.3;
+  Dataset d = load_dataset(c);
+  CATCH_CHECK(d.label_names == std::vector<std::string>{"2", "10"});  // numeric labels sort as numbers
+  CATCH_CHECK(d.test.size() == 3);
+  CATCH_CHECK(d.train.size() == 7);
+  Dataset again = load_dataset(c);
+  for (std::size_t i = 0; i < d.test.size(); ++i) CATCH_CHECK(d.test[i].text == again.test[i].text);  // seeded
+
+  c.path = write(dir, "d.jsonl", jsonl);
+  Dataset j = load_dataset(c);
+  CATCH_CHECK(j.label_names == std::vector<std::string>{"neg", "pos"});
+  CATCH_CHECK(j.train.size() + j.test.size() == 10);
+
+  c.path = write(dir, "bad.jsonl", "{\"text\": \"a\", \"label\": 1}\n{\"txt\": \"b\", \"label\": 0}\n");
+  CATCH_CHECK_THROWS_WITH(load_dataset(c), Catch::Contains("bad.jsonl:2: needs a string 'text'"));
+  c.path = write(dir, "bad.csv", "text,label\na,1\nb\n");
+  CATCH_CHECK_THROWS_WITH(load_dataset(c), Catch::Contains("record 3 has 1 fields"));
+  c.path = write(dir, "nocol.csv", "sentence,label\na,1\n");
+  CATCH_CHECK_THROWS_WITH(load_dataset(c), Catch::Contains("no column 'text'"));
+}
