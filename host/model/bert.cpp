@@ -1,5 +1,6 @@
 #include "model/bert.h"
 
+#include "model/json_file.h"
 #include "model/safetensors.h"
 
 #include <ATen/ATen.h>
@@ -14,14 +15,7 @@
 namespace tessera {
 
 BertConfig BertConfig::from_json_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot read " + path);
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(path + ": " + e.what());
-  }
+  const nlohmann::json j = read_json_file(path);
   std::string type = j.value("model_type", "");
   if (type != "bert") throw std::runtime_error(path + ": model_type '" + type + "' is not supported (supported: bert)");
   if (j.value("hidden_act", "gelu") != "gelu") throw std::runtime_error(path + ": hidden_act '" + j.value("hidden_act", "") + "' is not supported");

@@ -1,5 +1,7 @@
 #include "model/wordpiece.h"
 
+#include "model/json_file.h"
+
 #include <nlohmann/json.hpp>
 #include <utf8proc.h>
 
@@ -76,7 +78,7 @@ WordPieceTokenizer WordPieceTokenizer::from_directory(const std::string& dir) {
   fs::path root(dir);
   std::string unk = "[UNK]", cls = "[CLS]", sep = "[SEP]", pad = "[PAD]";
   if (fs::exists(root / "tokenizer.json")) {
-    auto j = nlohmann::json::parse(read_text(root / "tokenizer.json"));
+    const auto j = read_json_file((root / "tokenizer.json").string());
     const auto& model = j.at("model");
     if (model.value("type", "") != "WordPiece")
       throw std::runtime_error(dir + "/tokenizer.json: model type '" + model.value("type", "?") + "' is not WordPiece");
@@ -106,7 +108,7 @@ WordPieceTokenizer WordPieceTokenizer::from_directory(const std::string& dir) {
       t.vocab_.emplace(line, id++);
     }
     if (fs::exists(root / "tokenizer_config.json")) {
-      auto c = nlohmann::json::parse(read_text(root / "tokenizer_config.json"));
+      const auto c = read_json_file((root / "tokenizer_config.json").string());
       t.lowercase_ = c.value("do_lower_case", true);
       t.strip_accents_ = c.contains("strip_accents") && !c["strip_accents"].is_null() ? c["strip_accents"].get<bool>() : t.lowercase_;
     }

@@ -1,5 +1,6 @@
 #include "runtime/peft_import.h"
 
+#include "model/json_file.h"
 #include "runtime/plugin_registry.h"
 
 #include <nlohmann/json.hpp>
@@ -13,14 +14,7 @@ namespace tessera {
 
 MethodConfig method_from_peft_dir(const std::string& dir, const PluginRegistry& registry, const std::string& instance) {
   const std::string path = (std::filesystem::path(dir) / "adapter_config.json").string();
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot read " + path);
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(path + ": " + e.what());
-  }
+  const nlohmann::json j = read_json_file(path);
   MethodConfig m;
   m.pos = {path, 1, 1};
   m.params_pos = m.pos;

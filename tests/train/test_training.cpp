@@ -65,6 +65,17 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
   at::NoGradGuard ng;
   Tensor logits = reloaded.logits(reloaded.batch(Split::Test, order, 0, order.size()));
   CATCH_CHECK(at::equal(logits, logits_after));
+
+  // The saved LoRA folder is HF PEFT's format: peft loads it and computes what we compute.
+  const std::string peft_out = c.output_dir + "/peft_hidden.safetensors";
+  const std::string cmd = std::string(TESSERA_VENV_PYTHON) + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_forward.py " + c.output_dir +
+                          "/adapter/lora " + test::fixture("reference.safetensors") + " " + peft_out;
+  CATCH_REQUIRE(std::system(cmd.c_str()) == 0);
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  Tensor ours = reloaded.model().forward(ref["input_ids"], ref["attention_mask"]).hidden;
+  Tensor theirs = test::read_tensors(peft_out).at("hidden");
+  CATCH_CHECK(test::max_abs_diff_tokens(ours, theirs, ref["attention_mask"]) < 1e-4);
+  CATCH_CHECK(test::max_abs_diff_tokens(ours, ref["hidden"], ref["attention_mask"]) > 1e-6);  // the adapter is not a no-op
 }
 
 CATCH_TEST_CASE("a short real LoRA run beats the frozen-encoder baseline", "[train][slow]") {
