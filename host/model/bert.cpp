@@ -17,11 +17,13 @@ namespace tessera {
 BertConfig BertConfig::from_json_file(const std::string& path) {
   const nlohmann::json j = read_json_file(path);
   std::string type = j.value("model_type", "");
-  if (type != "bert") throw std::runtime_error(path + ": model_type '" + type + "' is not supported (supported: bert)");
+  if (type != "bert" && type != "roberta")
+    throw std::runtime_error(path + ": model_type '" + type + "' is not supported (supported: bert, roberta)");
   if (j.value("hidden_act", "gelu") != "gelu") throw std::runtime_error(path + ": hidden_act '" + j.value("hidden_act", "") + "' is not supported");
   if (j.value("position_embedding_type", "absolute") != "absolute")
     throw std::runtime_error(path + ": position_embedding_type '" + j.value("position_embedding_type", "") + "' is not supported");
   BertConfig c;
+  c.model_type = type;
   auto need = [&](const char* key) {
     if (!j.contains(key) || !j[key].is_number_integer()) throw std::runtime_error(path + ": missing integer '" + key + "'");
     return j[key].get<std::int64_t>();
@@ -60,8 +62,9 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
   if (!fs::exists(weights)) throw std::runtime_error(dir + ": no model.safetensors (convert pytorch_model.bin at set-up)");
   auto file = SafetensorsFile::open(weights.string());
 
-  // Checkpoints of BertFor* heads prefix every encoder tensor with "bert.".
-  const std::string prefix = file->contains("bert.embeddings.word_embeddings.weight") ? "bert." : "";
+  // Checkpoints of task heads (BertFor*, RobertaFor*) prefix every encoder tensor.
+  const std::string head_prefix = c.model_type + ".";
+  const std::string prefix = file->contains(head_prefix + "embeddings.word_embeddings.weight") ? head_prefix : "";
   std::set<std::string> used;
   auto load = [&](const std::string& hf, std::vector<int64_t> shape) {
     std::string name = prefix + hf;
@@ -126,7 +129,7 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
   for (const auto& n : file->names())
     if (!used.count(n)) m->ignored_.push_back(n);  // pooler, position_ids, task heads
 
-  m->info_.architecture = "bert";
+  m->info_.architecture = c.model_type;
   m->info_.hidden_size = H;
   m->info_.num_layers = c.num_layers;
   m->info_.num_heads = c.num_heads;
@@ -192,9 +195,20 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   const auto B = words.size(0), S = words.size(1), H = config_.hidden_size;
   if (S > config_.max_positions)
     throw std::runtime_error("sequence of " + std::to_string(S) + " tokens exceeds max_position_embeddings " + std::to_string(config_.max_positions));
-  Tensor positions = at::arange(S, input_ids.options());                              // (S)
-  Tensor x = words + at::embedding(position_->value(), positions).unsqueeze(0) +     // (1, S, H)
-             token_type_->value()[0];                                                  // single-segment input
+  Tensor positions = at::arange(S, input_ids.options()).unsqueeze(0);  // (1, S)
+  if (config_.model_type == "roberta") {
+    // RoBERTa numbers real tokens from pad_token_id + 1 and gives padding pad_token_id
+    // (from the ids; with prompt tokens, from the embeddings: all positions count).
+    const auto pad = config_.pad_token_id;
+    if (out.prompt_length == 0) {
+      Tensor real = input_ids.ne(pad).to(at::kLong);  // (B, S)
+      positions = at::cumsum(real, 1) * real + pad;
+    } else {
+      positions = positions + pad + 1;
+    }
+  }
+  Tensor x = words + at::embedding(position_->value(), positions) +  // (B or 1, S, H)
+             token_type_->value()[0];                                  // single-segment input
   x = at::layer_norm(x, {H}, embed_norm_w_->value(), embed_norm_b_->value(), config_.layer_norm_eps);
   x = at::dropout(x, config_.hidden_dropout, training_);
   out.mask = attention_mask;

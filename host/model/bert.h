@@ -1,5 +1,7 @@
-// The BERT encoder (Devlin et al. 2019, arXiv:1810.04805), built from Tessera sites and
-// loaded from a Hugging Face directory (config.json + model.safetensors).
+// The BERT encoder (Devlin et al. 2019, arXiv:1810.04805) and RoBERTa (Liu et al. 2019,
+// arXiv:1907.11692: the same blocks, positions counted from pad_token_id + 1), built
+// from Tessera sites and loaded from a Hugging Face directory (config.json +
+// model.safetensors).
 //
 // Per layer (post-LayerNorm):
 //   a  = Dropout(O · Attention(Q h, K h, V h, mask))   sites layers.i.attn.{q,k,v,o}
@@ -20,6 +22,7 @@
 namespace tessera {
 
 struct BertConfig {
+  std::string model_type = "bert";  // "bert" or "roberta" (positions offset past the padding id)
   std::int64_t vocab_size = 0, hidden_size = 0, num_layers = 0, num_heads = 0, intermediate_size = 0;
   std::int64_t max_positions = 512, type_vocab_size = 2, pad_token_id = 0;
   double layer_norm_eps = 1e-12, hidden_dropout = 0.1, attention_dropout = 0.1;

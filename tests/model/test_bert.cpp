@@ -17,6 +17,18 @@ CATCH_TEST_CASE("BERT hidden states equal transformers within 1e-4", "[model][be
   CATCH_CHECK(diff < 1e-4);
 }
 
+CATCH_TEST_CASE("RoBERTa hidden states equal transformers within 1e-4 (tiny random checkpoint)", "[model][bert]") {
+  auto model = BertModel::load(test::fixture("tiny_roberta"), at::TensorOptions().dtype(at::kFloat));
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  CATCH_CHECK(model->info().architecture == "roberta");
+  CATCH_CHECK(model->match_linear({"query"}).at(0)->hf_path() == "roberta.encoder.layer.0.attention.self.query");
+  at::NoGradGuard no_grad;
+  Tensor h = model->forward(ref["roberta.input_ids"], ref["roberta.attention_mask"]).hidden;
+  const double diff = test::max_abs_diff_tokens(h, ref["roberta.hidden"], ref["roberta.attention_mask"]);
+  CATCH_INFO("max |ours - transformers| = " << diff);
+  CATCH_CHECK(diff < 1e-4);
+}
+
 CATCH_TEST_CASE("BERT in bf16 follows the f32 reference loosely", "[model][bert]") {
   auto model = BertModel::load(test::model_dir(), at::TensorOptions().dtype(at::kBFloat16));
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));

@@ -64,3 +64,35 @@ CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's 
   CATCH_CHECK(cfg["target_modules"].size() == 12);
   lora->call("detach", [&](Method& m) { m.detach(*model); });
 }
+
+CATCH_TEST_CASE("LoRA trains on RoBERTa through the same sites: the loss falls", "[plugins][lora]") {
+  auto model = BertModel::load(test::fixture("tiny_roberta"), at::TensorOptions().dtype(at::kFloat));
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  const auto& ids = ref["roberta.input_ids"];
+  const auto& mask = ref["roberta.attention_mask"];
+  auto lora = test::registry().create("lora", "l");
+  const auto* info = test::registry().find("lora");
+  AttachContext ctx{"l", {"attn.q", "attn.v", "mlp.up", "mlp.down"}, apply_schema(info->params, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}}), *model};
+  lora->call("attach", [&](Method& m) { m.attach(ctx); });
+  auto params = lora->call("trainable", [](Method& m) { return m.trainable(); });
+  at::manual_seed(3);
+  Tensor target = at::randn({ids.size(0), 32});  // pooled outputs to reach: (B, H)
+  auto loss_fn = [&] {
+    Tensor h = model->forward(ids, mask).hidden;  // (B, T, H)
+    Tensor m = mask.unsqueeze(-1).to(h.dtype());
+    return ((h * m).sum(1) / m.sum(1) - target).pow(2).mean();
+  };
+  const double first = loss_fn().item<double>();
+  for (int step = 0; step < 30; ++step) {
+    Tensor loss = loss_fn();
+    for (auto& [k, t] : params)
+      if (t.grad().defined()) t.mutable_grad().zero_();
+    loss.backward();
+    at::NoGradGuard ng;
+    for (auto& [k, t] : params) t.sub_(t.grad() * 0.5);
+  }
+  const double last = loss_fn().item<double>();
+  CATCH_INFO("loss " << first << " -> " << last);
+  CATCH_CHECK(last < 0.9 * first);
+  lora->call("detach", [&](Method& m) { m.detach(*model); });
+}
