@@ -73,7 +73,6 @@ class Lora final : public tessera::Method {
     instance_ = ctx.instance;
     model_ = &ctx.model;
     params_ = p;
-    targets_ = ctx.targets;
     dropout_ = p.number("lora_dropout");
     auto sites = ctx.model.match_linear(ctx.targets);
     if (sites.empty()) throw std::runtime_error("no linear site matches the targets");
@@ -208,7 +207,6 @@ class Lora final : public tessera::Method {
   std::string instance_;
   tessera::ModelView* model_ = nullptr;
   tessera::Params params_;
-  std::vector<std::string> targets_;
   std::vector<Adapter> adapters_;
   double dropout_ = 0.0;
   bool merged_ = false;
