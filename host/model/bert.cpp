@@ -140,7 +140,7 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
   return m;
 }
 
-Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask, const Unpadded* u) const {
+Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask, const KV& prefix, const Unpadded* u) const {
   // h: (B, T, H), or (N, H) real tokens when unpadded; mask: (B, S) with S = prefix + T, 1 = attend
   const auto B = u ? u->batch : h.size(0), T = u ? u->seq : h.size(1);
   const auto H = config_.hidden_size, nh = config_.num_heads, hd = H / nh;
@@ -149,10 +149,9 @@ Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask,
     return x.view({B, T, nh, hd}).transpose(1, 2);
   };
   Tensor q = heads(l.q->forward(h)), k = heads(l.k->forward(h)), v = heads(l.v->forward(h));
-  if (l.attention->has_prefix()) {
-    auto [pk, pv] = l.attention->prefix(B);  // (B, nh, P, hd)
-    k = at::cat({pk.to(k.dtype()), k}, 2);
-    v = at::cat({pv.to(v.dtype()), v}, 2);
+  if (prefix.first.defined()) {  // (B, nh, P, hd) each
+    k = at::cat({prefix.first.to(k.dtype()), k}, 2);
+    v = at::cat({prefix.second.to(v.dtype()), v}, 2);
   }
   if (mask.size(1) != k.size(2)) throw std::runtime_error("attention mask covers " + std::to_string(mask.size(1)) + " keys, not " + std::to_string(k.size(2)));
   const double p = training_ ? config_.attention_dropout : 0.0;
@@ -170,10 +169,10 @@ Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask,
   return u ? ctx.index_select(0, u->index) : ctx.view({B, T, H});  // (N, H) or (B, T, H)
 }
 
-Tensor BertModel::layer_forward(const Layer& l, const Tensor& h, const Tensor& mask, const Unpadded* u) const {
+Tensor BertModel::layer_forward(const Layer& l, const Tensor& h, const Tensor& mask, const KV& prefix, const Unpadded* u) const {
   const double p = config_.hidden_dropout;
   const std::vector<int64_t> H{config_.hidden_size};  // owned: an IntArrayRef of a braced list dangles
-  Tensor a = at::dropout(l.o->forward(attention(l, h, mask, u)), p, training_);
+  Tensor a = at::dropout(l.o->forward(attention(l, h, mask, prefix, u)), p, training_);
   a = l.attn->apply(h, a);
   Tensor h1 = at::layer_norm(h + a, H, l.attn_norm_w->value(), l.attn_norm_b->value(), config_.layer_norm_eps);
   Tensor mm = at::dropout(l.down->forward(at::gelu(l.up->forward(h1))), p, training_);
@@ -228,12 +227,11 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   }
   const Unpadded* u = unpadded ? &*unpadded : nullptr;
   for (const auto& l : layers_) {
+    // The prefix is computed once per layer and forward: it sets the mask's length too.
+    const KV prefix = l.attention->prefix(B);
     Tensor mask = out.mask;
-    if (l.attention->has_prefix()) {
-      auto P = l.attention->prefix(1).first.size(2);
-      mask = at::cat({at::ones({B, P}, out.mask.options()), out.mask}, 1);
-    }
-    x = l.layer->run(x, [&](const Tensor& h) { return layer_forward(l, h, mask, u); });
+    if (prefix.first.defined()) mask = at::cat({at::ones({B, prefix.first.size(2)}, out.mask.options()), out.mask}, 1);
+    x = l.layer->run(x, [&](const Tensor& h) { return layer_forward(l, h, mask, prefix, u); });
   }
   out.hidden = u ? at::zeros({B * S, H}, x.options()).index_copy(0, u->index, x).view({B, S, H}) : x;
   return out;

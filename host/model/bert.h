@@ -74,8 +74,10 @@ class BertModel final : public ModelView {
     Tensor index;  // (N) int64 into B * S
     std::int64_t batch, seq;
   };
-  Tensor attention(const Layer& l, const Tensor& h, const Tensor& mask, const Unpadded* u) const;
-  Tensor layer_forward(const Layer& l, const Tensor& h, const Tensor& mask, const Unpadded* u) const;
+  // prefix: the attention site's (K, V) for this batch, undefined when it has none.
+  using KV = std::pair<Tensor, Tensor>;
+  Tensor attention(const Layer& l, const Tensor& h, const Tensor& mask, const KV& prefix, const Unpadded* u) const;
+  Tensor layer_forward(const Layer& l, const Tensor& h, const Tensor& mask, const KV& prefix, const Unpadded* u) const;
   bool token_wise_only() const;  // no sublayer or layer interventions anywhere
 
   BertConfig config_;
