@@ -1,16 +1,15 @@
 #include "model/bert.h"
 
+#include "model/attention.h"
+#include "model/checkpoint.h"
 #include "model/json_file.h"
-#include "model/safetensors.h"
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <optional>
-#include <set>
 
 namespace tessera {
 
@@ -24,10 +23,7 @@ BertConfig BertConfig::from_json_file(const std::string& path) {
     throw std::runtime_error(path + ": position_embedding_type '" + j.value("position_embedding_type", "") + "' is not supported");
   BertConfig c;
   c.model_type = type;
-  auto need = [&](const char* key) {
-    if (!j.contains(key) || !j[key].is_number_integer()) throw std::runtime_error(path + ": missing integer '" + key + "'");
-    return j[key].get<std::int64_t>();
-  };
+  auto need = [&](const char* key) { return json_required_int(j, path, key); };
   c.vocab_size = need("vocab_size");
   c.hidden_size = need("hidden_size");
   c.num_layers = need("num_hidden_layers");
@@ -43,49 +39,25 @@ BertConfig BertConfig::from_json_file(const std::string& path) {
   return c;
 }
 
-ParameterSite* BertModel::param(const std::string& canonical, const std::string& hf, Tensor t) {
-  params_.push_back(std::make_unique<ParameterSite>(canonical, hf, std::move(t)));
-  return params_.back().get();
-}
-
-LinearSite* BertModel::linear(const std::string& canonical, const std::string& hf, ParameterSite* w, ParameterSite* b) {
-  linears_.push_back(std::make_unique<LinearSite>(canonical, hf, w, b));
-  return linears_.back().get();
-}
-
 std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOptions options) {
   namespace fs = std::filesystem;
   std::unique_ptr<BertModel> m(new BertModel());
   m->config_ = BertConfig::from_json_file((fs::path(dir) / "config.json").string());
   const auto& c = m->config_;
-  fs::path weights = fs::path(dir) / "model.safetensors";
-  if (!fs::exists(weights)) throw std::runtime_error(dir + ": no model.safetensors (convert pytorch_model.bin at set-up)");
-  auto file = SafetensorsFile::open(weights.string());
+  Checkpoint file = Checkpoint::open(dir);
 
   // Checkpoints of task heads (BertFor*, RobertaFor*) prefix every encoder tensor.
   const std::string head_prefix = c.model_type + ".";
-  const std::string prefix = file->contains(head_prefix + "embeddings.word_embeddings.weight") ? head_prefix : "";
-  std::set<std::string> used;
+  const std::string prefix = file.contains(head_prefix + "embeddings.word_embeddings.weight") ? head_prefix : "";
   auto load = [&](const std::string& hf, std::vector<int64_t> shape) {
     std::string name = prefix + hf;
-    if (!file->contains(name)) {
-      // Old TF-converted checkpoints call LayerNorm's parameters gamma and beta.
-      std::string old = name;
-      auto swap = [&](const std::string& from, const std::string& to) {
-        if (old.size() > from.size() && old.compare(old.size() - from.size(), from.size(), from) == 0)
-          old = old.substr(0, old.size() - from.size()) + to;
-      };
-      swap("LayerNorm.weight", "LayerNorm.gamma");
-      swap("LayerNorm.bias", "LayerNorm.beta");
-      if (!file->contains(old)) throw SafetensorsError(weights.string(), name, "missing from the checkpoint");
-      name = old;
-    }
-    Tensor t = file->tensor(name);
-    if (t.sizes().vec() != shape)
-      throw SafetensorsError(weights.string(), name, "has shape " + c10::str(t.sizes()) + ", the config needs " + c10::str(at::IntArrayRef(shape)));
-    used.insert(name);
-    // Same dtype and device: a zero-copy view of the (private) mapping.
-    return t.to(options).detach().set_requires_grad(false);
+    // Old TF-converted checkpoints call LayerNorm's parameters gamma and beta.
+    auto old = [&](const std::string& from, const std::string& to) {
+      if (name.size() <= from.size() || name.compare(name.size() - from.size(), from.size(), from) != 0) return name;
+      return name.substr(0, name.size() - from.size()) + to;
+    };
+    name = file.first_present({name, old("LayerNorm.weight", "LayerNorm.gamma"), old("LayerNorm.bias", "LayerNorm.beta")}).value_or(name);
+    return file.take(name, shape, options);
   };
   const auto H = c.hidden_size, I = c.intermediate_size;
   m->word_ = m->param("embed.word.weight", prefix + "embeddings.word_embeddings.weight", load("embeddings.word_embeddings.weight", {c.vocab_size, H}));
@@ -116,18 +88,13 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
     l.attn_norm_b = norm("attn.norm", "attention.output.LayerNorm", "bias");
     l.mlp_norm_w = norm("mlp.norm", "output.LayerNorm", "weight");
     l.mlp_norm_b = norm("mlp.norm", "output.LayerNorm", "bias");
-    m->sublayers_.push_back(std::make_unique<SublayerSite>(cn + ".attn", prefix + hf + ".attention", H));
-    l.attn = m->sublayers_.back().get();
-    m->sublayers_.push_back(std::make_unique<SublayerSite>(cn + ".mlp", prefix + hf + ".output", H));
-    l.mlp = m->sublayers_.back().get();
-    m->attentions_.push_back(std::make_unique<AttentionSite>(cn + ".attn", prefix + hf + ".attention.self", c.num_heads, H / c.num_heads));
-    l.attention = m->attentions_.back().get();
-    m->layer_sites_.push_back(std::make_unique<LayerSite>(cn, prefix + hf, i));
-    l.layer = m->layer_sites_.back().get();
+    l.attn = m->sublayer(cn + ".attn", prefix + hf + ".attention", H);
+    l.mlp = m->sublayer(cn + ".mlp", prefix + hf + ".output", H);
+    l.attention = m->attention_site(cn + ".attn", prefix + hf + ".attention.self", c.num_heads, H / c.num_heads);
+    l.layer = m->layer_site(cn, prefix + hf, i);
     m->layers_.push_back(l);
   }
-  for (const auto& n : file->names())
-    if (!used.count(n)) m->ignored_.push_back(n);  // pooler, position_ids, task heads
+  m->ignored_ = file.finish();  // pooler, position_ids, task heads
 
   m->info_.architecture = c.model_type;
   m->info_.hidden_size = H;
@@ -154,17 +121,8 @@ Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask,
     v = at::cat({prefix.second.to(v.dtype()), v}, 2);
   }
   if (mask.size(1) != k.size(2)) throw std::runtime_error("attention mask covers " + std::to_string(mask.size(1)) + " keys, not " + std::to_string(k.size(2)));
-  const double p = training_ ? config_.attention_dropout : 0.0;
-  Tensor ctx;  // (B, nh, T, hd)
-  if (!l.attention->has_score_hooks()) {
-    Tensor keep = mask.to(at::kBool).view({B, 1, 1, k.size(2)});
-    ctx = at::scaled_dot_product_attention(q, k, v, keep, p);
-  } else {
-    Tensor bias = (1.0 - mask.to(q.dtype())).view({B, 1, 1, k.size(2)}) * std::numeric_limits<float>::lowest();
-    Tensor scores = at::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(hd)) + bias;  // (B, nh, T, S)
-    scores = l.attention->hook_scores(scores);
-    ctx = at::matmul(at::dropout(at::softmax(scores, -1), p, training_), v);
-  }
+  Tensor keep = mask.to(at::kBool).view({B, 1, 1, k.size(2)});
+  Tensor ctx = attend(q, k, v, keep, config_.attention_dropout, training_, *l.attention);  // (B, nh, T, hd)
   ctx = ctx.transpose(1, 2).reshape({B * T, H});
   return u ? ctx.index_select(0, u->index) : ctx.view({B, T, H});  // (N, H) or (B, T, H)
 }
@@ -235,32 +193,6 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   }
   out.hidden = u ? at::zeros({B * S, H}, x.options()).index_copy(0, u->index, x).view({B, S, H}) : x;
   return out;
-}
-
-std::vector<LinearSite*> BertModel::linear_sites() {
-  std::vector<LinearSite*> v;
-  for (auto& s : linears_) v.push_back(s.get());
-  return v;
-}
-std::vector<SublayerSite*> BertModel::sublayer_sites() {
-  std::vector<SublayerSite*> v;
-  for (auto& s : sublayers_) v.push_back(s.get());
-  return v;
-}
-std::vector<AttentionSite*> BertModel::attention_sites() {
-  std::vector<AttentionSite*> v;
-  for (auto& s : attentions_) v.push_back(s.get());
-  return v;
-}
-std::vector<LayerSite*> BertModel::layer_sites() {
-  std::vector<LayerSite*> v;
-  for (auto& s : layer_sites_) v.push_back(s.get());
-  return v;
-}
-std::vector<ParameterSite*> BertModel::parameter_sites() {
-  std::vector<ParameterSite*> v;
-  for (auto& s : params_) v.push_back(s.get());
-  return v;
 }
 
 }  // namespace tessera

@@ -12,7 +12,7 @@
 //   h2 = LayerNorm(h1 + m)
 #pragma once
 
-#include <tessera/model_view.h>
+#include "model/site_model.h"
 
 #include <map>
 #include <memory>
@@ -36,25 +36,14 @@ struct Encoded {
   std::int64_t prompt_length = 0;  // P
 };
 
-class BertModel final : public ModelView {
+class BertModel final : public SiteModel {
  public:
   // Loads dir/config.json and dir/model.safetensors, converting to `options` (device,
   // dtype). Missing tensors are an error naming them.
   static std::unique_ptr<BertModel> load(const std::string& dir, c10::TensorOptions options);
 
   Encoded forward(const Tensor& input_ids, const Tensor& attention_mask) const;  // (B, T) each
-  void train(bool on) { training_ = on; }
-  bool training() const override { return training_; }
   const BertConfig& config() const { return config_; }
-  const std::vector<std::string>& ignored_tensors() const { return ignored_; }
-
-  const ModelInfo& info() const override { return info_; }
-  std::vector<LinearSite*> linear_sites() override;
-  std::vector<SublayerSite*> sublayer_sites() override;
-  std::vector<AttentionSite*> attention_sites() override;
-  std::vector<LayerSite*> layer_sites() override;
-  EmbeddingSite* embedding_site() override { return embed_site_.get(); }
-  std::vector<ParameterSite*> parameter_sites() override;
 
  private:
   struct Layer {
@@ -66,8 +55,6 @@ class BertModel final : public ModelView {
     LayerSite* layer;
   };
   BertModel() = default;
-  ParameterSite* param(const std::string& canonical, const std::string& hf, Tensor t);
-  LinearSite* linear(const std::string& canonical, const std::string& hf, ParameterSite* w, ParameterSite* b);
   // Padding tokens dropped: token-wise work runs on (N, H) rows, attention on the padded
   // (B, S) layout rebuilt from `index` (the flat positions of the N real tokens).
   struct Unpadded {
@@ -81,17 +68,8 @@ class BertModel final : public ModelView {
   bool token_wise_only() const;  // no sublayer or layer interventions anywhere
 
   BertConfig config_;
-  ModelInfo info_;
-  bool training_ = false;
-  std::vector<std::unique_ptr<ParameterSite>> params_;
-  std::vector<std::unique_ptr<LinearSite>> linears_;
-  std::vector<std::unique_ptr<SublayerSite>> sublayers_;
-  std::vector<std::unique_ptr<AttentionSite>> attentions_;
-  std::vector<std::unique_ptr<LayerSite>> layer_sites_;
-  std::unique_ptr<EmbeddingSite> embed_site_;
   ParameterSite *word_ = nullptr, *position_ = nullptr, *token_type_ = nullptr, *embed_norm_w_ = nullptr, *embed_norm_b_ = nullptr;
   std::vector<Layer> layers_;
-  std::vector<std::string> ignored_;  // tensors in the file the encoder does not use
 };
 
 }  // namespace tessera

@@ -17,4 +17,17 @@ nlohmann::json read_json_file(const std::string& path) {
   }
 }
 
+std::int64_t json_required_int(const nlohmann::json& j, const std::string& path, const char* key) {
+  if (!j.contains(key) || !j[key].is_number_integer()) throw std::runtime_error(path + ": missing integer '" + key + "'");
+  return j[key].get<std::int64_t>();
+}
+
+std::int64_t json_int_or(const nlohmann::json& j, const char* key, std::int64_t fallback) {
+  return j.contains(key) && j[key].is_number_integer() ? j[key].get<std::int64_t>() : fallback;
+}
+
+double json_number_or(const nlohmann::json& j, const char* key, double fallback) {
+  return j.contains(key) && j[key].is_number() ? j[key].get<double>() : fallback;
+}
+
 }  // namespace tessera

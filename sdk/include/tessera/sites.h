@@ -99,6 +99,10 @@ class LinearSite {
   void remove(const std::string& owner);
 
   Tensor forward(const Tensor& x) const;  // (..., in) -> (..., out), in the order above
+  // Any intervention on the site itself (parameter deltas live on weight() and bias()).
+  bool has_interventions() const {
+    return !weight_deltas_.empty() || !input_scales_.empty() || !output_scales_.empty() || !branches_.empty();
+  }
 
  private:
   std::string name_, hf_path_;

@@ -1,0 +1,15 @@
+// The attention core every architecture shares: softmax(QKᵀ/√d + mask) V, through
+// at::scaled_dot_product_attention unless the attention site has score hooks (which must
+// see the scores before the softmax).
+#pragma once
+
+#include <tessera/sites.h>
+
+namespace tessera {
+
+// q (B, nh, T, hd); k, v (B, nh, S, hd); keep broadcastable to (B, nh, T, S), bool, true =
+// attend. Every query row must keep at least one key. Returns (B, nh, T, hd).
+Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& keep, double dropout, bool training,
+              const AttentionSite& site);
+
+}  // namespace tessera
