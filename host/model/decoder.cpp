@@ -1,0 +1,349 @@
+#include "model/decoder.h"
+
+#include "model/attention.h"
+#include "model/checkpoint.h"
+#include "model/json_file.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <filesystem>
+
+namespace tessera {
+namespace {
+
+// Rotary scaling, from `rope_parameters` (transformers ≥ 5) or `rope_theta` + `rope_scaling`.
+RopeConfig rope_from(const nlohmann::json& j, const std::string& path, std::int64_t max_positions) {
+  RopeConfig r;
+  nlohmann::json p = nlohmann::json::object();
+  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+    p = j["rope_parameters"];
+  } else if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
+    p = j["rope_scaling"];
+  }
+  r.theta = json_number_or(p, "rope_theta", json_number_or(j, "rope_theta", r.theta));
+  r.type = p.value("rope_type", p.value("type", std::string("default")));
+  r.factor = json_number_or(p, "factor", 1.0);
+  r.low_freq_factor = json_number_or(p, "low_freq_factor", r.low_freq_factor);
+  r.high_freq_factor = json_number_or(p, "high_freq_factor", r.high_freq_factor);
+  r.original_max_positions = json_int_or(p, "original_max_position_embeddings", max_positions);
+  if (r.type != "default" && r.type != "linear" && r.type != "dynamic" && r.type != "llama3")
+    throw std::runtime_error(path + ": rope type '" + r.type + "' is not supported (supported: default, linear, dynamic, llama3)");
+  if (json_number_or(j, "partial_rotary_factor", json_number_or(p, "partial_rotary_factor", 1.0)) != 1.0)
+    throw std::runtime_error(path + ": partial_rotary_factor is not supported");
+  return r;
+}
+
+Tensor rotate_half(const Tensor& x) {  // (…, hd): [x1, x2] -> [-x2, x1]
+  auto halves = x.chunk(2, -1);
+  return at::cat({-halves[1], halves[0]}, -1);
+}
+
+Tensor activate(const std::string& act, const Tensor& x) {
+  if (act == "silu" || act == "swish") return at::silu(x);
+  if (act == "gelu_new" || act == "gelu_pytorch_tanh") return at::gelu(x, "tanh");
+  if (act == "gelu") return at::gelu(x);
+  return at::relu(x);
+}
+
+}  // namespace
+
+DecoderConfig DecoderConfig::from_json_file(const std::string& path) {
+  const nlohmann::json j = read_json_file(path);
+  DecoderConfig c;
+  c.model_type = j.value("model_type", "");
+  const bool llama_like = c.model_type == "llama" || c.model_type == "mistral" || c.model_type == "qwen2";
+  c.gpt2 = c.model_type == "gpt2";
+  if (!c.gpt2 && !llama_like)
+    throw std::runtime_error(path + ": model_type '" + c.model_type + "' is not a supported decoder (supported: gpt2, llama, mistral, qwen2)");
+  if (c.gpt2) {
+    c.vocab_size = json_required_int(j, path, "vocab_size");
+    c.hidden_size = json_required_int(j, path, "n_embd");
+    c.num_layers = json_required_int(j, path, "n_layer");
+    c.num_heads = json_required_int(j, path, "n_head");
+    c.num_kv_heads = c.num_heads;
+    c.intermediate_size = json_int_or(j, "n_inner", 4 * c.hidden_size);
+    c.max_positions = json_required_int(j, path, "n_positions");
+    c.norm_eps = json_number_or(j, "layer_norm_epsilon", 1e-5);
+    c.activation = j.value("activation_function", "gelu_new");
+    c.hidden_dropout = json_number_or(j, "resid_pdrop", 0.1);
+    c.embed_dropout = json_number_or(j, "embd_pdrop", 0.1);
+    c.attention_dropout = json_number_or(j, "attn_pdrop", 0.1);
+    c.qkv_bias = c.o_bias = c.mlp_bias = true;
+    if (j.value("scale_attn_by_inverse_layer_idx", false)) throw std::runtime_error(path + ": scale_attn_by_inverse_layer_idx is not supported");
+    if (!j.value("scale_attn_weights", true)) throw std::runtime_error(path + ": scale_attn_weights = false is not supported");
+  } else {
+    c.vocab_size = json_required_int(j, path, "vocab_size");
+    c.hidden_size = json_required_int(j, path, "hidden_size");
+    c.num_layers = json_required_int(j, path, "num_hidden_layers");
+    c.num_heads = json_required_int(j, path, "num_attention_heads");
+    c.num_kv_heads = json_int_or(j, "num_key_value_heads", c.num_heads);
+    c.intermediate_size = json_required_int(j, path, "intermediate_size");
+    c.max_positions = json_required_int(j, path, "max_position_embeddings");
+    c.norm_eps = json_number_or(j, "rms_norm_eps", 1e-6);
+    c.activation = j.value("hidden_act", "silu");
+    c.attention_dropout = json_number_or(j, "attention_dropout", 0.0);
+    // Qwen2 always has q/k/v biases; LLaMA's attention_bias covers q, k, v and o.
+    c.qkv_bias = c.model_type == "qwen2" || j.value("attention_bias", false);
+    c.o_bias = c.model_type != "qwen2" && j.value("attention_bias", false);
+    c.mlp_bias = j.value("mlp_bias", false);
+    c.rope = rope_from(j, path, c.max_positions);
+    const bool window = c.model_type != "qwen2" || j.value("use_sliding_window", false);
+    c.sliding_window = window ? json_int_or(j, "sliding_window", 0) : 0;
+  }
+  c.head_dim = json_int_or(j, "head_dim", c.hidden_size / c.num_heads);
+  if (c.gpt2 && c.hidden_size % c.num_heads != 0) throw std::runtime_error(path + ": n_embd is not a multiple of n_head");
+  if (c.num_heads % c.num_kv_heads != 0) throw std::runtime_error(path + ": num_attention_heads is not a multiple of num_key_value_heads");
+  const std::string act = c.activation;
+  if (act != "silu" && act != "swish" && act != "gelu_new" && act != "gelu_pytorch_tanh" && act != "gelu" && act != "relu")
+    throw std::runtime_error(path + ": activation '" + act + "' is not supported");
+  c.tie_word_embeddings = j.value("tie_word_embeddings", c.gpt2);
+  // Per layer: does it use the sliding window? (`layer_types` where the config has it.)
+  c.sliding_layers.assign(static_cast<std::size_t>(c.num_layers), c.sliding_window > 0);
+  if (c.sliding_window > 0 && j.contains("layer_types") && j["layer_types"].is_array() &&
+      j["layer_types"].size() == c.sliding_layers.size())
+    for (std::size_t i = 0; i < c.sliding_layers.size(); ++i) c.sliding_layers[i] = j["layer_types"][i] == "sliding_attention";
+  c.bos_token_id = json_int_or(j, "bos_token_id", -1);
+  c.pad_token_id = json_int_or(j, "pad_token_id", -1);
+  if (j.contains("eos_token_id") && j["eos_token_id"].is_number_integer()) c.eos_token_ids = {j["eos_token_id"].get<std::int64_t>()};
+  if (j.contains("eos_token_id") && j["eos_token_id"].is_array())
+    for (const auto& e : j["eos_token_id"]) c.eos_token_ids.push_back(e.get<std::int64_t>());
+  return c;
+}
+
+std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::TensorOptions options) {
+  namespace fs = std::filesystem;
+  std::unique_ptr<DecoderModel> m(new DecoderModel());
+  m->config_ = DecoderConfig::from_json_file((fs::path(dir) / "config.json").string());
+  const auto& c = m->config_;
+  Checkpoint file = Checkpoint::open(dir);
+  // *ForCausalLM checkpoints nest the body under transformer. (GPT-2) or model. (LLaMA).
+  const std::string body = c.gpt2 ? "transformer." : "model.";
+  const std::string P = file.contains(body + (c.gpt2 ? "wte.weight" : "embed_tokens.weight")) ? body : "";
+  const auto H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size, hd = c.head_dim;
+  const auto nq = c.num_heads * hd, nkv = c.num_kv_heads * hd;
+  // A tensor under its canonical and HF names; GPT-2's Conv1D stores (in, out), so it is
+  // transposed (a view) to the (out, in) every linear site uses.
+  auto tensor = [&](const std::string& canonical, const std::string& hf, std::vector<int64_t> shape, bool conv1d = false) {
+    if (conv1d) std::swap(shape[0], shape[1]);
+    Tensor t = file.take(P + hf, shape, options);
+    return m->param(canonical, P + hf, conv1d && t.defined() ? t.t() : t);
+  };
+  const std::string word = c.gpt2 ? "wte" : "embed_tokens";
+  m->word_ = tensor("embed.word.weight", word + ".weight", {V, H});
+  if (c.gpt2) m->position_ = tensor("embed.position.weight", "wpe.weight", {c.max_positions, H});
+  m->embed_site_ = std::make_unique<EmbeddingSite>("embed", P + word, H);
+
+  for (std::int64_t i = 0; i < c.num_layers; ++i) {
+    const std::string cn = "layers." + std::to_string(i), hf = (c.gpt2 ? "h." : "layers.") + std::to_string(i);
+    auto lin = [&](const std::string& cname, const std::string& hname, std::int64_t out, std::int64_t in, bool bias) {
+      auto* w = tensor(cn + "." + cname + ".weight", hf + "." + hname + ".weight", {out, in}, c.gpt2);
+      auto* b = bias ? tensor(cn + "." + cname + ".bias", hf + "." + hname + ".bias", {out}) : nullptr;
+      return m->linear(cn + "." + cname, P + hf + "." + hname, w, b);
+    };
+    Layer l{};
+    if (c.gpt2) {
+      l.qkv = lin("attn.qkv", "attn.c_attn", 3 * H, H, true);
+      // q, k, v: row blocks of the fused weight, under HF paths no PEFT target matches.
+      LinearSite** slots[] = {&l.q, &l.k, &l.v};
+      for (std::int64_t k = 0; k < 3; ++k) {
+        const std::string name(1, "qkv"[k]);
+        auto view = [&](ParameterSite* whole, const char* what) {
+          Tensor part = whole->base().defined() ? whole->base().narrow(0, k * H, H) : Tensor();
+          return own(m->views_, cn + ".attn." + name + "." + what, whole->hf_name() + "[" + name + "]", part);
+        };
+        *slots[k] = m->linear(cn + ".attn." + name, P + hf + ".attn.c_attn." + name, view(&l.qkv->weight(), "weight"), view(l.qkv->bias(), "bias"));
+      }
+      l.o = lin("attn.o", "attn.c_proj", H, H, true);
+      l.up = lin("mlp.up", "mlp.c_fc", I, H, true);
+      l.down = lin("mlp.down", "mlp.c_proj", H, I, true);
+      l.norm1_w = tensor(cn + ".attn.norm.weight", hf + ".ln_1.weight", {H});
+      l.norm1_b = tensor(cn + ".attn.norm.bias", hf + ".ln_1.bias", {H});
+      l.norm2_w = tensor(cn + ".mlp.norm.weight", hf + ".ln_2.weight", {H});
+      l.norm2_b = tensor(cn + ".mlp.norm.bias", hf + ".ln_2.bias", {H});
+    } else {
+      l.q = lin("attn.q", "self_attn.q_proj", nq, H, c.qkv_bias);
+      l.k = lin("attn.k", "self_attn.k_proj", nkv, H, c.qkv_bias);
+      l.v = lin("attn.v", "self_attn.v_proj", nkv, H, c.qkv_bias);
+      l.o = lin("attn.o", "self_attn.o_proj", H, nq, c.o_bias);
+      l.gate = lin("mlp.gate", "mlp.gate_proj", I, H, c.mlp_bias);
+      l.up = lin("mlp.up", "mlp.up_proj", I, H, c.mlp_bias);
+      l.down = lin("mlp.down", "mlp.down_proj", H, I, c.mlp_bias);
+      l.norm1_w = tensor(cn + ".attn.norm.weight", hf + ".input_layernorm.weight", {H});
+      l.norm2_w = tensor(cn + ".mlp.norm.weight", hf + ".post_attention_layernorm.weight", {H});
+    }
+    l.attn = m->sublayer(cn + ".attn", P + hf + (c.gpt2 ? ".attn" : ".self_attn"), H);
+    l.mlp = m->sublayer(cn + ".mlp", P + hf + ".mlp", H);
+    // Prefix keys and values are per key/value head (grouped-query attention shares them).
+    l.attention = m->attention_site(cn + ".attn", P + hf + (c.gpt2 ? ".attn" : ".self_attn"), c.num_kv_heads, hd);
+    l.layer = m->layer_site(cn, P + hf, i);
+    l.sliding = c.sliding_layers[static_cast<std::size_t>(i)];
+    m->layers_.push_back(l);
+  }
+  m->final_w_ = tensor("norm.weight", c.gpt2 ? "ln_f.weight" : "norm.weight", {H});
+  if (c.gpt2) m->final_b_ = tensor("norm.bias", "ln_f.bias", {H});
+  // A tied head shares the embedding's parameter site: one tensor, one set of deltas.
+  ParameterSite* head_w = m->word_;
+  if (!c.tie_word_embeddings) head_w = m->param("head.weight", "lm_head.weight", file.take("lm_head.weight", {V, H}, options));
+  m->head_ = m->linear("head", "lm_head", head_w, nullptr);
+  m->ignored_ = file.finish();
+
+  if (!c.gpt2) {
+    // inv_freq_j = θ^(−2j/hd), in f32 as transformers computes it, then rescaled.
+    Tensor inv = 1.0 / at::pow(c.rope.theta, at::arange(0, hd, 2, at::kLong).to(at::kFloat) / static_cast<double>(hd));
+    const auto& r = c.rope;
+    if (r.type == "linear") inv = inv / r.factor;
+    if (r.type == "llama3") {  // Llama 3.1: long wavelengths slowed by `factor`, a smooth blend between
+      const double old_len = static_cast<double>(r.original_max_positions);
+      const double low_wavelen = old_len / r.low_freq_factor, high_wavelen = old_len / r.high_freq_factor;
+      Tensor wavelen = 2 * M_PI / inv;
+      Tensor scaled = at::where(wavelen > low_wavelen, inv / r.factor, inv);
+      Tensor smooth = (old_len / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+      Tensor blended = (1 - smooth) * scaled / r.factor + smooth * scaled;
+      Tensor medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
+      inv = at::where(medium, blended, scaled);
+    }
+    m->inv_freq_ = inv.to(options.dtype(at::kFloat));
+  }
+  m->info_.architecture = c.model_type;
+  m->info_.hidden_size = H;
+  m->info_.num_layers = c.num_layers;
+  m->info_.num_heads = c.num_heads;
+  m->info_.intermediate_size = I;
+  m->info_.vocab_size = V;
+  m->info_.options = options.requires_grad(false);
+  m->info_.param_options = options.dtype(at::kFloat).requires_grad(false);
+  return m;
+}
+
+std::pair<Tensor, Tensor> DecoderModel::rope_tables(const Tensor& positions, c10::ScalarType dtype) const {
+  // positions (B, T) -> cos, sin (B, 1, T, hd)
+  Tensor inv = inv_freq_;
+  const auto& r = config_.rope;
+  if (r.type == "dynamic") {
+    // NTK-aware: past the trained length the base grows with the sequence seen so far.
+    const double seq = static_cast<double>(positions.max().item<std::int64_t>() + 1), trained = static_cast<double>(config_.max_positions);
+    if (seq > trained) {
+      const double d = static_cast<double>(config_.head_dim);
+      const double base = r.theta * std::pow(r.factor * seq / trained - (r.factor - 1), d / (d - 2));
+      inv = 1.0 / at::pow(base, at::arange(0, config_.head_dim, 2, at::kLong).to(inv.options()) / d);
+    }
+  }
+  Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv;  // (B, T, hd/2)
+  Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);        // (B, 1, T, hd)
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+Tensor DecoderModel::norm(const Tensor& x, ParameterSite* w, ParameterSite* b) const {
+  if (config_.gpt2) return at::layer_norm(x, {config_.hidden_size}, w->value(), b->value(), config_.norm_eps);
+  // RMSNorm in f32, then back to the compute dtype before the weight (as transformers does).
+  Tensor xf = x.to(at::kFloat);
+  xf = xf * at::rsqrt(xf.pow(2).mean(-1, true) + config_.norm_eps);
+  return w->value() * xf.to(x.scalar_type());
+}
+
+Tensor DecoderModel::mlp(const Layer& l, const Tensor& x) const {
+  if (l.gate) return l.down->forward(activate(config_.activation, l.gate->forward(x)) * l.up->forward(x));
+  return l.down->forward(activate(config_.activation, l.up->forward(x)));
+}
+
+Tensor DecoderModel::attention(const Layer& l, std::size_t index, const Tensor& x, const Tensor& positions,
+                               const Tensor& key_mask, const std::pair<Tensor, Tensor>& rope, KVCache* cache) const {
+  // x (B, T, H); key_mask (B, S) over [prefix | cache | new]; returns (B, T, H)
+  const auto B = x.size(0), T = x.size(1), nh = config_.num_heads, kvh = config_.num_kv_heads, hd = config_.head_dim;
+  Tensor q, k, v;
+  const bool split = l.q->has_interventions() || l.k->has_interventions() || l.v->has_interventions() ||
+                     l.q->weight().has_deltas() || l.k->weight().has_deltas() || l.v->weight().has_deltas() ||
+                     (l.q->bias() && (l.q->bias()->has_deltas() || l.k->bias()->has_deltas() || l.v->bias()->has_deltas()));
+  if (l.qkv && split && (l.qkv->has_interventions() || l.qkv->weight().has_deltas() || l.qkv->bias()->has_deltas()))
+    throw std::runtime_error(l.qkv->name() + " and its split sites " + l.q->name() + "/k/v both have interventions; the fused c_attn is used whole or split, not both in one layer");
+  if (l.qkv && !split) {
+    auto parts = l.qkv->forward(x).split(nh * hd, -1);
+    q = parts[0], k = parts[1], v = parts[2];
+  } else {
+    q = l.q->forward(x), k = l.k->forward(x), v = l.v->forward(x);
+  }
+  q = q.view({B, T, nh, hd}).transpose(1, 2);   // (B, nh, T, hd)
+  k = k.view({B, T, kvh, hd}).transpose(1, 2);  // (B, kvh, T, hd)
+  v = v.view({B, T, kvh, hd}).transpose(1, 2);
+  if (rope.first.defined()) {
+    q = q * rope.first + rotate_half(q) * rope.second;
+    k = k * rope.first + rotate_half(k) * rope.second;
+  }
+  // Keys: [prefix (first call only) | cached | new].
+  const bool first = cache == nullptr || cache->k.size() <= index || !cache->k[index].defined();
+  if (first) {
+    auto prefix = l.attention->prefix(B);
+    if (prefix.first.defined()) {
+      k = at::cat({prefix.first.to(k.dtype()), k}, 2);
+      v = at::cat({prefix.second.to(v.dtype()), v}, 2);
+    }
+  } else {
+    k = at::cat({cache->k[index], k}, 2);
+    v = at::cat({cache->v[index], v}, 2);
+  }
+  if (cache) {
+    if (cache->k.size() <= index) cache->k.resize(index + 1), cache->v.resize(index + 1);
+    cache->k[index] = k, cache->v[index] = v;
+  }
+  const auto S = k.size(2);
+  if (key_mask.size(1) != S) throw std::runtime_error(l.attention->name() + ": attention prefixes of different lengths are not supported in a decoder");
+  // Query t sits at key index S − T + t: it sees real keys not after itself (and within
+  // the sliding window), and always itself, so a padding row is never empty.
+  Tensor qpos = at::arange(S - T, S, positions.options()).view({T, 1}), kpos = at::arange(S, positions.options()).view({1, S});
+  Tensor visible = kpos <= qpos;
+  if (l.sliding) visible = visible.logical_and(qpos - kpos < config_.sliding_window);
+  Tensor keep = key_mask.to(at::kBool).view({B, 1, 1, S}).logical_and(visible).logical_or(kpos == qpos);  // (B, 1, T, S)
+  if (kvh != nh) {  // grouped-query attention: each key/value head serves nh / kvh query heads
+    k = k.repeat_interleave(nh / kvh, 1);
+    v = v.repeat_interleave(nh / kvh, 1);
+  }
+  Tensor ctx = attend(q, k, v, keep, config_.attention_dropout, training_, *l.attention);  // (B, nh, T, hd)
+  return l.o->forward(ctx.transpose(1, 2).reshape({B, T, nh * hd}));
+}
+
+Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cache) const {
+  // ids, mask: (B, T)
+  const bool first = cache == nullptr || cache->length() == 0;
+  Tensor x = at::embedding(word_->value(), ids);  // (B, T, H)
+  std::int64_t prompt = 0;
+  if (first) x = embed_site_->prepend(x, &prompt);  // (B, P + T, H)
+  const auto B = x.size(0), T = x.size(1);
+  Tensor new_mask = prompt > 0 ? at::cat({at::ones({B, prompt}, mask.options()), mask}, 1) : mask;
+  // Prefix keys count as earlier tokens: positions continue after them, as transformers
+  // does for past key values.
+  Tensor past;
+  if (!first) {
+    past = cache->mask;
+  } else {
+    const auto prefix = layers_.empty() ? std::pair<Tensor, Tensor>{} : layers_[0].attention->prefix(B);
+    past = at::ones({B, prefix.first.defined() ? prefix.first.size(2) : 0}, mask.options());
+  }
+  Tensor key_mask = at::cat({past, new_mask}, 1);  // (B, S)
+  Tensor positions = (at::cumsum(key_mask, 1) - 1).clamp_min(0).narrow(1, key_mask.size(1) - T, T);  // (B, T)
+  if (config_.gpt2) {
+    if (positions.max().item<std::int64_t>() >= config_.max_positions)
+      throw std::runtime_error("position " + std::to_string(positions.max().item<std::int64_t>()) + " exceeds n_positions " + std::to_string(config_.max_positions));
+    x = x + at::embedding(position_->value(), positions);
+  }
+  x = at::dropout(x, config_.embed_dropout, training_);
+  const auto rope = config_.gpt2 ? std::pair<Tensor, Tensor>{} : rope_tables(positions, x.scalar_type());
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    const Layer& l = layers_[i];
+    x = l.layer->run(x, [&](const Tensor& h) {
+      Tensor n1 = norm(h, l.norm1_w, l.norm1_b);
+      Tensor a = at::dropout(attention(l, i, n1, positions, key_mask, rope, cache), config_.hidden_dropout, training_);
+      Tensor h1 = h + l.attn->apply(n1, a);
+      Tensor n2 = norm(h1, l.norm2_w, l.norm2_b);
+      Tensor m = at::dropout(mlp(l, n2), config_.hidden_dropout, training_);
+      return h1 + l.mlp->apply(n2, m);
+    });
+  }
+  if (cache) cache->mask = key_mask;
+  return norm(x, final_w_, final_b_);
+}
+
+Tensor DecoderModel::logits(const Tensor& hidden) const { return head_->forward(hidden); }
+
+}  // namespace tessera
