@@ -1,6 +1,7 @@
 #include "model/wordpiece.h"
 
 #include "model/json_file.h"
+#include "model/utf8.h"
 
 #include <nlohmann/json.hpp>
 #include <utf8proc.h>
@@ -14,27 +15,6 @@ namespace tessera {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::u32string decode_utf8(const std::string& s) {
-  std::u32string out;
-  const auto* p = reinterpret_cast<const utf8proc_uint8_t*>(s.data());
-  utf8proc_ssize_t left = static_cast<utf8proc_ssize_t>(s.size());
-  while (left > 0) {
-    utf8proc_int32_t cp = 0;
-    utf8proc_ssize_t n = utf8proc_iterate(p, left, &cp);
-    if (n <= 0) { cp = 0xFFFD; n = 1; }  // invalid byte: the replacement character, as a lossy decoder does
-    out.push_back(static_cast<char32_t>(cp));
-    p += n;
-    left -= n;
-  }
-  return out;
-}
-
-void append_utf8(std::string& out, char32_t cp) {
-  utf8proc_uint8_t buf[4];
-  auto n = utf8proc_encode_char(static_cast<utf8proc_int32_t>(cp), buf);
-  out.append(reinterpret_cast<char*>(buf), static_cast<std::size_t>(n));
-}
 
 utf8proc_category_t category(char32_t c) { return utf8proc_category(static_cast<utf8proc_int32_t>(c)); }
 
@@ -124,6 +104,11 @@ WordPieceTokenizer WordPieceTokenizer::from_directory(const std::string& dir) {
   t.cls_id_ = id_of(cls);
   t.sep_id_ = id_of(sep);
   t.pad_id_ = id_of(pad);
+  for (const auto& [tok, id] : t.vocab_) {
+    if (id < 0) throw std::runtime_error(dir + ": negative id for token " + tok);
+    if (static_cast<std::size_t>(id) >= t.id_to_token_.size()) t.id_to_token_.resize(static_cast<std::size_t>(id) + 1);
+    t.id_to_token_[static_cast<std::size_t>(id)] = tok;
+  }
   return t;
 }
 
@@ -220,15 +205,29 @@ std::vector<std::string> WordPieceTokenizer::tokenize(const std::string& text) c
   return pieces;
 }
 
-std::vector<std::int64_t> WordPieceTokenizer::encode(const std::string& text, std::size_t max_length) const {
+std::vector<std::int64_t> WordPieceTokenizer::encode(const std::string& text, std::size_t max_length, bool add_special) const {
   std::vector<std::int64_t> body = ids_of(text, nullptr);
-  if (max_length >= 2 && body.size() > max_length - 2) body.resize(max_length - 2);
+  const std::size_t extra = add_special ? 2 : 0;
+  if (max_length > extra && body.size() > max_length - extra) body.resize(max_length - extra);
+  if (!add_special) return body;
   std::vector<std::int64_t> ids;
   ids.reserve(body.size() + 2);
   ids.push_back(cls_id_);
   ids.insert(ids.end(), body.begin(), body.end());
   ids.push_back(sep_id_);
   return ids;
+}
+
+std::string WordPieceTokenizer::decode(const std::vector<std::int64_t>& ids) const {
+  std::string text;
+  for (auto id : ids) {
+    if (id < 0 || static_cast<std::size_t>(id) >= id_to_token_.size()) throw std::runtime_error("token id " + std::to_string(id) + " is outside the vocabulary");
+    if (id == cls_id_ || id == sep_id_ || id == pad_id_) continue;
+    const std::string& piece = id_to_token_[static_cast<std::size_t>(id)];
+    if (piece.compare(0, prefix_.size(), prefix_) == 0) text += piece.substr(prefix_.size());
+    else text += (text.empty() ? "" : " ") + piece;
+  }
+  return text;
 }
 
 }  // namespace tessera

@@ -22,7 +22,9 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   const auto opts = options_for(config_.model);
   model_ = BertModel::load(config_.model.path, opts);
   for (const auto& n : model_->ignored_tensors()) spdlog::debug("checkpoint tensor {} is not used by the encoder", n);
-  tokenizer_ = std::make_unique<WordPieceTokenizer>(WordPieceTokenizer::from_directory(config_.model.path));
+  tokenizer_ = load_tokenizer(config_.model.path);
+  // Padding never reaches a real token's output; its id only has to be in range.
+  pad_id_ = tokenizer_->pad_id() >= 0 ? tokenizer_->pad_id() : std::max<std::int64_t>(model_->config().pad_token_id, 0);
   data_ = load_dataset(config_.data);
   for (const auto& e : data_.train) train_ids_.push_back(tokenizer_->encode(e.text, static_cast<std::size_t>(config_.data.max_length)));
   for (const auto& e : data_.test) test_ids_.push_back(tokenizer_->encode(e.text, static_cast<std::size_t>(config_.data.max_length)));
@@ -61,7 +63,7 @@ Batch Session::batch(Split which, const std::vector<std::size_t>& order, std::si
   for (std::size_t i = begin; i < end; ++i) T = std::max(T, all_ids[order[i]].size());
   const auto B = static_cast<std::int64_t>(end - begin);
   Batch b;
-  b.ids = at::full({B, static_cast<std::int64_t>(T)}, tokenizer_->pad_id(), at::kLong);
+  b.ids = at::full({B, static_cast<std::int64_t>(T)}, pad_id_, at::kLong);
   b.mask = at::zeros({B, static_cast<std::int64_t>(T)}, at::kLong);
   b.labels = at::empty({B}, at::kLong);
   auto ids_a = b.ids.accessor<std::int64_t, 2>();

@@ -4,7 +4,7 @@
 #pragma once
 
 #include "model/bert.h"
-#include "model/wordpiece.h"
+#include "model/tokenizer.h"
 #include "runtime/config.h"
 #include "runtime/plugin_registry.h"
 #include "train/dataset.h"
@@ -53,7 +53,8 @@ class Session {
  private:
   Config config_;
   std::unique_ptr<BertModel> model_;
-  std::unique_ptr<WordPieceTokenizer> tokenizer_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::int64_t pad_id_ = 0;
   Dataset data_;
   std::vector<std::vector<std::int64_t>> train_ids_, test_ids_;
   std::vector<std::unique_ptr<MethodInstance>> methods_;

@@ -1,0 +1,80 @@
+// Byte-pair encoding (Sennrich et al. 2016) as a Hugging Face `tokenizer.json` describes
+// it, equal to the `tokenizers` library id for id. The pipeline, per text:
+//
+//   1. added tokens (<s>, <|endoftext|> …) are cut out of the raw text first;
+//   2. each remaining segment is normalized (NFC/NFD/NFKC/NFKD, Lowercase, Prepend, Replace);
+//   3. pre-tokenized into pieces: Split by a regex (PCRE2 with Unicode properties runs the
+//      file's own pattern), ByteLevel (GPT-2's regex, bytes mapped to printable code
+//      points), Metaspace (spaces become ▁), Digits;
+//   4. each piece is merged by rank; unknown characters become <0xXX> byte tokens when
+//      the model has byte_fallback, else the unknown token;
+//   5. the post-processor's template adds BOS/EOS/CLS/SEP.
+//
+// Decoding runs the file's decoder chain (ByteLevel, Replace, ByteFallback, Fuse, Strip,
+// Metaspace). Models with continuing_subword_prefix or end_of_word_suffix are refused.
+#pragma once
+
+#include "model/tokenizer.h"
+
+#include <nlohmann/json_fwd.hpp>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace tessera {
+
+class BpeTokenizer final : public Tokenizer {
+ public:
+  // j: the parsed tokenizer.json; path names it in errors.
+  BpeTokenizer(const nlohmann::json& j, const std::string& path);
+  ~BpeTokenizer() override;
+
+  std::vector<std::int64_t> encode(const std::string& text, std::size_t max_length = 0, bool add_special = true) const override;
+  std::string decode(const std::vector<std::int64_t>& ids) const override;
+  std::int64_t pad_id() const override { return pad_id_; }
+  std::size_t vocab_size() const override { return id_to_token_.size(); }
+  // The token strings of `text`, without template tokens (for tests and inspection).
+  std::vector<std::string> tokenize(const std::string& text) const;
+
+  struct Regex;  // a compiled PCRE2 pattern
+  struct Step {  // one normalizer, pre-tokenizer or decoder step, as the file names it
+    std::string type;
+    std::string a, b;                    // Prepend/Replace/Metaspace/Strip strings
+    std::shared_ptr<const Regex> regex;  // Split, Replace with a Regex pattern
+    std::string behavior;                // Split: isolated | removed | merged_with_previous | merged_with_next
+    bool flag = false;                   // ByteLevel add_prefix_space, Metaspace split, Digits individual_digits
+    bool use_regex = true;               // ByteLevel
+    std::string scheme = "always";       // Metaspace prepend_scheme
+    std::int64_t start = 0, stop = 0;    // Strip
+  };
+
+ private:
+  struct Added {
+    std::string content;
+    std::int64_t id;
+    bool special, lstrip, rstrip;
+  };
+  struct Template {  // what the post-processor wraps around the sequence
+    std::vector<std::int64_t> before, after;
+  };
+  std::string normalize(std::string s) const;
+  std::vector<std::string> pre_tokenize(const std::string& s, bool first_segment) const;
+  void bpe(const std::string& piece, std::vector<std::int64_t>& out) const;
+  std::vector<std::int64_t> ids_of(const std::string& text) const;
+
+  std::unordered_map<std::string, std::int64_t> vocab_;
+  std::vector<std::string> id_to_token_;
+  std::unordered_map<std::uint64_t, std::pair<std::int64_t, std::int64_t>> merges_;  // (a, b) -> (rank, merged id)
+  std::vector<Added> added_;                                                         // longest content first
+  std::vector<bool> special_;                                                        // per id: a special added token
+  std::vector<Step> normalizers_, pre_tokenizers_, decoders_;
+  Template template_;
+  std::int64_t unk_id_ = -1, pad_id_ = -1;
+  bool byte_fallback_ = false, fuse_unk_ = false, ignore_merges_ = false;
+  std::int64_t byte_ids_[256];  // <0xXX> token ids for byte fallback (-1 if absent)
+};
+
+}  // namespace tessera

@@ -1,0 +1,48 @@
+// BPE tokenizers of every supported shape against the `tokenizers` library, on a
+// multi-language sample (fixtures/make_tokenizers.py trains them on the real corpus).
+#include "support.h"
+
+#include "model/bpe.h"
+#include "model/tokenizer.h"
+
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+
+using namespace tessera;
+
+CATCH_TEST_CASE("BPE tokenizers equal the tokenizers library id for id, and decode alike", "[model][tokenizer]") {
+  nlohmann::json all;
+  std::ifstream(test::fixture("tokenizers/cases.json")) >> all;
+  CATCH_REQUIRE(all.size() == 6);
+  for (const auto& [name, cases] : all.items()) {
+    auto tok = load_tokenizer(test::fixture("tokenizers/" + name));
+    CATCH_REQUIRE(dynamic_cast<BpeTokenizer*>(tok.get()) != nullptr);
+    std::size_t equal = 0, decoded = 0;
+    for (const auto& c : cases) {
+      const auto text = c["text"].get<std::string>();
+      const auto expected = c["ids"].get<std::vector<std::int64_t>>();
+      const auto ids = tok->encode(text);
+      CATCH_INFO(name << ": " << text);
+      CATCH_CHECK(ids == expected);
+      CATCH_CHECK(tok->encode(text, 16) == c["ids_16"].get<std::vector<std::int64_t>>());
+      CATCH_CHECK(tok->decode(expected) == c["decoded"].get<std::string>());
+      equal += ids == expected;
+      decoded += tok->decode(expected) == c["decoded"].get<std::string>();
+    }
+    CATCH_INFO(name << ": " << equal << "/" << cases.size() << " encoded, " << decoded << " decoded equal");
+    CATCH_CHECK(equal == cases.size());
+  }
+}
+
+CATCH_TEST_CASE("tokenizer directories that cannot be read are refused with the reason", "[model][tokenizer]") {
+  auto dir = test::temp_dir("tokenizer-bad");
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("no tokenizer.json"));
+  std::ofstream((dir / "tokenizer.json").string()) << R"({"model": {"type": "Unigram", "vocab": []}})";
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("tokenizer model 'Unigram' is not supported"));
+  std::ofstream((dir / "tokenizer.json").string()) << R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}})";
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("merge 'a b' uses a token missing"));
+  std::ofstream((dir / "tokenizer.json").string()) << R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+    "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(unclosed"}, "behavior": "Isolated", "invert": false}})";
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("does not compile"));
+}
