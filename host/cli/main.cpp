@@ -1,6 +1,10 @@
-// The `tessera` binary: `plugins`, `train`, `eval`. Any error ends in one line on stderr
-// and a non-zero exit; nothing a plugin or a file does aborts the host.
+// The `tessera` binary: `plugins`, `train`, `eval`, `generate`. Any error ends in one
+// line on stderr and a non-zero exit; nothing a plugin or a file does aborts the host.
+#include "model/decoder.h"
+#include "model/generate.h"
 #include "model/safetensors.h"
+#include "model/tokenizer.h"
+#include "runtime/peft_import.h"
 #include "runtime/config.h"
 #include "runtime/plugin_registry.h"
 #include "train/progress.h"
@@ -59,12 +63,31 @@ std::string report(const Config& c, const TrainResult& r, const std::vector<std:
   o << "\n- methods:";
   if (c.methods.empty()) o << " none (task head only)";
   for (const auto& m : c.methods) o << " `" << m.name << "` (" << m.plugin << ")";
-  o << "\n\n| metric | value |\n|---|---|\n"
-    << "| test accuracy | " << r.test.accuracy << " |\n| test loss | " << r.test.loss << " |\n"
+  o << "\n\n| metric | value |\n|---|---|\n";
+  if (c.task.kind == "causal-lm")
+    o << "| test perplexity | " << r.test.perplexity << " |\n| next-token accuracy | " << r.test.accuracy << " |\n"
+      << "| test loss (per token) | " << r.test.loss << " |\n| test tokens | " << r.test.tokens << " |\n";
+  else
+    o << "| test accuracy | " << r.test.accuracy << " |\n| test loss | " << r.test.loss << " |\n";
+  o
     << "| trainable parameters | " << r.trainable << " (" << 100.0 * static_cast<double>(r.trainable) / static_cast<double>(r.base) << "% of " << r.base << ") |\n"
     << "| optimizer steps | " << r.steps << " |\n| wall time | " << format_duration(r.seconds) << " |\n"
     << "| examples/s (training) | " << r.examples_per_s << " |\n";
   return o.str();
+}
+
+// A method instance attached to `model` with the given state: from a PEFT adapter
+// directory, or from a run's config and adapter directory.
+std::unique_ptr<MethodInstance> attach_with_state(const PluginRegistry& reg, const MethodConfig& mc, ModelView& model,
+                                                  const std::string& state_file) {
+  auto inst = reg.create(mc.plugin, mc.name);
+  AttachContext ctx{mc.name, mc.targets, mc.checked, model};
+  inst->call("attach", [&](Method& m) { m.attach(ctx); });
+  auto file = SafetensorsFile::open(state_file);
+  NamedTensors state;
+  for (const auto& n : file->names()) state[n] = file->tensor(n);
+  inst->call("load_state", [&](Method& m) { m.load_state(state); });
+  return inst;
 }
 
 }  // namespace
@@ -88,6 +111,21 @@ int main(int argc, char** argv) {
   eval_cmd->add_option("run_dir", eval_dir, "run directory written by `tessera train`")->required()->check(CLI::ExistingDirectory);
   eval_cmd->add_option("--threads", threads, "override [train] threads");
 
+  auto* gen_cmd = app.add_subcommand("generate", "continue a prompt with a decoder: greedy, or sampled with --sample");
+  std::string gen_model, gen_run, gen_peft, prompt;
+  GenerateOptions gen;
+  gen_cmd->add_option("prompt", prompt, "text to continue")->required();
+  gen_cmd->add_option("--model", gen_model, "Hugging Face model directory")->check(CLI::ExistingDirectory);
+  gen_cmd->add_option("--run", gen_run, "run directory of a causal-lm `tessera train`: its model and adapter")->check(CLI::ExistingDirectory);
+  gen_cmd->add_option("--peft", gen_peft, "Hugging Face PEFT adapter directory to apply")->check(CLI::ExistingDirectory);
+  gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "tokens to generate (default 32)")->check(CLI::PositiveNumber);
+  gen_cmd->add_flag("--sample", gen.sample, "sample instead of taking the most likely token");
+  gen_cmd->add_option("--temperature", gen.temperature, "sampling temperature (default 1)")->check(CLI::PositiveNumber);
+  gen_cmd->add_option("--top-k", gen.top_k, "keep the k most likely tokens (0 = all)");
+  gen_cmd->add_option("--top-p", gen.top_p, "keep the most likely tokens up to this mass (1 = all)")->check(CLI::Range(0.0, 1.0));
+  gen_cmd->add_option("--seed", gen.seed, "sampling seed");
+  gen_cmd->add_option("--threads", threads, "intra-op threads (default: every processor)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -105,6 +143,34 @@ int main(int argc, char** argv) {
       print_plugins(registry);
       return 0;
     }
+    if (*gen_cmd) {
+      set_threads(threads >= 0 ? threads : 0);
+      std::vector<MethodConfig> methods;
+      std::vector<std::string> states;
+      std::string dtype = "f32", device = "cpu";
+      if (!gen_run.empty()) {
+        Config rc = load_config((fs::path(gen_run) / "config.toml").string());
+        check_methods(rc, registry);
+        if (rc.task.kind != "causal-lm") throw std::runtime_error(gen_run + ": not a causal-lm run (task kind '" + rc.task.kind + "')");
+        gen_model = rc.model.path, dtype = rc.model.dtype, device = rc.model.device;
+        for (const auto& m : rc.methods) methods.push_back(m), states.push_back((fs::path(gen_run) / "adapter" / m.name / "adapter_model.safetensors").string());
+      }
+      if (!gen_peft.empty()) {
+        methods.push_back(method_from_peft_dir(gen_peft, registry, "peft"));
+        states.push_back((fs::path(gen_peft) / "adapter_model.safetensors").string());
+      }
+      if (gen_model.empty()) throw std::runtime_error("generate needs --model or --run");
+      auto model = DecoderModel::load(gen_model, options_for(ModelConfig{gen_model, dtype, device}));
+      auto tokenizer = load_tokenizer(gen_model);
+      std::vector<std::unique_ptr<MethodInstance>> attached;
+      for (std::size_t i = 0; i < methods.size(); ++i) attached.push_back(attach_with_state(registry, methods[i], *model, states[i]));
+      gen.eos_token_ids = model->config().eos_token_ids;
+      gen.pad_token_id = std::max<std::int64_t>(0, model->config().pad_token_id);
+      auto out = generate(*model, {tokenizer->encode(prompt)}, gen);
+      std::cout << prompt << tokenizer->decode(out[0]) << "\n";
+      for (auto& m : attached) m->call("detach", [&](Method& x) { x.detach(*model); });
+      return 0;
+    }
     if (*eval_cmd) config_path = (fs::path(eval_dir) / "config.toml").string();
     Config config = load_config(config_path);
     check_methods(config, registry);
@@ -119,10 +185,13 @@ int main(int argc, char** argv) {
       Session session(config, registry);
       TrainResult r = train(session, run_dir);
       nlohmann::json result = {{"test_accuracy", r.test.accuracy}, {"test_loss", r.test.loss}, {"test_examples", r.test.examples},
+                               {"task", config.task.kind},
                                {"trainable_parameters", r.trainable}, {"base_parameters", r.base}, {"steps", r.steps},
                                {"seconds", r.seconds}, {"examples_per_s", r.examples_per_s}};
+      if (session.causal()) result["test_perplexity"] = r.test.perplexity, result["test_tokens"] = r.test.tokens;
       write_file_atomic((fs::path(run_dir) / "result.json").string(), result.dump(2) + "\n");
       write_file_atomic((fs::path(run_dir) / "report.md").string(), report(config, r, session.data().label_names));
+      if (session.causal()) std::printf("test perplexity %.3f (next-token accuracy %.4f) on %lld tokens; ", r.test.perplexity, r.test.accuracy, static_cast<long long>(r.test.tokens));
       std::printf("test accuracy %.4f on %lld examples; trainable %.3f%% of the base; %s wall; run directory %s\n", r.test.accuracy,
                   static_cast<long long>(r.test.examples), 100.0 * static_cast<double>(r.trainable) / static_cast<double>(r.base),
                   format_duration(r.seconds).c_str(), run_dir.c_str());
@@ -131,6 +200,7 @@ int main(int argc, char** argv) {
     Session session(config, registry);
     session.load_adapter((fs::path(eval_dir) / "adapter").string());
     EvalResult ev = evaluate(session, Split::Test);
+    if (session.causal()) std::printf("test perplexity %.4f on %lld tokens; ", ev.perplexity, static_cast<long long>(ev.tokens));
     std::printf("test accuracy %.4f on %lld examples (loss %.6f)\n", ev.accuracy, static_cast<long long>(ev.examples), ev.loss);
     std::ifstream recorded(fs::path(eval_dir) / "result.json");
     if (recorded) {

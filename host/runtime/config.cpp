@@ -202,6 +202,7 @@ Config load_config(const std::string& path) {
     s.choice("format", c.data.format, {"auto", "csv", "jsonl"});
     s.get("text_column", c.data.text_column);
     s.get("label_column", c.data.label_column);
+    s.get("prompt_column", c.data.prompt_column);
     s.get("test_fraction", c.data.test_fraction);
     s.get("seed", c.data.seed);
     s.positive("max_length", c.data.max_length, 2);
@@ -214,7 +215,7 @@ Config load_config(const std::string& path) {
   }
   {
     Section s(path, "task", table("task"));
-    s.choice("kind", c.task.kind, {"sequence-classification"});
+    s.choice("kind", c.task.kind, {"sequence-classification", "causal-lm"});
     s.positive("num_labels", c.task.num_labels, 0);
     s.choice("pooling", c.task.pooling, {"mean", "cls"});
     s.finish();
@@ -296,7 +297,8 @@ std::string resolved_toml(const Config& c) {
   toml::table root;
   root.insert("model", toml::table{{"path", c.model.path}, {"dtype", c.model.dtype}, {"device", c.model.device}});
   root.insert("data", toml::table{{"path", c.data.path}, {"format", c.data.format}, {"text_column", c.data.text_column},
-                                  {"label_column", c.data.label_column}, {"test_fraction", c.data.test_fraction},
+                                  {"label_column", c.data.label_column}, {"prompt_column", c.data.prompt_column},
+                                  {"test_fraction", c.data.test_fraction},
                                   {"seed", c.data.seed}, {"max_length", c.data.max_length}, {"limit", c.data.limit},
                                   {"padding", c.data.padding}});
   root.insert("task", toml::table{{"kind", c.task.kind}, {"num_labels", c.task.num_labels}, {"pooling", c.task.pooling}});

@@ -72,10 +72,10 @@ std::vector<std::vector<std::string>> read_csv(const std::string& path) {
 namespace {
 
 struct Raw {
-  std::string text, label;
+  std::string text, label, prompt;
 };
 
-std::vector<Raw> read_csv_examples(const DataConfig& c) {
+std::vector<Raw> read_csv_examples(const DataConfig& c, bool labelled) {
   auto rows = read_csv(c.path);
   if (rows.empty()) throw std::runtime_error(c.path + ": empty file");
   const auto& header = rows[0];
@@ -84,18 +84,19 @@ std::vector<Raw> read_csv_examples(const DataConfig& c) {
     if (it == header.end()) throw std::runtime_error(c.path + ": no column '" + name + "' in the header");
     return static_cast<std::size_t>(it - header.begin());
   };
-  const std::size_t t = column(c.text_column), l = column(c.label_column);
+  const std::size_t t = column(c.text_column), l = labelled ? column(c.label_column) : t;
+  const std::size_t p = c.prompt_column.empty() ? t : column(c.prompt_column);
   std::vector<Raw> out;
   for (std::size_t r = 1; r < rows.size(); ++r) {
     if (rows[r].size() != header.size())
       throw std::runtime_error(c.path + ": record " + std::to_string(r + 1) + " has " + std::to_string(rows[r].size()) +
                                " fields, the header " + std::to_string(header.size()));
-    out.push_back({rows[r][t], rows[r][l]});
+    out.push_back({rows[r][t], labelled ? rows[r][l] : "", c.prompt_column.empty() ? "" : rows[r][p]});
   }
   return out;
 }
 
-std::vector<Raw> read_jsonl_examples(const DataConfig& c) {
+std::vector<Raw> read_jsonl_examples(const DataConfig& c, bool labelled) {
   std::ifstream in(c.path);
   if (!in) throw std::runtime_error("cannot read " + c.path);
   std::vector<Raw> out;
@@ -111,11 +112,20 @@ std::vector<Raw> read_jsonl_examples(const DataConfig& c) {
     }
     if (!j.is_object() || !j.contains(c.text_column) || !j[c.text_column].is_string())
       throw std::runtime_error(where + "needs a string '" + c.text_column + "'");
+    std::string prompt;
+    if (!c.prompt_column.empty()) {
+      if (!j.contains(c.prompt_column) || !j[c.prompt_column].is_string()) throw std::runtime_error(where + "needs a string '" + c.prompt_column + "'");
+      prompt = j[c.prompt_column].get<std::string>();
+    }
+    if (!labelled) {
+      out.push_back({j[c.text_column].get<std::string>(), "", prompt});
+      continue;
+    }
     if (!j.contains(c.label_column)) throw std::runtime_error(where + "needs '" + c.label_column + "'");
     const auto& l = j[c.label_column];
     if (!l.is_string() && !l.is_number_integer() && !l.is_boolean())
       throw std::runtime_error(where + "'" + c.label_column + "' must be a string, integer or boolean");
-    out.push_back({j[c.text_column].get<std::string>(), l.is_string() ? l.get<std::string>() : l.dump()});
+    out.push_back({j[c.text_column].get<std::string>(), l.is_string() ? l.get<std::string>() : l.dump(), prompt});
   }
   return out;
 }
@@ -128,13 +138,13 @@ bool is_integer(const std::string& s) {
 
 }  // namespace
 
-Dataset load_dataset(const DataConfig& c) {
+Dataset load_dataset(const DataConfig& c, bool labelled) {
   std::string format = c.format;
   if (format == "auto") {
     auto ends = [&](const std::string& ext) { return c.path.size() >= ext.size() && c.path.compare(c.path.size() - ext.size(), ext.size(), ext) == 0; };
     format = ends(".jsonl") || ends(".json") ? "jsonl" : "csv";
   }
-  std::vector<Raw> raw = format == "jsonl" ? read_jsonl_examples(c) : read_csv_examples(c);
+  std::vector<Raw> raw = format == "jsonl" ? read_jsonl_examples(c, labelled) : read_csv_examples(c, labelled);
   if (c.limit > 0 && raw.size() > static_cast<std::size_t>(c.limit)) {
     // A limit keeps a seeded sample, not the head of the file (files are often sorted by label).
     std::vector<std::size_t> idx(raw.size());
@@ -151,7 +161,7 @@ Dataset load_dataset(const DataConfig& c) {
   Dataset d;
   std::vector<std::string> names;
   for (const auto& r : raw)
-    if (std::find(names.begin(), names.end(), r.label) == names.end()) names.push_back(r.label);
+    if (labelled && std::find(names.begin(), names.end(), r.label) == names.end()) names.push_back(r.label);
   bool numeric = std::all_of(names.begin(), names.end(), is_integer);
   std::sort(names.begin(), names.end(), [&](const std::string& a, const std::string& b) {
     return numeric ? std::stoll(a) < std::stoll(b) : a < b;
@@ -165,7 +175,7 @@ Dataset load_dataset(const DataConfig& c) {
   seeded_shuffle(order, static_cast<std::uint64_t>(c.seed));
   const auto n_test = std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(raw.size()) * c.test_fraction + 0.5));
   for (std::size_t k = 0; k < order.size(); ++k) {
-    Example e{raw[order[k]].text, index[raw[order[k]].label]};
+    Example e{raw[order[k]].text, labelled ? index[raw[order[k]].label] : 0, raw[order[k]].prompt};
     (k < n_test ? d.test : d.train).push_back(std::move(e));
   }
   return d;

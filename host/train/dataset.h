@@ -13,6 +13,7 @@ namespace tessera {
 struct Example {
   std::string text;
   std::int64_t label = 0;  // index into Dataset::label_names
+  std::string prompt;      // causal-lm with a prompt column: the part the loss leaves out
 };
 
 struct Dataset {
@@ -20,8 +21,9 @@ struct Dataset {
   std::vector<Example> train, test;
 };
 
-// Throws std::runtime_error naming file and line for malformed input.
-Dataset load_dataset(const DataConfig& config);
+// Throws std::runtime_error naming file and line for malformed input. Unlabelled data
+// (causal-lm) reads no label column and has no label names.
+Dataset load_dataset(const DataConfig& config, bool labelled = true);
 
 // Fisher–Yates with a SplitMix64 stream: identical on every platform and library.
 void seeded_shuffle(std::vector<std::size_t>& v, std::uint64_t seed);

@@ -1,6 +1,7 @@
 #include "train/session.h"
 
 #include "model/safetensors.h"
+#include "train/lm_loss.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -20,36 +21,63 @@ c10::TensorOptions options_for(const ModelConfig& m) {
 
 Session::Session(Config config, const PluginRegistry& registry) : config_(std::move(config)) {
   const auto opts = options_for(config_.model);
-  model_ = BertModel::load(config_.model.path, opts);
-  for (const auto& n : model_->ignored_tensors()) spdlog::debug("checkpoint tensor {} is not used by the encoder", n);
+  std::int64_t config_pad = 0;
+  if (causal()) {
+    decoder_ = DecoderModel::load(config_.model.path, opts);
+    const auto& dc = decoder_->config();
+    config_pad = dc.pad_token_id >= 0 ? dc.pad_token_id : (dc.eos_token_ids.empty() ? 0 : dc.eos_token_ids[0]);
+  } else {
+    encoder_ = BertModel::load(config_.model.path, opts);
+    config_pad = encoder_->config().pad_token_id;
+  }
+  for (const auto& n : model().ignored_tensors()) spdlog::debug("checkpoint tensor {} is not used by the model", n);
   tokenizer_ = load_tokenizer(config_.model.path);
   // Padding never reaches a real token's output; its id only has to be in range.
-  pad_id_ = tokenizer_->pad_id() >= 0 ? tokenizer_->pad_id() : std::max<std::int64_t>(model_->config().pad_token_id, 0);
-  data_ = load_dataset(config_.data);
-  for (const auto& e : data_.train) train_ids_.push_back(tokenizer_->encode(e.text, static_cast<std::size_t>(config_.data.max_length)));
-  for (const auto& e : data_.test) test_ids_.push_back(tokenizer_->encode(e.text, static_cast<std::size_t>(config_.data.max_length)));
-  std::int64_t L = config_.task.num_labels ? config_.task.num_labels : static_cast<std::int64_t>(data_.label_names.size());
-  if (L < static_cast<std::int64_t>(data_.label_names.size()))
-    throw std::runtime_error("task.num_labels = " + std::to_string(L) + " but the data has " + std::to_string(data_.label_names.size()) + " labels");
+  pad_id_ = tokenizer_->pad_id() >= 0 ? tokenizer_->pad_id() : std::max<std::int64_t>(config_pad, 0);
+  data_ = load_dataset(config_.data, !causal());
+  const auto max_length = static_cast<std::size_t>(config_.data.max_length);
+  auto tokenize = [&](const std::vector<Example>& split, std::vector<std::vector<std::int64_t>>& ids, std::vector<std::int64_t>& prompt) {
+    for (const auto& e : split) {
+      if (!causal()) {
+        ids.push_back(tokenizer_->encode(e.text, max_length));
+        continue;
+      }
+      // [BOS] prompt text EOS; the template's special tokens come with the first part.
+      std::vector<std::int64_t> p = e.prompt.empty() ? std::vector<std::int64_t>{} : tokenizer_->encode(e.prompt);
+      std::vector<std::int64_t> t = tokenizer_->encode(e.text, 0, e.prompt.empty());
+      const auto& eos = decoder_->config().eos_token_ids;
+      if (!eos.empty()) t.push_back(eos[0]);
+      p.insert(p.end(), t.begin(), t.end());
+      prompt.push_back(static_cast<std::int64_t>(std::min(p.size() - t.size(), max_length)));
+      if (p.size() > max_length) p.resize(max_length);
+      ids.push_back(std::move(p));
+    }
+  };
+  tokenize(data_.train, train_ids_, train_prompt_);
+  tokenize(data_.test, test_ids_, test_prompt_);
 
   at::manual_seed(static_cast<std::uint64_t>(config_.train.seed));
   for (auto& m : config_.methods) {
     auto inst = registry.create(m.plugin, m.name);
-    AttachContext ctx{m.name, m.targets, m.checked, *model_};
+    AttachContext ctx{m.name, m.targets, m.checked, model()};
     inst->call("attach", [&](Method& method) { method.attach(ctx); });
     methods_.push_back(std::move(inst));
   }
+  if (causal()) return;
+  std::int64_t L = config_.task.num_labels ? config_.task.num_labels : static_cast<std::int64_t>(data_.label_names.size());
+  if (L < static_cast<std::int64_t>(data_.label_names.size()))
+    throw std::runtime_error("task.num_labels = " + std::to_string(L) + " but the data has " + std::to_string(data_.label_names.size()) + " labels");
   // The task head: nn.Linear's default init.
-  const double bound = 1.0 / std::sqrt(static_cast<double>(model_->info().hidden_size));
-  const auto popts = model_->info().param_options;
-  head_w_ = at::empty({L, model_->info().hidden_size}, popts).uniform_(-bound, bound).set_requires_grad(true);
+  const double bound = 1.0 / std::sqrt(static_cast<double>(model().info().hidden_size));
+  const auto popts = model().info().param_options;
+  head_w_ = at::empty({L, model().info().hidden_size}, popts).uniform_(-bound, bound).set_requires_grad(true);
   head_b_ = at::empty({L}, popts).uniform_(-bound, bound).set_requires_grad(true);
 }
 
 Session::~Session() {
   for (auto& m : methods_) {
     try {
-      m->call("detach", [&](Method& method) { method.detach(*model_); });
+      m->call("detach", [&](Method& method) { method.detach(model()); });
     } catch (const std::exception& e) {
       spdlog::warn("{}", e.what());
     }
@@ -66,6 +94,8 @@ Batch Session::batch(Split which, const std::vector<std::size_t>& order, std::si
   b.ids = at::full({B, static_cast<std::int64_t>(T)}, pad_id_, at::kLong);
   b.mask = at::zeros({B, static_cast<std::int64_t>(T)}, at::kLong);
   b.labels = at::empty({B}, at::kLong);
+  b.lm_labels = at::full({B, static_cast<std::int64_t>(T)}, -100, at::kLong);
+  auto lm_a = b.lm_labels.accessor<std::int64_t, 2>();
   auto ids_a = b.ids.accessor<std::int64_t, 2>();
   auto mask_a = b.mask.accessor<std::int64_t, 2>();
   auto lab_a = b.labels.accessor<std::int64_t, 1>();
@@ -74,18 +104,22 @@ Batch Session::batch(Split which, const std::vector<std::size_t>& order, std::si
     for (std::size_t t = 0; t < ids.size(); ++t) {
       ids_a[r][static_cast<std::int64_t>(t)] = ids[t];
       mask_a[r][static_cast<std::int64_t>(t)] = 1;
+      if (causal() && static_cast<std::int64_t>(t) >= prompt_lengths(which)[order[begin + static_cast<std::size_t>(r)]])
+        lm_a[r][static_cast<std::int64_t>(t)] = ids[t];
     }
     lab_a[r] = split[order[begin + static_cast<std::size_t>(r)]].label;
   }
-  const auto dev = model_->info().options.device();
+  const auto dev = model().info().options.device();
   b.ids = b.ids.to(dev);
   b.mask = b.mask.to(dev);
   b.labels = b.labels.to(dev);
+  b.lm_labels = b.lm_labels.to(dev);
   return b;
 }
 
 Tensor Session::logits(const Batch& b) {
-  Encoded e = model_->forward(b.ids, b.mask);
+  if (!encoder_) throw std::logic_error("logits() is for sequence classification");
+  Encoded e = encoder_->forward(b.ids, b.mask);
   // Pool over the input tokens only: prompt tokens (if any) are the method's, not the text's.
   Tensor h = e.hidden.narrow(1, e.prompt_length, b.ids.size(1));  // (B, T, H)
   Tensor pooled;                                                   // (B, H)
@@ -98,14 +132,42 @@ Tensor Session::logits(const Batch& b) {
   return at::linear(pooled.to(head_w_.scalar_type()), head_w_, head_b_);  // (B, L), f32
 }
 
+namespace {
+
+// Logits of the text positions (B, T, V): prompt tokens a method prepended are dropped.
+Tensor text_logits(DecoderModel& m, const Batch& b) {
+  Tensor h = m.forward(b.ids, b.mask);  // (B, P + T, H)
+  return m.logits(h.narrow(1, h.size(1) - b.ids.size(1), b.ids.size(1)));
+}
+
+}  // namespace
+
+Tensor Session::loss(const Batch& b) {
+  if (causal()) return causal_lm_loss(text_logits(*decoder_, b), b.lm_labels);
+  return at::cross_entropy_loss(logits(b), b.labels);
+}
+
+TokenStats Session::token_stats(const Batch& b) {
+  const auto T = b.ids.size(1);
+  Tensor logits = text_logits(*decoder_, b).narrow(1, 0, T - 1).to(at::kFloat);  // (B, T-1, V)
+  Tensor next = b.lm_labels.narrow(1, 1, T - 1);                                  // (B, T-1)
+  Tensor keep = next.ne(-100);
+  TokenStats st;
+  st.loss_sum = at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), next.reshape({-1}), {}, at::Reduction::Sum, -100).item<double>();
+  st.tokens = keep.sum().item<std::int64_t>();
+  st.correct = logits.argmax(-1).eq(next).logical_and(keep).sum().item<std::int64_t>();
+  return st;
+}
+
 std::int64_t Session::base_parameter_count() {
   std::int64_t n = 0;
-  for (auto* p : model_->parameter_sites()) n += p->base().numel();
+  for (auto* p : model().parameter_sites()) n += p->base().numel();
   return n;
 }
 
 std::int64_t Session::trainable_parameter_count() {
-  std::int64_t n = head_w_.numel() + head_b_.numel();
+  std::int64_t n = 0;
+  for (const auto& [_, t] : head()) n += t.numel();
   for (auto& m : methods_)
     for (const auto& [_, t] : m->call("trainable", [](Method& x) { return x.trainable(); })) n += t.numel();
   return n;
@@ -114,7 +176,8 @@ std::int64_t Session::trainable_parameter_count() {
 void Session::save_adapter(const std::string& dir) {
   fs::create_directories(dir);
   nlohmann::json manifest = {{"format", "tessera-adapter"}, {"version", 1}, {"labels", data_.label_names},
-                             {"pooling", config_.task.pooling}, {"architecture", model_->info().architecture}};
+                             {"pooling", config_.task.pooling}, {"architecture", model().info().architecture},
+                             {"task", config_.task.kind}};
   manifest["methods"] = nlohmann::json::array();
   for (std::size_t i = 0; i < methods_.size(); ++i) {
     auto& m = methods_[i];
@@ -126,7 +189,7 @@ void Session::save_adapter(const std::string& dir) {
     write_file_atomic((sub / "adapter_config.json").string(), m->call("adapter_config_json", [](Method& x) { return x.adapter_config_json(); }) + "\n");
     manifest["methods"].push_back({{"plugin", mc.plugin}, {"name", mc.name}, {"targets", mc.targets}, {"dir", mc.name}});
   }
-  save_safetensors((fs::path(dir) / "head.safetensors").string(), head(), {{"format", "pt"}});
+  if (!head().empty()) save_safetensors((fs::path(dir) / "head.safetensors").string(), head(), {{"format", "pt"}});
   write_file_atomic((fs::path(dir) / "tessera.json").string(), manifest.dump(2) + "\n");
 }
 
@@ -143,6 +206,7 @@ void Session::load_adapter(const std::string& dir) {
     auto tensors = read_all(file.string());
     methods_[i]->call("load_state", [&](Method& x) { x.load_state(tensors); });
   }
+  if (causal()) return;
   auto head = read_all((fs::path(dir) / "head.safetensors").string());
   for (auto pair : std::initializer_list<std::pair<const char*, Tensor*>>{{"classifier.weight", &head_w_}, {"classifier.bias", &head_b_}}) {
     auto it = head.find(pair.first);

@@ -1,9 +1,13 @@
 // Everything one run works on: the base model, its tokenizer, the data, the attached
 // method instances and the task head. `tessera train` and `tessera eval` both build one
 // from a config, so evaluation sees exactly what training saw.
+//
+// Tasks: sequence-classification (an encoder, pooled, a linear head) and causal-lm (a
+// decoder and its own LM head; next-token loss over the text, prompt tokens left out).
 #pragma once
 
 #include "model/bert.h"
+#include "model/decoder.h"
 #include "model/tokenizer.h"
 #include "runtime/config.h"
 #include "runtime/plugin_registry.h"
@@ -18,9 +22,16 @@ namespace tessera {
 enum class Split { Train, Test };
 
 struct Batch {
-  Tensor ids;     // (B, T) int64, padded
-  Tensor mask;    // (B, T) int64, 1 = token
-  Tensor labels;  // (B) int64
+  Tensor ids;        // (B, T) int64, padded on the right
+  Tensor mask;       // (B, T) int64, 1 = token
+  Tensor labels;     // (B) int64: classification
+  Tensor lm_labels;  // (B, T) int64: causal-lm, the ids with -100 on padding and prompt tokens
+};
+
+// Next-token statistics of a causal-lm batch.
+struct TokenStats {
+  double loss_sum = 0;  // summed cross-entropy over labelled next tokens
+  std::int64_t tokens = 0, correct = 0;
 };
 
 class Session {
@@ -30,18 +41,31 @@ class Session {
   ~Session();  // detaches every method before the model goes
 
   const Config& config() const { return config_; }
-  BertModel& model() { return *model_; }
+  bool causal() const { return config_.task.kind == "causal-lm"; }
+  SiteModel& model() { return encoder_ ? static_cast<SiteModel&>(*encoder_) : *decoder_; }
+  const SiteModel& model() const { return encoder_ ? static_cast<const SiteModel&>(*encoder_) : *decoder_; }
+  DecoderModel* decoder() { return decoder_.get(); }
+  BertModel* encoder() { return encoder_.get(); }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
   const Dataset& data() const { return data_; }
   std::vector<std::unique_ptr<MethodInstance>>& methods() { return methods_; }
 
   // Examples order[begin, end) of a split, padded as [data] padding says.
   Batch batch(Split split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end) const;
   const std::vector<Example>& examples(Split split) const { return split == Split::Train ? data_.train : data_.test; }
-  // Token ids of every example, [CLS] and [SEP] included (tokenized once).
+  // Token ids of every example, special tokens included (tokenized once); causal-lm:
+  // prompt, text and EOS, with prompt_length(split)[i] prompt tokens in front.
   const std::vector<std::vector<std::int64_t>>& token_ids(Split split) const { return split == Split::Train ? train_ids_ : test_ids_; }
-  Tensor logits(const Batch& b);  // (B, num_labels)
+  const std::vector<std::int64_t>& prompt_lengths(Split split) const { return split == Split::Train ? train_prompt_ : test_prompt_; }
+  Tensor logits(const Batch& b);  // classification: (B, num_labels)
+  Tensor loss(const Batch& b);    // the task's training loss (scalar f32)
+  TokenStats token_stats(const Batch& b);  // causal-lm
 
-  NamedTensors head() const { return {{"classifier.weight", head_w_}, {"classifier.bias", head_b_}}; }
+  // The classification head; empty for causal-lm (the decoder's own head is frozen).
+  NamedTensors head() const {
+    if (!head_w_.defined()) return {};
+    return {{"classifier.weight", head_w_}, {"classifier.bias", head_b_}};
+  }
   std::int64_t base_parameter_count();
   std::int64_t trainable_parameter_count();
 
@@ -52,11 +76,13 @@ class Session {
 
  private:
   Config config_;
-  std::unique_ptr<BertModel> model_;
+  std::unique_ptr<BertModel> encoder_;
+  std::unique_ptr<DecoderModel> decoder_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::int64_t pad_id_ = 0;
   Dataset data_;
   std::vector<std::vector<std::int64_t>> train_ids_, test_ids_;
+  std::vector<std::int64_t> train_prompt_, test_prompt_;
   std::vector<std::unique_ptr<MethodInstance>> methods_;
   Tensor head_w_;  // (L, H)
   Tensor head_b_;  // (L)

@@ -12,6 +12,7 @@
 #include <torch/optim/adamw.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -37,14 +38,21 @@ EvalResult evaluate(Session& s, Split split) {
   const auto bs = static_cast<std::size_t>(s.config().train.eval_batch_size);
   for (std::size_t b = 0; b < n; b += bs) {
     Batch batch = s.batch(split, order, b, std::min(n, b + bs));
+    if (s.causal()) {
+      TokenStats st = s.token_stats(batch);
+      loss_sum += st.loss_sum, correct += st.correct, r.tokens += st.tokens;
+      continue;
+    }
     Tensor logits = s.logits(batch).to(at::kFloat);  // (B, L)
     loss_sum += at::cross_entropy_loss(logits, batch.labels, {}, at::Reduction::Sum).item<double>();
     correct += logits.argmax(-1).eq(batch.labels).sum().item<std::int64_t>();
   }
   s.model().train(was_training);
   r.examples = static_cast<std::int64_t>(n);
-  r.accuracy = static_cast<double>(correct) / static_cast<double>(r.examples);
-  r.loss = loss_sum / static_cast<double>(r.examples);
+  const auto count = static_cast<double>(s.causal() ? std::max<std::int64_t>(r.tokens, 1) : r.examples);
+  r.accuracy = static_cast<double>(correct) / count;
+  r.loss = loss_sum / count;
+  if (s.causal()) r.perplexity = std::exp(r.loss);
   return r;
 }
 
@@ -95,7 +103,8 @@ TrainResult train(Session& s, const std::string& run_dir) {
     groups.emplace_back(std::move(params), std::move(o));
   };
   if (!method_params.empty()) group(method_params, cfg.lr);
-  group(head_params, head_lr);
+  if (!head_params.empty()) group(head_params, head_lr);
+  if (groups.empty()) throw std::runtime_error("nothing to train: a causal-lm run needs at least one method");
   torch::optim::AdamW opt(groups, torch::optim::AdamWOptions(cfg.lr).weight_decay(cfg.weight_decay));
   std::vector<double> base_lr;
   for (auto& g : opt.param_groups()) base_lr.push_back(static_cast<torch::optim::AdamWOptions&>(g.options()).lr());
@@ -121,7 +130,7 @@ TrainResult train(Session& s, const std::string& run_dir) {
     const auto calib = epoch_batches(s, -1);
     Calibration c{std::min<std::int64_t>(8, static_cast<std::int64_t>(calib.size())), [&](std::int64_t i) {
                     Batch b = s.batch(Split::Train, calib.at(static_cast<std::size_t>(i)), 0, calib[static_cast<std::size_t>(i)].size());
-                    return at::cross_entropy_loss(s.logits(b), b.labels);
+                    return s.loss(b);
                   }};
     for (auto& m : s.methods()) m->call("prepare", [&](Method& x) { x.prepare(c); });
   }
@@ -149,7 +158,7 @@ TrainResult train(Session& s, const std::string& run_dir) {
       for (auto& m : s.methods()) m->call("on_step", [&](Method& x) { x.on_step(info); });
 
       Batch batch = s.batch(Split::Train, order, 0, order.size());
-      Tensor loss = at::cross_entropy_loss(s.logits(batch), batch.labels);
+      Tensor loss = s.loss(batch);
       for (auto& m : s.methods()) {
         Tensor extra = m->call("extra_loss", [](Method& x) { return x.extra_loss(); });
         if (extra.defined()) loss = loss + extra;
@@ -173,8 +182,13 @@ TrainResult train(Session& s, const std::string& run_dir) {
     }
     bar.finish();
     EvalResult ev = evaluate(s, Split::Test);
-    spdlog::info("epoch {}: test accuracy {:.4f}, test loss {:.4f}", epoch + 1, ev.accuracy, ev.loss);
-    log_metric({{"event", "eval"}, {"epoch", epoch + 1}, {"step", step}, {"accuracy", ev.accuracy}, {"loss", ev.loss}});
+    if (s.causal()) {
+      spdlog::info("epoch {}: test perplexity {:.3f}, next-token accuracy {:.4f}, loss {:.4f}", epoch + 1, ev.perplexity, ev.accuracy, ev.loss);
+      log_metric({{"event", "eval"}, {"epoch", epoch + 1}, {"step", step}, {"accuracy", ev.accuracy}, {"loss", ev.loss}, {"perplexity", ev.perplexity}});
+    } else {
+      spdlog::info("epoch {}: test accuracy {:.4f}, test loss {:.4f}", epoch + 1, ev.accuracy, ev.loss);
+      log_metric({{"event", "eval"}, {"epoch", epoch + 1}, {"step", step}, {"accuracy", ev.accuracy}, {"loss", ev.loss}});
+    }
     s.save_adapter((fs::path(run_dir) / "adapter").string());
     result.test = ev;
   }

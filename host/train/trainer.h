@@ -10,9 +10,11 @@
 
 namespace tessera {
 
+// Classification: accuracy and mean loss per example. Causal-lm: next-token accuracy,
+// mean loss per predicted token and its exponential, the perplexity.
 struct EvalResult {
-  double accuracy = 0, loss = 0;
-  std::int64_t examples = 0;
+  double accuracy = 0, loss = 0, perplexity = 0;
+  std::int64_t examples = 0, tokens = 0;
 };
 
 struct TrainResult {

@@ -171,13 +171,13 @@ CATCH_TEST_CASE("LoRA trains every decoder through the same sites: the loss fall
   for (const std::string name : {"gpt2", "llama", "qwen2", "mistral"}) {
     CATCH_INFO("checkpoint " << name);
     auto model = load(name);
+    at::manual_seed(4);  // LoRA's A init draws from the global generator
     auto lora = test::registry().create("lora", "l");
     AttachContext ctx{"l", {"attn.q", "attn.v", "mlp.down"}, apply_schema(info->params, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}}), *model};
     lora->call("attach", [&](Method& m) { m.attach(ctx); });
     auto params = lora->call("trainable", [](Method& m) { return m.trainable(); });
     std::vector<Tensor> list;
     for (auto& [k, t] : params) list.push_back(t);
-    at::manual_seed(4);
     auto loss_fn = [&] { return causal_lm_loss(model->logits(model->forward(ids, mask)), labels_of(ids, mask)); };
     const double first = loss_fn().item<double>();
     for (int step = 0; step < 30; ++step) {

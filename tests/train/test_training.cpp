@@ -72,7 +72,7 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
                           "/adapter/lora " + test::fixture("reference.safetensors") + " " + peft_out;
   CATCH_REQUIRE(std::system(cmd.c_str()) == 0);
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
-  Tensor ours = reloaded.model().forward(ref["input_ids"], ref["attention_mask"]).hidden;
+  Tensor ours = reloaded.encoder()->forward(ref["input_ids"], ref["attention_mask"]).hidden;
   Tensor theirs = test::read_tensors(peft_out).at("hidden");
   CATCH_CHECK(test::max_abs_diff_tokens(ours, theirs, ref["attention_mask"]) < 1e-4);
   CATCH_CHECK(test::max_abs_diff_tokens(ours, ref["hidden"], ref["attention_mask"]) > 1e-6);  // the adapter is not a no-op
@@ -89,4 +89,71 @@ CATCH_TEST_CASE("a short real LoRA run beats the frozen-encoder baseline", "[tra
   CATCH_INFO("LoRA " << lora_acc << " vs frozen " << frozen_acc << " on " << lora.data().test.size() << " test sentences");
   CATCH_CHECK(lora_acc > frozen_acc);
   CATCH_CHECK(lora_acc > 0.7);
+}
+
+CATCH_TEST_CASE("causal-LM fine-tuning with LoRA lowers the perplexity of held-out text; prompts are left out of the loss", "[train][causal]") {
+  set_threads(0);
+  auto dir = test::temp_dir("causal");
+  {
+    std::ofstream(dir / "run.toml") << "[model]\npath = \"" << test::fixture("decoders/gpt2_text") << R"("
+[data]
+path = "${TESSERA_DATA_DIR}/polarity.csv"
+max_length = 48
+limit = 400
+[task]
+kind = "causal-lm"
+[train]
+epochs = 1
+batch_size = 16
+lr = 3e-2
+max_steps = 40
+[[methods]]
+plugin = "lora"
+targets = ["c_attn", "attn.o", "mlp.up", "mlp.down"]
+[methods.params]
+r = 8
+lora_alpha = 16
+)";
+  }
+  Config c = load_config((dir / "run.toml").string());
+  check_methods(c, test::registry());
+  c.output_dir = (dir / "run").string();
+  Session s(c, test::registry());
+  CATCH_REQUIRE(s.causal());
+  CATCH_CHECK(s.head().empty());
+  // Every example: <s> text </s>, labelled from the first token on.
+  const auto& ids = s.token_ids(Split::Train)[0];
+  CATCH_CHECK(ids.front() == 1);
+  CATCH_CHECK((ids.back() == 2 || ids.size() == 48));
+  const EvalResult before = evaluate(s, Split::Test);
+  TrainResult r = train(s, c.output_dir);
+  CATCH_INFO("perplexity " << before.perplexity << " -> " << r.test.perplexity);
+  CATCH_CHECK(r.test.perplexity < 0.6 * before.perplexity);
+  CATCH_CHECK(std::abs(r.test.perplexity - std::exp(r.test.loss)) < 1e-6 * r.test.perplexity);
+  CATCH_CHECK(std::filesystem::exists(c.output_dir + "/adapter/lora/adapter_model.safetensors"));
+
+  // With a prompt column the prompt tokens carry -100: only the text is learned.
+  {
+    std::ofstream(dir / "pairs.jsonl") << R"({"prompt": "Review: good film", "response": " positive"})" << "\n"
+                                       << R"({"prompt": "Review: dull plot", "response": " negative"})" << "\n"
+                                       << R"({"prompt": "Review: fine cast", "response": " positive"})" << "\n";
+  }
+  Config p = c;
+  p.data.path = (dir / "pairs.jsonl").string();
+  p.data.format = "auto";
+  p.data.prompt_column = "prompt";
+  p.data.text_column = "response";
+  p.data.test_fraction = 0.34;
+  p.data.limit = 0;
+  Session sp(p, test::registry());
+  const auto& pl = sp.prompt_lengths(Split::Train);
+  std::vector<std::size_t> order{0, 1};
+  Batch b = sp.batch(Split::Train, order, 0, 2);
+  for (std::int64_t row = 0; row < 2; ++row) {
+    const auto prompt = pl[static_cast<std::size_t>(row)];
+    const auto len = static_cast<std::int64_t>(sp.token_ids(Split::Train)[static_cast<std::size_t>(row)].size());
+    CATCH_CHECK(prompt > 1);
+    CATCH_CHECK(b.lm_labels[row].narrow(0, 0, prompt).eq(-100).all().item<bool>());
+    CATCH_CHECK(b.lm_labels[row].narrow(0, prompt, len - prompt).equal(b.ids[row].narrow(0, prompt, len - prompt)));
+  }
 }
