@@ -4,6 +4,7 @@
 
 #include "model/bert.h"
 #include "model/safetensors.h"
+#include "runtime/peft_import.h"
 #include "runtime/plugin_registry.h"
 
 #include <ATen/ATen.h>
@@ -12,6 +13,7 @@
 #include <cstdlib>
 #include <unistd.h>
 #include <filesystem>
+#include <map>
 #include <string>
 
 #define CATCH_CONFIG_PREFIX_ALL
@@ -34,6 +36,14 @@ inline NamedTensors read_tensors(const std::string& path) {
   return out;
 }
 
+// A reference file read once per test process.
+inline NamedTensors& cached_tensors(const std::string& path) {
+  static std::map<std::string, NamedTensors> cache;
+  auto it = cache.find(path);
+  if (it == cache.end()) it = cache.emplace(path, read_tensors(path)).first;
+  return it->second;
+}
+
 inline double max_abs_diff(const Tensor& a, const Tensor& b) { return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>(); }
 
 // Over real tokens only: hidden states at padding positions are nobody's output
@@ -45,6 +55,10 @@ inline double max_abs_diff_tokens(const Tensor& a, const Tensor& b, const Tensor
 
 inline std::unique_ptr<BertModel> load_minilm() { return BertModel::load(model_dir(), at::TensorOptions().dtype(at::kFloat)); }
 
+// A PEFT adapter directory attached to `model` with peft's tensors loaded, after checking
+// that our state has exactly peft's keys and shapes.
+inline std::unique_ptr<MethodInstance> attach_peft_adapter(const std::string& dir, ModelView& model);
+
 // The registry of the in-tree plugins plus the test plugins.
 inline PluginRegistry& registry() {
   static PluginRegistry r = [] {
@@ -53,6 +67,19 @@ inline PluginRegistry& registry() {
     return reg;
   }();
   return r;
+}
+
+inline std::unique_ptr<MethodInstance> attach_peft_adapter(const std::string& dir, ModelView& model) {
+  MethodConfig mc = method_from_peft_dir(dir, registry(), "adapter");
+  auto inst = registry().create(mc.plugin, "adapter");
+  AttachContext ctx{"adapter", mc.targets, mc.checked, model};
+  inst->call("attach", [&](Method& m) { m.attach(ctx); });
+  auto peft_tensors = read_tensors(dir + "/adapter_model.safetensors");
+  auto ours = inst->call("state", [](Method& m) { return m.state(); });
+  CATCH_CHECK(ours.size() == peft_tensors.size());
+  for (const auto& [k, t] : peft_tensors) CATCH_CHECK((ours.count(k) && ours[k].sizes() == t.sizes()));
+  inst->call("load_state", [&](Method& m) { m.load_state(peft_tensors); });
+  return inst;
 }
 
 inline std::filesystem::path temp_dir(const std::string& name) {

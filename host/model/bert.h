@@ -29,13 +29,6 @@ struct BertConfig {
   static BertConfig from_json_file(const std::string& path);
 };
 
-// The encoder's output: hidden states over [prompt tokens ; input tokens].
-struct Encoded {
-  Tensor hidden;                 // (B, P + T, H)
-  Tensor mask;                   // (B, P + T), 1 = real token (prompt tokens are real)
-  std::int64_t prompt_length = 0;  // P
-};
-
 class BertModel final : public SiteModel {
  public:
   // Loads dir/config.json and dir/model.safetensors, converting to `options` (device,

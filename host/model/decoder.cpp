@@ -3,6 +3,7 @@
 #include "model/attention.h"
 #include "model/checkpoint.h"
 #include "model/json_file.h"
+#include "model/functional.h"
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -38,13 +39,6 @@ RopeConfig rope_from(const nlohmann::json& j, const std::string& path, std::int6
 Tensor rotate_half(const Tensor& x) {  // (…, hd): [x1, x2] -> [-x2, x1]
   auto halves = x.chunk(2, -1);
   return at::cat({-halves[1], halves[0]}, -1);
-}
-
-Tensor activate(const std::string& act, const Tensor& x) {
-  if (act == "silu" || act == "swish") return at::silu(x);
-  if (act == "gelu_new" || act == "gelu_pytorch_tanh") return at::gelu(x, "tanh");
-  if (act == "gelu") return at::gelu(x);
-  return at::relu(x);
 }
 
 }  // namespace
@@ -96,7 +90,7 @@ DecoderConfig DecoderConfig::from_json_file(const std::string& path) {
   if (c.gpt2 && c.hidden_size % c.num_heads != 0) throw std::runtime_error(path + ": n_embd is not a multiple of n_head");
   if (c.num_heads % c.num_kv_heads != 0) throw std::runtime_error(path + ": num_attention_heads is not a multiple of num_key_value_heads");
   const std::string act = c.activation;
-  if (act != "silu" && act != "swish" && act != "gelu_new" && act != "gelu_pytorch_tanh" && act != "gelu" && act != "relu")
+  if (!known_activation(act))
     throw std::runtime_error(path + ": activation '" + act + "' is not supported");
   c.tie_word_embeddings = j.value("tie_word_embeddings", c.gpt2);
   // Per layer: does it use the sliding window? (`layer_types` where the config has it.)
@@ -237,10 +231,7 @@ std::pair<Tensor, Tensor> DecoderModel::rope_tables(const Tensor& positions, c10
 
 Tensor DecoderModel::norm(const Tensor& x, ParameterSite* w, ParameterSite* b) const {
   if (config_.gpt2) return at::layer_norm(x, {config_.hidden_size}, w->value(), b->value(), config_.norm_eps);
-  // RMSNorm in f32, then back to the compute dtype before the weight (as transformers does).
-  Tensor xf = x.to(at::kFloat);
-  xf = xf * at::rsqrt(xf.pow(2).mean(-1, true) + config_.norm_eps);
-  return w->value() * xf.to(x.scalar_type());
+  return rms_norm(x, w->value(), config_.norm_eps);
 }
 
 Tensor DecoderModel::mlp(const Layer& l, const Tensor& x) const {

@@ -5,6 +5,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <stdexcept>
 
@@ -32,52 +33,82 @@ Tensor choose(Tensor logits, const GenerateOptions& o, at::Generator& gen) {
   return at::multinomial(at::softmax(logits, -1), 1, false, gen).squeeze(1);
 }
 
+// ids, mask (B, T) on the CPU, padded on the `left` or right.
+std::pair<Tensor, Tensor> pad(const std::vector<std::vector<std::int64_t>>& rows, std::int64_t pad_id, bool left) {
+  std::size_t longest = 0;
+  for (const auto& r : rows) {
+    if (r.empty()) throw std::runtime_error("generate: an empty prompt (add the BOS token)");
+    longest = std::max(longest, r.size());
+  }
+  const auto B = static_cast<std::int64_t>(rows.size()), T = static_cast<std::int64_t>(longest);
+  Tensor ids = at::full({B, T}, pad_id, at::kLong), mask = at::zeros({B, T}, at::kLong);
+  for (std::int64_t b = 0; b < B; ++b) {
+    const auto& r = rows[static_cast<std::size_t>(b)];
+    const auto n = static_cast<std::int64_t>(r.size()), start = left ? T - n : 0;
+    ids[b].narrow(0, start, n).copy_(at::tensor(at::ArrayRef<std::int64_t>(r), at::kLong));
+    mask[b].narrow(0, start, n).fill_(1);
+  }
+  return {ids, mask};
+}
+
+// The decoding loop shared by both kinds of model. step(ids, mask) runs the model on the
+// new tokens (B, T) through its cache and returns the next-token logits (B, V).
+std::vector<std::vector<std::int64_t>> run(const std::function<Tensor(const Tensor&, const Tensor&)>& step, Tensor ids, Tensor mask,
+                                           const c10::Device& device, const GenerateOptions& o) {
+  const auto B = ids.size(0);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  std::vector<std::vector<std::int64_t>> out(static_cast<std::size_t>(B));
+  std::vector<bool> done(static_cast<std::size_t>(B), false);
+  ids = ids.to(device), mask = mask.to(device);
+  for (std::int64_t n = 0; n < o.max_new_tokens; ++n) {
+    Tensor next = choose(step(ids, mask).to(at::kFloat).cpu(), o, gen);  // (B)
+    bool all_done = true;
+    for (std::int64_t b = 0; b < B; ++b) {
+      const auto row = static_cast<std::size_t>(b);
+      if (done[row]) {
+        next[b] = o.pad_token_id;
+        continue;
+      }
+      const std::int64_t t = next[b].item<std::int64_t>();
+      out[row].push_back(t);
+      if (std::find(o.eos_token_ids.begin(), o.eos_token_ids.end(), t) != o.eos_token_ids.end()) done[row] = true;
+      all_done = all_done && done[row];
+    }
+    if (all_done) break;
+    ids = next.view({B, 1}).to(device);
+    mask = at::ones({B, 1}, at::TensorOptions().dtype(at::kLong).device(device));
+  }
+  return out;
+}
+
 }  // namespace
 
 std::vector<std::vector<std::int64_t>> generate(const DecoderModel& model, const std::vector<std::vector<std::int64_t>>& prompts,
                                                 const GenerateOptions& o) {
   at::NoGradGuard no_grad;
-  const auto B = static_cast<std::int64_t>(prompts.size());
-  std::size_t longest = 0;
-  for (const auto& p : prompts) {
-    if (p.empty()) throw std::runtime_error("generate: an empty prompt (add the BOS token)");
-    longest = std::max(longest, p.size());
-  }
-  const auto T = static_cast<std::int64_t>(longest);
-  Tensor ids = at::full({B, T}, o.pad_token_id, at::kLong), mask = at::zeros({B, T}, at::kLong);
-  for (std::int64_t b = 0; b < B; ++b) {
-    const auto& p = prompts[static_cast<std::size_t>(b)];
-    const auto start = T - static_cast<std::int64_t>(p.size());
-    ids[b].narrow(0, start, static_cast<std::int64_t>(p.size())).copy_(at::tensor(at::ArrayRef<std::int64_t>(p), at::kLong));
-    mask[b].narrow(0, start, static_cast<std::int64_t>(p.size())).fill_(1);
-  }
-  const auto device = model.info().options.device();
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  auto [ids, mask] = pad(prompts, o.pad_token_id, /*left=*/true);
   KVCache cache;
-  std::vector<std::vector<std::int64_t>> out(static_cast<std::size_t>(B));
-  std::vector<bool> done(static_cast<std::size_t>(B), false);
-  Tensor step_ids = ids.to(device), step_mask = mask.to(device);
-  for (std::int64_t n = 0; n < o.max_new_tokens; ++n) {
-    Tensor hidden = model.forward(step_ids, step_mask, &cache);                          // (B, T, H)
-    Tensor logits = model.logits(hidden.select(1, hidden.size(1) - 1)).to(at::kFloat).cpu();  // (B, V)
-    Tensor next = choose(logits, o, gen);                                                // (B)
-    bool all_done = true;
-    for (std::int64_t b = 0; b < B; ++b) {
-      auto& row = out[static_cast<std::size_t>(b)];
-      if (done[static_cast<std::size_t>(b)]) {
-        next[b] = o.pad_token_id;
-        continue;
-      }
-      const std::int64_t t = next[b].item<std::int64_t>();
-      row.push_back(t);
-      if (std::find(o.eos_token_ids.begin(), o.eos_token_ids.end(), t) != o.eos_token_ids.end()) done[static_cast<std::size_t>(b)] = true;
-      all_done = all_done && done[static_cast<std::size_t>(b)];
-    }
-    if (all_done) break;
-    step_ids = next.view({B, 1}).to(device);
-    step_mask = at::ones({B, 1}, at::TensorOptions().dtype(at::kLong).device(device));
-  }
-  return out;
+  auto step = [&](const Tensor& new_ids, const Tensor& new_mask) {
+    Tensor hidden = model.forward(new_ids, new_mask, &cache);  // (B, T, H)
+    return model.logits(hidden.select(1, hidden.size(1) - 1));
+  };
+  return run(step, ids, mask, model.info().options.device(), o);
+}
+
+std::vector<std::vector<std::int64_t>> generate(const T5Model& model, const std::vector<std::vector<std::int64_t>>& sources,
+                                                const GenerateOptions& o) {
+  at::NoGradGuard no_grad;
+  const auto device = model.info().options.device();
+  auto [src, src_mask] = pad(sources, model.config().pad_token_id, /*left=*/false);
+  const Encoded encoded = model.encode(src.to(device), src_mask.to(device));
+  Seq2SeqCache cache;
+  auto step = [&](const Tensor& new_ids, const Tensor&) {
+    Tensor hidden = model.decode(new_ids, encoded, &cache);  // (B, T, d)
+    return model.logits(hidden.select(1, hidden.size(1) - 1));
+  };
+  const auto B = static_cast<std::int64_t>(sources.size());
+  Tensor start = at::full({B, 1}, model.config().decoder_start_token_id, at::kLong);
+  return run(step, start, at::ones_like(start), device, o);
 }
 
 }  // namespace tessera

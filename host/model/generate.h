@@ -4,6 +4,7 @@
 #pragma once
 
 #include "model/decoder.h"
+#include "model/t5.h"
 
 #include <cstdint>
 #include <vector>
@@ -24,6 +25,11 @@ struct GenerateOptions {
 // Per prompt: its new tokens (the EOS that ended it included). Prompts of different
 // lengths are padded on the left.
 std::vector<std::vector<std::int64_t>> generate(const DecoderModel& model, const std::vector<std::vector<std::int64_t>>& prompts,
+                                                const GenerateOptions& options);
+
+// Encoder-decoder: per source, the target tokens after decoder_start_token_id. Sources of
+// different lengths are padded on the right (the encoder's mask hides the padding).
+std::vector<std::vector<std::int64_t>> generate(const T5Model& model, const std::vector<std::vector<std::int64_t>>& sources,
                                                 const GenerateOptions& options);
 
 }  // namespace tessera

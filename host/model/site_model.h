@@ -10,6 +10,13 @@
 
 namespace tessera {
 
+// An encoder's output: hidden states over [prompt tokens ; input tokens].
+struct Encoded {
+  Tensor hidden;                   // (B, P + T, H)
+  Tensor mask;                     // (B, P + T), 1 = real token (prompt tokens are real)
+  std::int64_t prompt_length = 0;  // P
+};
+
 class SiteModel : public ModelView {
  public:
   const ModelInfo& info() const override { return info_; }

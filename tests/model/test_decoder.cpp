@@ -17,10 +17,7 @@ namespace {
 
 std::string decoder_fixture(const std::string& name) { return test::fixture("decoders/" + name); }
 
-NamedTensors& reference() {
-  static NamedTensors r = test::read_tensors(decoder_fixture("reference.safetensors"));
-  return r;
-}
+NamedTensors& reference() { return test::cached_tensors(decoder_fixture("reference.safetensors")); }
 
 std::unique_ptr<DecoderModel> load(const std::string& name) {
   return DecoderModel::load(decoder_fixture(name), at::TensorOptions().dtype(at::kFloat));
@@ -125,15 +122,7 @@ CATCH_TEST_CASE("LoRA on decoders equals peft: GPT-2 fused c_attn (Conv1D) and L
     CATCH_INFO("checkpoint " << name);
     auto model = load(name);
     const auto dir = decoder_fixture(name + "_lora");
-    MethodConfig mc = method_from_peft_dir(dir, test::registry(), "adapter");
-    auto lora = test::registry().create("lora", "adapter");
-    AttachContext ctx{"adapter", mc.targets, mc.checked, *model};
-    lora->call("attach", [&](Method& m) { m.attach(ctx); });
-    auto peft_tensors = test::read_tensors(dir + "/adapter_model.safetensors");
-    auto ours = lora->call("state", [](Method& m) { return m.state(); });
-    CATCH_CHECK(ours.size() == peft_tensors.size());
-    for (const auto& [k, t] : peft_tensors) CATCH_CHECK((ours.count(k) && ours[k].sizes() == t.sizes()));
-    lora->call("load_state", [&](Method& m) { m.load_state(peft_tensors); });
+    auto lora = test::attach_peft_adapter(dir, *model);
     at::NoGradGuard no_grad;
     const auto& ids = ref["input_ids"];
     const auto& mask = ref["attention_mask"];
