@@ -2,6 +2,7 @@
 // line on stderr and a non-zero exit; nothing a plugin or a file does aborts the host.
 #include "model/decoder.h"
 #include "model/generate.h"
+#include "model/json_file.h"
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
 #include "runtime/peft_import.h"
@@ -64,7 +65,8 @@ std::string report(const Config& c, const TrainResult& r, const std::vector<std:
   if (c.methods.empty()) o << " none (task head only)";
   for (const auto& m : c.methods) o << " `" << m.name << "` (" << m.plugin << ")";
   o << "\n\n| metric | value |\n|---|---|\n";
-  if (c.task.kind == "causal-lm")
+  if (c.task.kind == "seq2seq") o << "| test BLEU | " << r.test.bleu << " |\n";
+  if (c.task.kind != "sequence-classification")
     o << "| test perplexity | " << r.test.perplexity << " |\n| next-token accuracy | " << r.test.accuracy << " |\n"
       << "| test loss (per token) | " << r.test.loss << " |\n| test tokens | " << r.test.tokens << " |\n";
   else
@@ -111,7 +113,7 @@ int main(int argc, char** argv) {
   eval_cmd->add_option("run_dir", eval_dir, "run directory written by `tessera train`")->required()->check(CLI::ExistingDirectory);
   eval_cmd->add_option("--threads", threads, "override [train] threads");
 
-  auto* gen_cmd = app.add_subcommand("generate", "continue a prompt with a decoder: greedy, or sampled with --sample");
+  auto* gen_cmd = app.add_subcommand("generate", "continue a prompt (decoder) or answer a source (T5): greedy, or sampled with --sample");
   std::string gen_model, gen_run, gen_peft, prompt;
   GenerateOptions gen;
   gen_cmd->add_option("prompt", prompt, "text to continue")->required();
@@ -151,7 +153,7 @@ int main(int argc, char** argv) {
       if (!gen_run.empty()) {
         Config rc = load_config((fs::path(gen_run) / "config.toml").string());
         check_methods(rc, registry);
-        if (rc.task.kind != "causal-lm") throw std::runtime_error(gen_run + ": not a causal-lm run (task kind '" + rc.task.kind + "')");
+        if (rc.task.kind == "sequence-classification") throw std::runtime_error(gen_run + ": a sequence-classification run does not generate text");
         gen_model = rc.model.path, dtype = rc.model.dtype, device = rc.model.device;
         for (const auto& m : rc.methods) methods.push_back(m), states.push_back((fs::path(gen_run) / "adapter" / m.name / "adapter_model.safetensors").string());
       }
@@ -160,14 +162,26 @@ int main(int argc, char** argv) {
         states.push_back((fs::path(gen_peft) / "adapter_model.safetensors").string());
       }
       if (gen_model.empty()) throw std::runtime_error("generate needs --model or --run");
-      auto model = DecoderModel::load(gen_model, options_for(ModelConfig{gen_model, dtype, device}));
+      const auto opts = options_for(ModelConfig{gen_model, dtype, device});
       auto tokenizer = load_tokenizer(gen_model);
+      // An encoder-decoder continues from its encoded source; a decoder from its prompt.
+      std::unique_ptr<T5Model> t5;
+      std::unique_ptr<DecoderModel> decoder;
+      SiteModel* model = nullptr;
+      if (read_json_file((fs::path(gen_model) / "config.json").string()).value("model_type", "") == "t5") {
+        t5 = T5Model::load(gen_model, opts), model = t5.get();
+        gen.eos_token_ids = {t5->config().eos_token_id};
+        gen.pad_token_id = t5->config().pad_token_id;
+      } else {
+        decoder = DecoderModel::load(gen_model, opts), model = decoder.get();
+        gen.eos_token_ids = decoder->config().eos_token_ids;
+        gen.pad_token_id = std::max<std::int64_t>(0, decoder->config().pad_token_id);
+      }
       std::vector<std::unique_ptr<MethodInstance>> attached;
       for (std::size_t i = 0; i < methods.size(); ++i) attached.push_back(attach_with_state(registry, methods[i], *model, states[i]));
-      gen.eos_token_ids = model->config().eos_token_ids;
-      gen.pad_token_id = std::max<std::int64_t>(0, model->config().pad_token_id);
-      auto out = generate(*model, {tokenizer->encode(prompt)}, gen);
-      std::cout << prompt << tokenizer->decode(out[0]) << "\n";
+      const auto prompt_ids = tokenizer->encode(prompt);
+      auto out = t5 ? generate(*t5, {prompt_ids}, gen) : generate(*decoder, {prompt_ids}, gen);
+      std::cout << (t5 ? "" : prompt) << tokenizer->decode(out[0]) << "\n";
       for (auto& m : attached) m->call("detach", [&](Method& x) { x.detach(*model); });
       return 0;
     }
@@ -188,10 +202,12 @@ int main(int argc, char** argv) {
                                {"task", config.task.kind},
                                {"trainable_parameters", r.trainable}, {"base_parameters", r.base}, {"steps", r.steps},
                                {"seconds", r.seconds}, {"examples_per_s", r.examples_per_s}};
-      if (session.causal()) result["test_perplexity"] = r.test.perplexity, result["test_tokens"] = r.test.tokens;
+      if (session.causal() || session.seq2seq()) result["test_perplexity"] = r.test.perplexity, result["test_tokens"] = r.test.tokens;
+      if (session.seq2seq()) result["test_bleu"] = r.test.bleu;
       write_file_atomic((fs::path(run_dir) / "result.json").string(), result.dump(2) + "\n");
       write_file_atomic((fs::path(run_dir) / "report.md").string(), report(config, r, session.data().label_names));
-      if (session.causal()) std::printf("test perplexity %.3f (next-token accuracy %.4f) on %lld tokens; ", r.test.perplexity, r.test.accuracy, static_cast<long long>(r.test.tokens));
+      if (session.seq2seq()) std::printf("test BLEU %.2f; ", r.test.bleu);
+      if (session.causal() || session.seq2seq()) std::printf("test perplexity %.3f (next-token accuracy %.4f) on %lld tokens; ", r.test.perplexity, r.test.accuracy, static_cast<long long>(r.test.tokens));
       std::printf("test accuracy %.4f on %lld examples; trainable %.3f%% of the base; %s wall; run directory %s\n", r.test.accuracy,
                   static_cast<long long>(r.test.examples), 100.0 * static_cast<double>(r.trainable) / static_cast<double>(r.base),
                   format_duration(r.seconds).c_str(), run_dir.c_str());
@@ -200,7 +216,8 @@ int main(int argc, char** argv) {
     Session session(config, registry);
     session.load_adapter((fs::path(eval_dir) / "adapter").string());
     EvalResult ev = evaluate(session, Split::Test);
-    if (session.causal()) std::printf("test perplexity %.4f on %lld tokens; ", ev.perplexity, static_cast<long long>(ev.tokens));
+    if (session.seq2seq()) std::printf("test BLEU %.2f; ", ev.bleu);
+    if (session.causal() || session.seq2seq()) std::printf("test perplexity %.4f on %lld tokens; ", ev.perplexity, static_cast<long long>(ev.tokens));
     std::printf("test accuracy %.4f on %lld examples (loss %.6f)\n", ev.accuracy, static_cast<long long>(ev.examples), ev.loss);
     std::ifstream recorded(fs::path(eval_dir) / "result.json");
     if (recorded) {

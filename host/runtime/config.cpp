@@ -203,6 +203,7 @@ Config load_config(const std::string& path) {
     s.get("text_column", c.data.text_column);
     s.get("label_column", c.data.label_column);
     s.get("prompt_column", c.data.prompt_column);
+    s.get("target_column", c.data.target_column);
     s.get("test_fraction", c.data.test_fraction);
     s.get("seed", c.data.seed);
     s.positive("max_length", c.data.max_length, 2);
@@ -215,10 +216,12 @@ Config load_config(const std::string& path) {
   }
   {
     Section s(path, "task", table("task"));
-    s.choice("kind", c.task.kind, {"sequence-classification", "causal-lm"});
+    s.choice("kind", c.task.kind, {"sequence-classification", "causal-lm", "seq2seq"});
     s.positive("num_labels", c.task.num_labels, 0);
     s.choice("pooling", c.task.pooling, {"mean", "cls"});
     s.finish();
+    if (c.task.kind == "seq2seq" && c.data.target_column.empty())
+      s.fail(*table("task")->get("kind"), "a seq2seq task needs [data] target_column (text_column is the source)");
   }
   {
     Section s(path, "train", table("train"));
@@ -297,7 +300,7 @@ std::string resolved_toml(const Config& c) {
   toml::table root;
   root.insert("model", toml::table{{"path", c.model.path}, {"dtype", c.model.dtype}, {"device", c.model.device}});
   root.insert("data", toml::table{{"path", c.data.path}, {"format", c.data.format}, {"text_column", c.data.text_column},
-                                  {"label_column", c.data.label_column}, {"prompt_column", c.data.prompt_column},
+                                  {"label_column", c.data.label_column}, {"prompt_column", c.data.prompt_column}, {"target_column", c.data.target_column},
                                   {"test_fraction", c.data.test_fraction},
                                   {"seed", c.data.seed}, {"max_length", c.data.max_length}, {"limit", c.data.limit},
                                   {"padding", c.data.padding}});

@@ -3,9 +3,10 @@
 //
 //   [model]  path, dtype ("f32" | "bf16"), device ("cpu" | "cuda" | "cuda:N")
 //   [data]   path, format ("auto" | "csv" | "jsonl"), text_column, label_column,
-//            prompt_column, test_fraction, seed, max_length, limit,
+//            prompt_column, target_column, test_fraction, seed, max_length, limit,
 //            padding ("longest" | "max_length")
-//   [task]   kind ("sequence-classification" | "causal-lm"), num_labels, pooling ("mean" | "cls")
+//   [task]   kind ("sequence-classification" | "causal-lm" | "seq2seq"), num_labels,
+//            pooling ("mean" | "cls")
 //   [train]  epochs, batch_size, eval_batch_size, lr, head_lr, weight_decay,
 //            warmup_ratio, max_grad_norm, threads, seed, max_steps, group_by_length, shuffle
 //   [output] dir
@@ -54,6 +55,8 @@ struct DataConfig {
   std::string path, format = "auto", text_column = "text", label_column = "label";
   // causal-lm: an optional prompt column; the loss covers text_column (the response) only.
   std::string prompt_column;
+  // seq2seq: the target column; text_column is the source.
+  std::string target_column;
   std::string padding = "longest";  // or "max_length": every batch padded to max_length
   double test_fraction = 0.2;
   std::int64_t seed = 13, max_length = 128, limit = 0;

@@ -72,7 +72,7 @@ std::vector<std::vector<std::string>> read_csv(const std::string& path) {
 namespace {
 
 struct Raw {
-  std::string text, label, prompt;
+  std::string text, label, prompt, target;
 };
 
 std::vector<Raw> read_csv_examples(const DataConfig& c, bool labelled) {
@@ -86,12 +86,14 @@ std::vector<Raw> read_csv_examples(const DataConfig& c, bool labelled) {
   };
   const std::size_t t = column(c.text_column), l = labelled ? column(c.label_column) : t;
   const std::size_t p = c.prompt_column.empty() ? t : column(c.prompt_column);
+  const std::size_t g = c.target_column.empty() ? t : column(c.target_column);
   std::vector<Raw> out;
   for (std::size_t r = 1; r < rows.size(); ++r) {
     if (rows[r].size() != header.size())
       throw std::runtime_error(c.path + ": record " + std::to_string(r + 1) + " has " + std::to_string(rows[r].size()) +
                                " fields, the header " + std::to_string(header.size()));
-    out.push_back({rows[r][t], labelled ? rows[r][l] : "", c.prompt_column.empty() ? "" : rows[r][p]});
+    out.push_back({rows[r][t], labelled ? rows[r][l] : "", c.prompt_column.empty() ? "" : rows[r][p],
+                   c.target_column.empty() ? "" : rows[r][g]});
   }
   return out;
 }
@@ -117,15 +119,20 @@ std::vector<Raw> read_jsonl_examples(const DataConfig& c, bool labelled) {
       if (!j.contains(c.prompt_column) || !j[c.prompt_column].is_string()) throw std::runtime_error(where + "needs a string '" + c.prompt_column + "'");
       prompt = j[c.prompt_column].get<std::string>();
     }
+    std::string target;
+    if (!c.target_column.empty()) {
+      if (!j.contains(c.target_column) || !j[c.target_column].is_string()) throw std::runtime_error(where + "needs a string '" + c.target_column + "'");
+      target = j[c.target_column].get<std::string>();
+    }
     if (!labelled) {
-      out.push_back({j[c.text_column].get<std::string>(), "", prompt});
+      out.push_back({j[c.text_column].get<std::string>(), "", prompt, target});
       continue;
     }
     if (!j.contains(c.label_column)) throw std::runtime_error(where + "needs '" + c.label_column + "'");
     const auto& l = j[c.label_column];
     if (!l.is_string() && !l.is_number_integer() && !l.is_boolean())
       throw std::runtime_error(where + "'" + c.label_column + "' must be a string, integer or boolean");
-    out.push_back({j[c.text_column].get<std::string>(), l.is_string() ? l.get<std::string>() : l.dump(), prompt});
+    out.push_back({j[c.text_column].get<std::string>(), l.is_string() ? l.get<std::string>() : l.dump(), prompt, target});
   }
   return out;
 }
@@ -175,7 +182,7 @@ Dataset load_dataset(const DataConfig& c, bool labelled) {
   seeded_shuffle(order, static_cast<std::uint64_t>(c.seed));
   const auto n_test = std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(raw.size()) * c.test_fraction + 0.5));
   for (std::size_t k = 0; k < order.size(); ++k) {
-    Example e{raw[order[k]].text, labelled ? index[raw[order[k]].label] : 0, raw[order[k]].prompt};
+    Example e{raw[order[k]].text, labelled ? index[raw[order[k]].label] : 0, raw[order[k]].prompt, raw[order[k]].target};
     (k < n_test ? d.test : d.train).push_back(std::move(e));
   }
   return d;

@@ -14,6 +14,7 @@ struct Example {
   std::string text;
   std::int64_t label = 0;  // index into Dataset::label_names
   std::string prompt;      // causal-lm with a prompt column: the part the loss leaves out
+  std::string target;      // seq2seq: what the decoder learns to write (text is the source)
 };
 
 struct Dataset {

@@ -1,6 +1,7 @@
 #include "train/session.h"
 
 #include "model/safetensors.h"
+#include "model/generate.h"
 #include "train/lm_loss.h"
 
 #include <ATen/ATen.h>
@@ -26,6 +27,9 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
     decoder_ = DecoderModel::load(config_.model.path, opts);
     const auto& dc = decoder_->config();
     config_pad = dc.pad_token_id >= 0 ? dc.pad_token_id : (dc.eos_token_ids.empty() ? 0 : dc.eos_token_ids[0]);
+  } else if (seq2seq()) {
+    t5_ = T5Model::load(config_.model.path, opts);
+    config_pad = t5_->config().pad_token_id;
   } else {
     encoder_ = BertModel::load(config_.model.path, opts);
     config_pad = encoder_->config().pad_token_id;
@@ -34,7 +38,7 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   tokenizer_ = load_tokenizer(config_.model.path);
   // Padding never reaches a real token's output; its id only has to be in range.
   pad_id_ = tokenizer_->pad_id() >= 0 ? tokenizer_->pad_id() : std::max<std::int64_t>(config_pad, 0);
-  data_ = load_dataset(config_.data, !causal());
+  data_ = load_dataset(config_.data, /*labelled=*/!causal() && !seq2seq());
   const auto max_length = static_cast<std::size_t>(config_.data.max_length);
   auto tokenize = [&](const std::vector<Example>& split, std::vector<std::vector<std::int64_t>>& ids, std::vector<std::int64_t>& prompt) {
     for (const auto& e : split) {
@@ -55,6 +59,10 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   };
   tokenize(data_.train, train_ids_, train_prompt_);
   tokenize(data_.test, test_ids_, test_prompt_);
+  if (seq2seq()) {
+    for (const auto& e : data_.train) train_target_.push_back(tokenizer_->encode(e.target, max_length));
+    for (const auto& e : data_.test) test_target_.push_back(tokenizer_->encode(e.target, max_length));
+  }
 
   at::manual_seed(static_cast<std::uint64_t>(config_.train.seed));
   for (auto& m : config_.methods) {
@@ -63,7 +71,7 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
     inst->call("attach", [&](Method& method) { method.attach(ctx); });
     methods_.push_back(std::move(inst));
   }
-  if (causal()) return;
+  if (causal() || seq2seq()) return;
   std::int64_t L = config_.task.num_labels ? config_.task.num_labels : static_cast<std::int64_t>(data_.label_names.size());
   if (L < static_cast<std::int64_t>(data_.label_names.size()))
     throw std::runtime_error("task.num_labels = " + std::to_string(L) + " but the data has " + std::to_string(data_.label_names.size()) + " labels");
@@ -109,7 +117,25 @@ Batch Session::batch(Split which, const std::vector<std::size_t>& order, std::si
     }
     lab_a[r] = split[order[begin + static_cast<std::size_t>(r)]].label;
   }
+  if (seq2seq()) {  // teacher forcing: the decoder reads the target shifted right by one
+    const auto& targets = split_targets(which);
+    std::size_t U = 0;
+    for (std::size_t i = begin; i < end; ++i) U = std::max(U, targets[order[i]].size());
+    b.decoder_ids = at::full({B, static_cast<std::int64_t>(U)}, pad_id_, at::kLong);
+    b.lm_labels = at::full({B, static_cast<std::int64_t>(U)}, -100, at::kLong);
+    auto dec_a = b.decoder_ids.accessor<std::int64_t, 2>();
+    auto lab2 = b.lm_labels.accessor<std::int64_t, 2>();
+    for (std::int64_t r = 0; r < B; ++r) {
+      const auto& t = targets[order[begin + static_cast<std::size_t>(r)]];
+      dec_a[r][0] = t5_->config().decoder_start_token_id;
+      for (std::size_t u = 0; u < t.size(); ++u) {
+        lab2[r][static_cast<std::int64_t>(u)] = t[u];
+        if (u + 1 < U) dec_a[r][static_cast<std::int64_t>(u + 1)] = t[u];
+      }
+    }
+  }
   const auto dev = model().info().options.device();
+  if (b.decoder_ids.defined()) b.decoder_ids = b.decoder_ids.to(dev);
   b.ids = b.ids.to(dev);
   b.mask = b.mask.to(dev);
   b.labels = b.labels.to(dev);
@@ -144,19 +170,41 @@ Tensor text_logits(DecoderModel& m, const Batch& b) {
 
 Tensor Session::loss(const Batch& b) {
   if (causal()) return causal_lm_loss(text_logits(*decoder_, b), b.lm_labels);
+  if (seq2seq()) {
+    Tensor logits = t5_->logits(t5_->decode(b.decoder_ids, t5_->encode(b.ids, b.mask))).to(at::kFloat);  // (B, U, V)
+    return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), b.lm_labels.reshape({-1}), {}, at::Reduction::Mean, -100);
+  }
   return at::cross_entropy_loss(logits(b), b.labels);
 }
 
 TokenStats Session::token_stats(const Batch& b) {
-  const auto T = b.ids.size(1);
-  Tensor logits = text_logits(*decoder_, b).narrow(1, 0, T - 1).to(at::kFloat);  // (B, T-1, V)
-  Tensor next = b.lm_labels.narrow(1, 1, T - 1);                                  // (B, T-1)
+  Tensor logits, next;  // (B, U, V), (B, U): each position's prediction and the token it should be
+  if (seq2seq()) {
+    logits = t5_->logits(t5_->decode(b.decoder_ids, t5_->encode(b.ids, b.mask))).to(at::kFloat);
+    next = b.lm_labels;
+  } else {
+    const auto T = b.ids.size(1);
+    logits = text_logits(*decoder_, b).narrow(1, 0, T - 1).to(at::kFloat);
+    next = b.lm_labels.narrow(1, 1, T - 1);
+  }
   Tensor keep = next.ne(-100);
   TokenStats st;
   st.loss_sum = at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), next.reshape({-1}), {}, at::Reduction::Sum, -100).item<double>();
   st.tokens = keep.sum().item<std::int64_t>();
   st.correct = logits.argmax(-1).eq(next).logical_and(keep).sum().item<std::int64_t>();
   return st;
+}
+
+std::vector<std::string> Session::generate_text(Split split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end) {
+  std::vector<std::vector<std::int64_t>> sources;
+  for (std::size_t i = begin; i < end; ++i) sources.push_back(token_ids(split)[order[i]]);
+  GenerateOptions o;
+  o.max_new_tokens = config_.data.max_length;
+  o.eos_token_ids = {t5_->config().eos_token_id};
+  o.pad_token_id = t5_->config().pad_token_id;
+  std::vector<std::string> out;
+  for (const auto& ids : generate(*t5_, sources, o)) out.push_back(tokenizer_->decode(ids));
+  return out;
 }
 
 std::int64_t Session::base_parameter_count() {
@@ -206,7 +254,7 @@ void Session::load_adapter(const std::string& dir) {
     auto tensors = read_all(file.string());
     methods_[i]->call("load_state", [&](Method& x) { x.load_state(tensors); });
   }
-  if (causal()) return;
+  if (!head_w_.defined()) return;  // causal-lm and seq2seq train no head
   auto head = read_all((fs::path(dir) / "head.safetensors").string());
   for (auto pair : std::initializer_list<std::pair<const char*, Tensor*>>{{"classifier.weight", &head_w_}, {"classifier.bias", &head_b_}}) {
     auto it = head.find(pair.first);

@@ -2,12 +2,14 @@
 // method instances and the task head. `tessera train` and `tessera eval` both build one
 // from a config, so evaluation sees exactly what training saw.
 //
-// Tasks: sequence-classification (an encoder, pooled, a linear head) and causal-lm (a
-// decoder and its own LM head; next-token loss over the text, prompt tokens left out).
+// Tasks: sequence-classification (an encoder, pooled, a linear head), causal-lm (a
+// decoder and its own LM head; next-token loss over the text, prompt tokens left out) and
+// seq2seq (an encoder-decoder; loss over the target, BLEU of greedy outputs).
 #pragma once
 
 #include "model/bert.h"
 #include "model/decoder.h"
+#include "model/t5.h"
 #include "model/tokenizer.h"
 #include "runtime/config.h"
 #include "runtime/plugin_registry.h"
@@ -25,7 +27,9 @@ struct Batch {
   Tensor ids;        // (B, T) int64, padded on the right
   Tensor mask;       // (B, T) int64, 1 = token
   Tensor labels;     // (B) int64: classification
-  Tensor lm_labels;  // (B, T) int64: causal-lm, the ids with -100 on padding and prompt tokens
+  Tensor lm_labels;  // causal-lm (B, T): the ids with -100 on padding and prompt tokens;
+                     // seq2seq (B, U): the target ids with -100 on padding
+  Tensor decoder_ids;  // seq2seq (B, U): [decoder start ; target[:-1]]
 };
 
 // Next-token statistics of a causal-lm batch.
@@ -42,8 +46,14 @@ class Session {
 
   const Config& config() const { return config_; }
   bool causal() const { return config_.task.kind == "causal-lm"; }
-  SiteModel& model() { return encoder_ ? static_cast<SiteModel&>(*encoder_) : *decoder_; }
-  const SiteModel& model() const { return encoder_ ? static_cast<const SiteModel&>(*encoder_) : *decoder_; }
+  bool seq2seq() const { return config_.task.kind == "seq2seq"; }
+  SiteModel& model() { return const_cast<SiteModel&>(static_cast<const Session*>(this)->model()); }
+  const SiteModel& model() const {
+    if (encoder_) return *encoder_;
+    if (decoder_) return *decoder_;
+    return *t5_;
+  }
+  T5Model* t5() { return t5_.get(); }
   DecoderModel* decoder() { return decoder_.get(); }
   BertModel* encoder() { return encoder_.get(); }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
@@ -56,10 +66,13 @@ class Session {
   // Token ids of every example, special tokens included (tokenized once); causal-lm:
   // prompt, text and EOS, with prompt_length(split)[i] prompt tokens in front.
   const std::vector<std::vector<std::int64_t>>& token_ids(Split split) const { return split == Split::Train ? train_ids_ : test_ids_; }
+  const std::vector<std::vector<std::int64_t>>& split_targets(Split split) const { return split == Split::Train ? train_target_ : test_target_; }
   const std::vector<std::int64_t>& prompt_lengths(Split split) const { return split == Split::Train ? train_prompt_ : test_prompt_; }
   Tensor logits(const Batch& b);  // classification: (B, num_labels)
   Tensor loss(const Batch& b);    // the task's training loss (scalar f32)
-  TokenStats token_stats(const Batch& b);  // causal-lm
+  TokenStats token_stats(const Batch& b);  // causal-lm and seq2seq
+  // seq2seq: greedy outputs for examples order[begin, end) of a split, as text.
+  std::vector<std::string> generate_text(Split split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end);
 
   // The classification head; empty for causal-lm (the decoder's own head is frozen).
   NamedTensors head() const {
@@ -78,11 +91,13 @@ class Session {
   Config config_;
   std::unique_ptr<BertModel> encoder_;
   std::unique_ptr<DecoderModel> decoder_;
+  std::unique_ptr<T5Model> t5_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::int64_t pad_id_ = 0;
   Dataset data_;
   std::vector<std::vector<std::int64_t>> train_ids_, test_ids_;
   std::vector<std::int64_t> train_prompt_, test_prompt_;
+  std::vector<std::vector<std::int64_t>> train_target_, test_target_;  // seq2seq
   std::vector<std::unique_ptr<MethodInstance>> methods_;
   Tensor head_w_;  // (L, H)
   Tensor head_b_;  // (L)

@@ -1,6 +1,7 @@
 #include "train/trainer.h"
 
 #include "model/safetensors.h"
+#include "train/bleu.h"
 #include "train/progress.h"
 
 #include <ATen/ATen.h>
@@ -35,10 +36,15 @@ EvalResult evaluate(Session& s, Split split) {
   EvalResult r;
   std::int64_t correct = 0;
   double loss_sum = 0;
+  std::vector<std::string> hypotheses;
   const auto bs = static_cast<std::size_t>(s.config().train.eval_batch_size);
   for (std::size_t b = 0; b < n; b += bs) {
     Batch batch = s.batch(split, order, b, std::min(n, b + bs));
-    if (s.causal()) {
+    if (s.seq2seq()) {
+      auto texts = s.generate_text(split, order, b, std::min(n, b + bs));
+      hypotheses.insert(hypotheses.end(), texts.begin(), texts.end());
+    }
+    if (s.causal() || s.seq2seq()) {
       TokenStats st = s.token_stats(batch);
       loss_sum += st.loss_sum, correct += st.correct, r.tokens += st.tokens;
       continue;
@@ -49,10 +55,16 @@ EvalResult evaluate(Session& s, Split split) {
   }
   s.model().train(was_training);
   r.examples = static_cast<std::int64_t>(n);
-  const auto count = static_cast<double>(s.causal() ? std::max<std::int64_t>(r.tokens, 1) : r.examples);
+  const bool per_token = s.causal() || s.seq2seq();
+  const auto count = static_cast<double>(per_token ? std::max<std::int64_t>(r.tokens, 1) : r.examples);
   r.accuracy = static_cast<double>(correct) / count;
   r.loss = loss_sum / count;
-  if (s.causal()) r.perplexity = std::exp(r.loss);
+  if (per_token) r.perplexity = std::exp(r.loss);
+  if (s.seq2seq()) {
+    std::vector<std::string> references;
+    for (const auto& e : s.examples(split)) references.push_back(e.target);
+    r.bleu = corpus_bleu(hypotheses, references).score;
+  }
   return r;
 }
 
@@ -182,7 +194,11 @@ TrainResult train(Session& s, const std::string& run_dir) {
     }
     bar.finish();
     EvalResult ev = evaluate(s, Split::Test);
-    if (s.causal()) {
+    if (s.seq2seq()) {
+      spdlog::info("epoch {}: test BLEU {:.2f}, perplexity {:.3f}, next-token accuracy {:.4f}", epoch + 1, ev.bleu, ev.perplexity, ev.accuracy);
+      log_metric({{"event", "eval"}, {"epoch", epoch + 1}, {"step", step}, {"accuracy", ev.accuracy}, {"loss", ev.loss},
+                  {"perplexity", ev.perplexity}, {"bleu", ev.bleu}});
+    } else if (s.causal()) {
       spdlog::info("epoch {}: test perplexity {:.3f}, next-token accuracy {:.4f}, loss {:.4f}", epoch + 1, ev.perplexity, ev.accuracy, ev.loss);
       log_metric({{"event", "eval"}, {"epoch", epoch + 1}, {"step", step}, {"accuracy", ev.accuracy}, {"loss", ev.loss}, {"perplexity", ev.perplexity}});
     } else {

@@ -10,10 +10,11 @@
 
 namespace tessera {
 
-// Classification: accuracy and mean loss per example. Causal-lm: next-token accuracy,
-// mean loss per predicted token and its exponential, the perplexity.
+// Classification: accuracy and mean loss per example. Causal-lm and seq2seq: next-token
+// accuracy, mean loss per predicted token and its exponential, the perplexity; seq2seq
+// also the corpus BLEU of greedy outputs against the targets.
 struct EvalResult {
-  double accuracy = 0, loss = 0, perplexity = 0;
+  double accuracy = 0, loss = 0, perplexity = 0, bleu = 0;
   std::int64_t examples = 0, tokens = 0;
 };
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A causal-LM run through the binary on a tiny GPT-2 with a real BPE tokenizer: train,
 # eval reproduces the recorded next-token accuracy, `generate` continues a prompt from
-# the run (greedy twice: the same text; sampled with a seed: repeatable).
+# the run (greedy twice: the same text; sampled with a seed: repeatable); a T5 answers.
 set -euo pipefail
-tessera=$1 model=$2 out=$3
+tessera=$1 model=$2 out=$3 t5=$4
 rm -rf "$out" && mkdir -p "$out"
 cat >"$out/run.toml" <<TOML
 [model]
@@ -35,6 +35,11 @@ b=$("$tessera" generate --run "$out/run" "the film is" --max-new-tokens 8)
 c=$("$tessera" generate --model "$model" "the film is" --sample --top-k 20 --seed 7)
 d=$("$tessera" generate --model "$model" "the film is" --sample --top-k 20 --seed 7)
 [[ "$c" == "$d" ]]
+
+# T5 answers a source (no echo of the prompt), the same text twice.
+e=$("$tessera" generate --model "$t5" "the film is" --max-new-tokens 6)
+f=$("$tessera" generate --model "$t5" "the film is" --max-new-tokens 6)
+[[ "$e" == "$f" && "$e" != "the film is"* ]]
 
 # An encoder is not a decoder: refused in one line.
 set +e
