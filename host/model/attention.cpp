@@ -8,8 +8,14 @@
 namespace tessera {
 
 Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& keep, double dropout, bool training,
-              const AttentionSite& site, const Tensor& bias, std::optional<double> scale) {
+              const AttentionSite& site, const Tensor& bias, std::optional<double> scale, bool causal) {
   const double p = training ? dropout : 0.0;
+  if (!keep.defined() && !bias.defined() && !site.has_score_hooks()) return at::scaled_dot_product_attention(q, k, v, {}, p, causal, scale);
+  if (!keep.defined()) {  // spell the implicit mask out for the paths below
+    const auto T = q.size(2), S = k.size(2);
+    Tensor all = at::ones({1, 1, T, S}, q.options().dtype(at::kBool));
+    return attend(q, k, v, causal ? all.tril(S - T) : all, dropout, training, site, bias, scale, false);
+  }
   // A float mask carries both the bias and the masked keys; a bool mask suffices otherwise.
   Tensor mask = keep;
   if (bias.defined() || site.has_score_hooks()) {

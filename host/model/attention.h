@@ -10,10 +10,12 @@
 namespace tessera {
 
 // q (B, nh, T, hd); k, v (B, nh, S, hd); keep broadcastable to (B, nh, T, S), bool, true =
-// attend. Every query row must keep at least one key. Returns (B, nh, T, hd).
+// attend; every query row must keep at least one key. An undefined keep means every key
+// (or, with causal, every key up to the query's own position, T == S): the kernels run
+// fastest without a mask. Returns (B, nh, T, hd).
 // bias: an additive score bias broadcastable to (B, nh, T, S) (T5's relative positions);
 // scale: the factor on QKᵀ, 1/√hd when absent (T5 uses 1).
 Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& keep, double dropout, bool training,
-              const AttentionSite& site, const Tensor& bias = {}, std::optional<double> scale = std::nullopt);
+              const AttentionSite& site, const Tensor& bias = {}, std::optional<double> scale = std::nullopt, bool causal = false);
 
 }  // namespace tessera

@@ -120,8 +120,9 @@ Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask,
     k = at::cat({prefix.first.to(k.dtype()), k}, 2);
     v = at::cat({prefix.second.to(v.dtype()), v}, 2);
   }
-  if (mask.size(1) != k.size(2)) throw std::runtime_error("attention mask covers " + std::to_string(mask.size(1)) + " keys, not " + std::to_string(k.size(2)));
-  Tensor keep = mask.to(at::kBool).view({B, 1, 1, k.size(2)});
+  if (mask.defined() && mask.size(1) != k.size(2)) throw std::runtime_error("attention mask covers " + std::to_string(mask.size(1)) + " keys, not " + std::to_string(k.size(2)));
+  // An undefined mask: every key is real, no mask at all (the kernels' fastest path).
+  Tensor keep = mask.defined() ? mask.to(at::kBool).view({B, 1, 1, k.size(2)}) : Tensor();
   Tensor ctx = attend(q, k, v, keep, config_.attention_dropout, training_, *l.attention);  // (B, nh, T, hd)
   ctx = ctx.transpose(1, 2).reshape({B * T, H});
   return u ? ctx.index_select(0, u->index) : ctx.view({B, T, H});  // (N, H) or (B, T, H)
@@ -176,9 +177,10 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   // layers, GELU and LayerNorm run on the N real tokens only. Their hidden states come
   // back as zeros.
   std::optional<Unpadded> unpadded;
+  Tensor flat = out.mask.reshape({-1}).to(at::kBool);
+  const bool all_real = flat.all().item<bool>();
   if (token_wise_only()) {
-    Tensor flat = out.mask.reshape({-1}).to(at::kBool);
-    if (!flat.all().item<bool>()) {
+    if (!all_real) {
       unpadded = Unpadded{flat.nonzero().squeeze(1), B, S};
       x = x.reshape({B * S, H}).index_select(0, unpadded->index);  // (N, H)
     }
@@ -187,8 +189,8 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   for (const auto& l : layers_) {
     // The prefix is computed once per layer and forward: it sets the mask's length too.
     const KV prefix = l.attention->prefix(B);
-    Tensor mask = out.mask;
-    if (prefix.first.defined()) mask = at::cat({at::ones({B, prefix.first.size(2)}, out.mask.options()), out.mask}, 1);
+    Tensor mask;  // undefined when every key is real
+    if (!all_real) mask = prefix.first.defined() ? at::cat({at::ones({B, prefix.first.size(2)}, out.mask.options()), out.mask}, 1) : out.mask;
     x = l.layer->run(x, [&](const Tensor& h) { return layer_forward(l, h, mask, prefix, u); });
   }
   out.hidden = u ? at::zeros({B * S, H}, x.options()).index_copy(0, u->index, x).view({B, S, H}) : x;

@@ -240,7 +240,7 @@ Tensor DecoderModel::mlp(const Layer& l, const Tensor& x) const {
 }
 
 Tensor DecoderModel::attention(const Layer& l, std::size_t index, const Tensor& x, const Tensor& positions,
-                               const Tensor& key_mask, const std::pair<Tensor, Tensor>& rope, KVCache* cache) const {
+                               const Tensor& key_mask, const std::pair<Tensor, Tensor>& rope, KVCache* cache, bool all_real) const {
   // x (B, T, H); key_mask (B, S) over [prefix | cache | new]; returns (B, T, H)
   const auto B = x.size(0), T = x.size(1), nh = config_.num_heads, kvh = config_.num_kv_heads, hd = config_.head_dim;
   Tensor q, k, v;
@@ -282,15 +282,20 @@ Tensor DecoderModel::attention(const Layer& l, std::size_t index, const Tensor& 
   if (key_mask.size(1) != S) throw std::runtime_error(l.attention->name() + ": attention prefixes of different lengths are not supported in a decoder");
   // Query t sits at key index S − T + t: it sees real keys not after itself (and within
   // the sliding window), and always itself, so a padding row is never empty.
-  Tensor qpos = at::arange(S - T, S, positions.options()).view({T, 1}), kpos = at::arange(S, positions.options()).view({1, S});
-  Tensor visible = kpos <= qpos;
-  if (l.sliding) visible = visible.logical_and(qpos - kpos < config_.sliding_window);
-  Tensor keep = key_mask.to(at::kBool).view({B, 1, 1, S}).logical_and(visible).logical_or(kpos == qpos);  // (B, 1, T, S)
+  Tensor keep;  // (B, 1, T, S); undefined: the kernel's own causal mask (or none for one query) suffices
+  const bool plain = all_real && !(l.sliding && S > config_.sliding_window);
+  if (!plain || (T != S && T != 1)) {
+    Tensor qpos = at::arange(S - T, S, positions.options()).view({T, 1}), kpos = at::arange(S, positions.options()).view({1, S});
+    Tensor visible = kpos <= qpos;
+    if (l.sliding) visible = visible.logical_and(qpos - kpos < config_.sliding_window);
+    keep = key_mask.to(at::kBool).view({B, 1, 1, S}).logical_and(visible).logical_or(kpos == qpos);
+  }
   if (kvh != nh) {  // grouped-query attention: each key/value head serves nh / kvh query heads
     k = k.repeat_interleave(nh / kvh, 1);
     v = v.repeat_interleave(nh / kvh, 1);
   }
-  Tensor ctx = attend(q, k, v, keep, config_.attention_dropout, training_, *l.attention);  // (B, nh, T, hd)
+  Tensor ctx = attend(q, k, v, keep, config_.attention_dropout, training_, *l.attention, {}, std::nullopt,
+                      /*causal=*/!keep.defined() && T > 1);  // (B, nh, T, hd)
   return l.o->forward(ctx.transpose(1, 2).reshape({B, T, nh * hd}));
 }
 
@@ -312,6 +317,7 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     past = at::ones({B, prefix.first.defined() ? prefix.first.size(2) : 0}, mask.options());
   }
   Tensor key_mask = at::cat({past, new_mask}, 1);  // (B, S)
+  const bool all_real = key_mask.all().item<bool>();
   Tensor positions = (at::cumsum(key_mask, 1) - 1).clamp_min(0).narrow(1, key_mask.size(1) - T, T);  // (B, T)
   if (config_.gpt2) {
     if (positions.max().item<std::int64_t>() >= config_.max_positions)
@@ -324,7 +330,7 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     const Layer& l = layers_[i];
     x = l.layer->run(x, [&](const Tensor& h) {
       Tensor n1 = norm(h, l.norm1_w, l.norm1_b);
-      Tensor a = at::dropout(attention(l, i, n1, positions, key_mask, rope, cache), config_.hidden_dropout, training_);
+      Tensor a = at::dropout(attention(l, i, n1, positions, key_mask, rope, cache, all_real), config_.hidden_dropout, training_);
       Tensor h1 = h + l.attn->apply(n1, a);
       Tensor n2 = norm(h1, l.norm2_w, l.norm2_b);
       Tensor m = at::dropout(mlp(l, n2), config_.hidden_dropout, training_);

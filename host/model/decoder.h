@@ -85,7 +85,7 @@ class DecoderModel final : public SiteModel {
   Tensor norm(const Tensor& x, ParameterSite* w, ParameterSite* b) const;
   Tensor mlp(const Layer& l, const Tensor& x) const;
   Tensor attention(const Layer& l, std::size_t index, const Tensor& x, const Tensor& positions, const Tensor& key_mask,
-                   const std::pair<Tensor, Tensor>& rope, KVCache* cache) const;
+                   const std::pair<Tensor, Tensor>& rope, KVCache* cache, bool all_real) const;
   std::pair<Tensor, Tensor> rope_tables(const Tensor& positions, c10::ScalarType dtype) const;  // cos, sin (B, 1, T, hd)
 
   DecoderConfig config_;

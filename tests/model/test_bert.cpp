@@ -62,3 +62,13 @@ CATCH_TEST_CASE("a directory that is not a supported model is refused with the r
   }
   CATCH_CHECK_THROWS_WITH(BertModel::load(dir.string(), at::TensorOptions()), Catch::Contains("model_type 'gpt2' is not supported"));
 }
+
+CATCH_TEST_CASE("a batch without padding (no attention mask at all) equals transformers", "[model][bert]") {
+  auto model = test::load_minilm();
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  const auto lengths = ref["attention_mask"].sum(1);
+  const auto row = lengths.argmax().item<std::int64_t>();  // the longest sentence: no padding in its row
+  at::NoGradGuard no_grad;
+  Tensor h = model->forward(ref["input_ids"].narrow(0, row, 1), ref["attention_mask"].narrow(0, row, 1)).hidden;
+  CATCH_CHECK(test::max_abs_diff(h, ref["hidden"].narrow(0, row, 1)) < 1e-4);
+}

@@ -1,0 +1,34 @@
+"""The peer of bench/forward.cpp: transformers' no-grad forward on the same checkpoint,
+ids, batch, length and threads. Prints one JSON line.
+usage: peer_forward.py MODEL_DIR BATCH LENGTH ITERATIONS THREADS"""
+import json
+import sys
+import time
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, T5ForConditionalGeneration
+
+path, B, T, iters, threads = sys.argv[1], *map(int, sys.argv[2:])
+torch.set_num_threads(threads)
+kind = AutoConfig.from_pretrained(path).model_type
+if kind in ("bert", "roberta"):
+    model = AutoModel.from_pretrained(path, dtype=torch.float32)
+    run = lambda ids, mask: model(input_ids=ids, attention_mask=mask)
+elif kind == "t5":
+    model = T5ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    run = lambda ids, mask: model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, : T // 4], use_cache=False)
+else:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    run = lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False)
+model.eval()
+torch.manual_seed(0)
+ids = torch.randint(3, model.config.vocab_size, (B, T))
+mask = torch.ones(B, T, dtype=torch.long)
+with torch.inference_mode():
+    for _ in range(2):
+        run(ids, mask)
+    start = time.perf_counter()
+    for _ in range(iters):
+        run(ids, mask)
+    s = time.perf_counter() - start
+print(json.dumps({"tokens_per_s": B * T * iters / s, "seconds": s}))
