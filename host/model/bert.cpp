@@ -94,7 +94,24 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
     l.layer = m->layer_site(cn, prefix + hf, i);
     m->layers_.push_back(l);
   }
-  m->ignored_ = file.finish();  // pooler, position_ids, task heads
+  // The masked-LM head (BertForMaskedLM: cls.predictions.*, RobertaForMaskedLM: lm_head.*),
+  // stored outside the encoder's prefix; its decoder weight is the word embedding matrix.
+  const bool bert_mlm = file.contains("cls.predictions.transform.dense.weight"), roberta_mlm = file.contains("lm_head.dense.weight");
+  if (bert_mlm || roberta_mlm) {
+    const std::string hp = bert_mlm ? "cls.predictions." : "lm_head.", dense = bert_mlm ? "transform.dense" : "dense",
+                      norm = bert_mlm ? "transform.LayerNorm" : "layer_norm";
+    auto head_param = [&](const std::string& canonical, const std::string& hf, std::vector<int64_t> shape) {
+      return m->param(canonical, hp + hf, file.take(hp + hf, shape, options));
+    };
+    m->mlm_dense_ = m->linear("mlm.dense", hp + dense, head_param("mlm.dense.weight", dense + ".weight", {H, H}),
+                              head_param("mlm.dense.bias", dense + ".bias", {H}));
+    m->mlm_norm_w_ = head_param("mlm.norm.weight", norm + ".weight", {H});
+    m->mlm_norm_b_ = head_param("mlm.norm.bias", norm + ".bias", {H});
+    if (file.contains(hp + "decoder.weight")) file.take(hp + "decoder.weight", {c.vocab_size, H}, options);  // the tied copy
+    if (file.contains(hp + "decoder.bias")) file.take(hp + "decoder.bias", {c.vocab_size}, options);
+    m->head_ = m->linear("head", hp + "decoder", m->word_, head_param("head.bias", "bias", {c.vocab_size}));
+  }
+  m->ignored_ = file.finish();  // pooler, position_ids, other task heads
 
   m->info_.architecture = c.model_type;
   m->info_.hidden_size = H;
@@ -137,6 +154,13 @@ Tensor BertModel::layer_forward(const Layer& l, const Tensor& h, const Tensor& m
   Tensor mm = at::dropout(l.down->forward(at::gelu(l.up->forward(h1))), p, training_);
   mm = l.mlp->apply(h1, mm);
   return at::layer_norm(h1 + mm, H, l.mlp_norm_w->value(), l.mlp_norm_b->value(), config_.layer_norm_eps);
+}
+
+Tensor BertModel::mlm_logits(const Tensor& hidden) const {
+  if (!head_) throw std::runtime_error("this checkpoint has no masked-LM head (cls.predictions.* or lm_head.*)");
+  Tensor x = at::gelu(mlm_dense_->forward(hidden));
+  x = at::layer_norm(x, {config_.hidden_size}, mlm_norm_w_->value(), mlm_norm_b_->value(), config_.layer_norm_eps);
+  return head_->forward(x);
 }
 
 bool BertModel::token_wise_only() const {

@@ -36,6 +36,10 @@ class BertModel final : public SiteModel {
   static std::unique_ptr<BertModel> load(const std::string& dir, c10::TensorOptions options);
 
   Encoded forward(const Tensor& input_ids, const Tensor& attention_mask) const;  // (B, T) each
+  // The masked-LM head of a *ForMaskedLM checkpoint: (…, H) -> (…, V) through
+  // GELU(dense) → LayerNorm → the `head` site (tied to the word embeddings) + bias.
+  bool has_mlm_head() const { return head_ != nullptr; }
+  Tensor mlm_logits(const Tensor& hidden) const;
   const BertConfig& config() const { return config_; }
 
  private:
@@ -63,6 +67,8 @@ class BertModel final : public SiteModel {
   BertConfig config_;
   ParameterSite *word_ = nullptr, *position_ = nullptr, *token_type_ = nullptr, *embed_norm_w_ = nullptr, *embed_norm_b_ = nullptr;
   std::vector<Layer> layers_;
+  LinearSite *mlm_dense_ = nullptr, *head_ = nullptr;  // masked-LM head, when the checkpoint has one
+  ParameterSite *mlm_norm_w_ = nullptr, *mlm_norm_b_ = nullptr;
 };
 
 }  // namespace tessera

@@ -72,3 +72,19 @@ CATCH_TEST_CASE("a batch without padding (no attention mask at all) equals trans
   Tensor h = model->forward(ref["input_ids"].narrow(0, row, 1), ref["attention_mask"].narrow(0, row, 1)).hidden;
   CATCH_CHECK(test::max_abs_diff(h, ref["hidden"].narrow(0, row, 1)) < 1e-4);
 }
+
+CATCH_TEST_CASE("masked-LM heads (BertForMaskedLM, RobertaForMaskedLM) equal transformers", "[model][bert]") {
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  at::NoGradGuard no_grad;
+  for (const std::string name : {"roberta", "bert_mlm"}) {
+    CATCH_INFO("checkpoint " << name);
+    auto model = BertModel::load(test::fixture(name == "roberta" ? "tiny_roberta" : "tiny_bert_mlm"), at::TensorOptions().dtype(at::kFloat));
+    CATCH_REQUIRE(model->has_mlm_head());
+    CATCH_CHECK(model->ignored_tensors().size() <= 1);  // at most the position_ids buffer
+    const auto& mask = ref[name + ".attention_mask"];
+    Tensor logits = model->mlm_logits(model->forward(ref["roberta.input_ids"], mask).hidden);
+    CATCH_CHECK(test::max_abs_diff_tokens(logits, ref[name + (name == "roberta" ? ".mlm_logits" : ".logits")], mask) < 1e-4);
+    CATCH_CHECK(model->match_linear({"head"}).at(0)->weight().name() == "embed.word.weight");  // tied
+  }
+  CATCH_CHECK_THROWS_WITH(test::load_minilm()->mlm_logits(at::zeros({1, 384})), Catch::Contains("no masked-LM head"));
+}
