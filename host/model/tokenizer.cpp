@@ -1,6 +1,6 @@
 #include "model/tokenizer.h"
 
-#include "model/bpe.h"
+#include "model/json_tokenizer.h"
 #include "model/json_file.h"
 #include "model/wordpiece.h"
 
@@ -18,8 +18,8 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
     const auto j = read_json_file(json.string());
     const std::string type = j.contains("model") ? j["model"].value("type", "") : "";
     if (type == "WordPiece") return std::make_unique<WordPieceTokenizer>(WordPieceTokenizer::from_directory(dir));
-    if (type == "BPE") return std::make_unique<BpeTokenizer>(j, json.string());
-    throw std::runtime_error(json.string() + ": tokenizer model '" + type + "' is not supported (supported: WordPiece, BPE)");
+    if (type == "BPE" || type == "Unigram") return std::make_unique<JsonTokenizer>(j, json.string());
+    throw std::runtime_error(json.string() + ": tokenizer model '" + type + "' is not supported (supported: WordPiece, BPE, Unigram)");
   }
   if (fs::exists(fs::path(dir) / "vocab.txt")) return std::make_unique<WordPieceTokenizer>(WordPieceTokenizer::from_directory(dir));
   throw std::runtime_error(dir + ": no tokenizer.json (or vocab.txt for WordPiece); a tokenizer saved only as vocab.json + merges.txt or a .model file must be converted to tokenizer.json at set-up");

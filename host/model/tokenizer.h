@@ -1,6 +1,6 @@
 // Tokenizers, read from a Hugging Face directory and equal to the `tokenizers` library id
-// for id: WordPiece (BERT) and BPE, byte-level (GPT-2, RoBERTa, Llama 3, Qwen2) or
-// SentencePiece-style with byte fallback (Llama 2, Mistral, TinyLlama).
+// for id: WordPiece (BERT), BPE, byte-level (GPT-2, RoBERTa, Llama 3, Qwen2) or
+// SentencePiece-style with byte fallback (Llama 2, Mistral, TinyLlama), and Unigram (T5).
 #pragma once
 
 #include <cstdint>
@@ -22,7 +22,7 @@ class Tokenizer {
   virtual std::size_t vocab_size() const = 0;
 };
 
-// tokenizer.json (WordPiece or BPE model), else vocab.txt (WordPiece). Anything else is
+// tokenizer.json (WordPiece, BPE or Unigram model), else vocab.txt (WordPiece). Anything else is
 // refused naming the file and what it holds.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
 

@@ -2,7 +2,7 @@
 // multi-language sample (fixtures/make_tokenizers.py trains them on the real corpus).
 #include "support.h"
 
-#include "model/bpe.h"
+#include "model/json_tokenizer.h"
 #include "model/tokenizer.h"
 
 #include <nlohmann/json.hpp>
@@ -11,13 +11,13 @@
 
 using namespace tessera;
 
-CATCH_TEST_CASE("BPE tokenizers equal the tokenizers library id for id, and decode alike", "[model][tokenizer]") {
+CATCH_TEST_CASE("BPE and Unigram tokenizers equal the tokenizers library id for id, and decode alike", "[model][tokenizer]") {
   nlohmann::json all;
   std::ifstream(test::fixture("tokenizers/cases.json")) >> all;
-  CATCH_REQUIRE(all.size() == 6);
+  CATCH_REQUIRE(all.size() == 7);
   for (const auto& [name, cases] : all.items()) {
     auto tok = load_tokenizer(test::fixture("tokenizers/" + name));
-    CATCH_REQUIRE(dynamic_cast<BpeTokenizer*>(tok.get()) != nullptr);
+    CATCH_REQUIRE(dynamic_cast<JsonTokenizer*>(tok.get()) != nullptr);
     std::size_t equal = 0, decoded = 0;
     for (const auto& c : cases) {
       const auto text = c["text"].get<std::string>();
@@ -38,8 +38,8 @@ CATCH_TEST_CASE("BPE tokenizers equal the tokenizers library id for id, and deco
 CATCH_TEST_CASE("tokenizer directories that cannot be read are refused with the reason", "[model][tokenizer]") {
   auto dir = test::temp_dir("tokenizer-bad");
   CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("no tokenizer.json"));
-  std::ofstream((dir / "tokenizer.json").string()) << R"({"model": {"type": "Unigram", "vocab": []}})";
-  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("tokenizer model 'Unigram' is not supported"));
+  std::ofstream((dir / "tokenizer.json").string()) << R"({"model": {"type": "WordLevel", "vocab": {}}})";
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("tokenizer model 'WordLevel' is not supported"));
   std::ofstream((dir / "tokenizer.json").string()) << R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}})";
   CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("merge 'a b' uses a token missing"));
   std::ofstream((dir / "tokenizer.json").string()) << R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},

@@ -1,4 +1,4 @@
-#include "model/bpe.h"
+#include "model/json_tokenizer.h"
 
 #include "model/utf8.h"
 
@@ -14,7 +14,7 @@
 
 namespace tessera {
 
-struct BpeTokenizer::Regex {
+struct JsonTokenizer::Regex {
   pcre2_code* code = nullptr;
   ~Regex() { pcre2_code_free(code); }
 };
@@ -22,12 +22,12 @@ struct BpeTokenizer::Regex {
 namespace {
 
 using Json = nlohmann::json;
-using Step = BpeTokenizer::Step;
+using Step = JsonTokenizer::Step;
 
 // GPT-2's pre-tokenizer pattern (ByteLevel with use_regex).
 const char* const kGpt2Pattern = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
-std::shared_ptr<const BpeTokenizer::Regex> compile(const std::string& pattern, bool literal, const std::string& where) {
+std::shared_ptr<const JsonTokenizer::Regex> compile(const std::string& pattern, bool literal, const std::string& where) {
   int error = 0;
   PCRE2_SIZE offset = 0;
   const uint32_t options = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
@@ -39,13 +39,13 @@ std::shared_ptr<const BpeTokenizer::Regex> compile(const std::string& pattern, b
                              reinterpret_cast<const char*>(message));
   }
   pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // optional: falls back to the interpreter
-  auto r = std::make_shared<BpeTokenizer::Regex>();
+  auto r = std::make_shared<JsonTokenizer::Regex>();
   r->code = code;
   return r;
 }
 
 // The byte ranges of every match of `re` in `s`, in order.
-std::vector<std::pair<std::size_t, std::size_t>> find_all(const BpeTokenizer::Regex& re, const std::string& s) {
+std::vector<std::pair<std::size_t, std::size_t>> find_all(const JsonTokenizer::Regex& re, const std::string& s) {
   std::vector<std::pair<std::size_t, std::size_t>> out;
   pcre2_match_data* md = pcre2_match_data_create_from_pattern(re.code, nullptr);
   std::size_t at = 0;
@@ -66,7 +66,7 @@ std::vector<std::pair<std::size_t, std::size_t>> find_all(const BpeTokenizer::Re
 }
 
 // Pieces of `s` cut by the matches, as the Split pre-tokenizer's behaviours do.
-std::vector<std::string> split(const std::string& s, const BpeTokenizer::Regex& re, const std::string& behavior) {
+std::vector<std::string> split(const std::string& s, const JsonTokenizer::Regex& re, const std::string& behavior) {
   std::vector<std::string> out;
   std::size_t last = 0;
   std::string carry;  // merged_with_next: a match waiting for what follows it
@@ -132,7 +132,10 @@ std::vector<Step> parse_steps(const Json& node, const char* list_key, const std:
   }
   Step s;
   s.type = type;
-  if (type == "NFC" || type == "NFD" || type == "NFKC" || type == "NFKD" || type == "Lowercase" || type == "ByteFallback" || type == "Fuse") {
+  if (type == "Precompiled") {
+    s.type = "NFKC";  // SentencePiece's compiled nmt_nfkc map, approximated (see the header)
+  } else if (type == "NFC" || type == "NFD" || type == "NFKC" || type == "NFKD" || type == "Lowercase" || type == "ByteFallback" ||
+             type == "Fuse" || type == "WhitespaceSplit") {
   } else if (type == "Prepend") {
     s.a = node.at("prepend").get<std::string>();
   } else if (type == "Replace") {
@@ -187,53 +190,66 @@ std::string unicode_normalize(const std::string& s, int options) {
 
 }  // namespace
 
-BpeTokenizer::~BpeTokenizer() = default;
+JsonTokenizer::~JsonTokenizer() = default;
 
-BpeTokenizer::BpeTokenizer(const Json& j, const std::string& path) {
+JsonTokenizer::JsonTokenizer(const Json& j, const std::string& path) {
   const Json& m = j.at("model");
-  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
-    if (m.contains(key) && !m[key].is_null() && !m[key].get<std::string>().empty())
-      throw std::runtime_error(path + ": BPE with " + key + " is not supported");
-  for (auto it = m.at("vocab").begin(); it != m.at("vocab").end(); ++it) vocab_[it.key()] = it.value().get<std::int64_t>();
-  std::int64_t size = 0;
-  for (const auto& [t, id] : vocab_) size = std::max(size, id + 1);
-  for (const auto& a : j.value("added_tokens", Json::array())) size = std::max(size, a.at("id").get<std::int64_t>() + 1);
-  id_to_token_.resize(static_cast<std::size_t>(size));
-  special_.assign(static_cast<std::size_t>(size), false);
-  for (const auto& [t, id] : vocab_) id_to_token_[static_cast<std::size_t>(id)] = t;
-
-  std::int64_t rank = 0;
-  for (const auto& merge : m.at("merges")) {
-    std::string a, b;
-    if (merge.is_array()) {
-      a = merge.at(0).get<std::string>(), b = merge.at(1).get<std::string>();
-    } else {
-      const std::string s = merge.get<std::string>();
-      const auto space = s.find(' ', 1);
-      if (space == std::string::npos) throw std::runtime_error(path + ": merge '" + s + "' is not two tokens");
-      a = s.substr(0, space), b = s.substr(space + 1);
+  unigram_ = m.value("type", "") == "Unigram";
+  if (unigram_) {
+    // vocab: [[piece, log probability], …] in id order
+    for (const auto& entry : m.at("vocab")) {
+      const auto id = static_cast<std::int64_t>(scores_.size());
+      const std::string piece = entry.at(0).get<std::string>();
+      vocab_[piece] = id;
+      scores_.push_back(entry.at(1).get<double>());
+      max_piece_chars_ = std::max(max_piece_chars_, decode_utf8(piece).size());
     }
-    auto ia = vocab_.find(a), ib = vocab_.find(b), iab = vocab_.find(a + b);
-    if (ia == vocab_.end() || ib == vocab_.end() || iab == vocab_.end())
-      throw std::runtime_error(path + ": merge '" + a + " " + b + "' uses a token missing from the vocabulary");
-    const auto key = (static_cast<std::uint64_t>(ia->second) << 32) | static_cast<std::uint64_t>(ib->second);
-    merges_.emplace(key, std::make_pair(rank++, iab->second));
-  }
-  if (m.contains("unk_token") && m["unk_token"].is_string()) {
-    auto it = vocab_.find(m["unk_token"].get<std::string>());
-    if (it == vocab_.end()) throw std::runtime_error(path + ": unk_token '" + m["unk_token"].get<std::string>() + "' is not in the vocabulary");
-    unk_id_ = it->second;
+    min_score_ = scores_.empty() ? 0 : *std::min_element(scores_.begin(), scores_.end());
+    if (m.contains("unk_id") && m["unk_id"].is_number_integer()) unk_id_ = m["unk_id"].get<std::int64_t>();
+    fuse_unk_ = true;  // SentencePiece always fuses unknown runs
+  } else {
+    for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
+      if (m.contains(key) && !m[key].is_null() && !m[key].get<std::string>().empty())
+        throw std::runtime_error(path + ": BPE with " + key + " is not supported");
+    for (auto it = m.at("vocab").begin(); it != m.at("vocab").end(); ++it) vocab_[it.key()] = it.value().get<std::int64_t>();
+    std::int64_t rank = 0;
+    for (const auto& merge : m.at("merges")) {
+      std::string a, b;
+      if (merge.is_array()) {
+        a = merge.at(0).get<std::string>(), b = merge.at(1).get<std::string>();
+      } else {
+        const std::string s = merge.get<std::string>();
+        const auto space = s.find(' ', 1);
+        if (space == std::string::npos) throw std::runtime_error(path + ": merge '" + s + "' is not two tokens");
+        a = s.substr(0, space), b = s.substr(space + 1);
+      }
+      auto ia = vocab_.find(a), ib = vocab_.find(b), iab = vocab_.find(a + b);
+      if (ia == vocab_.end() || ib == vocab_.end() || iab == vocab_.end())
+        throw std::runtime_error(path + ": merge '" + a + " " + b + "' uses a token missing from the vocabulary");
+      const auto key = (static_cast<std::uint64_t>(ia->second) << 32) | static_cast<std::uint64_t>(ib->second);
+      merges_.emplace(key, std::make_pair(rank++, iab->second));
+    }
+    if (m.contains("unk_token") && m["unk_token"].is_string()) {
+      auto it = vocab_.find(m["unk_token"].get<std::string>());
+      if (it == vocab_.end()) throw std::runtime_error(path + ": unk_token '" + m["unk_token"].get<std::string>() + "' is not in the vocabulary");
+      unk_id_ = it->second;
+    }
+    fuse_unk_ = m.value("fuse_unk", false);
+    ignore_merges_ = m.value("ignore_merges", false);
   }
   byte_fallback_ = m.value("byte_fallback", false);
-  fuse_unk_ = m.value("fuse_unk", false);
-  ignore_merges_ = m.value("ignore_merges", false);
   for (int b = 0; b < 256; ++b) {
     char name[8];
     std::snprintf(name, sizeof name, "<0x%02X>", b);
     auto it = vocab_.find(name);
     byte_ids_[b] = it == vocab_.end() ? -1 : it->second;
   }
-
+  std::int64_t size = 0;
+  for (const auto& [t, id] : vocab_) size = std::max(size, id + 1);
+  for (const auto& a : j.value("added_tokens", Json::array())) size = std::max(size, a.at("id").get<std::int64_t>() + 1);
+  id_to_token_.resize(static_cast<std::size_t>(size));
+  special_.assign(static_cast<std::size_t>(size), false);
+  for (const auto& [t, id] : vocab_) id_to_token_[static_cast<std::size_t>(id)] = t;
   for (const auto& a : j.value("added_tokens", Json::array())) {
     Added t{a.at("content").get<std::string>(), a.at("id").get<std::int64_t>(), a.value("special", false), a.value("lstrip", false),
             a.value("rstrip", false)};
@@ -279,7 +295,7 @@ BpeTokenizer::BpeTokenizer(const Json& j, const std::string& path) {
   if (j.contains("padding") && j["padding"].is_object()) pad_id_ = j["padding"].value("pad_id", pad_id_);
 }
 
-std::string BpeTokenizer::normalize(std::string s) const {
+std::string JsonTokenizer::normalize(std::string s) const {
   for (const auto& n : normalizers_) {
     if (n.type == "NFC") s = unicode_normalize(s, UTF8PROC_COMPOSE);
     else if (n.type == "NFD") s = unicode_normalize(s, UTF8PROC_DECOMPOSE);
@@ -307,7 +323,7 @@ std::string BpeTokenizer::normalize(std::string s) const {
   return s;
 }
 
-std::vector<std::string> BpeTokenizer::pre_tokenize(const std::string& s, bool first_segment) const {
+std::vector<std::string> JsonTokenizer::pre_tokenize(const std::string& s, bool first_segment) const {
   std::vector<std::string> pieces{s};
   for (const auto& p : pre_tokenizers_) {
     std::vector<std::string> next;
@@ -335,6 +351,17 @@ std::vector<std::string> BpeTokenizer::pre_tokenize(const std::string& s, bool f
           start = at;
         }
         next.push_back(piece.substr(start));
+      } else if (p.type == "WhitespaceSplit") {
+        std::string word;
+        for (char32_t c : decode_utf8(piece)) {
+          if (c == ' ' || (c >= 0x09 && c <= 0x0D) || c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) ||
+              c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000) {
+            if (!word.empty()) next.push_back(word), word.clear();
+          } else {
+            append_utf8(word, c);
+          }
+        }
+        if (!word.empty()) next.push_back(word);
       } else if (p.type == "Split" || p.type == "Digits") {
         for (auto& part : split(piece, *p.regex, p.behavior)) next.push_back(std::move(part));
       } else {
@@ -347,7 +374,63 @@ std::vector<std::string> BpeTokenizer::pre_tokenize(const std::string& s, bool f
   return pieces;
 }
 
-void BpeTokenizer::bpe(const std::string& piece, std::vector<std::int64_t>& out) const {
+void JsonTokenizer::unknown(const std::string& ch, std::vector<std::int64_t>& sym, std::vector<bool>& frozen, bool& last_unk) const {
+  bool bytes_ok = byte_fallback_;
+  for (unsigned char b : ch) bytes_ok = bytes_ok && byte_ids_[b] >= 0;
+  if (bytes_ok) {
+    for (unsigned char b : ch) sym.push_back(byte_ids_[b]), frozen.push_back(true);
+    last_unk = false;
+  } else if (unk_id_ >= 0) {
+    if (!(fuse_unk_ && last_unk)) sym.push_back(unk_id_), frozen.push_back(true);
+    last_unk = true;
+  }
+}
+
+void JsonTokenizer::unigram(const std::string& piece, std::vector<std::int64_t>& out) const {
+  // Viterbi over the lattice of vocabulary pieces: best[i] is the highest total score of a
+  // segmentation of the first i characters. A character no single-character piece covers
+  // is an unknown node scoring min − 10 (SentencePiece's kUnkPenalty).
+  const std::u32string text = decode_utf8(piece);
+  const std::size_t n = text.size();
+  const double lowest = -std::numeric_limits<double>::infinity();
+  std::vector<double> best(n + 1, lowest);
+  std::vector<std::int64_t> from(n + 1, -1), id_at(n + 1, -1);  // id -1: unknown character
+  best[0] = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (best[i] == lowest) continue;
+    std::string sub;
+    bool single = false;
+    for (std::size_t len = 1; len <= max_piece_chars_ && i + len <= n; ++len) {
+      append_utf8(sub, text[i + len - 1]);
+      auto it = vocab_.find(sub);
+      if (it == vocab_.end()) continue;
+      single = single || len == 1;
+      const double score = best[i] + scores_[static_cast<std::size_t>(it->second)];
+      if (score > best[i + len]) best[i + len] = score, from[i + len] = static_cast<std::int64_t>(i), id_at[i + len] = it->second;
+    }
+    if (!single) {
+      const double score = best[i] + min_score_ - 10.0;
+      if (score > best[i + 1]) best[i + 1] = score, from[i + 1] = static_cast<std::int64_t>(i), id_at[i + 1] = -1;
+    }
+  }
+  std::vector<std::pair<std::size_t, std::int64_t>> path;  // (start character, id)
+  for (std::size_t at = n; at > 0; at = static_cast<std::size_t>(from[at])) path.emplace_back(static_cast<std::size_t>(from[at]), id_at[at]);
+  std::vector<std::int64_t> sym;
+  std::vector<bool> frozen;
+  bool last_unk = false;
+  for (auto it = path.rbegin(); it != path.rend(); ++it) {
+    if (it->second >= 0) {
+      sym.push_back(it->second), frozen.push_back(false), last_unk = false;
+    } else {
+      std::string ch;
+      append_utf8(ch, text[it->first]);
+      unknown(ch, sym, frozen, last_unk);
+    }
+  }
+  out.insert(out.end(), sym.begin(), sym.end());
+}
+
+void JsonTokenizer::bpe(const std::string& piece, std::vector<std::int64_t>& out) const {
   if (ignore_merges_) {
     auto it = vocab_.find(piece);
     if (it != vocab_.end()) return out.push_back(it->second);
@@ -365,15 +448,7 @@ void BpeTokenizer::bpe(const std::string& piece, std::vector<std::int64_t>& out)
       sym.push_back(it->second), frozen.push_back(false), last_unk = false;
       continue;
     }
-    bool bytes_ok = byte_fallback_;
-    for (unsigned char b : ch) bytes_ok = bytes_ok && byte_ids_[b] >= 0;
-    if (bytes_ok) {
-      for (unsigned char b : ch) sym.push_back(byte_ids_[b]), frozen.push_back(true);
-      last_unk = false;
-    } else if (unk_id_ >= 0) {
-      if (!(fuse_unk_ && last_unk)) sym.push_back(unk_id_), frozen.push_back(true);
-      last_unk = true;
-    }
+    unknown(ch, sym, frozen, last_unk);
   }
   // Merge the adjacent pair of lowest rank, leftmost first, until none applies.
   for (;;) {
@@ -392,13 +467,13 @@ void BpeTokenizer::bpe(const std::string& piece, std::vector<std::int64_t>& out)
   out.insert(out.end(), sym.begin(), sym.end());
 }
 
-std::vector<std::int64_t> BpeTokenizer::ids_of(const std::string& text) const {
+std::vector<std::int64_t> JsonTokenizer::ids_of(const std::string& text) const {
   std::vector<std::int64_t> ids;
   std::size_t start = 0;  // beginning of the text not yet tokenized
   bool first = true;
   auto model = [&](std::string segment) {
     if (segment.empty()) return;
-    for (const auto& piece : pre_tokenize(normalize(segment), first)) bpe(piece, ids);
+    for (const auto& piece : pre_tokenize(normalize(segment), first)) unigram_ ? unigram(piece, ids) : bpe(piece, ids);
   };
   std::size_t at = 0;
   while (at < text.size()) {
@@ -426,13 +501,13 @@ std::vector<std::int64_t> BpeTokenizer::ids_of(const std::string& text) const {
   return ids;
 }
 
-std::vector<std::string> BpeTokenizer::tokenize(const std::string& text) const {
+std::vector<std::string> JsonTokenizer::tokenize(const std::string& text) const {
   std::vector<std::string> out;
   for (auto id : ids_of(text)) out.push_back(id_to_token_[static_cast<std::size_t>(id)]);
   return out;
 }
 
-std::vector<std::int64_t> BpeTokenizer::encode(const std::string& text, std::size_t max_length, bool add_special) const {
+std::vector<std::int64_t> JsonTokenizer::encode(const std::string& text, std::size_t max_length, bool add_special) const {
   std::vector<std::int64_t> body = ids_of(text);
   const std::vector<std::int64_t> none;
   const auto& before = add_special ? template_.before : none;
@@ -445,7 +520,7 @@ std::vector<std::int64_t> BpeTokenizer::encode(const std::string& text, std::siz
   return ids;
 }
 
-std::string BpeTokenizer::decode(const std::vector<std::int64_t>& ids) const {
+std::string JsonTokenizer::decode(const std::vector<std::int64_t>& ids) const {
   std::vector<std::string> tokens;
   for (auto id : ids) {
     if (id < 0 || static_cast<std::size_t>(id) >= id_to_token_.size()) throw std::runtime_error("token id " + std::to_string(id) + " is outside the vocabulary");

@@ -1,13 +1,17 @@
-// Byte-pair encoding (Sennrich et al. 2016) as a Hugging Face `tokenizer.json` describes
-// it, equal to the `tokenizers` library id for id. The pipeline, per text:
+// A Hugging Face `tokenizer.json` pipeline with a BPE model (Sennrich et al. 2016) or a
+// Unigram model (Kudo 2018, SentencePiece's: T5), equal to the `tokenizers` library id for
+// id. The pipeline, per text:
 //
 //   1. added tokens (<s>, <|endoftext|> …) are cut out of the raw text first;
-//   2. each remaining segment is normalized (NFC/NFD/NFKC/NFKD, Lowercase, Prepend, Replace);
+//   2. each remaining segment is normalized (NFC/NFD/NFKC/NFKD, Lowercase, Prepend, Replace;
+//      SentencePiece's Precompiled charsmap is approximated by NFKC, see below);
 //   3. pre-tokenized into pieces: Split by a regex (PCRE2 with Unicode properties runs the
 //      file's own pattern), ByteLevel (GPT-2's regex, bytes mapped to printable code
-//      points), Metaspace (spaces become ▁), Digits;
-//   4. each piece is merged by rank; unknown characters become <0xXX> byte tokens when
-//      the model has byte_fallback, else the unknown token;
+//      points), Metaspace (spaces become ▁), WhitespaceSplit, Digits;
+//   4. BPE: each piece is merged by rank. Unigram: the segmentation of highest total log
+//      probability (Viterbi), an unknown character scoring min − 10 as in SentencePiece.
+//      Unknown characters become <0xXX> byte tokens when the model has byte_fallback, else
+//      the unknown token (consecutive ones fused);
 //   5. the post-processor's template adds BOS/EOS/CLS/SEP.
 //
 // Decoding runs the file's decoder chain (ByteLevel, Replace, ByteFallback, Fuse, Strip,
@@ -26,11 +30,13 @@
 
 namespace tessera {
 
-class BpeTokenizer final : public Tokenizer {
+class JsonTokenizer final : public Tokenizer {
+ // Precompiled normalizers (T5's nmt_nfkc charsmap) are run as NFKC: equal on ordinary
+ // text, not on every control or compatibility character.
  public:
   // j: the parsed tokenizer.json; path names it in errors.
-  BpeTokenizer(const nlohmann::json& j, const std::string& path);
-  ~BpeTokenizer() override;
+  JsonTokenizer(const nlohmann::json& j, const std::string& path);
+  ~JsonTokenizer() override;
 
   std::vector<std::int64_t> encode(const std::string& text, std::size_t max_length = 0, bool add_special = true) const override;
   std::string decode(const std::vector<std::int64_t>& ids) const override;
@@ -63,6 +69,9 @@ class BpeTokenizer final : public Tokenizer {
   std::string normalize(std::string s) const;
   std::vector<std::string> pre_tokenize(const std::string& s, bool first_segment) const;
   void bpe(const std::string& piece, std::vector<std::int64_t>& out) const;
+  void unigram(const std::string& piece, std::vector<std::int64_t>& out) const;
+  // Unknown characters of `ch` as byte tokens (byte fallback) or the unknown id, fused.
+  void unknown(const std::string& ch, std::vector<std::int64_t>& sym, std::vector<bool>& frozen, bool& last_unk) const;
   std::vector<std::int64_t> ids_of(const std::string& text) const;
 
   std::unordered_map<std::string, std::int64_t> vocab_;
@@ -73,6 +82,10 @@ class BpeTokenizer final : public Tokenizer {
   std::vector<Step> normalizers_, pre_tokenizers_, decoders_;
   Template template_;
   std::int64_t unk_id_ = -1, pad_id_ = -1;
+  bool unigram_ = false;
+  std::vector<double> scores_;  // Unigram: log probability per id
+  double min_score_ = 0;
+  std::size_t max_piece_chars_ = 1;
   bool byte_fallback_ = false, fuse_unk_ = false, ignore_merges_ = false;
   std::int64_t byte_ids_[256];  // <0xXX> token ids for byte fallback (-1 if absent)
 };
