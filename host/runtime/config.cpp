@@ -216,7 +216,7 @@ Config load_config(const std::string& path) {
   }
   {
     Section s(path, "task", table("task"));
-    s.choice("kind", c.task.kind, {"sequence-classification", "causal-lm", "seq2seq"});
+    s.choice("kind", c.task.kind, {"sequence-classification", "token-classification", "causal-lm", "seq2seq"});
     s.positive("num_labels", c.task.num_labels, 0);
     s.choice("pooling", c.task.pooling, {"mean", "cls"});
     s.finish();

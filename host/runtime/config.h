@@ -5,7 +5,7 @@
 //   [data]   path, format ("auto" | "csv" | "jsonl"), text_column, label_column,
 //            prompt_column, target_column, test_fraction, seed, max_length, limit,
 //            padding ("longest" | "max_length")
-//   [task]   kind ("sequence-classification" | "causal-lm" | "seq2seq"), num_labels,
+//   [task]   kind ("sequence-classification" | "token-classification" | "causal-lm" | "seq2seq"), num_labels,
 //            pooling ("mean" | "cls")
 //   [train]  epochs, batch_size, eval_batch_size, lr, head_lr, weight_decay,
 //            warmup_ratio, max_grad_norm, threads, seed, max_steps, group_by_length, shuffle

@@ -73,6 +73,7 @@ namespace {
 
 struct Raw {
   std::string text, label, prompt, target;
+  std::vector<std::string> words, tags;
 };
 
 std::vector<Raw> read_csv_examples(const DataConfig& c, bool labelled) {
@@ -98,7 +99,7 @@ std::vector<Raw> read_csv_examples(const DataConfig& c, bool labelled) {
   return out;
 }
 
-std::vector<Raw> read_jsonl_examples(const DataConfig& c, bool labelled) {
+std::vector<Raw> read_jsonl_examples(const DataConfig& c, bool labelled, bool words) {
   std::ifstream in(c.path);
   if (!in) throw std::runtime_error("cannot read " + c.path);
   std::vector<Raw> out;
@@ -111,6 +112,24 @@ std::vector<Raw> read_jsonl_examples(const DataConfig& c, bool labelled) {
       j = nlohmann::json::parse(line);
     } catch (const std::exception& e) {
       throw std::runtime_error(where + "not JSON: " + e.what());
+    }
+    if (words) {  // token-classification: parallel arrays of words and tags
+      auto strings = [&](const std::string& key) {
+        if (!j.is_object() || !j.contains(key) || !j[key].is_array()) throw std::runtime_error(where + "needs an array '" + key + "'");
+        std::vector<std::string> v;
+        for (const auto& x : j[key]) {
+          if (!x.is_string() && !x.is_number_integer()) throw std::runtime_error(where + "'" + key + "' must hold strings or integers");
+          v.push_back(x.is_string() ? x.get<std::string>() : x.dump());
+        }
+        return v;
+      };
+      Raw r;
+      r.words = strings(c.text_column), r.tags = strings(c.label_column);
+      if (r.words.size() != r.tags.size() || r.words.empty())
+        throw std::runtime_error(where + std::to_string(r.words.size()) + " words but " + std::to_string(r.tags.size()) + " tags");
+      for (const auto& w : r.words) r.text += (r.text.empty() ? "" : " ") + w;
+      out.push_back(std::move(r));
+      continue;
     }
     if (!j.is_object() || !j.contains(c.text_column) || !j[c.text_column].is_string())
       throw std::runtime_error(where + "needs a string '" + c.text_column + "'");
@@ -145,13 +164,15 @@ bool is_integer(const std::string& s) {
 
 }  // namespace
 
-Dataset load_dataset(const DataConfig& c, bool labelled) {
+Dataset load_dataset(const DataConfig& c, Labels labels) {
+  const bool labelled = labels == Labels::PerExample, words = labels == Labels::PerWord;
   std::string format = c.format;
   if (format == "auto") {
     auto ends = [&](const std::string& ext) { return c.path.size() >= ext.size() && c.path.compare(c.path.size() - ext.size(), ext.size(), ext) == 0; };
     format = ends(".jsonl") || ends(".json") ? "jsonl" : "csv";
   }
-  std::vector<Raw> raw = format == "jsonl" ? read_jsonl_examples(c, labelled) : read_csv_examples(c, labelled);
+  if (words && format != "jsonl") throw std::runtime_error(c.path + ": token-classification reads JSON lines (arrays of words and tags)");
+  std::vector<Raw> raw = format == "jsonl" ? read_jsonl_examples(c, labelled, words) : read_csv_examples(c, labelled);
   if (c.limit > 0 && raw.size() > static_cast<std::size_t>(c.limit)) {
     // A limit keeps a seeded sample, not the head of the file (files are often sorted by label).
     std::vector<std::size_t> idx(raw.size());
@@ -167,8 +188,11 @@ Dataset load_dataset(const DataConfig& c, bool labelled) {
 
   Dataset d;
   std::vector<std::string> names;
-  for (const auto& r : raw)
+  for (const auto& r : raw) {
     if (labelled && std::find(names.begin(), names.end(), r.label) == names.end()) names.push_back(r.label);
+    for (const auto& t : r.tags)
+      if (std::find(names.begin(), names.end(), t) == names.end()) names.push_back(t);
+  }
   bool numeric = std::all_of(names.begin(), names.end(), is_integer);
   std::sort(names.begin(), names.end(), [&](const std::string& a, const std::string& b) {
     return numeric ? std::stoll(a) < std::stoll(b) : a < b;
@@ -182,7 +206,9 @@ Dataset load_dataset(const DataConfig& c, bool labelled) {
   seeded_shuffle(order, static_cast<std::uint64_t>(c.seed));
   const auto n_test = std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(raw.size()) * c.test_fraction + 0.5));
   for (std::size_t k = 0; k < order.size(); ++k) {
-    Example e{raw[order[k]].text, labelled ? index[raw[order[k]].label] : 0, raw[order[k]].prompt, raw[order[k]].target};
+    const Raw& r = raw[order[k]];
+    Example e{r.text, labelled ? index[r.label] : 0, r.prompt, r.target, r.words, {}};
+    for (const auto& t : r.tags) e.tags.push_back(index[t]);
     (k < n_test ? d.test : d.train).push_back(std::move(e));
   }
   return d;

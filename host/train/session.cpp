@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -38,10 +39,31 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   tokenizer_ = load_tokenizer(config_.model.path);
   // Padding never reaches a real token's output; its id only has to be in range.
   pad_id_ = tokenizer_->pad_id() >= 0 ? tokenizer_->pad_id() : std::max<std::int64_t>(config_pad, 0);
-  data_ = load_dataset(config_.data, /*labelled=*/!causal() && !seq2seq());
+  data_ = load_dataset(config_.data, token_classification() ? Labels::PerWord : (causal() || seq2seq()) ? Labels::None : Labels::PerExample);
   const auto max_length = static_cast<std::size_t>(config_.data.max_length);
   auto tokenize = [&](const std::vector<Example>& split, std::vector<std::vector<std::int64_t>>& ids, std::vector<std::int64_t>& prompt) {
+    // Token classification: the template's specials around the words' pieces, each word's
+    // tag on its first piece (-100 elsewhere), truncated like the text.
+    std::vector<std::int64_t> before, after;
+    if (token_classification()) {
+      const auto with = tokenizer_->encode("a"), without = tokenizer_->encode("a", 0, false);
+      const auto at = std::search(with.begin(), with.end(), without.begin(), without.end());
+      before.assign(with.begin(), at), after.assign(at + static_cast<long>(without.size()), with.end());
+    }
+    auto& tags = &split == &data_.train ? train_tags_ : test_tags_;
     for (const auto& e : split) {
+      if (token_classification()) {
+        std::vector<std::int64_t> t = before, tag(before.size(), -100);
+        for (std::size_t w = 0; w < e.words.size(); ++w) {
+          const auto pieces = tokenizer_->encode(w == 0 ? e.words[w] : " " + e.words[w], 0, false);
+          for (std::size_t k = 0; k < pieces.size(); ++k) t.push_back(pieces[k]), tag.push_back(k == 0 ? e.tags[w] : -100);
+        }
+        const std::size_t body = max_length > after.size() ? max_length - after.size() : 0;
+        if (t.size() > body) t.resize(body), tag.resize(body);
+        t.insert(t.end(), after.begin(), after.end()), tag.insert(tag.end(), after.size(), -100);
+        ids.push_back(std::move(t)), tags.push_back(std::move(tag));
+        continue;
+      }
       if (!causal()) {
         ids.push_back(tokenizer_->encode(e.text, max_length));
         continue;
@@ -114,6 +136,8 @@ Batch Session::batch(Split which, const std::vector<std::size_t>& order, std::si
       mask_a[r][static_cast<std::int64_t>(t)] = 1;
       if (causal() && static_cast<std::int64_t>(t) >= prompt_lengths(which)[order[begin + static_cast<std::size_t>(r)]])
         lm_a[r][static_cast<std::int64_t>(t)] = ids[t];
+      if (token_classification())
+        lm_a[r][static_cast<std::int64_t>(t)] = (which == Split::Train ? train_tags_ : test_tags_)[order[begin + static_cast<std::size_t>(r)]][t];
     }
     lab_a[r] = split[order[begin + static_cast<std::size_t>(r)]].label;
   }
@@ -148,6 +172,7 @@ Tensor Session::logits(const Batch& b) {
   Encoded e = encoder_->forward(b.ids, b.mask);
   // Pool over the input tokens only: prompt tokens (if any) are the method's, not the text's.
   Tensor h = e.hidden.narrow(1, e.prompt_length, b.ids.size(1));  // (B, T, H)
+  if (token_classification()) return at::linear(h.to(head_w_.scalar_type()), head_w_, head_b_);  // (B, T, L)
   Tensor pooled;                                                   // (B, H)
   if (config_.task.pooling == "cls") {
     pooled = h.select(1, 0);
@@ -170,8 +195,9 @@ Tensor text_logits(DecoderModel& m, const Batch& b) {
 
 Tensor Session::loss(const Batch& b) {
   if (causal()) return causal_lm_loss(text_logits(*decoder_, b), b.lm_labels);
-  if (seq2seq()) {
-    Tensor logits = t5_->logits(t5_->decode(b.decoder_ids, t5_->encode(b.ids, b.mask))).to(at::kFloat);  // (B, U, V)
+  if (seq2seq() || token_classification()) {
+    Tensor logits = seq2seq() ? t5_->logits(t5_->decode(b.decoder_ids, t5_->encode(b.ids, b.mask))).to(at::kFloat)  // (B, U, V)
+                              : this->logits(b);                                                                     // (B, T, L)
     return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), b.lm_labels.reshape({-1}), {}, at::Reduction::Mean, -100);
   }
   return at::cross_entropy_loss(logits(b), b.labels);
@@ -181,6 +207,9 @@ TokenStats Session::token_stats(const Batch& b) {
   Tensor logits, next;  // (B, U, V), (B, U): each position's prediction and the token it should be
   if (seq2seq()) {
     logits = t5_->logits(t5_->decode(b.decoder_ids, t5_->encode(b.ids, b.mask))).to(at::kFloat);
+    next = b.lm_labels;
+  } else if (token_classification()) {
+    logits = this->logits(b);
     next = b.lm_labels;
   } else {
     const auto T = b.ids.size(1);

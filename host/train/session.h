@@ -2,7 +2,9 @@
 // method instances and the task head. `tessera train` and `tessera eval` both build one
 // from a config, so evaluation sees exactly what training saw.
 //
-// Tasks: sequence-classification (an encoder, pooled, a linear head), causal-lm (a
+// Tasks: sequence-classification (an encoder, pooled, a linear head), token-
+// classification (an encoder, a linear head per token; each word labelled on its first
+// piece, as transformers' examples align them), causal-lm (a
 // decoder and its own LM head; next-token loss over the text, prompt tokens left out) and
 // seq2seq (an encoder-decoder; loss over the target, BLEU of greedy outputs).
 #pragma once
@@ -27,7 +29,8 @@ struct Batch {
   Tensor ids;        // (B, T) int64, padded on the right
   Tensor mask;       // (B, T) int64, 1 = token
   Tensor labels;     // (B) int64: classification
-  Tensor lm_labels;  // causal-lm (B, T): the ids with -100 on padding and prompt tokens;
+  Tensor lm_labels;  // token-classification (B, T): the word's tag on its first piece, else -100;
+                     // causal-lm (B, T): the ids with -100 on padding and prompt tokens;
                      // seq2seq (B, U): the target ids with -100 on padding
   Tensor decoder_ids;  // seq2seq (B, U): [decoder start ; target[:-1]]
 };
@@ -47,6 +50,7 @@ class Session {
   const Config& config() const { return config_; }
   bool causal() const { return config_.task.kind == "causal-lm"; }
   bool seq2seq() const { return config_.task.kind == "seq2seq"; }
+  bool token_classification() const { return config_.task.kind == "token-classification"; }
   SiteModel& model() { return const_cast<SiteModel&>(static_cast<const Session*>(this)->model()); }
   const SiteModel& model() const {
     if (encoder_) return *encoder_;
@@ -68,9 +72,9 @@ class Session {
   const std::vector<std::vector<std::int64_t>>& token_ids(Split split) const { return split == Split::Train ? train_ids_ : test_ids_; }
   const std::vector<std::vector<std::int64_t>>& split_targets(Split split) const { return split == Split::Train ? train_target_ : test_target_; }
   const std::vector<std::int64_t>& prompt_lengths(Split split) const { return split == Split::Train ? train_prompt_ : test_prompt_; }
-  Tensor logits(const Batch& b);  // classification: (B, num_labels)
+  Tensor logits(const Batch& b);  // sequence classification: (B, L); token classification: (B, T, L)
   Tensor loss(const Batch& b);    // the task's training loss (scalar f32)
-  TokenStats token_stats(const Batch& b);  // causal-lm and seq2seq
+  TokenStats token_stats(const Batch& b);  // token-classification, causal-lm and seq2seq
   // seq2seq: greedy outputs for examples order[begin, end) of a split, as text.
   std::vector<std::string> generate_text(Split split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end);
 
@@ -98,6 +102,7 @@ class Session {
   std::vector<std::vector<std::int64_t>> train_ids_, test_ids_;
   std::vector<std::int64_t> train_prompt_, test_prompt_;
   std::vector<std::vector<std::int64_t>> train_target_, test_target_;  // seq2seq
+  std::vector<std::vector<std::int64_t>> train_tags_, test_tags_;      // token-classification, per token
   std::vector<std::unique_ptr<MethodInstance>> methods_;
   Tensor head_w_;  // (L, H)
   Tensor head_b_;  // (L)

@@ -44,7 +44,7 @@ EvalResult evaluate(Session& s, Split split) {
       auto texts = s.generate_text(split, order, b, std::min(n, b + bs));
       hypotheses.insert(hypotheses.end(), texts.begin(), texts.end());
     }
-    if (s.causal() || s.seq2seq()) {
+    if (s.causal() || s.seq2seq() || s.token_classification()) {
       TokenStats st = s.token_stats(batch);
       loss_sum += st.loss_sum, correct += st.correct, r.tokens += st.tokens;
       continue;
@@ -55,11 +55,11 @@ EvalResult evaluate(Session& s, Split split) {
   }
   s.model().train(was_training);
   r.examples = static_cast<std::int64_t>(n);
-  const bool per_token = s.causal() || s.seq2seq();
+  const bool per_token = s.causal() || s.seq2seq() || s.token_classification();
   const auto count = static_cast<double>(per_token ? std::max<std::int64_t>(r.tokens, 1) : r.examples);
   r.accuracy = static_cast<double>(correct) / count;
   r.loss = loss_sum / count;
-  if (per_token) r.perplexity = std::exp(r.loss);
+  if (s.causal() || s.seq2seq()) r.perplexity = std::exp(r.loss);
   if (s.seq2seq()) {
     std::vector<std::string> references;
     for (const auto& e : s.examples(split)) references.push_back(e.target);

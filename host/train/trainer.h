@@ -10,7 +10,8 @@
 
 namespace tessera {
 
-// Classification: accuracy and mean loss per example. Causal-lm and seq2seq: next-token
+// Sequence classification: accuracy and mean loss per example. Token classification: the
+// same per labelled word (its first piece). Causal-lm and seq2seq: next-token
 // accuracy, mean loss per predicted token and its exponential, the perplexity; seq2seq
 // also the corpus BLEU of greedy outputs against the targets.
 struct EvalResult {

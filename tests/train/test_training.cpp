@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <set>
 #include <sstream>
 
 #include <fstream>
@@ -216,4 +217,62 @@ lora_alpha = 16
   std::vector<std::string> refs;
   for (const auto& e : s.examples(Split::Test)) refs.push_back(e.target);
   CATCH_CHECK(std::abs(corpus_bleu(s.generate_text(Split::Test, all, 0, all.size()), refs).score - r.test.bleu) < 1e-9);
+}
+
+CATCH_TEST_CASE("token classification: each word's tag on its first piece; LoRA and a token head learn the tags", "[train][tokens]") {
+  set_threads(0);
+  auto dir = test::temp_dir("tokens");
+  {
+    // Real sentences, each word tagged by its kind (punctuation, number, function word, other).
+    auto rows = read_csv(std::string(std::getenv("TESSERA_DATA_DIR")) + "/polarity.csv");
+    const std::set<std::string> function{"the", "a", "an", "of", "and", "to", "is", "in", "it", "that", "this", "with", "for", "as"};
+    std::ofstream out(dir / "tagged.jsonl");
+    for (std::size_t r = 1; r < 601; ++r) {
+      std::istringstream in(rows[r][0]);
+      std::vector<std::string> words, tags;
+      for (std::string w; in >> w;) {
+        const bool punct = std::all_of(w.begin(), w.end(), [](unsigned char ch) { return std::ispunct(ch); });
+        const bool digit = std::any_of(w.begin(), w.end(), [](unsigned char ch) { return std::isdigit(ch); });
+        words.push_back(w);
+        tags.push_back(punct ? "PUNCT" : digit ? "NUM" : function.count(w) ? "FUNC" : "WORD");
+      }
+      out << nlohmann::json{{"words", words}, {"tags", tags}}.dump() << "\n";
+    }
+  }
+  Config c = config_in(dir, R"([model]
+path = "${TESSERA_MODEL_DIR}"
+[data]
+path = "tagged.jsonl"
+text_column = "words"
+label_column = "tags"
+max_length = 64
+[task]
+kind = "token-classification"
+[train]
+epochs = 1
+batch_size = 16
+lr = 1e-3
+head_lr = 2e-2
+[[methods]]
+plugin = "lora"
+targets = ["attn.q", "attn.v"]
+[methods.params]
+r = 4
+)");
+  Session s(c, test::registry());
+  CATCH_CHECK(s.data().label_names == std::vector<std::string>{"FUNC", "NUM", "PUNCT", "WORD"});
+  // One labelled piece per word (none truncated at 64 here), [CLS] and [SEP] unlabelled.
+  std::vector<std::size_t> order{0, 1, 2};
+  Batch b = s.batch(Split::Train, order, 0, 3);
+  for (std::int64_t row = 0; row < 3; ++row) {
+    const auto& e = s.examples(Split::Train)[static_cast<std::size_t>(row)];
+    CATCH_CHECK(b.lm_labels[row].ne(-100).sum().item<std::int64_t>() == static_cast<std::int64_t>(e.words.size()));
+    CATCH_CHECK(b.lm_labels[row][0].item<std::int64_t>() == -100);
+  }
+  const EvalResult before = evaluate(s, Split::Test);
+  TrainResult r = train(s, c.output_dir);
+  CATCH_INFO("token accuracy " << before.accuracy << " -> " << r.test.accuracy);
+  CATCH_CHECK(r.test.accuracy > 0.85);
+  CATCH_CHECK(r.test.accuracy > before.accuracy + 0.2);
+  CATCH_CHECK(r.test.tokens > 1000);
 }
