@@ -240,7 +240,8 @@ Tensor DecoderModel::mlp(const Layer& l, const Tensor& x) const {
 }
 
 Tensor DecoderModel::attention(const Layer& l, std::size_t index, const Tensor& x, const Tensor& positions,
-                               const Tensor& key_mask, const std::pair<Tensor, Tensor>& rope, KVCache* cache, bool all_real) const {
+                               const Tensor& key_mask, const std::pair<Tensor, Tensor>& rope, const std::pair<Tensor, Tensor>& prefix,
+                               KVCache* cache, bool all_real) const {
   // x (B, T, H); key_mask (B, S) over [prefix | cache | new]; returns (B, T, H)
   const auto B = x.size(0), T = x.size(1), nh = config_.num_heads, kvh = config_.num_kv_heads, hd = config_.head_dim;
   Tensor q, k, v;
@@ -265,7 +266,6 @@ Tensor DecoderModel::attention(const Layer& l, std::size_t index, const Tensor& 
   // Keys: [prefix (first call only) | cached | new].
   const bool first = cache == nullptr || cache->k.size() <= index || !cache->k[index].defined();
   if (first) {
-    auto prefix = l.attention->prefix(B);
     if (prefix.first.defined()) {
       k = at::cat({prefix.first.to(k.dtype()), k}, 2);
       v = at::cat({prefix.second.to(v.dtype()), v}, 2);
@@ -310,11 +310,14 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
   // Prefix keys count as earlier tokens: positions continue after them, as transformers
   // does for past key values.
   Tensor past;
+  std::vector<std::pair<Tensor, Tensor>> prefixes;  // per layer, first call only
   if (!first) {
     past = cache->mask;
   } else {
-    const auto prefix = layers_.empty() ? std::pair<Tensor, Tensor>{} : layers_[0].attention->prefix(B);
-    past = at::ones({B, prefix.first.defined() ? prefix.first.size(2) : 0}, mask.options());
+    // Each site's prefix is evaluated once per forward (it may run a network).
+    for (const auto& l : layers_) prefixes.push_back(l.attention->prefix(B));
+    const auto& p0 = prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[0];
+    past = at::ones({B, p0.first.defined() ? p0.first.size(2) : 0}, mask.options());
   }
   Tensor key_mask = at::cat({past, new_mask}, 1);  // (B, S)
   const bool all_real = key_mask.all().item<bool>();
@@ -330,7 +333,7 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     const Layer& l = layers_[i];
     x = l.layer->run(x, [&](const Tensor& h) {
       Tensor n1 = norm(h, l.norm1_w, l.norm1_b);
-      Tensor a = at::dropout(attention(l, i, n1, positions, key_mask, rope, cache, all_real), config_.hidden_dropout, training_);
+      Tensor a = at::dropout(attention(l, i, n1, positions, key_mask, rope, prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i], cache, all_real), config_.hidden_dropout, training_);
       Tensor h1 = h + l.attn->apply(n1, a);
       Tensor n2 = norm(h1, l.norm2_w, l.norm2_b);
       Tensor m = at::dropout(mlp(l, n2), config_.hidden_dropout, training_);

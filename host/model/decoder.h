@@ -84,8 +84,9 @@ class DecoderModel final : public SiteModel {
   DecoderModel() = default;
   Tensor norm(const Tensor& x, ParameterSite* w, ParameterSite* b) const;
   Tensor mlp(const Layer& l, const Tensor& x) const;
+  // prefix: the attention site's (K, V) for this forward (first call only), else undefined.
   Tensor attention(const Layer& l, std::size_t index, const Tensor& x, const Tensor& positions, const Tensor& key_mask,
-                   const std::pair<Tensor, Tensor>& rope, KVCache* cache, bool all_real) const;
+                   const std::pair<Tensor, Tensor>& rope, const std::pair<Tensor, Tensor>& prefix, KVCache* cache, bool all_real) const;
   std::pair<Tensor, Tensor> rope_tables(const Tensor& positions, c10::ScalarType dtype) const;  // cos, sin (B, 1, T, hd)
 
   DecoderConfig config_;

@@ -211,3 +211,26 @@ CATCH_TEST_CASE("decoder loading: missing tensors named, unexpected listed, bad 
   fs::copy_file(decoder_fixture("gpt2/config.json"), dir / "config.json", fs::copy_options::overwrite_existing);
   CATCH_CHECK_THROWS_WITH(DecoderModel::load(dir.string(), at::TensorOptions()), Catch::Contains("no model.safetensors"));
 }
+
+CATCH_TEST_CASE("decoder attention prefixes: evaluated once per layer and forward, and the cache path agrees", "[model][decoder]") {
+  auto model = load("llama");
+  int calls = 0;
+  for (auto* site : model->attention_sites())
+    site->add_prefix("t", [&, site](std::int64_t B) {
+      ++calls;
+      at::manual_seed(9);
+      return std::make_pair(at::randn({B, site->num_heads(), 2, site->head_dim()}), at::randn({B, site->num_heads(), 2, site->head_dim()}));
+    });
+  auto& ref = reference();
+  Tensor ids = ref["input_ids"].narrow(0, 0, 1), mask = ref["attention_mask"].narrow(0, 0, 1);  // (1, 12)
+  at::NoGradGuard no_grad;
+  Tensor full = model->logits(model->forward(ids, mask));
+  CATCH_CHECK(calls == 2);  // two layers, one forward
+  CATCH_CHECK(test::max_abs_diff(full, ref["llama.logits"].narrow(0, 0, 1)) > 1e-3);  // the prefix is seen
+  KVCache cache;
+  model->forward(ids.narrow(1, 0, 8), mask.narrow(1, 0, 8), &cache);
+  Tensor rest = model->logits(model->forward(ids.narrow(1, 8, 4), mask.narrow(1, 8, 4), &cache));
+  CATCH_CHECK(cache.length() == 2 + 12);
+  CATCH_CHECK(test::max_abs_diff(rest, full.narrow(1, 8, 4)) < 1e-4);
+  for (auto* site : model->attention_sites()) site->remove("t");
+}
