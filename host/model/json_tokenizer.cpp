@@ -501,12 +501,6 @@ std::vector<std::int64_t> JsonTokenizer::ids_of(const std::string& text) const {
   return ids;
 }
 
-std::vector<std::string> JsonTokenizer::tokenize(const std::string& text) const {
-  std::vector<std::string> out;
-  for (auto id : ids_of(text)) out.push_back(id_to_token_[static_cast<std::size_t>(id)]);
-  return out;
-}
-
 std::vector<std::int64_t> JsonTokenizer::encode(const std::string& text, std::size_t max_length, bool add_special) const {
   std::vector<std::int64_t> body = ids_of(text);
   const std::vector<std::int64_t> none;

@@ -42,8 +42,6 @@ class JsonTokenizer final : public Tokenizer {
   std::string decode(const std::vector<std::int64_t>& ids) const override;
   std::int64_t pad_id() const override { return pad_id_; }
   std::size_t vocab_size() const override { return id_to_token_.size(); }
-  // The token strings of `text`, without template tokens (for tests and inspection).
-  std::vector<std::string> tokenize(const std::string& text) const;
 
   struct Regex;  // a compiled PCRE2 pattern
   struct Step {  // one normalizer, pre-tokenizer or decoder step, as the file names it

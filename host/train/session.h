@@ -57,10 +57,7 @@ class Session {
     if (decoder_) return *decoder_;
     return *t5_;
   }
-  T5Model* t5() { return t5_.get(); }
-  DecoderModel* decoder() { return decoder_.get(); }
   BertModel* encoder() { return encoder_.get(); }
-  const Tokenizer& tokenizer() const { return *tokenizer_; }
   const Dataset& data() const { return data_; }
   std::vector<std::unique_ptr<MethodInstance>>& methods() { return methods_; }
 
