@@ -1,5 +1,6 @@
 #include "model/json_tokenizer.h"
 
+#include "model/precompiled_charsmap.h"
 #include "model/utf8.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
@@ -133,7 +134,14 @@ std::vector<Step> parse_steps(const Json& node, const char* list_key, const std:
   Step s;
   s.type = type;
   if (type == "Precompiled") {
-    s.type = "NFKC";  // SentencePiece's compiled nmt_nfkc map, approximated (see the header)
+    const Json& map = node.value("precompiled_charsmap", Json());
+    if (map.is_string() && !map.get<std::string>().empty()) {
+      try {
+        s.charsmap = std::make_shared<PrecompiledCharsmap>(map.get<std::string>());
+      } catch (const std::exception& e) {
+        throw std::runtime_error(where + ": " + e.what());
+      }
+    }
   } else if (type == "NFC" || type == "NFD" || type == "NFKC" || type == "NFKD" || type == "Lowercase" || type == "ByteFallback" ||
              type == "Fuse" || type == "WhitespaceSplit") {
   } else if (type == "Prepend") {
@@ -167,7 +175,10 @@ std::vector<Step> parse_steps(const Json& node, const char* list_key, const std:
     s.flag = node.value("individual_digits", false);
     s.regex = compile(s.flag ? R"(\p{N})" : R"(\p{N}+)", false, where);
     s.behavior = "isolated";
-  } else if (type == "Strip") {
+  } else if (type == "Strip" && node.contains("strip_right")) {  // the normalizer: Unicode whitespace off either end
+    s.start = node.value("strip_left", false);
+    s.stop = node.value("strip_right", false);
+  } else if (type == "Strip") {  // the decoder: `start`/`stop` copies of `content` off the ends
     s.a = node.value("content", " ");
     s.start = node.value("start", 0);
     s.stop = node.value("stop", 0);
@@ -297,7 +308,16 @@ JsonTokenizer::JsonTokenizer(const Json& j, const std::string& path) {
 
 std::string JsonTokenizer::normalize(std::string s) const {
   for (const auto& n : normalizers_) {
-    if (n.type == "NFC") s = unicode_normalize(s, UTF8PROC_COMPOSE);
+    if (n.type == "Precompiled") {
+      if (n.charsmap) s = n.charsmap->normalize(s);
+    } else if (n.type == "Strip") {
+      const std::u32string t = decode_utf8(s);
+      std::size_t b = 0, e = t.size();
+      while (n.start && b < e && is_unicode_whitespace(t[b])) ++b;
+      while (n.stop && e > b && is_unicode_whitespace(t[e - 1])) --e;
+      s.clear();
+      for (std::size_t i = b; i < e; ++i) append_utf8(s, t[i]);
+    } else if (n.type == "NFC") s = unicode_normalize(s, UTF8PROC_COMPOSE);
     else if (n.type == "NFD") s = unicode_normalize(s, UTF8PROC_DECOMPOSE);
     else if (n.type == "NFKC") s = unicode_normalize(s, UTF8PROC_COMPOSE | UTF8PROC_COMPAT);
     else if (n.type == "NFKD") s = unicode_normalize(s, UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT);
@@ -338,6 +358,7 @@ std::vector<std::string> JsonTokenizer::pre_tokenize(const std::string& s, bool 
           next.push_back(mapped);
         }
       } else if (p.type == "Metaspace") {
+        if (piece.empty()) continue;  // nothing to mark: a normalizer may have stripped a segment to nothing
         piece = replace_all(piece, " ", p.a);
         const bool prepend = p.scheme == "always" || (p.scheme == "first" && first_segment && i == 0);
         if (prepend && piece.compare(0, p.a.size(), p.a) != 0) piece = p.a + piece;
@@ -354,8 +375,7 @@ std::vector<std::string> JsonTokenizer::pre_tokenize(const std::string& s, bool 
       } else if (p.type == "WhitespaceSplit") {
         std::string word;
         for (char32_t c : decode_utf8(piece)) {
-          if (c == ' ' || (c >= 0x09 && c <= 0x0D) || c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) ||
-              c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000) {
+          if (is_unicode_whitespace(c)) {
             if (!word.empty()) next.push_back(word), word.clear();
           } else {
             append_utf8(word, c);

@@ -3,8 +3,8 @@
 // id. The pipeline, per text:
 //
 //   1. added tokens (<s>, <|endoftext|> …) are cut out of the raw text first;
-//   2. each remaining segment is normalized (NFC/NFD/NFKC/NFKD, Lowercase, Prepend, Replace;
-//      SentencePiece's Precompiled charsmap is approximated by NFKC, see below);
+//   2. each remaining segment is normalized (NFC/NFD/NFKC/NFKD, Lowercase, Prepend, Replace,
+//      Strip, and SentencePiece's Precompiled charsmap: see precompiled_charsmap.h);
 //   3. pre-tokenized into pieces: Split by a regex (PCRE2 with Unicode properties runs the
 //      file's own pattern), ByteLevel (GPT-2's regex, bytes mapped to printable code
 //      points), Metaspace (spaces become ▁), WhitespaceSplit, Digits;
@@ -30,9 +30,9 @@
 
 namespace tessera {
 
+class PrecompiledCharsmap;
+
 class JsonTokenizer final : public Tokenizer {
- // Precompiled normalizers (T5's nmt_nfkc charsmap) are run as NFKC: equal on ordinary
- // text, not on every control or compatibility character.
  public:
   // j: the parsed tokenizer.json; path names it in errors.
   JsonTokenizer(const nlohmann::json& j, const std::string& path);
@@ -52,7 +52,8 @@ class JsonTokenizer final : public Tokenizer {
     bool flag = false;                   // ByteLevel add_prefix_space, Metaspace split, Digits individual_digits
     bool use_regex = true;               // ByteLevel
     std::string scheme = "always";       // Metaspace prepend_scheme
-    std::int64_t start = 0, stop = 0;    // Strip
+    std::int64_t start = 0, stop = 0;    // Strip: decoder counts; normalizer left/right flags
+    std::shared_ptr<const PrecompiledCharsmap> charsmap;  // Precompiled (none: a no-op)
   };
 
  private:

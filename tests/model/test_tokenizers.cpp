@@ -1,5 +1,6 @@
-// BPE tokenizers of every supported shape against the `tokenizers` library, on a
-// multi-language sample (fixtures/make_tokenizers.py trains them on the real corpus).
+// BPE and Unigram tokenizers of every supported shape against the `tokenizers` library, on
+// a multi-language sample (fixtures/make_tokenizers.py trains them on the real corpus; the
+// T5 ones carry the Precompiled charsmap of a real SentencePiece model).
 #include "support.h"
 
 #include "model/json_tokenizer.h"
@@ -14,7 +15,7 @@ using namespace tessera;
 CATCH_TEST_CASE("BPE and Unigram tokenizers equal the tokenizers library id for id, and decode alike", "[model][tokenizer]") {
   nlohmann::json all;
   std::ifstream(test::fixture("tokenizers/cases.json")) >> all;
-  CATCH_REQUIRE(all.size() == 7);
+  CATCH_REQUIRE(all.size() == 8);
   for (const auto& [name, cases] : all.items()) {
     auto tok = load_tokenizer(test::fixture("tokenizers/" + name));
     CATCH_REQUIRE(dynamic_cast<JsonTokenizer*>(tok.get()) != nullptr);
@@ -45,4 +46,10 @@ CATCH_TEST_CASE("tokenizer directories that cannot be read are refused with the 
   std::ofstream((dir / "tokenizer.json").string()) << R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
     "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(unclosed"}, "behavior": "Isolated", "invert": false}})";
   CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("does not compile"));
+  std::ofstream((dir / "tokenizer.json").string()) << R"({"model": {"type": "Unigram", "vocab": [["a", 0.0]]},
+    "normalizer": {"type": "Precompiled", "precompiled_charsmap": "AAAQAA=="}})";
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("(normalizer): Precompiled charsmap: trie of 1048576 bytes does not fit"));
+  std::ofstream((dir / "tokenizer.json").string()) << R"({"model": {"type": "Unigram", "vocab": [["a", 0.0]]},
+    "normalizer": {"type": "Precompiled", "precompiled_charsmap": "no spaces!"}})";
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("is not base64"));
 }
