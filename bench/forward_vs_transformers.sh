@@ -2,6 +2,9 @@
 # Forward tokens/s and peak RSS, Tessera against transformers on the same checkpoint,
 # ids, batch, length and threads, side by side:
 #   bash bench/forward_vs_transformers.sh [iterations] [batch] [length]
+# Each decoder and T5 runs twice: "logits" (the head's output at every position) and
+# "loss" (the language-model loss of the ids, as evaluation computes perplexity; both
+# sides print the loss, and the table shows their difference).
 # Checkpoints: the real all-MiniLM-L6-v2, and real architectures at real sizes with
 # random weights (speed does not depend on the values): GPT-2 small (124 M), a LLaMA with
 # grouped-query attention (~110 M) and T5-small (60 M), made by transformers.
@@ -22,21 +25,26 @@ torch.manual_seed(0)
 GPT2LMHeadModel(GPT2Config()).save_pretrained(f"{out}/gpt2-small")
 LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                              num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)).save_pretrained(f"{out}/llama-110m")
-T5ForConditionalGeneration(T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8)).save_pretrained(f"{out}/t5-small")
+T5ForConditionalGeneration(T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, decoder_start_token_id=0)).save_pretrained(f"{out}/t5-small")
 PY
-printf "%-20s %14s %14s %8s %12s %12s %8s\n" model "peer tok/s" "tessera tok/s" ratio "peer MiB" "tessera MiB" ratio
-for m in "$TESSERA_MODEL_DIR" "$work/gpt2-small" "$work/llama-110m" "$work/t5-small"; do
-  $py "$root/bench/measure.py" $py "$root/bench/peer_forward.py" "$m" $batch $len $iters $threads >"$work/peer.json" 2>"$work/peer.err" \
+printf "%-20s %14s %14s %8s %12s %12s %8s %10s\n" model "peer tok/s" "tessera tok/s" ratio "peer MiB" "tessera MiB" ratio "|Δ loss|"
+for run in "$TESSERA_MODEL_DIR logits" "$work/gpt2-small logits" "$work/gpt2-small loss" "$work/llama-110m logits" \
+           "$work/llama-110m loss" "$work/t5-small logits" "$work/t5-small loss"; do
+  set -- $run
+  m=$1 mode=$2
+  $py "$root/bench/measure.py" $py "$root/bench/peer_forward.py" "$m" $batch $len $iters $threads $mode >"$work/peer.json" 2>"$work/peer.err" \
     || { cat "$work/peer.err"; exit 1; }
-  $py "$root/bench/measure.py" "$root/build/bin/tessera_bench_forward" "$m" $batch $len $iters $threads >"$work/ours.json" 2>"$work/ours.err" \
+  $py "$root/bench/measure.py" "$root/build/bin/tessera_bench_forward" "$m" $batch $len $iters $threads $mode >"$work/ours.json" 2>"$work/ours.err" \
     || { cat "$work/ours.err"; exit 1; }
-  $py - "$work" "$(basename "$m")" <<'PY'
+  $py - "$work" "$(basename "$m") $mode" <<'PY'
 import json, sys, pathlib
 w, name = pathlib.Path(sys.argv[1]), sys.argv[2]
 last = lambda p: json.loads([l for l in p.read_text().splitlines() if l.startswith("{")][-1])
-peer, ours = last(w / "peer.json")["tokens_per_s"], last(w / "ours.json")["tokens_per_s"]
+p, o = last(w / "peer.json"), last(w / "ours.json")
+peer, ours = p["tokens_per_s"], o["tokens_per_s"]
 prss, orss = last(w / "peer.err")["peak_rss_mib"], last(w / "ours.err")["peak_rss_mib"]
-print(f"{name:20} {peer:14.0f} {ours:14.0f} {ours / peer:7.2f}x {prss:12.0f} {orss:12.0f} {orss / prss:8.2f}")
+diff = f"{abs(p['loss'] - o['loss']):10.1e}" if "loss" in p else f"{'':10}"
+print(f"{name:20} {peer:14.0f} {ours:14.0f} {ours / peer:7.2f}x {prss:12.0f} {orss:12.0f} {orss / prss:8.2f} {diff}")
 PY
 done
 echo "(batch $batch, length $len, $iters timed iterations after 2 warm-up, $threads threads, f32, no padding)"

@@ -1,7 +1,6 @@
 """The peer: the same LoRA fine-tune as configs/quickstart.toml with transformers + peft
 on the same torch. Prints one JSON line: examples/s over the timed steps and peak RSS."""
 import argparse
-import csv
 import json
 import os
 import time
@@ -9,6 +8,8 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoTokenizer
+
+from peer_split import train_rows
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default=os.environ.get("TESSERA_MODEL_DIR"))
@@ -25,29 +26,9 @@ args = ap.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 
-with open(args.data, newline="", encoding="utf-8") as f:
-    rows = list(csv.DictReader(f))
-
-
-def seeded_shuffle(v, seed):
-    """Tessera's split shuffle (Fisher-Yates over SplitMix64), so both sides train on the same batches."""
-    mask = (1 << 64) - 1
-    s = seed
-    for i in range(len(v), 1, -1):
-        s = (s + 0x9E3779B97F4A7C15) & mask
-        z = s
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        z ^= z >> 31
-        j = z % i
-        v[i - 1], v[j] = v[j], v[i - 1]
-
-
-order = list(range(len(rows)))
-seeded_shuffle(order, 13)  # [data] seed
-train = order[int(len(rows) * 0.2 + 0.5):]  # [data] test_fraction = 0.2: the first share is the test split
-texts = [rows[k]["text"] for k in train]
-labels = [int(rows[k]["label"]) for k in train]
+train = train_rows(args.data)  # [data] test_fraction = 0.2, seed = 13
+texts = [r["text"] for r in train]
+labels = [int(r["label"]) for r in train]
 
 tok = AutoTokenizer.from_pretrained(args.model)
 encoder = AutoModel.from_pretrained(args.model)

@@ -70,6 +70,7 @@ class DecoderModel final : public SiteModel {
   // Returns the final-norm hidden states (B, P + T, H), P = prompt tokens prepended.
   Tensor forward(const Tensor& ids, const Tensor& mask, KVCache* cache = nullptr) const;
   Tensor logits(const Tensor& hidden) const;  // (…, H) -> (…, V) through the head site
+  LinearSite& head() const { return *head_; }
   const DecoderConfig& config() const { return config_; }
 
  private:

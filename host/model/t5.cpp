@@ -224,9 +224,10 @@ Tensor T5Model::decode(const Tensor& target_ids, const Encoded& source, Seq2SeqC
   return at::dropout(norm(y, dec_final_), config_.dropout, training_);
 }
 
-Tensor T5Model::logits(const Tensor& decoder_hidden) const {
-  const Tensor h = config_.scale_output ? decoder_hidden * std::pow(static_cast<double>(config_.d_model), -0.5) : decoder_hidden;
-  return head_->forward(h);
+Tensor T5Model::head_input(const Tensor& decoder_hidden) const {
+  return config_.scale_output ? decoder_hidden * std::pow(static_cast<double>(config_.d_model), -0.5) : decoder_hidden;
 }
+
+Tensor T5Model::logits(const Tensor& decoder_hidden) const { return head_->forward(head_input(decoder_hidden)); }
 
 }  // namespace tessera

@@ -47,7 +47,9 @@ class T5Model final : public SiteModel {
   // start with decoder_start_token_id. Target padding sits at the end, so the causal
   // mask alone keeps it away from real tokens.
   Tensor decode(const Tensor& target_ids, const Encoded& source, Seq2SeqCache* cache = nullptr) const;
-  Tensor logits(const Tensor& decoder_hidden) const;  // (…, d) -> (…, V)
+  Tensor logits(const Tensor& decoder_hidden) const;  // (…, d) -> (…, V): head(head_input(h))
+  Tensor head_input(const Tensor& decoder_hidden) const;  // scaled by d^-½ when the head is tied
+  LinearSite& head() const { return *head_; }
   const T5Config& config() const { return config_; }
 
  private:

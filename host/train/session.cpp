@@ -2,7 +2,7 @@
 
 #include "model/safetensors.h"
 #include "model/generate.h"
-#include "train/lm_loss.h"
+#include "train/head_loss.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -185,39 +185,42 @@ Tensor Session::logits(const Batch& b) {
 
 namespace {
 
-// Logits of the text positions (B, T, V): prompt tokens a method prepended are dropped.
-Tensor text_logits(DecoderModel& m, const Batch& b) {
-  Tensor h = m.forward(b.ids, b.mask);  // (B, P + T, H)
-  return m.logits(h.narrow(1, h.size(1) - b.ids.size(1), b.ids.size(1)));
+// The LM head's input rows that predict a labelled token, and those tokens: (N, H), (N).
+// Causal: text position t (prompt tokens a method prepended are dropped) predicts label
+// t + 1. Seq2seq: decoder position t predicts label t. Unlabelled positions (padding,
+// prompts) never reach the head.
+std::pair<Tensor, Tensor> head_rows(DecoderModel* decoder, T5Model* t5, const Batch& b) {
+  if (t5) return labelled_rows(t5->head_input(t5->decode(b.decoder_ids, t5->encode(b.ids, b.mask))), b.lm_labels);
+  const auto T = b.ids.size(1);
+  Tensor h = decoder->forward(b.ids, b.mask);  // (B, P + T, H)
+  return labelled_rows(h.narrow(1, h.size(1) - T, T - 1), b.lm_labels.narrow(1, 1, T - 1));
 }
 
 }  // namespace
 
 Tensor Session::loss(const Batch& b) {
-  if (causal()) return causal_lm_loss(text_logits(*decoder_, b), b.lm_labels);
-  if (seq2seq() || token_classification()) {
-    Tensor logits = seq2seq() ? t5_->logits(t5_->decode(b.decoder_ids, t5_->encode(b.ids, b.mask))).to(at::kFloat)  // (B, U, V)
-                              : this->logits(b);                                                                     // (B, T, L)
+  if (causal() || seq2seq()) {
+    auto [h, next] = head_rows(decoder_.get(), t5_.get(), b);
+    LinearSite& head = causal() ? decoder_->head() : t5_->head();
+    return head_loss_sum(head, h, next) / static_cast<double>(std::max<std::int64_t>(1, next.size(0)));
+  }
+  if (token_classification()) {
+    Tensor logits = this->logits(b);  // (B, T, L)
     return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), b.lm_labels.reshape({-1}), {}, at::Reduction::Mean, -100);
   }
   return at::cross_entropy_loss(logits(b), b.labels);
 }
 
 TokenStats Session::token_stats(const Batch& b) {
-  Tensor logits, next;  // (B, U, V), (B, U): each position's prediction and the token it should be
-  if (seq2seq()) {
-    logits = t5_->logits(t5_->decode(b.decoder_ids, t5_->encode(b.ids, b.mask))).to(at::kFloat);
-    next = b.lm_labels;
-  } else if (token_classification()) {
-    logits = this->logits(b);
-    next = b.lm_labels;
-  } else {
-    const auto T = b.ids.size(1);
-    logits = text_logits(*decoder_, b).narrow(1, 0, T - 1).to(at::kFloat);
-    next = b.lm_labels.narrow(1, 1, T - 1);
-  }
-  Tensor keep = next.ne(-100);
   TokenStats st;
+  if (causal() || seq2seq()) {
+    auto [h, next] = head_rows(decoder_.get(), t5_.get(), b);
+    const HeadStats s = head_stats(causal() ? decoder_->head() : t5_->head(), h, next);
+    st.loss_sum = s.loss_sum, st.correct = s.correct, st.tokens = next.size(0);
+    return st;
+  }
+  Tensor logits = this->logits(b), next = b.lm_labels;  // (B, T, L), (B, T)
+  Tensor keep = next.ne(-100);
   st.loss_sum = at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), next.reshape({-1}), {}, at::Reduction::Sum, -100).item<double>();
   st.tokens = keep.sum().item<std::int64_t>();
   st.correct = logits.argmax(-1).eq(next).logical_and(keep).sum().item<std::int64_t>();

@@ -5,6 +5,7 @@
 #include "model/decoder.h"
 #include "model/generate.h"
 #include "runtime/peft_import.h"
+#include "train/head_loss.h"
 #include "train/lm_loss.h"
 
 #include <nlohmann/json.hpp>
@@ -47,6 +48,11 @@ CATCH_TEST_CASE("decoder hidden states, logits and loss equal transformers withi
     CATCH_CHECK(dl < 1e-4);
     const double loss = causal_lm_loss(logits, labels_of(ids, mask)).item<double>();
     CATCH_CHECK(std::abs(loss - ref[name + ".loss"].item<double>()) < 1e-4);
+    // The training loss never forms the logits: chunked head + cross-entropy on labelled rows.
+    const auto T = ids.size(1);
+    auto [rows, next] = labelled_rows(hidden.narrow(1, 0, T - 1), labels_of(ids, mask).narrow(1, 1, T - 1));
+    const double fused = (head_loss_sum(model->head(), rows, next) / static_cast<double>(next.size(0))).item<double>();
+    CATCH_CHECK(std::abs(fused - ref[name + ".loss"].item<double>()) < 1e-4);
   }
 }
 

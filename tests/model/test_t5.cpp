@@ -4,6 +4,7 @@
 
 #include "model/generate.h"
 #include "model/t5.h"
+#include "train/head_loss.h"
 #include "runtime/peft_import.h"
 
 #include <nlohmann/json.hpp>
@@ -47,6 +48,9 @@ CATCH_TEST_CASE("T5 and T5 v1.1 equal transformers: encoder states, logits and l
     CATCH_CHECK(de < 1e-4);
     CATCH_CHECK(dl < 1e-5);
     CATCH_CHECK(std::abs(seq2seq_loss(logits, ref["labels"]).item<double>() - ref[name + ".loss"].item<double>()) < 1e-4);
+    auto [rows, next] = labelled_rows(model->head_input(model->decode(ref[name + ".decoder_input_ids"], enc)), ref["labels"]);
+    const double fused = (head_loss_sum(model->head(), rows, next) / static_cast<double>(next.size(0))).item<double>();
+    CATCH_CHECK(std::abs(fused - ref[name + ".loss"].item<double>()) < 1e-4);
   }
 }
 

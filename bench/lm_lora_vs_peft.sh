@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# LoRA causal-LM fine-tuning throughput and peak memory, Tessera against transformers +
+# peft on the same torch, side by side: GPT-2 small at its real size (random weights made
+# by transformers; no real decoder is on our registries), a byte-level BPE tokenizer
+# trained on the polarity sentences, the same consecutive batches (each padded to its
+# longest text), LoRA r = 8 on c_attn, c_proj, c_fc, threads and steps.
+#   bash bench/lm_lora_vs_peft.sh [steps] [batch] [max_length]
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+steps=${1:-10} batch=${2:-16} len=${3:-64} threads=$(nproc)
+bash "$root/scripts/build" >/dev/null
+source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
+py=$TESSERA_VENV/bin/python
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+$py - "$work/gpt2-small" "$TESSERA_DATA_DIR/polarity.csv" <<'PY'
+import csv, sys, torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel
+out, data = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+GPT2LMHeadModel(GPT2Config()).save_pretrained(out)
+t = Tokenizer(models.BPE())
+t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+corpus = [r["text"] for r in csv.DictReader(open(data, newline="", encoding="utf-8"))]
+t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=50257, special_tokens=["<|endoftext|>"], show_progress=False,
+                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+t.save(f"{out}/tokenizer.json")
+PY
+cat >"$work/bench.toml" <<TOML
+[model]
+path = "$work/gpt2-small"
+[data]
+path = "\${TESSERA_DATA_DIR}/polarity.csv"
+max_length = $len
+test_fraction = 0.02
+[task]
+kind = "causal-lm"
+[train]
+epochs = 1
+batch_size = $batch
+eval_batch_size = $batch
+threads = $threads
+max_steps = $((steps + 3))
+shuffle = false
+lr = 1e-3
+[[methods]]
+plugin = "lora"
+targets = ["attn.qkv", "attn.o", "mlp.up", "mlp.down"]
+[methods.params]
+r = 8
+lora_alpha = 16
+lora_dropout = 0.1
+TOML
+echo "== transformers + peft (GPT-2 small, $threads threads, batch $batch, length ≤ $len, $steps timed steps)"
+$py "$root/bench/measure.py" $py "$root/bench/peer_lm_peft.py" --model "$work/gpt2-small" --data "$TESSERA_DATA_DIR/polarity.csv" \
+  --steps "$steps" --batch-size $batch --max-length $len --threads "$threads" >"$work/peer.json" 2>"$work/peer.err" \
+  || { cat "$work/peer.err"; exit 1; }
+echo "== tessera"
+$py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn train "$work/bench.toml" --run-dir "$work/run" \
+  >/dev/null 2>"$work/tessera.err" || { cat "$work/tessera.err"; exit 1; }
+$py - "$work" <<'PY'
+import json, sys, pathlib
+w = pathlib.Path(sys.argv[1])
+last = lambda p: json.loads([l for l in p.read_text().splitlines() if l.startswith("{")][-1])
+peer, peer_rss = last(w / "peer.json"), last(w / "peer.err")["peak_rss_mib"]
+ours, ours_rss = json.loads((w / "run" / "result.json").read_text()), last(w / "tessera.err")["peak_rss_mib"]
+steps = [json.loads(l) for l in (w / "run" / "metrics.jsonl").read_text().splitlines() if '"step"' in l and '"lr"' in l]
+print(f"{'':24}{'examples/s':>12}{'peak RSS MiB':>14}{'last loss':>12}")
+print(f"{'transformers + peft':24}{peer['examples_per_s']:12.2f}{peer_rss:14.0f}{peer['loss']:12.4f}")
+print(f"{'tessera':24}{ours['examples_per_s']:12.2f}{ours_rss:14.0f}{steps[-1]['loss']:12.4f}")
+print(f"{'ratio (tessera / peer)':24}{ours['examples_per_s'] / peer['examples_per_s']:12.2f}{ours_rss / peer_rss:14.2f}")
+PY

@@ -1,0 +1,66 @@
+"""The peer of bench/lm_lora_vs_peft.sh: LoRA causal-LM fine-tuning with transformers + peft
+on the same torch, checkpoint, tokenizer, batches (Tessera's seeded split, consecutive
+batches), targets, rank and threads. Prints one JSON line: examples/s over the timed
+steps and the last step's loss."""
+import argparse
+import json
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM
+
+from peer_split import train_rows
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", required=True)
+ap.add_argument("--data", required=True)
+ap.add_argument("--steps", type=int, default=10)
+ap.add_argument("--warmup-steps", type=int, default=3)
+ap.add_argument("--batch-size", type=int, default=16)
+ap.add_argument("--max-length", type=int, default=64)
+ap.add_argument("--test-fraction", type=float, default=0.02)
+ap.add_argument("--threads", type=int, default=2)
+args = ap.parse_args()
+torch.set_num_threads(args.threads)
+torch.manual_seed(0)
+
+train = [r["text"] for r in train_rows(args.data, args.test_fraction)]
+
+tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
+model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+eos = model.config.eos_token_id
+cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+model = get_peft_model(model, cfg)
+model.train()
+params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+def batch(texts):
+    """text + EOS, truncated, right-padded; labels -100 on padding (Tessera's causal-lm batches)."""
+    seqs = [(tok.encode(t).ids + [eos])[: args.max_length] for t in texts]
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), eos)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+seen, start = 0, None
+for step in range(args.warmup_steps + args.steps):
+    if step == args.warmup_steps:
+        start, seen = time.perf_counter(), 0
+    i = step * args.batch_size
+    ids, mask, labels = batch(train[i:i + args.batch_size])
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    seen += ids.size(0)
+elapsed = time.perf_counter() - start
+print(json.dumps({"peer": "transformers+peft", "examples_per_s": seen / elapsed, "loss": loss.item(), "steps": args.steps}))
