@@ -129,8 +129,7 @@ Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask,
   const auto B = u ? u->batch : h.size(0), T = u ? u->seq : h.size(1);
   const auto H = config_.hidden_size, nh = config_.num_heads, hd = H / nh;
   auto heads = [&](Tensor x) {  // -> (B, nh, T, hd)
-    if (u) x = at::zeros({B * T, H}, x.options()).index_copy(0, u->index, x);
-    return x.view({B, T, nh, hd}).transpose(1, 2);
+    return (u ? u->padded(x) : x).view({B, T, nh, hd}).transpose(1, 2);
   };
   Tensor q = heads(l.q->forward(h)), k = heads(l.k->forward(h)), v = heads(l.v->forward(h));
   if (prefix.first.defined()) {  // (B, nh, P, hd) each
@@ -161,12 +160,6 @@ Tensor BertModel::mlm_logits(const Tensor& hidden) const {
   Tensor x = at::gelu(mlm_dense_->forward(hidden));
   x = at::layer_norm(x, {config_.hidden_size}, mlm_norm_w_->value(), mlm_norm_b_->value(), config_.layer_norm_eps);
   return head_->forward(x);
-}
-
-bool BertModel::token_wise_only() const {
-  for (const auto& l : layers_)
-    if (!l.attn->empty() || !l.mlp->empty() || !l.layer->empty()) return false;
-  return true;
 }
 
 Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask) const {
@@ -203,11 +196,9 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   std::optional<Unpadded> unpadded;
   Tensor flat = out.mask.reshape({-1}).to(at::kBool);
   const bool all_real = flat.all().item<bool>();
-  if (token_wise_only()) {
-    if (!all_real) {
-      unpadded = Unpadded{flat.nonzero().squeeze(1), B, S};
-      x = x.reshape({B * S, H}).index_select(0, unpadded->index);  // (N, H)
-    }
+  if (token_wise_only() && !all_real) {
+    unpadded = Unpadded::of(out.mask);
+    x = unpadded->rows(x);  // (N, H)
   }
   const Unpadded* u = unpadded ? &*unpadded : nullptr;
   for (const auto& l : layers_) {
@@ -217,7 +208,7 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
     if (!all_real) mask = prefix.first.defined() ? at::cat({at::ones({B, prefix.first.size(2)}, out.mask.options()), out.mask}, 1) : out.mask;
     x = l.layer->run(x, [&](const Tensor& h) { return layer_forward(l, h, mask, prefix, u); });
   }
-  out.hidden = u ? at::zeros({B * S, H}, x.options()).index_copy(0, u->index, x).view({B, S, H}) : x;
+  out.hidden = u ? u->padded(x) : x;  // (B, S, H)
   return out;
 }
 

@@ -52,17 +52,10 @@ class BertModel final : public SiteModel {
     LayerSite* layer;
   };
   BertModel() = default;
-  // Padding tokens dropped: token-wise work runs on (N, H) rows, attention on the padded
-  // (B, S) layout rebuilt from `index` (the flat positions of the N real tokens).
-  struct Unpadded {
-    Tensor index;  // (N) int64 into B * S
-    std::int64_t batch, seq;
-  };
   // prefix: the attention site's (K, V) for this batch, undefined when it has none.
   using KV = std::pair<Tensor, Tensor>;
   Tensor attention(const Layer& l, const Tensor& h, const Tensor& mask, const KV& prefix, const Unpadded* u) const;
   Tensor layer_forward(const Layer& l, const Tensor& h, const Tensor& mask, const KV& prefix, const Unpadded* u) const;
-  bool token_wise_only() const;  // no sublayer or layer interventions anywhere
 
   BertConfig config_;
   ParameterSite *word_ = nullptr, *position_ = nullptr, *token_type_ = nullptr, *embed_norm_w_ = nullptr, *embed_norm_b_ = nullptr;

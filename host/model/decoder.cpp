@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <optional>
 
 namespace tessera {
 namespace {
@@ -241,9 +242,11 @@ Tensor DecoderModel::mlp(const Layer& l, const Tensor& x) const {
 
 Tensor DecoderModel::attention(const Layer& l, std::size_t index, const Tensor& x, const Tensor& positions,
                                const Tensor& key_mask, const std::pair<Tensor, Tensor>& rope, const std::pair<Tensor, Tensor>& prefix,
-                               KVCache* cache, bool all_real) const {
-  // x (B, T, H); key_mask (B, S) over [prefix | cache | new]; returns (B, T, H)
-  const auto B = x.size(0), T = x.size(1), nh = config_.num_heads, kvh = config_.num_kv_heads, hd = config_.head_dim;
+                               KVCache* cache, bool all_real, const Unpadded* u) const {
+  // x (B, T, H), or (N, H) real tokens when unpadded; key_mask (B, S) over
+  // [prefix | cache | new]; returns x's layout
+  const auto B = u ? u->batch : x.size(0), T = u ? u->seq : x.size(1);
+  const auto nh = config_.num_heads, kvh = config_.num_kv_heads, hd = config_.head_dim;
   Tensor q, k, v;
   const bool split = l.q->has_interventions() || l.k->has_interventions() || l.v->has_interventions() ||
                      l.q->weight().has_deltas() || l.k->weight().has_deltas() || l.v->weight().has_deltas() ||
@@ -256,6 +259,7 @@ Tensor DecoderModel::attention(const Layer& l, std::size_t index, const Tensor& 
   } else {
     q = l.q->forward(x), k = l.k->forward(x), v = l.v->forward(x);
   }
+  if (u) q = u->padded(q), k = u->padded(k), v = u->padded(v);  // back to (B, T, ·) for attention
   q = q.view({B, T, nh, hd}).transpose(1, 2);   // (B, nh, T, hd)
   k = k.view({B, T, kvh, hd}).transpose(1, 2);  // (B, kvh, T, hd)
   v = v.view({B, T, kvh, hd}).transpose(1, 2);
@@ -296,7 +300,8 @@ Tensor DecoderModel::attention(const Layer& l, std::size_t index, const Tensor& 
   }
   Tensor ctx = attend(q, k, v, keep, config_.attention_dropout, training_, *l.attention, {}, std::nullopt,
                       /*causal=*/!keep.defined() && T > 1);  // (B, nh, T, hd)
-  return l.o->forward(ctx.transpose(1, 2).reshape({B, T, nh * hd}));
+  ctx = ctx.transpose(1, 2).reshape({B, T, nh * hd});
+  return l.o->forward(u ? u->rows(ctx) : ctx);
 }
 
 Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cache) const {
@@ -329,11 +334,21 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
   }
   x = at::dropout(x, config_.embed_dropout, training_);
   const auto rope = config_.gpt2 ? std::pair<Tensor, Tensor>{} : rope_tables(positions, x.scalar_type());
+  // Padding never influences real tokens, so without a cache (training, evaluation) the
+  // token-wise work skips it: the layers run on the N real tokens' rows, attention alone
+  // on the padded layout. Hidden states at padding come back as zeros.
+  std::optional<Unpadded> unpadded;
+  if (cache == nullptr && !all_real && token_wise_only()) {
+    unpadded = Unpadded::of(new_mask);
+    x = unpadded->rows(x);  // (N, H)
+  }
+  const Unpadded* u = unpadded ? &*unpadded : nullptr;
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const Layer& l = layers_[i];
     x = l.layer->run(x, [&](const Tensor& h) {
       Tensor n1 = norm(h, l.norm1_w, l.norm1_b);
-      Tensor a = at::dropout(attention(l, i, n1, positions, key_mask, rope, prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i], cache, all_real), config_.hidden_dropout, training_);
+      Tensor a = at::dropout(attention(l, i, n1, positions, key_mask, rope, prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i], cache, all_real, u),
+                             config_.hidden_dropout, training_);
       Tensor h1 = h + l.attn->apply(n1, a);
       Tensor n2 = norm(h1, l.norm2_w, l.norm2_b);
       Tensor m = at::dropout(mlp(l, n2), config_.hidden_dropout, training_);
@@ -341,7 +356,8 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     });
   }
   if (cache) cache->mask = key_mask;
-  return norm(x, final_w_, final_b_);
+  x = norm(x, final_w_, final_b_);
+  return u ? u->padded(x) : x;  // (B, P + T, H)
 }
 
 Tensor DecoderModel::logits(const Tensor& hidden) const { return head_->forward(hidden); }

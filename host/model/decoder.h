@@ -67,7 +67,8 @@ class DecoderModel final : public SiteModel {
   // ids, mask: (B, T), mask 1 = real token (left or right padding). With a cache, the
   // cached keys come first and the cache is extended; embedding-site prompts and
   // attention-site prefixes enter only when the cache is empty.
-  // Returns the final-norm hidden states (B, P + T, H), P = prompt tokens prepended.
+  // Returns the final-norm hidden states (B, P + T, H), P = prompt tokens prepended;
+  // zeros at padding when a forward without a cache skipped it (see Unpadded).
   Tensor forward(const Tensor& ids, const Tensor& mask, KVCache* cache = nullptr) const;
   Tensor logits(const Tensor& hidden) const;  // (…, H) -> (…, V) through the head site
   LinearSite& head() const { return *head_; }
@@ -87,7 +88,8 @@ class DecoderModel final : public SiteModel {
   Tensor mlp(const Layer& l, const Tensor& x) const;
   // prefix: the attention site's (K, V) for this forward (first call only), else undefined.
   Tensor attention(const Layer& l, std::size_t index, const Tensor& x, const Tensor& positions, const Tensor& key_mask,
-                   const std::pair<Tensor, Tensor>& rope, const std::pair<Tensor, Tensor>& prefix, KVCache* cache, bool all_real) const;
+                   const std::pair<Tensor, Tensor>& rope, const std::pair<Tensor, Tensor>& prefix, KVCache* cache, bool all_real,
+                   const Unpadded* u) const;
   std::pair<Tensor, Tensor> rope_tables(const Tensor& positions, c10::ScalarType dtype) const;  // cos, sin (B, 1, T, hd)
 
   DecoderConfig config_;

@@ -17,11 +17,25 @@ struct Encoded {
   std::int64_t prompt_length = 0;  // P
 };
 
+// Padding tokens dropped: token-wise work (linear sites, norms, activations, dropout)
+// runs on the N real tokens' rows; attention runs on the padded layout rebuilt from
+// `index`, the flat positions of those tokens in (B, S).
+struct Unpadded {
+  Tensor index;  // (N) int64 into B * S
+  std::int64_t batch = 0, seq = 0;
+  static Unpadded of(const Tensor& mask);  // mask (B, S), 1 = real token
+  Tensor rows(const Tensor& x) const;      // (B, S, …) -> (N, …)
+  Tensor padded(const Tensor& x) const;    // (N, …) -> (B, S, …), zeros at padding
+};
+
 class SiteModel : public ModelView {
  public:
   const ModelInfo& info() const override { return info_; }
   bool training() const override { return training_; }
   void train(bool on) { training_ = on; }
+  // No sublayer or layer site has interventions: every method on the model is token-wise,
+  // so padding tokens can be dropped (see Unpadded).
+  bool token_wise_only() const;
   // Tensors in the checkpoint the architecture does not use (pooler, task heads, buffers).
   const std::vector<std::string>& ignored_tensors() const { return ignored_; }
 

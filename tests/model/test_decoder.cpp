@@ -56,6 +56,34 @@ CATCH_TEST_CASE("decoder hidden states, logits and loss equal transformers withi
   }
 }
 
+CATCH_TEST_CASE("decoders skip padding tokens only while every method is token-wise", "[model][decoder]") {
+  // The reference batch is padded: the plain forward above ran on real tokens only. An
+  // identity module on a sublayer site needs the (B, T, H) layout and switches that off;
+  // both paths give the same real-token states, and the unpadded one zeros at padding.
+  auto& ref = reference();
+  const auto& ids = ref["input_ids"];
+  const auto& mask = ref["attention_mask"];
+  CATCH_REQUIRE(mask.eq(0).any().item<bool>());
+  for (const std::string name : {"gpt2", "llama"}) {
+    CATCH_INFO("checkpoint " << name);
+    auto model = load(name);
+    at::NoGradGuard no_grad;
+    Tensor unpadded = model->forward(ids, mask);
+    CATCH_CHECK(unpadded.index({mask.eq(0)}).abs().max().item<double>() == 0);
+    CATCH_REQUIRE(model->token_wise_only());
+    bool saw_padded_layout = false;
+    model->sublayer_sites()[0]->add_sequential("identity", [&](const Tensor& h) {
+      saw_padded_layout = h.dim() == 3 && h.size(0) == ids.size(0);
+      return h;
+    });
+    CATCH_REQUIRE(!model->token_wise_only());
+    Tensor padded = model->forward(ids, mask);
+    CATCH_CHECK(saw_padded_layout);
+    CATCH_CHECK(test::max_abs_diff_tokens(padded, unpadded, mask) < 1e-5);
+    CATCH_CHECK(test::max_abs_diff_tokens(padded, ref[name + ".hidden"], mask) < 1e-4);
+  }
+}
+
 CATCH_TEST_CASE("greedy generation with the KV cache equals transformers.generate token for token", "[model][decoder]") {
   nlohmann::json runs;
   std::ifstream(decoder_fixture("generate.json")) >> runs;

@@ -1,0 +1,33 @@
+#include "model/site_model.h"
+
+#include <ATen/ATen.h>
+
+namespace tessera {
+
+Unpadded Unpadded::of(const Tensor& mask) { return {mask.reshape({-1}).to(at::kBool).nonzero().squeeze(1), mask.size(0), mask.size(1)}; }
+
+Tensor Unpadded::rows(const Tensor& x) const {
+  auto shape = x.sizes().vec();
+  shape.erase(shape.begin());
+  shape[0] = batch * seq;
+  return x.reshape(shape).index_select(0, index);
+}
+
+Tensor Unpadded::padded(const Tensor& x) const {
+  auto shape = x.sizes().vec();  // (N, …)
+  shape[0] = batch * seq;
+  Tensor out = at::zeros(shape, x.options()).index_copy(0, index, x);
+  shape[0] = seq;
+  shape.insert(shape.begin(), batch);
+  return out.view(shape);
+}
+
+bool SiteModel::token_wise_only() const {
+  for (const auto& s : sublayers_)
+    if (!s->empty()) return false;
+  for (const auto& l : layer_sites_)
+    if (!l->empty()) return false;
+  return true;
+}
+
+}  // namespace tessera
