@@ -30,8 +30,19 @@ RopeConfig rope_from(const nlohmann::json& j, const std::string& path, std::int6
   r.low_freq_factor = json_number_or(p, "low_freq_factor", r.low_freq_factor);
   r.high_freq_factor = json_number_or(p, "high_freq_factor", r.high_freq_factor);
   r.original_max_positions = json_int_or(p, "original_max_position_embeddings", max_positions);
-  if (r.type != "default" && r.type != "linear" && r.type != "dynamic" && r.type != "llama3")
-    throw std::runtime_error(path + ": rope type '" + r.type + "' is not supported (supported: default, linear, dynamic, llama3)");
+  if (r.type != "default" && r.type != "linear" && r.type != "dynamic" && r.type != "llama3" && r.type != "yarn")
+    throw std::runtime_error(path + ": rope type '" + r.type + "' is not supported (supported: default, linear, dynamic, llama3, yarn)");
+  if (r.type == "yarn") {  // Peng et al. 2023, arXiv:2309.00071, with transformers' defaults
+    if (!p.contains("factor") || p["factor"].is_null())
+      r.factor = static_cast<double>(max_positions) / static_cast<double>(r.original_max_positions);
+    auto number = [&](const char* key, double fallback) { return p.contains(key) && !p[key].is_null() ? p[key].get<double>() : fallback; };
+    r.beta_fast = number("beta_fast", 32.0);
+    r.beta_slow = number("beta_slow", 1.0);
+    r.truncate = p.value("truncate", true);
+    auto mscale = [](double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };
+    const double m = number("mscale", 0.0), m_all = number("mscale_all_dim", 0.0);
+    r.attention_factor = number("attention_factor", m != 0 && m_all != 0 ? mscale(r.factor, m) / mscale(r.factor, m_all) : mscale(r.factor, 1.0));
+  }
   if (json_number_or(j, "partial_rotary_factor", json_number_or(p, "partial_rotary_factor", 1.0)) != 1.0)
     throw std::runtime_error(path + ": partial_rotary_factor is not supported");
   return r;
@@ -199,6 +210,19 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
       Tensor medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
       inv = at::where(medium, blended, scaled);
     }
+    if (r.type == "yarn") {
+      // Dimensions that turn fewer than beta_slow times over the trained length are
+      // interpolated (inv / factor), those turning more than beta_fast times keep their
+      // frequency, with a linear ramp between.
+      const double d = static_cast<double>(hd), old_len = static_cast<double>(r.original_max_positions);
+      auto dim_of = [&](double rotations) { return d * std::log(old_len / (rotations * 2 * M_PI)) / (2 * std::log(r.theta)); };
+      double low = dim_of(r.beta_fast), high = dim_of(r.beta_slow);
+      if (r.truncate) low = std::floor(low), high = std::ceil(high);
+      low = std::max(low, 0.0), high = std::min(high, d - 1);
+      if (low == high) high += 0.001;  // a ramp of zero width
+      Tensor ramp = ((at::arange(hd / 2, at::kFloat) - low) / (high - low)).clamp(0, 1);  // (hd / 2): 0 keeps, 1 interpolates
+      inv = inv / r.factor * ramp + inv * (1 - ramp);
+    }
     m->inv_freq_ = inv.to(options.dtype(at::kFloat));
   }
   m->info_.architecture = c.model_type;
@@ -227,6 +251,7 @@ std::pair<Tensor, Tensor> DecoderModel::rope_tables(const Tensor& positions, c10
   }
   Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv;  // (B, T, hd/2)
   Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);        // (B, 1, T, hd)
+  if (r.attention_factor != 1.0) return {(emb.cos() * r.attention_factor).to(dtype), (emb.sin() * r.attention_factor).to(dtype)};
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 

@@ -4,7 +4,7 @@
 //   GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm, GELU(tanh) MLP,
 //     Conv1D weights stored (in, out), fused c_attn, head tied to the embeddings.
 //   LLaMA family (Touvron et al. 2023, arXiv:2302.13971; also Mistral, Qwen2, TinyLlama,
-//     SmolLM): RMSNorm, rotary positions (Su et al. 2021) with linear / dynamic / llama3
+//     SmolLM): RMSNorm, rotary positions (Su et al. 2021) with linear / dynamic / llama3 / yarn
 //     scaling, SwiGLU MLP, grouped-query attention, optional q/k/v(/o) biases, optional
 //     sliding window, tied or untied head.
 //
@@ -31,9 +31,13 @@
 namespace tessera {
 
 struct RopeConfig {
-  std::string type = "default";  // default | linear | dynamic | llama3
+  std::string type = "default";  // default | linear | dynamic | llama3 | yarn
   double theta = 10000.0, factor = 1.0, low_freq_factor = 1.0, high_freq_factor = 4.0;
   std::int64_t original_max_positions = 0;
+  // yarn: the ramp's rotation bounds, whether its ends are rounded outwards, and the scale
+  // of cos/sin (from `attention_factor`, or 0.1 ln(factor) + 1 with mscale refinements).
+  double beta_fast = 32, beta_slow = 1, attention_factor = 1.0;
+  bool truncate = true;
 };
 
 struct DecoderConfig {

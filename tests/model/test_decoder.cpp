@@ -26,7 +26,7 @@ std::unique_ptr<DecoderModel> load(const std::string& name) {
 
 Tensor labels_of(const Tensor& ids, const Tensor& mask) { return ids.masked_fill(mask.eq(0), -100); }
 
-const char* const kArchitectures[] = {"gpt2", "llama", "qwen2", "mistral", "llama_linear", "llama_dynamic", "llama_bf16"};
+const char* const kArchitectures[] = {"gpt2", "llama", "qwen2", "mistral", "llama_linear", "llama_dynamic", "llama_bf16", "qwen2_yarn"};
 
 }  // namespace
 
@@ -87,7 +87,7 @@ CATCH_TEST_CASE("decoders skip padding tokens only while every method is token-w
 CATCH_TEST_CASE("greedy generation with the KV cache equals transformers.generate token for token", "[model][decoder]") {
   nlohmann::json runs;
   std::ifstream(decoder_fixture("generate.json")) >> runs;
-  CATCH_REQUIRE(runs.size() == 6);
+  CATCH_REQUIRE(runs.size() == 7);
   for (const auto& [name, cases] : runs.items()) {
     auto model = load(name);
     for (const auto& c : cases) {
@@ -237,8 +237,8 @@ CATCH_TEST_CASE("decoder loading: missing tensors named, unexpected listed, bad 
   CATCH_CHECK(model->ignored_tensors() == std::vector<std::string>{"transformer.extra.weight"});
 
   std::ofstream((dir / "config.json").string()) << R"({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "intermediate_size": 8, "max_position_embeddings": 8, "rope_scaling": {"rope_type": "yarn", "factor": 2}})";
-  CATCH_CHECK_THROWS_WITH(DecoderModel::load(dir.string(), at::TensorOptions()), Catch::Contains("rope type 'yarn' is not supported"));
+    "num_attention_heads": 2, "intermediate_size": 8, "max_position_embeddings": 8, "rope_scaling": {"rope_type": "longrope", "factor": 2}})";
+  CATCH_CHECK_THROWS_WITH(DecoderModel::load(dir.string(), at::TensorOptions()), Catch::Contains("rope type 'longrope' is not supported"));
   std::ofstream((dir / "config.json").string()) << R"({"model_type": "bert"})";
   CATCH_CHECK_THROWS_WITH(DecoderModel::load(dir.string(), at::TensorOptions()), Catch::Contains("'bert' is not a supported decoder"));
   fs::remove(dir / "model.safetensors");
