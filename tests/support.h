@@ -27,6 +27,12 @@ inline std::string model_dir() {
   return d;
 }
 
+inline std::string decoder_dir() {  // the real SmolLM2-135M-Instruct the set-up converts
+  const char* d = std::getenv("TESSERA_DECODER_DIR");
+  if (d == nullptr) throw std::runtime_error("TESSERA_DECODER_DIR is not set: run scripts/bootstrap and source its env.sh");
+  return d;
+}
+
 inline std::string fixture(const std::string& rel) { return std::string(TESSERA_FIXTURE_DIR) + "/" + rel; }
 
 inline NamedTensors read_tensors(const std::string& path) {
