@@ -5,9 +5,10 @@
 # Each decoder and T5 runs twice: "logits" (the head's output at every position) and
 # "loss" (the language-model loss of the ids, as evaluation computes perplexity; both
 # sides print the loss, and the table shows their difference).
-# Checkpoints: the real all-MiniLM-L6-v2, and real architectures at real sizes with
-# random weights (speed does not depend on the values): GPT-2 small (124 M), a LLaMA with
-# grouped-query attention (~110 M) and T5-small (60 M), made by transformers.
+# Checkpoints: the real all-MiniLM-L6-v2 and SmolLM2-135M-Instruct, and real architectures
+# at real sizes with random weights (speed does not depend on the values): GPT-2 small
+# (124 M), a LLaMA with grouped-query attention (~110 M) and T5-small (60 M), made by
+# transformers.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 iters=${1:-5} batch=${2:-8} len=${3:-128} threads=$(nproc)
@@ -28,7 +29,7 @@ LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_siz
 T5ForConditionalGeneration(T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, decoder_start_token_id=0)).save_pretrained(f"{out}/t5-small")
 PY
 printf "%-20s %14s %14s %8s %12s %12s %8s %10s\n" model "peer tok/s" "tessera tok/s" ratio "peer MiB" "tessera MiB" ratio "|Δ loss|"
-for run in "$TESSERA_MODEL_DIR logits" "$work/gpt2-small logits" "$work/gpt2-small loss" "$work/llama-110m logits" \
+for run in "$TESSERA_MODEL_DIR logits" "$TESSERA_DECODER_DIR logits" "$TESSERA_DECODER_DIR loss" "$work/gpt2-small logits" "$work/gpt2-small loss" "$work/llama-110m logits" \
            "$work/llama-110m loss" "$work/t5-small logits" "$work/t5-small loss"; do
   set -- $run
   m=$1 mode=$2

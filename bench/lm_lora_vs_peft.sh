@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
 # LoRA causal-LM fine-tuning throughput and peak memory, Tessera against transformers +
-# peft on the same torch, side by side: GPT-2 small at its real size (random weights made
-# by transformers; no real decoder is on our registries), a byte-level BPE tokenizer
-# trained on the polarity sentences, the same consecutive batches (each padded to its
-# longest text), LoRA r = 8 on c_attn, c_proj, c_fc, threads and steps.
-#   bash bench/lm_lora_vs_peft.sh [steps] [batch] [max_length]
+# peft on the same torch, side by side: the same checkpoint, tokenizer, consecutive
+# batches (each padded to its longest text), LoRA r = 8, threads and steps.
+#   bash bench/lm_lora_vs_peft.sh [steps] [batch] [max_length] [gpt2|smollm2]
+# gpt2: GPT-2 small at its real size with random weights made by transformers and a
+#   byte-level BPE trained on the polarity sentences; LoRA on c_attn, c_proj, c_fc.
+# smollm2: the real SmolLM2-135M-Instruct (LLaMA architecture) with its own tokenizer;
+#   LoRA on q, k, v, o, gate, up, down.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-steps=${1:-10} batch=${2:-16} len=${3:-64} threads=$(nproc)
+steps=${1:-10} batch=${2:-16} len=${3:-64} which=${4:-gpt2} threads=$(nproc)
 bash "$root/scripts/build" >/dev/null
 source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
 py=$TESSERA_VENV/bin/python
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+if [ "$which" = smollm2 ]; then
+  model=$TESSERA_DECODER_DIR
+  ours='["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"]'
+  peer=(--targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)
+else
+  model=$work/gpt2-small
+  ours='["attn.qkv", "attn.o", "mlp.up", "mlp.down"]'
+  peer=(--targets c_attn,c_proj,c_fc --fan-in-fan-out)
 $py - "$work/gpt2-small" "$TESSERA_DATA_DIR/polarity.csv" <<'PY'
 import csv, sys, torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -27,9 +37,10 @@ t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=50257, special_toke
                                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
 t.save(f"{out}/tokenizer.json")
 PY
+fi
 cat >"$work/bench.toml" <<TOML
 [model]
-path = "$work/gpt2-small"
+path = "$model"
 [data]
 path = "\${TESSERA_DATA_DIR}/polarity.csv"
 max_length = $len
@@ -46,14 +57,14 @@ shuffle = false
 lr = 1e-3
 [[methods]]
 plugin = "lora"
-targets = ["attn.qkv", "attn.o", "mlp.up", "mlp.down"]
+targets = $ours
 [methods.params]
 r = 8
 lora_alpha = 16
 lora_dropout = 0.1
 TOML
-echo "== transformers + peft (GPT-2 small, $threads threads, batch $batch, length ≤ $len, $steps timed steps)"
-$py "$root/bench/measure.py" $py "$root/bench/peer_lm_peft.py" --model "$work/gpt2-small" --data "$TESSERA_DATA_DIR/polarity.csv" \
+echo "== transformers + peft ($which, $threads threads, batch $batch, length ≤ $len, $steps timed steps)"
+$py "$root/bench/measure.py" $py "$root/bench/peer_lm_peft.py" --model "$model" "${peer[@]}" --data "$TESSERA_DATA_DIR/polarity.csv" \
   --steps "$steps" --batch-size $batch --max-length $len --threads "$threads" >"$work/peer.json" 2>"$work/peer.err" \
   || { cat "$work/peer.err"; exit 1; }
 echo "== tessera"

@@ -22,6 +22,8 @@ ap.add_argument("--batch-size", type=int, default=16)
 ap.add_argument("--max-length", type=int, default=64)
 ap.add_argument("--test-fraction", type=float, default=0.02)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--targets", default="c_attn,c_proj,c_fc", help="peft target_modules, comma-separated")
+ap.add_argument("--fan-in-fan-out", action="store_true", help="GPT-2's Conv1D weights")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
@@ -31,7 +33,8 @@ train = [r["text"] for r in train_rows(args.data, args.test_fraction)]
 tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 eos = model.config.eos_token_id
-cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+eos = eos[0] if isinstance(eos, list) else eos
+cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=args.targets.split(","), fan_in_fan_out=args.fan_in_fan_out)
 model = get_peft_model(model, cfg)
 model.train()
 params = [p for p in model.parameters() if p.requires_grad]
