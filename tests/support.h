@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <filesystem>
 #include <map>
+#include <vector>
 #include <string>
 
 #define CATCH_CONFIG_PREFIX_ALL
@@ -88,10 +89,21 @@ inline std::unique_ptr<MethodInstance> attach_peft_adapter(const std::string& di
   return inst;
 }
 
+// A fresh directory for this test process, removed when the process ends (ctest runs each
+// test case in a process of its own, so nothing piles up in the temp directory).
 inline std::filesystem::path temp_dir(const std::string& name) {
+  struct Cleanup {
+    std::vector<std::filesystem::path> dirs;
+    ~Cleanup() {
+      std::error_code ignored;
+      for (const auto& d : dirs) std::filesystem::remove_all(d, ignored);
+    }
+  };
+  static Cleanup made;
   auto p = std::filesystem::temp_directory_path() / ("tessera-test-" + name + "-" + std::to_string(::getpid()));
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
+  made.dirs.push_back(p);
   return p;
 }
 
