@@ -194,8 +194,7 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   // layers, GELU and LayerNorm run on the N real tokens only. Their hidden states come
   // back as zeros.
   std::optional<Unpadded> unpadded;
-  Tensor flat = out.mask.reshape({-1}).to(at::kBool);
-  const bool all_real = flat.all().item<bool>();
+  const bool all_real = out.mask.all().item<bool>();
   if (token_wise_only() && !all_real) {
     unpadded = Unpadded::of(out.mask);
     x = unpadded->rows(x);  // (N, H)
