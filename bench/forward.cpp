@@ -1,9 +1,10 @@
 // Forward throughput of one checkpoint: tokens/s of no-grad forward passes over random
 // ids, the peer's workload exactly (bench/peer_forward.py). Prints one JSON line.
-//   tessera_bench_forward MODEL_DIR BATCH LENGTH ITERATIONS THREADS [logits|loss]
+//   tessera_bench_forward MODEL_DIR BATCH LENGTH ITERATIONS THREADS [logits|loss] [DEVICE]
 // logits: the LM head's output at every position (decoders, T5). loss: the language-model
 // loss of the ids themselves, as an evaluation computes perplexity (here the head runs
-// chunked and the logits are never whole).
+// chunked and the logits are never whole). DEVICE: "cpu" (default), "cuda" …; on a GPU the
+// clock stops after the device has finished.
 #include "model/bert.h"
 #include "model/decoder.h"
 #include "model/json_file.h"
@@ -14,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <nlohmann/json.hpp>
+#include <torch/cuda.h>
 
 #include <chrono>
 #include <cstdio>
@@ -24,18 +26,22 @@
 using namespace tessera;
 
 int main(int argc, char** argv) {
-  if (argc != 6 && argc != 7) {
-    std::cerr << "usage: tessera_bench_forward MODEL_DIR BATCH LENGTH ITERATIONS THREADS [logits|loss]\n";
+  if (argc < 6 || argc > 8) {
+    std::cerr << "usage: tessera_bench_forward MODEL_DIR BATCH LENGTH ITERATIONS THREADS [logits|loss] [DEVICE]\n";
     return 2;
   }
   try {
     const std::string dir = argv[1];
     const std::int64_t B = std::stoll(argv[2]), T = std::stoll(argv[3]), iters = std::stoll(argv[4]);
     set_threads(std::stoll(argv[5]));
-    const bool loss = argc == 7 && std::string(argv[6]) == "loss";
+    const bool loss = argc >= 7 && std::string(argv[6]) == "loss";
+    const c10::Device device(argc == 8 ? argv[7] : "cpu");
+    const auto finish = [&] {  // device work is asynchronous: wait for it before reading the clock
+      if (device.is_cuda()) torch::cuda::synchronize();
+    };
     at::NoGradGuard no_grad;
     const auto type = read_json_file((std::filesystem::path(dir) / "config.json").string()).value("model_type", "");
-    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    const auto opts = at::TensorOptions().dtype(at::kFloat).device(device);
     std::unique_ptr<BertModel> bert;
     std::unique_ptr<DecoderModel> dec;
     std::unique_ptr<T5Model> t5;
@@ -67,10 +73,12 @@ int main(int argc, char** argv) {
       };
     }
     at::manual_seed(0);
-    Tensor ids = at::randint(3, vocab, {B, T}, at::kLong), mask = at::ones({B, T}, at::kLong);
+    Tensor ids = at::randint(3, vocab, {B, T}, at::kLong).to(device), mask = at::ones({B, T}, opts.dtype(at::kLong));
     for (int w = 0; w < 2; ++w) run(ids, mask);  // warm-up: allocator, kernels
+    finish();
     const auto start = std::chrono::steady_clock::now();
     for (std::int64_t i = 0; i < iters; ++i) run(ids, mask);
+    finish();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     nlohmann::json out{{"tokens_per_s", static_cast<double>(B * T * iters) / s}, {"seconds", s}};
     if (loss) out["loss"] = last_loss;

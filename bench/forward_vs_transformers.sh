@@ -9,12 +9,18 @@
 # at real sizes with random weights (speed does not depend on the values): GPT-2 small
 # (124 M), a LLaMA with grouped-query attention (~110 M) and T5-small (60 M), made by
 # transformers.
+# TESSERA_BENCH_DEVICE=cuda runs both sides on the GPU and adds their peak GPU memory
+# (bench/device_check.sh does so on a machine with a GPU, with binaries built beforehand:
+# TESSERA_BENCH_PREBUILT=1 and the TESSERA_* directories already in the environment).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-iters=${1:-5} batch=${2:-8} len=${3:-128} threads=$(nproc)
-bash "$root/scripts/build" >/dev/null
-source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
-cmake --build "$root/build" --target tessera_bench_forward >/dev/null  # not part of the default build
+iters=${1:-5} batch=${2:-8} len=${3:-128} threads=$(nproc) device=${TESSERA_BENCH_DEVICE:-cpu}
+if [ -z "${TESSERA_BENCH_PREBUILT:-}" ]; then
+  bash "$root/scripts/build" >/dev/null
+  source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
+  cmake --build "$root/build" --target tessera_bench_forward >/dev/null  # not part of the default build
+fi
+[ "$device" = cpu ] || export TESSERA_BENCH_GPU=1
 py=$TESSERA_VENV/bin/python
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -28,14 +34,15 @@ LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_siz
                              num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)).save_pretrained(f"{out}/llama-110m")
 T5ForConditionalGeneration(T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, decoder_start_token_id=0)).save_pretrained(f"{out}/t5-small")
 PY
-printf "%-20s %14s %14s %8s %12s %12s %8s %10s\n" model "peer tok/s" "tessera tok/s" ratio "peer MiB" "tessera MiB" ratio "|Δ loss|"
+printf "%-20s %14s %14s %8s %12s %12s %8s %10s" model "peer tok/s" "tessera tok/s" ratio "peer MiB" "tessera MiB" ratio "|Δ loss|"
+if [ "$device" = cpu ]; then echo; else printf " %13s %12s %8s\n" "peer GPU MiB" "tessera GPU" ratio; fi
 for run in "$TESSERA_MODEL_DIR logits" "$TESSERA_DECODER_DIR logits" "$TESSERA_DECODER_DIR loss" "$work/gpt2-small logits" "$work/gpt2-small loss" "$work/llama-110m logits" \
            "$work/llama-110m loss" "$work/t5-small logits" "$work/t5-small loss"; do
   set -- $run
   m=$1 mode=$2
-  $py "$root/bench/measure.py" $py "$root/bench/peer_forward.py" "$m" $batch $len $iters $threads $mode >"$work/peer.json" 2>"$work/peer.err" \
+  $py "$root/bench/measure.py" $py "$root/bench/peer_forward.py" "$m" $batch $len $iters $threads $mode $device >"$work/peer.json" 2>"$work/peer.err" \
     || { cat "$work/peer.err"; exit 1; }
-  $py "$root/bench/measure.py" "$root/build/bin/tessera_bench_forward" "$m" $batch $len $iters $threads $mode >"$work/ours.json" 2>"$work/ours.err" \
+  $py "$root/bench/measure.py" "$root/build/bin/tessera_bench_forward" "$m" $batch $len $iters $threads $mode $device >"$work/ours.json" 2>"$work/ours.err" \
     || { cat "$work/ours.err"; exit 1; }
   $py - "$work" "$(basename "$m") $mode" <<'PY'
 import json, sys, pathlib
@@ -45,7 +52,9 @@ p, o = last(w / "peer.json"), last(w / "ours.json")
 peer, ours = p["tokens_per_s"], o["tokens_per_s"]
 prss, orss = last(w / "peer.err")["peak_rss_mib"], last(w / "ours.err")["peak_rss_mib"]
 diff = f"{abs(p['loss'] - o['loss']):10.1e}" if "loss" in p else f"{'':10}"
-print(f"{name:20} {peer:14.0f} {ours:14.0f} {ours / peer:7.2f}x {prss:12.0f} {orss:12.0f} {orss / prss:8.2f} {diff}")
+row = f"{name:20} {peer:14.0f} {ours:14.0f} {ours / peer:7.2f}x {prss:12.0f} {orss:12.0f} {orss / prss:8.2f} {diff}"
+pg, og = last(w / "peer.err").get("peak_gpu_mib"), last(w / "ours.err").get("peak_gpu_mib")
+print(row + (f" {pg:13.0f} {og:12.0f} {og / pg:8.2f}" if pg else ""))
 PY
 done
-echo "(batch $batch, length $len, $iters timed iterations after 2 warm-up, $threads threads, f32, no padding)"
+echo "(batch $batch, length $len, $iters timed iterations after 2 warm-up, $threads threads, f32, no padding, $device)"

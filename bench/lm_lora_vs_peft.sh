@@ -7,11 +7,16 @@
 #   byte-level BPE trained on the polarity sentences; LoRA on c_attn, c_proj, c_fc.
 # smollm2: the real SmolLM2-135M-Instruct (LLaMA architecture) with its own tokenizer;
 #   LoRA on q, k, v, o, gate, up, down.
+# TESSERA_BENCH_DEVICE=cuda trains both on the GPU and adds their peak GPU memory
+# (bench/device_check.sh, with TESSERA_BENCH_PREBUILT=1 as in forward_vs_transformers.sh).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-steps=${1:-10} batch=${2:-16} len=${3:-64} which=${4:-gpt2} threads=$(nproc)
-bash "$root/scripts/build" >/dev/null
-source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
+steps=${1:-10} batch=${2:-16} len=${3:-64} which=${4:-gpt2} threads=$(nproc) device=${TESSERA_BENCH_DEVICE:-cpu}
+if [ -z "${TESSERA_BENCH_PREBUILT:-}" ]; then
+  bash "$root/scripts/build" >/dev/null
+  source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
+fi
+[ "$device" = cpu ] || export TESSERA_BENCH_GPU=1
 py=$TESSERA_VENV/bin/python
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -41,6 +46,7 @@ fi
 cat >"$work/bench.toml" <<TOML
 [model]
 path = "$model"
+device = "$device"
 [data]
 path = "\${TESSERA_DATA_DIR}/polarity.csv"
 max_length = $len
@@ -63,9 +69,9 @@ r = 8
 lora_alpha = 16
 lora_dropout = 0.1
 TOML
-echo "== transformers + peft ($which, $threads threads, batch $batch, length ≤ $len, $steps timed steps)"
+echo "== transformers + peft ($which, $device, $threads threads, batch $batch, length ≤ $len, $steps timed steps)"
 $py "$root/bench/measure.py" $py "$root/bench/peer_lm_peft.py" --model "$model" "${peer[@]}" --data "$TESSERA_DATA_DIR/polarity.csv" \
-  --steps "$steps" --batch-size $batch --max-length $len --threads "$threads" >"$work/peer.json" 2>"$work/peer.err" \
+  --steps "$steps" --batch-size $batch --max-length $len --threads "$threads" --device "$device" >"$work/peer.json" 2>"$work/peer.err" \
   || { cat "$work/peer.err"; exit 1; }
 echo "== tessera"
 $py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn train "$work/bench.toml" --run-dir "$work/run" \
@@ -76,9 +82,12 @@ w = pathlib.Path(sys.argv[1])
 last = lambda p: json.loads([l for l in p.read_text().splitlines() if l.startswith("{")][-1])
 peer, peer_rss = last(w / "peer.json"), last(w / "peer.err")["peak_rss_mib"]
 ours, ours_rss = json.loads((w / "run" / "result.json").read_text()), last(w / "tessera.err")["peak_rss_mib"]
+peer_gpu, ours_gpu = last(w / "peer.err").get("peak_gpu_mib"), last(w / "tessera.err").get("peak_gpu_mib")
+gpu = lambda v: f"{v:14.0f}" if peer_gpu else ""
 steps = [json.loads(l) for l in (w / "run" / "metrics.jsonl").read_text().splitlines() if '"step"' in l and '"lr"' in l]
-print(f"{'':24}{'examples/s':>12}{'peak RSS MiB':>14}{'last loss':>12}")
-print(f"{'transformers + peft':24}{peer['examples_per_s']:12.2f}{peer_rss:14.0f}{peer['loss']:12.4f}")
-print(f"{'tessera':24}{ours['examples_per_s']:12.2f}{ours_rss:14.0f}{steps[-1]['loss']:12.4f}")
-print(f"{'ratio (tessera / peer)':24}{ours['examples_per_s'] / peer['examples_per_s']:12.2f}{ours_rss / peer_rss:14.2f}")
+print(f"{'':24}{'examples/s':>12}{'peak RSS MiB':>14}{'last loss':>12}" + (f"{'peak GPU MiB':>14}" if peer_gpu else ""))
+print(f"{'transformers + peft':24}{peer['examples_per_s']:12.2f}{peer_rss:14.0f}{peer['loss']:12.4f}" + gpu(peer_gpu))
+print(f"{'tessera':24}{ours['examples_per_s']:12.2f}{ours_rss:14.0f}{steps[-1]['loss']:12.4f}" + gpu(ours_gpu))
+print(f"{'ratio (tessera / peer)':24}{ours['examples_per_s'] / peer['examples_per_s']:12.2f}{ours_rss / peer_rss:14.2f}{'':12}"
+      + (f"{ours_gpu / peer_gpu:14.2f}" if peer_gpu else ""))
 PY

@@ -24,7 +24,10 @@ ap.add_argument("--test-fraction", type=float, default=0.02)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--targets", default="c_attn,c_proj,c_fc", help="peft target_modules, comma-separated")
 ap.add_argument("--fan-in-fan-out", action="store_true", help="GPT-2's Conv1D weights")
+ap.add_argument("--device", default="cpu")
 args = ap.parse_args()
+device = torch.device(args.device)
+finish = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # the clock waits for the device
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 
@@ -35,7 +38,7 @@ model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 eos = model.config.eos_token_id
 eos = eos[0] if isinstance(eos, list) else eos
 cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=args.targets.split(","), fan_in_fan_out=args.fan_in_fan_out)
-model = get_peft_model(model, cfg)
+model = get_peft_model(model, cfg).to(device)
 model.train()
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
@@ -50,12 +53,14 @@ def batch(texts):
     for r, s in enumerate(seqs):
         ids[r, : len(s)] = torch.tensor(s)
         mask[r, : len(s)] = 1
+    ids, mask = ids.to(device), mask.to(device)
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
 seen, start = 0, None
 for step in range(args.warmup_steps + args.steps):
     if step == args.warmup_steps:
+        finish()
         start, seen = time.perf_counter(), 0
     i = step * args.batch_size
     ids, mask, labels = batch(train[i:i + args.batch_size])
@@ -65,5 +70,6 @@ for step in range(args.warmup_steps + args.steps):
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     seen += ids.size(0)
+finish()
 elapsed = time.perf_counter() - start
 print(json.dumps({"peer": "transformers+peft", "examples_per_s": seen / elapsed, "loss": loss.item(), "steps": args.steps}))

@@ -36,10 +36,23 @@ inline std::string decoder_dir() {  // the real SmolLM2-135M-Instruct the set-up
 
 inline std::string fixture(const std::string& rel) { return std::string(TESSERA_FIXTURE_DIR) + "/" + rel; }
 
-inline NamedTensors read_tensors(const std::string& path) {
+// The device the model tests run on: TESSERA_TEST_DEVICE ("cuda", "cuda:1" …), else the
+// CPU. CI has no GPU; on a machine with one the same tests check that tensors follow the
+// configured device (bench/device_check.sh runs them so). Tests tagged [minilm] read the
+// real all-MiniLM-L6-v2 and [real] the real SmolLM2-135M: the GPU machine gets neither
+// (too large to carry), so that run leaves them out.
+inline c10::Device device() {
+  const char* d = std::getenv("TESSERA_TEST_DEVICE");
+  return c10::Device(d == nullptr || *d == '\0' ? "cpu" : d);
+}
+
+inline at::TensorOptions options(at::ScalarType dtype = at::kFloat) { return at::TensorOptions().dtype(dtype).device(device()); }
+
+// Reference tensors, on the test device like the models they are compared with.
+inline NamedTensors read_tensors(const std::string& path, c10::Device where = device()) {
   auto f = SafetensorsFile::open(path);
   NamedTensors out;
-  for (const auto& n : f->names()) out[n] = f->tensor(n);
+  for (const auto& n : f->names()) out[n] = f->tensor(n).to(where);
   return out;
 }
 
@@ -51,7 +64,7 @@ inline NamedTensors& cached_tensors(const std::string& path) {
   return it->second;
 }
 
-inline double max_abs_diff(const Tensor& a, const Tensor& b) { return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>(); }
+inline double max_abs_diff(const Tensor& a, const Tensor& b) { return (a.to(at::kCPU, at::kDouble) - b.to(at::kCPU, at::kDouble)).abs().max().item<double>(); }
 
 // Over real tokens only: hidden states at padding positions are nobody's output
 // (transformers computes them anyway, Tessera skips them).
@@ -60,7 +73,7 @@ inline double max_abs_diff_tokens(const Tensor& a, const Tensor& b, const Tensor
   return max_abs_diff(a.index({keep}), b.index({keep}));
 }
 
-inline std::unique_ptr<BertModel> load_minilm() { return BertModel::load(model_dir(), at::TensorOptions().dtype(at::kFloat)); }
+inline std::unique_ptr<BertModel> load_minilm() { return BertModel::load(model_dir(), options()); }
 
 // A PEFT adapter directory attached to `model` with peft's tensors loaded, after checking
 // that our state has exactly peft's keys and shapes.

@@ -5,7 +5,7 @@
 
 using namespace tessera;
 
-CATCH_TEST_CASE("BERT hidden states equal transformers within 1e-4", "[model][bert]") {
+CATCH_TEST_CASE("BERT hidden states equal transformers within 1e-4", "[model][bert][minilm]") {
   auto model = test::load_minilm();
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   at::NoGradGuard no_grad;
@@ -18,7 +18,7 @@ CATCH_TEST_CASE("BERT hidden states equal transformers within 1e-4", "[model][be
 }
 
 CATCH_TEST_CASE("RoBERTa hidden states equal transformers within 1e-4 (tiny random checkpoint)", "[model][bert]") {
-  auto model = BertModel::load(test::fixture("tiny_roberta"), at::TensorOptions().dtype(at::kFloat));
+  auto model = BertModel::load(test::fixture("tiny_roberta"), test::options());
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   CATCH_CHECK(model->info().architecture == "roberta");
   CATCH_CHECK(model->match_linear({"query"}).at(0)->hf_path() == "roberta.encoder.layer.0.attention.self.query");
@@ -29,8 +29,8 @@ CATCH_TEST_CASE("RoBERTa hidden states equal transformers within 1e-4 (tiny rand
   CATCH_CHECK(diff < 1e-4);
 }
 
-CATCH_TEST_CASE("BERT in bf16 follows the f32 reference loosely", "[model][bert]") {
-  auto model = BertModel::load(test::model_dir(), at::TensorOptions().dtype(at::kBFloat16));
+CATCH_TEST_CASE("BERT in bf16 follows the f32 reference loosely", "[model][bert][minilm]") {
+  auto model = BertModel::load(test::model_dir(), test::options(at::kBFloat16));
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   at::NoGradGuard no_grad;
   Tensor h = model->forward(ref["input_ids"], ref["attention_mask"]).hidden;
@@ -41,7 +41,7 @@ CATCH_TEST_CASE("BERT in bf16 follows the f32 reference loosely", "[model][bert]
   CATCH_CHECK(model->info().param_options.dtype() == at::kFloat);
 }
 
-CATCH_TEST_CASE("BERT sites carry canonical names and Hugging Face paths", "[model][bert]") {
+CATCH_TEST_CASE("BERT sites carry canonical names and Hugging Face paths", "[model][bert][minilm]") {
   auto model = test::load_minilm();
   auto q = model->match_linear({"layers.3.attn.q"});
   CATCH_REQUIRE(q.size() == 1);
@@ -63,7 +63,7 @@ CATCH_TEST_CASE("a directory that is not a supported model is refused with the r
   CATCH_CHECK_THROWS_WITH(BertModel::load(dir.string(), at::TensorOptions()), Catch::Contains("model_type 'gpt2' is not supported"));
 }
 
-CATCH_TEST_CASE("a batch without padding (no attention mask at all) equals transformers", "[model][bert]") {
+CATCH_TEST_CASE("a batch without padding (no attention mask at all) equals transformers", "[model][bert][minilm]") {
   auto model = test::load_minilm();
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   const auto lengths = ref["attention_mask"].sum(1);
@@ -73,12 +73,12 @@ CATCH_TEST_CASE("a batch without padding (no attention mask at all) equals trans
   CATCH_CHECK(test::max_abs_diff(h, ref["hidden"].narrow(0, row, 1)) < 1e-4);
 }
 
-CATCH_TEST_CASE("masked-LM heads (BertForMaskedLM, RobertaForMaskedLM) equal transformers", "[model][bert]") {
+CATCH_TEST_CASE("masked-LM heads (BertForMaskedLM, RobertaForMaskedLM) equal transformers", "[model][bert][minilm]") {
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   at::NoGradGuard no_grad;
   for (const std::string name : {"roberta", "bert_mlm"}) {
     CATCH_INFO("checkpoint " << name);
-    auto model = BertModel::load(test::fixture(name == "roberta" ? "tiny_roberta" : "tiny_bert_mlm"), at::TensorOptions().dtype(at::kFloat));
+    auto model = BertModel::load(test::fixture(name == "roberta" ? "tiny_roberta" : "tiny_bert_mlm"), test::options());
     CATCH_REQUIRE(model->has_mlm_head());
     CATCH_CHECK(model->ignored_tensors().size() <= 1);  // at most the position_ids buffer
     const auto& mask = ref[name + ".attention_mask"];

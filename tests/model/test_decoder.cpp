@@ -21,7 +21,7 @@ std::string decoder_fixture(const std::string& name) { return test::fixture("dec
 NamedTensors& reference() { return test::cached_tensors(decoder_fixture("reference.safetensors")); }
 
 std::unique_ptr<DecoderModel> load(const std::string& name) {
-  return DecoderModel::load(decoder_fixture(name), at::TensorOptions().dtype(at::kFloat));
+  return DecoderModel::load(decoder_fixture(name), test::options());
 }
 
 Tensor labels_of(const Tensor& ids, const Tensor& mask) { return ids.masked_fill(mask.eq(0), -100); }
@@ -129,7 +129,7 @@ CATCH_TEST_CASE("sampling is seeded and stays inside top-k", "[model][decoder]")
   std::vector<std::int64_t> context{1, 17, 42};
   at::NoGradGuard no_grad;
   for (auto t : a[0]) {
-    Tensor ids = at::tensor(at::ArrayRef<std::int64_t>(context), at::kLong).unsqueeze(0);
+    Tensor ids = at::tensor(at::ArrayRef<std::int64_t>(context), at::kLong).unsqueeze(0).to(test::device());
     Tensor logits = model->logits(model->forward(ids, at::ones_like(ids)))[0][-1];
     Tensor top = std::get<1>(logits.topk(3));
     CATCH_CHECK(top.eq(t).any().item<bool>());
@@ -179,7 +179,7 @@ CATCH_TEST_CASE("interventions on both GPT-2's fused and split q/k/v sites are r
   AttachContext sa{"split", {"layers.0.attn.k"}, apply_schema(info->params, {{"r", std::int64_t{2}}}), *model};
   a->call("attach", [&](Method& m) { m.attach(fa); });
   b->call("attach", [&](Method& m) { m.attach(sa); });
-  Tensor ids = at::ones({1, 4}, at::kLong);
+  Tensor ids = at::ones({1, 4}, test::options(at::kLong));
   CATCH_CHECK_THROWS_WITH(model->forward(ids, ids), Catch::Contains("layers.0.attn.qkv and its split sites"));
   b->call("detach", [&](Method& m) { m.detach(*model); });
   CATCH_CHECK_NOTHROW(model->forward(ids, ids));
@@ -222,7 +222,7 @@ CATCH_TEST_CASE("decoder loading: missing tensors named, unexpected listed, bad 
   namespace fs = std::filesystem;
   auto dir = test::temp_dir("decoder-load");
   fs::copy_file(decoder_fixture("gpt2/config.json"), dir / "config.json");
-  auto tensors = test::read_tensors(decoder_fixture("gpt2/model.safetensors"));
+  auto tensors = test::read_tensors(decoder_fixture("gpt2/model.safetensors"), at::kCPU);
   tensors.erase("transformer.h.1.ln_2.weight");
   tensors.erase("transformer.wpe.weight");
   tensors["transformer.extra.weight"] = at::zeros({2});
@@ -253,7 +253,8 @@ CATCH_TEST_CASE("decoder attention prefixes: evaluated once per layer and forwar
     site->add_prefix("t", [&, site](std::int64_t B) {
       ++calls;
       at::manual_seed(9);
-      return std::make_pair(at::randn({B, site->num_heads(), 2, site->head_dim()}), at::randn({B, site->num_heads(), 2, site->head_dim()}));
+      return std::make_pair(at::randn({B, site->num_heads(), 2, site->head_dim()}).to(test::device()),
+                            at::randn({B, site->num_heads(), 2, site->head_dim()}).to(test::device()));
     });
   auto& ref = reference();
   Tensor ids = ref["input_ids"].narrow(0, 0, 1), mask = ref["attention_mask"].narrow(0, 0, 1);  // (1, 12)

@@ -31,7 +31,7 @@ CATCH_TEST_CASE("the real SmolLM2-135M equals transformers on real sentences: st
   auto& ref = test::cached_tensors(test::fixture("real_decoder/reference.safetensors"));
   const auto& ids = ref["input_ids"];
   const auto& mask = ref["attention_mask"];
-  auto model = DecoderModel::load(test::decoder_dir(), at::TensorOptions().dtype(at::kFloat));
+  auto model = DecoderModel::load(test::decoder_dir(), test::options());
   CATCH_CHECK(model->ignored_tensors().empty());
   CATCH_CHECK(model->config().num_kv_heads < model->config().num_heads);
   at::NoGradGuard no_grad;
@@ -50,7 +50,7 @@ CATCH_TEST_CASE("the real SmolLM2-135M equals transformers on real sentences: st
 }
 
 CATCH_TEST_CASE("the real SmolLM2-135M generates what transformers.generate does, token for token", "[model][decoder][real]") {
-  auto model = DecoderModel::load(test::decoder_dir(), at::TensorOptions().dtype(at::kFloat));
+  auto model = DecoderModel::load(test::decoder_dir(), test::options());
   for (const auto& run : cases()["generate"]) {
     CATCH_INFO(run["prompts"].size() << " prompt(s)");
     GenerateOptions o;

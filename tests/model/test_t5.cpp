@@ -19,7 +19,7 @@ std::string seq2seq_fixture(const std::string& name) { return test::fixture("seq
 
 NamedTensors& reference() { return test::cached_tensors(seq2seq_fixture("reference.safetensors")); }
 
-std::unique_ptr<T5Model> load(const std::string& name) { return T5Model::load(seq2seq_fixture(name), at::TensorOptions().dtype(at::kFloat)); }
+std::unique_ptr<T5Model> load(const std::string& name) { return T5Model::load(seq2seq_fixture(name), test::options()); }
 
 // Next-token loss of the decoder against labels (B, T), -100 ignored, as transformers computes it.
 Tensor seq2seq_loss(const Tensor& logits, const Tensor& labels) {

@@ -10,7 +10,7 @@
 
 using namespace tessera;
 
-CATCH_TEST_CASE("WordPiece ids equal the tokenizers library on real and edge-case text", "[model][tokenizer]") {
+CATCH_TEST_CASE("WordPiece ids equal the tokenizers library on real and edge-case text", "[model][tokenizer][minilm]") {
   auto tok = WordPieceTokenizer::from_directory(test::model_dir());
   std::ifstream in(test::fixture("tokenizer.json"));
   CATCH_REQUIRE(in);
@@ -30,7 +30,7 @@ CATCH_TEST_CASE("WordPiece ids equal the tokenizers library on real and edge-cas
   CATCH_CHECK(mismatches == 0);
 }
 
-CATCH_TEST_CASE("WordPiece reads vocab.txt alone the same way", "[model][tokenizer]") {
+CATCH_TEST_CASE("WordPiece reads vocab.txt alone the same way", "[model][tokenizer][minilm]") {
   auto dir = test::temp_dir("vocab");
   std::filesystem::copy_file(std::filesystem::path(test::model_dir()) / "vocab.txt", dir / "vocab.txt");
   auto from_vocab = WordPieceTokenizer::from_directory(dir.string());

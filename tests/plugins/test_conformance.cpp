@@ -38,7 +38,7 @@ CATCH_TEST_CASE("every shipped plugin has a conformance row", "[plugins][conform
   }
 }
 
-CATCH_TEST_CASE("conformance: attach, train, state, merge, detach", "[plugins][conformance]") {
+CATCH_TEST_CASE("conformance: attach, train, state, merge, detach", "[plugins][conformance][minilm]") {
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   const auto& ids = ref["input_ids"];
   const auto& mask = ref["attention_mask"];

@@ -8,7 +8,7 @@
 
 using namespace tessera;
 
-CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora]") {
+CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora][minilm]") {
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   for (const std::string variant : {"lora_basic", "lora_rs_patterns"}) {
     CATCH_INFO("variant " << variant);
@@ -41,7 +41,7 @@ CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora]") {
   }
 }
 
-CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's config", "[plugins][lora]") {
+CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's config", "[plugins][lora][minilm]") {
   auto model = test::load_minilm();
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   auto lora = test::registry().create("lora", "l");
@@ -66,7 +66,7 @@ CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's 
 }
 
 CATCH_TEST_CASE("LoRA trains on RoBERTa through the same sites: the loss falls", "[plugins][lora]") {
-  auto model = BertModel::load(test::fixture("tiny_roberta"), at::TensorOptions().dtype(at::kFloat));
+  auto model = BertModel::load(test::fixture("tiny_roberta"), test::options());
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   const auto& ids = ref["roberta.input_ids"];
   const auto& mask = ref["roberta.attention_mask"];
@@ -76,7 +76,7 @@ CATCH_TEST_CASE("LoRA trains on RoBERTa through the same sites: the loss falls",
   AttachContext ctx{"l", {"attn.q", "attn.v", "mlp.up", "mlp.down"}, apply_schema(info->params, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}}), *model};
   lora->call("attach", [&](Method& m) { m.attach(ctx); });
   auto params = lora->call("trainable", [](Method& m) { return m.trainable(); });
-  Tensor target = at::randn({ids.size(0), 32});  // pooled outputs to reach: (B, H)
+  Tensor target = at::randn({ids.size(0), 32}).to(test::device());  // pooled outputs to reach: (B, H)
   auto loss_fn = [&] {
     Tensor h = model->forward(ids, mask).hidden;  // (B, T, H)
     Tensor m = mask.unsqueeze(-1).to(h.dtype());

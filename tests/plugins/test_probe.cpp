@@ -18,7 +18,7 @@ std::unique_ptr<MethodInstance> probe(ModelView& model, const std::string& name,
 
 }  // namespace
 
-CATCH_TEST_CASE("linear and parameter interventions from several plugins compose in the documented order", "[plugins][probe]") {
+CATCH_TEST_CASE("linear and parameter interventions from several plugins compose in the documented order", "[plugins][probe][minilm]") {
   auto model = test::load_minilm();
   at::NoGradGuard no_grad;
   auto* site = model->match_linear({"layers.2.attn.v"}).at(0);
@@ -36,7 +36,7 @@ CATCH_TEST_CASE("linear and parameter interventions from several plugins compose
   CATCH_CHECK(test::max_abs_diff(site->forward(x), at::linear(x, W, b)) == 0);
 }
 
-CATCH_TEST_CASE("sublayer, attention, embedding and layer interventions through plugins", "[plugins][probe]") {
+CATCH_TEST_CASE("sublayer, attention, embedding and layer interventions through plugins", "[plugins][probe][minilm]") {
   auto model = test::load_minilm();
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   const auto& ids = ref["input_ids"];

@@ -26,7 +26,7 @@ CATCH_TEST_CASE("bad plugins are refused with their reasons while good ones stil
   CATCH_CHECK(reg.plugins().size() == 1);
 }
 
-CATCH_TEST_CASE("an exception inside a plugin becomes an error naming plugin and instance", "[runtime][plugins]") {
+CATCH_TEST_CASE("an exception inside a plugin becomes an error naming plugin and instance", "[runtime][plugins][minilm]") {
   auto model = test::load_minilm();
   auto probe = test::registry().create("probe", "p1");
   const auto* info = test::registry().find("probe");

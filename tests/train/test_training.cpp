@@ -23,6 +23,7 @@ Config config_in(const std::filesystem::path& dir, const std::string& body) {
   Config c = load_config((dir / "run.toml").string());
   check_methods(c, test::registry());
   c.output_dir = (dir / "run").string();
+  c.model.device = test::device().str();  // the runs follow the test device like the model tests
   return c;
 }
 
@@ -49,7 +50,7 @@ max_steps = )" + std::to_string(max_steps) + "\n";
 
 }  // namespace
 
-CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adapter reloads to identical logits", "[train]") {
+CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adapter reloads to identical logits", "[train][minilm]") {
   set_threads(0);
   Config c = small_config("train-save", true, 300, 4);
   Tensor logits_after;
@@ -89,7 +90,7 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
   CATCH_CHECK(test::max_abs_diff_tokens(ours, ref["hidden"], ref["attention_mask"]) > 1e-6);  // the adapter is not a no-op
 }
 
-CATCH_TEST_CASE("a short real LoRA run beats the frozen-encoder baseline", "[train][slow]") {
+CATCH_TEST_CASE("a short real LoRA run beats the frozen-encoder baseline", "[train][slow][minilm]") {
   set_threads(0);
   Config lora_cfg = small_config("train-lora", true, 1200, 0);
   Config frozen_cfg = small_config("train-frozen", false, 1200, 0);
