@@ -103,7 +103,7 @@ CATCH_TEST_CASE("a short real LoRA run beats the frozen-encoder baseline", "[tra
   CATCH_CHECK(lora_acc > 0.7);
 }
 
-CATCH_TEST_CASE("causal-LM fine-tuning with LoRA lowers the perplexity of held-out text; prompts are left out of the loss", "[train][causal]") {
+CATCH_TEST_CASE("causal-LM fine-tuning with LoRA lowers the perplexity of held-out text, with prompts left out of the loss", "[train][causal]") {
   set_threads(0);
   auto dir = test::temp_dir("causal");
   Config c = config_in(dir, std::string("[model]\npath = \"") + test::fixture("decoders/gpt2_text") + R"("
@@ -220,7 +220,7 @@ lora_alpha = 16
   CATCH_CHECK(std::abs(corpus_bleu(s.generate_text(Split::Test, all, 0, all.size()), refs).score - r.test.bleu) < 1e-9);
 }
 
-CATCH_TEST_CASE("token classification: each word's tag on its first piece; LoRA and a token head learn the tags", "[train][tokens]") {
+CATCH_TEST_CASE("token classification: each word's tag sits on its first piece, and LoRA with a token head learns the tags", "[train][tokens][minilm]") {
   set_threads(0);
   auto dir = test::temp_dir("tokens");
   {
