@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <fstream>
 
 using namespace tessera;
@@ -29,6 +30,11 @@ Tensor seq2seq_loss(const Tensor& logits, const Tensor& labels) {
 // Relative difference: these checkpoints use large weights (initializer_factor 10).
 double rel_diff(const Tensor& a, const Tensor& b) { return test::max_abs_diff(a, b) / b.abs().max().item<double>(); }
 
+// How far transformers' float32 output lands from its float64 one on the same checkpoint:
+// float32's own error here. A tolerance never sits below twice that, since a GPU's float32
+// kernels (another summation order) round differently within it.
+double f32_spread(NamedTensors& ref, const std::string& key) { return test::max_abs_diff(ref[key], ref[key + ".f64"]); }
+
 }  // namespace
 
 CATCH_TEST_CASE("T5 and T5 v1.1 equal transformers: encoder states, logits and loss", "[model][t5]") {
@@ -44,13 +50,18 @@ CATCH_TEST_CASE("T5 and T5 v1.1 equal transformers: encoder states, logits and l
     const double de = test::max_abs_diff_tokens(enc.hidden, ref[name + ".encoder"], mask);
     Tensor logits = model->logits(model->decode(ref[name + ".decoder_input_ids"], enc));
     const double dl = rel_diff(logits, ref[name + ".logits"]);
-    CATCH_INFO("encoder max |ours - transformers| " << de << ", logits relative " << dl);
-    CATCH_CHECK(de < 1e-4);
-    CATCH_CHECK(dl < 1e-5);
-    CATCH_CHECK(std::abs(seq2seq_loss(logits, ref["labels"]).item<double>() - ref[name + ".loss"].item<double>()) < 1e-4);
+    const double loss = ref[name + ".loss"].item<double>();
+    const double tol_e = std::max(1e-4, 2 * f32_spread(ref, name + ".encoder"));
+    const double tol_l = std::max(1e-5, 2 * f32_spread(ref, name + ".logits") / ref[name + ".logits"].abs().max().item<double>());
+    // A loss near 1400 has float32 steps of 1.2e-4: a few of those, or the spread.
+    const double tol_loss = std::max({1e-4, 2 * f32_spread(ref, name + ".loss"), 4 * 1.1920929e-7 * std::abs(loss)});
+    CATCH_INFO("encoder max |ours - transformers| " << de << " (tolerance " << tol_e << "), logits relative " << dl << " (" << tol_l << ")");
+    CATCH_CHECK(de < tol_e);
+    CATCH_CHECK(dl < tol_l);
+    CATCH_CHECK(std::abs(seq2seq_loss(logits, ref["labels"]).item<double>() - loss) < tol_loss);
     auto [rows, next] = labelled_rows(model->head_input(model->decode(ref[name + ".decoder_input_ids"], enc)), ref["labels"]);
     const double fused = (head_loss_sum(model->head(), rows, next) / static_cast<double>(next.size(0))).item<double>();
-    CATCH_CHECK(std::abs(fused - ref[name + ".loss"].item<double>()) < 1e-4);
+    CATCH_CHECK(std::abs(fused - loss) < tol_loss);
   }
 }
 
