@@ -1,6 +1,7 @@
 #include "train/trainer.h"
 
 #include "model/safetensors.h"
+#include "train/adamw.h"
 #include "train/bleu.h"
 #include "train/progress.h"
 
@@ -9,8 +10,6 @@
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
-#include <torch/nn/utils/clip_grad.h>
-#include <torch/optim/adamw.h>
 
 #include <chrono>
 #include <cmath>
@@ -108,18 +107,13 @@ TrainResult train(Session& s, const std::string& run_dir) {
     for (auto& [_, t] : m->call("trainable", [](Method& x) { return x.trainable(); })) method_params.push_back(t);
   for (auto& [_, t] : s.head()) head_params.push_back(t);
   const double head_lr = cfg.head_lr > 0 ? cfg.head_lr : cfg.lr;
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  auto group = [&](std::vector<Tensor> params, double lr) {
-    auto o = std::make_unique<torch::optim::AdamWOptions>(lr);
-    o->weight_decay(cfg.weight_decay);
-    groups.emplace_back(std::move(params), std::move(o));
-  };
-  if (!method_params.empty()) group(method_params, cfg.lr);
-  if (!head_params.empty()) group(head_params, head_lr);
+  std::vector<FusedAdamW::Group> groups;
+  if (!method_params.empty()) groups.push_back({method_params, cfg.lr, cfg.weight_decay});
+  if (!head_params.empty()) groups.push_back({head_params, head_lr, cfg.weight_decay});
   if (groups.empty()) throw std::runtime_error("nothing to train: a causal-lm run needs at least one method");
-  torch::optim::AdamW opt(groups, torch::optim::AdamWOptions(cfg.lr).weight_decay(cfg.weight_decay));
+  FusedAdamW opt(std::move(groups));
   std::vector<double> base_lr;
-  for (auto& g : opt.param_groups()) base_lr.push_back(static_cast<torch::optim::AdamWOptions&>(g.options()).lr());
+  for (auto& g : opt.groups()) base_lr.push_back(g.lr);
   std::vector<Tensor> all_params = method_params;
   all_params.insert(all_params.end(), head_params.begin(), head_params.end());
 
@@ -164,8 +158,7 @@ TrainResult train(Session& s, const std::string& run_dir) {
       // HF's linear schedule: ramp over the warm-up steps, then decay to zero.
       const double factor = step < warmup ? static_cast<double>(step) / static_cast<double>(std::max<std::int64_t>(1, warmup))
                                           : std::max(0.0, static_cast<double>(total - step) / static_cast<double>(std::max<std::int64_t>(1, total - warmup)));
-      for (std::size_t g = 0; g < opt.param_groups().size(); ++g)
-        static_cast<torch::optim::AdamWOptions&>(opt.param_groups()[g].options()).lr(base_lr[g] * factor);
+      for (std::size_t g = 0; g < opt.groups().size(); ++g) opt.groups()[g].lr = base_lr[g] * factor;
       StepInfo info{step, total, base_lr[0] * factor};
       for (auto& m : s.methods()) m->call("on_step", [&](Method& x) { x.on_step(info); });
 
@@ -178,7 +171,7 @@ TrainResult train(Session& s, const std::string& run_dir) {
       opt.zero_grad();
       loss.backward();
       for (auto& m : s.methods()) m->call("after_backward", [](Method& x) { x.after_backward(); });
-      if (cfg.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(all_params, cfg.max_grad_norm);
+      if (cfg.max_grad_norm > 0) clip_grad_norm(all_params, cfg.max_grad_norm);
       opt.step();
       const double l = loss.item<double>();
 
