@@ -22,7 +22,8 @@ class Tokenizer {
   virtual std::size_t vocab_size() const = 0;
 };
 
-// tokenizer.json (WordPiece, BPE or Unigram model), else vocab.txt (WordPiece). Anything else is
+// tokenizer.json (WordPiece, BPE or Unigram model), else a SentencePiece tokenizer.model or
+// spiece.model (through libsentencepiece), else vocab.txt (WordPiece). Anything else is
 // refused naming the file and what it holds.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
 
