@@ -1,7 +1,7 @@
 """The peer of bench/lm_lora_vs_peft.sh: LoRA causal-LM fine-tuning with transformers + peft
 on the same torch, checkpoint, tokenizer, batches (Tessera's seeded split, consecutive
-batches), targets, rank and threads. Prints one JSON line: examples/s over the timed
-steps and the last step's loss."""
+batches), targets, rank, learning-rate schedule and threads. Prints one JSON line:
+examples/s over the timed steps and the last step's loss."""
 import argparse
 import json
 import time
@@ -9,7 +9,7 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 from peer_split import train_rows
 
@@ -42,6 +42,9 @@ model = get_peft_model(model, cfg).to(device)
 model.train()
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+# Tessera's schedule over the same steps: linear warm-up over 6% of them, then linear decay.
+total = args.warmup_steps + args.steps
+sched = get_linear_schedule_with_warmup(opt, int(total * 0.06 + 0.5), total)
 
 
 def batch(texts):
@@ -69,6 +72,7 @@ for step in range(args.warmup_steps + args.steps):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+    sched.step()
     seen += ids.size(0)
 finish()
 elapsed = time.perf_counter() - start
