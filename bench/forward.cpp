@@ -9,6 +9,7 @@
 #include "model/decoder.h"
 #include "model/json_file.h"
 #include "model/t5.h"
+#include "runtime/device.h"
 #include "train/head_loss.h"
 #include "train/trainer.h"
 
@@ -36,6 +37,7 @@ int main(int argc, char** argv) {
     set_threads(std::stoll(argv[5]));
     const bool loss = argc >= 7 && std::string(argv[6]) == "loss";
     const c10::Device device(argc == 8 ? argv[7] : "cpu");
+    prepare_device(device);
     const auto finish = [&] {  // device work is asynchronous: wait for it before reading the clock
       if (device.is_cuda()) torch::cuda::synchronize();
     };

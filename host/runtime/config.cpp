@@ -194,6 +194,11 @@ Config load_config(const std::string& path) {
     s.choice("dtype", c.model.dtype, {"f32", "bf16"});
     s.get("device", c.model.device);
     s.finish();
+    // "cpu", "cuda" or "cuda:N"; whether this machine has one is known only when a run starts.
+    const auto& d = c.model.device;
+    const bool index_ok = d.size() > 5 && d.find_first_not_of("0123456789", 5) == std::string::npos;
+    if (d != "cpu" && d != "cuda" && !(d.rfind("cuda:", 0) == 0 && index_ok))
+      s.fail(*table("model")->get("device"), "'device' must be \"cpu\", \"cuda\" or \"cuda:N\", not \"" + d + "\"");
     if (c.model.path.empty()) throw ConfigError({path, 1, 1}, "[model] needs 'path'");
   }
   {

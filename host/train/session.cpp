@@ -2,6 +2,7 @@
 
 #include "model/safetensors.h"
 #include "model/generate.h"
+#include "runtime/device.h"
 #include "train/head_loss.h"
 
 #include <ATen/ATen.h>
@@ -18,7 +19,9 @@ namespace tessera {
 namespace fs = std::filesystem;
 
 c10::TensorOptions options_for(const ModelConfig& m) {
-  return c10::TensorOptions().dtype(m.dtype == "bf16" ? at::kBFloat16 : at::kFloat).device(c10::Device(m.device));
+  const c10::Device device(m.device);
+  prepare_device(device);
+  return c10::TensorOptions().dtype(m.dtype == "bf16" ? at::kBFloat16 : at::kFloat).device(device);
 }
 
 Session::Session(Config config, const PluginRegistry& registry) : config_(std::move(config)) {

@@ -1,9 +1,11 @@
 # The `tessera_torch` target: libtorch from the torch wheel, found through
 # TESSERA_TORCH_PREFIX (torch.utils.cmake_prefix_path, exported by scripts/bootstrap) or
 # TORCH_ROOT. We deliberately do not call find_package(Torch): for a CUDA wheel it wants
-# the CUDA toolkit at configure time, while we need only libtorch, libtorch_cpu and
-# libc10 — libtorch loads its CUDA part at run time when the wheel has one, so the same
-# binaries run on a GPU machine.
+# the CUDA toolkit at configure time, while we link only libtorch_cpu and libc10. A CUDA
+# wheel's libtorch_cuda (and cuBLAS, cuDNN … behind it) is not linked: loading it costs
+# every process ~230 MB of resident memory, GPU or not. The host loads it at run time when
+# a run asks for a CUDA device (host/runtime/device.h), so the same binaries and plugins
+# run on a GPU machine.
 if(NOT TARGET tessera_torch)
   set(_hints)
   if(DEFINED ENV{TESSERA_TORCH_PREFIX})
@@ -17,7 +19,7 @@ if(NOT TARGET tessera_torch)
     message(FATAL_ERROR "libtorch not found: run scripts/bootstrap and source ~/.cache/tessera/env.sh, or pass -DTORCH_ROOT=<site-packages>/torch")
   endif()
   get_filename_component(_root "${TESSERA_TORCH_INCLUDE_DIR}/.." ABSOLUTE)
-  foreach(_lib torch torch_cpu c10)
+  foreach(_lib torch_cpu c10)
     find_library(TESSERA_LIB_${_lib} ${_lib} PATHS ${_root}/lib NO_DEFAULT_PATH REQUIRED)
   endforeach()
   # libtorch's include directory carries a private fmt (v12) that would shadow the
@@ -37,10 +39,8 @@ if(NOT TARGET tessera_torch)
   # The wheel's libtorch exports its own copies of some libstdc++ functions
   # (std::filesystem among them) that crash when they interpose the system's: naming
   # libstdc++ first puts it ahead in the global symbol lookup order.
-  # --no-as-needed keeps libtorch (and with it any CUDA backend) loaded although we
-  # call no symbol of it directly.
   target_link_libraries(tessera_torch INTERFACE
-    "-Wl,--no-as-needed" stdc++ ${TESSERA_LIB_torch} "-Wl,--as-needed" ${TESSERA_LIB_torch_cpu} ${TESSERA_LIB_c10})
+    "-Wl,--no-as-needed" stdc++ "-Wl,--as-needed" ${TESSERA_LIB_torch_cpu} ${TESSERA_LIB_c10})
   target_link_options(tessera_torch INTERFACE "-Wl,-rpath,${_root}/lib")
   target_compile_definitions(tessera_torch INTERFACE _GLIBCXX_USE_CXX11_ABI=1)
   set(TESSERA_TORCH_ROOT ${_root} CACHE INTERNAL "libtorch root")

@@ -60,6 +60,10 @@ CATCH_TEST_CASE("config errors carry file, line, column and a suggestion", "[run
   CATCH_CHECK(config_error(std::string(kBase) + "[trian]\n") == "run.toml:5:1: unknown section 'trian' (did you mean 'train'?)");
   CATCH_CHECK_THAT(config_error(std::string(kBase) + "[train\n"), Catch::StartsWith("run.toml:5:"));
   CATCH_CHECK(config_error(std::string(kBase) + "[model]\n") != "no error");  // redefined table: a TOML error
+  CATCH_CHECK(config_error("[model]\npath = \"/m\"\ndevice = \"gpu\"\n[data]\npath = \"/d.csv\"\n") ==
+              "run.toml:3:10: 'device' must be \"cpu\", \"cuda\" or \"cuda:N\", not \"gpu\"");
+  CATCH_CHECK(config_error("[model]\npath = \"/m\"\ndevice = \"cuda:x\"\n[data]\npath = \"/d.csv\"\n") != "no error");
+  CATCH_CHECK(config_error("[model]\npath = \"/m\"\ndevice = \"cuda:1\"\n[data]\npath = \"/d.csv\"\n") == "no error");
 }
 
 CATCH_TEST_CASE("method parameters are checked against the plugin's schema with positions", "[runtime][config]") {

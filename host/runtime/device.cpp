@@ -1,0 +1,44 @@
+#include "runtime/device.h"
+
+#include <ATen/Context.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <dlfcn.h>
+
+#include <filesystem>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+namespace tessera {
+namespace {
+
+// The directory of the libtorch this process runs (the wheel's torch/lib).
+std::filesystem::path torch_lib_dir() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&c10::GetCPUAllocator), &info) == 0 || info.dli_fname == nullptr)
+    throw std::runtime_error("cannot tell where libtorch was loaded from");
+  return std::filesystem::path(info.dli_fname).parent_path();
+}
+
+}  // namespace
+
+void prepare_device(const c10::Device& device) {
+  if (device.is_cpu()) return;
+  if (!device.is_cuda()) throw std::runtime_error("device '" + device.str() + "' is not supported (cpu or cuda)");
+  static std::once_flag once;
+  static std::string error;
+  std::call_once(once, [] {
+    const auto lib = torch_lib_dir() / "libtorch_cuda.so";
+    // RTLD_GLOBAL: its symbols serve libraries loaded later, as if it had been linked.
+    if (dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+      const char* why = dlerror();
+      error = "device 'cuda' needs " + lib.string() + " (the torch wheel's CUDA build): " + (why != nullptr ? why : "not loadable");
+    }
+  });
+  if (!error.empty()) throw std::runtime_error(error);
+  if (!at::hasCUDA())
+    throw std::runtime_error("device '" + device.str() + "': libtorch_cuda is loaded but torch sees no CUDA device (no NVIDIA driver or GPU here)");
+}
+
+}  // namespace tessera
