@@ -3,22 +3,20 @@
 // id. The pipeline, per text:
 //
 //   1. added tokens (<s>, <|endoftext|> …) are cut out of the raw text first;
-//   2. each remaining segment is normalized (NFC/NFD/NFKC/NFKD, Lowercase, Prepend, Replace,
-//      Strip, and SentencePiece's Precompiled charsmap: see precompiled_charsmap.h);
-//   3. pre-tokenized into pieces: Split by a regex (PCRE2 with Unicode properties runs the
-//      file's own pattern), ByteLevel (GPT-2's regex, bytes mapped to printable code
-//      points), Metaspace (spaces become ▁), WhitespaceSplit, Digits;
+//   2. each remaining segment is normalized and 3. pre-tokenized into pieces by the file's
+//      steps (tokenizer_steps.h);
 //   4. BPE: each piece is merged by rank. Unigram: the segmentation of highest total log
 //      probability (Viterbi), an unknown character scoring min − 10 as in SentencePiece.
 //      Unknown characters become <0xXX> byte tokens when the model has byte_fallback, else
 //      the unknown token (consecutive ones fused);
 //   5. the post-processor's template adds BOS/EOS/CLS/SEP.
 //
-// Decoding runs the file's decoder chain (ByteLevel, Replace, ByteFallback, Fuse, Strip,
-// Metaspace). Models with continuing_subword_prefix or end_of_word_suffix are refused.
+// Decoding runs the file's decoder chain (tokenizer_steps.h). Models with
+// continuing_subword_prefix or end_of_word_suffix are refused.
 #pragma once
 
 #include "model/tokenizer.h"
+#include "model/tokenizer_steps.h"
 
 #include <nlohmann/json_fwd.hpp>
 
@@ -29,8 +27,6 @@
 #include <vector>
 
 namespace tessera {
-
-class PrecompiledCharsmap;
 
 class JsonTokenizer final : public Tokenizer {
  public:
@@ -43,19 +39,6 @@ class JsonTokenizer final : public Tokenizer {
   std::int64_t pad_id() const override { return pad_id_; }
   std::size_t vocab_size() const override { return id_to_token_.size(); }
 
-  struct Regex;  // a compiled PCRE2 pattern
-  struct Step {  // one normalizer, pre-tokenizer or decoder step, as the file names it
-    std::string type;
-    std::string a, b;                    // Prepend/Replace/Metaspace/Strip strings
-    std::shared_ptr<const Regex> regex;  // Split, Replace with a Regex pattern
-    std::string behavior;                // Split: isolated | removed | merged_with_previous | merged_with_next
-    bool flag = false;                   // ByteLevel add_prefix_space, Metaspace split, Digits individual_digits
-    bool use_regex = true;               // ByteLevel
-    std::string scheme = "always";       // Metaspace prepend_scheme
-    std::int64_t start = 0, stop = 0;    // Strip: decoder counts; normalizer left/right flags
-    std::shared_ptr<const PrecompiledCharsmap> charsmap;  // Precompiled (none: a no-op)
-  };
-
  private:
   struct Added {
     std::string content;
@@ -65,8 +48,6 @@ class JsonTokenizer final : public Tokenizer {
   struct Template {  // what the post-processor wraps around the sequence
     std::vector<std::int64_t> before, after;
   };
-  std::string normalize(std::string s) const;
-  std::vector<std::string> pre_tokenize(const std::string& s, bool first_segment) const;
   void bpe(const std::string& piece, std::vector<std::int64_t>& out) const;
   void unigram(const std::string& piece, std::vector<std::int64_t>& out) const;
   // Unknown characters of `ch` as byte tokens (byte fallback) or the unknown id, fused.
@@ -78,7 +59,7 @@ class JsonTokenizer final : public Tokenizer {
   std::unordered_map<std::uint64_t, std::pair<std::int64_t, std::int64_t>> merges_;  // (a, b) -> (rank, merged id)
   std::vector<Added> added_;                                                         // longest content first
   std::vector<bool> special_;                                                        // per id: a special added token
-  std::vector<Step> normalizers_, pre_tokenizers_, decoders_;
+  std::vector<TokenizerStep> normalizers_, pre_tokenizers_, decoders_;
   Template template_;
   std::int64_t unk_id_ = -1, pad_id_ = -1;
   bool unigram_ = false;
