@@ -179,7 +179,10 @@ int main(int argc, char** argv) {
       }
       std::vector<std::unique_ptr<MethodInstance>> attached;
       for (std::size_t i = 0; i < methods.size(); ++i) attached.push_back(attach_with_state(registry, methods[i], *model, states[i]));
-      const auto prompt_ids = tokenizer->encode(prompt);
+      auto prompt_ids = tokenizer->encode(prompt);
+      // Nothing to continue (an empty prompt, a tokenizer that adds no BOS): start from the
+      // config's bos_token_id, as transformers.generate does without input_ids.
+      if (prompt_ids.empty() && decoder && decoder->config().bos_token_id >= 0) prompt_ids = {decoder->config().bos_token_id};
       auto out = t5 ? generate(*t5, {prompt_ids}, gen) : generate(*decoder, {prompt_ids}, gen);
       std::cout << (t5 ? "" : prompt) << tokenizer->decode(out[0]) << "\n";
       for (auto& m : attached) m->call("detach", [&](Method& x) { x.detach(*model); });

@@ -35,6 +35,9 @@ b=$("$tessera" generate --run "$out/run" "the film is" --max-new-tokens 8)
 c=$("$tessera" generate --model "$model" "the film is" --sample --top-k 20 --seed 7)
 d=$("$tessera" generate --model "$model" "the film is" --sample --top-k 20 --seed 7)
 [[ "$c" == "$d" ]]
+# An empty prompt starts from the config's bos_token_id (the tokenizer adds no BOS).
+g=$("$tessera" generate --model "$model" "" --max-new-tokens 8)
+[[ -n "$g" ]]
 
 # T5 answers a source (no echo of the prompt), the same text twice.
 e=$("$tessera" generate --model "$t5" "the film is" --max-new-tokens 6)
