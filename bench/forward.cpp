@@ -14,7 +14,7 @@
 #include "train/trainer.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 #include <nlohmann/json.hpp>
 #include <torch/cuda.h>
 
@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
     const auto finish = [&] {  // device work is asynchronous: wait for it before reading the clock
       if (device.is_cuda()) torch::cuda::synchronize();
     };
-    at::NoGradGuard no_grad;
+    c10::InferenceMode inference;  // as the peer runs under torch.inference_mode
     const auto type = read_json_file((std::filesystem::path(dir) / "config.json").string()).value("model_type", "");
     const auto opts = at::TensorOptions().dtype(at::kFloat).device(device);
     std::unique_ptr<BertModel> bert;
