@@ -150,14 +150,14 @@ Tensor BertModel::layer_forward(const Layer& l, const Tensor& h, const Tensor& m
   Tensor a = at::dropout(l.o->forward(attention(l, h, mask, prefix, u)), p, training_);
   a = l.attn->apply(h, a);
   Tensor h1 = at::layer_norm(h + a, H, l.attn_norm_w->value(), l.attn_norm_b->value(), config_.layer_norm_eps);
-  Tensor mm = at::dropout(l.down->forward(at::gelu(l.up->forward(h1))), p, training_);
+  Tensor mm = at::dropout(l.down->forward(l.up->forward(h1, Activation::gelu)), p, training_);
   mm = l.mlp->apply(h1, mm);
   return at::layer_norm(h1 + mm, H, l.mlp_norm_w->value(), l.mlp_norm_b->value(), config_.layer_norm_eps);
 }
 
 Tensor BertModel::mlm_logits(const Tensor& hidden) const {
   if (!head_) throw std::runtime_error("this checkpoint has no masked-LM head (cls.predictions.* or lm_head.*)");
-  Tensor x = at::gelu(mlm_dense_->forward(hidden));
+  Tensor x = mlm_dense_->forward(hidden, Activation::gelu);
   x = at::layer_norm(x, {config_.hidden_size}, mlm_norm_w_->value(), mlm_norm_b_->value(), config_.layer_norm_eps);
   return head_->forward(x);
 }

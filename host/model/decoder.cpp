@@ -261,8 +261,7 @@ Tensor DecoderModel::norm(const Tensor& x, ParameterSite* w, ParameterSite* b) c
 }
 
 Tensor DecoderModel::mlp(const Layer& l, const Tensor& x) const {
-  if (l.gate) return l.down->forward(activate(config_.activation, l.gate->forward(x)) * l.up->forward(x));
-  return l.down->forward(activate(config_.activation, l.up->forward(x)));
+  return l.down->forward(ffn_hidden(l.gate, *l.up, config_.activation, x));
 }
 
 Tensor DecoderModel::attention(const Layer& l, std::size_t index, const Tensor& x, const Tensor& positions,

@@ -2,6 +2,8 @@
 // ATen (this header is for the model .cpp files only).
 #pragma once
 
+#include <tessera/sites.h>
+
 #include <ATen/ATen.h>
 
 #include <stdexcept>
@@ -22,12 +24,20 @@ inline bool known_activation(const std::string& act) {
 }
 
 // Activations by their transformers names (gelu_new is the tanh approximation).
-inline at::Tensor activate(const std::string& act, const at::Tensor& x) {
-  if (act == "silu" || act == "swish") return at::silu(x);
-  if (act == "gelu_new" || act == "gelu_pytorch_tanh") return at::gelu(x, "tanh");
-  if (act == "gelu") return at::gelu(x);
-  if (act == "relu") return at::relu(x);
+inline Activation activation_of(const std::string& act) {
+  if (act == "silu" || act == "swish") return Activation::silu;
+  if (act == "gelu_new" || act == "gelu_pytorch_tanh") return Activation::gelu_tanh;
+  if (act == "gelu") return Activation::gelu;
+  if (act == "relu") return Activation::relu;
   throw std::runtime_error("activation '" + act + "' is not supported");
+}
+
+// A feed-forward block's hidden units: act(up(x)), or act(gate(x)) ∘ up(x) when gated
+// (GLU variants, Shazeer 2020) — each activation and product inside a GEMM's epilogue
+// where the kernel allows (see tessera/dense_linear.h).
+inline at::Tensor ffn_hidden(const LinearSite* gate, const LinearSite& up, const std::string& act, const at::Tensor& x) {
+  if (!gate) return up.forward(x, activation_of(act));
+  return up.forward(x, Activation::none, gate->forward(x, activation_of(act)));
 }
 
 }  // namespace tessera

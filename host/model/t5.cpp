@@ -118,8 +118,7 @@ std::unique_ptr<T5Model> T5Model::load(const std::string& dir, c10::TensorOption
 Tensor T5Model::norm(const Tensor& x, ParameterSite* w) const { return rms_norm(x, w->value(), config_.eps); }
 
 Tensor T5Model::ff(const Block& b, const Tensor& x) const {
-  Tensor h = b.gate ? activate(config_.activation, b.gate->forward(x)) * b.up->forward(x) : activate(config_.activation, b.up->forward(x));
-  return b.down->forward(at::dropout(h, config_.dropout, training_));
+  return b.down->forward(at::dropout(ffn_hidden(b.gate, *b.up, config_.activation, x), config_.dropout, training_));
 }
 
 Tensor T5Model::position_bias(ParameterSite* table, std::int64_t T, std::int64_t S, std::int64_t offset, bool bidirectional) const {

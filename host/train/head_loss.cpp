@@ -1,5 +1,6 @@
 #include "train/head_loss.h"
 
+#include <tessera/dense_linear.h>
 #include <tessera/sites.h>
 
 #include <ATen/ATen.h>
@@ -31,7 +32,7 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
     for (std::int64_t s = 0; s < N; s += step) {
       const std::int64_t n = std::min(step, N - s);
       const at::Tensor hc = h.narrow(0, s, n), tc = t.narrow(0, s, n).unsqueeze(1);  // (n, H), (n, 1)
-      at::Tensor z = at::linear(hc, w, b).to(acc);                                     // (n, V)
+      at::Tensor z = dense_linear(hc, w, b).to(acc);                                     // (n, V)
       const at::Tensor lse = z.logsumexp(1, /*keepdim=*/true);                          // (n, 1)
       total.add_((lse - z.gather(1, tc)).sum());
       if (!(need_h || need_w || need_b)) continue;

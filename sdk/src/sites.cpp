@@ -1,6 +1,8 @@
 // The fixed execution order of every site kind (see tessera/sites.h).
 #include <tessera/sites.h>
 
+#include <tessera/dense_linear.h>
+
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
@@ -60,15 +62,20 @@ void LinearSite::remove(const std::string& owner) {
   drop(branches_, owner);
 }
 
-Tensor LinearSite::forward(const Tensor& x) const {  // x: (..., in)
-  Tensor w = weight_->value();                         // (out, in)
+Tensor LinearSite::forward(const Tensor& x) const { return forward(x, Activation::none); }
+
+Tensor LinearSite::forward(const Tensor& x, Activation act, const Tensor& times) const {  // x: (..., in)
+  Tensor w = weight_->value();                                                         // (out, in)
   for (const auto& d : weight_deltas_) w = w + d.fn();
   Tensor xin = x;
   for (const auto& s : input_scales_) xin = xin * s.fn();  // (in) broadcast
-  Tensor y = at::linear(xin, w, bias_ ? bias_->value() : Tensor());  // (..., out)
-  for (const auto& s : output_scales_) y = y * s.fn();   // (out) broadcast
-  for (const auto& b : branches_) y = y + b.fn(x);
-  return y;
+  const Tensor b = bias_ ? bias_->value() : Tensor();
+  if (output_scales_.empty() && branches_.empty()) return dense_linear(xin, w, b, act, times);  // (..., out)
+  Tensor y = dense_linear(xin, w, b);                   // (..., out)
+  for (const auto& s : output_scales_) y = y * s.fn();  // (out) broadcast
+  for (const auto& br : branches_) y = y + br.fn(x);
+  y = activate(act, y);
+  return times.defined() ? y * times : y;
 }
 
 // ---- SublayerSite ----------------------------------------------------------------------

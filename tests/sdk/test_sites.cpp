@@ -1,6 +1,7 @@
 // The documented execution order of every site kind, on small tensors with known math.
 #include "support.h"
 
+#include <tessera/dense_linear.h>
 #include <tessera/sites.h>
 
 using namespace tessera;
@@ -11,7 +12,7 @@ CATCH_TEST_CASE("parameter and linear sites: (W + ΣΔW)(x ∘ s_in) + b, then �
   ParameterSite w("w", "", at::randn({3, 4})), b("b", "", at::randn({3}));
   LinearSite site("lin", "hf.lin", &w, &b);
   Tensor x = at::randn({2, 5, 4});  // (B, T, in)
-  CATCH_CHECK(max_abs_diff(site.forward(x), at::linear(x, w.base(), b.base())) == 0);
+  CATCH_CHECK(max_abs_diff(site.forward(x), tessera::dense_linear(x, w.base(), b.base())) == 0);  // the plain product, bit for bit
 
   Tensor dw = at::randn({3, 4}), dw2 = at::randn({3, 4}), s_in = at::rand({4}), s_out = at::rand({3}), pd = at::randn({3, 4});
   w.add_delta("p", [=] { return pd; });
@@ -27,7 +28,20 @@ CATCH_TEST_CASE("parameter and linear sites: (W + ΣΔW)(x ∘ s_in) + b, then �
   site.remove("a");
   site.remove("b");
   w.remove("p");
-  CATCH_CHECK(max_abs_diff(site.forward(x), at::linear(x, w.base(), b.base())) == 0);
+  CATCH_CHECK(max_abs_diff(site.forward(x), tessera::dense_linear(x, w.base(), b.base())) == 0);  // the plain product, bit for bit
+}
+
+CATCH_TEST_CASE("linear site with an activation: act(site(x)) ∘ times, output scales and branches before the activation", "[sdk][sites]") {
+  at::manual_seed(2);
+  ParameterSite w("w", "", at::randn({3, 4})), b("b", "", at::randn({3}));
+  LinearSite site("lin", "hf.lin", &w, &b);
+  Tensor x = at::randn({2, 5, 4}), times = at::randn({2, 5, 3}), s_out = at::rand({3});
+  at::NoGradGuard no_grad;  // the fused kernel's path
+  CATCH_CHECK(max_abs_diff(site.forward(x, Activation::silu, times), at::silu(at::linear(x, w.base(), b.base())) * times) < 1e-5);
+  site.add_output_scale("a", [=] { return s_out; });
+  site.add_branch("a", [](const Tensor& in) { return in.narrow(-1, 0, 3); });
+  CATCH_CHECK(max_abs_diff(site.forward(x, Activation::relu, times),
+                           at::relu(at::linear(x, w.base(), b.base()) * s_out + x.narrow(-1, 0, 3)) * times) < 1e-5);
 }
 
 CATCH_TEST_CASE("sublayer site: sequential in order, then + parallel(x), then ∘ gate(x)", "[sdk][sites]") {

@@ -32,6 +32,8 @@
 // are not safe to modify concurrently with a forward pass.
 #pragma once
 
+#include <tessera/dense_linear.h>
+
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -99,6 +101,9 @@ class LinearSite {
   void remove(const std::string& owner);
 
   Tensor forward(const Tensor& x) const;  // (..., in) -> (..., out), in the order above
+  // act(forward(x)) ∘ times (times: (..., out) or undefined), the activation and the
+  // product inside the GEMM's epilogue when no output scale or branch comes between.
+  Tensor forward(const Tensor& x, Activation act, const Tensor& times = {}) const;
   // Any intervention on the site itself (parameter deltas live on weight() and bias()).
   bool has_interventions() const {
     return !weight_deltas_.empty() || !input_scales_.empty() || !output_scales_.empty() || !branches_.empty();

@@ -1,0 +1,87 @@
+// tessera::dense_linear — see tessera/dense_linear.h for why oneDNN on the CPU.
+#include <tessera/dense_linear.h>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+
+#include <optional>
+
+namespace tessera {
+namespace {
+
+// libtorch's registered oneDNN ops (aten/src/ATen/native/mkldnn/Linear.cpp):
+//   mkldnn::_linear_pointwise(X, W, B?, attr, scalars, algorithm?)    act(X Wᵀ + B)
+//   mkldnn::_linear_pointwise.binary(X, other, W, B?, attr)           (X Wᵀ + B) <attr> other
+using Unary = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                         c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>);
+using Binary = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view);
+
+template <class Signature>
+std::optional<c10::TypedOperatorHandle<Signature>> find_op(const char* name, const char* overload) {
+  if (!at::hasMKLDNN()) return std::nullopt;  // a libtorch built without oneDNN
+  auto handle = c10::Dispatcher::singleton().findSchema({name, overload});
+  if (!handle) return std::nullopt;
+  return handle->typed<Signature>();
+}
+
+const std::optional<c10::TypedOperatorHandle<Unary>>& unary() {
+  static const auto op = find_op<Unary>("mkldnn::_linear_pointwise", "");
+  return op;
+}
+
+const std::optional<c10::TypedOperatorHandle<Binary>>& binary() {
+  static const auto op = find_op<Binary>("mkldnn::_linear_pointwise", "binary");
+  return op;
+}
+
+bool wants_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+bool cpu_f32(const at::Tensor& t) { return !t.defined() || (t.device().is_cpu() && t.scalar_type() == at::kFloat); }
+
+// oneDNN's post-op for each activation: (attr, algorithm).
+std::pair<const char*, std::optional<c10::string_view>> post_op(Activation act) {
+  switch (act) {
+    case Activation::relu: return {"relu", std::nullopt};
+    case Activation::gelu: return {"gelu", "none"};
+    case Activation::gelu_tanh: return {"gelu", "tanh"};
+    case Activation::silu: return {"swish", std::nullopt};
+    case Activation::none: break;
+  }
+  return {"none", std::nullopt};
+}
+
+std::optional<at::Tensor> maybe(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
+
+}  // namespace
+
+at::Tensor activate(Activation act, const at::Tensor& y) {
+  switch (act) {
+    case Activation::relu: return at::relu(y);
+    case Activation::gelu: return at::gelu(y);
+    case Activation::gelu_tanh: return at::gelu(y, "tanh");
+    case Activation::silu: return at::silu(y);
+    case Activation::none: break;
+  }
+  return y;
+}
+
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, Activation act, const at::Tensor& times) {
+  // The oneDNN ops have no backward: only where no gradient can be asked of the result.
+  const bool grad = at::GradMode::is_enabled() && (wants_grad(x) || wants_grad(w) || wants_grad(b) || wants_grad(times));
+  const bool fast = !grad && cpu_f32(x) && cpu_f32(w) && cpu_f32(b) && cpu_f32(times) && x.dim() >= 2 && x.numel() > 0 &&
+                    w.numel() > 0 && at::globalContext().userEnabledMkldnn() && unary();
+  if (!fast) {
+    at::Tensor y = activate(act, at::linear(x, w, b));
+    return times.defined() ? y * times : y;
+  }
+  // The binary op takes `times` only in the output's own shape, and no activation with it.
+  if (times.defined() && act == Activation::none && binary() && x.dim() == times.dim() &&
+      x.sizes().slice(0, x.dim() - 1) == times.sizes().slice(0, times.dim() - 1) && times.size(-1) == w.size(0))
+    return (*binary()).call(x, times.contiguous(), w, maybe(b), "mul");
+  const auto [attr, algorithm] = post_op(act);
+  at::Tensor y = (*unary()).call(x, w, maybe(b), attr, c10::List<std::optional<c10::Scalar>>(), algorithm);
+  if (!times.defined()) return y;
+  return times.sizes() == y.sizes() ? y.mul_(times) : y * times;
+}
+
+}  // namespace tessera
