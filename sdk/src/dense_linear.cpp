@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <optional>
 
@@ -52,6 +53,27 @@ std::pair<const char*, std::optional<c10::string_view>> post_op(Activation act) 
 
 std::optional<at::Tensor> maybe(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
 
+at::Tensor onednn(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, Activation act) {
+  const auto [attr, algorithm] = post_op(act);
+  return (*unary()).call(x, w, maybe(b), attr, c10::List<std::optional<c10::Scalar>>(), algorithm);
+}
+
+// x Wᵀ + b for a frozen W and b (a base weight under PEFT) and an x that needs its gradient:
+// the product on oneDNN, and ∂x = g W (itself a dense_linear with Wᵀ) in the backward.
+// W and b get no gradient, so nothing else is saved.
+struct FrozenProduct : torch::autograd::Function<FrozenProduct> {
+  // x (..., in), w (out, in), b (out) or (0) for none (autograd's records need a defined
+  // tensor in every slot) -> (..., out)
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+    ctx->save_for_backward({w});
+    return onednn(x, w, b.numel() > 0 ? b : at::Tensor(), Activation::none);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list g) {
+    const at::Tensor w = ctx->get_saved_variables()[0];         // (out, in)
+    return {dense_linear(g[0], w.t()), at::Tensor(), at::Tensor()};  // (..., in)
+  }
+};
+
 }  // namespace
 
 at::Tensor activate(Activation act, const at::Tensor& y) {
@@ -66,11 +88,16 @@ at::Tensor activate(Activation act, const at::Tensor& y) {
 }
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, Activation act, const at::Tensor& times) {
-  // The oneDNN ops have no backward: only where no gradient can be asked of the result.
+  const bool oneDNN = cpu_f32(x) && cpu_f32(w) && cpu_f32(b) && cpu_f32(times) && x.dim() >= 2 && x.numel() > 0 &&
+                      w.numel() > 0 && at::globalContext().userEnabledMkldnn() && unary();
   const bool grad = at::GradMode::is_enabled() && (wants_grad(x) || wants_grad(w) || wants_grad(b) || wants_grad(times));
-  const bool fast = !grad && cpu_f32(x) && cpu_f32(w) && cpu_f32(b) && cpu_f32(times) && x.dim() >= 2 && x.numel() > 0 &&
-                    w.numel() > 0 && at::globalContext().userEnabledMkldnn() && unary();
-  if (!fast) {
+  if (oneDNN && grad && !wants_grad(w) && !wants_grad(b)) {
+    // Training through a frozen weight: the product on oneDNN with a backward of its own;
+    // the activation and `times` stay separate, as autograd needs the values before them.
+    at::Tensor y = activate(act, FrozenProduct::apply(x, w, b.defined() ? b : at::empty({0}, w.options())));
+    return times.defined() ? y * times : y;
+  }
+  if (!oneDNN || grad) {  // a gradient for W or b: at::linear records it
     at::Tensor y = activate(act, at::linear(x, w, b));
     return times.defined() ? y * times : y;
   }
@@ -78,8 +105,7 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   if (times.defined() && act == Activation::none && binary() && x.dim() == times.dim() &&
       x.sizes().slice(0, x.dim() - 1) == times.sizes().slice(0, times.dim() - 1) && times.size(-1) == w.size(0))
     return (*binary()).call(x, times.contiguous(), w, maybe(b), "mul");
-  const auto [attr, algorithm] = post_op(act);
-  at::Tensor y = (*unary()).call(x, w, maybe(b), attr, c10::List<std::optional<c10::Scalar>>(), algorithm);
+  at::Tensor y = onednn(x, w, b, act);
   if (!times.defined()) return y;
   return times.sizes() == y.sizes() ? y.mul_(times) : y * times;
 }

@@ -79,7 +79,7 @@ CATCH_TEST_CASE("linear: x Wᵀ + b equals float64 on plain, transposed and row-
   }
 }
 
-CATCH_TEST_CASE("linear: oneDNN serves CPU float32 without gradients, and a product autograd must record stays at::linear", "[sdk][linear]") {
+CATCH_TEST_CASE("linear: oneDNN serves CPU float32 products with a frozen weight, and a weight that trains stays at::linear", "[sdk][linear]") {
   at::manual_seed(4);
   const Tensor x = at::randn({3, 5, 16}), w = at::randn({8, 16}), b = at::randn({8});
   {
@@ -90,15 +90,21 @@ CATCH_TEST_CASE("linear: oneDNN serves CPU float32 without gradients, and a prod
     CATCH_CHECK(ops_of([&] { dense_linear(x.to(at::kDouble), w.to(at::kDouble)); }).count("mkldnn::_linear_pointwise") == 0);
     CATCH_CHECK(dense_linear(x.narrow(0, 0, 0), w, b).sizes() == at::IntArrayRef({0, 5, 8}));
   }
-  // With gradients on: the input asks for one, so the product must be recorded.
-  const Tensor xg = x.clone().requires_grad_(), wg = w.clone().requires_grad_();
+  // The input asks for a gradient, the weight is frozen: oneDNN forward and backward.
+  const Tensor xg = x.clone().requires_grad_(), wg = w.clone().requires_grad_(), g = at::randn({3, 5, 8});
   Tensor y;
-  CATCH_CHECK(ops_of([&] { y = dense_linear(xg, w, b); }).count("mkldnn::_linear_pointwise") == 0);
-  y.sum().backward();
-  CATCH_CHECK(max_abs_diff(xg.grad(), w.sum(0).expand({3, 5, 16})) < 1e-5);  // ∂Σy/∂x = Σ_rows W
-  Tensor yw = dense_linear(x, wg, b);
-  yw.sum().backward();
-  CATCH_CHECK(max_abs_diff(wg.grad(), x.reshape({-1, 16}).sum(0).expand({8, 16})) < 1e-4);  // ∂Σy/∂W = Σ_tokens x
+  auto ops = ops_of([&] { y = dense_linear(xg, w, b); });
+  CATCH_CHECK(ops.count("mkldnn::_linear_pointwise") == at::hasMKLDNN());
+  CATCH_CHECK(max_abs_diff(y, reference(x, w, b)) < 2e-5);
+  ops = ops_of([&] { y.backward(g); });
+  CATCH_CHECK(ops.count("mkldnn::_linear_pointwise") == at::hasMKLDNN());
+  CATCH_CHECK(max_abs_diff(xg.grad(), at::matmul(g.to(at::kDouble), w.to(at::kDouble))) < 2e-5);  // ∂x = g W
+  // A weight that trains: at::linear records both gradients.
+  xg.mutable_grad().reset();
+  CATCH_CHECK(ops_of([&] { y = dense_linear(xg, wg, b); }).count("mkldnn::_linear_pointwise") == 0);
+  y.backward(g);
+  CATCH_CHECK(max_abs_diff(xg.grad(), at::matmul(g.to(at::kDouble), w.to(at::kDouble))) < 2e-5);
+  CATCH_CHECK(max_abs_diff(wg.grad(), at::matmul(g.reshape({-1, 8}).t().to(at::kDouble), x.reshape({-1, 16}).to(at::kDouble))) < 1e-4);  // ∂W = gᵀ x
   // Gradients on but nothing asks for one: oneDNN again.
   CATCH_CHECK(ops_of([&] { dense_linear(x, w, b); }).count("mkldnn::_linear_pointwise") == at::hasMKLDNN());
 }
@@ -118,6 +124,12 @@ CATCH_TEST_CASE("dense_linear: activations and the product with times equal thei
       CATCH_CHECK(max_abs_diff(dense_linear(xi, w, b, act), formula(act, z)) < 5e-5);
       CATCH_CHECK(max_abs_diff(dense_linear(xi, w, b, act, times), formula(act, z) * times.to(at::kDouble)) < 1e-4);
       CATCH_CHECK(max_abs_diff(dense_linear(xi, w, Tensor(), act, per_unit), formula(act, reference(x, w, Tensor())) * per_unit.to(at::kDouble)) < 1e-4);
+      if (grad) {  // ∂/∂x of Σ act(x Wᵀ + b) ∘ times, against autograd through the float64 formula
+        const Tensor x64 = x.to(at::kDouble).requires_grad_();
+        (formula(act, at::matmul(x64, w.to(at::kDouble).t()) + b.to(at::kDouble)) * times.to(at::kDouble)).sum().backward();
+        dense_linear(xi, w, b, act, times).sum().backward();
+        CATCH_CHECK(max_abs_diff(xi.grad(), x64.grad()) < 1e-4);
+      }
     }
 }
 
