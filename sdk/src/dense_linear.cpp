@@ -76,15 +76,16 @@ struct FrozenProduct : torch::autograd::Function<FrozenProduct> {
 
 }  // namespace
 
-at::Tensor activate(Activation act, const at::Tensor& y) {
+at::Tensor activate(Activation act, const at::Tensor& y, const at::Tensor& times) {
+  at::Tensor a = y;
   switch (act) {
-    case Activation::relu: return at::relu(y);
-    case Activation::gelu: return at::gelu(y);
-    case Activation::gelu_tanh: return at::gelu(y, "tanh");
-    case Activation::silu: return at::silu(y);
+    case Activation::relu: a = at::relu(y); break;
+    case Activation::gelu: a = at::gelu(y); break;
+    case Activation::gelu_tanh: a = at::gelu(y, "tanh"); break;
+    case Activation::silu: a = at::silu(y); break;
     case Activation::none: break;
   }
-  return y;
+  return times.defined() ? a * times : a;
 }
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, Activation act, const at::Tensor& times) {
@@ -94,12 +95,10 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   if (oneDNN && grad && !wants_grad(w) && !wants_grad(b)) {
     // Training through a frozen weight: the product on oneDNN with a backward of its own;
     // the activation and `times` stay separate, as autograd needs the values before them.
-    at::Tensor y = activate(act, FrozenProduct::apply(x, w, b.defined() ? b : at::empty({0}, w.options())));
-    return times.defined() ? y * times : y;
+    return activate(act, FrozenProduct::apply(x, w, b.defined() ? b : at::empty({0}, w.options())), times);
   }
   if (!oneDNN || grad) {  // a gradient for W or b: at::linear records it
-    at::Tensor y = activate(act, at::linear(x, w, b));
-    return times.defined() ? y * times : y;
+    return activate(act, at::linear(x, w, b), times);
   }
   // The binary op takes `times` only in the output's own shape, and no activation with it.
   if (times.defined() && act == Activation::none && binary() && x.dim() == times.dim() &&

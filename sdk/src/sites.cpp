@@ -74,8 +74,7 @@ Tensor LinearSite::forward(const Tensor& x, Activation act, const Tensor& times)
   Tensor y = dense_linear(xin, w, b);                   // (..., out)
   for (const auto& s : output_scales_) y = y * s.fn();  // (out) broadcast
   for (const auto& br : branches_) y = y + br.fn(x);
-  y = activate(act, y);
-  return times.defined() ? y * times : y;
+  return activate(act, y, times);
 }
 
 // ---- SublayerSite ----------------------------------------------------------------------

@@ -20,7 +20,8 @@ namespace tessera {
 // approximation (transformers' gelu_new, gelu_pytorch_tanh); silu: x·σ(x) (swish).
 enum class Activation { none, relu, gelu, gelu_tanh, silu };
 
-at::Tensor activate(Activation act, const at::Tensor& y);
+// act(y) ∘ times (times undefined: act(y)) as separate passes, the unfused epilogue.
+at::Tensor activate(Activation act, const at::Tensor& y, const at::Tensor& times = {});
 
 // x: (..., in), w: (out, in), b: (out) or undefined, times: (..., out) or undefined
 //   -> (..., out)
