@@ -30,4 +30,18 @@ double json_number_or(const nlohmann::json& j, const char* key, double fallback)
   return j.contains(key) && j[key].is_number() ? j[key].get<double>() : fallback;
 }
 
+bool json_bool_or(const nlohmann::json& j, const char* key, bool fallback) {
+  return j.contains(key) && j[key].is_boolean() ? j[key].get<bool>() : fallback;
+}
+
+std::string json_token_or(const nlohmann::json& j, const char* key, const std::string& fallback) {
+  return j.contains(key) ? json_token_text(j[key]) : fallback;
+}
+
+std::string json_token_text(const nlohmann::json& t) {
+  if (t.is_string()) return t.get<std::string>();
+  if (t.is_object() && t.contains("content") && t["content"].is_string()) return t["content"].get<std::string>();
+  return "";
+}
+
 }  // namespace tessera

@@ -2,6 +2,8 @@
 
 #include "model/json_tokenizer.h"
 #include "model/json_file.h"
+#include "model/spm_convert.h"
+#include "model/spm_proto.h"
 #include "model/spm_tokenizer.h"
 #include "model/wordpiece.h"
 
@@ -22,7 +24,10 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
     if (type == "BPE" || type == "Unigram") return std::make_unique<JsonTokenizer>(j, json.string());
     throw std::runtime_error(json.string() + ": tokenizer model '" + type + "' is not supported (supported: WordPiece, BPE, Unigram)");
   }
-  if (fs::exists(fs::path(dir) / "tokenizer.model") || fs::exists(fs::path(dir) / "spiece.model")) return SpmTokenizer::from_directory(dir);
+  if (const std::string model = find_spm_model(dir); !model.empty()) {
+    if (auto j = spm_tokenizer_json(dir)) return std::make_unique<JsonTokenizer>(*j, model);  // T5, Llama: transformers' pipeline
+    return SpmTokenizer::from_directory(dir);
+  }
   if (fs::exists(fs::path(dir) / "vocab.txt")) return std::make_unique<WordPieceTokenizer>(WordPieceTokenizer::from_directory(dir));
   throw std::runtime_error(dir + ": no tokenizer.json (nor a SentencePiece tokenizer.model / spiece.model, nor vocab.txt for WordPiece); "
                            "a tokenizer saved only as vocab.json + merges.txt must be converted to tokenizer.json at set-up");

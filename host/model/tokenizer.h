@@ -23,8 +23,9 @@ class Tokenizer {
 };
 
 // tokenizer.json (WordPiece, BPE or Unigram model), else a SentencePiece tokenizer.model or
-// spiece.model (through libsentencepiece), else vocab.txt (WordPiece). Anything else is
-// refused naming the file and what it holds.
+// spiece.model (T5 and Llama classes: the pipeline transformers builds from it,
+// spm_convert.h; other classes: libsentencepiece, spm_tokenizer.h), else vocab.txt
+// (WordPiece). Anything else is refused naming the file and what it holds.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
 
 }  // namespace tessera

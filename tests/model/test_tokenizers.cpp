@@ -1,7 +1,8 @@
 // BPE and Unigram tokenizers of every supported shape against the `tokenizers` library, on
 // a multi-language sample (fixtures/make_tokenizers.py trains them on the real corpus; the
 // T5 ones carry the Precompiled charsmap of a real SentencePiece model), and SentencePiece
-// `.model` files read by libsentencepiece against the `sentencepiece` package.
+// `.model` files alone against transformers (T5, Llama classes) or the `sentencepiece`
+// package (other classes, read by libsentencepiece).
 #include "support.h"
 
 #include "model/json_tokenizer.h"
@@ -11,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include <fstream>
+#include <iterator>
 
 using namespace tessera;
 
@@ -38,16 +40,17 @@ CATCH_TEST_CASE("BPE and Unigram tokenizers equal the tokenizers library id for 
   }
 }
 
-CATCH_TEST_CASE("a SentencePiece .model alone (T5's spiece.model, Llama's tokenizer.model) equals the sentencepiece package with the model's template", "[model][tokenizer]") {
+CATCH_TEST_CASE("a SentencePiece .model alone equals transformers for T5 and Llama classes, and the sentencepiece package for others", "[model][tokenizer]") {
   nlohmann::json all;
   std::ifstream(test::fixture("tokenizers/spm_cases.json")) >> all;
-  CATCH_REQUIRE(all.size() == 2);
+  CATCH_REQUIRE(all.size() == 5);
   for (const auto& [name, spec] : all.items()) {
     auto tok = load_tokenizer(test::fixture("tokenizers/" + name));
-    auto* spm = dynamic_cast<SpmTokenizer*>(tok.get());
-    CATCH_REQUIRE(spm != nullptr);
-    CATCH_CHECK(spm->adds_bos() == (name == "spm_llama"));  // Llama: <s> first; T5: </s> last
-    CATCH_CHECK(spm->adds_eos() == (name == "spm_t5"));
+    // T5/Llama classes run transformers' pipeline (special tokens cut out of the text);
+    // another class runs libsentencepiece.
+    const bool transformers = spec["reference"] == "transformers";
+    CATCH_CHECK((dynamic_cast<JsonTokenizer*>(tok.get()) != nullptr) == transformers);
+    CATCH_CHECK((dynamic_cast<SpmTokenizer*>(tok.get()) != nullptr) == !transformers);
     CATCH_CHECK(tok->vocab_size() == spec["vocab_size"].get<std::size_t>());  // T5: the pieces and 3 extra ids
     CATCH_CHECK(tok->pad_id() == spec["pad_id"].get<std::int64_t>());
     std::size_t equal = 0;
@@ -67,6 +70,19 @@ CATCH_TEST_CASE("a SentencePiece .model alone (T5's spiece.model, Llama's tokeni
   auto dir = test::temp_dir("spm-bad");
   std::ofstream((dir / "tokenizer.model").string()) << "not a model";
   CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("tokenizer.model: not a SentencePiece model"));
+  // The same for the classes whose pipeline is built from the model's fields, and for a
+  // real model cut short.
+  auto t5 = test::temp_dir("spm-bad-t5");
+  std::ofstream((t5 / "tokenizer_config.json").string()) << R"({"tokenizer_class": "T5Tokenizer"})";
+  std::ofstream((t5 / "spiece.model").string()) << "not a model";
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(t5.string()), Catch::Contains("spiece.model: not a SentencePiece model (wire type 6"));
+  std::string real;
+  {
+    std::ifstream in(test::fixture("tokenizers/spm_t5/spiece.model"), std::ios::binary);
+    real.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  std::ofstream((t5 / "spiece.model").string(), std::ios::binary) << real.substr(0, real.size() / 2);
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(t5.string()), Catch::Contains("spiece.model: not a SentencePiece model (a field of"));
 }
 
 CATCH_TEST_CASE("tokenizer directories that cannot be read are refused with the reason", "[model][tokenizer]") {
