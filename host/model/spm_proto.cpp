@@ -63,14 +63,16 @@ class Wire {
 
 SpmProto::Piece read_piece(std::string_view message) {  // message SentencePiece
   SpmProto::Piece p;
+  std::uint64_t type = SpmProto::normal;
   for (Wire w(message); !w.done();) {
     const auto [field, wire] = w.tag();
     if (field == 1 && wire == 2) p.text = std::string(w.bytes());
     else if (field == 2 && wire == 5) p.score = w.fixed32_float();
-    else if (field == 3 && wire == 0) p.type = static_cast<SpmProto::Type>(w.varint());
+    else if (field == 3 && wire == 0) type = w.varint();
     else w.skip(wire);
   }
-  if (p.type < SpmProto::normal || p.type > SpmProto::byte) throw std::runtime_error("piece '" + p.text + "' has an unknown type");
+  if (type < SpmProto::normal || type > SpmProto::byte) throw std::runtime_error("piece '" + p.text + "' has an unknown type");
+  p.type = static_cast<SpmProto::Type>(type);
   return p;
 }
 
@@ -95,12 +97,6 @@ SpmProto read_spm_proto(const std::string& file) {
       const auto [field, wire] = w.tag();
       if (field == 1 && wire == 2) {  // repeated SentencePiece pieces
         proto.pieces.push_back(read_piece(w.bytes()));
-      } else if (field == 2 && wire == 2) {  // TrainerSpec trainer_spec: model_type = 3
-        for (Wire t(w.bytes()); !t.done();) {
-          const auto [f, tw] = t.tag();
-          if (f == 3 && tw == 0) proto.model_type = static_cast<SpmProto::ModelType>(t.varint());
-          else t.skip(tw);
-        }
       } else if (field == 3 && wire == 2) {  // NormalizerSpec normalizer_spec: precompiled_charsmap = 2
         for (Wire n(w.bytes()); !n.done();) {
           const auto [f, nw] = n.tag();
@@ -112,7 +108,6 @@ SpmProto read_spm_proto(const std::string& file) {
       }
     }
     if (proto.pieces.empty()) throw std::runtime_error("no pieces");
-    if (proto.model_type < SpmProto::unigram || proto.model_type > SpmProto::character) throw std::runtime_error("unknown model type");
   } catch (const std::runtime_error& e) {
     throw std::runtime_error(file + ": not a SentencePiece model (" + e.what() + ")");
   }
