@@ -6,9 +6,8 @@
 # "loss" (the language-model loss of the ids, as evaluation computes perplexity; both
 # sides print the loss, and the table shows their difference).
 # Checkpoints: the real all-MiniLM-L6-v2 and SmolLM2-135M-Instruct, and real architectures
-# at real sizes with random weights (speed does not depend on the values): GPT-2 small
-# (124 M), a LLaMA with grouped-query attention (~110 M) and T5-small (60 M), made by
-# transformers.
+# at real sizes with random weights (bench/make_checkpoints.py): GPT-2 small, a LLaMA with
+# grouped-query attention (~110 M) and T5-small.
 # TESSERA_BENCH_DEVICE=cuda runs both sides on the GPU and adds their peak GPU memory
 # (bench/device_check.sh does so on a machine with a GPU, with binaries built beforehand:
 # TESSERA_BENCH_PREBUILT=1 and the TESSERA_* directories already in the environment).
@@ -24,16 +23,7 @@ fi
 py=$TESSERA_VENV/bin/python
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-$py - "$work" <<'PY'
-import sys, torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
-out = sys.argv[1]
-torch.manual_seed(0)
-GPT2LMHeadModel(GPT2Config()).save_pretrained(f"{out}/gpt2-small")
-LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                             num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)).save_pretrained(f"{out}/llama-110m")
-T5ForConditionalGeneration(T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, decoder_start_token_id=0)).save_pretrained(f"{out}/t5-small")
-PY
+$py "$root/bench/make_checkpoints.py" "$work"
 printf "%-20s %14s %14s %8s %12s %12s %8s %10s" model "peer tok/s" "tessera tok/s" ratio "peer MiB" "tessera MiB" ratio "|Δ loss|"
 if [ "$device" = cpu ]; then echo; else printf " %13s %12s %8s\n" "peer GPU MiB" "tessera GPU" ratio; fi
 for run in "$TESSERA_MODEL_DIR logits" "$TESSERA_DECODER_DIR logits" "$TESSERA_DECODER_DIR loss" "$work/gpt2-small logits" "$work/gpt2-small loss" "$work/llama-110m logits" \
