@@ -1,5 +1,7 @@
 #include "model/attention.h"
 
+#include <tessera/dropout.h>
+
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -26,7 +28,7 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k
   const double s = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
   Tensor scores = at::matmul(q, k.transpose(-1, -2)) * s + mask;  // (B, nh, T, S)
   scores = site.hook_scores(scores);
-  return at::matmul(at::dropout(at::softmax(scores, -1), p, training), v);
+  return at::matmul(tessera::dropout(at::softmax(scores, -1), p, training), v);
 }
 
 }  // namespace tessera

@@ -4,6 +4,8 @@
 #include "model/checkpoint.h"
 #include "model/json_file.h"
 
+#include <tessera/dropout.h>
+
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
@@ -147,10 +149,10 @@ Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask,
 Tensor BertModel::layer_forward(const Layer& l, const Tensor& h, const Tensor& mask, const KV& prefix, const Unpadded* u) const {
   const double p = config_.hidden_dropout;
   const std::vector<int64_t> H{config_.hidden_size};  // owned: an IntArrayRef of a braced list dangles
-  Tensor a = at::dropout(l.o->forward(attention(l, h, mask, prefix, u)), p, training_);
+  Tensor a = tessera::dropout(l.o->forward(attention(l, h, mask, prefix, u)), p, training_);
   a = l.attn->apply(h, a);
   Tensor h1 = at::layer_norm(h + a, H, l.attn_norm_w->value(), l.attn_norm_b->value(), config_.layer_norm_eps);
-  Tensor mm = at::dropout(l.down->forward(l.up->forward(h1, Activation::gelu)), p, training_);
+  Tensor mm = tessera::dropout(l.down->forward(l.up->forward(h1, Activation::gelu)), p, training_);
   mm = l.mlp->apply(h1, mm);
   return at::layer_norm(h1 + mm, H, l.mlp_norm_w->value(), l.mlp_norm_b->value(), config_.layer_norm_eps);
 }
@@ -185,7 +187,7 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   Tensor x = words + at::embedding(position_->value(), positions) +  // (B or 1, S, H)
              token_type_->value()[0];                                  // single-segment input
   x = at::layer_norm(x, {H}, embed_norm_w_->value(), embed_norm_b_->value(), config_.layer_norm_eps);
-  x = at::dropout(x, config_.hidden_dropout, training_);
+  x = tessera::dropout(x, config_.hidden_dropout, training_);
   out.mask = attention_mask;
   if (out.prompt_length > 0)
     out.mask = at::cat({at::ones({B, out.prompt_length}, attention_mask.options()), attention_mask}, 1);

@@ -5,6 +5,8 @@
 #include "model/json_file.h"
 #include "model/functional.h"
 
+#include <tessera/dropout.h>
+
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
@@ -356,7 +358,7 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
       throw std::runtime_error("position " + std::to_string(positions.max().item<std::int64_t>()) + " exceeds n_positions " + std::to_string(config_.max_positions));
     x = x + at::embedding(position_->value(), positions);
   }
-  x = at::dropout(x, config_.embed_dropout, training_);
+  x = tessera::dropout(x, config_.embed_dropout, training_);
   const auto rope = config_.gpt2 ? std::pair<Tensor, Tensor>{} : rope_tables(positions, x.scalar_type());
   // Padding never influences real tokens, so without a cache (training, evaluation) the
   // token-wise work skips it: the layers run on the N real tokens' rows, attention alone
@@ -371,11 +373,11 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     const Layer& l = layers_[i];
     x = l.layer->run(x, [&](const Tensor& h) {
       Tensor n1 = norm(h, l.norm1_w, l.norm1_b);
-      Tensor a = at::dropout(attention(l, i, n1, positions, key_mask, rope, prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i], cache, all_real, u),
+      Tensor a = tessera::dropout(attention(l, i, n1, positions, key_mask, rope, prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i], cache, all_real, u),
                              config_.hidden_dropout, training_);
       Tensor h1 = h + l.attn->apply(n1, a);
       Tensor n2 = norm(h1, l.norm2_w, l.norm2_b);
-      Tensor m = at::dropout(mlp(l, n2), config_.hidden_dropout, training_);
+      Tensor m = tessera::dropout(mlp(l, n2), config_.hidden_dropout, training_);
       return h1 + l.mlp->apply(n2, m);
     });
   }

@@ -5,6 +5,8 @@
 #include "model/functional.h"
 #include "model/json_file.h"
 
+#include <tessera/dropout.h>
+
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
@@ -118,7 +120,7 @@ std::unique_ptr<T5Model> T5Model::load(const std::string& dir, c10::TensorOption
 Tensor T5Model::norm(const Tensor& x, ParameterSite* w) const { return rms_norm(x, w->value(), config_.eps); }
 
 Tensor T5Model::ff(const Block& b, const Tensor& x) const {
-  return b.down->forward(at::dropout(ffn_hidden(b.gate, *b.up, config_.activation, x), config_.dropout, training_));
+  return b.down->forward(tessera::dropout(ffn_hidden(b.gate, *b.up, config_.activation, x), config_.dropout, training_));
 }
 
 Tensor T5Model::position_bias(ParameterSite* table, std::int64_t T, std::int64_t S, std::int64_t offset, bool bidirectional) const {
@@ -180,19 +182,19 @@ Encoded T5Model::encode(const Tensor& ids, const Tensor& mask) const {
   x = embed_site_->prepend(x, &out.prompt_length);
   const auto B = x.size(0), S = x.size(1);
   out.mask = out.prompt_length > 0 ? at::cat({at::ones({B, out.prompt_length}, mask.options()), mask}, 1) : mask;
-  x = at::dropout(x, config_.dropout, training_);
+  x = tessera::dropout(x, config_.dropout, training_);
   const Tensor bias = position_bias(enc_bias_, S, S, 0, true);
   const Tensor keep = out.mask.to(at::kBool).view({B, 1, 1, S});
   for (const auto& b : encoder_) {
     x = b.layer->run(x, [&](const Tensor& h) {
       Tensor n = norm(h, b.self.norm);
-      Tensor a = at::dropout(attention(b.self, n, n, keep, bias, nullptr, nullptr, false), config_.dropout, training_);
+      Tensor a = tessera::dropout(attention(b.self, n, n, keep, bias, nullptr, nullptr, false), config_.dropout, training_);
       Tensor h1 = h + b.self.sub->apply(n, a);
       Tensor n2 = norm(h1, b.mlp_norm);
-      return h1 + b.mlp->apply(n2, at::dropout(ff(b, n2), config_.dropout, training_));
+      return h1 + b.mlp->apply(n2, tessera::dropout(ff(b, n2), config_.dropout, training_));
     });
   }
-  out.hidden = at::dropout(norm(x, enc_final_), config_.dropout, training_);
+  out.hidden = tessera::dropout(norm(x, enc_final_), config_.dropout, training_);
   return out;
 }
 
@@ -200,7 +202,7 @@ Tensor T5Model::decode(const Tensor& target_ids, const Encoded& source, Seq2SeqC
   const std::int64_t T = target_ids.size(1), past = cache ? cache->length : 0;
   const auto L = static_cast<std::size_t>(config_.num_decoder_layers);
   if (cache && cache->self_k.size() != L) cache->self_k.resize(L), cache->self_v.resize(L), cache->cross_k.resize(L), cache->cross_v.resize(L);
-  Tensor y = at::dropout(at::embedding(shared_->value(), target_ids), config_.dropout, training_);  // (B, T, d)
+  Tensor y = tessera::dropout(at::embedding(shared_->value(), target_ids), config_.dropout, training_);  // (B, T, d)
   const Tensor bias = position_bias(dec_bias_, T, past + T, past, false);
   const auto lopts = target_ids.options();
   const Tensor causal = (at::arange(past + T, lopts).view({1, past + T}) <= at::arange(past, past + T, lopts).view({T, 1})).view({1, 1, T, past + T});
@@ -210,17 +212,17 @@ Tensor T5Model::decode(const Tensor& target_ids, const Encoded& source, Seq2SeqC
     y = b.layer->run(y, [&](const Tensor& h) {
       Tensor n = norm(h, b.self.norm);
       Tensor a = attention(b.self, n, n, causal, bias, cache ? &cache->self_k[i] : nullptr, cache ? &cache->self_v[i] : nullptr, true);
-      Tensor h1 = h + b.self.sub->apply(n, at::dropout(a, config_.dropout, training_));
+      Tensor h1 = h + b.self.sub->apply(n, tessera::dropout(a, config_.dropout, training_));
       Tensor n2 = norm(h1, b.cross.norm);
       Tensor c = attention(b.cross, n2, source.hidden, cross_keep, Tensor(), cache ? &cache->cross_k[i] : nullptr,
                            cache ? &cache->cross_v[i] : nullptr, false);
-      Tensor h2 = h1 + b.cross.sub->apply(n2, at::dropout(c, config_.dropout, training_));
+      Tensor h2 = h1 + b.cross.sub->apply(n2, tessera::dropout(c, config_.dropout, training_));
       Tensor n3 = norm(h2, b.mlp_norm);
-      return h2 + b.mlp->apply(n3, at::dropout(ff(b, n3), config_.dropout, training_));
+      return h2 + b.mlp->apply(n3, tessera::dropout(ff(b, n3), config_.dropout, training_));
     });
   }
   if (cache) cache->length += T;
-  return at::dropout(norm(y, dec_final_), config_.dropout, training_);
+  return tessera::dropout(norm(y, dec_final_), config_.dropout, training_);
 }
 
 Tensor T5Model::head_input(const Tensor& decoder_hidden) const {
