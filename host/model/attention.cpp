@@ -12,7 +12,10 @@ namespace tessera {
 Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& keep, double dropout, bool training,
               const AttentionSite& site, const Tensor& bias, std::optional<double> scale, bool causal) {
   const double p = training ? dropout : 0.0;
-  if (!keep.defined() && !bias.defined() && !site.has_score_hooks()) return at::scaled_dot_product_attention(q, k, v, {}, p, causal, scale);
+  // The plain path: score hooks must see the scores; and on the CPU, torch's fused kernels
+  // have no dropout (with p > 0 it runs this same path itself, with torch's dropout).
+  const bool plain = site.has_score_hooks() || (p > 0 && q.device().is_cpu());
+  if (!keep.defined() && !bias.defined() && !plain) return at::scaled_dot_product_attention(q, k, v, {}, p, causal, scale);
   if (!keep.defined()) {  // spell the implicit mask out for the paths below
     const auto T = q.size(2), S = k.size(2);
     Tensor all = at::ones({1, 1, T, S}, q.options().dtype(at::kBool));
@@ -20,11 +23,11 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k
   }
   // A float mask carries both the bias and the masked keys; a bool mask suffices otherwise.
   Tensor mask = keep;
-  if (bias.defined() || site.has_score_hooks()) {
+  if (bias.defined() || plain) {
     Tensor b = bias.defined() ? bias.to(q.scalar_type()) : at::zeros({1}, q.options());
     mask = b.expand(at::infer_size(b.sizes(), keep.sizes())).masked_fill(keep.logical_not(), std::numeric_limits<float>::lowest());
   }
-  if (!site.has_score_hooks()) return at::scaled_dot_product_attention(q, k, v, mask, p, false, scale);
+  if (!plain) return at::scaled_dot_product_attention(q, k, v, mask, p, false, scale);
   const double s = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
   Tensor scores = at::matmul(q, k.transpose(-1, -2)) * s + mask;  // (B, nh, T, S)
   scores = site.hook_scores(scores);

@@ -1,6 +1,8 @@
-// The attention core every architecture shares: softmax(QKᵀ/√d + mask) V, through
+// The attention core every architecture shares: dropout(softmax(QKᵀ/√d + mask)) V, through
 // at::scaled_dot_product_attention unless the attention site has score hooks (which must
-// see the scores before the softmax).
+// see the scores before the softmax) or, on the CPU, dropout applies in training (torch's
+// fused CPU kernels have none and fall back to this same computation; here its dropout is
+// tessera::dropout).
 #pragma once
 
 #include <tessera/sites.h>

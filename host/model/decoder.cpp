@@ -374,7 +374,7 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     x = l.layer->run(x, [&](const Tensor& h) {
       Tensor n1 = norm(h, l.norm1_w, l.norm1_b);
       Tensor a = tessera::dropout(attention(l, i, n1, positions, key_mask, rope, prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i], cache, all_real, u),
-                             config_.hidden_dropout, training_);
+                                  config_.hidden_dropout, training_);
       Tensor h1 = h + l.attn->apply(n1, a);
       Tensor n2 = norm(h1, l.norm2_w, l.norm2_b);
       Tensor m = tessera::dropout(mlp(l, n2), config_.hidden_dropout, training_);
