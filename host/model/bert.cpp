@@ -17,26 +17,26 @@ namespace tessera {
 
 BertConfig BertConfig::from_json_file(const std::string& path) {
   const nlohmann::json j = read_json_file(path);
-  std::string type = j.value("model_type", "");
+  const JsonFields f(j, path);
+  const std::string type = f.string_or("model_type", "");
   if (type != "bert" && type != "roberta")
     throw std::runtime_error(path + ": model_type '" + type + "' is not supported (supported: bert, roberta)");
-  if (j.value("hidden_act", "gelu") != "gelu") throw std::runtime_error(path + ": hidden_act '" + j.value("hidden_act", "") + "' is not supported");
-  if (j.value("position_embedding_type", "absolute") != "absolute")
-    throw std::runtime_error(path + ": position_embedding_type '" + j.value("position_embedding_type", "") + "' is not supported");
+  const std::string act = f.string_or("hidden_act", "gelu"), positions = f.string_or("position_embedding_type", "absolute");
+  if (act != "gelu") f.fail("hidden_act", "'" + act + "' is not supported (supported: gelu)");
+  if (positions != "absolute") f.fail("position_embedding_type", "'" + positions + "' is not supported (supported: absolute)");
   BertConfig c;
   c.model_type = type;
-  auto need = [&](const char* key) { return json_required_int(j, path, key); };
-  c.vocab_size = need("vocab_size");
-  c.hidden_size = need("hidden_size");
-  c.num_layers = need("num_hidden_layers");
-  c.num_heads = need("num_attention_heads");
-  c.intermediate_size = need("intermediate_size");
-  c.max_positions = j.value("max_position_embeddings", c.max_positions);
-  c.type_vocab_size = j.value("type_vocab_size", c.type_vocab_size);
-  c.pad_token_id = j.value("pad_token_id", c.pad_token_id);
-  c.layer_norm_eps = j.value("layer_norm_eps", c.layer_norm_eps);
-  c.hidden_dropout = j.value("hidden_dropout_prob", c.hidden_dropout);
-  c.attention_dropout = j.value("attention_probs_dropout_prob", c.attention_dropout);
+  c.vocab_size = f.size("vocab_size");
+  c.hidden_size = f.size("hidden_size");
+  c.num_layers = f.size("num_hidden_layers");
+  c.num_heads = f.size("num_attention_heads");
+  c.intermediate_size = f.size("intermediate_size");
+  c.max_positions = f.size_or("max_position_embeddings", c.max_positions);
+  c.type_vocab_size = f.size_or("type_vocab_size", c.type_vocab_size);
+  c.pad_token_id = f.int_or("pad_token_id", c.pad_token_id);
+  c.layer_norm_eps = f.nonnegative_or("layer_norm_eps", c.layer_norm_eps);
+  c.hidden_dropout = f.probability_or("hidden_dropout_prob", c.hidden_dropout);
+  c.attention_dropout = f.probability_or("attention_probs_dropout_prob", c.attention_dropout);
   if (c.hidden_size % c.num_heads != 0) throw std::runtime_error(path + ": hidden_size is not a multiple of num_attention_heads");
   return c;
 }
@@ -61,6 +61,7 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
     name = file.first_present({name, old("LayerNorm.weight", "LayerNorm.gamma"), old("LayerNorm.bias", "LayerNorm.beta")}).value_or(name);
     return file.take(name, shape, options);
   };
+  file.check_layer_count((fs::path(dir) / "config.json").string(), "num_hidden_layers", c.num_layers, prefix + "encoder.layer.");
   const auto H = c.hidden_size, I = c.intermediate_size;
   m->word_ = m->param("embed.word.weight", prefix + "embeddings.word_embeddings.weight", load("embeddings.word_embeddings.weight", {c.vocab_size, H}));
   m->position_ = m->param("embed.position.weight", prefix + "embeddings.position_embeddings.weight", load("embeddings.position_embeddings.weight", {c.max_positions, H}));

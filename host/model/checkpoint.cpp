@@ -44,8 +44,10 @@ std::optional<std::string> Checkpoint::first_present(const std::vector<std::stri
 at::Tensor Checkpoint::take(const std::string& name, const std::vector<int64_t>& shape, c10::TensorOptions options) {
   auto it = where_.find(name);
   if (it == where_.end()) {
+    for (const auto d : shape)
+      if (d < 0) throw SafetensorsError(dir_, name, "the config gives it a negative size " + c10::str(at::IntArrayRef(shape)));
     missing_.push_back(name);
-    return {};
+    return at::zeros({}, options).expand(shape);
   }
   at::Tensor t = it->second->tensor(name);
   if (t.sizes().vec() != shape)
@@ -53,6 +55,13 @@ at::Tensor Checkpoint::take(const std::string& name, const std::vector<int64_t>&
   taken_.insert(name);
   // Same dtype and device: a zero-copy view of the (private) mapping; otherwise converted.
   return t.to(options).detach().set_requires_grad(false);
+}
+
+void Checkpoint::check_layer_count(const std::string& config, const char* key, std::int64_t count, const std::string& layer_prefix) const {
+  const std::string last = layer_prefix + std::to_string(count - 1) + ".";
+  const auto it = where_.lower_bound(last);
+  if (it == where_.end() || it->first.compare(0, last.size(), last) != 0)
+    throw std::runtime_error(config + ": " + key + " is " + std::to_string(count) + ", but " + dir_ + " has no tensor named " + last + "…");
 }
 
 std::vector<std::string> Checkpoint::finish() const {

@@ -26,9 +26,14 @@ class Checkpoint {
   const std::string& dir() const { return dir_; }
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
   // The tensor, checked against `shape`, converted to `options`, frozen. A missing name
-  // is recorded (see finish()) and an empty tensor returned, so that every missing
-  // tensor of a model is reported at once.
+  // is recorded (see finish()) and a stand-in of that shape returned (one zero broadcast,
+  // no memory) that the model may be built around but never run with: loading goes on,
+  // and finish() reports every missing tensor at once.
   at::Tensor take(const std::string& name, const std::vector<int64_t>& shape, c10::TensorOptions options);
+  // Refuses a layer count (`key` of the config file `config`) that runs past the
+  // checkpoint: no tensor is named `layer_prefix` + (count − 1) + ".…". Checked before the
+  // layers are built, so that a wrong count is named as such, not as many missing tensors.
+  void check_layer_count(const std::string& config, const char* key, std::int64_t count, const std::string& layer_prefix) const;
   // The first of `names` present, or nullopt (nothing recorded as missing).
   std::optional<std::string> first_present(const std::vector<std::string>& names) const;
   // Throws a SafetensorsError listing every missing tensor by name; otherwise returns the

@@ -18,35 +18,33 @@ namespace tessera {
 namespace {
 
 // Rotary scaling, from `rope_parameters` (transformers ≥ 5) or `rope_theta` + `rope_scaling`.
-RopeConfig rope_from(const nlohmann::json& j, const std::string& path, std::int64_t max_positions) {
+RopeConfig rope_from(const JsonFields& top, const nlohmann::json& j, std::int64_t max_positions) {
   RopeConfig r;
-  nlohmann::json p = nlohmann::json::object();
-  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
-    p = j["rope_parameters"];
-  } else if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
-    p = j["rope_scaling"];
-  }
-  r.theta = json_number_or(p, "rope_theta", json_number_or(j, "rope_theta", r.theta));
-  r.type = p.value("rope_type", p.value("type", std::string("default")));
-  r.factor = json_number_or(p, "factor", 1.0);
-  r.low_freq_factor = json_number_or(p, "low_freq_factor", r.low_freq_factor);
-  r.high_freq_factor = json_number_or(p, "high_freq_factor", r.high_freq_factor);
-  r.original_max_positions = json_int_or(p, "original_max_position_embeddings", max_positions);
+  static const nlohmann::json none = nlohmann::json::object();
+  const char* key = j.contains("rope_parameters") && !j["rope_parameters"].is_null() ? "rope_parameters"
+                    : j.contains("rope_scaling") && !j["rope_scaling"].is_null()     ? "rope_scaling"
+                                                                                     : nullptr;
+  const JsonFields p(key ? j[key] : none, top.path(), key ? std::string(key) + "." : "");
+  r.theta = p.positive_or("rope_theta", top.positive_or("rope_theta", r.theta));
+  r.type = p.string_or("rope_type", p.string_or("type", "default"));
+  r.factor = p.positive_or("factor", 1.0);
+  r.low_freq_factor = p.positive_or("low_freq_factor", r.low_freq_factor);
+  r.high_freq_factor = p.positive_or("high_freq_factor", r.high_freq_factor);
+  r.original_max_positions = p.size_or("original_max_position_embeddings", max_positions);
   if (r.type != "default" && r.type != "linear" && r.type != "dynamic" && r.type != "llama3" && r.type != "yarn")
-    throw std::runtime_error(path + ": rope type '" + r.type + "' is not supported (supported: default, linear, dynamic, llama3, yarn)");
+    p.fail("rope_type", "'" + r.type + "' is not supported (supported: default, linear, dynamic, llama3, yarn)");
+  if (r.type == "llama3" && r.low_freq_factor == r.high_freq_factor) p.fail("low_freq_factor", "must differ from high_freq_factor");
   if (r.type == "yarn") {  // Peng et al. 2023, arXiv:2309.00071, with transformers' defaults
-    if (!p.contains("factor") || p["factor"].is_null())
-      r.factor = static_cast<double>(max_positions) / static_cast<double>(r.original_max_positions);
-    auto number = [&](const char* key, double fallback) { return p.contains(key) && !p[key].is_null() ? p[key].get<double>() : fallback; };
-    r.beta_fast = number("beta_fast", 32.0);
-    r.beta_slow = number("beta_slow", 1.0);
-    r.truncate = p.value("truncate", true);
+    if (!p.has("factor")) r.factor = static_cast<double>(max_positions) / static_cast<double>(r.original_max_positions);
+    r.beta_fast = p.positive_or("beta_fast", 32.0);
+    r.beta_slow = p.positive_or("beta_slow", 1.0);
+    r.truncate = p.bool_or("truncate", true);
     auto mscale = [](double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };
-    const double m = number("mscale", 0.0), m_all = number("mscale_all_dim", 0.0);
-    r.attention_factor = number("attention_factor", m != 0 && m_all != 0 ? mscale(r.factor, m) / mscale(r.factor, m_all) : mscale(r.factor, 1.0));
+    const double m = p.number_or("mscale", 0.0), m_all = p.number_or("mscale_all_dim", 0.0);
+    r.attention_factor = p.number_or("attention_factor", m != 0 && m_all != 0 ? mscale(r.factor, m) / mscale(r.factor, m_all) : mscale(r.factor, 1.0));
   }
-  if (json_number_or(j, "partial_rotary_factor", json_number_or(p, "partial_rotary_factor", 1.0)) != 1.0)
-    throw std::runtime_error(path + ": partial_rotary_factor is not supported");
+  if (top.number_or("partial_rotary_factor", p.number_or("partial_rotary_factor", 1.0)) != 1.0)
+    throw std::runtime_error(top.path() + ": partial_rotary_factor is not supported");
   return r;
 }
 
@@ -59,64 +57,73 @@ Tensor rotate_half(const Tensor& x) {  // (…, hd): [x1, x2] -> [-x2, x1]
 
 DecoderConfig DecoderConfig::from_json_file(const std::string& path) {
   const nlohmann::json j = read_json_file(path);
+  const JsonFields f(j, path);
   DecoderConfig c;
-  c.model_type = j.value("model_type", "");
+  c.model_type = f.string_or("model_type", "");
   const bool llama_like = c.model_type == "llama" || c.model_type == "mistral" || c.model_type == "qwen2";
   c.gpt2 = c.model_type == "gpt2";
   if (!c.gpt2 && !llama_like)
     throw std::runtime_error(path + ": model_type '" + c.model_type + "' is not a supported decoder (supported: gpt2, llama, mistral, qwen2)");
   if (c.gpt2) {
-    c.vocab_size = json_required_int(j, path, "vocab_size");
-    c.hidden_size = json_required_int(j, path, "n_embd");
-    c.num_layers = json_required_int(j, path, "n_layer");
-    c.num_heads = json_required_int(j, path, "n_head");
+    c.vocab_size = f.size("vocab_size");
+    c.hidden_size = f.size("n_embd");
+    c.num_layers = f.size("n_layer");
+    c.num_heads = f.size("n_head");
     c.num_kv_heads = c.num_heads;
-    c.intermediate_size = json_int_or(j, "n_inner", 4 * c.hidden_size);
-    c.max_positions = json_required_int(j, path, "n_positions");
-    c.norm_eps = json_number_or(j, "layer_norm_epsilon", 1e-5);
-    c.activation = j.value("activation_function", "gelu_new");
-    c.hidden_dropout = json_number_or(j, "resid_pdrop", 0.1);
-    c.embed_dropout = json_number_or(j, "embd_pdrop", 0.1);
-    c.attention_dropout = json_number_or(j, "attn_pdrop", 0.1);
+    c.intermediate_size = f.size_or("n_inner", 4 * c.hidden_size);
+    c.max_positions = f.size("n_positions");
+    c.norm_eps = f.nonnegative_or("layer_norm_epsilon", 1e-5);
+    c.activation = f.string_or("activation_function", "gelu_new");
+    c.hidden_dropout = f.probability_or("resid_pdrop", 0.1);
+    c.embed_dropout = f.probability_or("embd_pdrop", 0.1);
+    c.attention_dropout = f.probability_or("attn_pdrop", 0.1);
     c.qkv_bias = c.o_bias = c.mlp_bias = true;
-    if (j.value("scale_attn_by_inverse_layer_idx", false)) throw std::runtime_error(path + ": scale_attn_by_inverse_layer_idx is not supported");
-    if (!j.value("scale_attn_weights", true)) throw std::runtime_error(path + ": scale_attn_weights = false is not supported");
+    if (f.bool_or("scale_attn_by_inverse_layer_idx", false)) throw std::runtime_error(path + ": scale_attn_by_inverse_layer_idx is not supported");
+    if (!f.bool_or("scale_attn_weights", true)) throw std::runtime_error(path + ": scale_attn_weights = false is not supported");
+    if (c.hidden_size % c.num_heads != 0) throw std::runtime_error(path + ": n_embd is not a multiple of n_head");
   } else {
-    c.vocab_size = json_required_int(j, path, "vocab_size");
-    c.hidden_size = json_required_int(j, path, "hidden_size");
-    c.num_layers = json_required_int(j, path, "num_hidden_layers");
-    c.num_heads = json_required_int(j, path, "num_attention_heads");
-    c.num_kv_heads = json_int_or(j, "num_key_value_heads", c.num_heads);
-    c.intermediate_size = json_required_int(j, path, "intermediate_size");
-    c.max_positions = json_required_int(j, path, "max_position_embeddings");
-    c.norm_eps = json_number_or(j, "rms_norm_eps", 1e-6);
-    c.activation = j.value("hidden_act", "silu");
-    c.attention_dropout = json_number_or(j, "attention_dropout", 0.0);
+    c.vocab_size = f.size("vocab_size");
+    c.hidden_size = f.size("hidden_size");
+    c.num_layers = f.size("num_hidden_layers");
+    c.num_heads = f.size("num_attention_heads");
+    c.num_kv_heads = f.size_or("num_key_value_heads", c.num_heads);
+    c.intermediate_size = f.size("intermediate_size");
+    c.max_positions = f.size("max_position_embeddings");
+    c.norm_eps = f.nonnegative_or("rms_norm_eps", 1e-6);
+    c.activation = f.string_or("hidden_act", "silu");
+    c.attention_dropout = f.probability_or("attention_dropout", 0.0);
     // Qwen2 always has q/k/v biases; LLaMA's attention_bias covers q, k, v and o.
-    c.qkv_bias = c.model_type == "qwen2" || j.value("attention_bias", false);
-    c.o_bias = c.model_type != "qwen2" && j.value("attention_bias", false);
-    c.mlp_bias = j.value("mlp_bias", false);
-    c.rope = rope_from(j, path, c.max_positions);
-    const bool window = c.model_type != "qwen2" || j.value("use_sliding_window", false);
-    c.sliding_window = window ? json_int_or(j, "sliding_window", 0) : 0;
+    const bool attention_bias = f.bool_or("attention_bias", false);
+    c.qkv_bias = c.model_type == "qwen2" || attention_bias;
+    c.o_bias = c.model_type != "qwen2" && attention_bias;
+    c.mlp_bias = f.bool_or("mlp_bias", false);
+    c.rope = rope_from(f, j, c.max_positions);
+    const bool window = c.model_type != "qwen2" || f.bool_or("use_sliding_window", false);
+    c.sliding_window = window ? f.int_or("sliding_window", 0) : 0;
+    if (c.sliding_window < 0) f.fail("sliding_window", "must not be negative, got " + std::to_string(c.sliding_window));
   }
-  c.head_dim = json_int_or(j, "head_dim", c.hidden_size / c.num_heads);
-  if (c.gpt2 && c.hidden_size % c.num_heads != 0) throw std::runtime_error(path + ": n_embd is not a multiple of n_head");
+  c.head_dim = f.size_or("head_dim", std::max<std::int64_t>(1, c.hidden_size / c.num_heads));
+  if (!c.gpt2 && c.head_dim % 2 != 0) f.fail("head_dim", "must be even for rotary embeddings, got " + std::to_string(c.head_dim));
   if (c.num_heads % c.num_kv_heads != 0) throw std::runtime_error(path + ": num_attention_heads is not a multiple of num_key_value_heads");
   const std::string act = c.activation;
   if (!known_activation(act))
     throw std::runtime_error(path + ": activation '" + act + "' is not supported");
-  c.tie_word_embeddings = j.value("tie_word_embeddings", c.gpt2);
-  // Per layer: does it use the sliding window? (`layer_types` where the config has it.)
-  c.sliding_layers.assign(static_cast<std::size_t>(c.num_layers), c.sliding_window > 0);
+  c.tie_word_embeddings = f.bool_or("tie_word_embeddings", c.gpt2);
+  // Which layers use the sliding window: those `layer_types` names so where the config
+  // has one entry per layer, otherwise all of them (left empty then).
   if (c.sliding_window > 0 && j.contains("layer_types") && j["layer_types"].is_array() &&
-      j["layer_types"].size() == c.sliding_layers.size())
-    for (std::size_t i = 0; i < c.sliding_layers.size(); ++i) c.sliding_layers[i] = j["layer_types"][i] == "sliding_attention";
-  c.bos_token_id = json_int_or(j, "bos_token_id", -1);
-  c.pad_token_id = json_int_or(j, "pad_token_id", -1);
-  if (j.contains("eos_token_id") && j["eos_token_id"].is_number_integer()) c.eos_token_ids = {j["eos_token_id"].get<std::int64_t>()};
-  if (j.contains("eos_token_id") && j["eos_token_id"].is_array())
-    for (const auto& e : j["eos_token_id"]) c.eos_token_ids.push_back(e.get<std::int64_t>());
+      j["layer_types"].size() == static_cast<std::size_t>(c.num_layers))
+    for (const auto& t : j["layer_types"]) c.sliding_layers.push_back(t == "sliding_attention");
+  c.bos_token_id = f.int_or("bos_token_id", -1);
+  c.pad_token_id = f.int_or("pad_token_id", -1);
+  if (j.contains("eos_token_id") && j["eos_token_id"].is_array()) {
+    for (const auto& e : j["eos_token_id"]) {
+      if (!e.is_number_integer()) f.fail("eos_token_id", "must be an integer or a list of them, got " + j["eos_token_id"].dump());
+      c.eos_token_ids.push_back(e.get<std::int64_t>());
+    }
+  } else if (f.has("eos_token_id")) {
+    c.eos_token_ids = {f.int_or("eos_token_id", -1)};
+  }
   return c;
 }
 
@@ -138,6 +145,7 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
     Tensor t = file.take(P + hf, shape, options);
     return m->param(canonical, P + hf, conv1d && t.defined() ? t.t() : t);
   };
+  file.check_layer_count((fs::path(dir) / "config.json").string(), c.gpt2 ? "n_layer" : "num_hidden_layers", c.num_layers, P + (c.gpt2 ? "h." : "layers."));
   const std::string word = c.gpt2 ? "wte" : "embed_tokens";
   m->word_ = tensor("embed.word.weight", word + ".weight", {V, H});
   if (c.gpt2) m->position_ = tensor("embed.position.weight", "wpe.weight", {c.max_positions, H});
@@ -186,7 +194,7 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
     // Prefix keys and values are per key/value head (grouped-query attention shares them).
     l.attention = m->attention_site(cn + ".attn", P + hf + (c.gpt2 ? ".attn" : ".self_attn"), c.num_kv_heads, hd);
     l.layer = m->layer_site(cn, P + hf, i);
-    l.sliding = c.sliding_layers[static_cast<std::size_t>(i)];
+    l.sliding = c.sliding_layers.empty() ? c.sliding_window > 0 : c.sliding_layers[static_cast<std::size_t>(i)];
     m->layers_.push_back(l);
   }
   m->final_w_ = tensor("norm.weight", c.gpt2 ? "ln_f.weight" : "norm.weight", {H});

@@ -50,7 +50,7 @@ struct DecoderConfig {
   bool qkv_bias = false, o_bias = false, mlp_bias = false, tie_word_embeddings = false;
   RopeConfig rope;
   std::int64_t sliding_window = 0;     // 0 = none
-  std::vector<bool> sliding_layers;    // per layer: uses the sliding window
+  std::vector<bool> sliding_layers;    // per layer: uses the sliding window (empty: all do when sliding_window > 0)
   std::int64_t bos_token_id = -1, pad_token_id = -1;
   std::vector<std::int64_t> eos_token_ids;
   static DecoderConfig from_json_file(const std::string& path);

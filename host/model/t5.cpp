@@ -17,38 +17,50 @@ namespace tessera {
 
 T5Config T5Config::from_json_file(const std::string& path) {
   const nlohmann::json j = read_json_file(path);
-  const std::string type = j.value("model_type", "");
+  const JsonFields f(j, path);
+  const std::string type = f.string_or("model_type", "");
   if (type != "t5") throw std::runtime_error(path + ": model_type '" + type + "' is not an encoder-decoder we support (supported: t5)");
   T5Config c;
-  c.vocab_size = json_required_int(j, path, "vocab_size");
-  c.d_model = json_required_int(j, path, "d_model");
-  c.d_kv = json_required_int(j, path, "d_kv");
-  c.d_ff = json_required_int(j, path, "d_ff");
-  c.num_layers = json_required_int(j, path, "num_layers");
-  c.num_decoder_layers = json_int_or(j, "num_decoder_layers", c.num_layers);
-  c.num_heads = json_required_int(j, path, "num_heads");
-  c.buckets = json_int_or(j, "relative_attention_num_buckets", c.buckets);
-  c.max_distance = json_int_or(j, "relative_attention_max_distance", c.max_distance);
-  c.eps = json_number_or(j, "layer_norm_epsilon", c.eps);
-  c.dropout = json_number_or(j, "dropout_rate", c.dropout);
+  c.vocab_size = f.size("vocab_size");
+  c.d_model = f.size("d_model");
+  c.d_kv = f.size("d_kv");
+  c.d_ff = f.size("d_ff");
+  c.num_layers = f.size("num_layers");
+  c.num_decoder_layers = f.size_or("num_decoder_layers", c.num_layers);
+  c.num_heads = f.size("num_heads");
+  c.buckets = f.size_or("relative_attention_num_buckets", c.buckets);
+  c.max_distance = f.size_or("relative_attention_max_distance", c.max_distance);
+  // Buckets: half of them (a quarter per direction in the encoder) are exact distances, the
+  // rest grow logarithmically from there to max_distance, which must lie beyond them.
+  if (c.buckets < 4) f.fail("relative_attention_num_buckets", "must be at least 4, got " + std::to_string(c.buckets));
+  if (c.max_distance <= c.buckets / 2)
+    f.fail("relative_attention_max_distance", "must exceed half of relative_attention_num_buckets (" + std::to_string(c.buckets / 2) + "), got " + std::to_string(c.max_distance));
+  c.eps = f.nonnegative_or("layer_norm_epsilon", c.eps);
+  c.dropout = f.probability_or("dropout_rate", c.dropout);
   // "relu" (T5) or "gated-gelu" (v1.1), in general [gated-]ACT; gated-gelu means gelu_new.
-  const std::string ff = j.value("feed_forward_proj", "relu");
+  const std::string ff = f.string_or("feed_forward_proj", "relu");
   c.gated = ff.rfind("gated-", 0) == 0;
   c.activation = ff == "gated-gelu" ? "gelu_new" : (c.gated ? ff.substr(6) : ff);
   if (!known_activation(c.activation)) throw std::runtime_error(path + ": feed_forward_proj '" + ff + "' is not supported");
   // T5 v1.0 scales the decoder output by d_model^-½ before its tied head; v1.1 does not.
-  c.scale_output = j.contains("scale_decoder_outputs") ? j.value("scale_decoder_outputs", true) : j.value("tie_word_embeddings", true);
-  c.pad_token_id = json_int_or(j, "pad_token_id", 0);
-  c.eos_token_id = json_int_or(j, "eos_token_id", 1);
-  c.decoder_start_token_id = json_int_or(j, "decoder_start_token_id", c.pad_token_id);
+  c.scale_output = f.bool_or("scale_decoder_outputs", f.bool_or("tie_word_embeddings", true));
+  c.pad_token_id = f.int_or("pad_token_id", 0);
+  c.eos_token_id = f.int_or("eos_token_id", 1);
+  c.decoder_start_token_id = f.int_or("decoder_start_token_id", c.pad_token_id);
+  // The decoder's first input goes through the embedding.
+  if (c.decoder_start_token_id < 0 || c.decoder_start_token_id >= c.vocab_size)
+    f.fail(f.has("decoder_start_token_id") ? "decoder_start_token_id" : "pad_token_id", "(the decoder's start token) must be a token id below vocab_size (" + std::to_string(c.vocab_size) + "), got " + std::to_string(c.decoder_start_token_id));
   return c;
 }
 
 std::unique_ptr<T5Model> T5Model::load(const std::string& dir, c10::TensorOptions options) {
   std::unique_ptr<T5Model> m(new T5Model());
-  m->config_ = T5Config::from_json_file((std::filesystem::path(dir) / "config.json").string());
+  const std::string config = (std::filesystem::path(dir) / "config.json").string();
+  m->config_ = T5Config::from_json_file(config);
   const auto& c = m->config_;
   Checkpoint file = Checkpoint::open(dir);
+  file.check_layer_count(config, "num_layers", c.num_layers, "encoder.block.");
+  file.check_layer_count(config, "num_decoder_layers", c.num_decoder_layers, "decoder.block.");
   const auto d = c.d_model, inner = c.num_heads * c.d_kv;
   auto tensor = [&](const std::string& canonical, const std::string& hf, const std::vector<int64_t>& shape) {
     return m->param(canonical, hf, file.take(hf, shape, options));

@@ -236,9 +236,18 @@ CATCH_TEST_CASE("decoder loading: missing tensors named, unexpected listed, bad 
   auto model = DecoderModel::load(dir.string(), at::TensorOptions());
   CATCH_CHECK(model->ignored_tensors() == std::vector<std::string>{"transformer.extra.weight"});
 
+  // A missing linear weight is listed like any other (the model is built around a
+  // stand-in first, so the list is complete).
+  tensors.erase("transformer.h.0.attn.c_attn.weight");
+  tensors.erase("transformer.h.1.mlp.c_fc.weight");
+  save_safetensors((dir / "model.safetensors").string(), {tensors.begin(), tensors.end()});
+  CATCH_CHECK_THROWS_WITH(DecoderModel::load(dir.string(), at::TensorOptions()),
+                          Catch::Contains("2 tensor(s) missing") && Catch::Contains("transformer.h.0.attn.c_attn.weight") &&
+                              Catch::Contains("transformer.h.1.mlp.c_fc.weight"));
+
   std::ofstream((dir / "config.json").string()) << R"({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
     "num_attention_heads": 2, "intermediate_size": 8, "max_position_embeddings": 8, "rope_scaling": {"rope_type": "longrope", "factor": 2}})";
-  CATCH_CHECK_THROWS_WITH(DecoderModel::load(dir.string(), at::TensorOptions()), Catch::Contains("rope type 'longrope' is not supported"));
+  CATCH_CHECK_THROWS_WITH(DecoderModel::load(dir.string(), at::TensorOptions()), Catch::Contains("rope_scaling.rope_type 'longrope' is not supported"));
   std::ofstream((dir / "config.json").string()) << R"({"model_type": "bert"})";
   CATCH_CHECK_THROWS_WITH(DecoderModel::load(dir.string(), at::TensorOptions()), Catch::Contains("'bert' is not a supported decoder"));
   fs::remove(dir / "model.safetensors");
