@@ -67,13 +67,25 @@ JsonTokenizer::JsonTokenizer(const Json& j, const std::string& path) {
     auto it = vocab_.find(name);
     byte_ids_[b] = it == vocab_.end() ? -1 : it->second;
   }
-  std::int64_t size = 0;
+  // Ids index the tables below and, later, the model's embedding: each must be ≥ 0, and
+  // the highest within reach of the number of tokens (a sparse id like 2^40 would size the
+  // tables after it).
+  std::int64_t size = 0, tokens = static_cast<std::int64_t>(vocab_.size());
+  auto bad_id = [&](const std::string& token, std::int64_t id) {
+    return std::runtime_error(path + ": token '" + token + "' has id " + std::to_string(id) + ", outside [0, " + std::to_string(2 * tokens + 65536) + ")");
+  };
+  const Json added = j.value("added_tokens", Json::array());
+  tokens += static_cast<std::int64_t>(added.size());
   for (const auto& [t, id] : vocab_) size = std::max(size, id + 1);
-  for (const auto& a : j.value("added_tokens", Json::array())) size = std::max(size, a.at("id").get<std::int64_t>() + 1);
+  for (const auto& a : added) size = std::max(size, a.at("id").get<std::int64_t>() + 1);
+  for (const auto& [t, id] : vocab_)
+    if (id < 0 || id >= 2 * tokens + 65536) throw bad_id(t, id);
+  for (const auto& a : added)
+    if (const auto id = a.at("id").get<std::int64_t>(); id < 0 || id >= 2 * tokens + 65536) throw bad_id(a.at("content").get<std::string>(), id);
   id_to_token_.resize(static_cast<std::size_t>(size));
   special_.assign(static_cast<std::size_t>(size), false);
   for (const auto& [t, id] : vocab_) id_to_token_[static_cast<std::size_t>(id)] = t;
-  for (const auto& a : j.value("added_tokens", Json::array())) {
+  for (const auto& a : added) {
     Added t{a.at("content").get<std::string>(), a.at("id").get<std::int64_t>(), a.value("special", false), a.value("lstrip", false),
             a.value("rstrip", false)};
     id_to_token_[static_cast<std::size_t>(t.id)] = t.content;
@@ -116,6 +128,14 @@ JsonTokenizer::JsonTokenizer(const Json& j, const std::string& path) {
     }
   }
   if (j.contains("padding") && j["padding"].is_object()) pad_id_ = j["padding"].value("pad_id", pad_id_);
+  // Ids the tokenizer emits on its own must name a token (−1: unk or pad is none).
+  auto check = [&](std::int64_t id, std::int64_t lowest, const char* what) {
+    if (id < lowest || id >= size) throw std::runtime_error(path + ": " + what + " id " + std::to_string(id) + " is outside the vocabulary (" + std::to_string(size) + " ids)");
+  };
+  for (const auto id : template_.before) check(id, 0, "post_processor's special token");
+  for (const auto id : template_.after) check(id, 0, "post_processor's special token");
+  check(unk_id_, -1, "unk");
+  check(pad_id_, -1, "padding's pad");
 }
 
 void JsonTokenizer::unknown(const std::string& ch, std::vector<std::int64_t>& sym, std::vector<bool>& frozen, bool& last_unk) const {

@@ -101,4 +101,17 @@ CATCH_TEST_CASE("tokenizer directories that cannot be read are refused with the 
   std::ofstream((dir / "tokenizer.json").string()) << R"({"model": {"type": "Unigram", "vocab": [["a", 0.0]]},
     "normalizer": {"type": "Precompiled", "precompiled_charsmap": "no spaces!"}})";
   CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains("is not base64"));
+  // Ids that would index outside the tables (a negative id was a segmentation fault).
+  const auto tokenizer_json = (dir / "tokenizer.json").string();
+  std::ofstream(tokenizer_json) << R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": -1}, "merges": []}})";
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains(tokenizer_json + ": token 'b' has id -1, outside [0, "));
+  std::ofstream(tokenizer_json) << R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+    "added_tokens": [{"id": 1099511627776, "content": "<s>"}]})";
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains(tokenizer_json + ": token '<s>' has id 1099511627776, outside [0, "));
+  std::ofstream(tokenizer_json) << R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+    "post_processor": {"type": "RobertaProcessing", "cls": ["<s>", 5], "sep": ["</s>", 0]}})";
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains(tokenizer_json + ": post_processor's special token id 5 is outside the vocabulary (1 ids)"));
+  // A value of the wrong type anywhere: the file and the place in it.
+  std::ofstream(tokenizer_json) << R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "byte_fallback": "yes"}})";
+  CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains(tokenizer_json + ": ") && Catch::Contains("(/model/byte_fallback) type must be boolean"));
 }
