@@ -7,6 +7,14 @@
 
 namespace tessera {
 
+void rethrow_naming(const std::string& file) {
+  try {
+    throw;
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error(file + ": " + e.what());
+  }
+}
+
 JsonFields::JsonFields(const nlohmann::json& object, std::string path, std::string prefix)
     : j_(object), path_(std::move(path)), prefix_(std::move(prefix)) {
   if (!j_.is_object()) throw std::runtime_error(path_ + ": " + (prefix_.empty() ? "not a JSON object" : prefix_.substr(0, prefix_.size() - 1) + " must be an object"));

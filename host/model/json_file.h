@@ -44,6 +44,12 @@ class JsonFields {
   std::string path_, prefix_;
 };
 
+// In a catch block: rethrows a JSON library error (a value of the wrong type or a missing
+// key somewhere in a file; its message names the place in the file) as a
+// std::runtime_error with `file` in front, and anything else unchanged:
+//   try { … } catch (...) { rethrow_naming(path); }
+[[noreturn]] void rethrow_naming(const std::string& file);
+
 // Lenient reads for files whose optional keys are advisory (tokenizer_config.json): a
 // key that is absent, null or of another type gives the fallback.
 std::int64_t json_int_or(const nlohmann::json& j, const char* key, std::int64_t fallback);

@@ -14,38 +14,27 @@
 
 namespace tessera {
 
-namespace {
-
-// A JSON library error (a value of the wrong type or a missing key somewhere in the file)
-// with the file in front; its message names the place in the file.
-template <class F>
-auto naming(const std::string& file, F&& f) {
-  try {
-    return f();
-  } catch (const nlohmann::json::exception& e) {
-    throw std::runtime_error(file + ": " + e.what());
-  }
-}
-
-}  // namespace
-
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   namespace fs = std::filesystem;
   const fs::path json = fs::path(dir) / "tokenizer.json";
   if (fs::exists(json)) {
-    return naming(json.string(), [&]() -> std::unique_ptr<Tokenizer> {
+    try {
       const auto j = read_json_file(json.string());
       const std::string type = j.contains("model") && j["model"].is_object() ? j["model"].value("type", "") : "";
       if (type == "WordPiece") return std::make_unique<WordPieceTokenizer>(WordPieceTokenizer::from_directory(dir));
       if (type == "BPE" || type == "Unigram") return std::make_unique<JsonTokenizer>(j, json.string());
       throw std::runtime_error(json.string() + ": tokenizer model '" + type + "' is not supported (supported: WordPiece, BPE, Unigram)");
-    });
+    } catch (...) {
+      rethrow_naming(json.string());
+    }
   }
   if (const std::string model = find_spm_model(dir); !model.empty()) {
-    return naming(model + " (with tokenizer_config.json)", [&]() -> std::unique_ptr<Tokenizer> {
+    try {
       if (auto j = spm_tokenizer_json(dir)) return std::make_unique<JsonTokenizer>(*j, model);  // T5, Llama: transformers' pipeline
       return SpmTokenizer::from_directory(dir);
-    });
+    } catch (...) {
+      rethrow_naming(model + " (with tokenizer_config.json)");
+    }
   }
   if (fs::exists(fs::path(dir) / "vocab.txt")) return std::make_unique<WordPieceTokenizer>(WordPieceTokenizer::from_directory(dir));
   throw std::runtime_error(dir + ": no tokenizer.json (nor a SentencePiece tokenizer.model / spiece.model, nor vocab.txt for WordPiece); "

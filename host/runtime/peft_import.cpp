@@ -11,9 +11,9 @@
 #include <fstream>
 
 namespace tessera {
+namespace {
 
-MethodConfig method_from_peft_dir(const std::string& dir, const PluginRegistry& registry, const std::string& instance) {
-  const std::string path = (std::filesystem::path(dir) / "adapter_config.json").string();
+MethodConfig read_adapter_config(const std::string& path, const PluginRegistry& registry, const std::string& instance) {
   const nlohmann::json j = read_json_file(path);
   MethodConfig m;
   m.pos = {path, 1, 1};
@@ -58,6 +58,17 @@ MethodConfig method_from_peft_dir(const std::string& dir, const PluginRegistry& 
   }
   m.checked = apply_schema(info->params, m.params);
   return m;
+}
+
+}  // namespace
+
+MethodConfig method_from_peft_dir(const std::string& dir, const PluginRegistry& registry, const std::string& instance) {
+  const std::string path = (std::filesystem::path(dir) / "adapter_config.json").string();
+  try {
+    return read_adapter_config(path, registry, instance);
+  } catch (...) {
+    rethrow_naming(path);
+  }
 }
 
 }  // namespace tessera
