@@ -108,10 +108,10 @@ int main(int argc, char** argv) {
   auto* train_cmd = app.add_subcommand("train", "fine-tune as a config file says");
   train_cmd->add_option("config", config_path, "TOML config")->required();
   train_cmd->add_option("--run-dir", run_dir, "run directory (default: [output] dir)");
-  train_cmd->add_option("--threads", threads, "override [train] threads");
+  train_cmd->add_option("--threads", threads, "override [train] threads")->check(CLI::Range(0, 4096));
   auto* eval_cmd = app.add_subcommand("eval", "reload base + adapter of a run and evaluate its test split");
   eval_cmd->add_option("run_dir", eval_dir, "run directory written by `tessera train`")->required()->check(CLI::ExistingDirectory);
-  eval_cmd->add_option("--threads", threads, "override [train] threads");
+  eval_cmd->add_option("--threads", threads, "override [train] threads")->check(CLI::Range(0, 4096));
 
   auto* gen_cmd = app.add_subcommand("generate", "continue a prompt (decoder) or answer a source (T5): greedy, or sampled with --sample");
   std::string gen_model, gen_run, gen_peft, prompt;
@@ -123,10 +123,10 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "tokens to generate (default 32)")->check(CLI::PositiveNumber);
   gen_cmd->add_flag("--sample", gen.sample, "sample instead of taking the most likely token");
   gen_cmd->add_option("--temperature", gen.temperature, "sampling temperature (default 1)")->check(CLI::PositiveNumber);
-  gen_cmd->add_option("--top-k", gen.top_k, "keep the k most likely tokens (0 = all)");
+  gen_cmd->add_option("--top-k", gen.top_k, "keep the k most likely tokens (0 = all)")->check(CLI::NonNegativeNumber);
   gen_cmd->add_option("--top-p", gen.top_p, "keep the most likely tokens up to this mass (1 = all)")->check(CLI::Range(0.0, 1.0));
   gen_cmd->add_option("--seed", gen.seed, "sampling seed");
-  gen_cmd->add_option("--threads", threads, "intra-op threads (default: every processor)");
+  gen_cmd->add_option("--threads", threads, "intra-op threads (default: every processor)")->check(CLI::Range(0, 4096));
 
   try {
     app.parse(argc, argv);

@@ -5,6 +5,8 @@
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <filesystem>
 #include <regex>
@@ -92,9 +94,19 @@ class Section {
     for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
     fail(*t_->get(key), "'" + std::string(key) + "' = \"" + out + "\" is not one of: " + list);
   }
-  void positive(const char* key, std::int64_t& out, std::int64_t min = 1) {
+  void positive(const char* key, std::int64_t& out, std::int64_t min = 1, std::int64_t max = std::numeric_limits<std::int64_t>::max()) {
     get(key, out);
     if (out < min) fail(*t_->get(key), "'" + std::string(key) + "' must be at least " + std::to_string(min));
+    if (out > max) fail(*t_->get(key), "'" + std::string(key) + "' must be at most " + std::to_string(max));
+  }
+  // A finite number in [min, max] (nan and inf are refused: they would reach the weights).
+  void number(const char* key, double& out, double min, double max = std::numeric_limits<double>::max()) {
+    get(key, out);
+    if (std::isfinite(out) && out >= min && out <= max) return;
+    std::ostringstream range;
+    range << "'" << key << "' must be a finite number " << (max < std::numeric_limits<double>::max() ? "in [" : "≥ ") << min;
+    if (max < std::numeric_limits<double>::max()) range << ", " << max << "]";
+    fail(*t_->get(key), range.str());
   }
   void finish() {
     if (t_ == nullptr) return;
@@ -233,12 +245,12 @@ Config load_config(const std::string& path) {
     s.positive("epochs", c.train.epochs);
     s.positive("batch_size", c.train.batch_size);
     s.positive("eval_batch_size", c.train.eval_batch_size);
-    s.get("lr", c.train.lr);
-    s.get("head_lr", c.train.head_lr);
-    s.get("weight_decay", c.train.weight_decay);
-    s.get("warmup_ratio", c.train.warmup_ratio);
-    s.get("max_grad_norm", c.train.max_grad_norm);
-    s.positive("threads", c.train.threads, 0);
+    s.number("lr", c.train.lr, 0);
+    s.number("head_lr", c.train.head_lr, 0);  // 0: lr
+    s.number("weight_decay", c.train.weight_decay, 0);
+    s.number("warmup_ratio", c.train.warmup_ratio, 0, 1);
+    s.number("max_grad_norm", c.train.max_grad_norm, 0);  // 0: no clipping
+    s.positive("threads", c.train.threads, 0, 4096);      // 0: every processor
     s.get("seed", c.train.seed);
     s.positive("max_steps", c.train.max_steps, 0);
     s.get("group_by_length", c.train.group_by_length);

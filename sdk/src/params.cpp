@@ -51,6 +51,10 @@ double Params::number(const std::string& key) const {
   throw ParamError(key, "parameter '" + key + "' is not a number");
 }
 
+namespace {
+std::string with_article(const std::string& noun) { return (noun.find_first_of("aeiou") == 0 ? "an " : "a ") + noun; }
+}  // namespace
+
 Params apply_schema(const std::vector<ParamSpec>& schema, std::map<std::string, ParamValue> given) {
   std::map<std::string, ParamValue> out;
   for (const auto& spec : schema) {
@@ -60,14 +64,16 @@ Params apply_schema(const std::vector<ParamSpec>& schema, std::map<std::string, 
     if (spec.type == ParamType::Float && type_of(v) == ParamType::Int)
       v = static_cast<double>(std::get<std::int64_t>(v));
     if (type_of(v) != spec.type)
-      throw ParamError(spec.name, "'" + spec.name + "' must be a " + to_string(spec.type) + ", not a " +
-                                      to_string(type_of(v)));
+      throw ParamError(spec.name, "'" + spec.name + "' must be " + with_article(to_string(spec.type)) + ", not " + with_article(to_string(type_of(v))));
     if (spec.type == ParamType::Int || spec.type == ParamType::Float) {
       double x = spec.type == ParamType::Int ? static_cast<double>(std::get<std::int64_t>(v)) : std::get<double>(v);
       if (!std::isfinite(x) || (spec.min && x < *spec.min) || (spec.max && x > *spec.max)) {
         std::ostringstream msg;
-        msg << "'" << spec.name << "' = " << format_value(v) << " is outside [" << (spec.min ? std::to_string(*spec.min) : "-inf")
-            << ", " << (spec.max ? std::to_string(*spec.max) : "inf") << "]";
+        msg << "'" << spec.name << "' = " << format_value(v) << " is outside [";
+        if (spec.min) msg << *spec.min; else msg << "-inf";
+        msg << ", ";
+        if (spec.max) msg << *spec.max; else msg << "inf";
+        msg << "]";
         throw ParamError(spec.name, msg.str());
       }
     }
