@@ -171,8 +171,8 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   Tensor words = at::embedding(word_->value(), input_ids);  // (B, T, H)
   words = embed_site_->prepend(words, &out.prompt_length);  // (B, P + T, H)
   const auto B = words.size(0), S = words.size(1), H = config_.hidden_size;
-  if (S > config_.max_positions)
-    throw std::runtime_error("sequence of " + std::to_string(S) + " tokens exceeds max_position_embeddings " + std::to_string(config_.max_positions));
+  if (S > max_tokens())
+    throw std::runtime_error("sequence of " + std::to_string(S) + " tokens exceeds the " + std::to_string(max_tokens()) + " positions of the model");
   Tensor positions = at::arange(S, input_ids.options()).unsqueeze(0);  // (1, S)
   if (config_.model_type == "roberta") {
     // RoBERTa numbers real tokens from pad_token_id + 1 and gives padding pad_token_id

@@ -41,6 +41,8 @@ class BertModel final : public SiteModel {
   bool has_mlm_head() const { return head_ != nullptr; }
   Tensor mlm_logits(const Tensor& hidden) const;
   const BertConfig& config() const { return config_; }
+  // The longest sequence the position table serves (RoBERTa's starts at pad_token_id + 1).
+  std::int64_t max_tokens() const { return config_.max_positions - (config_.model_type == "roberta" ? config_.pad_token_id + 1 : 0); }
 
  private:
   struct Layer {

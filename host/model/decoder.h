@@ -77,6 +77,8 @@ class DecoderModel final : public SiteModel {
   Tensor logits(const Tensor& hidden) const;  // (…, H) -> (…, V) through the head site
   LinearSite& head() const { return *head_; }
   const DecoderConfig& config() const { return config_; }
+  // The longest sequence a learned position table serves (GPT-2); 0 = no such limit (rotary).
+  std::int64_t max_tokens() const { return config_.gpt2 ? config_.max_positions : 0; }
 
  private:
   struct Layer {

@@ -38,6 +38,12 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
     encoder_ = BertModel::load(config_.model.path, opts);
     config_pad = encoder_->config().pad_token_id;
   }
+  // A learned position table ends somewhere: refuse a max_length past it now rather than
+  // when a long enough text comes, maybe hours into training.
+  const std::int64_t limit = encoder_ ? encoder_->max_tokens() : decoder_ ? decoder_->max_tokens() : 0;
+  if (limit > 0 && config_.data.max_length > limit)
+    throw std::runtime_error("[data] max_length = " + std::to_string(config_.data.max_length) + " exceeds the " + std::to_string(limit) +
+                             " positions of " + config_.model.path);
   for (const auto& n : model().ignored_tensors()) spdlog::debug("checkpoint tensor {} is not used by the model", n);
   tokenizer_ = load_tokenizer(config_.model.path);
   // Padding never reaches a real token's output; its id only has to be in range.

@@ -29,6 +29,20 @@ CATCH_TEST_CASE("RoBERTa hidden states equal transformers within 1e-4 (tiny rand
   CATCH_CHECK(diff < 1e-4);
 }
 
+CATCH_TEST_CASE("a sequence past the position table is refused by name (RoBERTa's table starts at pad + 1)", "[model][bert]") {
+  at::NoGradGuard no_grad;
+  for (const std::string name : {"tiny_bert_mlm", "tiny_roberta"}) {
+    CATCH_INFO(name);
+    auto model = BertModel::load(test::fixture(name), test::options());
+    const std::int64_t limit = name == "tiny_roberta" ? 40 - 2 : 40;  // max_position_embeddings 40, RoBERTa's pad id 1
+    CATCH_CHECK(model->max_tokens() == limit);
+    auto ids = [&](std::int64_t T) { return at::full({1, T}, 5, at::TensorOptions().dtype(at::kLong).device(test::device())); };
+    CATCH_CHECK_NOTHROW(model->forward(ids(limit), at::ones_like(ids(limit))));
+    CATCH_CHECK_THROWS_WITH(model->forward(ids(limit + 1), at::ones_like(ids(limit + 1))),
+                            "sequence of " + std::to_string(limit + 1) + " tokens exceeds the " + std::to_string(limit) + " positions of the model");
+  }
+}
+
 CATCH_TEST_CASE("BERT in bf16 follows the f32 reference loosely", "[model][bert][minilm]") {
   auto model = BertModel::load(test::model_dir(), test::options(at::kBFloat16));
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));

@@ -103,6 +103,17 @@ CATCH_TEST_CASE("a short real LoRA run beats the frozen-encoder baseline", "[tra
   CATCH_CHECK(lora_acc > 0.7);
 }
 
+CATCH_TEST_CASE("a max_length past a learned position table is refused before training", "[train][causal]") {
+  auto dir = test::temp_dir("too-long");
+  const std::string model = test::fixture("decoders/gpt2_text");  // n_positions 128
+  auto body = [&](int max_length) {
+    return "[model]\npath = \"" + model + "\"\n[data]\npath = \"${TESSERA_DATA_DIR}/polarity.csv\"\nmax_length = " + std::to_string(max_length) +
+           "\nlimit = 20\n[task]\nkind = \"causal-lm\"\n";
+  };
+  CATCH_CHECK_THROWS_WITH(Session(config_in(dir, body(129)), test::registry()), "[data] max_length = 129 exceeds the 128 positions of " + model);
+  CATCH_CHECK_NOTHROW(Session(config_in(dir, body(128)), test::registry()));
+}
+
 CATCH_TEST_CASE("causal-LM fine-tuning with LoRA lowers the perplexity of held-out text, with prompts left out of the loss", "[train][causal]") {
   set_threads(0);
   auto dir = test::temp_dir("causal");
