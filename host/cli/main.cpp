@@ -222,10 +222,15 @@ int main(int argc, char** argv) {
     if (session.seq2seq()) std::printf("test BLEU %.2f; ", ev.bleu);
     if (session.causal() || session.seq2seq()) std::printf("test perplexity %.4f on %lld tokens; ", ev.perplexity, static_cast<long long>(ev.tokens));
     std::printf("test accuracy %.4f on %lld examples (loss %.6f)\n", ev.accuracy, static_cast<long long>(ev.examples), ev.loss);
-    std::ifstream recorded(fs::path(eval_dir) / "result.json");
-    if (recorded) {
-      auto j = nlohmann::json::parse(recorded);
-      const double was = j.value("test_accuracy", -1.0);
+    const std::string recorded = (fs::path(eval_dir) / "result.json").string();
+    if (fs::exists(recorded)) {
+      const auto j = read_json_file(recorded);
+      const JsonFields f(j, recorded);
+      if (!f.has("test_accuracy")) {
+        std::printf("%s records no test accuracy to compare with\n", recorded.c_str());
+        return 0;
+      }
+      const double was = f.number_or("test_accuracy", 0);
       std::printf("%s the accuracy recorded at training time (%.4f)\n", was == ev.accuracy ? "reproduces" : "DIFFERS FROM", was);
       if (was != ev.accuracy) return 3;
     }

@@ -24,6 +24,19 @@ TOML
 "$tessera" --log-level warn train "$out/run.toml" --run-dir "$out/run"
 "$tessera" eval "$out/run" | tee "$out/eval.txt"
 grep -q "reproduces the accuracy recorded at training time" "$out/eval.txt"
+# A result.json without the accuracy is said so; one with a wrong value is named, exit 1.
+cp "$out/run/result.json" "$out/result.json"
+sed -i '/"test_accuracy"/d' "$out/run/result.json"
+"$tessera" eval "$out/run" | grep -q "result.json records no test accuracy to compare with"
+sed 's/"test_accuracy": [^,]*/"test_accuracy": "high"/' "$out/result.json" >"$out/run/result.json"
+set +e
+"$tessera" eval "$out/run" >/dev/null 2>"$out/err.txt"
+rc=$?
+set -e
+cat "$out/err.txt"
+[ "$rc" -eq 1 ]
+grep -q "run/result.json: test_accuracy must be a number, got \"high\"" "$out/err.txt"
+cp "$out/result.json" "$out/run/result.json"
 
 printf '[model]\npath = "/x"\n[data]\npath = "/y"\n[train]\nepochs = "two"\n' >"$out/bad.toml"
 set +e
