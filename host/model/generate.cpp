@@ -28,6 +28,7 @@ Tensor choose(Tensor logits, const GenerateOptions& o, at::Generator& gen) {
     Tensor probs = at::softmax(sorted, -1);
     Tensor before = at::cumsum(probs, -1) - probs;  // mass of the tokens ranked above
     Tensor drop = before >= o.top_p;
+    drop.narrow(-1, 0, 1).fill_(false);  // the most likely token always stays (top_p = 0 is greedy)
     logits = logits.scatter(-1, order, sorted.masked_fill(drop, off));
   }
   return at::multinomial(at::softmax(logits, -1), 1, false, gen).squeeze(1);
@@ -87,6 +88,12 @@ std::vector<std::vector<std::int64_t>> generate(const DecoderModel& model, const
                                                 const GenerateOptions& o) {
   at::NoGradGuard no_grad;
   auto [ids, mask] = pad(prompts, o.pad_token_id, /*left=*/true);
+  // A learned position table (GPT-2) ends: say so before generating rather than at the
+  // token that runs past it.
+  if (const auto limit = model.max_tokens(); limit > 0 && ids.size(1) + o.max_new_tokens > limit)
+    throw std::runtime_error("generate: a prompt of " + std::to_string(ids.size(1)) + " tokens and " + std::to_string(o.max_new_tokens) +
+                             " new ones exceed the model's " + std::to_string(limit) + " positions (at most " +
+                             std::to_string(std::max<std::int64_t>(0, limit - ids.size(1))) + " new tokens)");
   KVCache cache;
   auto step = [&](const Tensor& new_ids, const Tensor& new_mask) {
     Tensor hidden = model.forward(new_ids, new_mask, &cache);  // (B, T, H)

@@ -137,6 +137,27 @@ CATCH_TEST_CASE("sampling is seeded and stays inside top-k", "[model][decoder]")
   }
 }
 
+CATCH_TEST_CASE("top_p keeps at least the most likely token: top_p = 0 samples greedily", "[model][decoder]") {
+  auto model = load("gpt2");
+  GenerateOptions greedy;
+  greedy.max_new_tokens = 8;
+  GenerateOptions o = greedy;
+  o.sample = true;
+  o.top_p = 0;
+  o.seed = 3;
+  CATCH_CHECK(generate(*model, {{1, 17, 42}}, o) == generate(*model, {{1, 17, 42}}, greedy));
+}
+
+CATCH_TEST_CASE("generation past GPT-2's position table is refused before it starts, naming what fits", "[model][decoder]") {
+  auto model = load("gpt2");
+  const auto limit = model->config().max_positions;
+  GenerateOptions o;
+  o.max_new_tokens = limit - 2;
+  CATCH_CHECK(generate(*model, {{1, 17}}, o)[0].size() == static_cast<std::size_t>(limit - 2));  // exactly fills the table
+  o.max_new_tokens = limit;
+  CATCH_CHECK_THROWS_WITH(generate(*model, {{1, 17}}, o), Catch::Contains("(at most " + std::to_string(limit - 2) + " new tokens)"));
+}
+
 CATCH_TEST_CASE("GPT-2's fused c_attn resolves PEFT's target and offers q, k, v sites", "[model][decoder]") {
   auto model = load("gpt2");
   CATCH_CHECK(model->match_linear({"c_attn"}).size() == 2);
