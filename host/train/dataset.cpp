@@ -156,8 +156,9 @@ std::vector<Raw> read_jsonl_examples(const DataConfig& c, bool labelled, bool wo
   return out;
 }
 
+// An integer label that fits in 64 bits (longer digit strings sort as text).
 bool is_integer(const std::string& s) {
-  if (s.empty()) return false;
+  if (s.empty() || s.size() > 18) return false;
   std::size_t i = (s[0] == '-' || s[0] == '+') ? 1 : 0;
   return i < s.size() && std::all_of(s.begin() + static_cast<long>(i), s.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
 }
@@ -193,6 +194,9 @@ Dataset load_dataset(const DataConfig& c, Labels labels) {
     for (const auto& t : r.tags)
       if (std::find(names.begin(), names.end(), t) == names.end()) names.push_back(t);
   }
+  if ((labelled || words) && names.size() < 2)
+    throw std::runtime_error(c.path + ": " + (words ? "the tags" : "column '" + c.label_column + "'") + " hold" + (words ? "" : "s") +
+                             (names.empty() ? " no label" : " a single label ('" + names[0] + "')") + ": a classifier needs at least two");
   bool numeric = std::all_of(names.begin(), names.end(), is_integer);
   std::sort(names.begin(), names.end(), [&](const std::string& a, const std::string& b) {
     return numeric ? std::stoll(a) < std::stoll(b) : a < b;

@@ -53,4 +53,10 @@ CATCH_TEST_CASE("datasets from CSV and JSONL: labels, seeded split, errors with 
   CATCH_CHECK_THROWS_WITH(load_dataset(c), Catch::Contains("record 3 has 1 fields"));
   c.path = write(dir, "nocol.csv", "sentence,label\na,1\n");
   CATCH_CHECK_THROWS_WITH(load_dataset(c), Catch::Contains("no column 'text'"));
+  // One class is nothing to learn (it trained to a loss of 0 and "accuracy 1").
+  c.path = write(dir, "one.csv", "text,label\na,1\nb,1\nc,1\n");
+  CATCH_CHECK_THROWS_WITH(load_dataset(c), Catch::EndsWith("one.csv: column 'label' holds a single label ('1'): a classifier needs at least two"));
+  // Integer labels too long for 64 bits sort as text instead of failing in the conversion.
+  c.path = write(dir, "long.csv", "text,label\na,123456789012345678901\nb,2\nc,2\n");
+  CATCH_CHECK(load_dataset(c).label_names == std::vector<std::string>{"123456789012345678901", "2"});
 }
