@@ -90,6 +90,20 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   };
   tokenize(data_.train, train_ids_, train_prompt_);
   tokenize(data_.test, test_ids_, test_prompt_);
+  if (causal()) {
+    // Truncation cuts from the end, so a long prompt can leave an example nothing to
+    // predict: say how many, and refuse a split where none is left (it trained on 0 tokens
+    // and reported a perplexity of 1).
+    struct Part { const char* name; const std::vector<std::vector<std::int64_t>>& ids; const std::vector<std::int64_t>& prompt; };
+    for (const auto& [split, ids, prompt] : {Part{"training", train_ids_, train_prompt_}, Part{"test", test_ids_, test_prompt_}}) {
+      std::size_t empty = 0;
+      for (std::size_t i = 0; i < ids.size(); ++i) empty += static_cast<std::size_t>(prompt[i]) >= ids[i].size();
+      const std::string what = std::to_string(empty) + " of " + std::to_string(ids.size()) + " " + split + " examples keep no '" +
+                               config_.data.text_column + "' token after their prompt at max_length = " + std::to_string(max_length);
+      if (empty == ids.size()) throw std::runtime_error(config_.data.path + ": " + what + ": raise max_length or shorten the prompts");
+      if (empty > 0) spdlog::warn("{}: {}; they add nothing to the loss", config_.data.path, what);
+    }
+  }
   if (seq2seq()) {
     for (const auto& e : data_.train) train_target_.push_back(tokenizer_->encode(e.target, max_length));
     for (const auto& e : data_.test) test_target_.push_back(tokenizer_->encode(e.target, max_length));

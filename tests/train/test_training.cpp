@@ -114,6 +114,20 @@ CATCH_TEST_CASE("a max_length past a learned position table is refused before tr
   CATCH_CHECK_NOTHROW(Session(config_in(dir, body(128)), test::registry()));
 }
 
+CATCH_TEST_CASE("prompts that truncation leaves no response token after are counted, and a split with none is refused", "[train][causal]") {
+  auto dir = test::temp_dir("long-prompts");
+  auto body = [&](int long_prompts) {
+    std::ofstream data((dir / "pr.jsonl").string());
+    for (int i = 0; i < 20; ++i)
+      data << "{\"prompt\": \"" << (i < long_prompts ? std::string(200, 'a') : std::string("a film")) << "\", \"text\": \" was fine\"}\n";
+    return "[model]\npath = \"" + test::fixture("decoders/gpt2_text") + "\"\n[data]\npath = \"" + (dir / "pr.jsonl").string() +
+           "\"\nprompt_column = \"prompt\"\nmax_length = 16\n[task]\nkind = \"causal-lm\"\n";
+  };
+  CATCH_CHECK_THROWS_WITH(Session(config_in(dir, body(20)), test::registry()),
+                          Catch::Contains("16 of 16 training examples keep no 'text' token after their prompt at max_length = 16"));
+  CATCH_CHECK_NOTHROW(Session(config_in(dir, body(10)), test::registry()));  // some do: a warning, and the run goes on
+}
+
 CATCH_TEST_CASE("causal-LM fine-tuning with LoRA lowers the perplexity of held-out text, with prompts left out of the loss", "[train][causal]") {
   set_threads(0);
   auto dir = test::temp_dir("causal");
