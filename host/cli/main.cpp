@@ -188,7 +188,11 @@ int main(int argc, char** argv) {
       for (auto& m : attached) m->call("detach", [&](Method& x) { x.detach(*model); });
       return 0;
     }
-    if (*eval_cmd) config_path = (fs::path(eval_dir) / "config.toml").string();
+    if (*eval_cmd) {
+      config_path = (fs::path(eval_dir) / "config.toml").string();
+      if (!fs::exists(config_path) || !fs::is_directory(fs::path(eval_dir) / "adapter"))
+        throw std::runtime_error(eval_dir + " is not a run directory of `tessera train` (it needs config.toml and adapter/)");
+    }
     Config config = load_config(config_path);
     check_methods(config, registry);
     if (threads >= 0) config.train.threads = threads;

@@ -38,6 +38,14 @@ cat "$out/err.txt"
 grep -q "run/result.json: test_accuracy must be a number, got \"high\"" "$out/err.txt"
 cp "$out/result.json" "$out/run/result.json"
 
+# A directory that is not a run is named as such.
+set +e
+"$tessera" eval "$out" 2>"$out/err.txt"
+rc=$?
+set -e
+[ "$rc" -eq 1 ]
+grep -q "is not a run directory of \`tessera train\` (it needs config.toml and adapter/)" "$out/err.txt"
+
 printf '[model]\npath = "/x"\n[data]\npath = "/y"\n[train]\nepochs = "two"\n' >"$out/bad.toml"
 set +e
 "$tessera" train "$out/bad.toml" 2>"$out/err.txt"

@@ -96,3 +96,12 @@ CATCH_TEST_CASE("LoRA trains on RoBERTa through the same sites: the loss falls",
   CATCH_CHECK(last < 0.9 * first);
   lora->call("detach", [&](Method& m) { m.detach(*model); });
 }
+
+CATCH_TEST_CASE("LoRA targets that match no site are refused with the targets and the model named", "[plugins][lora]") {
+  auto model = BertModel::load(test::fixture("tiny_roberta"), test::options());
+  auto lora = test::registry().create("lora", "l");
+  const auto* info = test::registry().find("lora");
+  AttachContext ctx{"l", {"c_attn", "q_proj"}, apply_schema(info->params, {}), *model};
+  CATCH_CHECK_THROWS_WITH(lora->call("attach", [&](Method& m) { m.attach(ctx); }),
+                          Catch::Contains("no linear site of this roberta model matches the targets [c_attn, q_proj]"));
+}

@@ -76,7 +76,11 @@ class Lora final : public tessera::Method {
     params_ = p;
     dropout_ = p.number("lora_dropout");
     auto sites = ctx.model.match_linear(ctx.targets);
-    if (sites.empty()) throw std::runtime_error("no linear site matches the targets");
+    if (sites.empty()) {
+      std::string list;
+      for (const auto& t : ctx.targets) list += (list.empty() ? "" : ", ") + t;
+      throw std::runtime_error("no linear site of this " + ctx.model.info().architecture + " model matches the targets [" + list + "]");
+    }
     const auto& opts = ctx.model.info().param_options;  // f32 master weights
     const std::string init = p.text("init_lora_weights");
     at::NoGradGuard no_grad;
