@@ -70,18 +70,16 @@ JsonTokenizer::JsonTokenizer(const Json& j, const std::string& path) {
   // Ids index the tables below and, later, the model's embedding: each must be ≥ 0, and
   // the highest within reach of the number of tokens (a sparse id like 2^40 would size the
   // tables after it).
-  std::int64_t size = 0, tokens = static_cast<std::int64_t>(vocab_.size());
-  auto bad_id = [&](const std::string& token, std::int64_t id) {
-    return std::runtime_error(path + ": token '" + token + "' has id " + std::to_string(id) + ", outside [0, " + std::to_string(2 * tokens + 65536) + ")");
-  };
   const Json added = j.value("added_tokens", Json::array());
-  tokens += static_cast<std::int64_t>(added.size());
-  for (const auto& [t, id] : vocab_) size = std::max(size, id + 1);
-  for (const auto& a : added) size = std::max(size, a.at("id").get<std::int64_t>() + 1);
-  for (const auto& [t, id] : vocab_)
-    if (id < 0 || id >= 2 * tokens + 65536) throw bad_id(t, id);
-  for (const auto& a : added)
-    if (const auto id = a.at("id").get<std::int64_t>(); id < 0 || id >= 2 * tokens + 65536) throw bad_id(a.at("content").get<std::string>(), id);
+  const std::int64_t id_limit = 2 * static_cast<std::int64_t>(vocab_.size() + added.size()) + 65536;
+  auto check_id = [&](const std::string& token, std::int64_t id) {
+    if (id < 0 || id >= id_limit)
+      throw std::runtime_error(path + ": token '" + token + "' has id " + std::to_string(id) + ", outside [0, " + std::to_string(id_limit) + ")");
+    return id;
+  };
+  std::int64_t size = 0;
+  for (const auto& [t, id] : vocab_) size = std::max(size, check_id(t, id) + 1);
+  for (const auto& a : added) size = std::max(size, check_id(a.at("content").get<std::string>(), a.at("id").get<std::int64_t>()) + 1);
   id_to_token_.resize(static_cast<std::size_t>(size));
   special_.assign(static_cast<std::size_t>(size), false);
   for (const auto& [t, id] : vocab_) id_to_token_[static_cast<std::size_t>(id)] = t;
