@@ -9,6 +9,7 @@
 #include "runtime/config.h"
 #include "runtime/plugin_registry.h"
 #include "train/progress.h"
+#include "train/run_dir.h"
 #include "train/session.h"
 #include "train/trainer.h"
 
@@ -109,6 +110,8 @@ int main(int argc, char** argv) {
   train_cmd->add_option("config", config_path, "TOML config")->required();
   train_cmd->add_option("--run-dir", run_dir, "run directory (default: [output] dir)");
   train_cmd->add_option("--threads", threads, "override [train] threads")->check(CLI::Range(0, 4096));
+  bool overwrite = false;
+  train_cmd->add_flag("--overwrite", overwrite, "replace an earlier run in the run directory (refused without it)");
   auto* eval_cmd = app.add_subcommand("eval", "reload base + adapter of a run and evaluate its test split");
   eval_cmd->add_option("run_dir", eval_dir, "run directory written by `tessera train`")->required()->check(CLI::ExistingDirectory);
   eval_cmd->add_option("--threads", threads, "override [train] threads")->check(CLI::Range(0, 4096));
@@ -200,10 +203,22 @@ int main(int argc, char** argv) {
 
     if (*train_cmd) {
       if (run_dir.empty()) run_dir = config.output_dir;
-      fs::create_directories(run_dir);
+      const auto earlier = earlier_run_entries(run_dir);
+      if (!earlier.empty() && !overwrite) {
+        std::string list;
+        for (const auto& e : earlier) list += (list.empty() ? "" : ", ") + e;
+        throw std::runtime_error(run_dir + " holds an earlier run (" + list + "): pass --overwrite to replace it, or --run-dir to write this one elsewhere");
+      }
       config.output_dir = run_dir;
-      write_file_atomic((fs::path(run_dir) / "config.toml").string(), resolved_toml(config));
+      // Model, data and methods load before anything of an earlier run is touched: a
+      // mistake in this config leaves that run whole.
       Session session(config, registry);
+      if (!earlier.empty()) {
+        spdlog::info("replacing the earlier run in {}", run_dir);
+        clear_earlier_run(run_dir);
+      }
+      fs::create_directories(run_dir);
+      write_file_atomic((fs::path(run_dir) / "config.toml").string(), resolved_toml(config));
       TrainResult r = train(session, run_dir);
       nlohmann::json result = {{"test_accuracy", r.test.accuracy}, {"test_loss", r.test.loss}, {"test_examples", r.test.examples},
                                {"task", config.task.kind},

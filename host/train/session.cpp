@@ -1,9 +1,11 @@
 #include "train/session.h"
 
+#include "model/json_file.h"
 #include "model/safetensors.h"
 #include "model/generate.h"
 #include "runtime/device.h"
 #include "train/head_loss.h"
+#include "train/run_dir.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -277,23 +279,60 @@ std::int64_t Session::trainable_parameter_count() {
 }
 
 void Session::save_adapter(const std::string& dir) {
-  fs::create_directories(dir);
-  nlohmann::json manifest = {{"format", "tessera-adapter"}, {"version", 1}, {"labels", data_.label_names},
-                             {"pooling", config_.task.pooling}, {"architecture", model().info().architecture},
-                             {"task", config_.task.kind}};
-  manifest["methods"] = nlohmann::json::array();
-  for (std::size_t i = 0; i < methods_.size(); ++i) {
-    auto& m = methods_[i];
-    const auto& mc = config_.methods[i];
-    fs::path sub = fs::path(dir) / mc.name;
-    fs::create_directories(sub);
-    auto tensors = m->call("state", [](Method& x) { return x.state(); });
-    save_safetensors((sub / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
-    write_file_atomic((sub / "adapter_config.json").string(), m->call("adapter_config_json", [](Method& x) { return x.adapter_config_json(); }) + "\n");
-    manifest["methods"].push_back({{"plugin", mc.plugin}, {"name", mc.name}, {"targets", mc.targets}, {"dir", mc.name}});
+  // Written whole beside `dir`, then swapped in: the previous epoch's adapter survives a
+  // failed save, and no method folder of an earlier layout lingers.
+  replace_folder(dir, [&](const std::string& out) {
+    nlohmann::json manifest = {{"format", "tessera-adapter"}, {"version", 1}, {"labels", data_.label_names},
+                               {"pooling", config_.task.pooling}, {"architecture", model().info().architecture},
+                               {"task", config_.task.kind}};
+    manifest["methods"] = nlohmann::json::array();
+    for (std::size_t i = 0; i < methods_.size(); ++i) {
+      auto& m = methods_[i];
+      const auto& mc = config_.methods[i];
+      fs::path sub = fs::path(out) / mc.name;
+      fs::create_directories(sub);
+      auto tensors = m->call("state", [](Method& x) { return x.state(); });
+      save_safetensors((sub / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
+      write_file_atomic((sub / "adapter_config.json").string(), m->call("adapter_config_json", [](Method& x) { return x.adapter_config_json(); }) + "\n");
+      manifest["methods"].push_back({{"plugin", mc.plugin}, {"name", mc.name}, {"targets", mc.targets}, {"dir", mc.name}});
+    }
+    if (!head().empty()) save_safetensors((fs::path(out) / "head.safetensors").string(), head(), {{"format", "pt"}});
+    write_file_atomic((fs::path(out) / "tessera.json").string(), manifest.dump(2) + "\n");
+  });
+}
+
+void Session::check_manifest(const std::string& dir) {
+  // tessera.json says what the adapter was trained for. Loading it into another setup would
+  // not always fail on a shape: a label set of the same size in another order reads the
+  // head's rows as other classes.
+  const std::string path = (fs::path(dir) / "tessera.json").string();
+  if (!fs::exists(path)) throw std::runtime_error(path + ": missing (an adapter folder written by `tessera train` has one)");
+  const nlohmann::json j = read_json_file(path);
+  const JsonFields f(j, path);
+  auto quoted = [](const std::string& x) { return "\"" + x + "\""; };
+  if (f.string_or("format", "") != "tessera-adapter") f.fail("format", "must be \"tessera-adapter\"");
+  auto same = [&](const char* key, const std::string& now, const char* what) {
+    const std::string was = f.string_or(key, now);
+    if (was != now) f.fail(key, "is " + quoted(was) + ", but " + what + " is " + quoted(now));
+  };
+  same("task", config_.task.kind, "the run's task");
+  same("architecture", model().info().architecture, "the model's architecture");
+  auto list = [](const std::vector<std::string>& v) {
+    std::string out;
+    for (const auto& x : v) out += (out.empty() ? "" : ", ") + x;
+    return "[" + out + "]";
+  };
+  try {
+    const auto labels = j.value("labels", std::vector<std::string>{});
+    if (labels != data_.label_names)
+      f.fail("labels", "are " + list(labels) + ", but the data now gives " + list(data_.label_names) + ": the head would read them as other classes");
+    std::vector<std::string> was, now;
+    for (const auto& m : j.value("methods", nlohmann::json::array())) was.push_back(m.at("name").get<std::string>() + " (" + m.at("plugin").get<std::string>() + ")");
+    for (const auto& m : config_.methods) now.push_back(m.name + " (" + m.plugin + ")");
+    if (was != now) f.fail("methods", "are " + list(was) + ", but the run's config has " + list(now));
+  } catch (...) {
+    rethrow_naming(path);
   }
-  if (!head().empty()) save_safetensors((fs::path(dir) / "head.safetensors").string(), head(), {{"format", "pt"}});
-  write_file_atomic((fs::path(dir) / "tessera.json").string(), manifest.dump(2) + "\n");
 }
 
 void Session::load_adapter(const std::string& dir) {
@@ -303,6 +342,7 @@ void Session::load_adapter(const std::string& dir) {
     for (const auto& n : file->names()) out[n] = file->tensor(n);
     return out;
   };
+  check_manifest(dir);
   at::NoGradGuard no_grad;
   for (std::size_t i = 0; i < methods_.size(); ++i) {
     fs::path file = fs::path(dir) / config_.methods[i].name / "adapter_model.safetensors";

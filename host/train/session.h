@@ -86,9 +86,12 @@ class Session {
   // The adapter directory: tessera.json, head.safetensors, and per method instance
   // <name>/adapter_config.json + <name>/adapter_model.safetensors (HF PEFT layout).
   void save_adapter(const std::string& dir);
+  // Refuses, naming tessera.json, an adapter trained for another task, architecture,
+  // label set or list of methods.
   void load_adapter(const std::string& dir);
 
  private:
+  void check_manifest(const std::string& dir);
   Config config_;
   std::unique_ptr<BertModel> encoder_;
   std::unique_ptr<DecoderModel> decoder_;

@@ -38,6 +38,49 @@ cat "$out/err.txt"
 grep -q "run/result.json: test_accuracy must be a number, got \"high\"" "$out/err.txt"
 cp "$out/result.json" "$out/run/result.json"
 
+# Training into a directory that holds a run is refused without --overwrite; with it, a
+# config that fails to load leaves the earlier run whole (eval still reproduces it).
+set +e
+"$tessera" --log-level warn train "$out/run.toml" --run-dir "$out/run" 2>"$out/err.txt"
+rc=$?
+set -e
+cat "$out/err.txt"
+[ "$rc" -eq 1 ]
+grep -q "run holds an earlier run (config.toml, metrics.jsonl, result.json, report.md, adapter/): pass --overwrite to replace it" "$out/err.txt"
+sed 's|^path = "${TESSERA_MODEL_DIR}"|path = "/nonexistent/model"|' "$out/run.toml" >"$out/broken.toml"
+set +e
+"$tessera" --log-level warn train "$out/broken.toml" --run-dir "$out/run" --overwrite 2>"$out/err.txt"
+rc=$?
+set -e
+[ "$rc" -eq 1 ]
+"$tessera" eval "$out/run" | grep -q "reproduces the accuracy recorded at training time"
+
+# The adapter's manifest is checked against the run: labels in another order (the head's
+# rows would be read as other classes) are refused, naming tessera.json.
+manifest="$out/run/adapter/tessera.json"
+cp "$manifest" "$out/tessera.json"
+"$TESSERA_VENV/bin/python" - "$manifest" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+m["labels"] = m["labels"][::-1]
+json.dump(m, open(sys.argv[1], "w"))
+PY
+set +e
+"$tessera" eval "$out/run" 2>"$out/err.txt"
+rc=$?
+set -e
+cat "$out/err.txt"
+[ "$rc" -eq 1 ]
+grep -q 'adapter/tessera.json: labels are \[1, 0\], but the data now gives \[0, 1\]' "$out/err.txt"
+cp "$out/tessera.json" "$manifest"
+
+# --overwrite replaces the run whole: a renamed method leaves no folder of the old name.
+sed 's|^\[methods.params\]|name = "q_and_v"\n[methods.params]|' "$out/run.toml" >"$out/renamed.toml"
+"$tessera" --log-level warn train "$out/renamed.toml" --run-dir "$out/run" --overwrite
+[ -d "$out/run/adapter/q_and_v" ] && [ ! -e "$out/run/adapter/lora" ] && [ ! -e "$out/run/adapter.partial" ]
+[ "$(grep -c '"event":"eval"' "$out/run/metrics.jsonl")" -eq 1 ]
+"$tessera" eval "$out/run" | grep -q "reproduces the accuracy recorded at training time"
+
 # A directory that is not a run is named as such.
 set +e
 "$tessera" eval "$out" 2>"$out/err.txt"

@@ -78,6 +78,32 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
   Tensor logits = reloaded.logits(reloaded.batch(Split::Test, order, 0, order.size()));
   CATCH_CHECK(at::equal(logits, logits_after));
 
+  // The manifest must describe this run: another method list, or none, is refused by name.
+  const std::string manifest = c.output_dir + "/adapter/tessera.json";
+  auto load_error = [&] {
+    try {
+      reloaded.load_adapter(c.output_dir + "/adapter");
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  std::ifstream in(manifest);
+  auto j = nlohmann::json::parse(in);
+  in.close();
+  auto edited = j;
+  edited["methods"][0]["name"] = "other";
+  std::ofstream(manifest) << edited.dump();
+  CATCH_CHECK(load_error() == manifest + ": methods are [other (lora)], but the run's config has [lora (lora)]");
+  edited = j;
+  edited["task"] = "causal-lm";
+  std::ofstream(manifest) << edited.dump();
+  CATCH_CHECK(load_error() == manifest + ": task is \"causal-lm\", but the run's task is \"sequence-classification\"");
+  std::filesystem::remove(manifest);
+  CATCH_CHECK(load_error() == manifest + ": missing (an adapter folder written by `tessera train` has one)");
+  std::ofstream(manifest) << j.dump();
+  CATCH_CHECK(load_error().empty());
+
   // The saved LoRA folder is HF PEFT's format: peft loads it and computes what we compute.
   const std::string peft_out = c.output_dir + "/peft_hidden.safetensors";
   const std::string cmd = std::string(TESSERA_VENV_PYTHON) + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_forward.py " + c.output_dir +
