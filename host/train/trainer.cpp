@@ -145,7 +145,7 @@ TrainResult train(Session& s, const std::string& run_dir) {
   const auto start = clock::now();
   constexpr std::int64_t kUntimedSteps = 3;  // allocator and kernel warm-up, left out of examples/s
   double timed_seconds = 0;
-  std::int64_t step = 0, timed_examples = 0;
+  std::int64_t step = 0, timed_examples = 0, epochs_saved = 0;
   s.model().train(true);
   for (std::int64_t epoch = 0; epoch < cfg.epochs && step < total; ++epoch) {
     const auto batches = epoch_batches(s, epoch);
@@ -171,9 +171,27 @@ TrainResult train(Session& s, const std::string& run_dir) {
       opt.zero_grad();
       loss.backward();
       for (auto& m : s.methods()) m->call("after_backward", [](Method& x) { x.after_backward(); });
-      if (cfg.max_grad_norm > 0) clip_grad_norm(all_params, cfg.max_grad_norm);
+      const Tensor norm = cfg.max_grad_norm > 0 ? clip_grad_norm(all_params, cfg.max_grad_norm) : Tensor();
+      // One transfer reads the loss (and the gradient norm when clipping computed it); a
+      // nan or inf stops the run before the optimizer writes it into the weights, so the
+      // adapter saved at the last finished epoch stays the last good one.
+      const Tensor read = (norm.defined() ? at::stack({loss.detach().to(at::kDouble).reshape({}), norm.to(loss.device(), at::kDouble)})
+                                          : loss.detach().to(at::kDouble).reshape({1}))
+                              .cpu();
+      const double l = read[0].item<double>();
+      const double g = norm.defined() ? read[1].item<double>() : 0.0;
+      if (!std::isfinite(l) || !std::isfinite(g)) {
+        auto show = [](double x) { return std::isnan(x) ? std::string("nan") : fmt::format("{}", x); };  // not "-nan"
+        const std::string what = std::isfinite(l) ? "the gradient norm is " + show(g) : "the loss is " + show(l);
+        log_metric({{"event", "diverged"}, {"epoch", epoch + 1}, {"step", step + 1}, {"reason", what}});
+        throw std::runtime_error(fmt::format(
+            "training diverged at step {} (epoch {}): {}; stopped before the update (lr {:g} at this step: a lower [train] lr, or "
+            "max_grad_norm, may help). {}",
+            step + 1, epoch + 1, what, base_lr[0] * factor,
+            epochs_saved > 0 ? "The adapter of the last finished epoch stays in " + (fs::path(run_dir) / "adapter").string()
+                             : std::string("No epoch had finished: nothing was saved")));
+      }
       opt.step();
-      const double l = loss.item<double>();
 
       const double dt = std::chrono::duration<double>(clock::now() - t0).count();
       const auto B = batch.ids.size(0);
@@ -199,6 +217,7 @@ TrainResult train(Session& s, const std::string& run_dir) {
       log_metric({{"event", "eval"}, {"epoch", epoch + 1}, {"step", step}, {"accuracy", ev.accuracy}, {"loss", ev.loss}});
     }
     s.save_adapter((fs::path(run_dir) / "adapter").string());
+    ++epochs_saved;
     result.test = ev;
   }
   s.model().train(false);

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include <fstream>
+#include <iterator>
 
 using namespace tessera;
 
@@ -114,6 +115,47 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
   Tensor theirs = test::read_tensors(peft_out).at("hidden");
   CATCH_CHECK(test::max_abs_diff_tokens(ours, theirs, ref["attention_mask"]) < 1e-4);
   CATCH_CHECK(test::max_abs_diff_tokens(ours, ref["hidden"], ref["attention_mask"]) > 1e-6);  // the adapter is not a no-op
+}
+
+CATCH_TEST_CASE("a run whose loss turns nan stops at that step, before the update, and names it", "[train][minilm]") {
+  set_threads(0);
+  auto dir = test::temp_dir("train-diverge");
+  // lora_alpha = 1e300 is inf in f32: s·B·A·x is 0·inf = nan at the first step.
+  Config c = config_in(dir, R"([model]
+path = "${TESSERA_MODEL_DIR}"
+[data]
+path = "${TESSERA_DATA_DIR}/polarity.csv"
+max_length = 32
+limit = 100
+[train]
+epochs = 1
+batch_size = 8
+max_steps = 3
+[[methods]]
+plugin = "lora"
+targets = ["attn.q"]
+[methods.params]
+lora_alpha = 1e300
+)");
+  Session s(c, test::registry());
+  std::string message;
+  try {
+    train(s, c.output_dir);
+  } catch (const std::exception& e) {
+    message = e.what();
+  }
+  CATCH_CHECK_THAT(message, Catch::Matchers::StartsWith("training diverged at step 1 (epoch 1): the loss is nan; stopped before the update"));
+  CATCH_CHECK_THAT(message, Catch::Matchers::EndsWith("No epoch had finished: nothing was saved"));
+  // The optimizer never ran: LoRA's B is still its zero initialisation, the head its own.
+  for (auto& [name, t] : s.methods()[0]->call("trainable", [](Method& x) { return x.trainable(); })) {
+    CATCH_INFO(name);
+    CATCH_CHECK(at::isfinite(t).all().item<bool>());
+    if (name.find("lora_B") != std::string::npos) CATCH_CHECK(t.abs().max().item<double>() == 0.0);
+  }
+  CATCH_CHECK_FALSE(std::filesystem::exists(c.output_dir + "/adapter"));
+  std::ifstream metrics(c.output_dir + "/metrics.jsonl");
+  std::string all((std::istreambuf_iterator<char>(metrics)), std::istreambuf_iterator<char>());
+  CATCH_CHECK_THAT(all, Catch::Matchers::Contains(R"("event":"diverged")"));
 }
 
 CATCH_TEST_CASE("a short real LoRA run beats the frozen-encoder baseline", "[train][slow][minilm]") {
