@@ -1,8 +1,10 @@
 #include "train/dataset.h"
 
 #include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -197,6 +199,21 @@ Dataset load_dataset(const DataConfig& c, Labels labels) {
   if ((labelled || words) && names.size() < 2)
     throw std::runtime_error(c.path + ": " + (words ? "the tags" : "column '" + c.label_column + "'") + " hold" + (words ? "" : "s") +
                              (names.empty() ? " no label" : " a single label ('" + names[0] + "')") + ": a classifier needs at least two");
+  // A label per example (or nearly): a classifier cannot learn classes it sees once. When
+  // those labels are also longer than the texts, the two columns are swapped in the header
+  // or the config, and the run would train one class per sentence: refused, else warned.
+  if (labelled && names.size() >= 10 && 2 * names.size() > raw.size()) {
+    double label_chars = 0, text_chars = 0;
+    for (const auto& r : raw) label_chars += static_cast<double>(r.label.size()), text_chars += static_cast<double>(r.text.size());
+    const auto n = static_cast<double>(raw.size());
+    const std::string counted = c.path + ": column '" + c.label_column + "' holds " + std::to_string(names.size()) + " distinct labels in " +
+                                std::to_string(raw.size()) + " examples";
+    if (label_chars > text_chars)
+      throw std::runtime_error(counted + ", longer than the texts of column '" + c.text_column + "' (" + std::to_string(std::lround(label_chars / n)) +
+                               " against " + std::to_string(std::lround(text_chars / n)) +
+                               " characters on average): are the two columns swapped? ([data] text_column, label_column)");
+    spdlog::warn("{}: most classes have a single example to learn from", counted);
+  }
   bool numeric = std::all_of(names.begin(), names.end(), is_integer);
   std::sort(names.begin(), names.end(), [&](const std::string& a, const std::string& b) {
     return numeric ? std::stoll(a) < std::stoll(b) : a < b;

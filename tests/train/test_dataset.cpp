@@ -59,4 +59,16 @@ CATCH_TEST_CASE("datasets from CSV and JSONL: labels, seeded split, errors with 
   // Integer labels too long for 64 bits sort as text instead of failing in the conversion.
   c.path = write(dir, "long.csv", "text,label\na,123456789012345678901\nb,2\nc,2\n");
   CATCH_CHECK(load_dataset(c).label_names == std::vector<std::string>{"123456789012345678901", "2"});
+  // A header that swaps the two columns' names: the sentences became labels, one class each.
+  std::string swapped = "label,text\n", unique = "text,label\n";
+  for (int i = 0; i < 12; ++i) {
+    swapped += "a sentence about film number " + std::to_string(i) + "," + std::to_string(i % 2) + "\n";
+    unique += "a sentence about film number " + std::to_string(i) + ",class" + std::to_string(i) + "\n";
+  }
+  c.path = write(dir, "swapped.csv", swapped);
+  CATCH_CHECK_THROWS_WITH(load_dataset(c), Catch::EndsWith("swapped.csv: column 'label' holds 12 distinct labels in 12 examples, longer than the texts of column "
+                                                          "'text' (30 against 1 characters on average): are the two columns swapped? ([data] text_column, label_column)"));
+  // As many short labels as texts is odd, not wrong (a warning): it loads.
+  c.path = write(dir, "unique.csv", unique);
+  CATCH_CHECK(load_dataset(c).label_names.size() == 12);
 }
