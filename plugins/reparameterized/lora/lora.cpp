@@ -7,6 +7,7 @@
 // Unmerged, the update is a parallel branch of the linear site; merging folds s·B·A
 // into the base weight (an explicit step) and removes the branch.
 #include <tessera/dropout.h>
+#include <tessera/low_rank.h>
 #include <tessera/plugin.h>
 
 #include <ATen/ATen.h>
@@ -203,8 +204,8 @@ class Lora final : public tessera::Method {
       const Adapter* ad = &a;  // adapters_ does not grow after attach
       a.site->add_branch(instance_, [this, ad](const Tensor& x) {  // x: (..., in) -> (..., out)
         Tensor h = dropout_ > 0 ? tessera::dropout(x, dropout_, model_->training()) : x;
-        // A bf16 model computes in bf16; the f32 masters get their gradients through the cast.
-        return at::linear(at::linear(h, ad->A.to(h.scalar_type())), ad->B.to(h.scalar_type())) * ad->scaling;
+        // A bf16 model computes in bf16; the f32 masters get their gradients in f32.
+        return tessera::low_rank(h, ad->A, ad->B, ad->scaling);
       });
     }
   }
