@@ -184,12 +184,12 @@ TrainResult train(Session& s, const std::string& run_dir) {
         auto show = [](double x) { return std::isnan(x) ? std::string("nan") : fmt::format("{}", x); };  // not "-nan"
         const std::string what = std::isfinite(l) ? "the gradient norm is " + show(g) : "the loss is " + show(l);
         log_metric({{"event", "diverged"}, {"epoch", epoch + 1}, {"step", step + 1}, {"reason", what}});
-        throw std::runtime_error(fmt::format(
-            "training diverged at step {} (epoch {}): {}; stopped before the update (lr {:g} at this step: a lower [train] lr, or "
-            "max_grad_norm, may help). {}",
-            step + 1, epoch + 1, what, base_lr[0] * factor,
-            epochs_saved > 0 ? "The adapter of the last finished epoch stays in " + (fs::path(run_dir) / "adapter").string()
-                             : std::string("No epoch had finished: nothing was saved")));
+        // Before any update the learning rate cannot be the cause: say where else to look.
+        const std::string hint = step == 0 ? "It came before any update, so not from the learning rate: look at the model's dtype, the data or a method's parameters."
+                                           : fmt::format("lr was {:g} at this step: a lower [train] lr, or max_grad_norm, may help.", base_lr[0] * factor);
+        throw std::runtime_error(fmt::format("training diverged at step {} (epoch {}): {}; stopped before the update. {} {}", step + 1, epoch + 1, what, hint,
+                                             epochs_saved > 0 ? "The adapter of the last finished epoch stays in " + (fs::path(run_dir) / "adapter").string()
+                                                              : std::string("No epoch had finished: nothing was saved.")));
       }
       opt.step();
 

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <stdexcept>
 
 namespace {
@@ -18,9 +19,9 @@ class Probe final : public tessera::Method {
     return {{
         {"kind", ParamType::String, std::string("branch"), "which intervention to install", std::nullopt, std::nullopt,
          {"weight_delta", "input_scale", "output_scale", "branch", "param_delta", "sequential", "parallel", "gate", "prefix",
-          "score_hook", "prompt", "tap", "router", "throw"}},
+          "score_hook", "prompt", "tap", "router", "throw", "nan_loss"}},
         {"value", ParamType::Float, 1.0, "the constant of the intervention", std::nullopt, std::nullopt, {}},
-        {"length", ParamType::Int, std::int64_t{2}, "prompt or prefix length", 1, 64, {}},
+        {"length", ParamType::Int, std::int64_t{2}, "prompt or prefix length; nan_loss: the 0-based step from which the loss is nan", 1, 64, {}},
     }};
   }
 
@@ -31,6 +32,7 @@ class Probe final : public tessera::Method {
     const std::int64_t len = ctx.params.integer("length");
     auto& model = ctx.model;
     if (kind == "throw") throw std::runtime_error("probe refuses to attach");
+    if (kind == "nan_loss") nan_from_ = len;  // extra_loss() turns the loss nan from that step on
     if (kind == "weight_delta" || kind == "input_scale" || kind == "output_scale" || kind == "branch") {
       for (auto* s : model.match_linear(ctx.targets)) {
         const auto out = s->out_features(), in = s->in_features();
@@ -97,6 +99,12 @@ class Probe final : public tessera::Method {
     if (embedding_) embedding_->remove(instance_);
   }
 
+  void on_step(const tessera::StepInfo& info) override { step_ = info.step; }
+  Tensor extra_loss() override {
+    if (nan_from_ < 0 || step_ < nan_from_) return {};
+    return at::full({}, std::numeric_limits<double>::quiet_NaN());
+  }
+
   tessera::NamedTensors trainable() override { return {}; }
   // The last tapped hidden state, so a test can read what the tap saw.
   tessera::NamedTensors state() override { return tapped_.defined() ? tessera::NamedTensors{{"tapped", tapped_}} : tessera::NamedTensors{}; }
@@ -105,6 +113,7 @@ class Probe final : public tessera::Method {
 
  private:
   std::string instance_;
+  std::int64_t nan_from_ = -1, step_ = 0;
   std::vector<tessera::LinearSite*> linears_;
   std::vector<tessera::ParameterSite*> params_;
   std::vector<tessera::SublayerSite*> sublayers_;

@@ -28,6 +28,22 @@ Config config_in(const std::filesystem::path& dir, const std::string& body) {
   return c;
 }
 
+// [model] and [data] of a run on the real encoder and polarity data.
+std::string polarity(std::int64_t max_length, std::int64_t limit) {
+  return "[model]\npath = \"${TESSERA_MODEL_DIR}\"\n[data]\npath = \"${TESSERA_DATA_DIR}/polarity.csv\"\nmax_length = " +
+         std::to_string(max_length) + "\nlimit = " + std::to_string(limit) + "\n";
+}
+
+// What train() throws; empty when it finishes.
+std::string train_error(Session& s, const std::string& run_dir) {
+  try {
+    train(s, run_dir);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return {};
+}
+
 Config small_config(const std::string& name, bool with_lora, std::int64_t limit, std::int64_t max_steps) {
   auto dir = test::temp_dir(name);
   std::string body = R"([model]
@@ -121,13 +137,7 @@ CATCH_TEST_CASE("a run whose loss turns nan stops at that step, before the updat
   set_threads(0);
   auto dir = test::temp_dir("train-diverge");
   // lora_alpha = 1e300 is inf in f32: s·B·A·x is 0·inf = nan at the first step.
-  Config c = config_in(dir, R"([model]
-path = "${TESSERA_MODEL_DIR}"
-[data]
-path = "${TESSERA_DATA_DIR}/polarity.csv"
-max_length = 32
-limit = 100
-[train]
+  Config c = config_in(dir, polarity(32, 100) + R"([train]
 epochs = 1
 batch_size = 8
 max_steps = 3
@@ -138,14 +148,10 @@ targets = ["attn.q"]
 lora_alpha = 1e300
 )");
   Session s(c, test::registry());
-  std::string message;
-  try {
-    train(s, c.output_dir);
-  } catch (const std::exception& e) {
-    message = e.what();
-  }
+  const std::string message = train_error(s, c.output_dir);
   CATCH_CHECK_THAT(message, Catch::Matchers::StartsWith("training diverged at step 1 (epoch 1): the loss is nan; stopped before the update"));
-  CATCH_CHECK_THAT(message, Catch::Matchers::EndsWith("No epoch had finished: nothing was saved"));
+  CATCH_CHECK_THAT(message, Catch::Matchers::Contains("It came before any update, so not from the learning rate"));
+  CATCH_CHECK_THAT(message, Catch::Matchers::EndsWith("No epoch had finished: nothing was saved."));
   // The optimizer never ran: LoRA's B is still its zero initialisation, the head its own.
   for (auto& [name, t] : s.methods()[0]->call("trainable", [](Method& x) { return x.trainable(); })) {
     CATCH_INFO(name);
@@ -156,6 +162,32 @@ lora_alpha = 1e300
   std::ifstream metrics(c.output_dir + "/metrics.jsonl");
   std::string all((std::istreambuf_iterator<char>(metrics)), std::istreambuf_iterator<char>());
   CATCH_CHECK_THAT(all, Catch::Matchers::Contains(R"("event":"diverged")"));
+}
+
+CATCH_TEST_CASE("a run that diverges after an epoch keeps that epoch's adapter and names the learning rate", "[train][minilm]") {
+  set_threads(0);
+  auto dir = test::temp_dir("train-diverge-later");
+  // 60 training examples at batch 16: 4 steps an epoch; the probe's loss turns nan at step 5.
+  Config c = config_in(dir, polarity(16, 75) + R"([train]
+epochs = 2
+batch_size = 16
+lr = 1e-3
+[[methods]]
+plugin = "probe"
+targets = ["attn.q"]
+[methods.params]
+kind = "nan_loss"
+length = 5
+)");
+  Session s(c, test::registry());
+  const std::string message = train_error(s, c.output_dir);
+  CATCH_CHECK_THAT(message, Catch::Matchers::StartsWith("training diverged at step 6 (epoch 2): the loss is nan; stopped before the update. lr was "));
+  CATCH_CHECK_THAT(message, Catch::Matchers::EndsWith("The adapter of the last finished epoch stays in " + c.output_dir + "/adapter"));
+  // That adapter is epoch 1's, and it reloads.
+  Session reloaded(c, test::registry());
+  reloaded.load_adapter(c.output_dir + "/adapter");
+  auto head = test::read_tensors(c.output_dir + "/adapter/head.safetensors");
+  CATCH_CHECK(at::isfinite(head.at("classifier.weight")).all().item<bool>());
 }
 
 CATCH_TEST_CASE("a short real LoRA run beats the frozen-encoder baseline", "[train][slow][minilm]") {
