@@ -327,7 +327,11 @@ void Session::check_manifest(const std::string& dir) {
     if (labels != data_.label_names)
       f.fail("labels", "are " + list(labels) + ", but the data now gives " + list(data_.label_names) + ": the head would read them as other classes");
     std::vector<std::string> was, now;
-    for (const auto& m : j.value("methods", nlohmann::json::array())) was.push_back(m.at("name").get<std::string>() + " (" + m.at("plugin").get<std::string>() + ")");
+    if (f.has("methods")) {
+      const auto& methods = j.at("methods");  // by reference: errors then name their place, "(/methods/0/name)"
+      if (!methods.is_array()) f.fail("methods", "must be a list, got " + methods.dump());
+      for (const auto& m : methods) was.push_back(m.at("name").get<std::string>() + " (" + m.at("plugin").get<std::string>() + ")");
+    }
     for (const auto& m : config_.methods) now.push_back(m.name + " (" + m.plugin + ")");
     if (was != now) f.fail("methods", "are " + list(was) + ", but the run's config has " + list(now));
   } catch (...) {

@@ -113,6 +113,13 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
   std::ofstream(manifest) << edited.dump();
   CATCH_CHECK(load_error() == manifest + ": methods are [other (lora)], but the run's config has [lora (lora)]");
   edited = j;
+  edited["methods"][0].erase("name");  // errors inside name their place in the file
+  std::ofstream(manifest) << edited.dump();
+  CATCH_CHECK(load_error() == manifest + ": [json.exception.out_of_range.403] (/methods/0) key 'name' not found");
+  edited["methods"] = 5;
+  std::ofstream(manifest) << edited.dump();
+  CATCH_CHECK(load_error() == manifest + ": methods must be a list, got 5");
+  edited = j;
   edited["task"] = "causal-lm";
   std::ofstream(manifest) << edited.dump();
   CATCH_CHECK(load_error() == manifest + ": task is \"causal-lm\", but the run's task is \"sequence-classification\"");
