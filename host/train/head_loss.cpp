@@ -17,6 +17,14 @@ using torch::autograd::variable_list;
 // Rows per chunk: about 8 M logits (32 MB in f32) at a time.
 std::int64_t chunk_rows(std::int64_t vocab) { return std::max<std::int64_t>(1, (std::int64_t{1} << 23) / std::max<std::int64_t>(1, vocab)); }
 
+// log softmax over dim 1 of z (n, V), in z's own memory on the CPU (where it was measured
+// and tested); elsewhere into a new tensor, as no GPU has yet checked here that its kernel
+// may write over its input.
+at::Tensor log_softmax_rows(at::Tensor& z) {
+  if (z.is_cpu()) return at::_log_softmax_out(z, z, 1, /*half_to_float=*/false);
+  return at::_log_softmax(z, 1, /*half_to_float=*/false);
+}
+
 struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
   // h (N, H), w (V, H), b (V) or (0) for none, t (N) -> Σ loss, f32 scalar. (Autograd's
   // input records need a defined tensor in every slot, hence the empty bias.)
@@ -36,7 +44,7 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
       // log softmax in the logits' own memory: one fused kernel, where logsumexp makes a
       // shifted copy and a later exp(z − lse) another pass (8 against 16 ms for 170 rows
       // of a 49 152-word head here).
-      at::_log_softmax_out(z, z, 1, /*half_to_float=*/false);
+      z = log_softmax_rows(z);
       total.sub_(z.gather(1, tc).sum());
       if (!(need_h || need_w || need_b)) continue;
       at::Tensor g = z.exp_();                                     // softmax, in place
@@ -82,7 +90,7 @@ HeadStats head_stats(LinearSite& head, const at::Tensor& hidden, const at::Tenso
     at::Tensor z = head.forward(hidden.narrow(0, s, n)).to(acc);  // (n, V)
     const at::Tensor t = targets.narrow(0, s, n);                   // (n)
     hits.add_(z.argmax(1).eq(t).sum());  // on the logits, before rounding in log softmax could tie two
-    at::_log_softmax_out(z, z, 1, /*half_to_float=*/false);  // in place, as above
+    z = log_softmax_rows(z);
     loss.sub_(z.gather(1, t.unsqueeze(1)).sum());
   }
   return {loss.item<double>(), hits.item<std::int64_t>()};
