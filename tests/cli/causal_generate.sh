@@ -32,6 +32,12 @@ grep -q "reproduces the accuracy recorded at training time" "$out/eval.txt"
 a=$("$tessera" generate --run "$out/run" "the film is" --max-new-tokens 8)
 b=$("$tessera" generate --run "$out/run" "the film is" --max-new-tokens 8)
 [[ "$a" == "the film is"* && "$a" == "$b" ]]
+# Folded into the weights the adapter decodes too (merging itself is held to peft and to
+# the unmerged model in the LoRA and decoder tests; here only rounding differs).
+m=$("$tessera" generate --run "$out/run" "the film is" --max-new-tokens 8 --merge)
+[[ "$m" == "the film is"* ]]
+echo "unmerged: $a"
+echo "merged:   $m"
 c=$("$tessera" generate --model "$model" "the film is" --sample --top-k 20 --seed 7)
 d=$("$tessera" generate --model "$model" "the film is" --sample --top-k 20 --seed 7)
 [[ "$c" == "$d" ]]
