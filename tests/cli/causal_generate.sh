@@ -3,7 +3,7 @@
 # eval reproduces the recorded next-token accuracy, `generate` continues a prompt from
 # the run (greedy twice: the same text; sampled with a seed: repeatable); a T5 answers.
 set -euo pipefail
-tessera=$1 model=$2 out=$3 t5=$4
+tessera=$1 model=$2 out=$3 t5=$4 test_plugins=$5
 rm -rf "$out" && mkdir -p "$out"
 cat >"$out/run.toml" <<TOML
 [model]
@@ -38,6 +38,17 @@ m=$("$tessera" generate --run "$out/run" "the film is" --max-new-tokens 8 --merg
 [[ "$m" == "the film is"* ]]
 echo "unmerged: $a"
 echo "merged:   $m"
+# A method that cannot fold is refused before the first token, by name (the probe test
+# plugin added to a copy of the run).
+cp -r "$out/run" "$out/run2" && mkdir -p "$out/run2/adapter/probe"
+cp "$out/run2/adapter/lora/adapter_model.safetensors" "$out/run2/adapter/probe/"
+printf '\n[[methods]]\nname = "probe"\nplugin = "probe"\ntargets = ["attn.o"]\n' >>"$out/run2/config.toml"
+set +e
+"$tessera" --plugin-dir "$test_plugins" generate --run "$out/run2" "the film is" --merge >"$out/merged.txt" 2>"$out/err.txt"
+rc=$?
+set -e
+cat "$out/err.txt"
+[[ $rc == 1 && ! -s "$out/merged.txt" ]] && grep -q "\-\-merge: method 'probe' (probe) cannot be folded into the weights" "$out/err.txt"
 c=$("$tessera" generate --model "$model" "the film is" --sample --top-k 20 --seed 7)
 d=$("$tessera" generate --model "$model" "the film is" --sample --top-k 20 --seed 7)
 [[ "$c" == "$d" ]]
