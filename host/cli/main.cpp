@@ -189,11 +189,9 @@ int main(int argc, char** argv) {
       // Folded, an adapter costs nothing per token (LoRA's branches were 15–20% of a SmolLM2
       // decoding step); refused, before any token, for a method that cannot fold.
       for (std::size_t i = 0; merge && i < attached.size(); ++i)
-        attached[i]->call("merge", [&](Method& m) {
-          if (!m.mergeable())
-            throw std::runtime_error("--merge: method '" + methods[i].name + "' (" + methods[i].plugin + ") cannot be folded into the weights");
-          m.merge();
-        });
+        if (!attached[i]->call("mergeable", [](Method& m) { return m.mergeable(); }))
+          throw std::runtime_error("--merge: method '" + methods[i].name + "' (" + methods[i].plugin + ") cannot be folded into the weights");
+      for (std::size_t i = 0; merge && i < attached.size(); ++i) attached[i]->call("merge", [](Method& m) { m.merge(); });
       auto prompt_ids = tokenizer->encode(prompt);
       // Nothing to continue (an empty prompt, a tokenizer that adds no BOS): start from the
       // config's bos_token_id, as transformers.generate does without input_ids.
