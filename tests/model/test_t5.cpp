@@ -20,7 +20,11 @@ std::string seq2seq_fixture(const std::string& name) { return test::fixture("seq
 
 NamedTensors& reference() { return test::cached_tensors(seq2seq_fixture("reference.safetensors")); }
 
-std::unique_ptr<T5Model> load(const std::string& name) { return T5Model::load(seq2seq_fixture(name), test::options()); }
+std::unique_ptr<T5Model> load(const std::string& name) {
+  auto m = T5Model::load(seq2seq_fixture(name), test::options());
+  test::perturb_if_asked(*m);
+  return m;
+}
 
 // Next-token loss of the decoder against labels (B, T), -100 ignored, as transformers computes it.
 Tensor seq2seq_loss(const Tensor& logits, const Tensor& labels) {
@@ -30,14 +34,9 @@ Tensor seq2seq_loss(const Tensor& logits, const Tensor& labels) {
 // Relative difference: these checkpoints use large weights (initializer_factor 10).
 double rel_diff(const Tensor& a, const Tensor& b) { return test::max_abs_diff(a, b) / b.abs().max().item<double>(); }
 
-// How far transformers' float32 output lands from its float64 one on the same checkpoint:
-// float32's own error here. A tolerance never sits below twice that, since a GPU's float32
-// kernels (another summation order) round differently within it.
-double f32_spread(NamedTensors& ref, const std::string& key) { return test::max_abs_diff(ref[key], ref[key + ".f64"]); }
-
 }  // namespace
 
-CATCH_TEST_CASE("T5 and T5 v1.1 equal transformers: encoder states, logits and loss", "[model][t5]") {
+CATCH_TEST_CASE("T5 and T5 v1.1 equal transformers: encoder states, logits and loss", "[model][t5][parity]") {
   auto& ref = reference();
   const auto& ids = ref["input_ids"];
   const auto& mask = ref["attention_mask"];
@@ -47,21 +46,14 @@ CATCH_TEST_CASE("T5 and T5 v1.1 equal transformers: encoder states, logits and l
     CATCH_CHECK(model->ignored_tensors().empty());
     at::NoGradGuard no_grad;
     Encoded enc = model->encode(ids, mask);
-    const double de = test::max_abs_diff_tokens(enc.hidden, ref[name + ".encoder"], mask);
+    TESSERA_CHECK_PARITY(test::parity(enc.hidden, ref, name + ".encoder", mask));
     Tensor logits = model->logits(model->decode(ref[name + ".decoder_input_ids"], enc));
-    const double dl = rel_diff(logits, ref[name + ".logits"]);
-    const double loss = ref[name + ".loss"].item<double>();
-    const double tol_e = std::max(1e-4, 2 * f32_spread(ref, name + ".encoder"));
-    const double tol_l = std::max(1e-5, 2 * f32_spread(ref, name + ".logits") / ref[name + ".logits"].abs().max().item<double>());
-    // A loss near 1400 has float32 steps of 1.2e-4: a few of those, or the spread.
-    const double tol_loss = std::max({1e-4, 2 * f32_spread(ref, name + ".loss"), 4 * 1.1920929e-7 * std::abs(loss)});
-    CATCH_INFO("encoder max |ours - transformers| " << de << " (tolerance " << tol_e << "), logits relative " << dl << " (" << tol_l << ")");
-    CATCH_CHECK(de < tol_e);
-    CATCH_CHECK(dl < tol_l);
-    CATCH_CHECK(std::abs(seq2seq_loss(logits, ref["labels"]).item<double>() - loss) < tol_loss);
+    TESSERA_CHECK_PARITY(test::parity(logits, ref, name + ".logits"));
+    const auto loss_parity = [&](const std::string& what, double ours) { return test::parity(what, ours, ref[name + ".loss"], ref[name + ".loss.f64"]); };
+    TESSERA_CHECK_PARITY(loss_parity("loss", seq2seq_loss(logits, ref["labels"]).item<double>()));
     auto [rows, next] = labelled_rows(model->head_input(model->decode(ref[name + ".decoder_input_ids"], enc)), ref["labels"]);
     const double fused = (head_loss_sum(model->head(), rows, next) / static_cast<double>(next.size(0))).item<double>();
-    CATCH_CHECK(std::abs(fused - loss) < tol_loss);
+    TESSERA_CHECK_PARITY(loss_parity("fused head loss", fused));
   }
 }
 
@@ -97,7 +89,7 @@ CATCH_TEST_CASE("T5 sites: canonical names per stack, PEFT's q/v targets resolve
   CATCH_CHECK(model->sublayer_sites().size() == 2 * 2 + 3 * 2);
 }
 
-CATCH_TEST_CASE("LoRA on T5 equals peft (q, v in both stacks and wo) and trains", "[model][t5][lora]") {
+CATCH_TEST_CASE("LoRA on T5 equals peft (q, v in both stacks and wo) and trains", "[model][t5][lora][parity]") {
   auto& ref = reference();
   auto model = load("t5");
   const auto dir = seq2seq_fixture("t5_lora");
@@ -107,7 +99,7 @@ CATCH_TEST_CASE("LoRA on T5 equals peft (q, v in both stacks and wo) and trains"
   auto logits = [&] { return model->logits(model->decode(ref["t5.decoder_input_ids"], model->encode(ids, mask))); };
   {
     at::NoGradGuard no_grad;
-    CATCH_CHECK(rel_diff(logits(), ref["t5.lora_logits"]) < 1e-5);
+    TESSERA_CHECK_PARITY(test::parity(logits(), ref, "t5.lora_logits"));
     CATCH_CHECK(rel_diff(logits(), ref["t5.logits"]) > 1e-3);
   }
   // A few SGD steps on the adapter lower the loss.

@@ -8,7 +8,7 @@
 
 using namespace tessera;
 
-CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora][minilm]") {
+CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora][minilm][parity]") {
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   for (const std::string variant : {"lora_basic", "lora_rs_patterns"}) {
     CATCH_INFO("variant " << variant);
@@ -30,18 +30,19 @@ CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora][minilm
     const auto& ids = ref["input_ids"];
     const auto& mask = ref["attention_mask"];
     Tensor unmerged = model->forward(ids, mask).hidden;
-    CATCH_CHECK(test::max_abs_diff_tokens(unmerged, ref[variant + ".hidden"], ref["attention_mask"]) < 1e-4);
+    TESSERA_CHECK_PARITY(test::parity(unmerged, ref, variant + ".hidden", mask));
     CATCH_CHECK(test::max_abs_diff_tokens(unmerged, ref["hidden"], ref["attention_mask"]) > 1e-2);  // the adapter really changes the output
 
     lora->call("merge", [](Method& m) { m.merge(); });
-    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, ref[variant + ".merged_hidden"], ref["attention_mask"]) < 1e-4);
+    // peft's merged model against the truth, which merging leaves as it was (make_fixtures.py).
+    TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, variant + ".merged_hidden", mask));
     lora->call("unmerge", [](Method& m) { m.unmerge(); });
-    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, ref[variant + ".hidden"], ref["attention_mask"]) < 1e-4);
+    TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, variant + ".hidden", mask));
     lora->call("detach", [&](Method& m) { m.detach(*model); });
   }
 }
 
-CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's config", "[plugins][lora][minilm]") {
+CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's config", "[plugins][lora][minilm][parity]") {
   auto model = test::load_minilm();
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   auto lora = test::registry().create("lora", "l");
@@ -53,10 +54,12 @@ CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's 
   for (const auto& [k, t] : trainable) {
     CATCH_CHECK(t.requires_grad());
     if (k.find("lora_B") != std::string::npos) CATCH_CHECK(t.abs().sum().item<double>() == 0);  // B = 0
-    if (k.find("lora_A") != std::string::npos) CATCH_CHECK(t.abs().max().item<double>() <= 1.0 / std::sqrt(384.0));  // Kaiming bound
+    // Kaiming bound, as float32 holds it: the bound itself rounds up (0.0510310382 against
+    // 0.0510310363), and a draw at it is legal (seen with MKL_CBWR=COMPATIBLE).
+    if (k.find("lora_A") != std::string::npos) CATCH_CHECK(t.abs().max().item<double>() <= static_cast<float>(1.0 / std::sqrt(384.0)));
   }
   at::NoGradGuard no_grad;
-  CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ref["input_ids"], ref["attention_mask"]).hidden, ref["hidden"], ref["attention_mask"]) < 1e-4);
+  TESSERA_CHECK_PARITY(test::parity(model->forward(ref["input_ids"], ref["attention_mask"]).hidden, ref, "hidden", ref["attention_mask"]));
   auto cfg = nlohmann::json::parse(lora->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
   CATCH_CHECK(cfg["peft_type"] == "LORA");
   CATCH_CHECK(cfg["r"] == 4);
