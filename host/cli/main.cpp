@@ -93,6 +93,30 @@ std::unique_ptr<MethodInstance> attach_with_state(const PluginRegistry& reg, con
   return inst;
 }
 
+// A run's method whose plugin is not found now: said with where it came from at training
+// time (adapter/tessera.json), so the fix is plain — a plugin outside the directory beside
+// the binary needs --plugin-dir (or TESSERA_PLUGIN_PATH) again.
+void refuse_missing_plugins(const std::string& run, const Config& config, const PluginRegistry& registry) {
+  const fs::path manifest = fs::path(run) / "adapter" / "tessera.json";
+  for (const auto& m : config.methods) {
+    if (registry.find(m.plugin) != nullptr) continue;
+    std::string was, dir = "DIR";
+    if (fs::exists(manifest)) try {
+        const auto j = read_json_file(manifest.string());
+        for (const auto& e : j.value("methods", nlohmann::json::array()))
+          if (e.is_object() && e.value("name", "") == m.name && e.contains("plugin_file")) {
+            const std::string file = e.value("plugin_file", std::string());
+            was = " (at training time version " + e.value("plugin_version", std::string("?")) + " from " + file + ")";
+            dir = fs::path(file).parent_path().string();
+          }
+      } catch (...) {
+        rethrow_naming(manifest.string());
+      }
+    throw std::runtime_error(run + ": method '" + m.name + "' needs plugin '" + m.plugin + "'" + was +
+                             ", which is not among the plugins found: pass --plugin-dir " + dir + " (before `eval`), or set TESSERA_PLUGIN_PATH");
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -102,6 +126,9 @@ int main(int argc, char** argv) {
   std::vector<std::string> plugin_dirs;
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
   app.add_option("--plugin-dir", plugin_dirs, "extra plugin directory (repeatable; searched after the one beside the binary)");
+  bool allow_insecure_plugins = false;
+  app.add_flag("--allow-insecure-plugins", allow_insecure_plugins,
+               "load plugin files that users other than their owner and root can write to (refused by default)");
 
   auto* plugins_cmd = app.add_subcommand("plugins", "list the plugins found and the ones refused");
   std::string config_path, run_dir, eval_dir;
@@ -147,6 +174,7 @@ int main(int argc, char** argv) {
 
   try {
     PluginRegistry registry;
+    registry.allow_insecure(allow_insecure_plugins);
     registry.scan(PluginRegistry::search_path(fs::path("/proc/self/exe").string(), plugin_dirs));
     if (*plugins_cmd) {
       print_plugins(registry);
@@ -207,6 +235,7 @@ int main(int argc, char** argv) {
         throw std::runtime_error(eval_dir + " is not a run directory of `tessera train` (it needs config.toml and adapter/)");
     }
     Config config = load_config(config_path);
+    if (*eval_cmd) refuse_missing_plugins(eval_dir, config, registry);
     check_methods(config, registry);
     if (threads >= 0) config.train.threads = threads;
     set_threads(config.train.threads);

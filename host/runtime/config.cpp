@@ -264,7 +264,9 @@ Config load_config(const std::string& path) {
   }
   if (const toml::node* n = root.get("methods")) {
     const toml::array* arr = n->as_array();
-    if (arr == nullptr || !arr->is_array_of_tables()) throw ConfigError(pos_of(path, *n), "'methods' must be an array of tables ([[methods]])");
+    // An empty list is a run without methods (the frozen baseline writes `methods = []`).
+    if (arr == nullptr || (!arr->empty() && !arr->is_array_of_tables()))
+      throw ConfigError(pos_of(path, *n), "'methods' must be an array of tables ([[methods]])");
     std::set<std::string> names;
     for (std::size_t i = 0; i < arr->size(); ++i) {
       MethodConfig m = read_method(path, *arr->get(i)->as_table(), i);

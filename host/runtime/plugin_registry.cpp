@@ -4,6 +4,8 @@
 
 #include <boost/dll/shared_library.hpp>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -84,11 +86,30 @@ void PluginRegistry::scan(const std::vector<std::string>& directories) {
   }
 }
 
+std::string insecure_reason(const std::string& path) {
+  const fs::path file(path);
+  for (const fs::path& p : {file, file.parent_path().empty() ? fs::path(".") : file.parent_path()}) {
+    struct stat st {};
+    if (::stat(p.c_str(), &st) != 0) return "cannot stat " + p.string();
+    const char* what = p == file ? "the file" : "its directory";
+    if (st.st_uid != 0 && st.st_uid != ::geteuid())
+      return fmt::format("{} {} is owned by uid {}, neither root nor this user", what, p.string(), st.st_uid);
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0)
+      return fmt::format("{} {} is writable by {} (mode {:o}): another user could replace the code; chmod go-w it, or pass "
+                         "--allow-insecure-plugins",
+                         what, p.string(), (st.st_mode & S_IWOTH) ? "every user" : "its group", st.st_mode & 07777);
+  }
+  return "";
+}
+
 void PluginRegistry::load(const std::string& path) {
   auto refuse = [&](const std::string& why) {
     spdlog::warn("plugin {} refused: {}", path, why);
     refused_.push_back({path, why});
   };
+  // Before the library is opened: loading it already runs its constructors.
+  if (!allow_insecure_)
+    if (std::string why = insecure_reason(path); !why.empty()) return refuse(why);
   auto lib = std::make_shared<boost::dll::shared_library>();
   try {
     lib->load(path, boost::dll::load_mode::rtld_lazy | boost::dll::load_mode::rtld_local);

@@ -83,6 +83,10 @@ class PluginRegistry {
   static std::vector<std::string> search_path(const std::string& exe_path, const std::vector<std::string>& plugin_dirs);
 
   void scan(const std::vector<std::string>& directories);
+  // Plugins are code: a file, or its directory, that users other than its owner and root
+  // can write to is refused (as ssh refuses such keys) unless this is set
+  // (`--allow-insecure-plugins`).
+  void allow_insecure(bool on) { allow_insecure_ = on; }
   // Loads one library file; refusals are recorded, never thrown.
   void load(const std::string& path);
 
@@ -101,7 +105,12 @@ class PluginRegistry {
   std::vector<PluginInfo> plugins_;
   std::vector<Loaded> loaded_;  // parallel to plugins_
   std::vector<RefusedPlugin> refused_;
+  bool allow_insecure_ = false;
 };
+
+// Why a plugin file may not be trusted ("" when it may): writable by group or others, or
+// owned by another user than root or the one running the host — the file or its directory.
+std::string insecure_reason(const std::string& path);
 
 // Whether a descriptor may be used by this host; the reason when not.
 bool compatible(const tessera_plugin_descriptor& d, std::string* reason);

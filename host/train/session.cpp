@@ -117,6 +117,7 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
     AttachContext ctx{m.name, m.targets, m.checked, model()};
     inst->call("attach", [&](Method& method) { method.attach(ctx); });
     methods_.push_back(std::move(inst));
+    plugins_.push_back(*registry.find(m.plugin));
   }
   if (causal() || seq2seq()) return;
   std::int64_t L = config_.task.num_labels ? config_.task.num_labels : static_cast<std::int64_t>(data_.label_names.size());
@@ -294,7 +295,9 @@ void Session::save_adapter(const std::string& dir) {
       auto tensors = m->call("state", [](Method& x) { return x.state(); });
       save_safetensors((sub / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
       write_file_atomic((sub / "adapter_config.json").string(), m->call("adapter_config_json", [](Method& x) { return x.adapter_config_json(); }) + "\n");
-      manifest["methods"].push_back({{"plugin", mc.plugin}, {"name", mc.name}, {"targets", mc.targets}, {"dir", mc.name}});
+      // Where the plugin came from: `tessera eval` names it when it is not found again.
+      manifest["methods"].push_back({{"plugin", mc.plugin}, {"name", mc.name}, {"targets", mc.targets}, {"dir", mc.name},
+                                     {"plugin_version", plugins_[i].version}, {"plugin_file", plugins_[i].path}});
     }
     if (!head().empty()) save_safetensors((fs::path(out) / "head.safetensors").string(), head(), {{"format", "pt"}});
     write_file_atomic((fs::path(out) / "tessera.json").string(), manifest.dump(2) + "\n");

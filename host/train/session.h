@@ -104,6 +104,7 @@ class Session {
   std::vector<std::vector<std::int64_t>> train_target_, test_target_;  // seq2seq
   std::vector<std::vector<std::int64_t>> train_tags_, test_tags_;      // token-classification, per token
   std::vector<std::unique_ptr<MethodInstance>> methods_;
+  std::vector<PluginInfo> plugins_;  // each method's plugin as found, for the adapter's manifest
   Tensor head_w_;  // (L, H)
   Tensor head_b_;  // (L)
 };

@@ -144,8 +144,8 @@ TrainResult train(Session& s, const std::string& run_dir) {
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   constexpr std::int64_t kUntimedSteps = 3;  // allocator and kernel warm-up, left out of examples/s
-  double timed_seconds = 0;
-  std::int64_t step = 0, timed_examples = 0, epochs_saved = 0;
+  double timed_seconds = 0, all_seconds = 0;
+  std::int64_t step = 0, timed_examples = 0, all_examples = 0, epochs_saved = 0;
   s.model().train(true);
   for (std::int64_t epoch = 0; epoch < cfg.epochs && step < total; ++epoch) {
     const auto batches = epoch_batches(s, epoch);
@@ -196,6 +196,7 @@ TrainResult train(Session& s, const std::string& run_dir) {
       const double dt = std::chrono::duration<double>(clock::now() - t0).count();
       const auto B = batch.ids.size(0);
       if (step >= kUntimedSteps) timed_seconds += dt, timed_examples += B;
+      all_seconds += dt, all_examples += B;
       epoch_seconds += dt;
       epoch_seen += B;
       loss_avg = epoch_step == 0 ? l : 0.9 * loss_avg + 0.1 * l;
@@ -223,7 +224,10 @@ TrainResult train(Session& s, const std::string& run_dir) {
   s.model().train(false);
   result.steps = step;
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  result.examples_per_s = timed_examples > 0 ? static_cast<double>(timed_examples) / timed_seconds : 0.0;
+  // A run no longer than the warm-up is timed over all its steps rather than reported as 0.
+  result.examples_per_s = timed_examples > 0 ? static_cast<double>(timed_examples) / timed_seconds
+                          : all_examples > 0 ? static_cast<double>(all_examples) / all_seconds
+                                             : 0.0;
   return result;
 }
 

@@ -2,7 +2,7 @@
 # `tessera train` then `tessera eval` on a small real run: eval must reproduce the
 # recorded test accuracy exactly. A bad config must end in one line and exit 1.
 set -euo pipefail
-tessera=$1 out=$2
+tessera=$1 out=$2 test_plugins=$3
 rm -rf "$out" && mkdir -p "$out"
 cat >"$out/run.toml" <<TOML
 [model]
@@ -24,6 +24,9 @@ TOML
 "$tessera" --log-level warn train "$out/run.toml" --run-dir "$out/run"
 "$tessera" eval "$out/run" | tee "$out/eval.txt"
 grep -q "reproduces the accuracy recorded at training time" "$out/eval.txt"
+# A run no longer than the timing's warm-up (3 steps) still reports its speed.
+grep -Eq '"examples_per_s": [1-9]' "$out/run/result.json"
+grep -Eq '^\| examples/s \(training\) \| [1-9]' "$out/run/report.md"
 # A result.json without the accuracy is said so; one with a wrong value is named, exit 1.
 cp "$out/run/result.json" "$out/result.json"
 sed -i '/"test_accuracy"/d' "$out/run/result.json"
@@ -98,4 +101,22 @@ cat "$out/err.txt"
 [ "$rc" -eq 1 ]
 [ "$(wc -l <"$out/err.txt")" -eq 1 ]
 grep -q "bad.toml:6:10: 'epochs' must be an integer" "$out/err.txt"
+# The frozen baseline (no methods: the config written back holds `methods = []`) evaluates.
+sed '/^\[\[methods\]\]/,$d' "$out/run.toml" >"$out/frozen.toml"
+"$tessera" --log-level warn train "$out/frozen.toml" --run-dir "$out/frozen"
+grep -q '^methods = \[\]' "$out/frozen/config.toml"
+"$tessera" eval "$out/frozen" | grep -q "reproduces the accuracy recorded at training time"
+
+# A run trained with a plugin from --plugin-dir: eval without it names the plugin, where it
+# came from and the option; with it, the run reproduces.
+printf '\n[[methods]]\nplugin = "probe"\ntargets = ["attn.o"]\n[methods.params]\nvalue = 0.5\n' >>"$out/frozen.toml"
+"$tessera" --log-level warn --plugin-dir "$test_plugins" train "$out/frozen.toml" --run-dir "$out/probe"
+set +e
+"$tessera" eval "$out/probe" 2>"$out/err.txt"
+rc=$?
+set -e
+cat "$out/err.txt"
+[ "$rc" -eq 1 ]
+grep -q "method 'probe' needs plugin 'probe' (at training time version [0-9.]* from $test_plugins/[^ ]*), which is not among the plugins found: pass --plugin-dir $test_plugins (before \`eval\`)" "$out/err.txt"
+"$tessera" --plugin-dir "$test_plugins" eval "$out/probe" | grep -q "reproduces the accuracy recorded at training time"
 echo "cli train/eval: ok"

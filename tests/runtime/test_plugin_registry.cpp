@@ -47,3 +47,31 @@ CATCH_TEST_CASE("search path: beside the binary, then --plugin-dir, then TESSERA
   CATCH_CHECK(dirs[2] == "/env/a");
   CATCH_CHECK(dirs[3] == "/env/b");
 }
+
+CATCH_TEST_CASE("a plugin file or directory that others can write to is refused, unless allowed", "[runtime][plugins]") {
+  namespace fs = std::filesystem;
+  const auto dir = test::temp_dir("insecure-plugins");
+  const auto file = dir / "tessera-plugin-probe.so";
+  fs::copy_file(fs::path(TESSERA_TEST_PLUGIN_DIR) / "tessera-plugin-probe.so", file);
+  fs::permissions(dir, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec | fs::perms::others_read | fs::perms::others_exec);
+  fs::permissions(file, fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read);
+  auto scan = [&](bool allow) {
+    auto reg = std::make_unique<PluginRegistry>();
+    reg->allow_insecure(allow);
+    reg->scan({dir.string()});
+    return reg;
+  };
+  CATCH_CHECK(scan(false)->find("probe") != nullptr);  // 0644 in a 0755 directory: trusted
+
+  fs::permissions(file, fs::perms::group_write, fs::perm_options::add);
+  auto reg = scan(false);
+  CATCH_CHECK(reg->find("probe") == nullptr);
+  CATCH_CHECK_THAT(reason_for(*reg, "probe"), Catch::Contains("the file " + file.string() + " is writable by its group (mode 664)") &&
+                                                  Catch::Contains("--allow-insecure-plugins"));
+  CATCH_CHECK(scan(true)->find("probe") != nullptr);
+
+  fs::permissions(file, fs::perms::group_write, fs::perm_options::remove);
+  fs::permissions(dir, fs::perms::others_write, fs::perm_options::add);
+  CATCH_CHECK_THAT(reason_for(*scan(false), "probe"), Catch::Contains("its directory " + dir.string() + " is writable by every user (mode 757)"));
+  fs::permissions(dir, fs::perms::others_write, fs::perm_options::remove);
+}
