@@ -1,5 +1,6 @@
 // The `tessera` binary: `plugins`, `train`, `eval`, `generate`. Any error ends in one
 // line on stderr and a non-zero exit; nothing a plugin or a file does aborts the host.
+#include "cli/sites.h"
 #include "model/decoder.h"
 #include "model/generate.h"
 #include "model/json_file.h"
@@ -131,6 +132,10 @@ int main(int argc, char** argv) {
                "load plugin files that users other than their owner and root can write to (refused by default)");
 
   auto* plugins_cmd = app.add_subcommand("plugins", "list the plugins found and the ones refused");
+  std::string sites_model, sites_pattern;
+  auto* sites_cmd = app.add_subcommand("sites", "list a model's sites: what method targets name, with shapes and the interventions each accepts");
+  sites_cmd->add_option("model", sites_model, "Hugging Face model directory")->required()->check(CLI::ExistingDirectory);
+  sites_cmd->add_option("pattern", sites_pattern, "only sites matching this target (\"attn.q\", \"query\", a glob, \"re:<regex>\")");
   std::string config_path, run_dir, eval_dir;
   std::int64_t threads = -1;
   auto* train_cmd = app.add_subcommand("train", "fine-tune as a config file says");
@@ -178,6 +183,10 @@ int main(int argc, char** argv) {
     registry.scan(PluginRegistry::search_path(fs::path("/proc/self/exe").string(), plugin_dirs));
     if (*plugins_cmd) {
       print_plugins(registry);
+      return 0;
+    }
+    if (*sites_cmd) {
+      if (print_sites(sites_model, sites_pattern, std::cout) == 0) throw std::runtime_error("no site of " + sites_model + " matches '" + sites_pattern + "'");
       return 0;
     }
     if (*gen_cmd) {

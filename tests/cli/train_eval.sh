@@ -119,4 +119,17 @@ cat "$out/err.txt"
 [ "$rc" -eq 1 ]
 grep -q "method 'probe' needs plugin 'probe' (at training time version [0-9.]* from $test_plugins/[^ ]*), which is not among the plugins found: pass --plugin-dir $test_plugins (before \`eval\`)" "$out/err.txt"
 "$tessera" --plugin-dir "$test_plugins" eval "$out/probe" | grep -q "reproduces the accuracy recorded at training time"
+# `tessera sites` lists what targets can name: the real MiniLM's 36 linear sites, a pattern's
+# matches with their Hugging Face paths and shapes, the norms' parameters; no match is an error.
+"$tessera" sites "$TESSERA_MODEL_DIR" >"$out/sites.txt"
+[ "$(grep -c '^linear ' "$out/sites.txt")" -eq 36 ]
+grep -q '^parameter  layers.0.attn.norm.weight  encoder.layer.0.attention.output.LayerNorm.weight  (384)  accepts: delta$' "$out/sites.txt"
+"$tessera" sites "$TESSERA_MODEL_DIR" query >"$out/sites.txt"
+[ "$(wc -l <"$out/sites.txt")" -eq 6 ]
+grep -q '^linear  layers.3.attn.q  encoder.layer.3.attention.self.query  384 -> 384, bias  accepts: weight_delta' "$out/sites.txt"
+set +e
+"$tessera" sites "$TESSERA_MODEL_DIR" no_such_site 2>"$out/err.txt"
+rc=$?
+set -e
+[ "$rc" -eq 1 ] && grep -q "matches 'no_such_site'" "$out/err.txt"
 echo "cli train/eval: ok"
