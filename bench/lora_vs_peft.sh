@@ -7,32 +7,12 @@
 # sentence (both sides see the same consecutive batches of the file, unshuffled).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# batch and len: those of bench/lora_config.sh, which writes Tessera's side of the config.
 steps=${1:-30} dtype=${2:-f32} padding=${3:-max_length} batch=32 len=64 threads=$(nproc)
 bash "$root/scripts/build" >/dev/null
 source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
 work=$(mktemp -d)
-cat >"$work/bench.toml" <<TOML
-[model]
-path = "\${TESSERA_MODEL_DIR}"
-dtype = "$dtype"
-[data]
-path = "\${TESSERA_DATA_DIR}/polarity.csv"
-max_length = $len
-padding = "$padding"
-[train]
-epochs = 1
-batch_size = $batch
-threads = $threads
-max_steps = $((steps + 3))
-shuffle = false
-[[methods]]
-plugin = "lora"
-targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
-[methods.params]
-r = 8
-lora_alpha = 16
-lora_dropout = 0.1
-TOML
+bash "$root/bench/lora_config.sh" "$steps" "$dtype" "$padding" "$threads" >"$work/bench.toml"
 py=$TESSERA_VENV/bin/python
 echo "== transformers + peft ($dtype, $threads threads, batch $batch, length $len, padding $padding, $steps timed steps)"
 $py "$root/bench/measure.py" $py "$root/bench/peer_hf_peft.py" --steps "$steps" --batch-size $batch --max-length $len \

@@ -35,6 +35,15 @@ inline std::string decoder_dir() {  // the real SmolLM2-135M-Instruct the set-up
   return d;
 }
 
+// An owner per name for interventions a test installs itself, as the host makes one per
+// method instance (plugin id "test").
+inline OwnerImpl& owner(const std::string& name) {
+  static std::map<std::string, std::shared_ptr<OwnerImpl>> owners;
+  auto& o = owners[name];
+  if (!o) o = OwnerImpl::create("test", name);
+  return *o;
+}
+
 inline std::string fixture(const std::string& rel) { return std::string(TESSERA_FIXTURE_DIR) + "/" + rel; }
 
 // The device the model tests run on: TESSERA_TEST_DEVICE ("cuda", "cuda:1" …), else the
@@ -184,7 +193,7 @@ inline void perturb_if_asked(ModelView& model) {
     const std::string suffix = "layers.0.mlp.down.weight";  // T5's first is the encoder's
     if (n.size() < suffix.size() || n.compare(n.size() - suffix.size(), suffix.size(), suffix) != 0) continue;
     Tensor w = p->base();
-    p->add_delta("perturbation", [w] { return w * 1e-3; });
+    p->add_delta(owner("perturbation"), [w] { return w * 1e-3; });
     return;
   }
   throw std::runtime_error("TESSERA_TEST_PERTURB: no weight named layers.0.…mlp.down.weight in this model");
@@ -213,8 +222,7 @@ inline PluginRegistry& registry() {
 inline std::unique_ptr<MethodInstance> attach_peft_adapter(const std::string& dir, ModelView& model) {
   MethodConfig mc = method_from_peft_dir(dir, registry(), "adapter");
   auto inst = registry().create(mc.plugin, "adapter");
-  AttachContext ctx{"adapter", mc.targets, mc.checked, model};
-  inst->call("attach", [&](Method& m) { m.attach(ctx); });
+  inst->attach(model, mc.targets, mc.checked);
   auto peft_tensors = read_tensors(dir + "/adapter_model.safetensors");
   auto ours = inst->call("state", [](Method& m) { return m.state(); });
   CATCH_CHECK(ours.size() == peft_tensors.size());

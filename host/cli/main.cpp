@@ -39,7 +39,7 @@ std::string number(double x) {
 void print_plugins(const PluginRegistry& reg) {
   std::cout << reg.plugins().size() << " plugin(s) found\n";
   for (const auto& p : reg.plugins()) {
-    std::cout << "\n" << p.id << " " << p.version << "  [" << p.family << "]  " << p.summary << "\n"
+    std::cout << "\n" << p.id << " " << p.version << "  [" << p.family << ", SDK " << TESSERA_SDK_ABI_MAJOR << "." << p.abi_minor << "]  " << p.summary << "\n"
               << "  paper: " << p.paper << "\n  file:  " << p.path << "\n  parameters:\n";
     for (const auto& s : p.params) {
       std::cout << "    " << s.name << " (" << to_string(s.type) << ", default " << format_value(s.default_value);
@@ -85,8 +85,7 @@ std::string report(const Config& c, const TrainResult& r, const std::vector<std:
 std::unique_ptr<MethodInstance> attach_with_state(const PluginRegistry& reg, const MethodConfig& mc, ModelView& model,
                                                   const std::string& state_file) {
   auto inst = reg.create(mc.plugin, mc.name);
-  AttachContext ctx{mc.name, mc.targets, mc.checked, model};
-  inst->call("attach", [&](Method& m) { m.attach(ctx); });
+  inst->attach(model, mc.targets, mc.checked);
   auto file = SafetensorsFile::open(state_file);
   NamedTensors state;
   for (const auto& n : file->names()) state[n] = file->tensor(n);
@@ -235,7 +234,7 @@ int main(int argc, char** argv) {
       if (prompt_ids.empty() && decoder && decoder->config().bos_token_id >= 0) prompt_ids = {decoder->config().bos_token_id};
       auto out = t5 ? generate(*t5, {prompt_ids}, gen) : generate(*decoder, {prompt_ids}, gen);
       std::cout << (t5 ? "" : prompt) << tokenizer->decode(out[0]) << "\n";
-      for (auto& m : attached) m->call("detach", [&](Method& x) { x.detach(*model); });
+      for (auto& m : attached) m->detach(*model);
       return 0;
     }
     if (*eval_cmd) {

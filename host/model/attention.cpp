@@ -10,7 +10,7 @@
 namespace tessera {
 
 Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& keep, double dropout, bool training,
-              const AttentionSite& site, const Tensor& bias, std::optional<double> scale, bool causal) {
+              const AttentionSiteImpl& site, const Tensor& bias, std::optional<double> scale, bool causal) {
   const double p = training ? dropout : 0.0;
   // The plain path: score hooks must see the scores; and on the CPU, torch's fused kernels
   // have no dropout (with p > 0 it runs this same path itself, with torch's dropout).

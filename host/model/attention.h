@@ -5,7 +5,7 @@
 // tessera::dropout).
 #pragma once
 
-#include <tessera/sites.h>
+#include <tessera/internal/sites_impl.h>
 
 #include <optional>
 
@@ -18,6 +18,6 @@ namespace tessera {
 // bias: an additive score bias broadcastable to (B, nh, T, S) (T5's relative positions);
 // scale: the factor on QKᵀ, 1/√hd when absent (T5 uses 1).
 Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& keep, double dropout, bool training,
-              const AttentionSite& site, const Tensor& bias = {}, std::optional<double> scale = std::nullopt, bool causal = false);
+              const AttentionSiteImpl& site, const Tensor& bias = {}, std::optional<double> scale = std::nullopt, bool causal = false);
 
 }  // namespace tessera

@@ -68,7 +68,7 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
   m->token_type_ = m->param("embed.token_type.weight", prefix + "embeddings.token_type_embeddings.weight", load("embeddings.token_type_embeddings.weight", {c.type_vocab_size, H}));
   m->embed_norm_w_ = m->param("embed.norm.weight", prefix + "embeddings.LayerNorm.weight", load("embeddings.LayerNorm.weight", {H}));
   m->embed_norm_b_ = m->param("embed.norm.bias", prefix + "embeddings.LayerNorm.bias", load("embeddings.LayerNorm.bias", {H}));
-  m->embed_site_ = std::make_unique<EmbeddingSite>("embed", prefix + "embeddings", H);
+  m->embed_site_ = std::make_unique<EmbeddingSiteImpl>("embed", prefix + "embeddings", H);
 
   for (std::int64_t i = 0; i < c.num_layers; ++i) {
     const std::string cn = "layers." + std::to_string(i), hf = "encoder.layer." + std::to_string(i);

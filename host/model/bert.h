@@ -46,12 +46,12 @@ class BertModel final : public SiteModel {
 
  private:
   struct Layer {
-    LinearSite *q, *k, *v, *o, *up, *down;
-    ParameterSite *attn_norm_w, *attn_norm_b, *mlp_norm_w, *mlp_norm_b;
-    SublayerSite* attn;
-    SublayerSite* mlp;
-    AttentionSite* attention;
-    LayerSite* layer;
+    LinearSiteImpl *q, *k, *v, *o, *up, *down;
+    ParameterSiteImpl *attn_norm_w, *attn_norm_b, *mlp_norm_w, *mlp_norm_b;
+    SublayerSiteImpl* attn;
+    SublayerSiteImpl* mlp;
+    AttentionSiteImpl* attention;
+    LayerSiteImpl* layer;
   };
   BertModel() = default;
   // prefix: the attention site's (K, V) for this batch, undefined when it has none.
@@ -60,10 +60,10 @@ class BertModel final : public SiteModel {
   Tensor layer_forward(const Layer& l, const Tensor& h, const Tensor& mask, const KV& prefix, const Unpadded* u) const;
 
   BertConfig config_;
-  ParameterSite *word_ = nullptr, *position_ = nullptr, *token_type_ = nullptr, *embed_norm_w_ = nullptr, *embed_norm_b_ = nullptr;
+  ParameterSiteImpl *word_ = nullptr, *position_ = nullptr, *token_type_ = nullptr, *embed_norm_w_ = nullptr, *embed_norm_b_ = nullptr;
   std::vector<Layer> layers_;
-  LinearSite *mlm_dense_ = nullptr, *head_ = nullptr;  // masked-LM head, when the checkpoint has one
-  ParameterSite *mlm_norm_w_ = nullptr, *mlm_norm_b_ = nullptr;
+  LinearSiteImpl *mlm_dense_ = nullptr, *head_ = nullptr;  // masked-LM head, when the checkpoint has one
+  ParameterSiteImpl *mlm_norm_w_ = nullptr, *mlm_norm_b_ = nullptr;
 };
 
 }  // namespace tessera

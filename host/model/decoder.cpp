@@ -149,7 +149,7 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
   const std::string word = c.gpt2 ? "wte" : "embed_tokens";
   m->word_ = tensor("embed.word.weight", word + ".weight", {V, H});
   if (c.gpt2) m->position_ = tensor("embed.position.weight", "wpe.weight", {c.max_positions, H});
-  m->embed_site_ = std::make_unique<EmbeddingSite>("embed", P + word, H);
+  m->embed_site_ = std::make_unique<EmbeddingSiteImpl>("embed", P + word, H);
 
   for (std::int64_t i = 0; i < c.num_layers; ++i) {
     const std::string cn = "layers." + std::to_string(i), hf = (c.gpt2 ? "h." : "layers.") + std::to_string(i);
@@ -162,7 +162,7 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
     if (c.gpt2) {
       l.qkv = lin("attn.qkv", "attn.c_attn", 3 * H, H, true);
       // q, k, v: row blocks of the fused weight, under HF paths no PEFT target matches.
-      LinearSite** slots[] = {&l.q, &l.k, &l.v};
+      LinearSiteImpl** slots[] = {&l.q, &l.k, &l.v};
       for (std::int64_t k = 0; k < 3; ++k) {
         const std::string name(1, "qkv"[k]);
         auto view = [&](ParameterSite* whole, const char* what) {
@@ -200,7 +200,7 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
   m->final_w_ = tensor("norm.weight", c.gpt2 ? "ln_f.weight" : "norm.weight", {H});
   if (c.gpt2) m->final_b_ = tensor("norm.bias", "ln_f.bias", {H});
   // A tied head shares the embedding's parameter site: one tensor, one set of deltas.
-  ParameterSite* head_w = m->word_;
+  ParameterSiteImpl* head_w = m->word_;
   if (!c.tie_word_embeddings) head_w = m->param("head.weight", "lm_head.weight", file.take("lm_head.weight", {V, H}, options));
   m->head_ = m->linear("head", "lm_head", head_w, nullptr);
   m->ignored_ = file.finish();
@@ -265,7 +265,7 @@ std::pair<Tensor, Tensor> DecoderModel::rope_tables(const Tensor& positions, c10
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
-Tensor DecoderModel::norm(const Tensor& x, ParameterSite* w, ParameterSite* b) const {
+Tensor DecoderModel::norm(const Tensor& x, ParameterSiteImpl* w, ParameterSiteImpl* b) const {
   if (config_.gpt2) return at::layer_norm(x, {config_.hidden_size}, w->value(), b->value(), config_.norm_eps);
   return rms_norm(x, w->value(), config_.norm_eps);
 }

@@ -75,22 +75,22 @@ class DecoderModel final : public SiteModel {
   // zeros at padding when a forward without a cache skipped it (see Unpadded).
   Tensor forward(const Tensor& ids, const Tensor& mask, KVCache* cache = nullptr) const;
   Tensor logits(const Tensor& hidden) const;  // (…, H) -> (…, V) through the head site
-  LinearSite& head() const { return *head_; }
+  LinearSiteImpl& head() const { return *head_; }
   const DecoderConfig& config() const { return config_; }
   // The longest sequence a learned position table serves (GPT-2); 0 = no such limit (rotary).
   std::int64_t max_tokens() const { return config_.gpt2 ? config_.max_positions : 0; }
 
  private:
   struct Layer {
-    LinearSite *qkv = nullptr, *q, *k, *v, *o, *up, *gate = nullptr, *down;
-    ParameterSite *norm1_w, *norm1_b = nullptr, *norm2_w, *norm2_b = nullptr;
-    SublayerSite *attn, *mlp;
-    AttentionSite* attention;
-    LayerSite* layer;
+    LinearSiteImpl *qkv = nullptr, *q, *k, *v, *o, *up, *gate = nullptr, *down;
+    ParameterSiteImpl *norm1_w, *norm1_b = nullptr, *norm2_w, *norm2_b = nullptr;
+    SublayerSiteImpl *attn, *mlp;
+    AttentionSiteImpl* attention;
+    LayerSiteImpl* layer;
     bool sliding = false;
   };
   DecoderModel() = default;
-  Tensor norm(const Tensor& x, ParameterSite* w, ParameterSite* b) const;
+  Tensor norm(const Tensor& x, ParameterSiteImpl* w, ParameterSiteImpl* b) const;
   Tensor mlp(const Layer& l, const Tensor& x) const;
   // prefix: the attention site's (K, V) for this forward (first call only), else undefined.
   Tensor attention(const Layer& l, std::size_t index, const Tensor& x, const Tensor& positions, const Tensor& key_mask,
@@ -99,9 +99,9 @@ class DecoderModel final : public SiteModel {
   std::pair<Tensor, Tensor> rope_tables(const Tensor& positions, c10::ScalarType dtype) const;  // cos, sin (B, 1, T, hd)
 
   DecoderConfig config_;
-  std::vector<std::unique_ptr<ParameterSite>> views_;  // q/k/v blocks of GPT-2's fused weight
-  ParameterSite *word_ = nullptr, *position_ = nullptr, *final_w_ = nullptr, *final_b_ = nullptr;
-  LinearSite* head_ = nullptr;
+  std::vector<std::unique_ptr<ParameterSiteImpl>> views_;  // q/k/v blocks of GPT-2's fused weight
+  ParameterSiteImpl *word_ = nullptr, *position_ = nullptr, *final_w_ = nullptr, *final_b_ = nullptr;
+  LinearSiteImpl* head_ = nullptr;
   Tensor inv_freq_;  // (hd / 2) f32
   std::vector<Layer> layers_;
 };

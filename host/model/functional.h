@@ -35,7 +35,7 @@ inline Activation activation_of(const std::string& act) {
 // A feed-forward block's hidden units: act(up(x)), or act(gate(x)) ∘ up(x) when gated
 // (GLU variants, Shazeer 2020) — each activation and product inside a GEMM's epilogue
 // where the kernel allows (see tessera/dense_linear.h).
-inline at::Tensor ffn_hidden(const LinearSite* gate, const LinearSite& up, const std::string& act, const at::Tensor& x) {
+inline at::Tensor ffn_hidden(const LinearSiteImpl* gate, const LinearSiteImpl& up, const std::string& act, const at::Tensor& x) {
   if (!gate) return up.forward(x, activation_of(act));
   return up.forward(x, Activation::none, gate->forward(x, activation_of(act)));
 }

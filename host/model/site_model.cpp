@@ -1,6 +1,9 @@
 #include "model/site_model.h"
 
+#include <tessera/extensions.h>
+
 #include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
 
 namespace tessera {
 
@@ -21,6 +24,22 @@ Tensor Unpadded::padded(const Tensor& x) const {
   shape.insert(shape.begin(), batch);
   return out.view(shape);
 }
+
+namespace {
+
+void write_log(std::int32_t level, const char* instance, const char* message) {
+  const auto lvl = level <= TESSERA_LOG_DEBUG ? spdlog::level::debug : level == TESSERA_LOG_INFO ? spdlog::level::info : spdlog::level::warn;
+  try {
+    spdlog::log(lvl, "{}: {}", instance ? instance : "?", message ? message : "");
+  } catch (...) {  // a C entry point: nothing escapes into the plugin
+  }
+}
+
+const tessera_host_log_v1 kLog{{sizeof(tessera_host_log_v1), 1}, &write_log};
+
+}  // namespace
+
+SiteModel::SiteModel() { set_extension(TESSERA_EXT_HOST_LOG, &kLog); }
 
 bool SiteModel::token_wise_only() const {
   for (const auto& s : sublayers_)

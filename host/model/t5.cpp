@@ -66,7 +66,7 @@ std::unique_ptr<T5Model> T5Model::load(const std::string& dir, c10::TensorOption
     return m->param(canonical, hf, file.take(hf, shape, options));
   };
   m->shared_ = tensor("embed.word.weight", "shared.weight", {c.vocab_size, d});
-  m->embed_site_ = std::make_unique<EmbeddingSite>("embed", "shared", d);
+  m->embed_site_ = std::make_unique<EmbeddingSiteImpl>("embed", "shared", d);
   // The stacks' own embed_tokens are the shared matrix (stored only by some writers).
   for (const char* tied : {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"})
     if (file.contains(tied)) file.take(tied, {c.vocab_size, d}, options);
@@ -113,7 +113,7 @@ std::unique_ptr<T5Model> T5Model::load(const std::string& dir, c10::TensorOption
   stack("encoder", c.num_layers, m->encoder_);
   stack("decoder", c.num_decoder_layers, m->decoder_);
   // The head is the shared embedding unless the checkpoint stores its own.
-  ParameterSite* head_w = m->shared_;
+  ParameterSiteImpl* head_w = m->shared_;
   if (file.contains("lm_head.weight")) head_w = tensor("head.weight", "lm_head.weight", {c.vocab_size, d});
   m->head_ = m->linear("head", "lm_head", head_w, nullptr);
   m->ignored_ = file.finish();
@@ -129,13 +129,13 @@ std::unique_ptr<T5Model> T5Model::load(const std::string& dir, c10::TensorOption
   return m;
 }
 
-Tensor T5Model::norm(const Tensor& x, ParameterSite* w) const { return rms_norm(x, w->value(), config_.eps); }
+Tensor T5Model::norm(const Tensor& x, ParameterSiteImpl* w) const { return rms_norm(x, w->value(), config_.eps); }
 
 Tensor T5Model::ff(const Block& b, const Tensor& x) const {
   return b.down->forward(tessera::dropout(ffn_hidden(b.gate, *b.up, config_.activation, x), config_.dropout, training_));
 }
 
-Tensor T5Model::position_bias(ParameterSite* table, std::int64_t T, std::int64_t S, std::int64_t offset, bool bidirectional) const {
+Tensor T5Model::position_bias(ParameterSiteImpl* table, std::int64_t T, std::int64_t S, std::int64_t offset, bool bidirectional) const {
   const auto opts = at::TensorOptions().dtype(at::kLong).device(table->base().device());
   Tensor rel = at::arange(S, opts).view({1, S}) - (at::arange(T, opts).view({T, 1}) + offset);  // key − query, (T, S)
   std::int64_t n = config_.buckets;

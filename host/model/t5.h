@@ -49,34 +49,34 @@ class T5Model final : public SiteModel {
   Tensor decode(const Tensor& target_ids, const Encoded& source, Seq2SeqCache* cache = nullptr) const;
   Tensor logits(const Tensor& decoder_hidden) const;  // (…, d) -> (…, V): head(head_input(h))
   Tensor head_input(const Tensor& decoder_hidden) const;  // scaled by d^-½ when the head is tied
-  LinearSite& head() const { return *head_; }
+  LinearSiteImpl& head() const { return *head_; }
   const T5Config& config() const { return config_; }
 
  private:
   struct Attn {
-    LinearSite *q, *k, *v, *o;
-    ParameterSite* norm;
-    SublayerSite* sub;
-    AttentionSite* site;
+    LinearSiteImpl *q, *k, *v, *o;
+    ParameterSiteImpl* norm;
+    SublayerSiteImpl* sub;
+    AttentionSiteImpl* site;
   };
   struct Block {
     Attn self, cross;  // cross: decoder only
-    LinearSite *up, *gate = nullptr, *down;
-    ParameterSite* mlp_norm;
-    SublayerSite* mlp;
-    LayerSite* layer;
+    LinearSiteImpl *up, *gate = nullptr, *down;
+    ParameterSiteImpl* mlp_norm;
+    SublayerSiteImpl* mlp;
+    LayerSiteImpl* layer;
   };
   T5Model() = default;
-  Tensor norm(const Tensor& x, ParameterSite* w) const;
+  Tensor norm(const Tensor& x, ParameterSiteImpl* w) const;
   Tensor ff(const Block& b, const Tensor& x) const;
   // Relative position bias (1, nh, T, S) for queries at offset..offset+T-1 and S keys.
-  Tensor position_bias(ParameterSite* table, std::int64_t T, std::int64_t S, std::int64_t offset, bool bidirectional) const;
+  Tensor position_bias(ParameterSiteImpl* table, std::int64_t T, std::int64_t S, std::int64_t offset, bool bidirectional) const;
   Tensor attention(const Attn& a, const Tensor& x, const Tensor& kv_source, const Tensor& keep, const Tensor& bias,
                    Tensor* cache_k, Tensor* cache_v, bool append) const;
 
   T5Config config_;
-  ParameterSite *shared_ = nullptr, *enc_bias_ = nullptr, *dec_bias_ = nullptr, *enc_final_ = nullptr, *dec_final_ = nullptr;
-  LinearSite* head_ = nullptr;
+  ParameterSiteImpl *shared_ = nullptr, *enc_bias_ = nullptr, *dec_bias_ = nullptr, *enc_final_ = nullptr, *dec_final_ = nullptr;
+  LinearSiteImpl* head_ = nullptr;
   std::vector<Block> encoder_, decoder_;
 };
 

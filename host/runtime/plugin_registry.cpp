@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <sstream>
@@ -17,9 +18,28 @@ namespace fs = std::filesystem;
 
 MethodInstance::MethodInstance(std::shared_ptr<boost::dll::shared_library> lib, const tessera_plugin_descriptor* d, Method* m,
                                std::string instance)
-    : lib_(std::move(lib)), descriptor_(d), method_(m), id_(d->id), instance_(std::move(instance)) {}
+    : lib_(std::move(lib)), descriptor_(d), method_(m), id_(d->id), instance_(std::move(instance)),
+      owner_(OwnerImpl::create(id_, instance_)) {}
 
-MethodInstance::~MethodInstance() { descriptor_->destroy(method_); }  // in the library that allocated it
+MethodInstance::~MethodInstance() {
+  owner_->remove_all();        // closures hold the method's state and code
+  descriptor_->destroy(method_);  // in the library that allocated it
+}
+
+void MethodInstance::attach(ModelView& model, const std::vector<std::string>& targets, const Params& params) {
+  AttachContext ctx{instance_, targets, params, model, *owner_};
+  call("attach", [&](Method& m) { m.attach(ctx); });
+}
+
+void MethodInstance::detach(ModelView& model) {
+  try {
+    call("detach", [&](Method& m) { m.detach(model); });
+  } catch (...) {
+    owner_->remove_all();
+    throw;
+  }
+  owner_->remove_all();
+}
 
 std::string MethodInstance::where(const char* step) const {
   return "plugin '" + id_ + "'" + (instance_.empty() ? "" : " (instance '" + instance_ + "')") + ": " + step + ": ";
@@ -32,13 +52,28 @@ std::string one_line(const std::exception& e) {
   return s;
 }
 
+namespace {
+bool known_family(const char* family) {
+  if (family == nullptr) return false;
+  for (const char* f : {TESSERA_FAMILIES})
+    if (std::strcmp(f, family) == 0) return true;
+  return false;
+}
+}  // namespace
+
 bool compatible(const tessera_plugin_descriptor& d, std::string* reason) {
   std::ostringstream why;
-  if (d.abi_major != TESSERA_SDK_ABI_MAJOR || d.abi_minor > TESSERA_SDK_ABI_MINOR)
-    why << "SDK ABI " << d.abi_major << "." << d.abi_minor << " is not compatible with the host's " << TESSERA_SDK_ABI_MAJOR << "."
-        << TESSERA_SDK_ABI_MINOR << " (needs the same major and a minor not above the host's)";
-  else if (d.struct_size < sizeof(tessera_plugin_descriptor))
-    why << "descriptor is " << d.struct_size << " bytes, expected " << sizeof(tessera_plugin_descriptor);
+  if (d.abi_major != TESSERA_SDK_ABI_MAJOR)
+    why << "built for SDK ABI " << d.abi_major << "." << d.abi_minor << ", the host has " << TESSERA_SDK_ABI_MAJOR << "."
+        << TESSERA_SDK_ABI_MINOR << " (a plugin needs the host's major version)";
+  else if (d.abi_minor > TESSERA_SDK_ABI_MINOR)
+    why << "built for SDK ABI " << d.abi_major << "." << d.abi_minor << ", newer than the host's " << TESSERA_SDK_ABI_MAJOR << "."
+        << TESSERA_SDK_ABI_MINOR << ": it may call what this host lacks; update the host or rebuild the plugin against SDK "
+        << TESSERA_SDK_ABI_MAJOR << "." << TESSERA_SDK_ABI_MINOR;
+  else if (d.struct_size < TESSERA_DESCRIPTOR_SIZE_2_0)
+    why << "descriptor is " << d.struct_size << " bytes, smaller than SDK " << TESSERA_SDK_ABI_MAJOR << ".0's " << TESSERA_DESCRIPTOR_SIZE_2_0;
+  else if (!known_family(d.family))
+    why << "unknown family '" << (d.family ? d.family : "(none)") << "' (one of: additive, partial, reparameterized, hybrid, unified)";
   else if (d.build.torch_version == nullptr || std::string(d.build.torch_version) != TESSERA_TORCH_VERSION)
     why << "built against libtorch " << (d.build.torch_version ? d.build.torch_version : "(none)") << ", the host uses "
         << TESSERA_TORCH_VERSION;
@@ -124,8 +159,8 @@ void PluginRegistry::load(const std::string& path) {
   if (const PluginInfo* first = find(d->id))
     return refuse("duplicate id '" + std::string(d->id) + "', already loaded from " + first->path);
 
-  PluginInfo info{d->id, d->version ? d->version : "", d->family ? d->family : "", d->summary ? d->summary : "",
-                  d->paper ? d->paper : "", path, {}};
+  PluginInfo info{d->id, d->version ? d->version : "", d->family, d->summary ? d->summary : "",
+                  d->paper ? d->paper : "", path, {}, d->abi_minor};
   // Create one method to read its schema: a plugin that cannot even be created is refused now.
   char err[512] = {0};
   void* raw = d->create(err, sizeof err);

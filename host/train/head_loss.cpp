@@ -1,7 +1,7 @@
 #include "train/head_loss.h"
 
 #include <tessera/dense_linear.h>
-#include <tessera/sites.h>
+#include <tessera/internal/sites_impl.h>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -73,14 +73,14 @@ std::pair<at::Tensor, at::Tensor> labelled_rows(const at::Tensor& hidden, const 
   return {hidden.reshape({-1, hidden.size(-1)}).index_select(0, rows), flat_t.index_select(0, rows)};
 }
 
-at::Tensor head_loss_sum(LinearSite& head, const at::Tensor& hidden, const at::Tensor& targets) {
+at::Tensor head_loss_sum(LinearSiteImpl& head, const at::Tensor& hidden, const at::Tensor& targets) {
   if (head.has_interventions())
     return at::cross_entropy_loss(head.forward(hidden).to(at::promote_types(hidden.scalar_type(), at::kFloat)), targets, {}, at::Reduction::Sum);
   const at::Tensor b = head.bias() ? head.bias()->value() : at::empty({0}, hidden.options());
   return ChunkedHeadLoss::apply(hidden, head.weight().value(), b, targets);
 }
 
-HeadStats head_stats(LinearSite& head, const at::Tensor& hidden, const at::Tensor& targets) {
+HeadStats head_stats(LinearSiteImpl& head, const at::Tensor& hidden, const at::Tensor& targets) {
   at::NoGradGuard no_grad;
   const auto acc = at::promote_types(hidden.scalar_type(), at::kFloat);
   at::Tensor loss = at::zeros({}, hidden.options().dtype(acc)), hits = at::zeros({}, targets.options());

@@ -15,20 +15,20 @@
 
 namespace tessera {
 
-class LinearSite;
+class LinearSiteImpl;
 
 // hidden (N, H) rows that each predict one token; targets (N) int64, all real (callers
 // drop ignored positions first, which also saves their share of the head's work).
 // Returns Σ −log softmax(head(hidden))[target] as a scalar (f32, or f64 for an f64 head),
 // differentiable.
-at::Tensor head_loss_sum(LinearSite& head, const at::Tensor& hidden, const at::Tensor& targets);
+at::Tensor head_loss_sum(LinearSiteImpl& head, const at::Tensor& hidden, const at::Tensor& targets);
 
 struct HeadStats {
   double loss_sum = 0;
   std::int64_t correct = 0;  // rows whose most likely token is the target
 };
 // The same sum and the argmax hits, without autograd (evaluation).
-HeadStats head_stats(LinearSite& head, const at::Tensor& hidden, const at::Tensor& targets);
+HeadStats head_stats(LinearSiteImpl& head, const at::Tensor& hidden, const at::Tensor& targets);
 
 // Rows of `hidden` (…, H) and `targets` (…) where the target is not -100, flattened:
 // (N, H), (N).

@@ -114,8 +114,7 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   at::manual_seed(static_cast<std::uint64_t>(config_.train.seed));
   for (auto& m : config_.methods) {
     auto inst = registry.create(m.plugin, m.name);
-    AttachContext ctx{m.name, m.targets, m.checked, model()};
-    inst->call("attach", [&](Method& method) { method.attach(ctx); });
+    inst->attach(model(), m.targets, m.checked);
     methods_.push_back(std::move(inst));
     plugins_.push_back(*registry.find(m.plugin));
   }
@@ -133,7 +132,7 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
 Session::~Session() {
   for (auto& m : methods_) {
     try {
-      m->call("detach", [&](Method& method) { method.detach(model()); });
+      m->detach(model());
     } catch (const std::exception& e) {
       spdlog::warn("{}", e.what());
     }
@@ -227,7 +226,7 @@ std::pair<Tensor, Tensor> head_rows(DecoderModel* decoder, T5Model* t5, const Ba
 Tensor Session::loss(const Batch& b) {
   if (causal() || seq2seq()) {
     auto [h, next] = head_rows(decoder_.get(), t5_.get(), b);
-    LinearSite& head = causal() ? decoder_->head() : t5_->head();
+    LinearSiteImpl& head = causal() ? decoder_->head() : t5_->head();
     return head_loss_sum(head, h, next) / static_cast<double>(std::max<std::int64_t>(1, next.size(0)));
   }
   if (token_classification()) {

@@ -1,5 +1,5 @@
-// Target matching over both names of a site (canonical and Hugging Face).
-#include <tessera/model_view.h>
+// The model view's handle functions, and target matching over both names of a site (canonical and Hugging Face).
+#include <tessera/internal/sites_impl.h>
 
 #include <regex>
 
@@ -29,6 +29,15 @@ std::vector<Site*> pick(const std::vector<Site*>& sites, const std::vector<std::
   return out;
 }
 
+// The handles of the sites an architecture owns.
+template <class Handle, class Impl>
+std::vector<Handle*> handles(const std::vector<std::unique_ptr<Impl>>& owned) {
+  std::vector<Handle*> out;
+  out.reserve(owned.size());
+  for (const auto& p : owned) out.push_back(p.get());
+  return out;
+}
+
 }  // namespace
 
 bool matches(const std::string& target, const std::string& name) {
@@ -45,12 +54,39 @@ bool matches_any(const std::vector<std::string>& targets, const std::string& can
   return false;
 }
 
+ModelViewImpl::ModelViewImpl() = default;
+ModelViewImpl::~ModelViewImpl() = default;
+
+const ModelInfo& ModelView::info() const { return ModelViewImpl::of(*this).info_; }
+bool ModelView::training() const { return ModelViewImpl::of(*this).training_; }
+std::vector<LinearSite*> ModelView::linear_sites() { return handles<LinearSite>(ModelViewImpl::of(*this).linears_); }
+std::vector<SublayerSite*> ModelView::sublayer_sites() { return handles<SublayerSite>(ModelViewImpl::of(*this).sublayers_); }
+std::vector<AttentionSite*> ModelView::attention_sites() { return handles<AttentionSite>(ModelViewImpl::of(*this).attentions_); }
+std::vector<LayerSite*> ModelView::layer_sites() { return handles<LayerSite>(ModelViewImpl::of(*this).layer_sites_); }
+EmbeddingSite* ModelView::embedding_site() { return ModelViewImpl::of(*this).embed_site_.get(); }
+std::vector<ParameterSite*> ModelView::parameter_sites() { return handles<ParameterSite>(ModelViewImpl::of(*this).params_); }
+
+const void* ModelView::extension(const char* id) const {
+  if (id == nullptr) return nullptr;
+  const auto& ext = ModelViewImpl::of(*this).extensions_;
+  auto it = ext.find(id);
+  return it == ext.end() ? nullptr : it->second;
+}
+
 std::vector<LinearSite*> ModelView::match_linear(const std::vector<std::string>& targets) {
   return pick(linear_sites(), targets);
 }
 
 std::vector<SublayerSite*> ModelView::match_sublayers(const std::vector<std::string>& targets) {
   return pick(sublayer_sites(), targets);
+}
+
+std::vector<AttentionSite*> ModelView::match_attention(const std::vector<std::string>& targets) {
+  return pick(attention_sites(), targets);
+}
+
+std::vector<LayerSite*> ModelView::match_layers(const std::vector<std::string>& targets) {
+  return pick(layer_sites(), targets);
 }
 
 std::vector<ParameterSite*> ModelView::match_parameters(const std::vector<std::string>& targets) {

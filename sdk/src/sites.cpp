@@ -1,7 +1,5 @@
-// The fixed execution order of every site kind (see tessera/sites.h).
-#include <tessera/sites.h>
-
-#include <tessera/dense_linear.h>
+// The sites' handles and the fixed execution order of every site kind (see tessera/sites.h).
+#include <tessera/internal/sites_impl.h>
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -13,134 +11,204 @@ namespace tessera {
 namespace {
 
 template <class Fn>
-void drop(Interventions<Fn>& list, const std::string& owner) {
-  list.erase(std::remove_if(list.begin(), list.end(), [&](const auto& i) { return i.owner == owner; }), list.end());
+void erase_owner(Entries<Fn>& list, const OwnerImpl& owner) {
+  list.erase(std::remove_if(list.begin(), list.end(), [&](const auto& e) { return e.owner.get() == &owner; }), list.end());
 }
+
+template <class Fn>
+bool any_on(const Entries<Fn>& list) {
+  return std::any_of(list.begin(), list.end(), [](const auto& e) { return e.on(); });
+}
+
+// α·t, without touching t at α = 1 (the method's own numbers, bit for bit).
+Tensor times(double alpha, const Tensor& t) { return alpha == 1.0 ? t : t * alpha; }
+// 1 + α(s − 1): a multiplicative intervention moved from the identity toward s.
+Tensor toward(double alpha, const Tensor& s) { return alpha == 1.0 ? s : (s - 1) * alpha + 1; }
 
 }  // namespace
 
 // ---- ParameterSite ---------------------------------------------------------------------
 
-ParameterSite::ParameterSite(std::string name, std::string hf_name, Tensor base)
-    : name_(std::move(name)), hf_name_(std::move(hf_name)), base_(std::move(base)) {}
+ParameterSiteImpl::ParameterSiteImpl(std::string name, std::string hf_name, Tensor base)
+    : SiteCore(std::move(name), std::move(hf_name)), base_(std::move(base)) {}
+
+const std::string& ParameterSite::name() const { return ParameterSiteImpl::of(*this).name_; }
+const std::string& ParameterSite::hf_name() const { return ParameterSiteImpl::of(*this).hf_path_; }
+const Tensor& ParameterSite::base() const { return ParameterSiteImpl::of(*this).base_; }
+bool ParameterSite::has_deltas() const { return any_on(ParameterSiteImpl::of(*this).deltas_); }
 
 Tensor ParameterSite::value() const {
-  if (deltas_.empty()) return base_;
-  Tensor v = base_;
-  for (const auto& d : deltas_) v = v + d.fn();
+  const auto& s = ParameterSiteImpl::of(*this);
+  Tensor v = s.base_;
+  for (const auto& d : s.deltas_)
+    if (d.on()) v = v + times(d.alpha(), s.call(d));
   return v;
 }
 
-void ParameterSite::add_delta(std::string owner, TensorThunk delta) { deltas_.push_back({std::move(owner), std::move(delta)}); }
+void ParameterSite::add_delta(const Owner& owner, TensorThunk delta) {
+  auto& s = ParameterSiteImpl::of(*this);
+  s.add(s.deltas_, owner, std::move(delta));
+}
 
 void ParameterSite::fold(const Tensor& d) {
   at::NoGradGuard no_grad;
-  base_.add_(d.to(base_.scalar_type()));
+  Tensor& base = ParameterSiteImpl::of(*this).base_;
+  base.add_(d.to(base.scalar_type()));
 }
 
-void ParameterSite::remove(const std::string& owner) { drop(deltas_, owner); }
+void ParameterSite::remove(const Owner& owner) { ParameterSiteImpl::of(*this).remove_owner(OwnerImpl::of(owner)); }
+void ParameterSiteImpl::drop(const OwnerImpl& owner) { erase_owner(deltas_, owner); }
 
 // ---- LinearSite ------------------------------------------------------------------------
 
-LinearSite::LinearSite(std::string name, std::string hf_path, ParameterSite* weight, ParameterSite* bias)
-    : name_(std::move(name)), hf_path_(std::move(hf_path)), weight_(weight), bias_(bias) {
+LinearSiteImpl::LinearSiteImpl(std::string name, std::string hf_path, ParameterSite* weight, ParameterSite* bias)
+    : SiteCore(std::move(name), std::move(hf_path)), weight_(weight), bias_(bias) {
   if (weight_ == nullptr || weight_->base().dim() != 2) throw std::invalid_argument("linear site " + name_ + " needs a 2-D weight");
 }
 
-std::int64_t LinearSite::in_features() const { return weight_->base().size(1); }
-std::int64_t LinearSite::out_features() const { return weight_->base().size(0); }
+const std::string& LinearSite::name() const { return LinearSiteImpl::of(*this).name_; }
+const std::string& LinearSite::hf_path() const { return LinearSiteImpl::of(*this).hf_path_; }
+std::int64_t LinearSite::in_features() const { return LinearSiteImpl::of(*this).weight_->base().size(1); }
+std::int64_t LinearSite::out_features() const { return LinearSiteImpl::of(*this).weight_->base().size(0); }
+ParameterSite& LinearSite::weight() { return *LinearSiteImpl::of(*this).weight_; }
+ParameterSite* LinearSite::bias() { return LinearSiteImpl::of(*this).bias_; }
 
-void LinearSite::add_weight_delta(std::string owner, TensorThunk d) { weight_deltas_.push_back({std::move(owner), std::move(d)}); }
-void LinearSite::add_input_scale(std::string owner, TensorThunk s) { input_scales_.push_back({std::move(owner), std::move(s)}); }
-void LinearSite::add_output_scale(std::string owner, TensorThunk s) { output_scales_.push_back({std::move(owner), std::move(s)}); }
-void LinearSite::add_branch(std::string owner, TensorMap b) { branches_.push_back({std::move(owner), std::move(b)}); }
+void LinearSite::add_weight_delta(const Owner& o, TensorThunk d) { auto& s = LinearSiteImpl::of(*this); s.add(s.weight_deltas_, o, std::move(d)); }
+void LinearSite::add_input_scale(const Owner& o, TensorThunk v) { auto& s = LinearSiteImpl::of(*this); s.add(s.input_scales_, o, std::move(v)); }
+void LinearSite::add_output_scale(const Owner& o, TensorThunk v) { auto& s = LinearSiteImpl::of(*this); s.add(s.output_scales_, o, std::move(v)); }
+void LinearSite::add_branch(const Owner& o, TensorMap b) { auto& s = LinearSiteImpl::of(*this); s.add(s.branches_, o, std::move(b)); }
+void LinearSite::remove(const Owner& owner) { LinearSiteImpl::of(*this).remove_owner(OwnerImpl::of(owner)); }
 
-void LinearSite::remove(const std::string& owner) {
-  drop(weight_deltas_, owner);
-  drop(input_scales_, owner);
-  drop(output_scales_, owner);
-  drop(branches_, owner);
+bool LinearSite::has_interventions() const {
+  const auto& s = LinearSiteImpl::of(*this);
+  return any_on(s.weight_deltas_) || any_on(s.input_scales_) || any_on(s.output_scales_) || any_on(s.branches_);
 }
 
-Tensor LinearSite::forward(const Tensor& x) const { return forward(x, Activation::none); }
+void LinearSiteImpl::drop(const OwnerImpl& owner) {
+  erase_owner(weight_deltas_, owner);
+  erase_owner(input_scales_, owner);
+  erase_owner(output_scales_, owner);
+  erase_owner(branches_, owner);
+}
 
-Tensor LinearSite::forward(const Tensor& x, Activation act, const Tensor& times) const {  // x: (..., in)
-  Tensor w = weight_->value();                                                         // (out, in)
-  for (const auto& d : weight_deltas_) w = w + d.fn();
+Tensor LinearSiteImpl::forward(const Tensor& x) const { return forward(x, Activation::none); }
+
+Tensor LinearSiteImpl::forward(const Tensor& x, Activation act, const Tensor& times_) const {  // x: (..., in)
+  Tensor w = weight_->value();                                                                 // (out, in)
+  for (const auto& d : weight_deltas_)
+    if (d.on()) w = w + times(d.alpha(), call(d));
   Tensor xin = x;
-  for (const auto& s : input_scales_) xin = xin * s.fn();  // (in) broadcast
+  for (const auto& s : input_scales_)
+    if (s.on()) xin = xin * toward(s.alpha(), call(s));  // (in) broadcast
   const Tensor b = bias_ ? bias_->value() : Tensor();
-  if (output_scales_.empty() && branches_.empty()) return dense_linear(xin, w, b, act, times);  // (..., out)
-  Tensor y = dense_linear(xin, w, b);                   // (..., out)
-  for (const auto& s : output_scales_) y = y * s.fn();  // (out) broadcast
-  for (const auto& br : branches_) y = y + br.fn(x);
-  return activate(act, y, times);
+  if (!any_on(output_scales_) && !any_on(branches_)) return dense_linear(xin, w, b, act, times_);  // (..., out)
+  Tensor y = dense_linear(xin, w, b);  // (..., out)
+  for (const auto& s : output_scales_)
+    if (s.on()) y = y * toward(s.alpha(), call(s));  // (out) broadcast
+  for (const auto& br : branches_)
+    if (br.on()) y = y + times(br.alpha(), call(br, x));
+  return activate(act, y, times_);
 }
 
 // ---- SublayerSite ----------------------------------------------------------------------
 
-SublayerSite::SublayerSite(std::string name, std::string hf_path, std::int64_t hidden_size)
-    : name_(std::move(name)), hf_path_(std::move(hf_path)), hidden_size_(hidden_size) {}
+SublayerSiteImpl::SublayerSiteImpl(std::string name, std::string hf_path, std::int64_t hidden_size)
+    : SiteCore(std::move(name), std::move(hf_path)), hidden_size_(hidden_size) {}
 
-void SublayerSite::add_sequential(std::string owner, TensorMap m) { sequential_.push_back({std::move(owner), std::move(m)}); }
-void SublayerSite::add_parallel(std::string owner, TensorMap m) { parallel_.push_back({std::move(owner), std::move(m)}); }
-void SublayerSite::add_gate(std::string owner, TensorMap g) { gates_.push_back({std::move(owner), std::move(g)}); }
+const std::string& SublayerSite::name() const { return static_cast<const SublayerSiteImpl&>(*this).name_; }
+const std::string& SublayerSite::hf_path() const { return static_cast<const SublayerSiteImpl&>(*this).hf_path_; }
+std::int64_t SublayerSite::hidden_size() const { return static_cast<const SublayerSiteImpl&>(*this).hidden_size_; }
 
-void SublayerSite::remove(const std::string& owner) {
-  drop(sequential_, owner);
-  drop(parallel_, owner);
-  drop(gates_, owner);
+void SublayerSite::add_sequential(const Owner& o, TensorMap m) { auto& s = static_cast<SublayerSiteImpl&>(*this); s.add(s.sequential_, o, std::move(m)); }
+void SublayerSite::add_parallel(const Owner& o, TensorMap m) { auto& s = static_cast<SublayerSiteImpl&>(*this); s.add(s.parallel_, o, std::move(m)); }
+void SublayerSite::add_gate(const Owner& o, TensorMap g) { auto& s = static_cast<SublayerSiteImpl&>(*this); s.add(s.gates_, o, std::move(g)); }
+void SublayerSite::remove(const Owner& owner) { static_cast<SublayerSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
+
+bool SublayerSite::empty() const {
+  const auto& s = static_cast<const SublayerSiteImpl&>(*this);
+  return !any_on(s.sequential_) && !any_on(s.parallel_) && !any_on(s.gates_);
 }
 
-Tensor SublayerSite::apply(const Tensor& x, Tensor h) const {  // x, h: (B, T, H)
-  for (const auto& s : sequential_) h = s.fn(h);
-  for (const auto& p : parallel_) h = h + p.fn(x);
-  for (const auto& g : gates_) h = h * g.fn(x);
+void SublayerSiteImpl::drop(const OwnerImpl& owner) {
+  erase_owner(sequential_, owner);
+  erase_owner(parallel_, owner);
+  erase_owner(gates_, owner);
+}
+
+Tensor SublayerSiteImpl::apply(const Tensor& x, Tensor h) const {  // x, h: (B, T, H)
+  for (const auto& s : sequential_) {
+    if (!s.on()) continue;
+    Tensor out = call(s, h);
+    h = s.alpha() == 1.0 ? out : h + (out - h) * s.alpha();
+  }
+  for (const auto& p : parallel_)
+    if (p.on()) h = h + times(p.alpha(), call(p, x));
+  for (const auto& g : gates_)
+    if (g.on()) h = h * toward(g.alpha(), call(g, x));
   return h;
 }
 
 // ---- AttentionSite ---------------------------------------------------------------------
 
-AttentionSite::AttentionSite(std::string name, std::string hf_path, std::int64_t num_heads, std::int64_t head_dim)
-    : name_(std::move(name)), hf_path_(std::move(hf_path)), num_heads_(num_heads), head_dim_(head_dim) {}
+AttentionSiteImpl::AttentionSiteImpl(std::string name, std::string hf_path, std::int64_t num_heads, std::int64_t head_dim)
+    : SiteCore(std::move(name), std::move(hf_path)), num_heads_(num_heads), head_dim_(head_dim) {}
 
-void AttentionSite::add_prefix(std::string owner, KVPrefix p) { prefixes_.push_back({std::move(owner), std::move(p)}); }
-void AttentionSite::add_score_hook(std::string owner, TensorMap h) { score_hooks_.push_back({std::move(owner), std::move(h)}); }
+const std::string& AttentionSite::name() const { return static_cast<const AttentionSiteImpl&>(*this).name_; }
+const std::string& AttentionSite::hf_path() const { return static_cast<const AttentionSiteImpl&>(*this).hf_path_; }
+std::int64_t AttentionSite::num_heads() const { return static_cast<const AttentionSiteImpl&>(*this).num_heads_; }
+std::int64_t AttentionSite::head_dim() const { return static_cast<const AttentionSiteImpl&>(*this).head_dim_; }
 
-void AttentionSite::remove(const std::string& owner) {
-  drop(prefixes_, owner);
-  drop(score_hooks_, owner);
+void AttentionSite::add_prefix(const Owner& o, KVPrefix p) { auto& s = static_cast<AttentionSiteImpl&>(*this); s.add(s.prefixes_, o, std::move(p)); }
+void AttentionSite::add_score_hook(const Owner& o, TensorMap h) { auto& s = static_cast<AttentionSiteImpl&>(*this); s.add(s.score_hooks_, o, std::move(h)); }
+void AttentionSite::remove(const Owner& owner) { static_cast<AttentionSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
+bool AttentionSite::has_prefix() const { return any_on(static_cast<const AttentionSiteImpl&>(*this).prefixes_); }
+bool AttentionSite::has_score_hooks() const { return any_on(static_cast<const AttentionSiteImpl&>(*this).score_hooks_); }
+
+void AttentionSiteImpl::drop(const OwnerImpl& owner) {
+  erase_owner(prefixes_, owner);
+  erase_owner(score_hooks_, owner);
 }
 
-std::pair<Tensor, Tensor> AttentionSite::prefix(std::int64_t batch) const {
-  if (prefixes_.empty()) return {};
+std::pair<Tensor, Tensor> AttentionSiteImpl::prefix(std::int64_t batch) const {
   std::vector<Tensor> ks, vs;
   for (const auto& p : prefixes_) {
-    auto [k, v] = p.fn(batch);  // (B, heads, P_i, head_dim)
+    if (!p.on()) continue;
+    auto [k, v] = call(p, batch);  // (B, heads, P_i, head_dim)
     ks.push_back(k);
     vs.push_back(v);
   }
+  if (ks.empty()) return {};
   return {at::cat(ks, 2), at::cat(vs, 2)};
 }
 
-Tensor AttentionSite::hook_scores(Tensor scores) const {
-  for (const auto& h : score_hooks_) scores = h.fn(scores);
+Tensor AttentionSiteImpl::hook_scores(Tensor scores) const {  // (B, heads, T, S)
+  for (const auto& h : score_hooks_) {
+    if (!h.on()) continue;
+    Tensor out = call(h, scores);
+    scores = h.alpha() == 1.0 ? out : scores + (out - scores) * h.alpha();
+  }
   return scores;
 }
 
 // ---- EmbeddingSite ---------------------------------------------------------------------
 
-EmbeddingSite::EmbeddingSite(std::string name, std::string hf_path, std::int64_t hidden_size)
-    : name_(std::move(name)), hf_path_(std::move(hf_path)), hidden_size_(hidden_size) {}
+EmbeddingSiteImpl::EmbeddingSiteImpl(std::string name, std::string hf_path, std::int64_t hidden_size)
+    : SiteCore(std::move(name), std::move(hf_path)), hidden_size_(hidden_size) {}
 
-void EmbeddingSite::add_prompt(std::string owner, PerBatch p) { prompts_.push_back({std::move(owner), std::move(p)}); }
-void EmbeddingSite::remove(const std::string& owner) { drop(prompts_, owner); }
+const std::string& EmbeddingSite::name() const { return static_cast<const EmbeddingSiteImpl&>(*this).name_; }
+const std::string& EmbeddingSite::hf_path() const { return static_cast<const EmbeddingSiteImpl&>(*this).hf_path_; }
+std::int64_t EmbeddingSite::hidden_size() const { return static_cast<const EmbeddingSiteImpl&>(*this).hidden_size_; }
+void EmbeddingSite::add_prompt(const Owner& o, PerBatch p) { auto& s = static_cast<EmbeddingSiteImpl&>(*this); s.add(s.prompts_, o, std::move(p)); }
+void EmbeddingSite::remove(const Owner& owner) { static_cast<EmbeddingSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
+bool EmbeddingSite::has_prompts() const { return any_on(static_cast<const EmbeddingSiteImpl&>(*this).prompts_); }
+void EmbeddingSiteImpl::drop(const OwnerImpl& owner) { erase_owner(prompts_, owner); }
 
-Tensor EmbeddingSite::prepend(const Tensor& embedded, std::int64_t* prompt_length) const {  // (B, T, H)
+Tensor EmbeddingSiteImpl::prepend(const Tensor& embedded, std::int64_t* prompt_length) const {  // (B, T, H)
   std::vector<Tensor> parts;
   std::int64_t p = 0;
   for (const auto& pr : prompts_) {
-    Tensor t = pr.fn(embedded.size(0));  // (B, P_i, H)
+    if (!pr.on()) continue;
+    Tensor t = call(pr, embedded.size(0));  // (B, P_i, H)
     p += t.size(1);
     parts.push_back(t);
   }
@@ -152,26 +220,40 @@ Tensor EmbeddingSite::prepend(const Tensor& embedded, std::int64_t* prompt_lengt
 
 // ---- LayerSite -------------------------------------------------------------------------
 
-LayerSite::LayerSite(std::string name, std::string hf_path, std::int64_t index)
-    : name_(std::move(name)), hf_path_(std::move(hf_path)), index_(index) {}
+LayerSiteImpl::LayerSiteImpl(std::string name, std::string hf_path, std::int64_t index)
+    : SiteCore(std::move(name), std::move(hf_path)), index_(index) {}
 
-void LayerSite::add_tap(std::string owner, HiddenTap t) { taps_.push_back({std::move(owner), std::move(t)}); }
-void LayerSite::add_router(std::string owner, TensorMap r) { routers_.push_back({std::move(owner), std::move(r)}); }
+const std::string& LayerSite::name() const { return static_cast<const LayerSiteImpl&>(*this).name_; }
+const std::string& LayerSite::hf_path() const { return static_cast<const LayerSiteImpl&>(*this).hf_path_; }
+std::int64_t LayerSite::index() const { return static_cast<const LayerSiteImpl&>(*this).index_; }
+void LayerSite::add_tap(const Owner& o, HiddenTap t) { auto& s = static_cast<LayerSiteImpl&>(*this); s.add(s.taps_, o, std::move(t)); }
+void LayerSite::add_router(const Owner& o, TensorMap r) { auto& s = static_cast<LayerSiteImpl&>(*this); s.add(s.routers_, o, std::move(r)); }
+void LayerSite::remove(const Owner& owner) { static_cast<LayerSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
 
-void LayerSite::remove(const std::string& owner) {
-  drop(taps_, owner);
-  drop(routers_, owner);
+bool LayerSite::empty() const {
+  const auto& s = static_cast<const LayerSiteImpl&>(*this);
+  return !any_on(s.taps_) && !any_on(s.routers_);
 }
 
-Tensor LayerSite::run(const Tensor& h, const std::function<Tensor(const Tensor&)>& layer) const {  // h: (B, T, H)
+void LayerSiteImpl::drop(const OwnerImpl& owner) {
+  erase_owner(taps_, owner);
+  erase_owner(routers_, owner);
+}
+
+Tensor LayerSiteImpl::run(const Tensor& h, const std::function<Tensor(const Tensor&)>& layer) const {  // h: (B, T, H)
   Tensor out = layer(h);
-  if (!routers_.empty()) {
-    Tensor keep = routers_.front().fn(h);  // (B, T)
-    for (std::size_t i = 1; i < routers_.size(); ++i) keep = keep * routers_[i].fn(h);
+  Tensor keep;
+  for (const auto& r : routers_) {
+    if (!r.on()) continue;
+    Tensor k = call(r, h);  // (B, T)
+    keep = keep.defined() ? keep * k : k;
+  }
+  if (keep.defined()) {
     keep = keep.to(out.scalar_type()).unsqueeze(-1);  // (B, T, 1)
     out = keep * out + (1 - keep) * h;
   }
-  for (const auto& t : taps_) t.fn(out.detach());
+  for (const auto& t : taps_)
+    if (t.on()) call(t, out.detach());
   return out;
 }
 

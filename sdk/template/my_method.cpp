@@ -15,19 +15,14 @@ class MyMethod final : public tessera::Method {
   }
 
   void attach(tessera::AttachContext& ctx) override {
-    instance_ = ctx.instance;
     for (auto* site : ctx.model.match_linear(ctx.targets)) {
       auto scale = at::full({site->out_features()}, ctx.params.number("init"), ctx.model.info().param_options).set_requires_grad(true);
-      site->add_output_scale(instance_, [scale, site] { return scale.to(site->weight().base().scalar_type()); });
+      site->add_output_scale(ctx.owner, [scale, site] { return scale.to(site->weight().base().scalar_type()); });
       scales_[site->hf_path() + ".scale"] = scale;
-      sites_.push_back(site);
     }
-    if (sites_.empty()) throw std::runtime_error("no linear site matches the targets");
+    if (scales_.empty()) throw std::runtime_error("no linear site matches the targets");
   }
-
-  void detach(tessera::ModelView&) override {
-    for (auto* s : sites_) s->remove(instance_);
-  }
+  // No detach(): the host removes every intervention the instance installed.
 
   tessera::NamedTensors trainable() override { return scales_; }
   tessera::NamedTensors state() override { return scales_; }
@@ -38,8 +33,6 @@ class MyMethod final : public tessera::Method {
   std::string adapter_config_json() const override { return R"({"peft_type": "MY_METHOD"})"; }
 
  private:
-  std::string instance_;
-  std::vector<tessera::LinearSite*> sites_;
   tessera::NamedTensors scales_;
 };
 

@@ -119,6 +119,18 @@ cat "$out/err.txt"
 [ "$rc" -eq 1 ]
 grep -q "method 'probe' needs plugin 'probe' (at training time version [0-9.]* from $test_plugins/[^ ]*), which is not among the plugins found: pass --plugin-dir $test_plugins (before \`eval\`)" "$out/err.txt"
 "$tessera" --plugin-dir "$test_plugins" eval "$out/probe" | grep -q "reproduces the accuracy recorded at training time"
+# A plugin whose intervention throws in the forward pass: the run fails with one line naming
+# plugin, instance and site, leaves nothing half-written, and the next command runs.
+sed 's/^value = 0.5$/kind = "throw_forward"/' "$out/frozen.toml" | sed 's/^plugin = "probe"$/plugin = "probe"\nname = "faulty"/' >"$out/faulty.toml"
+set +e
+"$tessera" --log-level warn --plugin-dir "$test_plugins" train "$out/faulty.toml" --run-dir "$out/faulty" 2>"$out/err.txt"
+rc=$?
+set -e
+cat "$out/err.txt"
+[ "$rc" -eq 1 ]
+grep -q "plugin 'probe' (instance 'faulty') at site 'layers.0.attn.o': probe fails in forward" "$out/err.txt"
+[ ! -e "$out/faulty/result.json" ]
+"$tessera" --plugin-dir "$test_plugins" eval "$out/probe" | grep -q "reproduces the accuracy recorded at training time"
 # `tessera sites` lists what targets can name: the real MiniLM's 36 linear sites, a pattern's
 # matches with their Hugging Face paths and shapes, the norms' parameters; no match is an error.
 "$tessera" sites "$TESSERA_MODEL_DIR" >"$out/sites.txt"

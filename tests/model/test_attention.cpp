@@ -27,7 +27,7 @@ Tensor formula(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
 
 CATCH_TEST_CASE("attention equals its formula with and without dropout, causal or masked", "[model][attention]") {
   if (!test::device().is_cpu()) return;  // the dropout path is the CPU's (dropout.h)
-  AttentionSite site("layers.0.attn", "layers.0.attention", 4, 8);
+  AttentionSiteImpl site("layers.0.attn", "layers.0.attention", 4, 8);
   at::manual_seed(3);
   Tensor q = at::randn({2, 4, 6, 8}), k = at::randn({2, 4, 6, 8}), v = at::randn({2, 4, 6, 8});  // (B, nh, T, hd)
   Tensor causal = at::ones({1, 1, 6, 6}, at::kBool).tril();
@@ -54,7 +54,7 @@ CATCH_TEST_CASE("attention equals its formula with and without dropout, causal o
 }
 
 CATCH_TEST_CASE("attention with dropout in training passes gradients to q, k and v", "[model][attention]") {
-  AttentionSite site("layers.0.attn", "layers.0.attention", 2, 4);
+  AttentionSiteImpl site("layers.0.attn", "layers.0.attention", 2, 4);
   Tensor q = at::randn({1, 2, 5, 4}, test::options()).requires_grad_(), k = at::randn({1, 2, 5, 4}, test::options()).requires_grad_();
   Tensor v = at::randn({1, 2, 5, 4}, test::options()).requires_grad_();
   attend(q, k, v, {}, 0.1, true, site, {}, std::nullopt, true).sum().backward();

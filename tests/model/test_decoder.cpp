@@ -76,7 +76,7 @@ CATCH_TEST_CASE("decoders skip padding tokens only while every method is token-w
     CATCH_CHECK(unpadded.index({mask.eq(0)}).abs().max().item<double>() == 0);
     CATCH_REQUIRE(model->token_wise_only());
     bool saw_padded_layout = false;
-    model->sublayer_sites()[0]->add_sequential("identity", [&](const Tensor& h) {
+    model->sublayer_sites()[0]->add_sequential(test::owner("identity"), [&](const Tensor& h) {
       saw_padded_layout = h.dim() == 3 && h.size(0) == ids.size(0);
       return h;
     });
@@ -194,7 +194,7 @@ CATCH_TEST_CASE("LoRA on decoders equals peft: GPT-2 fused c_attn (Conv1D) and L
     // Merging changes nothing in exact arithmetic: the merged model meets the same truth.
     TESSERA_CHECK_PARITY(test::parity(model->logits(model->forward(ids, mask)), ref, name + ".lora_logits", mask));
     lora->call("unmerge", [](Method& m) { m.unmerge(); });
-    lora->call("detach", [&](Method& m) { m.detach(*model); });
+    lora->detach(*model);
     TESSERA_CHECK_PARITY(test::parity(model->logits(model->forward(ids, mask)), ref, name + ".logits", mask));
   }
 }
@@ -203,15 +203,13 @@ CATCH_TEST_CASE("interventions on both GPT-2's fused and split q/k/v sites are r
   auto model = load("gpt2");
   const auto* info = test::registry().find("lora");
   auto a = test::registry().create("lora", "fused"), b = test::registry().create("lora", "split");
-  AttachContext fa{"fused", {"layers.0.attn.qkv"}, apply_schema(info->params, {{"r", std::int64_t{2}}}), *model};
-  AttachContext sa{"split", {"layers.0.attn.k"}, apply_schema(info->params, {{"r", std::int64_t{2}}}), *model};
-  a->call("attach", [&](Method& m) { m.attach(fa); });
-  b->call("attach", [&](Method& m) { m.attach(sa); });
+  a->attach(*model, {"layers.0.attn.qkv"}, apply_schema(info->params, {{"r", std::int64_t{2}}}));
+  b->attach(*model, {"layers.0.attn.k"}, apply_schema(info->params, {{"r", std::int64_t{2}}}));
   Tensor ids = at::ones({1, 4}, test::options(at::kLong));
   CATCH_CHECK_THROWS_WITH(model->forward(ids, ids), Catch::Contains("layers.0.attn.qkv and its split sites"));
-  b->call("detach", [&](Method& m) { m.detach(*model); });
+  b->detach(*model);
   CATCH_CHECK_NOTHROW(model->forward(ids, ids));
-  a->call("detach", [&](Method& m) { m.detach(*model); });
+  a->detach(*model);
 }
 
 CATCH_TEST_CASE("LoRA trains every decoder through the same sites: the loss falls", "[model][decoder][lora]") {
@@ -224,8 +222,7 @@ CATCH_TEST_CASE("LoRA trains every decoder through the same sites: the loss fall
     auto model = load(name);
     at::manual_seed(4);  // LoRA's A init draws from the global generator
     auto lora = test::registry().create("lora", "l");
-    AttachContext ctx{"l", {"attn.q", "attn.v", "mlp.down"}, apply_schema(info->params, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}}), *model};
-    lora->call("attach", [&](Method& m) { m.attach(ctx); });
+    lora->attach(*model, {"attn.q", "attn.v", "mlp.down"}, apply_schema(info->params, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}}));
     auto params = lora->call("trainable", [](Method& m) { return m.trainable(); });
     std::vector<Tensor> list;
     for (auto& [k, t] : params) list.push_back(t);
@@ -242,7 +239,7 @@ CATCH_TEST_CASE("LoRA trains every decoder through the same sites: the loss fall
     const double last = loss_fn().item<double>();
     CATCH_INFO("loss " << first << " -> " << last);
     CATCH_CHECK(last < 0.93 * first);  // random-init models start near ln V; plain SGD moves slowly
-    lora->call("detach", [&](Method& m) { m.detach(*model); });
+    lora->detach(*model);
   }
 }
 
@@ -287,7 +284,7 @@ CATCH_TEST_CASE("decoder attention prefixes: evaluated once per layer and forwar
   auto model = load("llama");
   int calls = 0;
   for (auto* site : model->attention_sites())
-    site->add_prefix("t", [&, site](std::int64_t B) {
+    site->add_prefix(test::owner("t"), [&, site](std::int64_t B) {
       ++calls;
       at::manual_seed(9);
       return std::make_pair(at::randn({B, site->num_heads(), 2, site->head_dim()}).to(test::device()),
@@ -304,5 +301,5 @@ CATCH_TEST_CASE("decoder attention prefixes: evaluated once per layer and forwar
   Tensor rest = model->logits(model->forward(ids.narrow(1, 8, 4), mask.narrow(1, 8, 4), &cache));
   CATCH_CHECK(cache.length() == 2 + 12);
   CATCH_CHECK(test::max_abs_diff(rest, full.narrow(1, 8, 4)) < 1e-4);
-  for (auto* site : model->attention_sites()) site->remove("t");
+  for (auto* site : model->attention_sites()) site->remove(test::owner("t"));
 }

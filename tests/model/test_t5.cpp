@@ -117,5 +117,5 @@ CATCH_TEST_CASE("LoRA on T5 equals peft (q, v in both stacks and wo) and trains"
   const double last = seq2seq_loss(logits(), ref["labels"]).item<double>();
   CATCH_INFO("loss " << first << " -> " << last);
   CATCH_CHECK(last < 0.9 * first);
-  lora->call("detach", [&](Method& m) { m.detach(*model); });
+  lora->detach(*model);
 }

@@ -71,8 +71,7 @@ void conform(const Row& row, const Base& base) {
   }
 
   auto m = test::registry().create(row.plugin, "under_test");
-  AttachContext ctx{"under_test", row.targets, params, *model};
-  m->call("attach", [&](Method& x) { x.attach(ctx); });
+  m->attach(*model, row.targets, params);
   auto trainable = m->call("trainable", [](Method& x) { return x.trainable(); });
   CATCH_REQUIRE_FALSE(trainable.empty());
   for (const auto& [k, t] : trainable) {
@@ -105,8 +104,7 @@ void conform(const Row& row, const Base& base) {
   auto state = m->call("state", [](Method& x) { return x.state(); });
   auto model2 = base.load();
   auto m2 = test::registry().create(row.plugin, "under_test");
-  AttachContext ctx2{"under_test", row.targets, params, *model2};
-  m2->call("attach", [&](Method& x) { x.attach(ctx2); });
+  m2->attach(*model2, row.targets, params);
   m2->call("load_state", [&](Method& x) { x.load_state(state); });
   CATCH_CHECK(at::equal(base.out(*model2), adapted));
   CATCH_CHECK_FALSE(nlohmann::json::parse(m->call("cfg", [](Method& x) { return x.adapter_config_json(); })).empty());
@@ -118,9 +116,9 @@ void conform(const Row& row, const Base& base) {
     m->call("unmerge", [](Method& x) { x.unmerge(); });
     CATCH_CHECK(test::max_abs_diff_tokens(base.out(*model), adapted, mask) < 1e-4 * scale);
   }
-  m->call("detach", [&](Method& x) { x.detach(*model); });
+  m->detach(*model);
   CATCH_CHECK(test::max_abs_diff_tokens(base.out(*model), base_out, mask) < 1e-4 * scale);  // merge + unmerge round in f32
-  m2->call("detach", [&](Method& x) { x.detach(*model2); });
+  m2->detach(*model2);
 }
 
 }  // namespace

@@ -17,8 +17,7 @@ CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora][minilm
     MethodConfig mc = method_from_peft_dir(dir, test::registry(), "adapter");
     CATCH_CHECK(mc.plugin == "lora");
     auto lora = test::registry().create("lora", "adapter");
-    AttachContext ctx{"adapter", mc.targets, mc.checked, *model};
-    lora->call("attach", [&](Method& m) { m.attach(ctx); });
+    lora->attach(*model, mc.targets, mc.checked);
     auto peft_tensors = test::read_tensors(dir + "/adapter_model.safetensors");
     lora->call("load_state", [&](Method& m) { m.load_state(peft_tensors); });
     // Our state uses exactly peft's keys and shapes.
@@ -38,7 +37,7 @@ CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora][minilm
     TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, variant + ".merged_hidden", mask));
     lora->call("unmerge", [](Method& m) { m.unmerge(); });
     TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, variant + ".hidden", mask));
-    lora->call("detach", [&](Method& m) { m.detach(*model); });
+    lora->detach(*model);
   }
 }
 
@@ -47,8 +46,7 @@ CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's 
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   auto lora = test::registry().create("lora", "l");
   const auto* info = test::registry().find("lora");
-  AttachContext ctx{"l", {"attn.q", "attn.v"}, apply_schema(info->params, {{"r", std::int64_t{4}}, {"use_rslora", true}, {"lora_alpha", 8.0}}), *model};
-  lora->call("attach", [&](Method& m) { m.attach(ctx); });
+  lora->attach(*model, {"attn.q", "attn.v"}, apply_schema(info->params, {{"r", std::int64_t{4}}, {"use_rslora", true}, {"lora_alpha", 8.0}}));
   auto trainable = lora->call("trainable", [](Method& m) { return m.trainable(); });
   CATCH_CHECK(trainable.size() == 24);
   for (const auto& [k, t] : trainable) {
@@ -65,7 +63,7 @@ CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's 
   CATCH_CHECK(cfg["r"] == 4);
   CATCH_CHECK(cfg["use_rslora"] == true);
   CATCH_CHECK(cfg["target_modules"].size() == 12);
-  lora->call("detach", [&](Method& m) { m.detach(*model); });
+  lora->detach(*model);
 }
 
 CATCH_TEST_CASE("LoRA trains on RoBERTa through the same sites: the loss falls", "[plugins][lora]") {
@@ -76,8 +74,7 @@ CATCH_TEST_CASE("LoRA trains on RoBERTa through the same sites: the loss falls",
   at::manual_seed(3);  // LoRA's A init draws from the global generator
   auto lora = test::registry().create("lora", "l");
   const auto* info = test::registry().find("lora");
-  AttachContext ctx{"l", {"attn.q", "attn.v", "mlp.up", "mlp.down"}, apply_schema(info->params, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}}), *model};
-  lora->call("attach", [&](Method& m) { m.attach(ctx); });
+  lora->attach(*model, {"attn.q", "attn.v", "mlp.up", "mlp.down"}, apply_schema(info->params, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}}));
   auto params = lora->call("trainable", [](Method& m) { return m.trainable(); });
   Tensor target = at::randn({ids.size(0), 32}).to(test::device());  // pooled outputs to reach: (B, H)
   auto loss_fn = [&] {
@@ -97,14 +94,13 @@ CATCH_TEST_CASE("LoRA trains on RoBERTa through the same sites: the loss falls",
   const double last = loss_fn().item<double>();
   CATCH_INFO("loss " << first << " -> " << last);
   CATCH_CHECK(last < 0.9 * first);
-  lora->call("detach", [&](Method& m) { m.detach(*model); });
+  lora->detach(*model);
 }
 
 CATCH_TEST_CASE("LoRA targets that match no site are refused with the targets and the model named", "[plugins][lora]") {
   auto model = BertModel::load(test::fixture("tiny_roberta"), test::options());
   auto lora = test::registry().create("lora", "l");
   const auto* info = test::registry().find("lora");
-  AttachContext ctx{"l", {"c_attn", "q_proj"}, apply_schema(info->params, {}), *model};
-  CATCH_CHECK_THROWS_WITH(lora->call("attach", [&](Method& m) { m.attach(ctx); }),
+  CATCH_CHECK_THROWS_WITH(lora->attach(*model, {"c_attn", "q_proj"}, apply_schema(info->params, {})),
                           Catch::Contains("no linear site of this roberta model matches the targets [c_attn, q_proj]"));
 }

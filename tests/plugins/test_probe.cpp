@@ -1,5 +1,7 @@
 // The site order for every intervention kind, exercised through the plugin boundary by
-// the probe plugin (tests/plugins/probe.cpp) on the real encoder.
+// the probe plugin (tests/plugins/probe.cpp) on the real encoder — built against this
+// tree's SDK ("probe") and against the frozen SDK 2.0 headers ("probe-2.0"): both must
+// give the same known math in this host.
 #include "support.h"
 
 #include <tessera/dense_linear.h>
@@ -8,22 +10,23 @@ using namespace tessera;
 
 namespace {
 
+std::string probe_id = "probe";  // which build the current test case runs
+
 std::unique_ptr<MethodInstance> probe(ModelView& model, const std::string& name, const std::string& kind, double value,
                                       std::vector<std::string> targets, std::int64_t length = 2) {
-  auto inst = test::registry().create("probe", name);
-  const auto* info = test::registry().find("probe");
-  AttachContext ctx{name, std::move(targets),
-                    apply_schema(info->params, {{"kind", kind}, {"value", value}, {"length", length}}), model};
-  inst->call("attach", [&](Method& m) { m.attach(ctx); });
+  auto inst = test::registry().create(probe_id, name);
+  const auto* info = test::registry().find(probe_id);
+  inst->attach(model, targets, apply_schema(info->params, {{"kind", kind}, {"value", value}, {"length", length}}));
   return inst;
 }
 
 }  // namespace
 
 CATCH_TEST_CASE("linear and parameter interventions from several plugins compose in the documented order", "[plugins][probe][minilm]") {
+  probe_id = GENERATE(as<std::string>{}, "probe", "probe-2.0");
   auto model = test::load_minilm();
   at::NoGradGuard no_grad;
-  auto* site = model->match_linear({"layers.2.attn.v"}).at(0);
+  auto* site = &LinearSiteImpl::of(*model->match_linear({"layers.2.attn.v"}).at(0));
   const Tensor W = site->weight().base().clone(), b = site->bias()->base().clone();  // (384, 384), (384)
   Tensor x = at::randn({2, 3, 384});
   std::vector<std::unique_ptr<MethodInstance>> on;
@@ -34,18 +37,19 @@ CATCH_TEST_CASE("linear and parameter interventions from several plugins compose
   on.push_back(probe(*model, "br", "branch", 0.5, {"layers.2.attn.v"}));
   Tensor expect = (at::matmul(x * 2.0, (W + 0.01 + 0.02).t()) + b) * 3.0 + x * 0.5;
   CATCH_CHECK(test::max_abs_diff(site->forward(x), expect) < 1e-3);
-  for (auto& p : on) p->call("detach", [&](Method& m) { m.detach(*model); });
+  for (auto& p : on) p->detach(*model);
   CATCH_CHECK(test::max_abs_diff(site->forward(x), tessera::dense_linear(x, W, b)) == 0);  // nothing left behind
 }
 
 CATCH_TEST_CASE("sublayer, attention, embedding and layer interventions through plugins", "[plugins][probe][minilm]") {
+  probe_id = GENERATE(as<std::string>{}, "probe", "probe-2.0");
   auto model = test::load_minilm();
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   const auto& ids = ref["input_ids"];
   const auto& mask = ref["attention_mask"];
   at::NoGradGuard no_grad;
   const Tensor base = model->forward(ids, mask).hidden;
-  auto detach = [&](std::unique_ptr<MethodInstance>& p) { p->call("detach", [&](Method& m) { m.detach(*model); }); };
+  auto detach = [&](std::unique_ptr<MethodInstance>& p) { p->detach(*model); };
 
   {  // sequential ×1 and gate ×1 leave the output as it was; parallel 0 too. Sublayer
      // interventions also switch the encoder from its unpadded path to the padded one, so

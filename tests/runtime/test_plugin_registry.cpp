@@ -1,6 +1,7 @@
 // Refused plugins are named with their reason and the host carries on.
 #include "support.h"
 
+#include <tessera/extensions.h>
 #include <tessera/fingerprint.h>
 
 using namespace tessera;
@@ -17,21 +18,69 @@ CATCH_TEST_CASE("bad plugins are refused with their reasons while good ones stil
   PluginRegistry reg;
   reg.scan({TESSERA_TEST_PLUGIN_DIR, TESSERA_BAD_PLUGIN_DIR, "/nonexistent/dir"});
   CATCH_CHECK(reg.find("probe") != nullptr);
-  CATCH_CHECK_THAT(reason_for(reg, "bad_abi"), Catch::Contains("SDK ABI 99.0 is not compatible with the host's 1.0"));
+  CATCH_CHECK_THAT(reason_for(reg, "bad_abi"), Catch::Contains("plugin 'bad-abi': built for SDK ABI 99.0, the host has 2.0"));
+  const std::string host = std::to_string(TESSERA_SDK_ABI_MAJOR) + "." + std::to_string(TESSERA_SDK_ABI_MINOR);
+  const std::string newer = std::to_string(TESSERA_SDK_ABI_MAJOR) + "." + std::to_string(TESSERA_SDK_ABI_MINOR + 1);
+  CATCH_CHECK_THAT(reason_for(reg, "newer_minor"), Catch::Contains("built for SDK ABI " + newer + ", newer than the host's " + host));
+  CATCH_CHECK_THAT(reason_for(reg, "unknown_family"), Catch::Contains("unknown family 'magic'"));
+  CATCH_CHECK_THAT(reason_for(reg, "small_descriptor"), Catch::Contains("descriptor is 8 bytes, smaller than SDK 2.0's"));
   CATCH_CHECK_THAT(reason_for(reg, "bad_torch"), Catch::Contains("built against libtorch 0.0.1, the host uses " TESSERA_TORCH_VERSION));
   CATCH_CHECK_THAT(reason_for(reg, "throwing"), Catch::Contains("plugin 'throwing': cannot create its method: constructor says no"));
   CATCH_CHECK_THAT(reason_for(reg, "no_entry"), Catch::Contains("no entry symbol 'tessera_plugin_entry'"));
   CATCH_CHECK_THAT(reason_for(reg, "probe-copy"), Catch::Contains("duplicate id 'probe'"));
-  CATCH_CHECK(reg.refused().size() == 5);
-  CATCH_CHECK(reg.plugins().size() == 1);
+  CATCH_CHECK(reg.refused().size() == 8);
+  CATCH_CHECK(reg.plugins().size() == 2);  // probe, and probe-2.0 (built against the frozen 2.0 headers)
+  CATCH_REQUIRE(reg.find("probe-2.0") != nullptr);
+  CATCH_CHECK(reg.find("probe-2.0")->abi_minor == 0);  // recorded: the host calls nothing 2.0 lacks
+  CATCH_CHECK(reg.find("probe")->abi_minor == TESSERA_SDK_ABI_MINOR);
+}
+
+CATCH_TEST_CASE("extensions: tables fetched by id in both directions, checked by version", "[runtime][plugins][minilm]") {
+  struct ProbeExtension {  // what the probe offers as "tessera.test.probe" version 1
+    tessera_extension_header header;
+    const char* kind;
+  };
+  auto model = test::load_minilm();
+  for (const char* id : {"probe", "probe-2.0"}) {
+    auto p = test::registry().create(id, "ext");
+    p->attach(*model, {"attn.q"}, apply_schema(test::registry().find(id)->params, {{"kind", std::string("output_scale")}}));
+    const auto* ext = p->extension<ProbeExtension>("tessera.test.probe", 1);
+    CATCH_REQUIRE(ext != nullptr);
+    CATCH_CHECK(std::string(ext->kind) == "output_scale");
+    CATCH_CHECK(p->extension<ProbeExtension>("tessera.test.probe", 2) == nullptr);  // a version it does not have
+    CATCH_CHECK(p->extension<ProbeExtension>("tessera.test.none", 1) == nullptr);
+  }
+  // The host's side: the run's log, version 1; an unknown id is null.
+  const auto* log = host_extension<tessera_host_log_v1>(*model, TESSERA_EXT_HOST_LOG, 1);
+  CATCH_REQUIRE(log != nullptr);
+  log->write(TESSERA_LOG_DEBUG, "test", "a message through the host's log");
+  CATCH_CHECK(host_extension<tessera_host_log_v1>(*model, TESSERA_EXT_HOST_LOG, 2) == nullptr);
+  CATCH_CHECK(model->extension("tessera.host.none") == nullptr);
+}
+
+CATCH_TEST_CASE("an intervention that throws in forward is named by plugin, instance and site, and the host goes on", "[runtime][plugins][minilm]") {
+  auto model = test::load_minilm();
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  at::NoGradGuard no_grad;
+  const Tensor base = model->forward(ref["input_ids"], ref["attention_mask"]).hidden;
+  for (const char* id : {"probe", "probe-2.0"}) {
+    auto bad = test::registry().create(id, "faulty");
+    bad->attach(*model, {"layers.2.attn.q"}, apply_schema(test::registry().find(id)->params, {{"kind", std::string("throw_forward")}}));
+    CATCH_CHECK_THROWS_WITH(model->forward(ref["input_ids"], ref["attention_mask"]),
+                            "plugin '" + std::string(id) + "' (instance 'faulty') at site 'layers.2.attn.q': probe fails in forward");
+    bad->owner().set_enabled(false);  // switched off by the host: as if absent
+    CATCH_CHECK(test::max_abs_diff(model->forward(ref["input_ids"], ref["attention_mask"]).hidden, base) == 0);
+    bad->owner().set_enabled(true);
+    bad.reset();  // the instance goes: whatever it installed goes with it
+    CATCH_CHECK(test::max_abs_diff(model->forward(ref["input_ids"], ref["attention_mask"]).hidden, base) == 0);
+  }
 }
 
 CATCH_TEST_CASE("an exception inside a plugin becomes an error naming plugin and instance", "[runtime][plugins][minilm]") {
   auto model = test::load_minilm();
   auto probe = test::registry().create("probe", "p1");
   const auto* info = test::registry().find("probe");
-  AttachContext ctx{"p1", {"attn.q"}, apply_schema(info->params, {{"kind", std::string("throw")}}), *model};
-  CATCH_CHECK_THROWS_WITH(probe->call("attach", [&](Method& m) { m.attach(ctx); }),
+  CATCH_CHECK_THROWS_WITH(probe->attach(*model, {"attn.q"}, apply_schema(info->params, {{"kind", std::string("throw")}})),
                           "plugin 'probe' (instance 'p1'): attach: probe refuses to attach");
   CATCH_CHECK_THROWS_WITH(test::registry().create("nope", "x"), Catch::Contains("no plugin with id 'nope'"));
 }

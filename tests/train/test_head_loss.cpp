@@ -4,15 +4,15 @@
 
 #include "train/head_loss.h"
 
-#include <tessera/sites.h>
+#include <tessera/internal/sites_impl.h>
 
 using namespace tessera;
 
 namespace {
 
 struct Head {  // a head site (V, H) with bias, as a model owns one
-  ParameterSite w, b;
-  LinearSite site;
+  ParameterSiteImpl w, b;
+  LinearSiteImpl site;
   Head(const Tensor& weight, const Tensor& bias)
       : w("head.weight", "lm_head.weight", weight), b("head.bias", "lm_head.bias", bias), site("head", "lm_head", &w, &b) {}
 };
@@ -33,8 +33,8 @@ CATCH_TEST_CASE("chunked head loss equals whole-logit cross-entropy, value and g
   // Deltas that require grad make the weight and bias trainable, as BitFit or a tied
   // embedding's delta would.
   Tensor dw = at::zeros({V, H}, f64).requires_grad_(), db = at::zeros({V}, f64).requires_grad_();
-  head.w.add_delta("test", [&] { return dw; });
-  head.b.add_delta("test", [&] { return db; });
+  head.w.add_delta(test::owner("test"), [&] { return dw; });
+  head.b.add_delta(test::owner("test"), [&] { return db; });
   Tensor h = at::randn({N, H}, f64).requires_grad_();
 
   Tensor ours = head_loss_sum(head.site, h, targets);
@@ -61,7 +61,7 @@ CATCH_TEST_CASE("a head with interventions runs its own forward, and unlabelled 
   Tensor weight = at::randn({50, 8}, f64), bias = at::randn({50}, f64);
   Head head(weight, bias);
   Tensor a = at::randn({50, 8}, f64).requires_grad_();
-  head.site.add_branch("branch", [&](const Tensor& x) { return at::linear(x, a); });  // (…, 8) -> (…, 50)
+  head.site.add_branch(test::owner("branch"), [&](const Tensor& x) { return at::linear(x, a); });  // (…, 8) -> (…, 50)
   Tensor hidden = at::randn({2, 5, 8}, f64);
   Tensor labels = at::randint(0, 50, {2, 5}, at::kLong);
   labels.index_put_({0, at::indexing::Slice(3)}, -100);  // padding

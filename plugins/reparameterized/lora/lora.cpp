@@ -72,7 +72,7 @@ class Lora final : public tessera::Method {
 
   void attach(tessera::AttachContext& ctx) override {
     const auto& p = ctx.params;
-    instance_ = ctx.instance;
+    owner_ = &ctx.owner;
     model_ = &ctx.model;
     params_ = p;
     dropout_ = p.number("lora_dropout");
@@ -105,16 +105,12 @@ class Lora final : public tessera::Method {
     install();
   }
 
-  void detach(tessera::ModelView&) override {
-    for (auto& a : adapters_) a.site->remove(instance_);
-  }
-
   bool mergeable() const override { return true; }
 
   void merge() override {
     if (merged_) return;
     for (auto& a : adapters_) {
-      a.site->remove(instance_);
+      a.site->remove(*owner_);  // the fold replaces the branch; unmerge() installs it again
       a.site->weight().fold(a.delta().detach());
     }
     merged_ = true;
@@ -202,7 +198,7 @@ class Lora final : public tessera::Method {
   void install() {
     for (auto& a : adapters_) {
       const Adapter* ad = &a;  // adapters_ does not grow after attach
-      a.site->add_branch(instance_, [this, ad](const Tensor& x) {  // x: (..., in) -> (..., out)
+      a.site->add_branch(*owner_, [this, ad](const Tensor& x) {  // x: (..., in) -> (..., out)
         Tensor h = dropout_ > 0 ? tessera::dropout(x, dropout_, model_->training()) : x;
         // A bf16 model computes in bf16; the f32 masters get their gradients in f32.
         return tessera::low_rank(h, ad->A, ad->B, ad->scaling);
@@ -210,7 +206,7 @@ class Lora final : public tessera::Method {
     }
   }
 
-  std::string instance_;
+  const tessera::Owner* owner_ = nullptr;  // the host's handle for this instance
   tessera::ModelView* model_ = nullptr;
   tessera::Params params_;
   std::vector<Adapter> adapters_;

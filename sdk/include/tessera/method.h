@@ -5,6 +5,11 @@
 // Every call may throw; the host catches at the boundary and reports the plugin and the
 // instance. Objects are created and destroyed only through the plugin's descriptor, so
 // the deleter runs in the library that allocated them.
+//
+// The vtable of Method is fixed for all of SDK 2.x: a capability added in a minor
+// version is an extension (extension(id), see extensions.h), never a new virtual.
+// The structs below are filled by the host and only read by methods; a minor version
+// may append fields to them.
 #pragma once
 
 #include <tessera/model_view.h>
@@ -21,9 +26,11 @@ using NamedTensors = std::map<std::string, Tensor>;
 
 struct AttachContext {
   std::string instance;              // instance name from the config, unique per run
-  std::vector<std::string> targets;  // target patterns (see matches())
+  std::vector<std::string> targets;  // target patterns (see matches()); empty: the method's
+                                     // own default sites (say which in its README)
   Params params;                     // checked against describe().params, defaults filled
   ModelView& model;
+  const Owner& owner;                // names every intervention this instance installs
 };
 
 // Data-dependent set-up before training (Fisher masks, SVD inits): the host runs the
@@ -53,8 +60,9 @@ class Method {
   // Choose sites, install interventions, create trainable tensors. Throws when no site
   // matches or a site does not suit the method.
   virtual void attach(AttachContext& ctx) = 0;
-  // Removes every intervention this method installed.
-  virtual void detach(ModelView& model) = 0;
+  // Called before the instance goes; the host then removes whatever the owner still has
+  // installed, so a method overrides this only for work of its own.
+  virtual void detach(ModelView&) {}
 
   virtual void prepare(const Calibration&) {}
   virtual Tensor extra_loss() { return {}; }  // undefined: no extra term
@@ -74,6 +82,10 @@ class Method {
   // The adapter config written beside the tensors (JSON text, HF PEFT layout when PEFT
   // has the method).
   virtual std::string adapter_config_json() const = 0;
+
+  // A table this method offers the host under `id` (beginning with a
+  // tessera_extension_header), or null. New method capabilities arrive this way.
+  virtual const void* extension(const char* /*id*/) const { return nullptr; }
 };
 
 }  // namespace tessera

@@ -1,6 +1,10 @@
-// What a method sees of the base model: its shape and its sites. The host owns the
-// model and every site; a method keeps raw pointers to sites only while it is attached
-// (the host detaches methods before it destroys a model).
+// What a method sees of the base model: its shape, its sites, and the host's extensions.
+// The host owns the model and every site; a method keeps pointers to sites only while
+// it is attached (the host removes what an instance installed before the model or the
+// instance goes).
+//
+// A handle, like the sites: every function lives in libtessera_sdk, so a minor version
+// adds site kinds and facts as new functions, never by changing what a plugin compiled.
 #pragma once
 
 #include <tessera/sites.h>
@@ -12,6 +16,7 @@
 
 namespace tessera {
 
+// Filled by the host; a minor version may append fields (plugins only read it).
 struct ModelInfo {
   std::string architecture;     // "bert"
   std::int64_t hidden_size = 0;
@@ -26,21 +31,33 @@ struct ModelInfo {
 
 class ModelView {
  public:
-  virtual ~ModelView() = default;
-  virtual const ModelInfo& info() const = 0;
+  const ModelInfo& info() const;
   // Training mode: dropout and other train-only behaviour of methods follow it.
-  virtual bool training() const = 0;
-  virtual std::vector<LinearSite*> linear_sites() = 0;
-  virtual std::vector<SublayerSite*> sublayer_sites() = 0;
-  virtual std::vector<AttentionSite*> attention_sites() = 0;
-  virtual std::vector<LayerSite*> layer_sites() = 0;
-  virtual EmbeddingSite* embedding_site() = 0;
-  virtual std::vector<ParameterSite*> parameter_sites() = 0;
+  bool training() const;
+  std::vector<LinearSite*> linear_sites();
+  std::vector<SublayerSite*> sublayer_sites();
+  std::vector<AttentionSite*> attention_sites();
+  std::vector<LayerSite*> layer_sites();
+  EmbeddingSite* embedding_site();  // null when the architecture has none
+  std::vector<ParameterSite*> parameter_sites();
 
   // Sites whose canonical name or Hugging Face path matches any target (see matches()).
   std::vector<LinearSite*> match_linear(const std::vector<std::string>& targets);
   std::vector<SublayerSite*> match_sublayers(const std::vector<std::string>& targets);
+  std::vector<AttentionSite*> match_attention(const std::vector<std::string>& targets);
+  std::vector<LayerSite*> match_layers(const std::vector<std::string>& targets);
   std::vector<ParameterSite*> match_parameters(const std::vector<std::string>& targets);
+
+  // A host extension by id ("tessera.host.log", see extensions.h): a table that begins with
+  // a tessera_extension_header, or null when this host lacks it. Check the header's version.
+  const void* extension(const char* id) const;
+
+  ModelView(const ModelView&) = delete;
+  ModelView& operator=(const ModelView&) = delete;
+
+ protected:
+  ModelView() = default;
+  ~ModelView() = default;
 };
 
 // Target syntax, tried against both names of a site:

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The LoRA training config the LoRA benchmarks share (all-MiniLM-L6-v2 on polarity, batch
+# 32, length 64, rank 8 on every linear site of each layer), printed to stdout:
+#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads>
+# Three steps more than timed: the trainer times from the fourth.
+set -euo pipefail
+steps=$1 dtype=$2 padding=$3 threads=$4
+cat <<TOML
+[model]
+path = "\${TESSERA_MODEL_DIR}"
+dtype = "$dtype"
+[data]
+path = "\${TESSERA_DATA_DIR}/polarity.csv"
+max_length = 64
+padding = "$padding"
+[train]
+epochs = 1
+batch_size = 32
+threads = $threads
+max_steps = $((steps + 3))
+shuffle = false
+[[methods]]
+plugin = "lora"
+targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
+[methods.params]
+r = 8
+lora_alpha = 16
+lora_dropout = 0.1
+TOML
