@@ -41,7 +41,7 @@ std::size_t print_sites(const std::string& model_dir, const std::string& pattern
     ++n;
   };
   if (auto* e = model->embedding_site())
-    line("embedding", e->name(), e->hf_path(), "hidden " + std::to_string(e->hidden_size()), "prompt (soft prompt tokens prepended)");
+    line("embedding", e->name(), e->hf_path(), "hidden " + std::to_string(e->hidden_size()), "prompt (soft prompt tokens prepended), tap");
   for (auto* s : model->layer_sites()) line("layer", s->name(), s->hf_path(), "index " + std::to_string(s->index()), "tap, router");
   for (auto* s : model->attention_sites())
     line("attention", s->name(), s->hf_path(), std::to_string(s->num_heads()) + " heads x " + std::to_string(s->head_dim()), "prefix, score_hook");
@@ -51,6 +51,7 @@ std::size_t print_sites(const std::string& model_dir, const std::string& pattern
     line("linear", s->name(), s->hf_path(), std::to_string(s->in_features()) + " -> " + std::to_string(s->out_features()) + (s->bias() ? ", bias" : ""),
          "weight_delta, input_scale, output_scale, branch");
   for (auto* p : model->parameter_sites()) line("parameter", p->name(), p->hf_name(), shape(p->base()), "delta");
+  if (auto* o = model->output_site()) line("output", o->name(), o->hf_path(), "hidden " + std::to_string(o->hidden_size()), "transform");
   return n;
 }
 

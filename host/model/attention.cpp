@@ -9,6 +9,15 @@
 
 namespace tessera {
 
+void prepend_prefixes(Tensor& k, Tensor& v, std::initializer_list<const KVPair*> prefixes) {
+  std::vector<Tensor> ks, vs;
+  for (const KVPair* p : prefixes)
+    if (p->first.defined()) ks.push_back(p->first.to(k.dtype())), vs.push_back(p->second.to(v.dtype()));
+  if (ks.empty()) return;
+  ks.push_back(k), vs.push_back(v);
+  k = at::cat(ks, 2), v = at::cat(vs, 2);
+}
+
 Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& keep, double dropout, bool training,
               const AttentionSiteImpl& site, const Tensor& bias, std::optional<double> scale, bool causal) {
   const double p = training ? dropout : 0.0;

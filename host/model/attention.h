@@ -7,9 +7,17 @@
 
 #include <tessera/internal/sites_impl.h>
 
+#include <initializer_list>
 #include <optional>
+#include <utility>
 
 namespace tessera {
+
+using KVPair = std::pair<Tensor, Tensor>;
+
+// Keys and values (B, heads, S, hd) with each defined prefix (B, heads, P_i, hd) put in
+// front, in the order given: [prefix_1 ; … ; k].
+void prepend_prefixes(Tensor& k, Tensor& v, std::initializer_list<const KVPair*> prefixes);
 
 // q (B, nh, T, hd); k, v (B, nh, S, hd); keep broadcastable to (B, nh, T, S), bool, true =
 // attend; every query row must keep at least one key. An undefined keep means every key

@@ -69,6 +69,7 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
   m->embed_norm_w_ = m->param("embed.norm.weight", prefix + "embeddings.LayerNorm.weight", load("embeddings.LayerNorm.weight", {H}));
   m->embed_norm_b_ = m->param("embed.norm.bias", prefix + "embeddings.LayerNorm.bias", load("embeddings.LayerNorm.bias", {H}));
   m->embed_site_ = std::make_unique<EmbeddingSiteImpl>("embed", prefix + "embeddings", H);
+  m->output(prefix + "encoder", H);
 
   for (std::int64_t i = 0; i < c.num_layers; ++i) {
     const std::string cn = "layers." + std::to_string(i), hf = "encoder.layer." + std::to_string(i);
@@ -135,16 +136,35 @@ Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask,
     return (u ? u->padded(x) : x).view({B, T, nh, hd}).transpose(1, 2);
   };
   Tensor q = heads(l.q->forward(h)), k = heads(l.k->forward(h)), v = heads(l.v->forward(h));
-  if (prefix.first.defined()) {  // (B, nh, P, hd) each
-    k = at::cat({prefix.first.to(k.dtype()), k}, 2);
-    v = at::cat({prefix.second.to(v.dtype()), v}, 2);
-  }
+  const KV in = l.attention->input_prefix(h);  // (B, nh, P_in, hd) each; input prefixes keep the padded layout
+  prepend_prefixes(k, v, {&prefix, &in});  // keys: [prefix ; input prefix ; tokens]
   if (mask.defined() && mask.size(1) != k.size(2)) throw std::runtime_error("attention mask covers " + std::to_string(mask.size(1)) + " keys, not " + std::to_string(k.size(2)));
   // An undefined mask: every key is real, no mask at all (the kernels' fastest path).
   Tensor keep = mask.defined() ? mask.to(at::kBool).view({B, 1, 1, k.size(2)}) : Tensor();
   Tensor ctx = attend(q, k, v, keep, config_.attention_dropout, training_, *l.attention);  // (B, nh, T, hd)
   ctx = ctx.transpose(1, 2).reshape({B * T, H});
   return u ? ctx.index_select(0, u->index) : ctx.view({B, T, H});  // (N, H) or (B, T, H)
+}
+
+Tensor BertModel::routed_layer(const Layer& l, const Tensor& h, const Tensor& kept, const Tensor& mask, const KV& prefix) const {
+  // h (B, T, H): routers keep the padded layout; mask (B, P + T) or undefined (all real)
+  const auto B = h.size(0), T = h.size(1), H = h.size(2);
+  const auto P = mask.defined() ? mask.size(1) - T : std::int64_t{0};
+  const Tensor run = mask.defined() ? kept.logical_and(mask.narrow(1, P, T).to(at::kBool)) : kept;  // (B, T)
+  const Tensor count = run.sum(1);                                                                  // (B)
+  const auto k = count.max().item<std::int64_t>();
+  if (k == 0) return h;
+  // Each row's kept tokens first, in their order: (B, k) positions.
+  const Tensor order = std::get<1>(at::sort(run.to(at::kInt), /*stable=*/true, /*dim=*/1, /*descending=*/true)).narrow(1, 0, k);
+  const Tensor idx = order.unsqueeze(-1).expand({B, k, H});
+  Tensor keys = run.gather(1, order);  // (B, k): the slots holding a kept token
+  // A row that keeps nothing still needs a key for its (dropped) queries.
+  keys = keys.logical_or(count.eq(0).unsqueeze(1).logical_and(at::arange(k, order.options()).eq(0).unsqueeze(0)));
+  Tensor sub_mask = keys.to(at::kLong);
+  const auto P_all = (prefix.first.defined() ? prefix.first.size(2) : 0) + l.attention->input_prefix_length();
+  if (P_all > 0) sub_mask = at::cat({at::ones({B, P_all}, sub_mask.options()), sub_mask}, 1);
+  const Tensor out = layer_forward(l, h.gather(1, idx), sub_mask, prefix, nullptr);  // (B, k, H)
+  return h.scatter(1, idx, out);  // (B, T, H): the layer's result at kept positions
 }
 
 Tensor BertModel::layer_forward(const Layer& l, const Tensor& h, const Tensor& mask, const KV& prefix, const Unpadded* u) const {
@@ -189,6 +209,7 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
              token_type_->value()[0];                                  // single-segment input
   x = at::layer_norm(x, {H}, embed_norm_w_->value(), embed_norm_b_->value(), config_.layer_norm_eps);
   x = tessera::dropout(x, config_.hidden_dropout, training_);
+  embed_site_->tap(x);
   out.mask = attention_mask;
   if (out.prompt_length > 0)
     out.mask = at::cat({at::ones({B, out.prompt_length}, attention_mask.options()), attention_mask}, 1);
@@ -203,14 +224,18 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
     x = unpadded->rows(x);  // (N, H)
   }
   const Unpadded* u = unpadded ? &*unpadded : nullptr;
+  enter_forward(out.mask, u);
   for (const auto& l : layers_) {
     // The prefix is computed once per layer and forward: it sets the mask's length too.
     const KV prefix = l.attention->prefix(B);
     Tensor mask;  // undefined when every key is real
-    if (!all_real) mask = prefix.first.defined() ? at::cat({at::ones({B, prefix.first.size(2)}, out.mask.options()), out.mask}, 1) : out.mask;
-    x = l.layer->run(x, [&](const Tensor& h) { return layer_forward(l, h, mask, prefix, u); });
+    const auto P = (prefix.first.defined() ? prefix.first.size(2) : 0) + l.attention->input_prefix_length();
+    if (!all_real) mask = P > 0 ? at::cat({at::ones({B, P}, out.mask.options()), out.mask}, 1) : out.mask;
+    x = l.layer->run(x, [&](const Tensor& h, const Tensor& kept) {
+      return kept.defined() ? routed_layer(l, h, kept, mask, prefix) : layer_forward(l, h, mask, prefix, u);
+    });
   }
-  out.hidden = u ? u->padded(x) : x;  // (B, S, H)
+  out.hidden = output_site_->apply(u ? u->padded(x) : x);  // (B, S, H)
   return out;
 }
 

@@ -150,6 +150,7 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
   m->word_ = tensor("embed.word.weight", word + ".weight", {V, H});
   if (c.gpt2) m->position_ = tensor("embed.position.weight", "wpe.weight", {c.max_positions, H});
   m->embed_site_ = std::make_unique<EmbeddingSiteImpl>("embed", P + word, H);
+  m->output(P + (c.gpt2 ? "ln_f" : "norm"), H);
 
   for (std::int64_t i = 0; i < c.num_layers; ++i) {
     const std::string cn = "layers." + std::to_string(i), hf = (c.gpt2 ? "h." : "layers.") + std::to_string(i);
@@ -192,7 +193,7 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
     l.attn = m->sublayer(cn + ".attn", P + hf + (c.gpt2 ? ".attn" : ".self_attn"), H);
     l.mlp = m->sublayer(cn + ".mlp", P + hf + ".mlp", H);
     // Prefix keys and values are per key/value head (grouped-query attention shares them).
-    l.attention = m->attention_site(cn + ".attn", P + hf + (c.gpt2 ? ".attn" : ".self_attn"), c.num_kv_heads, hd);
+    l.attention = m->attention_site(cn + ".attn", P + hf + (c.gpt2 ? ".attn" : ".self_attn"), c.num_kv_heads, hd, c.num_heads);
     l.layer = m->layer_site(cn, P + hf, i);
     l.sliding = c.sliding_layers.empty() ? c.sliding_window > 0 : c.sliding_layers[static_cast<std::size_t>(i)];
     m->layers_.push_back(l);
@@ -303,11 +304,9 @@ Tensor DecoderModel::attention(const Layer& l, std::size_t index, const Tensor& 
   }
   // Keys: [prefix (first call only) | cached | new].
   const bool first = cache == nullptr || cache->k.size() <= index || !cache->k[index].defined();
-  if (first) {
-    if (prefix.first.defined()) {
-      k = at::cat({prefix.first.to(k.dtype()), k}, 2);
-      v = at::cat({prefix.second.to(v.dtype()), v}, 2);
-    }
+  if (first) {  // keys: [prefix ; input prefix ; tokens]
+    const auto in = l.attention->input_prefix(x);  // x (B, T, H): input prefixes keep the padded layout
+    prepend_prefixes(k, v, {&prefix, &in});
   } else {
     k = at::cat({cache->k[index], k}, 2);
     v = at::cat({cache->v[index], v}, 2);
@@ -356,7 +355,8 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     // Each site's prefix is evaluated once per forward (it may run a network).
     for (const auto& l : layers_) prefixes.push_back(l.attention->prefix(B));
     const auto& p0 = prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[0];
-    past = at::ones({B, p0.first.defined() ? p0.first.size(2) : 0}, mask.options());
+    const auto in0 = layers_.empty() ? 0 : layers_[0].attention->input_prefix_length();
+    past = at::ones({B, (p0.first.defined() ? p0.first.size(2) : 0) + in0}, mask.options());
   }
   Tensor key_mask = at::cat({past, new_mask}, 1);  // (B, S)
   const bool all_real = key_mask.all().item<bool>();
@@ -367,6 +367,7 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     x = x + at::embedding(position_->value(), positions);
   }
   x = tessera::dropout(x, config_.embed_dropout, training_);
+  embed_site_->tap(x);
   const auto rope = config_.gpt2 ? std::pair<Tensor, Tensor>{} : rope_tables(positions, x.scalar_type());
   // Padding never influences real tokens, so without a cache (training, evaluation) the
   // token-wise work skips it: the layers run on the N real tokens' rows, attention alone
@@ -377,11 +378,17 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     x = unpadded->rows(x);  // (N, H)
   }
   const Unpadded* u = unpadded ? &*unpadded : nullptr;
+  enter_forward(new_mask, u);
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const Layer& l = layers_[i];
-    x = l.layer->run(x, [&](const Tensor& h) {
+    x = l.layer->run(x, [&](const Tensor& h, const Tensor& kept) {
+      // Routed: kept tokens attend to kept keys of this call (and to earlier keys, prefixes and
+      // themselves), at their own positions; the site keeps h at the others.
+      const auto S = key_mask.size(1);
+      const Tensor keys = kept.defined() ? at::cat({key_mask.narrow(1, 0, S - T), key_mask.narrow(1, S - T, T) * kept.to(key_mask.scalar_type())}, 1) : key_mask;
       Tensor n1 = norm(h, l.norm1_w, l.norm1_b);
-      Tensor a = tessera::dropout(attention(l, i, n1, positions, key_mask, rope, prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i], cache, all_real, u),
+      Tensor a = tessera::dropout(attention(l, i, n1, positions, keys, rope, prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i], cache,
+                                            all_real && !kept.defined(), u),
                                   config_.hidden_dropout, training_);
       Tensor h1 = h + l.attn->apply(n1, a);
       Tensor n2 = norm(h1, l.norm2_w, l.norm2_b);
@@ -391,7 +398,7 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
   }
   if (cache) cache->mask = key_mask;
   x = norm(x, final_w_, final_b_);
-  return u ? u->padded(x) : x;  // (B, P + T, H)
+  return output_site_->apply(u ? u->padded(x) : x);  // (B, P + T, H)
 }
 
 Tensor DecoderModel::logits(const Tensor& hidden) const { return head_->forward(hidden); }

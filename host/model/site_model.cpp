@@ -41,11 +41,18 @@ const tessera_host_log_v1 kLog{{sizeof(tessera_host_log_v1), 1}, &write_log};
 
 SiteModel::SiteModel() { set_extension(TESSERA_EXT_HOST_LOG, &kLog); }
 
+void SiteModel::enter_forward(const Tensor& mask, const Unpadded* u) const {
+  set_attention_mask(mask);
+  set_token_samples(u ? u->index.div(u->seq, "floor") : Tensor());  // flat position in (B, S) -> row
+}
+
 bool SiteModel::token_wise_only() const {
   for (const auto& s : sublayers_)
-    if (!s->empty()) return false;
+    if (!s->token_wise()) return false;
   for (const auto& l : layer_sites_)
     if (!l->empty()) return false;
+  for (const auto& a : attentions_)  // an input prefix reads (B, T, H)
+    if (a->input_prefix_length() > 0) return false;
   return true;
 }
 

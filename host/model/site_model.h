@@ -31,9 +31,12 @@ struct Unpadded {
 class SiteModel : public ModelViewImpl {
  public:
   SiteModel();  // offers the host's extensions (tessera.host.log)
-  // No sublayer or layer site has interventions: every method on the model is token-wise,
-  // so padding tokens can be dropped (see Unpadded).
+  // Every method on the model is token-wise (no layer-site intervention, sublayer ones
+  // only declared token-wise), so padding tokens can be dropped (see Unpadded).
   bool token_wise_only() const;
+  // The forward context closures read: the mask of the layout they see (B, S), and with
+  // padding dropped each row's sample.
+  void enter_forward(const Tensor& mask, const Unpadded* u) const;
   // Tensors in the checkpoint the architecture does not use (pooler, task heads, buffers).
   const std::vector<std::string>& ignored_tensors() const { return ignored_; }
 

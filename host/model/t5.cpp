@@ -67,6 +67,7 @@ std::unique_ptr<T5Model> T5Model::load(const std::string& dir, c10::TensorOption
   };
   m->shared_ = tensor("embed.word.weight", "shared.weight", {c.vocab_size, d});
   m->embed_site_ = std::make_unique<EmbeddingSiteImpl>("embed", "shared", d);
+  m->output("decoder.final_layer_norm", d);
   // The stacks' own embed_tokens are the shared matrix (stored only by some writers).
   for (const char* tied : {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"})
     if (file.contains(tied)) file.take(tied, {c.vocab_size, d}, options);
@@ -168,9 +169,9 @@ Tensor T5Model::attention(const Attn& a, const Tensor& x, const Tensor& kv_sourc
     k = *cache_k, v = *cache_v;
   } else {
     k = heads(a.k->forward(kv_source)), v = heads(a.v->forward(kv_source));
-    if (first) {
-      auto prefix = a.site->prefix(B);
-      if (prefix.first.defined()) k = at::cat({prefix.first.to(k.dtype()), k}, 2), v = at::cat({prefix.second.to(v.dtype()), v}, 2);
+    if (first) {  // keys: [prefix ; input prefix (from the query's input x) ; source]
+      const auto prefix = a.site->prefix(B), in = a.site->input_prefix(x);
+      prepend_prefixes(k, v, {&prefix, &in});
     } else {
       k = at::cat({*cache_k, k}, 2), v = at::cat({*cache_v, v}, 2);
     }
@@ -188,6 +189,17 @@ Tensor T5Model::attention(const Attn& a, const Tensor& x, const Tensor& kv_sourc
   return a.o->forward(ctx.transpose(1, 2).reshape({B, T, nh * dk}));
 }
 
+// keep (B or 1, 1, T or 1, S) with routers' kept (B, T) over the last T keys: kept queries
+// see kept keys (earlier keys stay visible), every query itself.
+Tensor T5Model::routed(const Tensor& keep, const Tensor& kept, std::int64_t past) const {
+  if (!kept.defined()) return keep;
+  const auto B = kept.size(0), T = kept.size(1), S = past + T;
+  const Tensor keys = at::cat({at::ones({B, past}, kept.options()), kept}, 1).view({B, 1, 1, S});
+  const Tensor self = (at::arange(S, kept.options().dtype(at::kLong)).view({1, S}) == at::arange(past, S, kept.options().dtype(at::kLong)).view({T, 1}))
+                          .view({1, 1, T, S});
+  return keep.logical_and(keys).logical_or(self);  // (B, 1, T, S)
+}
+
 Encoded T5Model::encode(const Tensor& ids, const Tensor& mask) const {
   Encoded out;
   Tensor x = at::embedding(shared_->value(), ids);  // (B, S, d)
@@ -195,12 +207,14 @@ Encoded T5Model::encode(const Tensor& ids, const Tensor& mask) const {
   const auto B = x.size(0), S = x.size(1);
   out.mask = out.prompt_length > 0 ? at::cat({at::ones({B, out.prompt_length}, mask.options()), mask}, 1) : mask;
   x = tessera::dropout(x, config_.dropout, training_);
+  embed_site_->tap(x);
   const Tensor bias = position_bias(enc_bias_, S, S, 0, true);
   const Tensor keep = out.mask.to(at::kBool).view({B, 1, 1, S});
+  enter_forward(out.mask, nullptr);
   for (const auto& b : encoder_) {
-    x = b.layer->run(x, [&](const Tensor& h) {
+    x = b.layer->run(x, [&](const Tensor& h, const Tensor& kept) {
       Tensor n = norm(h, b.self.norm);
-      Tensor a = tessera::dropout(attention(b.self, n, n, keep, bias, nullptr, nullptr, false), config_.dropout, training_);
+      Tensor a = tessera::dropout(attention(b.self, n, n, routed(keep, kept, 0), bias, nullptr, nullptr, false), config_.dropout, training_);
       Tensor h1 = h + b.self.sub->apply(n, a);
       Tensor n2 = norm(h1, b.mlp_norm);
       return h1 + b.mlp->apply(n2, tessera::dropout(ff(b, n2), config_.dropout, training_));
@@ -219,11 +233,12 @@ Tensor T5Model::decode(const Tensor& target_ids, const Encoded& source, Seq2SeqC
   const auto lopts = target_ids.options();
   const Tensor causal = (at::arange(past + T, lopts).view({1, past + T}) <= at::arange(past, past + T, lopts).view({T, 1})).view({1, 1, T, past + T});
   const Tensor cross_keep = source.mask.to(at::kBool).view({source.mask.size(0), 1, 1, source.mask.size(1)});
+  enter_forward(at::ones({target_ids.size(0), T}, target_ids.options()), nullptr);
   for (std::size_t i = 0; i < decoder_.size(); ++i) {
     const Block& b = decoder_[i];
-    y = b.layer->run(y, [&](const Tensor& h) {
+    y = b.layer->run(y, [&](const Tensor& h, const Tensor& kept) {
       Tensor n = norm(h, b.self.norm);
-      Tensor a = attention(b.self, n, n, causal, bias, cache ? &cache->self_k[i] : nullptr, cache ? &cache->self_v[i] : nullptr, true);
+      Tensor a = attention(b.self, n, n, routed(causal, kept, past), bias, cache ? &cache->self_k[i] : nullptr, cache ? &cache->self_v[i] : nullptr, true);
       Tensor h1 = h + b.self.sub->apply(n, tessera::dropout(a, config_.dropout, training_));
       Tensor n2 = norm(h1, b.cross.norm);
       Tensor c = attention(b.cross, n2, source.hidden, cross_keep, Tensor(), cache ? &cache->cross_k[i] : nullptr,
@@ -234,7 +249,7 @@ Tensor T5Model::decode(const Tensor& target_ids, const Encoded& source, Seq2SeqC
     });
   }
   if (cache) cache->length += T;
-  return tessera::dropout(norm(y, dec_final_), config_.dropout, training_);
+  return output_site_->apply(tessera::dropout(norm(y, dec_final_), config_.dropout, training_));
 }
 
 Tensor T5Model::head_input(const Tensor& decoder_hidden) const {

@@ -68,6 +68,7 @@ class T5Model final : public SiteModel {
   };
   T5Model() = default;
   Tensor norm(const Tensor& x, ParameterSiteImpl* w) const;
+  Tensor routed(const Tensor& keep, const Tensor& kept, std::int64_t past) const;
   Tensor ff(const Block& b, const Tensor& x) const;
   // Relative position bias (1, nh, T, S) for queries at offset..offset+T-1 and S keys.
   Tensor position_bias(ParameterSiteImpl* table, std::int64_t T, std::int64_t S, std::int64_t offset, bool bidirectional) const;

@@ -74,6 +74,14 @@ class Section {
     } else if constexpr (std::is_same_v<T, std::string>) {
       if (!n->is_string()) fail(*n, std::string("'") + key + "' must be a string");
       out = expand_env(n->as_string()->get(), pos_of(file_, *n));
+    } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+      const toml::array* a = n->as_array();
+      if (a == nullptr) fail(*n, std::string("'") + key + "' must be a list of strings");
+      out.clear();
+      for (const auto& e : *a) {
+        if (!e.is_string()) fail(e, std::string("'") + key + "' must be a list of strings");
+        out.push_back(e.as_string()->get());
+      }
     } else if constexpr (std::is_same_v<T, double>) {
       if (n->is_integer()) out = static_cast<double>(n->as_integer()->get());
       else if (n->is_floating_point()) out = n->as_floating_point()->get();
@@ -221,6 +229,7 @@ Config load_config(const std::string& path) {
     s.get("label_column", c.data.label_column);
     s.get("prompt_column", c.data.prompt_column);
     s.get("target_column", c.data.target_column);
+    s.get("tag_columns", c.data.tag_columns);
     s.get("test_fraction", c.data.test_fraction);
     s.get("seed", c.data.seed);
     s.positive("max_length", c.data.max_length, 2);
@@ -323,6 +332,9 @@ std::string resolved_toml(const Config& c) {
                                   {"test_fraction", c.data.test_fraction},
                                   {"seed", c.data.seed}, {"max_length", c.data.max_length}, {"limit", c.data.limit},
                                   {"padding", c.data.padding}});
+  toml::array tag_columns;
+  for (const auto& t : c.data.tag_columns) tag_columns.push_back(t);
+  root["data"].as_table()->insert("tag_columns", tag_columns);
   root.insert("task", toml::table{{"kind", c.task.kind}, {"num_labels", c.task.num_labels}, {"pooling", c.task.pooling}});
   root.insert("train", toml::table{{"epochs", c.train.epochs}, {"batch_size", c.train.batch_size},
                                    {"eval_batch_size", c.train.eval_batch_size}, {"lr", c.train.lr}, {"head_lr", c.train.head_lr},

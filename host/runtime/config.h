@@ -57,6 +57,9 @@ struct DataConfig {
   std::string prompt_column;
   // seq2seq: the target column; text_column is the source.
   std::string target_column;
+  // Columns whose value each example carries as a tag (a task or adapter name), for methods
+  // that route by sample (ModelView::sample_tags).
+  std::vector<std::string> tag_columns;
   std::string padding = "longest";  // or "max_length": every batch padded to max_length
   double test_fraction = 0.2;
   std::int64_t seed = 13, max_length = 128, limit = 0;

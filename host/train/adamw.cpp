@@ -40,6 +40,24 @@ void FusedAdamW::step() {
   }
 }
 
+void FusedAdamW::replace(std::size_t g, std::vector<at::Tensor> params) {
+  auto& group = groups_.at(g);
+  auto& state = state_[g];
+  std::vector<State> kept;
+  if (!state.empty()) {
+    std::map<const void*, State> by_tensor;
+    for (std::size_t i = 0; i < group.params.size(); ++i) by_tensor[group.params[i].unsafeGetTensorImpl()] = state[i];
+    for (const auto& p : params) {
+      auto it = by_tensor.find(p.unsafeGetTensorImpl());
+      kept.push_back(it != by_tensor.end() ? it->second
+                                           : State{at::zeros_like(p, at::MemoryFormat::Preserve), at::zeros_like(p, at::MemoryFormat::Preserve),
+                                                   at::zeros({}, p.options().dtype(at::kFloat))});
+    }
+  }
+  group.params = std::move(params);
+  state = std::move(kept);  // empty before the first step: made then, as for any group
+}
+
 void FusedAdamW::zero_grad() {
   for (auto& g : groups_)
     for (auto& p : g.params)

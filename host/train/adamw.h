@@ -22,6 +22,9 @@ class FusedAdamW {
   explicit FusedAdamW(std::vector<Group> groups, double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8);
 
   std::vector<Group>& groups() { return groups_; }
+  // A group's parameters become `params`: a tensor listed before (the same tensor, not an
+  // equal one) keeps its moments and step count, a new one starts from zero.
+  void replace(std::size_t group, std::vector<at::Tensor> params);
   // One update of every parameter that has a gradient (the others, and their moments and
   // step counts, stay as they are, as torch's AdamW leaves them).
   void step();

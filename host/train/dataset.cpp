@@ -76,6 +76,7 @@ namespace {
 struct Raw {
   std::string text, label, prompt, target;
   std::vector<std::string> words, tags;
+  std::vector<std::string> sample_tags;
 };
 
 std::vector<Raw> read_csv_examples(const DataConfig& c, bool labelled) {
@@ -97,6 +98,7 @@ std::vector<Raw> read_csv_examples(const DataConfig& c, bool labelled) {
                                " fields, the header " + std::to_string(header.size()));
     out.push_back({rows[r][t], labelled ? rows[r][l] : "", c.prompt_column.empty() ? "" : rows[r][p],
                    c.target_column.empty() ? "" : rows[r][g]});
+    for (const auto& tag : c.tag_columns) out.back().sample_tags.push_back(rows[r][column(tag)]);
   }
   return out;
 }
@@ -105,6 +107,7 @@ std::vector<Raw> read_jsonl_examples(const DataConfig& c, bool labelled, bool wo
   std::ifstream in(c.path);
   if (!in) throw std::runtime_error("cannot read " + c.path);
   std::vector<Raw> out;
+  std::vector<std::vector<std::string>> sample_tags;  // per example: every parsed line adds one
   std::string line;
   for (std::size_t n = 1; std::getline(in, line); ++n) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
@@ -114,6 +117,12 @@ std::vector<Raw> read_jsonl_examples(const DataConfig& c, bool labelled, bool wo
       j = nlohmann::json::parse(line);
     } catch (const std::exception& e) {
       throw std::runtime_error(where + "not JSON: " + e.what());
+    }
+    auto& tags = sample_tags.emplace_back();  // the tag columns' values (numbers and booleans as written)
+    for (const auto& tag : c.tag_columns) {
+      if (!j.is_object() || !j.contains(tag) || j[tag].is_structured() || j[tag].is_null())
+        throw std::runtime_error(where + "needs a value '" + tag + "' (a [data] tag_columns entry)");
+      tags.push_back(j[tag].is_string() ? j[tag].get<std::string>() : j[tag].dump());
     }
     if (words) {  // token-classification: parallel arrays of words and tags
       auto strings = [&](const std::string& key) {
@@ -155,6 +164,7 @@ std::vector<Raw> read_jsonl_examples(const DataConfig& c, bool labelled, bool wo
       throw std::runtime_error(where + "'" + c.label_column + "' must be a string, integer or boolean");
     out.push_back({j[c.text_column].get<std::string>(), l.is_string() ? l.get<std::string>() : l.dump(), prompt, target});
   }
+  for (std::size_t i = 0; i < out.size(); ++i) out[i].sample_tags = std::move(sample_tags[i]);
   return out;
 }
 
@@ -228,7 +238,7 @@ Dataset load_dataset(const DataConfig& c, Labels labels) {
   const auto n_test = std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(raw.size()) * c.test_fraction + 0.5));
   for (std::size_t k = 0; k < order.size(); ++k) {
     const Raw& r = raw[order[k]];
-    Example e{r.text, labelled ? index[r.label] : 0, r.prompt, r.target, r.words, {}};
+    Example e{r.text, labelled ? index[r.label] : 0, r.prompt, r.target, r.words, {}, r.sample_tags};
     for (const auto& t : r.tags) e.tags.push_back(index[t]);
     (k < n_test ? d.test : d.train).push_back(std::move(e));
   }

@@ -17,6 +17,7 @@ struct Example {
   std::string target;      // seq2seq: what the decoder learns to write (text is the source)
   std::vector<std::string> words;  // token-classification: the words (text is them joined by spaces)
   std::vector<std::int64_t> tags;  // … and one label index per word
+  std::vector<std::string> sample_tags;  // one value per [data] tag_columns entry, in its order
 };
 
 struct Dataset {

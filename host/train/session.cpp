@@ -112,6 +112,7 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   }
 
   at::manual_seed(static_cast<std::uint64_t>(config_.train.seed));
+  offer_extensions();
   for (auto& m : config_.methods) {
     auto inst = registry.create(m.plugin, m.name);
     inst->attach(model(), m.targets, m.checked);
@@ -165,6 +166,8 @@ Batch Session::batch(Split which, const std::vector<std::size_t>& order, std::si
         lm_a[r][static_cast<std::int64_t>(t)] = (which == Split::Train ? train_tags_ : test_tags_)[order[begin + static_cast<std::size_t>(r)]][t];
     }
     lab_a[r] = split[order[begin + static_cast<std::size_t>(r)]].label;
+    const auto& tags = split[order[begin + static_cast<std::size_t>(r)]].sample_tags;
+    for (std::size_t k = 0; k < tags.size(); ++k) b.tags[config_.data.tag_columns[k]].push_back(tags[k]);
   }
   if (seq2seq()) {  // teacher forcing: the decoder reads the target shifted right by one
     const auto& targets = split_targets(which);
@@ -194,6 +197,7 @@ Batch Session::batch(Split which, const std::vector<std::size_t>& order, std::si
 
 Tensor Session::logits(const Batch& b) {
   if (!encoder_) throw std::logic_error("logits() is for sequence classification");
+  enter(b);
   Encoded e = encoder_->forward(b.ids, b.mask);
   // Pool over the input tokens only: prompt tokens (if any) are the method's, not the text's.
   Tensor h = e.hidden.narrow(1, e.prompt_length, b.ids.size(1));  // (B, T, H)
@@ -225,20 +229,44 @@ std::pair<Tensor, Tensor> head_rows(DecoderModel* decoder, T5Model* t5, const Ba
 
 Tensor Session::loss(const Batch& b) {
   if (causal() || seq2seq()) {
+    enter(b);
     auto [h, next] = head_rows(decoder_.get(), t5_.get(), b);
     LinearSiteImpl& head = causal() ? decoder_->head() : t5_->head();
     return head_loss_sum(head, h, next) / static_cast<double>(std::max<std::int64_t>(1, next.size(0)));
   }
-  if (token_classification()) {
-    Tensor logits = this->logits(b);  // (B, T, L)
+  return classification_loss(logits(b), b);
+}
+
+Tensor Session::classification_loss(const Tensor& logits, const Batch& b) const {
+  if (token_classification())  // logits (B, T, L)
     return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), b.lm_labels.reshape({-1}), {}, at::Reduction::Mean, -100);
-  }
-  return at::cross_entropy_loss(logits(b), b.labels);
+  return at::cross_entropy_loss(logits, b.labels);  // (B, L)
+}
+
+void Session::offer_extensions() {
+  training_ext_ = {{sizeof(tessera_host_training_v1), 1}, this,
+                   [](void* host, const char*) { static_cast<Session*>(host)->trainable_changed_ = true; },
+                   [](void* host, Tensor* loss, Tensor* logits) {
+                     auto& s = *static_cast<Session*>(host);
+                     if (s.training_batch_ == nullptr) throw std::runtime_error("forward_again runs only inside extra_loss() of a training step");
+                     if (s.causal() || s.seq2seq()) {
+                       *loss = s.loss(*s.training_batch_);
+                       *logits = Tensor();
+                       return;
+                     }
+                     *logits = s.logits(*s.training_batch_);
+                     *loss = s.classification_loss(*logits, *s.training_batch_);
+                   }};
+  tokenizer_ext_ = {{sizeof(tessera_host_tokenizer_v1), 1}, this,
+                    [](void* host, const std::string& text) { return static_cast<Session*>(host)->tokenizer_->encode(text, 0, false); }};
+  model().set_extension(TESSERA_EXT_HOST_TRAINING, &training_ext_);
+  model().set_extension(TESSERA_EXT_HOST_TOKENIZER, &tokenizer_ext_);
 }
 
 TokenStats Session::token_stats(const Batch& b) {
   TokenStats st;
   if (causal() || seq2seq()) {
+    enter(b);
     auto [h, next] = head_rows(decoder_.get(), t5_.get(), b);
     const HeadStats s = head_stats(causal() ? decoder_->head() : t5_->head(), h, next);
     st.loss_sum = s.loss_sum, st.correct = s.correct, st.tokens = next.size(0);
@@ -254,7 +282,13 @@ TokenStats Session::token_stats(const Batch& b) {
 
 std::vector<std::string> Session::generate_text(Split split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end) {
   std::vector<std::vector<std::int64_t>> sources;
-  for (std::size_t i = begin; i < end; ++i) sources.push_back(token_ids(split)[order[i]]);
+  Batch tagged;  // the examples' tags, for methods that route by them
+  for (std::size_t i = begin; i < end; ++i) {
+    sources.push_back(token_ids(split)[order[i]]);
+    const auto& tags = examples(split)[order[i]].sample_tags;
+    for (std::size_t k = 0; k < tags.size(); ++k) tagged.tags[config_.data.tag_columns[k]].push_back(tags[k]);
+  }
+  enter(tagged);
   GenerateOptions o;
   o.max_new_tokens = config_.data.max_length;
   o.eos_token_ids = {t5_->config().eos_token_id};

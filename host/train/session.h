@@ -17,8 +17,12 @@
 #include "runtime/plugin_registry.h"
 #include "train/dataset.h"
 
+#include <tessera/extensions.h>
+
+#include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace tessera {
@@ -33,6 +37,7 @@ struct Batch {
                      // causal-lm (B, T): the ids with -100 on padding and prompt tokens;
                      // seq2seq (B, U): the target ids with -100 on padding
   Tensor decoder_ids;  // seq2seq (B, U): [decoder start ; target[:-1]]
+  std::map<std::string, std::vector<std::string>> tags;  // [data] tag_columns: column -> (B) values
 };
 
 // Next-token statistics of a causal-lm batch.
@@ -71,6 +76,11 @@ class Session {
   const std::vector<std::int64_t>& prompt_lengths(Split split) const { return split == Split::Train ? train_prompt_ : test_prompt_; }
   Tensor logits(const Batch& b);  // sequence classification: (B, L); token classification: (B, T, L)
   Tensor loss(const Batch& b);    // the task's training loss (scalar f32)
+  // The training step's batch, for methods that run the forward pass again from extra_loss()
+  // (tessera.host.training); null outside it.
+  void set_training_batch(const Batch* b) { training_batch_ = b; }
+  // Whether a method said its trainable tensors changed since the last call.
+  bool take_trainable_changed() { return std::exchange(trainable_changed_, false); }
   TokenStats token_stats(const Batch& b);  // token-classification, causal-lm and seq2seq
   // seq2seq: greedy outputs for examples order[begin, end) of a split, as text.
   std::vector<std::string> generate_text(Split split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end);
@@ -92,6 +102,11 @@ class Session {
 
  private:
   void check_manifest(const std::string& dir);
+  // What methods may read of the batch a forward pass is about to run (ModelView::sample_tags).
+  void enter(const Batch& b) const { model().set_sample_tags(b.tags); }
+  Tensor classification_loss(const Tensor& logits, const Batch& b) const;  // (B, L) or (B, T, L)
+  // The host extensions methods may ask the model for (tessera/extensions.h).
+  void offer_extensions();
   Config config_;
   std::unique_ptr<BertModel> encoder_;
   std::unique_ptr<DecoderModel> decoder_;
@@ -107,6 +122,10 @@ class Session {
   std::vector<PluginInfo> plugins_;  // each method's plugin as found, for the adapter's manifest
   Tensor head_w_;  // (L, H)
   Tensor head_b_;  // (L)
+  const Batch* training_batch_ = nullptr;
+  bool trainable_changed_ = false;
+  tessera_host_training_v1 training_ext_{};
+  tessera_host_tokenizer_v1 tokenizer_ext_{};
 };
 
 c10::TensorOptions options_for(const ModelConfig& m);

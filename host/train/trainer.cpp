@@ -101,22 +101,6 @@ TrainResult train(Session& s, const std::string& run_dir) {
   std::ofstream metrics(fs::path(run_dir) / "metrics.jsonl", std::ios::app);
   auto log_metric = [&](const nlohmann::json& j) { metrics << j.dump() << "\n" << std::flush; };
 
-  // Two groups: method tensors at lr, the head at head_lr (lr when 0).
-  std::vector<Tensor> method_params, head_params;
-  for (auto& m : s.methods())
-    for (auto& [_, t] : m->call("trainable", [](Method& x) { return x.trainable(); })) method_params.push_back(t);
-  for (auto& [_, t] : s.head()) head_params.push_back(t);
-  const double head_lr = cfg.head_lr > 0 ? cfg.head_lr : cfg.lr;
-  std::vector<FusedAdamW::Group> groups;
-  if (!method_params.empty()) groups.push_back({method_params, cfg.lr, cfg.weight_decay});
-  if (!head_params.empty()) groups.push_back({head_params, head_lr, cfg.weight_decay});
-  if (groups.empty()) throw std::runtime_error("nothing to train: a causal-lm run needs at least one method");
-  FusedAdamW opt(std::move(groups));
-  std::vector<double> base_lr;
-  for (auto& g : opt.groups()) base_lr.push_back(g.lr);
-  std::vector<Tensor> all_params = method_params;
-  all_params.insert(all_params.end(), head_params.begin(), head_params.end());
-
   const auto n_train = s.examples(Split::Train).size();
   const auto bs = static_cast<std::size_t>(cfg.batch_size);
   const std::int64_t per_epoch = static_cast<std::int64_t>((n_train + bs - 1) / bs);
@@ -124,14 +108,9 @@ TrainResult train(Session& s, const std::string& run_dir) {
   if (cfg.max_steps > 0) total = std::min(total, cfg.max_steps);
   const auto warmup = static_cast<std::int64_t>(static_cast<double>(total) * cfg.warmup_ratio + 0.5);
 
-  TrainResult result;
-  result.trainable = s.trainable_parameter_count();
-  result.base = s.base_parameter_count();
-  spdlog::info("training {} of {} parameters ({:.3f}% of the base) on {} examples, {} steps", result.trainable, result.base,
-               100.0 * static_cast<double>(result.trainable) / static_cast<double>(result.base), n_train, total);
-
   // Data-dependent set-up (Fisher masks, SVD inits): methods that override prepare()
-  // pull the loss of calibration batches; the others never run it.
+  // pull the loss of calibration batches; the others never run it. Before the optimizer
+  // is made: tensors a method creates here are trained too.
   {
     const auto calib = epoch_batches(s, -1);
     Calibration c{std::min<std::int64_t>(8, static_cast<std::int64_t>(calib.size())), [&](std::int64_t i) {
@@ -140,6 +119,30 @@ TrainResult train(Session& s, const std::string& run_dir) {
                   }};
     for (auto& m : s.methods()) m->call("prepare", [&](Method& x) { x.prepare(c); });
   }
+
+  TrainResult result;
+  result.trainable = s.trainable_parameter_count();
+  result.base = s.base_parameter_count();
+  spdlog::info("training {} of {} parameters ({:.3f}% of the base) on {} examples, {} steps", result.trainable, result.base,
+               100.0 * static_cast<double>(result.trainable) / static_cast<double>(result.base), n_train, total);
+
+  // Two groups: method tensors at lr (group 0), the head at head_lr (lr when 0; group 1).
+  auto method_tensors = [&] {
+    std::vector<Tensor> out;
+    for (auto& m : s.methods())
+      for (auto& [_, t] : m->call("trainable", [](Method& x) { return x.trainable(); })) out.push_back(t);
+    return out;
+  };
+  std::vector<Tensor> method_params = method_tensors(), head_params;
+  for (auto& [_, t] : s.head()) head_params.push_back(t);
+  if (method_params.empty() && head_params.empty()) throw std::runtime_error("nothing to train: a causal-lm run needs at least one method");
+  const double head_lr = cfg.head_lr > 0 ? cfg.head_lr : cfg.lr;
+  FusedAdamW opt({{method_params, cfg.lr, cfg.weight_decay}, {head_params, head_lr, cfg.weight_decay}});
+  std::vector<double> base_lr;
+  for (auto& g : opt.groups()) base_lr.push_back(g.lr);
+  const std::size_t shown = method_params.empty() ? 1 : 0;  // the lr reported: the methods', else the head's
+  std::vector<Tensor> all_params = method_params;
+  all_params.insert(all_params.end(), head_params.begin(), head_params.end());
 
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
@@ -159,18 +162,26 @@ TrainResult train(Session& s, const std::string& run_dir) {
       const double factor = step < warmup ? static_cast<double>(step) / static_cast<double>(std::max<std::int64_t>(1, warmup))
                                           : std::max(0.0, static_cast<double>(total - step) / static_cast<double>(std::max<std::int64_t>(1, total - warmup)));
       for (std::size_t g = 0; g < opt.groups().size(); ++g) opt.groups()[g].lr = base_lr[g] * factor;
-      StepInfo info{step, total, base_lr[0] * factor};
+      StepInfo info{step, total, base_lr[shown] * factor};
       for (auto& m : s.methods()) m->call("on_step", [&](Method& x) { x.on_step(info); });
 
       Batch batch = s.batch(Split::Train, order, 0, order.size());
       Tensor loss = s.loss(batch);
+      s.set_training_batch(&batch);  // a method's extra_loss() may run the forward pass again
       for (auto& m : s.methods()) {
         Tensor extra = m->call("extra_loss", [](Method& x) { return x.extra_loss(); });
         if (extra.defined()) loss = loss + extra;
       }
+      s.set_training_batch(nullptr);
       opt.zero_grad();
       loss.backward();
       for (auto& m : s.methods()) m->call("after_backward", [](Method& x) { x.after_backward(); });
+      if (s.take_trainable_changed()) {  // a method added or replaced tensors in this step's hooks
+        method_params = method_tensors();
+        opt.replace(0, method_params);
+        all_params = method_params;
+        all_params.insert(all_params.end(), head_params.begin(), head_params.end());
+      }
       const Tensor norm = cfg.max_grad_norm > 0 ? clip_grad_norm(all_params, cfg.max_grad_norm) : Tensor();
       // One transfer reads the loss (and the gradient norm when clipping computed it); a
       // nan or inf stops the run before the optimizer writes it into the weights, so the
@@ -186,7 +197,7 @@ TrainResult train(Session& s, const std::string& run_dir) {
         log_metric({{"event", "diverged"}, {"epoch", epoch + 1}, {"step", step + 1}, {"reason", what}});
         // Before any update the learning rate cannot be the cause: say where else to look.
         const std::string hint = step == 0 ? "It came before any update, so not from the learning rate: look at the model's dtype, the data or a method's parameters."
-                                           : fmt::format("lr was {:g} at this step: a lower [train] lr, or max_grad_norm, may help.", base_lr[0] * factor);
+                                           : fmt::format("lr was {:g} at this step: a lower [train] lr, or max_grad_norm, may help.", base_lr[shown] * factor);
         throw std::runtime_error(fmt::format("training diverged at step {} (epoch {}): {}; stopped before the update. {} {}", step + 1, epoch + 1, what, hint,
                                              epochs_saved > 0 ? "The adapter of the last finished epoch stays in " + (fs::path(run_dir) / "adapter").string()
                                                               : std::string("No epoch had finished: nothing was saved.")));
@@ -202,7 +213,7 @@ TrainResult train(Session& s, const std::string& run_dir) {
       loss_avg = epoch_step == 0 ? l : 0.9 * loss_avg + 0.1 * l;
       ++step, ++epoch_step;
       bar.update(epoch_step, loss_avg, static_cast<double>(epoch_seen) / std::max(epoch_seconds, 1e-9));
-      log_metric({{"event", "step"}, {"epoch", epoch + 1}, {"step", step}, {"loss", l}, {"lr", base_lr[0] * factor}, {"seconds", dt}});
+      log_metric({{"event", "step"}, {"epoch", epoch + 1}, {"step", step}, {"loss", l}, {"lr", base_lr[shown] * factor}, {"seconds", dt}});
     }
     bar.finish();
     EvalResult ev = evaluate(s, Split::Test);

@@ -65,6 +65,16 @@ std::vector<AttentionSite*> ModelView::attention_sites() { return handles<Attent
 std::vector<LayerSite*> ModelView::layer_sites() { return handles<LayerSite>(ModelViewImpl::of(*this).layer_sites_); }
 EmbeddingSite* ModelView::embedding_site() { return ModelViewImpl::of(*this).embed_site_.get(); }
 std::vector<ParameterSite*> ModelView::parameter_sites() { return handles<ParameterSite>(ModelViewImpl::of(*this).params_); }
+OutputSite* ModelView::output_site() { return ModelViewImpl::of(*this).output_site_.get(); }
+
+Tensor ModelView::attention_mask() const { return ModelViewImpl::of(*this).mask_; }
+Tensor ModelView::token_samples() const { return ModelViewImpl::of(*this).samples_; }
+
+std::vector<std::string> ModelView::sample_tags(const std::string& column) const {
+  const auto& tags = ModelViewImpl::of(*this).tags_;
+  auto it = tags.find(column);
+  return it == tags.end() ? std::vector<std::string>{} : it->second;
+}
 
 const void* ModelView::extension(const char* id) const {
   if (id == nullptr) return nullptr;

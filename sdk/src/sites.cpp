@@ -77,11 +77,13 @@ void LinearSite::add_weight_delta(const Owner& o, TensorThunk d) { auto& s = Lin
 void LinearSite::add_input_scale(const Owner& o, TensorThunk v) { auto& s = LinearSiteImpl::of(*this); s.add(s.input_scales_, o, std::move(v)); }
 void LinearSite::add_output_scale(const Owner& o, TensorThunk v) { auto& s = LinearSiteImpl::of(*this); s.add(s.output_scales_, o, std::move(v)); }
 void LinearSite::add_branch(const Owner& o, TensorMap b) { auto& s = LinearSiteImpl::of(*this); s.add(s.branches_, o, std::move(b)); }
+void LinearSite::add_weight_transform(const Owner& o, TensorMap t) { auto& s = LinearSiteImpl::of(*this); s.add(s.weight_transforms_, o, std::move(t)); }
 void LinearSite::remove(const Owner& owner) { LinearSiteImpl::of(*this).remove_owner(OwnerImpl::of(owner)); }
 
 bool LinearSite::has_interventions() const {
   const auto& s = LinearSiteImpl::of(*this);
-  return any_on(s.weight_deltas_) || any_on(s.input_scales_) || any_on(s.output_scales_) || any_on(s.branches_);
+  return any_on(s.weight_deltas_) || any_on(s.input_scales_) || any_on(s.output_scales_) || any_on(s.branches_) ||
+         any_on(s.weight_transforms_);
 }
 
 void LinearSiteImpl::drop(const OwnerImpl& owner) {
@@ -89,6 +91,7 @@ void LinearSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(input_scales_, owner);
   erase_owner(output_scales_, owner);
   erase_owner(branches_, owner);
+  erase_owner(weight_transforms_, owner);
 }
 
 Tensor LinearSiteImpl::forward(const Tensor& x) const { return forward(x, Activation::none); }
@@ -97,6 +100,11 @@ Tensor LinearSiteImpl::forward(const Tensor& x, Activation act, const Tensor& ti
   Tensor w = weight_->value();                                                                 // (out, in)
   for (const auto& d : weight_deltas_)
     if (d.on()) w = w + times(d.alpha(), call(d));
+  for (const auto& t : weight_transforms_) {
+    if (!t.on()) continue;
+    Tensor out = call(t, w);  // (out, in)
+    w = t.alpha() == 1.0 ? out : w + (out - w) * t.alpha();
+  }
   Tensor xin = x;
   for (const auto& s : input_scales_)
     if (s.on()) xin = xin * toward(s.alpha(), call(s));  // (in) broadcast
@@ -122,7 +130,20 @@ std::int64_t SublayerSite::hidden_size() const { return static_cast<const Sublay
 void SublayerSite::add_sequential(const Owner& o, TensorMap m) { auto& s = static_cast<SublayerSiteImpl&>(*this); s.add(s.sequential_, o, std::move(m)); }
 void SublayerSite::add_parallel(const Owner& o, TensorMap m) { auto& s = static_cast<SublayerSiteImpl&>(*this); s.add(s.parallel_, o, std::move(m)); }
 void SublayerSite::add_gate(const Owner& o, TensorMap g) { auto& s = static_cast<SublayerSiteImpl&>(*this); s.add(s.gates_, o, std::move(g)); }
+void SublayerSite::add_token_wise_sequential(const Owner& o, TensorMap m) {
+  auto& s = static_cast<SublayerSiteImpl&>(*this);
+  s.add(s.sequential_, o, std::move(m), true);
+}
+void SublayerSite::add_token_wise_parallel(const Owner& o, TensorMap m) {
+  auto& s = static_cast<SublayerSiteImpl&>(*this);
+  s.add(s.parallel_, o, std::move(m), true);
+}
 void SublayerSite::remove(const Owner& owner) { static_cast<SublayerSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
+
+bool SublayerSiteImpl::token_wise() const {
+  auto all = [](const auto& list) { return std::all_of(list.begin(), list.end(), [](const auto& e) { return !e.on() || e.token_wise; }); };
+  return all(sequential_) && all(parallel_) && !any_on(gates_);
+}
 
 bool SublayerSite::empty() const {
   const auto& s = static_cast<const SublayerSiteImpl&>(*this);
@@ -150,23 +171,57 @@ Tensor SublayerSiteImpl::apply(const Tensor& x, Tensor h) const {  // x, h: (B, 
 
 // ---- AttentionSite ---------------------------------------------------------------------
 
-AttentionSiteImpl::AttentionSiteImpl(std::string name, std::string hf_path, std::int64_t num_heads, std::int64_t head_dim)
-    : SiteCore(std::move(name), std::move(hf_path)), num_heads_(num_heads), head_dim_(head_dim) {}
+AttentionSiteImpl::AttentionSiteImpl(std::string name, std::string hf_path, std::int64_t num_heads, std::int64_t head_dim, std::int64_t query_heads)
+    : SiteCore(std::move(name), std::move(hf_path)), num_heads_(num_heads), head_dim_(head_dim), query_heads_(query_heads > 0 ? query_heads : num_heads) {}
 
 const std::string& AttentionSite::name() const { return static_cast<const AttentionSiteImpl&>(*this).name_; }
 const std::string& AttentionSite::hf_path() const { return static_cast<const AttentionSiteImpl&>(*this).hf_path_; }
 std::int64_t AttentionSite::num_heads() const { return static_cast<const AttentionSiteImpl&>(*this).num_heads_; }
 std::int64_t AttentionSite::head_dim() const { return static_cast<const AttentionSiteImpl&>(*this).head_dim_; }
+std::int64_t AttentionSite::num_query_heads() const { return static_cast<const AttentionSiteImpl&>(*this).query_heads_; }
+
+void AttentionSite::add_input_prefix(const Owner& o, std::int64_t length, KVFromInput p) {
+  auto& s = static_cast<AttentionSiteImpl&>(*this);
+  if (length < 1) throw std::invalid_argument("site '" + s.name_ + "': an input prefix needs a length of at least 1, not " + std::to_string(length));
+  s.add(s.input_prefixes_, o, InputPrefix{length, std::move(p)});
+}
 
 void AttentionSite::add_prefix(const Owner& o, KVPrefix p) { auto& s = static_cast<AttentionSiteImpl&>(*this); s.add(s.prefixes_, o, std::move(p)); }
 void AttentionSite::add_score_hook(const Owner& o, TensorMap h) { auto& s = static_cast<AttentionSiteImpl&>(*this); s.add(s.score_hooks_, o, std::move(h)); }
 void AttentionSite::remove(const Owner& owner) { static_cast<AttentionSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
-bool AttentionSite::has_prefix() const { return any_on(static_cast<const AttentionSiteImpl&>(*this).prefixes_); }
+bool AttentionSite::has_prefix() const {
+  const auto& s = static_cast<const AttentionSiteImpl&>(*this);
+  return any_on(s.prefixes_) || any_on(s.input_prefixes_);
+}
 bool AttentionSite::has_score_hooks() const { return any_on(static_cast<const AttentionSiteImpl&>(*this).score_hooks_); }
 
 void AttentionSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(prefixes_, owner);
+  erase_owner(input_prefixes_, owner);
   erase_owner(score_hooks_, owner);
+}
+
+std::int64_t AttentionSiteImpl::input_prefix_length() const {
+  std::int64_t n = 0;
+  for (const auto& p : input_prefixes_)
+    if (p.on()) n += p.fn.length;
+  return n;
+}
+
+std::pair<Tensor, Tensor> AttentionSiteImpl::input_prefix(const Tensor& x) const {  // x: (B, T, H)
+  std::vector<Tensor> ks, vs;
+  for (const auto& p : input_prefixes_) {
+    if (!p.on()) continue;
+    auto [k, v] = call(p, x);  // (B, heads, P_i, head_dim)
+    const std::vector<std::int64_t> want{x.size(0), num_heads_, p.fn.length, head_dim_};
+    if (k.sizes() != want || v.sizes() != want)
+      throw InterventionError(p.owner->where(name_) + "an input prefix returned K " + c10::str(k.sizes()) + " and V " + c10::str(v.sizes()) +
+                              ", not " + c10::str(at::IntArrayRef(want)));
+    ks.push_back(k);
+    vs.push_back(v);
+  }
+  if (ks.empty()) return {};
+  return {at::cat(ks, 2), at::cat(vs, 2)};
 }
 
 std::pair<Tensor, Tensor> AttentionSiteImpl::prefix(std::int64_t batch) const {
@@ -201,7 +256,17 @@ std::int64_t EmbeddingSite::hidden_size() const { return static_cast<const Embed
 void EmbeddingSite::add_prompt(const Owner& o, PerBatch p) { auto& s = static_cast<EmbeddingSiteImpl&>(*this); s.add(s.prompts_, o, std::move(p)); }
 void EmbeddingSite::remove(const Owner& owner) { static_cast<EmbeddingSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
 bool EmbeddingSite::has_prompts() const { return any_on(static_cast<const EmbeddingSiteImpl&>(*this).prompts_); }
-void EmbeddingSiteImpl::drop(const OwnerImpl& owner) { erase_owner(prompts_, owner); }
+void EmbeddingSite::add_tap(const Owner& o, HiddenTap t) { auto& s = static_cast<EmbeddingSiteImpl&>(*this); s.add(s.taps_, o, std::move(t)); }
+
+void EmbeddingSiteImpl::drop(const OwnerImpl& owner) {
+  erase_owner(prompts_, owner);
+  erase_owner(taps_, owner);
+}
+
+void EmbeddingSiteImpl::tap(const Tensor& x0) const {  // (B, S, H)
+  for (const auto& t : taps_)
+    if (t.on()) call(t, x0.detach());
+}
 
 Tensor EmbeddingSiteImpl::prepend(const Tensor& embedded, std::int64_t* prompt_length) const {  // (B, T, H)
   std::vector<Tensor> parts;
@@ -240,21 +305,50 @@ void LayerSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(routers_, owner);
 }
 
-Tensor LayerSiteImpl::run(const Tensor& h, const std::function<Tensor(const Tensor&)>& layer) const {  // h: (B, T, H)
-  Tensor out = layer(h);
+Tensor LayerSiteImpl::run(const Tensor& h, const LayerFn& layer) const {  // h: (B, T, H)
   Tensor keep;
   for (const auto& r : routers_) {
     if (!r.on()) continue;
     Tensor k = call(r, h);  // (B, T)
     keep = keep.defined() ? keep * k : k;
   }
-  if (keep.defined()) {
-    keep = keep.to(out.scalar_type()).unsqueeze(-1);  // (B, T, 1)
-    out = keep * out + (1 - keep) * h;
+  Tensor out;
+  if (!keep.defined()) {
+    out = layer(h, Tensor());
+  } else {
+    const Tensor kept = keep.ne(0);  // (B, T) bool
+    if (!kept.any().item<bool>()) {
+      out = h;  // nothing to run
+    } else {
+      const Tensor w = keep.to(h.scalar_type()).unsqueeze(-1);  // (B, T, 1)
+      out = w * layer(h, kept) + (1 - w) * h;
+    }
   }
   for (const auto& t : taps_)
     if (t.on()) call(t, out.detach());
   return out;
+}
+
+// ---- OutputSite ------------------------------------------------------------------------
+
+OutputSiteImpl::OutputSiteImpl(std::string name, std::string hf_path, std::int64_t hidden_size)
+    : SiteCore(std::move(name), std::move(hf_path)), hidden_size_(hidden_size) {}
+
+const std::string& OutputSite::name() const { return static_cast<const OutputSiteImpl&>(*this).name_; }
+const std::string& OutputSite::hf_path() const { return static_cast<const OutputSiteImpl&>(*this).hf_path_; }
+std::int64_t OutputSite::hidden_size() const { return static_cast<const OutputSiteImpl&>(*this).hidden_size_; }
+void OutputSite::add_transform(const Owner& o, TensorMap f) { auto& s = static_cast<OutputSiteImpl&>(*this); s.add(s.transforms_, o, std::move(f)); }
+void OutputSite::remove(const Owner& owner) { static_cast<OutputSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
+bool OutputSite::empty() const { return !any_on(static_cast<const OutputSiteImpl&>(*this).transforms_); }
+void OutputSiteImpl::drop(const OwnerImpl& owner) { erase_owner(transforms_, owner); }
+
+Tensor OutputSiteImpl::apply(Tensor h) const {  // (B, T, H)
+  for (const auto& f : transforms_) {
+    if (!f.on()) continue;
+    Tensor out = call(f, h);
+    h = f.alpha() == 1.0 ? out : h + (out - h) * f.alpha();
+  }
+  return h;
 }
 
 }  // namespace tessera

@@ -5,6 +5,7 @@
 // Built twice: against the SDK of the tree (id "probe") and against the frozen copy of
 // the SDK 2.0 headers under tests/sdk/abi-2.0 (id "probe-2.0"), which every later host
 // must load and run. Kinds added by a later minor go under `#if TESSERA_SDK_ABI_MINOR >= n`.
+#include <tessera/extensions.h>
 #include <tessera/plugin.h>
 
 #include <ATen/ATen.h>
@@ -23,7 +24,11 @@ class Probe final : public tessera::Method {
     return {{
         {"kind", ParamType::String, std::string("branch"), "which intervention to install", std::nullopt, std::nullopt,
          {"weight_delta", "input_scale", "output_scale", "branch", "param_delta", "sequential", "parallel", "gate", "prefix",
-          "score_hook", "prompt", "tap", "router", "throw", "throw_forward", "nan_loss"}},
+          "score_hook", "prompt", "tap", "router", "throw", "throw_forward", "nan_loss"
+#if TESSERA_SDK_ABI_MINOR >= 1
+          , "output", "embed_tap", "weight_transform", "token_wise_sequential", "token_wise_parallel", "life", "forward_again", "tokenize", "context", "input_prefix", "router_prefix"
+#endif
+         }},
         {"value", ParamType::Float, 1.0, "the constant of the intervention", std::nullopt, std::nullopt, {}},
         {"length", ParamType::Int, std::int64_t{2}, "prompt or prefix length; nan_loss: the 0-based step from which the loss is nan", 1, 64, {}},
     }};
@@ -73,6 +78,7 @@ class Probe final : public tessera::Method {
           });
         else  // adds `value` to the scores of the first `length` keys
           s->add_score_hook(owner, [=](const Tensor& scores) {
+            seen_["score_shape"] = at::tensor(scores.sizes().vec(), at::kLong);
             Tensor add = at::zeros({scores.size(-1)}, scores.options());
             add.narrow(0, 0, len).fill_(v);
             return scores + add;
@@ -83,9 +89,70 @@ class Probe final : public tessera::Method {
       const auto H = e->hidden_size();
       const auto opts = model.info().options;
       e->add_prompt(owner, [=](std::int64_t batch) { return at::full({batch, len, H}, v, opts); });
+#if TESSERA_SDK_ABI_MINOR >= 1
+    } else if (kind == "token_wise_sequential" || kind == "token_wise_parallel") {  // h ↦ h · value, + x · value
+      for (auto* s : model.match_sublayers(ctx.targets)) {
+        if (kind == "token_wise_sequential") s->add_token_wise_sequential(owner, [=](const Tensor& h) { return h * v; });
+        else s->add_token_wise_parallel(owner, [=](const Tensor& x) { return x * v; });
+      }
+    } else if (kind == "life") {  // a branch x·(late + grown): late made in prepare(), grown at step 1
+      params_ = ctx.model.info().param_options;
+      training_ = tessera::host_extension<tessera_host_training_v1>(ctx.model, TESSERA_EXT_HOST_TRAINING, 1);
+      instance_ = ctx.instance;
+      for (auto* s : model.match_linear(ctx.targets)) {
+        const auto n = std::min(s->in_features(), s->out_features());
+        s->add_branch(owner, [this, n](const Tensor& x) {
+          Tensor w = at::zeros({1}, x.options());
+          for (const char* k : {"late", "grown"})
+            if (trainable_.count(k)) w = w + trainable_.at(k).to(x.scalar_type());
+          return x.narrow(-1, 0, n) * w;
+        });
+      }
+    } else if (kind == "router_prefix") {  // every matched layer keeps the first `length` tokens of each row
+      for (auto* l : model.match_layers(ctx.targets))
+        l->add_router(owner, [=](const Tensor& h) {
+          return (at::arange(h.size(1), h.options().dtype(at::kLong)) < len).to(h.scalar_type()).expand({h.size(0), h.size(1)});
+        });
+    } else if (kind == "input_prefix") {  // as "prefix", computed from the attention's input (whose shape it keeps)
+      for (auto* s : model.match_attention(ctx.targets)) {
+        const auto heads = s->num_heads(), dim = s->head_dim();
+        s->add_input_prefix(owner, len, [=](const Tensor& x) {
+          seen_["input_shape"] = at::tensor(x.sizes().vec(), at::kLong);
+          const auto batch = x.size(0);
+          return std::make_pair(at::zeros({batch, heads, len, dim}, x.options()), at::full({batch, heads, len, dim}, v, x.options()));
+        });
+      }
+    } else if (kind == "context") {  // a branch adding nothing that keeps the forward context it reads
+      tessera::ModelView* m = &ctx.model;
+      for (auto* s : model.match_linear(ctx.targets)) {
+        const auto n = std::min(s->in_features(), s->out_features());
+        s->add_branch(owner, [this, m, n](const Tensor& x) {
+          seen_["mask"] = m->attention_mask();
+          if (m->token_samples().defined()) seen_["samples"] = m->token_samples();
+          std::vector<std::int64_t> is_b;  // the "task" tag of each sample: 1 for "b"
+          for (const auto& t : m->sample_tags("task")) is_b.push_back(t == "b");
+          seen_["task_is_b"] = at::tensor(is_b, at::kLong);
+          return x.narrow(-1, 0, n) * 0;
+        });
+      }
+    } else if (kind == "forward_again") {
+      training_ = tessera::host_extension<tessera_host_training_v1>(ctx.model, TESSERA_EXT_HOST_TRAINING, 1);
+      if (training_ == nullptr) throw std::runtime_error("no tessera.host.training");
+    } else if (kind == "tokenize") {  // the ids of a fixed text, kept as state "ids"
+      const auto* tok = tessera::host_extension<tessera_host_tokenizer_v1>(ctx.model, TESSERA_EXT_HOST_TOKENIZER, 1);
+      if (tok == nullptr) throw std::runtime_error("no tessera.host.tokenizer");
+      const auto ids = tok->encode(tok->host, "a great movie");
+      seen_["ids"] = at::tensor(ids, at::kLong);
+    } else if (kind == "weight_transform") {  // W ↦ W · value, after every weight delta
+      for (auto* s : model.match_linear(ctx.targets)) s->add_weight_transform(owner, [=](const Tensor& w) { return w * v; });
+    } else if (kind == "output") {  // h ↦ h · value on the backbone's final hidden states
+      model.output_site()->add_transform(owner, [=](const Tensor& h) { return h * v; });
+    } else if (kind == "embed_tap") {  // keeps what the first layer receives, as state "tapped"
+      model.embedding_site()->add_tap(owner, [this](const Tensor& x0) { seen_["tapped"] = x0; });
+#endif
     } else if (kind == "tap" || kind == "router") {
       for (auto* l : model.match_layers(ctx.targets)) {
-        if (kind == "tap") l->add_tap(owner, [this](const Tensor& h) { tapped_ = h; });
+        if (kind == "tap") l->add_tap(owner, [this](const Tensor& h) { seen_["tapped"] = h; });
         else l->add_router(owner, [=](const Tensor& h) { return at::full({h.size(0), h.size(1)}, v, h.options()); });
       }
     }
@@ -93,15 +160,41 @@ class Probe final : public tessera::Method {
 
   // No detach(): the host removes what the instance installed.
 
-  void on_step(const tessera::StepInfo& info) override { step_ = info.step; }
+  void prepare(const tessera::Calibration&) override {
+    if (kind_ == "life") trainable_["late"] = at::zeros({1}, params_).set_requires_grad(true);
+  }
+  void on_step(const tessera::StepInfo& info) override {
+    step_ = info.step;
+#if TESSERA_SDK_ABI_MINOR >= 1
+    if (kind_ == "life" && info.step == 1 && training_ != nullptr) {
+      trainable_["grown"] = at::zeros({1}, params_).set_requires_grad(true);
+      training_->trainable_changed(training_->host, instance_.c_str());
+    }
+#endif
+  }
   Tensor extra_loss() override {
+#if TESSERA_SDK_ABI_MINOR >= 1
+    if (kind_ == "forward_again") {  // the pass again; its loss and logits kept, no extra term
+      Tensor loss, logits;
+      training_->forward_again(training_->host, &loss, &logits);
+      seen_["again_loss"] = loss.detach();
+      if (logits.defined()) seen_["again_logits"] = logits.detach();
+      return {};
+    }
+#endif
     if (nan_from_ < 0 || step_ < nan_from_) return {};
     return at::full({}, std::numeric_limits<double>::quiet_NaN());
   }
 
-  tessera::NamedTensors trainable() override { return {}; }
+  tessera::NamedTensors trainable() override { return trainable_; }
   // The last tapped hidden state, so a test can read what the tap saw.
-  tessera::NamedTensors state() override { return tapped_.defined() ? tessera::NamedTensors{{"tapped", tapped_}} : tessera::NamedTensors{}; }
+  // What the probe saw (a tap's tensor, tokenized ids, a second pass), and its trainable
+  // tensors, so that a test can read them.
+  tessera::NamedTensors state() override {
+    tessera::NamedTensors out = seen_;
+    out.insert(trainable_.begin(), trainable_.end());
+    return out;
+  }
   void load_state(const tessera::NamedTensors&) override {}
   std::string adapter_config_json() const override { return "{\"peft_type\": \"PROBE\"}"; }
 
@@ -118,7 +211,12 @@ class Probe final : public tessera::Method {
   std::string kind_;
   ProbeExtension ext_;
   std::int64_t nan_from_ = -1, step_ = 0;
-  Tensor tapped_;
+  tessera::NamedTensors seen_, trainable_;
+  std::string instance_;
+  c10::TensorOptions params_;
+#if TESSERA_SDK_ABI_MINOR >= 1
+  const tessera_host_training_v1* training_ = nullptr;
+#endif
 };
 
 }  // namespace

@@ -80,18 +80,19 @@ void conform(const Row& row, const Base& base) {
     CATCH_CHECK(t.scalar_type() == at::kFloat);
   }
 
-  // One training step by hand: every trainable tensor gets a gradient; the base none.
-  model->train(true);
-  Tensor loss = base.out(*model).pow(2).mean();
-  loss.backward();
-  model->train(false);
-  {
+  // Two training steps by hand: every trainable tensor gets a gradient; the base none.
+  for (int step = 0; step < 2; ++step) {
+    model->train(true);
+    Tensor loss = base.out(*model).pow(2).mean();
+    loss.backward();
+    model->train(false);
     at::NoGradGuard ng;
     for (auto& [k, t] : trainable) {
-      CATCH_INFO("tensor " << k);
+      CATCH_INFO("tensor " << k << ", step " << step);
       CATCH_REQUIRE(t.grad().defined());
       CATCH_CHECK(t.grad().abs().sum().item<double>() > 0);
       t.sub_(t.grad() * 0.05);
+      t.mutable_grad().reset();
     }
   }
   for (auto* p : model->parameter_sites()) CATCH_CHECK((!p->base().requires_grad() && at::equal(p->base(), base_before[p->name()])));
@@ -99,6 +100,11 @@ void conform(const Row& row, const Base& base) {
   at::NoGradGuard ng;
   Tensor adapted = base.out(*model);
   CATCH_CHECK(test::max_abs_diff_tokens(adapted, base_out, mask) > 1e-4);
+  // Switched off by the host: the bare model, bit for bit; on again: the adapted one.
+  m->owner().set_enabled(false);
+  CATCH_CHECK(at::equal(base.out(*model), base_out));
+  m->owner().set_enabled(true);
+  CATCH_CHECK(at::equal(base.out(*model), adapted));
 
   // State round trip into a fresh instance on a fresh model.
   auto state = m->call("state", [](Method& x) { return x.state(); });
@@ -119,6 +125,7 @@ void conform(const Row& row, const Base& base) {
   m->detach(*model);
   CATCH_CHECK(test::max_abs_diff_tokens(base.out(*model), base_out, mask) < 1e-4 * scale);  // merge + unmerge round in f32
   m2->detach(*model2);
+  CATCH_CHECK(at::equal(base.out(*model2), base_out));  // never merged: detached is the bare model, bit for bit
 }
 
 }  // namespace

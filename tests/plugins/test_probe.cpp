@@ -4,6 +4,9 @@
 // give the same known math in this host.
 #include "support.h"
 
+#include "model/decoder.h"
+#include "model/t5.h"
+
 #include <tessera/dense_linear.h>
 
 using namespace tessera;
@@ -18,6 +21,18 @@ std::unique_ptr<MethodInstance> probe(ModelView& model, const std::string& name,
   const auto* info = test::registry().find(probe_id);
   inst->attach(model, targets, apply_schema(info->params, {{"kind", kind}, {"value", value}, {"length", length}}));
   return inst;
+}
+
+// MiniLM's embedding block by its formula: LN(word + position + token type 0), (B, T, H).
+Tensor embeddings(ModelView& model, const Tensor& ids) {
+  auto P = [&](const std::string& n) {
+    for (auto* p : model.parameter_sites())
+      if (p->name() == n) return p->base();
+    throw std::runtime_error("no parameter " + n);
+  };
+  Tensor emb = at::embedding(P("embed.word.weight"), ids) + P("embed.position.weight").narrow(0, 0, ids.size(1)) +
+               P("embed.token_type.weight")[0];
+  return at::layer_norm(emb, {384}, P("embed.norm.weight"), P("embed.norm.bias"), 1e-12);
 }
 
 }  // namespace
@@ -100,15 +115,152 @@ CATCH_TEST_CASE("sublayer, attention, embedding and layer interventions through 
     CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, base, mask) < 1e-5);
     detach(keep_all), detach(tap);
     // With every token skipping every layer, the output is the embedding block's output.
-    auto P = [&](const std::string& n) {
-      for (auto* p : model->parameter_sites())
-        if (p->name() == n) return p->base();
-      throw std::runtime_error("no parameter " + n);
-    };
-    Tensor emb = at::embedding(P("embed.word.weight"), ids) + P("embed.position.weight").narrow(0, 0, ids.size(1)) +
-                 P("embed.token_type.weight")[0];
-    emb = at::layer_norm(emb, {384}, P("embed.norm.weight"), P("embed.norm.bias"), 1e-12);
-    CATCH_CHECK(test::max_abs_diff_tokens(routed, emb, mask) < 1e-5);
+    CATCH_CHECK(test::max_abs_diff_tokens(routed, embeddings(*model, ids), mask) < 1e-5);
   }
   CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, base, mask) == 0);
+}
+
+CATCH_TEST_CASE("SDK 2.1: weight transforms after the summed deltas, token-wise sublayer modules, the forward context, input prefixes, routing, the output site, the embedding tap", "[plugins][probe][minilm]") {
+  probe_id = "probe";  // the 2.1 kinds: the 2.0 build does not have them
+  at::NoGradGuard no_grad;
+  {  // A weight transform sees every weight delta, whichever was installed first.
+    auto model = test::load_minilm();
+    auto* site = &LinearSiteImpl::of(*model->match_linear({"layers.2.attn.v"}).at(0));
+    const Tensor W = site->weight().base().clone(), b = site->bias()->base().clone();  // (384, 384), (384)
+    const Tensor x = at::randn({2, 3, 384});
+    auto t = probe(*model, "t", "weight_transform", 2.0, {"layers.2.attn.v"});
+    auto d = probe(*model, "d", "weight_delta", 0.02, {"layers.2.attn.v"});
+    CATCH_CHECK(test::max_abs_diff(site->forward(x), at::matmul(x, (2.0 * (W + 0.02)).t()) + b) < 1e-4);
+    t->owner().set_scale(0.5);  // W' = V + ½(2V − V) = 1.5 V
+    CATCH_CHECK(test::max_abs_diff(site->forward(x), at::matmul(x, (1.5 * (W + 0.02)).t()) + b) < 1e-4);
+  }
+  {  // Token-wise sublayer modules keep the unpadded path and equal the padded one.
+    auto model = test::load_minilm();
+    auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+    const auto &ids = ref["input_ids"], &mask = ref["attention_mask"];
+    auto padded = probe(*model, "seq", "sequential", 0.7, {"mlp"});
+    auto padded_par = probe(*model, "par", "parallel", 0.2, {"attn"});
+    CATCH_CHECK_FALSE(model->token_wise_only());
+    const Tensor expect = model->forward(ids, mask).hidden;
+    padded.reset(), padded_par.reset();
+    auto tw = probe(*model, "tw", "token_wise_sequential", 0.7, {"mlp"});
+    auto tw_par = probe(*model, "twp", "token_wise_parallel", 0.2, {"attn"});
+    CATCH_CHECK(model->token_wise_only());
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, expect, mask) < 1e-5);
+  }
+  {  // The forward context: the mask of the layout closures see, each unpadded row's sample.
+    auto model = test::load_minilm();
+    auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+    const auto &ids = ref["input_ids"], &mask = ref["attention_mask"];
+    auto c = probe(*model, "ctx", "context", 0.0, {"layers.0.attn.q"});
+    model->forward(ids, mask);
+    auto seen = c->call("state", [](Method& m) { return m.state(); });
+    CATCH_CHECK(at::equal(seen.at("mask"), mask));
+    CATCH_REQUIRE(seen.count("samples") == 1);  // a branch is token-wise: the encoder ran unpadded
+    CATCH_CHECK(at::equal(seen.at("samples").cpu(), mask.cpu().nonzero().select(1, 0)));
+    CATCH_CHECK(seen.at("task_is_b").numel() == 0);  // no tag columns outside a run
+  }
+  {  // An input prefix equals the same prefix without input, on every family; it sees (B, T, H).
+    auto bert = test::load_minilm();
+    auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+    auto& dec = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
+    auto& s2s = test::cached_tensors(test::fixture("seq2seq/reference.safetensors"));
+    auto llama = DecoderModel::load(test::fixture("decoders/llama"), test::options());
+    auto t5 = T5Model::load(test::fixture("seq2seq/t5"), test::options());
+    struct Case {
+      const char* name;
+      ModelView* model;
+      std::function<Tensor()> out;
+      Tensor ids, mask;  // the output's real positions
+    };
+    std::vector<Case> cases = {
+        {"bert", bert.get(), [&] { return bert->forward(ref["input_ids"], ref["attention_mask"]).hidden; }, ref["input_ids"], ref["attention_mask"]},
+        {"llama", llama.get(), [&] { return llama->forward(dec["input_ids"], dec["attention_mask"]); }, dec["input_ids"], dec["attention_mask"]},
+        {"t5", t5.get(), [&] { return t5->decode(s2s["t5.decoder_input_ids"], t5->encode(s2s["input_ids"], s2s["attention_mask"])); }, s2s["input_ids"],
+         at::ones_like(s2s["t5.decoder_input_ids"])},
+    };
+    for (auto& c : cases) {
+      CATCH_INFO(c.name);
+      const Tensor bare = c.out();
+      Tensor with_static;
+      {
+        auto p = probe(*c.model, "static", "prefix", 7.0, {"*layers.*.attn"}, 3);
+        with_static = c.out();
+      }
+      auto p = probe(*c.model, "input", "input_prefix", 7.0, {"*layers.*.attn"}, 3);
+      const Tensor with_input = c.out();
+      CATCH_CHECK(test::max_abs_diff_tokens(with_input, bare, c.mask) > 1e-3);  // the prefix is seen
+      CATCH_CHECK(test::max_abs_diff_tokens(with_input, with_static, c.mask) < 1e-4 * std::max(1.0, with_static.abs().max().item<double>()));
+      const Tensor shape = p->call("state", [](Method& m) { return m.state(); }).at("input_shape");
+      CATCH_CHECK(shape.size(0) == 3);
+      CATCH_CHECK(shape[0].item<std::int64_t>() == c.ids.size(0));
+    }
+    // Grouped-query attention: prefixes per key/value head, hooks see every query head.
+    auto* site = llama->attention_sites().at(0);
+    CATCH_CHECK(site->num_heads() == llama->config().num_kv_heads);
+    CATCH_CHECK(site->num_query_heads() == llama->config().num_heads);
+    CATCH_CHECK(site->num_query_heads() > site->num_heads());  // the fixture is grouped-query
+    auto hook = probe(*llama, "hook", "score_hook", 0.0, {"layers.0.attn"});
+    llama->forward(dec["input_ids"], dec["attention_mask"]);
+    CATCH_CHECK(hook->call("state", [](Method& m) { return m.state(); }).at("score_shape")[1].item<std::int64_t>() == site->num_query_heads());
+  }
+  {  // Routing: tokens every layer keeps run the layers among themselves, the others skip them.
+     // Keeping each row's first K tokens everywhere gives those tokens the states of the
+     // input cut to K tokens (encoders: BERT gathers them, T5 masks), the rest their embeddings.
+    auto bert = test::load_minilm();
+    auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+    const Tensor ids = ref["input_ids"], mask = ref["attention_mask"];
+    const std::int64_t K = 5;
+    const Tensor cut = bert->forward(ids.narrow(1, 0, K), mask.narrow(1, 0, K)).hidden;  // (B, K, H)
+    auto r = probe(*bert, "route", "router_prefix", 0.0, {"layers.*"}, K);
+    const Tensor routed = bert->forward(ids, mask).hidden;
+    CATCH_CHECK(test::max_abs_diff_tokens(routed.narrow(1, 0, K), cut, mask.narrow(1, 0, K)) < 1e-4);
+    CATCH_CHECK(test::max_abs_diff_tokens(routed.narrow(1, K, ids.size(1) - K), embeddings(*bert, ids).narrow(1, K, ids.size(1) - K),
+                                          mask.narrow(1, K, ids.size(1) - K)) < 1e-5);
+    r.reset();
+    auto t5 = T5Model::load(test::fixture("seq2seq/t5"), test::options());
+    auto& s2s = test::cached_tensors(test::fixture("seq2seq/reference.safetensors"));
+    const Tensor src = s2s["input_ids"], src_mask = s2s["attention_mask"];
+    const Tensor t5_cut = t5->encode(src.narrow(1, 0, K), src_mask.narrow(1, 0, K)).hidden;
+    auto rt = probe(*t5, "route", "router_prefix", 0.0, {"encoder.layers.*"}, K);
+    CATCH_CHECK(test::max_abs_diff_tokens(t5->encode(src, src_mask).hidden.narrow(1, 0, K), t5_cut, src_mask.narrow(1, 0, K)) <
+                1e-4 * std::max(1.0, t5_cut.abs().max().item<double>()));
+  }
+  {  // BERT (the real MiniLM): padded batches, the encoder's unpadded path stays on
+    auto model = test::load_minilm();
+    auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+    const auto &ids = ref["input_ids"], &mask = ref["attention_mask"];
+    const Tensor base = model->forward(ids, mask).hidden;
+    auto out = probe(*model, "out", "output", 3.0, {});
+    CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, base * 3.0) == 0);
+    out->owner().set_scale(0.5);  // h + ½(3h − h) = 2h
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, base * 2.0, mask) < 1e-5);
+    out.reset();
+    auto tap = probe(*model, "tap", "embed_tap", 0.0, {});
+    model->forward(ids, mask);
+    const Tensor seen = tap->call("state", [](Method& m) { return m.state(); }).at("tapped");
+    CATCH_CHECK(test::max_abs_diff_tokens(seen, embeddings(*model, ids), mask) < 1e-5);
+    tap.reset();
+    CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, base) == 0);
+  }
+  for (const char* name : {"gpt2", "llama"}) {  // decoders: after the final norm
+    auto model = DecoderModel::load(test::fixture(std::string("decoders/") + name), test::options());
+    auto& ref = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
+    const Tensor base = model->forward(ref["input_ids"], ref["attention_mask"]);
+    auto out = probe(*model, "out", "output", -2.0, {});
+    CATCH_CHECK(test::max_abs_diff(model->forward(ref["input_ids"], ref["attention_mask"]), base * -2.0) == 0);
+    auto tap = probe(*model, "tap", "embed_tap", 0.0, {});
+    model->forward(ref["input_ids"], ref["attention_mask"]);
+    const Tensor seen = tap->call("state", [](Method& m) { return m.state(); }).at("tapped");
+    CATCH_CHECK(seen.sizes() == at::IntArrayRef({ref["input_ids"].size(0), ref["input_ids"].size(1), model->info().hidden_size}));
+  }
+  {  // T5: the decoder's final hidden states
+    auto model = T5Model::load(test::fixture("seq2seq/t5"), test::options());
+    auto& ref = test::cached_tensors(test::fixture("seq2seq/reference.safetensors"));
+    const Encoded enc = model->encode(ref["input_ids"], ref["attention_mask"]);
+    const Tensor base = model->decode(ref["t5.decoder_input_ids"], enc);
+    auto out = probe(*model, "out", "output", 0.5, {});
+    CATCH_CHECK(test::max_abs_diff(model->decode(ref["t5.decoder_input_ids"], enc), base * 0.5) == 0);
+    CATCH_CHECK(test::max_abs_diff(model->encode(ref["input_ids"], ref["attention_mask"]).hidden, enc.hidden) == 0);  // not the encoder's
+  }
 }

@@ -18,8 +18,8 @@ CATCH_TEST_CASE("bad plugins are refused with their reasons while good ones stil
   PluginRegistry reg;
   reg.scan({TESSERA_TEST_PLUGIN_DIR, TESSERA_BAD_PLUGIN_DIR, "/nonexistent/dir"});
   CATCH_CHECK(reg.find("probe") != nullptr);
-  CATCH_CHECK_THAT(reason_for(reg, "bad_abi"), Catch::Contains("plugin 'bad-abi': built for SDK ABI 99.0, the host has 2.0"));
   const std::string host = std::to_string(TESSERA_SDK_ABI_MAJOR) + "." + std::to_string(TESSERA_SDK_ABI_MINOR);
+  CATCH_CHECK_THAT(reason_for(reg, "bad_abi"), Catch::Contains("plugin 'bad-abi': built for SDK ABI 99.0, the host has " + host));
   const std::string newer = std::to_string(TESSERA_SDK_ABI_MAJOR) + "." + std::to_string(TESSERA_SDK_ABI_MINOR + 1);
   CATCH_CHECK_THAT(reason_for(reg, "newer_minor"), Catch::Contains("built for SDK ABI " + newer + ", newer than the host's " + host));
   CATCH_CHECK_THAT(reason_for(reg, "unknown_family"), Catch::Contains("unknown family 'magic'"));

@@ -91,7 +91,12 @@ CATCH_TEST_CASE("layer site: routers choose which tokens take the layer, taps se
     return keep;
   });
   l.add_tap(owner("t"), [&](const Tensor& x) { seen = x; });
-  Tensor out = l.run(h, [](const Tensor& x) { return x * 10; });
+  Tensor kept;
+  Tensor out = l.run(h, [&](const Tensor& x, const Tensor& k) {
+    kept = k;  // the layer is told which tokens to run on
+    return x * 10;
+  });
+  CATCH_CHECK(at::equal(kept, at::tensor({1, 0, 1}).ne(0).expand({2, 3})));
   CATCH_CHECK(max_abs_diff(out.select(1, 0), h.select(1, 0) * 10) < 1e-6);
   CATCH_CHECK(max_abs_diff(out.select(1, 1), h.select(1, 1)) == 0);
   CATCH_CHECK(max_abs_diff(seen, out) == 0);
@@ -155,7 +160,7 @@ CATCH_TEST_CASE("a closure that throws is named by plugin, instance and site", "
   LayerSiteImpl layer("layers.1", "", 1);
   layer.add_router(*o, [](const Tensor& h) { return at::matmul(h, at::ones({5, 5})); });
   try {
-    layer.run(at::randn({2, 3, 4}), [](const Tensor& t) { return t; });
+    layer.run(at::randn({2, 3, 4}), [](const Tensor& t, const Tensor&) { return t; });
     CATCH_FAIL("no error");
   } catch (const std::exception& e) {
     const std::string what = e.what();

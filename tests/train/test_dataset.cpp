@@ -72,3 +72,31 @@ CATCH_TEST_CASE("datasets from CSV and JSONL: labels, seeded split, errors with 
   c.path = write(dir, "unique.csv", unique);
   CATCH_CHECK(load_dataset(c).label_names.size() == 12);
 }
+
+CATCH_TEST_CASE("tag columns: each example carries its values, from CSV and JSON lines, and a missing one is named", "[train][data]") {
+  auto dir = test::temp_dir("tags");
+  std::string csv = "text,label,task\n", jsonl;
+  for (int i = 0; i < 6; ++i) {
+    csv += "sentence " + std::to_string(i) + "," + std::to_string(i % 2) + "," + (i < 3 ? "a" : "b") + "\n";
+    jsonl += "{\"text\": \"sentence " + std::to_string(i) + "\", \"label\": " + std::to_string(i % 2) + ", \"task\": " + (i < 3 ? "\"a\"" : "7") + "}\n";
+  }
+  DataConfig c;
+  c.tag_columns = {"task"};
+  for (const auto& [file, second] : {std::pair<std::string, std::string>{write(dir, "t.csv", csv), "b"}, {write(dir, "t.jsonl", jsonl), "7"}}) {
+    c.path = file;
+    Dataset d = load_dataset(c);
+    std::size_t seen_second = 0;
+    for (const auto* split : {&d.train, &d.test})
+      for (const auto& e : *split) {
+        CATCH_REQUIRE(e.sample_tags.size() == 1);
+        const bool first_half = e.text < "sentence 3";
+        CATCH_CHECK(e.sample_tags[0] == (first_half ? "a" : second));
+        seen_second += !first_half;
+      }
+    CATCH_CHECK(seen_second == 3);
+  }
+  c.path = write(dir, "u.jsonl", "{\"text\": \"x\", \"label\": 0}\n");
+  CATCH_CHECK_THROWS_WITH(load_dataset(c), Catch::Contains("u.jsonl:1: needs a value 'task' (a [data] tag_columns entry)"));
+  c.path = write(dir, "u.csv", "text,label\nx,0\ny,1\n");
+  CATCH_CHECK_THROWS_WITH(load_dataset(c), Catch::Contains("no column 'task' in the header"));
+}

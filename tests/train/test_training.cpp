@@ -4,6 +4,8 @@
 #include "train/bleu.h"
 #include "train/trainer.h"
 
+#include <tessera/extensions.h>
+
 #include <nlohmann/json.hpp>
 
 #include <set>
@@ -408,4 +410,85 @@ r = 4
   CATCH_CHECK(r.test.accuracy > 0.85);
   CATCH_CHECK(r.test.accuracy > before.accuracy + 0.2);
   CATCH_CHECK(r.test.tokens > 1000);
+}
+
+CATCH_TEST_CASE("life stages: trainable() after prepare(), tensors added at a step reach the optimizer, a second pass from extra_loss(), the tokenizer at attach", "[train][minilm]") {
+  set_threads(0);
+  auto dir = test::temp_dir("train-life");
+  Config c = config_in(dir, polarity(32, 64) + R"([train]
+epochs = 1
+batch_size = 8
+max_steps = 3
+lr = 1e-2
+[[methods]]
+plugin = "probe"
+name = "life"
+targets = ["attn.q"]
+[methods.params]
+kind = "life"
+[[methods]]
+plugin = "probe"
+name = "again"
+targets = ["attn.q"]
+[methods.params]
+kind = "forward_again"
+[[methods]]
+plugin = "probe"
+name = "tok"
+targets = ["attn.q"]
+[methods.params]
+kind = "tokenize"
+)");
+  Session s(c, test::registry());
+  auto state = [&](std::size_t i) { return s.methods()[i]->call("state", [](Method& m) { return m.state(); }); };
+  const auto* ext = host_extension<tessera_host_training_v1>(s.model(), TESSERA_EXT_HOST_TRAINING, 1);
+  CATCH_REQUIRE(ext != nullptr);
+  Tensor loss, logits;
+  CATCH_CHECK_THROWS_WITH(ext->forward_again(ext->host, &loss, &logits), Catch::Contains("only inside extra_loss()"));
+  CATCH_CHECK(train_error(s, c.output_dir).empty());
+  // "late" was created in prepare(), "grown" at step 1 (of 0, 1, 2): both were updated.
+  const auto life = state(0);
+  CATCH_REQUIRE(life.count("late") == 1);
+  CATCH_REQUIRE(life.count("grown") == 1);
+  CATCH_CHECK(life.at("late").abs().item<double>() > 0);
+  CATCH_CHECK(life.at("grown").abs().item<double>() > 0);
+  const auto again = state(1);
+  CATCH_CHECK(std::isfinite(again.at("again_loss").item<double>()));
+  CATCH_CHECK(again.at("again_logits").sizes() == at::IntArrayRef({8, 2}));
+  const auto ids = load_tokenizer(test::model_dir())->encode("a great movie", 0, false);
+  CATCH_CHECK(std::vector<std::int64_t>(state(2).at("ids").data_ptr<std::int64_t>(), state(2).at("ids").data_ptr<std::int64_t>() + ids.size()) == ids);
+  CATCH_CHECK(state(2).at("ids").numel() == static_cast<std::int64_t>(ids.size()));
+}
+
+CATCH_TEST_CASE("[data] tag_columns reach methods as each sample's tags (ModelView::sample_tags)", "[train][minilm]") {
+  auto dir = test::temp_dir("train-tags");
+  {
+    std::ofstream csv(dir / "tagged.csv");
+    csv << "text,label,task\n";
+    for (int i = 0; i < 12; ++i) csv << "sentence number " << i << "," << i % 2 << "," << (i % 3 == 0 ? "b" : "a") << "\n";
+  }
+  Config c = config_in(dir, R"([model]
+path = "${TESSERA_MODEL_DIR}"
+[data]
+path = "tagged.csv"
+tag_columns = ["task"]
+test_fraction = 0.25
+[[methods]]
+plugin = "probe"
+targets = ["layers.0.attn.q"]
+[methods.params]
+kind = "context"
+)");
+  Session s(c, test::registry());
+  std::vector<std::size_t> order(s.examples(Split::Train).size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  Batch b = s.batch(Split::Train, order, 0, order.size());
+  std::vector<std::int64_t> expect;
+  for (const auto& e : s.examples(Split::Train)) expect.push_back(e.sample_tags.at(0) == "b");
+  CATCH_CHECK(b.tags.at("task").size() == order.size());
+  at::NoGradGuard no_grad;
+  s.loss(b);
+  const Tensor seen = s.methods()[0]->call("state", [](Method& m) { return m.state(); }).at("task_is_b");
+  CATCH_CHECK(std::vector<std::int64_t>(seen.data_ptr<std::int64_t>(), seen.data_ptr<std::int64_t>() + seen.numel()) == expect);
+  CATCH_CHECK(std::count(expect.begin(), expect.end(), 1) > 0);
 }

@@ -1,5 +1,13 @@
 /* Tessera plugin ABI, version 2.
  *
+ * Minor versions (each only adds; docs/sdk-compatibility.md):
+ *   2.0  handles, owners, extensions
+ *   2.1  OutputSite (ModelView::output_site), EmbeddingSite::add_tap,
+ *        LinearSite::add_weight_transform, SublayerSite::add_token_wise_{sequential,parallel},
+ *        the extensions tessera.host.training and tessera.host.tokenizer,
+ *        the forward context (ModelView::attention_mask, token_samples, sample_tags),
+ *        AttentionSite::add_input_prefix and num_query_heads
+ *
  * The only symbol a plugin library exports is `tessera_plugin_entry`. It returns a
  * plain C descriptor that the host reads before it touches any C++ type: the SDK ABI
  * version, who the plugin is, and the build fingerprint (libtorch version, C++ ABI,
@@ -27,7 +35,7 @@
 #include <stdint.h>
 
 #define TESSERA_SDK_ABI_MAJOR 2
-#define TESSERA_SDK_ABI_MINOR 0
+#define TESSERA_SDK_ABI_MINOR 1
 #define TESSERA_PLUGIN_ENTRY_SYMBOL "tessera_plugin_entry"
 
 /* The families of the PEFT review; the descriptor's `family` must be one of them. */

@@ -13,7 +13,9 @@
 #include <tessera/abi.h>
 #include <tessera/model_view.h>
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 // ---- tessera.host.log, version 1: the run's log, so plugins need no logging library ----
 #define TESSERA_EXT_HOST_LOG "tessera.host.log"
@@ -27,6 +29,36 @@ typedef struct tessera_host_log_v1 {
   void (*write)(int32_t level, const char* instance, const char* message);
 } tessera_host_log_v1;
 }
+
+// ---- tessera.host.training, version 1 (SDK 2.1): life stages of a training run ----------
+// Offered while a training run holds the model (not by eval or generate). C++ function
+// pointers: the build fingerprint guarantees both sides share at::Tensor's layout. They
+// may throw; the host reports it as the calling method's error.
+#define TESSERA_EXT_HOST_TRAINING "tessera.host.training"
+
+struct tessera_host_training_v1 {
+  tessera_extension_header header;  // version 1
+  void* host;
+  // The instance's trainable() now lists other tensors (added or replaced in on_step,
+  // extra_loss or after_backward): the host reads it again before the update; moments of
+  // tensors still listed are kept, new tensors start from zero moments.
+  void (*trainable_changed)(void* host, const char* instance);
+  // Inside extra_loss(): the task's forward pass once more on the current training batch,
+  // with every method as it is now (dropout drawn anew): its loss, without extra terms, and
+  // for classification tasks the head's logits ((B, L), or (B, T, L) per token; undefined for
+  // language-model tasks). For losses that compare two passes (AdaMix's consistency).
+  void (*forward_again)(void* host, at::Tensor* loss, at::Tensor* logits);
+};
+
+// ---- tessera.host.tokenizer, version 1 (SDK 2.1): the run's tokenizer -----------------
+#define TESSERA_EXT_HOST_TOKENIZER "tessera.host.tokenizer"
+
+struct tessera_host_tokenizer_v1 {
+  tessera_extension_header header;  // version 1
+  void* host;
+  // The ids of a text without special tokens (a prompt initialised from words).
+  std::vector<std::int64_t> (*encode)(void* host, const std::string& text);
+};
 
 namespace tessera {
 

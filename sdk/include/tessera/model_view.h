@@ -40,6 +40,7 @@ class ModelView {
   std::vector<LayerSite*> layer_sites();
   EmbeddingSite* embedding_site();  // null when the architecture has none
   std::vector<ParameterSite*> parameter_sites();
+  OutputSite* output_site();  // since SDK 2.1
 
   // Sites whose canonical name or Hugging Face path matches any target (see matches()).
   std::vector<LinearSite*> match_linear(const std::vector<std::string>& targets);
@@ -47,6 +48,18 @@ class ModelView {
   std::vector<AttentionSite*> match_attention(const std::vector<std::string>& targets);
   std::vector<LayerSite*> match_layers(const std::vector<std::string>& targets);
   std::vector<ParameterSite*> match_parameters(const std::vector<std::string>& targets);
+
+  // Since SDK 2.1: the forward pass being run, for interventions that depend on the batch
+  // (per-sample routing, multi-task methods). Read them inside closures.
+  //   attention_mask  (B, S) int64, 1 = real token: the layout sublayer, layer and output
+  //                   closures see (prompt tokens included; T5's decoder: all ones)
+  //   token_samples   (N) int64: the batch row of each of the N rows token-wise closures see
+  //                   while the host runs unpadded; undefined while it runs padded
+  //   sample_tags     per sample (B), the values of a [data] tag_columns column; empty when
+  //                   the run's data has no such column
+  Tensor attention_mask() const;
+  Tensor token_samples() const;
+  std::vector<std::string> sample_tags(const std::string& column) const;
 
   // A host extension by id ("tessera.host.log", see extensions.h): a table that begins with
   // a tessera_extension_header, or null when this host lacks it. Check the header's version.

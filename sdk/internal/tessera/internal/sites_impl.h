@@ -56,6 +56,7 @@ template <class Fn>
 struct Entry {
   std::shared_ptr<OwnerImpl> owner;
   Fn fn;
+  bool token_wise = false;  // a sublayer module that maps each token on its own
   bool on() const { return owner->enabled(); }
   double alpha() const { return owner->scale(); }
 };
@@ -76,9 +77,9 @@ class SiteCore {
   void remove_owner(const OwnerImpl& owner);
 
   template <class Fn>
-  void add(Entries<Fn>& list, const Owner& owner, Fn fn) {
+  void add(Entries<Fn>& list, const Owner& owner, Fn fn, bool token_wise = false) {
     if (!fn) throw std::invalid_argument("site '" + name_ + "': an empty function was installed");
-    list.push_back({claim(owner), std::move(fn)});
+    list.push_back({claim(owner), std::move(fn), token_wise});
   }
   // e.fn(args...), with anything it throws re-raised naming plugin, instance and site.
   template <class Fn, class... Args>
@@ -135,13 +136,15 @@ class LinearSiteImpl final : public LinearSite, public SiteCore {
   ParameterSite* weight_;  // not owned: the model owns its parameter sites
   ParameterSite* bias_;
   Entries<TensorThunk> weight_deltas_, input_scales_, output_scales_;
-  Entries<TensorMap> branches_;
+  Entries<TensorMap> branches_, weight_transforms_;
 };
 
 class SublayerSiteImpl final : public SublayerSite, public SiteCore {
  public:
   SublayerSiteImpl(std::string name, std::string hf_path, std::int64_t hidden_size);
   Tensor apply(const Tensor& x, Tensor h) const;  // x: block input, h: block output, (B, T, H)
+  // Every enabled intervention maps tokens on their own: apply() may take (N, H) rows.
+  bool token_wise() const;
 
  private:
   friend class SublayerSite;
@@ -150,18 +153,32 @@ class SublayerSiteImpl final : public SublayerSite, public SiteCore {
   Entries<TensorMap> sequential_, parallel_, gates_;
 };
 
+// An input prefix with its declared length.
+struct InputPrefix {
+  std::int64_t length = 0;
+  KVFromInput fn;
+  std::pair<Tensor, Tensor> operator()(const Tensor& x) const { return fn(x); }
+  explicit operator bool() const { return static_cast<bool>(fn); }
+};
+
 class AttentionSiteImpl final : public AttentionSite, public SiteCore {
  public:
-  AttentionSiteImpl(std::string name, std::string hf_path, std::int64_t num_heads, std::int64_t head_dim);
-  // Concatenated prefixes for a batch: (B, heads, P, head_dim) each; undefined when none.
+  // query_heads: 0 = num_heads (no grouped-query attention)
+  AttentionSiteImpl(std::string name, std::string hf_path, std::int64_t num_heads, std::int64_t head_dim, std::int64_t query_heads = 0);
+  // Concatenated input-free prefixes for a batch: (B, heads, P, head_dim) each; undefined when none.
   std::pair<Tensor, Tensor> prefix(std::int64_t batch) const;
+  // The input prefixes' total declared length, and their (K, V) for the attention input x
+  // (B, T, H): (B, heads, P_in, head_dim) each, undefined when none.
+  std::int64_t input_prefix_length() const;
+  std::pair<Tensor, Tensor> input_prefix(const Tensor& x) const;
   Tensor hook_scores(Tensor scores) const;
 
  private:
   friend class AttentionSite;
   void drop(const OwnerImpl& owner) override;
-  std::int64_t num_heads_, head_dim_;
+  std::int64_t num_heads_, head_dim_, query_heads_;
   Entries<KVPrefix> prefixes_;
+  Entries<InputPrefix> input_prefixes_;
   Entries<TensorMap> score_hooks_;
 };
 
@@ -170,19 +187,39 @@ class EmbeddingSiteImpl final : public EmbeddingSite, public SiteCore {
   EmbeddingSiteImpl(std::string name, std::string hf_path, std::int64_t hidden_size);
   // (B, T, H) -> (B, P + T, H); P is returned through prompt_length.
   Tensor prepend(const Tensor& embedded, std::int64_t* prompt_length) const;
+  // Shows x0 (B, S, H), the first layer's input, to every tap.
+  void tap(const Tensor& x0) const;
 
  private:
   friend class EmbeddingSite;
   void drop(const OwnerImpl& owner) override;
   std::int64_t hidden_size_;
   Entries<PerBatch> prompts_;
+  Entries<HiddenTap> taps_;
 };
+
+class OutputSiteImpl final : public OutputSite, public SiteCore {
+ public:
+  OutputSiteImpl(std::string name, std::string hf_path, std::int64_t hidden_size);
+  Tensor apply(Tensor h) const;  // (B, T, H) through every transform in install order
+
+ private:
+  friend class OutputSite;
+  void drop(const OwnerImpl& owner) override;
+  std::int64_t hidden_size_;
+  Entries<TensorMap> transforms_;
+};
+
+// A layer as a site runs it: h (B, T, H) and the routers' kept tokens (B, T) bool, or
+// undefined without routers; kept tokens must attend to kept tokens only (the layer may
+// gather them, and return anything at the others: the site keeps h there).
+using LayerFn = std::function<Tensor(const Tensor& h, const Tensor& kept)>;
 
 class LayerSiteImpl final : public LayerSite, public SiteCore {
  public:
   LayerSiteImpl(std::string name, std::string hf_path, std::int64_t index);
   // Runs `layer` on h under the routers, then the taps.
-  Tensor run(const Tensor& h, const std::function<Tensor(const Tensor&)>& layer) const;
+  Tensor run(const Tensor& h, const LayerFn& layer) const;
 
  private:
   friend class LayerSite;
@@ -202,6 +239,12 @@ class ModelViewImpl : public ModelView {
   static const ModelViewImpl& of(const ModelView& m) { return static_cast<const ModelViewImpl&>(m); }
 
   void train(bool on) { training_ = on; }
+  // The forward context closures read (ModelView::attention_mask …), set by the architecture
+  // (mask, unpadded rows) and the task (tags) as a forward pass starts.
+  // Per forward pass, so set from the architectures' const forward functions.
+  void set_attention_mask(Tensor mask) const { mask_ = std::move(mask); }
+  void set_token_samples(Tensor samples) const { samples_ = std::move(samples); }
+  void set_sample_tags(std::map<std::string, std::vector<std::string>> tags) const { tags_ = std::move(tags); }
   // Offers `table` (beginning with a tessera_extension_header) under `id`; it must outlive the view.
   void set_extension(const std::string& id, const void* table) { extensions_[id] = table; }
 
@@ -217,16 +260,23 @@ class ModelViewImpl : public ModelView {
     return own(linears_, canonical, hf, w, b);
   }
   SublayerSiteImpl* sublayer(const std::string& canonical, const std::string& hf, std::int64_t hidden) { return own(sublayers_, canonical, hf, hidden); }
-  AttentionSiteImpl* attention_site(const std::string& canonical, const std::string& hf, std::int64_t heads, std::int64_t head_dim) {
-    return own(attentions_, canonical, hf, heads, head_dim);
+  AttentionSiteImpl* attention_site(const std::string& canonical, const std::string& hf, std::int64_t heads, std::int64_t head_dim,
+                                    std::int64_t query_heads = 0) {
+    return own(attentions_, canonical, hf, heads, head_dim, query_heads);
   }
   LayerSiteImpl* layer_site(const std::string& canonical, const std::string& hf, std::int64_t index) {
     return own(layer_sites_, canonical, hf, index);
+  }
+  // The output site of the backbone, "output" (hf: the module whose output it is).
+  OutputSiteImpl* output(const std::string& hf, std::int64_t hidden) {
+    output_site_ = std::make_unique<OutputSiteImpl>("output", hf, hidden);
+    return output_site_.get();
   }
 
   ModelInfo info_;
   bool training_ = false;
   std::unique_ptr<EmbeddingSiteImpl> embed_site_;
+  std::unique_ptr<OutputSiteImpl> output_site_;
   std::vector<std::unique_ptr<LinearSiteImpl>> linears_;
   std::vector<std::unique_ptr<SublayerSiteImpl>> sublayers_;
   std::vector<std::unique_ptr<AttentionSiteImpl>> attentions_;
@@ -235,6 +285,8 @@ class ModelViewImpl : public ModelView {
 
  private:
   std::map<std::string, const void*> extensions_;
+  mutable Tensor mask_, samples_;
+  mutable std::map<std::string, std::vector<std::string>> tags_;
 };
 
 }  // namespace tessera
