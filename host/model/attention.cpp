@@ -9,6 +9,21 @@
 
 namespace tessera {
 
+namespace {
+
+// The most negative finite value of a compute dtype: a masked score (float's lowest does
+// not fit in bf16 or f16, which refuse the fill).
+double lowest(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return static_cast<float>(std::numeric_limits<c10::BFloat16>::lowest());
+    case at::kHalf: return static_cast<float>(std::numeric_limits<c10::Half>::lowest());
+    case at::kDouble: return std::numeric_limits<double>::lowest();
+    default: return std::numeric_limits<float>::lowest();
+  }
+}
+
+}  // namespace
+
 void prepend_prefixes(Tensor& k, Tensor& v, std::initializer_list<const KVPair*> prefixes) {
   std::vector<Tensor> ks, vs;
   for (const KVPair* p : prefixes)
@@ -34,7 +49,7 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k
   Tensor mask = keep;
   if (bias.defined() || plain) {
     Tensor b = bias.defined() ? bias.to(q.scalar_type()) : at::zeros({1}, q.options());
-    mask = b.expand(at::infer_size(b.sizes(), keep.sizes())).masked_fill(keep.logical_not(), std::numeric_limits<float>::lowest());
+    mask = b.expand(at::infer_size(b.sizes(), keep.sizes())).masked_fill(keep.logical_not(), lowest(q.scalar_type()));
   }
   if (!plain) return at::scaled_dot_product_attention(q, k, v, mask, p, false, scale);
   const double s = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));

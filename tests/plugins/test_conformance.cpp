@@ -50,7 +50,7 @@ namespace {
 // A base model of one family and what the table compares on it: hidden states over a fixed
 // batch, (B, T, H), with the mask of its real positions.
 struct Base {
-  std::function<std::unique_ptr<SiteModel>()> load;
+  std::function<std::unique_ptr<SiteModel>(at::ScalarType)> load;  // the model in that compute dtype
   std::function<Tensor(SiteModel&)> out;
   Tensor mask;
 };
@@ -58,7 +58,7 @@ struct Base {
 void conform(const Row& row, const Base& base) {
   CATCH_INFO("plugin " << row.plugin);
   const auto& mask = base.mask;
-  auto model = base.load();
+  auto model = base.load(at::kFloat);
   const auto* info = test::registry().find(row.plugin);
   CATCH_REQUIRE(info != nullptr);
   Params params = apply_schema(info->params, row.params);
@@ -108,7 +108,7 @@ void conform(const Row& row, const Base& base) {
 
   // State round trip into a fresh instance on a fresh model.
   auto state = m->call("state", [](Method& x) { return x.state(); });
-  auto model2 = base.load();
+  auto model2 = base.load(at::kFloat);
   auto m2 = test::registry().create(row.plugin, "under_test");
   m2->attach(*model2, row.targets, params);
   m2->call("load_state", [&](Method& x) { x.load_state(state); });
@@ -126,6 +126,26 @@ void conform(const Row& row, const Base& base) {
   CATCH_CHECK(test::max_abs_diff_tokens(base.out(*model), base_out, mask) < 1e-4 * scale);  // merge + unmerge round in f32
   m2->detach(*model2);
   CATCH_CHECK(at::equal(base.out(*model2), base_out));  // never merged: detached is the bare model, bit for bit
+
+  // bf16: the method runs on a bf16 model, its trainable tensors stay f32 masters and get
+  // f32 gradients, the state loads, the output is finite.
+  at::AutoGradMode grad(true);
+  auto model3 = base.load(at::kBFloat16);
+  auto m3 = test::registry().create(row.plugin, "under_test");
+  m3->attach(*model3, row.targets, params);
+  m3->call("load_state", [&](Method& x) { x.load_state(state); });
+  model3->train(true);
+  Tensor out3 = base.out(*model3);
+  CATCH_CHECK(out3.scalar_type() == at::kBFloat16);
+  CATCH_CHECK(at::isfinite(out3).all().item<bool>());
+  out3.to(at::kFloat).pow(2).mean().backward();
+  for (auto& [k, t] : m3->call("trainable", [](Method& x) { return x.trainable(); })) {
+    CATCH_INFO("bf16, tensor " << k);
+    CATCH_CHECK(t.scalar_type() == at::kFloat);
+    CATCH_REQUIRE(t.grad().defined());
+    CATCH_CHECK(t.grad().scalar_type() == at::kFloat);
+    CATCH_CHECK(at::isfinite(t.grad()).all().item<bool>());
+  }
 }
 
 }  // namespace
@@ -133,7 +153,7 @@ void conform(const Row& row, const Base& base) {
 CATCH_TEST_CASE("conformance on the real MiniLM: attach, train, state, merge, detach", "[plugins][conformance][minilm]") {
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   const Tensor ids = ref["input_ids"], mask = ref["attention_mask"];
-  Base bert{[] { return std::unique_ptr<SiteModel>(test::load_minilm()); },
+  Base bert{[](at::ScalarType dtype) { return std::unique_ptr<SiteModel>(BertModel::load(test::model_dir(), test::options(dtype))); },
             [=](SiteModel& m) { return static_cast<BertModel&>(m).forward(ids, mask).hidden; }, mask};
   for (const auto& row : table()) conform(row, bert);
 }
@@ -143,13 +163,13 @@ CATCH_TEST_CASE("conformance on GPT-2 (fused c_attn), LLaMA and T5: the same lif
   auto s2s = test::read_tensors(test::fixture("seq2seq/reference.safetensors"));
   const Tensor ids = dec["input_ids"], mask = dec["attention_mask"];
   auto decoder = [&](const std::string& name) {
-    return Base{[name] { return std::unique_ptr<SiteModel>(DecoderModel::load(test::fixture("decoders/" + name), test::options())); },
+    return Base{[name](at::ScalarType dtype) { return std::unique_ptr<SiteModel>(DecoderModel::load(test::fixture("decoders/" + name), test::options(dtype))); },
                 [=](SiteModel& m) { return static_cast<DecoderModel&>(m).forward(ids, mask); }, mask};
   };
   const Tensor src = s2s["input_ids"], src_mask = s2s["attention_mask"], target = s2s["t5.decoder_input_ids"];
   // t5_text, not the large-weight t5: there the encoder's first attention is saturated, and
   // its q gets an exactly zero gradient in transformers too.
-  Base t5{[] { return std::unique_ptr<SiteModel>(T5Model::load(test::fixture("seq2seq/t5_text"), test::options())); },
+  Base t5{[](at::ScalarType dtype) { return std::unique_ptr<SiteModel>(T5Model::load(test::fixture("seq2seq/t5_text"), test::options(dtype))); },
           [=](SiteModel& m) {
             auto& t = static_cast<T5Model&>(m);
             return t.decode(target, t.encode(src, src_mask));  // (B, U, d): every decoder position is real
