@@ -46,11 +46,11 @@
 // disabled owner's interventions are skipped as if absent.
 //
 // Shapes: sublayer (but token-wise ones), layer, embedding-tap and output interventions
-// always see (B, T, H)
-// (with a KV cache in generation, T is the tokens of this forward call only). Linear-site
-// interventions must be token-wise: they see (..., in), which may be (N, in) when the
-// host drops padding tokens (it does so only while no sublayer or layer site has an
-// intervention).
+// always see (B, T, H) (with a KV cache in generation, T is the tokens of this forward
+// call only). Linear-site interventions must be token-wise: they see (..., in), which may
+// be (N, in) when the host drops padding tokens — it does so while every intervention is
+// token-wise: none on a layer site, none on a sublayer site but token-wise modules, no
+// input prefix.
 //
 // Errors: whatever a closure throws reaches the host as a std::runtime_error reading
 // "plugin 'x' (instance 'y') at site 'layers.3.attn.q': <what it threw>".
