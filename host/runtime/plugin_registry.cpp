@@ -137,7 +137,9 @@ std::string insecure_reason(const std::string& path) {
   return "";
 }
 
-void PluginRegistry::load(const std::string& path) {
+void PluginRegistry::load(const std::string& given) {
+  std::error_code ec;  // absolute, so a run's record of it holds from any directory
+  const std::string path = fs::absolute(given, ec).lexically_normal().string();
   auto refuse = [&](const std::string& why) {
     spdlog::warn("plugin {} refused: {}", path, why);
     refused_.push_back({path, why});
@@ -147,7 +149,9 @@ void PluginRegistry::load(const std::string& path) {
     if (std::string why = insecure_reason(path); !why.empty()) return refuse(why);
   auto lib = std::make_shared<boost::dll::shared_library>();
   try {
-    lib->load(path, boost::dll::load_mode::rtld_lazy | boost::dll::load_mode::rtld_local);
+    // rtld_now: a symbol the plugin needs and this libtessera_sdk lacks refuses the plugin
+    // here, with the loader's message, instead of failing at its first call.
+    lib->load(path, boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local);
   } catch (const std::exception& e) {
     return refuse(std::string("cannot be loaded: ") + e.what());
   }

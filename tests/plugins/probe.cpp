@@ -4,7 +4,9 @@
 //
 // Built twice: against the SDK of the tree (id "probe") and against the frozen copy of
 // the SDK 2.0 headers under tests/sdk/abi-2.0 (id "probe-2.0"), which every later host
-// must load and run. Kinds added by a later minor go under `#if TESSERA_SDK_ABI_MINOR >= n`.
+// must load and run, and a third time against this tree's headers declaring 2.0
+// (TESSERA_TARGET_ABI_MINOR=0, id "probe-target-2.0"). Kinds added by a later minor go
+// under `#if TESSERA_TARGET_ABI_MINOR >= n`.
 #include <tessera/extensions.h>
 #include <tessera/plugin.h>
 
@@ -25,7 +27,7 @@ class Probe final : public tessera::Method {
         {"kind", ParamType::String, std::string("branch"), "which intervention to install", std::nullopt, std::nullopt,
          {"weight_delta", "input_scale", "output_scale", "branch", "param_delta", "sequential", "parallel", "gate", "prefix",
           "score_hook", "prompt", "tap", "router", "throw", "throw_forward", "nan_loss"
-#if TESSERA_SDK_ABI_MINOR >= 1
+#if TESSERA_TARGET_ABI_MINOR >= 1
           , "output", "embed_tap", "weight_transform", "token_wise_sequential", "token_wise_parallel", "life", "forward_again", "tokenize", "context", "input_prefix", "router_prefix"
 #endif
          }},
@@ -89,7 +91,7 @@ class Probe final : public tessera::Method {
       const auto H = e->hidden_size();
       const auto opts = model.info().options;
       e->add_prompt(owner, [=](std::int64_t batch) { return at::full({batch, len, H}, v, opts); });
-#if TESSERA_SDK_ABI_MINOR >= 1
+#if TESSERA_TARGET_ABI_MINOR >= 1
     } else if (kind == "token_wise_sequential" || kind == "token_wise_parallel") {  // h ↦ h · value, + x · value
       for (auto* s : model.match_sublayers(ctx.targets)) {
         if (kind == "token_wise_sequential") s->add_token_wise_sequential(owner, [=](const Tensor& h) { return h * v; });
@@ -165,7 +167,7 @@ class Probe final : public tessera::Method {
   }
   void on_step(const tessera::StepInfo& info) override {
     step_ = info.step;
-#if TESSERA_SDK_ABI_MINOR >= 1
+#if TESSERA_TARGET_ABI_MINOR >= 1
     if (kind_ == "life" && info.step == 1 && training_ != nullptr) {
       trainable_["grown"] = at::zeros({1}, params_).set_requires_grad(true);
       training_->trainable_changed(training_->host, instance_.c_str());
@@ -173,7 +175,7 @@ class Probe final : public tessera::Method {
 #endif
   }
   Tensor extra_loss() override {
-#if TESSERA_SDK_ABI_MINOR >= 1
+#if TESSERA_TARGET_ABI_MINOR >= 1
     if (kind_ == "forward_again") {  // the pass again; its loss and logits kept, no extra term
       Tensor loss, logits;
       training_->forward_again(training_->host, &loss, &logits);
@@ -214,7 +216,7 @@ class Probe final : public tessera::Method {
   tessera::NamedTensors seen_, trainable_;
   std::string instance_;
   c10::TensorOptions params_;
-#if TESSERA_SDK_ABI_MINOR >= 1
+#if TESSERA_TARGET_ABI_MINOR >= 1
   const tessera_host_training_v1* training_ = nullptr;
 #endif
 };

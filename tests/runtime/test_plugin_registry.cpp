@@ -29,7 +29,9 @@ CATCH_TEST_CASE("bad plugins are refused with their reasons while good ones stil
   CATCH_CHECK_THAT(reason_for(reg, "no_entry"), Catch::Contains("no entry symbol 'tessera_plugin_entry'"));
   CATCH_CHECK_THAT(reason_for(reg, "probe-copy"), Catch::Contains("duplicate id 'probe'"));
   CATCH_CHECK(reg.refused().size() == 8);
-  CATCH_CHECK(reg.plugins().size() == 2);  // probe, and probe-2.0 (built against the frozen 2.0 headers)
+  CATCH_CHECK(reg.plugins().size() == 3);  // probe, probe-2.0 (the frozen 2.0 headers), probe-target-2.0 (declares 2.0)
+  CATCH_REQUIRE(reg.find("probe-target-2.0") != nullptr);
+  CATCH_CHECK(reg.find("probe-target-2.0")->abi_minor == 0);
   CATCH_REQUIRE(reg.find("probe-2.0") != nullptr);
   CATCH_CHECK(reg.find("probe-2.0")->abi_minor == 0);  // recorded: the host calls nothing 2.0 lacks
   CATCH_CHECK(reg.find("probe")->abi_minor == TESSERA_SDK_ABI_MINOR);

@@ -36,6 +36,16 @@
 
 #define TESSERA_SDK_ABI_MAJOR 2
 #define TESSERA_SDK_ABI_MINOR 1
+
+/* The minor a plugin declares, and so the oldest 2.x host that loads it: this SDK's
+ * unless the plugin defines TESSERA_TARGET_ABI_MINOR before its first include, in which
+ * case the headers leave out what later minors added (using it does not compile). */
+#ifndef TESSERA_TARGET_ABI_MINOR
+#define TESSERA_TARGET_ABI_MINOR TESSERA_SDK_ABI_MINOR
+#endif
+#if TESSERA_TARGET_ABI_MINOR > TESSERA_SDK_ABI_MINOR
+#error "TESSERA_TARGET_ABI_MINOR is newer than this SDK"
+#endif
 #define TESSERA_PLUGIN_ENTRY_SYMBOL "tessera_plugin_entry"
 
 /* The families of the PEFT review; the descriptor's `family` must be one of them. */

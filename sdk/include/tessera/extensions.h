@@ -30,6 +30,7 @@ typedef struct tessera_host_log_v1 {
 } tessera_host_log_v1;
 }
 
+#if TESSERA_TARGET_ABI_MINOR >= 1
 // ---- tessera.host.training, version 1 (SDK 2.1): life stages of a training run ----------
 // Offered while a training run holds the model (not by eval or generate). C++ function
 // pointers: the build fingerprint guarantees both sides share at::Tensor's layout. They
@@ -59,6 +60,8 @@ struct tessera_host_tokenizer_v1 {
   // The ids of a text without special tokens (a prompt initialised from words).
   std::vector<std::int64_t> (*encode)(void* host, const std::string& text);
 };
+
+#endif
 
 namespace tessera {
 

@@ -40,7 +40,9 @@ class ModelView {
   std::vector<LayerSite*> layer_sites();
   EmbeddingSite* embedding_site();  // null when the architecture has none
   std::vector<ParameterSite*> parameter_sites();
+#if TESSERA_TARGET_ABI_MINOR >= 1
   OutputSite* output_site();  // since SDK 2.1
+#endif
 
   // Sites whose canonical name or Hugging Face path matches any target (see matches()).
   std::vector<LinearSite*> match_linear(const std::vector<std::string>& targets);
@@ -57,9 +59,11 @@ class ModelView {
   //                   while the host runs unpadded; undefined while it runs padded
   //   sample_tags     per sample (B), the values of a [data] tag_columns column; empty when
   //                   the run's data has no such column
+#if TESSERA_TARGET_ABI_MINOR >= 1
   Tensor attention_mask() const;
   Tensor token_samples() const;
   std::vector<std::string> sample_tags(const std::string& column) const;
+#endif
 
   // A host extension by id ("tessera.host.log", see extensions.h): a table that begins with
   // a tessera_extension_header, or null when this host lacks it. Check the header's version.

@@ -40,7 +40,7 @@ inline void write_error(char* err, std::size_t n, const char* what) noexcept {
   extern "C" __attribute__((visibility("default"))) const tessera_plugin_descriptor*            \
   tessera_plugin_entry(void) {                                                                  \
     static const tessera_plugin_descriptor d = {                                                \
-        sizeof(tessera_plugin_descriptor), TESSERA_SDK_ABI_MAJOR, TESSERA_SDK_ABI_MINOR,        \
+        sizeof(tessera_plugin_descriptor), TESSERA_SDK_ABI_MAJOR, TESSERA_TARGET_ABI_MINOR,     \
         Id, Version, Family, Summary, Paper,                                                    \
         {TESSERA_TORCH_VERSION, TESSERA_CXX11_ABI, TESSERA_COMPILER},                           \
         &tessera_create_method, &tessera_destroy_method};                                       \

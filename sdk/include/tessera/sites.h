@@ -64,6 +64,7 @@
 // are not safe to modify concurrently with a forward pass.
 #pragma once
 
+#include <tessera/abi.h>
 #include <tessera/owner.h>
 
 #include <ATen/core/Tensor.h>
@@ -81,7 +82,9 @@ using TensorMap = std::function<Tensor(const Tensor&)>;   // x ↦ f(x)
 using PerBatch = std::function<Tensor(std::int64_t)>;     // batch size ↦ tensor
 using KVPrefix = std::function<std::pair<Tensor, Tensor>(std::int64_t)>;
 using HiddenTap = std::function<void(const Tensor&)>;
+#if TESSERA_TARGET_ABI_MINOR >= 1
 using KVFromInput = std::function<std::pair<Tensor, Tensor>(const Tensor&)>;  // since SDK 2.1
+#endif
 
 // What every site handle shares: not copyable, created and destroyed only by the SDK.
 class SiteHandle {
@@ -127,10 +130,12 @@ class LinearSite : public SiteHandle {
   // Any intervention on the site itself (parameter deltas live on weight() and bias()).
   bool has_interventions() const;
 
+#if TESSERA_TARGET_ABI_MINOR >= 1
   // Since SDK 2.1. A transform of the summed weight, W + Σ ΔW ↦ T(W + Σ ΔW), (out, in) ->
   // (out, in): DoRA's m · V/‖V‖ sees every method's weight delta (branches are not part of
   // the weight: a method whose update a transform must see installs a weight delta).
   void add_weight_transform(const Owner& owner, TensorMap transform);
+#endif
 };
 
 // A whole sub-layer (attention or MLP block) up to, not including, its residual add.
@@ -146,12 +151,14 @@ class SublayerSite : public SiteHandle {
   void remove(const Owner& owner);
   bool empty() const;
 
+#if TESSERA_TARGET_ABI_MINOR >= 1
   // Since SDK 2.1. As add_sequential / add_parallel, for a module that maps each token's
   // vector on its own (a bottleneck adapter is a per-token MLP): it sees (..., H), which may
   // be (N, H), the real tokens only, and with it installed the host keeps its unpadded fast
   // path. Sequential modules of both kinds run in one install order.
   void add_token_wise_sequential(const Owner& owner, TensorMap module);  // h (..., H) -> (..., H)
   void add_token_wise_parallel(const Owner& owner, TensorMap module);    // x (..., H) -> (..., H)
+#endif
 };
 
 class AttentionSite : public SiteHandle {
@@ -170,6 +177,7 @@ class AttentionSite : public SiteHandle {
   bool has_prefix() const;
   bool has_score_hooks() const;
 
+#if TESSERA_TARGET_ABI_MINOR >= 1
   // Since SDK 2.1. A prefix computed from the attention's input x (B, T, H) — the hidden
   // states the query projection reads — so it may differ by sample (UniPELT gates its
   // prefix by the input): x ↦ (K, V), each (B, num_heads(), length, head_dim). Its length is
@@ -180,6 +188,7 @@ class AttentionSite : public SiteHandle {
   // grouped-query attention num_heads() (key/value heads, which prefixes are laid out in)
   // is smaller: query head h reads key/value head h / (num_query_heads() / num_heads()).
   std::int64_t num_query_heads() const;
+#endif
 };
 
 class EmbeddingSite : public SiteHandle {
@@ -192,8 +201,10 @@ class EmbeddingSite : public SiteHandle {
   void remove(const Owner& owner);
   bool has_prompts() const;
 
+#if TESSERA_TARGET_ABI_MINOR >= 1
   // Since SDK 2.1. Sees (B, P + T, H): the input of the first layer (T5: of the encoder's).
   void add_tap(const Owner& owner, HiddenTap tap);
+#endif
 };
 
 class LayerSite : public SiteHandle {
@@ -208,6 +219,7 @@ class LayerSite : public SiteHandle {
   bool empty() const;
 };
 
+#if TESSERA_TARGET_ABI_MINOR >= 1
 // Since SDK 2.1. The backbone's final hidden states, before the task head reads them
 // (an encoder's last layer output; a decoder's, and T5's decoder's, after the final norm):
 // side networks (LST) read and replace them here.
@@ -221,5 +233,6 @@ class OutputSite : public SiteHandle {
   void remove(const Owner& owner);
   bool empty() const;
 };
+#endif
 
 }  // namespace tessera
