@@ -17,6 +17,6 @@ cmake -S "$template/../examples" -B "$work/examples" -G Ninja -DCMAKE_BUILD_TYPE
   -DCMAKE_CXX_COMPILER_LAUNCHER=ccache >/dev/null
 cmake --build "$work/examples" >/dev/null
 "$tessera" --plugin-dir "$work/examples" plugins | tee "$work/examples.txt"
-for id in example-bias-delta example-token-adapter example-soft-prompt; do grep -q "^$id 0.1.0" "$work/examples.txt"; done
+for id in example-bias-delta example-token-adapter example-soft-prompt example-attention-prefix example-layer-mix; do grep -q "^$id 0.1.0" "$work/examples.txt"; done
 ! grep -q "refused" "$work/examples.txt"
 echo "out-of-tree plugins: ok"
