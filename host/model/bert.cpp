@@ -146,6 +146,12 @@ Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask,
   return u ? ctx.index_select(0, u->index) : ctx.view({B, T, H});  // (N, H) or (B, T, H)
 }
 
+// How many keys a layer's prefixes put in front of the tokens: the input-free ones and the
+// declared input prefixes.
+std::int64_t BertModel::prefix_keys(const Layer& l, const KV& prefix) {
+  return (prefix.first.defined() ? prefix.first.size(2) : 0) + l.attention->input_prefix_length();
+}
+
 Tensor BertModel::routed_layer(const Layer& l, const Tensor& h, const Tensor& kept, const Tensor& mask, const KV& prefix) const {
   // h (B, T, H): routers keep the padded layout; mask (B, P + T) or undefined (all real)
   const auto B = h.size(0), T = h.size(1), H = h.size(2);
@@ -161,7 +167,7 @@ Tensor BertModel::routed_layer(const Layer& l, const Tensor& h, const Tensor& ke
   // A row that keeps nothing still needs a key for its (dropped) queries.
   keys = keys.logical_or(count.eq(0).unsqueeze(1).logical_and(at::arange(k, order.options()).eq(0).unsqueeze(0)));
   Tensor sub_mask = keys.to(at::kLong);
-  const auto P_all = (prefix.first.defined() ? prefix.first.size(2) : 0) + l.attention->input_prefix_length();
+  const auto P_all = prefix_keys(l, prefix);
   if (P_all > 0) sub_mask = at::cat({at::ones({B, P_all}, sub_mask.options()), sub_mask}, 1);
   const Tensor out = layer_forward(l, h.gather(1, idx), sub_mask, prefix, nullptr);  // (B, k, H)
   return h.scatter(1, idx, out);  // (B, T, H): the layer's result at kept positions
@@ -229,7 +235,7 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
     // The prefix is computed once per layer and forward: it sets the mask's length too.
     const KV prefix = l.attention->prefix(B);
     Tensor mask;  // undefined when every key is real
-    const auto P = (prefix.first.defined() ? prefix.first.size(2) : 0) + l.attention->input_prefix_length();
+    const auto P = prefix_keys(l, prefix);
     if (!all_real) mask = P > 0 ? at::cat({at::ones({B, P}, out.mask.options()), out.mask}, 1) : out.mask;
     x = l.layer->run(x, [&](const Tensor& h, const Tensor& kept) {
       return kept.defined() ? routed_layer(l, h, kept, mask, prefix) : layer_forward(l, h, mask, prefix, u);

@@ -61,6 +61,7 @@ class BertModel final : public SiteModel {
   // The layer on the tokens routers keep (kept (B, T) bool), gathered: (B, k, H) with k the
   // most any row keeps, attending among themselves; scattered back into h's positions.
   Tensor routed_layer(const Layer& l, const Tensor& h, const Tensor& kept, const Tensor& mask, const KV& prefix) const;
+  static std::int64_t prefix_keys(const Layer& l, const KV& prefix);
 
   BertConfig config_;
   ParameterSiteImpl *word_ = nullptr, *position_ = nullptr, *token_type_ = nullptr, *embed_norm_w_ = nullptr, *embed_norm_b_ = nullptr;

@@ -43,7 +43,7 @@ SiteModel::SiteModel() { set_extension(TESSERA_EXT_HOST_LOG, &kLog); }
 
 void SiteModel::enter_forward(const Tensor& mask, const Unpadded* u) const {
   set_attention_mask(mask);
-  set_token_samples(u ? u->index.div(u->seq, "floor") : Tensor());  // flat position in (B, S) -> row
+  set_token_rows(u ? u->index : Tensor(), u ? u->seq : 0);
 }
 
 bool SiteModel::token_wise_only() const {

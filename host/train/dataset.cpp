@@ -91,6 +91,8 @@ std::vector<Raw> read_csv_examples(const DataConfig& c, bool labelled) {
   const std::size_t t = column(c.text_column), l = labelled ? column(c.label_column) : t;
   const std::size_t p = c.prompt_column.empty() ? t : column(c.prompt_column);
   const std::size_t g = c.target_column.empty() ? t : column(c.target_column);
+  std::vector<std::size_t> tag_columns;
+  for (const auto& tag : c.tag_columns) tag_columns.push_back(column(tag));
   std::vector<Raw> out;
   for (std::size_t r = 1; r < rows.size(); ++r) {
     if (rows[r].size() != header.size())
@@ -98,7 +100,7 @@ std::vector<Raw> read_csv_examples(const DataConfig& c, bool labelled) {
                                " fields, the header " + std::to_string(header.size()));
     out.push_back({rows[r][t], labelled ? rows[r][l] : "", c.prompt_column.empty() ? "" : rows[r][p],
                    c.target_column.empty() ? "" : rows[r][g]});
-    for (const auto& tag : c.tag_columns) out.back().sample_tags.push_back(rows[r][column(tag)]);
+    for (const auto k : tag_columns) out.back().sample_tags.push_back(rows[r][k]);
   }
   return out;
 }

@@ -68,7 +68,10 @@ std::vector<ParameterSite*> ModelView::parameter_sites() { return handles<Parame
 OutputSite* ModelView::output_site() { return ModelViewImpl::of(*this).output_site_.get(); }
 
 Tensor ModelView::attention_mask() const { return ModelViewImpl::of(*this).mask_; }
-Tensor ModelView::token_samples() const { return ModelViewImpl::of(*this).samples_; }
+Tensor ModelView::token_samples() const {
+  const auto& m = ModelViewImpl::of(*this);
+  return m.rows_.defined() ? m.rows_.div(m.seq_, "floor") : Tensor();  // flat position in (B, S) -> row
+}
 
 std::vector<std::string> ModelView::sample_tags(const std::string& column) const {
   const auto& tags = ModelViewImpl::of(*this).tags_;

@@ -316,13 +316,10 @@ Tensor LayerSiteImpl::run(const Tensor& h, const LayerFn& layer) const {  // h: 
   if (!keep.defined()) {
     out = layer(h, Tensor());
   } else {
-    const Tensor kept = keep.ne(0);  // (B, T) bool
-    if (!kept.any().item<bool>()) {
-      out = h;  // nothing to run
-    } else {
-      const Tensor w = keep.to(h.scalar_type()).unsqueeze(-1);  // (B, T, 1)
-      out = w * layer(h, kept) + (1 - w) * h;
-    }
+    // No host sync on whether anything is kept: a layer that keeps nothing returns h here
+    // (w = 0; an encoder that gathers skips its work itself).
+    const Tensor w = keep.to(h.scalar_type()).unsqueeze(-1);  // (B, T, 1)
+    out = w * layer(h, keep.ne(0)) + (1 - w) * h;
   }
   for (const auto& t : taps_)
     if (t.on()) call(t, out.detach());

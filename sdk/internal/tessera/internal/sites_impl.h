@@ -243,7 +243,9 @@ class ModelViewImpl : public ModelView {
   // (mask, unpadded rows) and the task (tags) as a forward pass starts.
   // Per forward pass, so set from the architectures' const forward functions.
   void set_attention_mask(Tensor mask) const { mask_ = std::move(mask); }
-  void set_token_samples(Tensor samples) const { samples_ = std::move(samples); }
+  // rows: the flat (B·S) positions of the rows token-wise closures see, undefined while
+  // padded; the samples (rows / S) are worked out only when a closure asks.
+  void set_token_rows(Tensor rows, std::int64_t seq) const { rows_ = std::move(rows), seq_ = seq; }
   void set_sample_tags(std::map<std::string, std::vector<std::string>> tags) const { tags_ = std::move(tags); }
   // Offers `table` (beginning with a tessera_extension_header) under `id`; it must outlive the view.
   void set_extension(const std::string& id, const void* table) { extensions_[id] = table; }
@@ -285,7 +287,8 @@ class ModelViewImpl : public ModelView {
 
  private:
   std::map<std::string, const void*> extensions_;
-  mutable Tensor mask_, samples_;
+  mutable Tensor mask_, rows_;
+  mutable std::int64_t seq_ = 0;
   mutable std::map<std::string, std::vector<std::string>> tags_;
 };
 
