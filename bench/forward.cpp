@@ -5,12 +5,12 @@
 // loss of the ids themselves, as an evaluation computes perplexity (here the head runs
 // chunked and the logits are never whole). DEVICE: "cpu" (default), "cuda" …; on a GPU the
 // clock stops after the device has finished.
-#include "model/bert.h"
-#include "model/decoder.h"
-#include "model/json_file.h"
-#include "model/t5.h"
+#include "architectures/bert.h"
+#include "architectures/decoder.h"
+#include "formats/json_file.h"
+#include "architectures/t5.h"
 #include "runtime/device.h"
-#include "train/head_loss.h"
+#include "tasks/head_loss.h"
 #include "train/trainer.h"
 
 #include <ATen/ATen.h>

@@ -8,11 +8,11 @@
 //   tessera_bench_fuzz SEED_DIR OUT_DIR INPUTS_PER_TARGET [TARGET]
 // SEED_DIR: the test fixtures directory (build/tests/fixtures); the model's config.json
 // comes from $TESSERA_MODEL_DIR, the TOML seeds from configs/ beside the build.
-#include "model/bert.h"
-#include "model/decoder.h"
-#include "model/safetensors.h"
-#include "model/t5.h"
-#include "model/tokenizer.h"
+#include "architectures/bert.h"
+#include "architectures/decoder.h"
+#include "formats/safetensors.h"
+#include "architectures/t5.h"
+#include "tokenizers/tokenizer.h"
 #include "runtime/config.h"
 #include "runtime/peft_import.h"
 #include "runtime/plugin_registry.h"

@@ -4,10 +4,10 @@
 // every token asked for. Prints one JSON line with the first row's new tokens, which the
 // script compares with the peer's.
 //   tessera_bench_generate MODEL_DIR BATCH PROMPT_LENGTH NEW_TOKENS ITERATIONS THREADS
-#include "model/decoder.h"
-#include "model/generate.h"
-#include "model/json_file.h"
-#include "model/t5.h"
+#include "architectures/decoder.h"
+#include "architectures/generate.h"
+#include "formats/json_file.h"
+#include "architectures/t5.h"
 #include "train/trainer.h"
 
 #include <ATen/ATen.h>

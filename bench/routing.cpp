@@ -3,7 +3,7 @@
 // against the same passes without routers. The kept tokens are gathered and the layer runs
 // on them alone, so a layer at 25% should cost about a quarter. Prints one JSON line.
 //   tessera_bench_routing MODEL_DIR BATCH LENGTH ITERATIONS THREADS
-#include "model/bert.h"
+#include "architectures/bert.h"
 #include "train/trainer.h"
 
 #include <ATen/ATen.h>

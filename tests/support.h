@@ -2,8 +2,8 @@
 // prefixed (CATCH_CHECK …) so that no CHECK from a logging library can replace it.
 #pragma once
 
-#include "model/bert.h"
-#include "model/safetensors.h"
+#include "architectures/bert.h"
+#include "formats/safetensors.h"
 #include "runtime/peft_import.h"
 #include "runtime/plugin_registry.h"
 
@@ -157,12 +157,17 @@ inline Parity parity(const std::string& what, double ours, const Tensor& f32, co
   return parity(what, at::full({1}, ours, at::TensorOptions().dtype(at::kFloat)), f32, f64);
 }
 
+// The same with the reference scalar from a fixture file: ref[key] and ref[key + ".f64"].
+inline Parity parity(const std::string& what, double ours, const NamedTensors& ref, const std::string& key) {
+  return parity(what, ours, ref.at(key), ref.at(key + ".f64"));
+}
+
 // Checks one parity in the current test case, saying all of its numbers when it fails.
 #define TESSERA_CHECK_PARITY(...)                    \
   do {                                               \
     const ::tessera::test::Parity p_ = (__VA_ARGS__); \
     CATCH_INFO(p_);                                  \
-    CATCH_CHECK(p_.error <= p_.tolerance);           \
+    CATCH_CHECK(p_.ok());                            \
   } while (false)
 
 // ---- Against a float64 formula -----------------------------------------------------------
@@ -213,7 +218,7 @@ inline std::unique_ptr<MethodInstance> attach_peft_adapter(const std::string& di
 inline PluginRegistry& registry() {
   static PluginRegistry r = [] {
     PluginRegistry reg;
-    reg.scan({TESSERA_PLUGIN_DIR, TESSERA_TEST_PLUGIN_DIR});
+    reg.scan({TESSERA_PLUGIN_DIR, TESSERA_TEST_PLUGIN_DIR, TESSERA_EXAMPLE_PLUGIN_DIR});
     return reg;
   }();
   return r;

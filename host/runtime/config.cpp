@@ -193,6 +193,94 @@ MethodConfig read_method(const std::string& file, const toml::table& t, std::siz
 
 }  // namespace
 
+namespace {
+
+// The table `name` of the file's root, or null when absent; anything else is refused.
+const toml::table* section_table(const std::string& path, const toml::table& root, const char* name) {
+  const toml::node* n = root.get(name);
+  if (n != nullptr && !n->is_table()) throw ConfigError(pos_of(path, *n), std::string("[") + name + "] must be a table");
+  return n ? n->as_table() : nullptr;
+}
+
+void read_model(const std::string& path, const toml::table* t, ModelConfig& m) {
+  Section s(path, "model", t);
+  s.path("path", m.path);
+  s.choice("dtype", m.dtype, {"f32", "bf16"});
+  s.get("device", m.device);
+  s.choice("quantize", m.quantize, {"none", "nf4"});
+  s.get("double_quant", m.double_quant);
+  s.finish();
+  // "cpu", "cuda" or "cuda:N"; whether this machine has one is known only when a run starts.
+  const auto& d = m.device;
+  const bool index_ok = d.size() > 5 && d.find_first_not_of("0123456789", 5) == std::string::npos;
+  if (d != "cpu" && d != "cuda" && !(d.rfind("cuda:", 0) == 0 && index_ok))
+    s.fail(*t->get("device"), "'device' must be \"cpu\", \"cuda\" or \"cuda:N\", not \"" + d + "\"");
+  if (m.double_quant && m.quantize == "none") s.fail(*t->get("double_quant"), "'double_quant' quantizes the scales of a quantized base: set quantize = \"nf4\" too");
+  if (m.path.empty()) throw ConfigError({path, 1, 1}, "[model] needs 'path'");
+}
+
+void read_data(const std::string& path, const toml::table* t, DataConfig& d) {
+  Section s(path, "data", t);
+  s.path("path", d.path);
+  s.choice("format", d.format, {"auto", "csv", "jsonl"});
+  s.get("text_column", d.text_column);
+  s.get("label_column", d.label_column);
+  s.get("prompt_column", d.prompt_column);
+  s.get("target_column", d.target_column);
+  s.get("tag_columns", d.tag_columns);
+  s.get("test_fraction", d.test_fraction);
+  s.get("seed", d.seed);
+  s.positive("max_length", d.max_length, 2);
+  s.positive("limit", d.limit, 0);
+  s.choice("padding", d.padding, {"longest", "max_length"});
+  s.finish();
+  if (d.path.empty()) throw ConfigError({path, 1, 1}, "[data] needs 'path'");
+  if (!(d.test_fraction > 0 && d.test_fraction < 1)) s.fail(*t->get("test_fraction"), "'test_fraction' must lie strictly between 0 and 1");
+}
+
+void read_task(const std::string& path, const toml::table* t, Config& c) {
+  Section s(path, "task", t);
+  s.choice("kind", c.task.kind, {"sequence-classification", "token-classification", "causal-lm", "seq2seq"});
+  s.positive("num_labels", c.task.num_labels, 0);
+  s.choice("pooling", c.task.pooling, {"mean", "cls"});
+  s.finish();
+  if (c.task.kind == "seq2seq" && c.data.target_column.empty())
+    s.fail(*t->get("kind"), "a seq2seq task needs [data] target_column (text_column is the source)");
+}
+
+void read_train(const std::string& path, const toml::table* t, TrainConfig& c) {
+  Section s(path, "train", t);
+  s.positive("epochs", c.epochs);
+  s.positive("batch_size", c.batch_size);
+  s.positive("eval_batch_size", c.eval_batch_size);
+  s.number("lr", c.lr, 0);
+  s.number("head_lr", c.head_lr, 0);  // 0: lr
+  s.number("weight_decay", c.weight_decay, 0);
+  s.number("warmup_ratio", c.warmup_ratio, 0, 1);
+  s.number("max_grad_norm", c.max_grad_norm, 0);  // 0: no clipping
+  s.positive("threads", c.threads, 0, 4096);      // 0: every processor
+  s.get("seed", c.seed);
+  s.positive("max_steps", c.max_steps, 0);
+  s.get("group_by_length", c.group_by_length);
+  s.get("shuffle", c.shuffle);
+  s.finish();
+}
+
+void read_methods(const std::string& path, const toml::node* n, std::vector<MethodConfig>& out) {
+  const toml::array* arr = n->as_array();
+  // An empty list is a run without methods (the frozen baseline writes `methods = []`).
+  if (arr == nullptr || (!arr->empty() && !arr->is_array_of_tables()))
+    throw ConfigError(pos_of(path, *n), "'methods' must be an array of tables ([[methods]])");
+  std::set<std::string> names;
+  for (std::size_t i = 0; i < arr->size(); ++i) {
+    MethodConfig m = read_method(path, *arr->get(i)->as_table(), i);
+    if (!names.insert(m.name).second) throw ConfigError(m.pos, "two methods are named '" + m.name + "'; give each a unique 'name'");
+    out.push_back(std::move(m));
+  }
+}
+
+}  // namespace
+
 Config load_config(const std::string& path) {
   Config c;
   c.file = path;
@@ -203,86 +291,16 @@ Config load_config(const std::string& path) {
     const auto& b = e.source().begin;
     throw ConfigError({path, static_cast<int>(b.line), static_cast<int>(b.column)}, std::string(e.description()));
   }
-  auto table = [&](const char* name) -> const toml::table* {
-    const toml::node* n = root.get(name);
-    if (n != nullptr && !n->is_table()) throw ConfigError(pos_of(path, *n), std::string("[") + name + "] must be a table");
-    return n ? n->as_table() : nullptr;
-  };
+  read_model(path, section_table(path, root, "model"), c.model);
+  read_data(path, section_table(path, root, "data"), c.data);
+  read_task(path, section_table(path, root, "task"), c);
+  read_train(path, section_table(path, root, "train"), c.train);
   {
-    Section s(path, "model", table("model"));
-    s.path("path", c.model.path);
-    s.choice("dtype", c.model.dtype, {"f32", "bf16"});
-    s.get("device", c.model.device);
-    s.finish();
-    // "cpu", "cuda" or "cuda:N"; whether this machine has one is known only when a run starts.
-    const auto& d = c.model.device;
-    const bool index_ok = d.size() > 5 && d.find_first_not_of("0123456789", 5) == std::string::npos;
-    if (d != "cpu" && d != "cuda" && !(d.rfind("cuda:", 0) == 0 && index_ok))
-      s.fail(*table("model")->get("device"), "'device' must be \"cpu\", \"cuda\" or \"cuda:N\", not \"" + d + "\"");
-    if (c.model.path.empty()) throw ConfigError({path, 1, 1}, "[model] needs 'path'");
-  }
-  {
-    Section s(path, "data", table("data"));
-    s.path("path", c.data.path);
-    s.choice("format", c.data.format, {"auto", "csv", "jsonl"});
-    s.get("text_column", c.data.text_column);
-    s.get("label_column", c.data.label_column);
-    s.get("prompt_column", c.data.prompt_column);
-    s.get("target_column", c.data.target_column);
-    s.get("tag_columns", c.data.tag_columns);
-    s.get("test_fraction", c.data.test_fraction);
-    s.get("seed", c.data.seed);
-    s.positive("max_length", c.data.max_length, 2);
-    s.positive("limit", c.data.limit, 0);
-    s.choice("padding", c.data.padding, {"longest", "max_length"});
-    s.finish();
-    if (c.data.path.empty()) throw ConfigError({path, 1, 1}, "[data] needs 'path'");
-    if (!(c.data.test_fraction > 0 && c.data.test_fraction < 1))
-      s.fail(*table("data")->get("test_fraction"), "'test_fraction' must lie strictly between 0 and 1");
-  }
-  {
-    Section s(path, "task", table("task"));
-    s.choice("kind", c.task.kind, {"sequence-classification", "token-classification", "causal-lm", "seq2seq"});
-    s.positive("num_labels", c.task.num_labels, 0);
-    s.choice("pooling", c.task.pooling, {"mean", "cls"});
-    s.finish();
-    if (c.task.kind == "seq2seq" && c.data.target_column.empty())
-      s.fail(*table("task")->get("kind"), "a seq2seq task needs [data] target_column (text_column is the source)");
-  }
-  {
-    Section s(path, "train", table("train"));
-    s.positive("epochs", c.train.epochs);
-    s.positive("batch_size", c.train.batch_size);
-    s.positive("eval_batch_size", c.train.eval_batch_size);
-    s.number("lr", c.train.lr, 0);
-    s.number("head_lr", c.train.head_lr, 0);  // 0: lr
-    s.number("weight_decay", c.train.weight_decay, 0);
-    s.number("warmup_ratio", c.train.warmup_ratio, 0, 1);
-    s.number("max_grad_norm", c.train.max_grad_norm, 0);  // 0: no clipping
-    s.positive("threads", c.train.threads, 0, 4096);      // 0: every processor
-    s.get("seed", c.train.seed);
-    s.positive("max_steps", c.train.max_steps, 0);
-    s.get("group_by_length", c.train.group_by_length);
-    s.get("shuffle", c.train.shuffle);
-    s.finish();
-  }
-  {
-    Section s(path, "output", table("output"));
+    Section s(path, "output", section_table(path, root, "output"));
     s.path("dir", c.output_dir);
     s.finish();
   }
-  if (const toml::node* n = root.get("methods")) {
-    const toml::array* arr = n->as_array();
-    // An empty list is a run without methods (the frozen baseline writes `methods = []`).
-    if (arr == nullptr || (!arr->empty() && !arr->is_array_of_tables()))
-      throw ConfigError(pos_of(path, *n), "'methods' must be an array of tables ([[methods]])");
-    std::set<std::string> names;
-    for (std::size_t i = 0; i < arr->size(); ++i) {
-      MethodConfig m = read_method(path, *arr->get(i)->as_table(), i);
-      if (!names.insert(m.name).second) throw ConfigError(m.pos, "two methods are named '" + m.name + "'; give each a unique 'name'");
-      c.methods.push_back(std::move(m));
-    }
-  }
+  if (const toml::node* n = root.get("methods")) read_methods(path, n, c.methods);
   const std::vector<std::string> sections = {"model", "data", "task", "train", "output", "methods"};
   for (const auto& [k, v] : root) {
     std::string key(k.str());
@@ -326,7 +344,8 @@ void check_methods(Config& config, const PluginRegistry& registry) {
 
 std::string resolved_toml(const Config& c) {
   toml::table root;
-  root.insert("model", toml::table{{"path", c.model.path}, {"dtype", c.model.dtype}, {"device", c.model.device}});
+  root.insert("model", toml::table{{"path", c.model.path}, {"dtype", c.model.dtype}, {"device", c.model.device},
+                                   {"quantize", c.model.quantize}, {"double_quant", c.model.double_quant}});
   root.insert("data", toml::table{{"path", c.data.path}, {"format", c.data.format}, {"text_column", c.data.text_column},
                                   {"label_column", c.data.label_column}, {"prompt_column", c.data.prompt_column}, {"target_column", c.data.target_column},
                                   {"test_fraction", c.data.test_fraction},

@@ -49,6 +49,10 @@ struct MethodConfig {
 
 struct ModelConfig {
   std::string path, dtype = "f32", device = "cpu";
+  // How the layers' linear weights are kept: "none" (dense), or "nf4" (QLoRA's 4-bit NormalFloat,
+  // formats/nf4.h), with the block scales themselves quantized when double_quant is set.
+  std::string quantize = "none";
+  bool double_quant = false;
 };
 
 struct DataConfig {

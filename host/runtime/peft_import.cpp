@@ -1,6 +1,6 @@
 #include "runtime/peft_import.h"
 
-#include "model/json_file.h"
+#include "formats/json_file.h"
 #include "runtime/plugin_registry.h"
 
 #include <nlohmann/json.hpp>

@@ -10,15 +10,6 @@
 
 namespace tessera {
 
-// Sequence classification: accuracy and mean loss per example. Token classification: the
-// same per labelled word (its first piece). Causal-lm and seq2seq: next-token
-// accuracy, mean loss per predicted token and its exponential, the perplexity; seq2seq
-// also the corpus BLEU of greedy outputs against the targets.
-struct EvalResult {
-  double accuracy = 0, loss = 0, perplexity = 0, bleu = 0;
-  std::int64_t examples = 0, tokens = 0;
-};
-
 struct TrainResult {
   EvalResult test;
   double seconds = 0;         // wall time of the whole run, evaluation included
@@ -30,7 +21,7 @@ struct TrainResult {
 // see fewer cores than there are).
 void set_threads(std::int64_t threads);
 
-EvalResult evaluate(Session& s, Split split);
+inline EvalResult evaluate(Session& s, Split split) { return s.task().evaluate(split); }
 
 // The batches of one epoch: a seeded shuffle; with group_by_length, batches of similar
 // length (sorted within windows of 50 batches) visited in a seeded order.

@@ -30,16 +30,44 @@ Tensor toward(double alpha, const Tensor& s) { return alpha == 1.0 ? s : (s - 1)
 // ---- ParameterSite ---------------------------------------------------------------------
 
 ParameterSiteImpl::ParameterSiteImpl(std::string name, std::string hf_name, Tensor base)
-    : SiteCore(std::move(name), std::move(hf_name)), base_(std::move(base)) {}
+    : SiteCore(std::move(name), std::move(hf_name)), base_(std::move(base)) {
+  if (base_.defined()) shape_ = base_.sizes().vec();
+}
 
 const std::string& ParameterSite::name() const { return ParameterSiteImpl::of(*this).name_; }
 const std::string& ParameterSite::hf_name() const { return ParameterSiteImpl::of(*this).hf_path_; }
-const Tensor& ParameterSite::base() const { return ParameterSiteImpl::of(*this).base_; }
+const Tensor& ParameterSite::base() const {
+  const auto& s = ParameterSiteImpl::of(*this);
+  if (!s.stored_) return s.base_;
+  if (!s.dense_copy_.defined()) s.dense_copy_ = s.stored_->dense();
+  return s.dense_copy_;
+}
+const char* ParameterSite::storage() const {
+  const auto& s = ParameterSiteImpl::of(*this);
+  return s.stored_ ? s.stored_->format() : "dense";
+}
+
+void ParameterSiteImpl::store(std::unique_ptr<StoredTensor> stored) {
+  stored_ = std::move(stored);
+  base_ = Tensor();
+  dense_copy_ = Tensor();
+}
+
+std::int64_t ParameterSiteImpl::numel() const {
+  std::int64_t n = 1;
+  for (auto d : shape_) n *= d;
+  return n;
+}
+
+std::int64_t ParameterSiteImpl::stored_bytes() const {
+  if (stored_) return stored_->stored_bytes();
+  return base_.defined() ? static_cast<std::int64_t>(base_.numel() * base_.element_size()) : 0;
+}
 bool ParameterSite::has_deltas() const { return any_on(ParameterSiteImpl::of(*this).deltas_); }
 
 Tensor ParameterSite::value() const {
   const auto& s = ParameterSiteImpl::of(*this);
-  Tensor v = s.base_;
+  Tensor v = s.stored_ ? (s.dense_copy_.defined() ? s.dense_copy_ : s.stored_->dense()) : s.base_;
   for (const auto& d : s.deltas_)
     if (d.on()) v = v + times(d.alpha(), s.call(d));
   return v;
@@ -52,7 +80,16 @@ void ParameterSite::add_delta(const Owner& owner, TensorThunk delta) {
 
 void ParameterSite::fold(const Tensor& d) {
   at::NoGradGuard no_grad;
-  Tensor& base = ParameterSiteImpl::of(*this).base_;
+  auto& s = ParameterSiteImpl::of(*this);
+  if (s.stored_) {  // merging into a quantized base makes it dense: its dequantized value
+                    // plus the update, not rounded to 4 bits again (unmerge then restores it)
+    Tensor dense = s.stored_->dense();
+    s.base_ = dense + d.to(dense.scalar_type());
+    s.stored_.reset();
+    s.dense_copy_ = Tensor();
+    return;
+  }
+  Tensor& base = s.base_;
   base.add_(d.to(base.scalar_type()));
 }
 
@@ -68,8 +105,8 @@ LinearSiteImpl::LinearSiteImpl(std::string name, std::string hf_path, ParameterS
 
 const std::string& LinearSite::name() const { return LinearSiteImpl::of(*this).name_; }
 const std::string& LinearSite::hf_path() const { return LinearSiteImpl::of(*this).hf_path_; }
-std::int64_t LinearSite::in_features() const { return LinearSiteImpl::of(*this).weight_->base().size(1); }
-std::int64_t LinearSite::out_features() const { return LinearSiteImpl::of(*this).weight_->base().size(0); }
+std::int64_t LinearSite::in_features() const { return ParameterSiteImpl::of(*LinearSiteImpl::of(*this).weight_).sizes()[1]; }
+std::int64_t LinearSite::out_features() const { return ParameterSiteImpl::of(*LinearSiteImpl::of(*this).weight_).sizes()[0]; }
 ParameterSite& LinearSite::weight() { return *LinearSiteImpl::of(*this).weight_; }
 ParameterSite* LinearSite::bias() { return LinearSiteImpl::of(*this).bias_; }
 

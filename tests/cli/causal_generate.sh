@@ -43,6 +43,12 @@ echo "merged:   $m"
 cp -r "$out/run" "$out/run2" && mkdir -p "$out/run2/adapter/probe"
 cp "$out/run2/adapter/lora/adapter_model.safetensors" "$out/run2/adapter/probe/"
 printf '\n[[methods]]\nname = "probe"\nplugin = "probe"\ntargets = ["attn.o"]\n' >>"$out/run2/config.toml"
+python3 - "$out/run2/adapter/tessera.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+m["methods"].append({"name": "probe", "plugin": "probe", "targets": ["attn.o"], "dir": "probe"})
+json.dump(m, open(sys.argv[1], "w"))
+PY
 set +e
 "$tessera" --plugin-dir "$test_plugins" generate --run "$out/run2" "the film is" --merge >"$out/merged.txt" 2>"$out/err.txt"
 rc=$?
@@ -66,5 +72,5 @@ set +e
 "$tessera" generate --model "$TESSERA_MODEL_DIR" "hello" 2>"$out/err.txt"
 rc=$?
 set -e
-[[ $rc == 1 ]] && grep -q "is not a supported decoder" "$out/err.txt" && [[ $(wc -l <"$out/err.txt") == 1 ]]
+[[ $rc == 1 ]] && grep -q "is an encoder" "$out/err.txt" && [[ $(wc -l <"$out/err.txt") == 1 ]]
 echo "causal-lm train, eval and generate: ok"

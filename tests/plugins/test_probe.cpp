@@ -4,8 +4,8 @@
 // give the same known math in this host.
 #include "support.h"
 
-#include "model/decoder.h"
-#include "model/t5.h"
+#include "architectures/decoder.h"
+#include "architectures/t5.h"
 
 #include <tessera/dense_linear.h>
 

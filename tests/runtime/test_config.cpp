@@ -86,3 +86,34 @@ CATCH_TEST_CASE("method parameters are checked against the plugin's schema with 
   CATCH_CHECK(config_error(std::string(kBase) + "[[methods]]\nplugin = \"lora\"\nrank = 8\n") ==
               "run.toml:7:8: unknown key 'rank' in [[methods]] (parameters go in [methods.params])");
 }
+
+CATCH_TEST_CASE("every example config under configs/ loads, and its methods pass their plugins' schemas", "[runtime][config]") {
+  std::size_t n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(std::string(TESSERA_SOURCE_DIR) + "/configs")) {
+    if (e.path().extension() != ".toml") continue;
+    CATCH_INFO(e.path().string());
+    Config c;
+    CATCH_CHECK_NOTHROW(c = load_config(e.path().string()));
+    CATCH_CHECK_NOTHROW(check_methods(c, test::registry()));
+    ++n;
+  }
+  CATCH_CHECK(n >= 4);
+}
+
+CATCH_TEST_CASE("[model] quantize takes none or nf4, and double_quant only with a quantized base", "[runtime][config]") {
+  CATCH_CHECK(config_error(kBase) == "no error");
+  const std::string bad = R"([model]
+path = "/m"
+quantize = "nf3"
+[data]
+path = "/d.csv"
+)";
+  CATCH_CHECK_THAT(config_error(bad), Catch::Contains("run.toml:3:12") && Catch::Contains("one of"));
+  const std::string dq = R"([model]
+path = "/m"
+double_quant = true
+[data]
+path = "/d.csv"
+)";
+  CATCH_CHECK_THAT(config_error(dq), Catch::Contains("run.toml:3:16") && Catch::Contains("set quantize = \"nf4\" too"));
+}

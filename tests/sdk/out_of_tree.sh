@@ -6,7 +6,11 @@ set -euo pipefail
 build=$1 template=$2 tessera=$3
 work=$build/out-of-tree
 rm -rf "$work" && mkdir -p "$work"
-cmake --install "$build" --component Unspecified --prefix "$work/sdk" >/dev/null
+rm -f "$build"/install_manifest*.txt
+# The SDK's own install script, as docs/writing-a-plugin.md says: the SDK alone, and no
+# install_manifest.txt left in the build tree.
+cmake -DCMAKE_INSTALL_PREFIX="$work/sdk" -P "$build/sdk/cmake_install.cmake" >/dev/null
+[[ -z "$(ls "$build"/install_manifest*.txt 2>/dev/null)" ]]
 cmake -S "$template" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$work/sdk" \
   -DCMAKE_CXX_COMPILER_LAUNCHER=ccache >/dev/null
 cmake --build "$work/build" >/dev/null

@@ -1,7 +1,9 @@
 // Training end to end on the real encoder and the real polarity data.
 #include "support.h"
 
-#include "train/bleu.h"
+#include "tasks/bleu.h"
+#include "tasks/causal_lm.h"
+#include "tasks/seq2seq.h"
 #include "train/trainer.h"
 
 #include <tessera/extensions.h>
@@ -86,7 +88,7 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
     }
     for (std::size_t i = 0; i < s.data().test.size(); ++i) order.push_back(i);
     at::NoGradGuard ng;
-    logits_after = s.logits(s.batch(Split::Test, order, 0, order.size()));
+    logits_after = s.task().forward(s.task().batch(Split::Test, order, 0, order.size())).logits;
   }
   CATCH_CHECK(std::filesystem::exists(c.output_dir + "/adapter/lora/adapter_model.safetensors"));
   CATCH_CHECK(std::filesystem::exists(c.output_dir + "/adapter/lora/adapter_config.json"));
@@ -94,7 +96,7 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
   Session reloaded(c, test::registry());
   reloaded.load_adapter(c.output_dir + "/adapter");
   at::NoGradGuard ng;
-  Tensor logits = reloaded.logits(reloaded.batch(Split::Test, order, 0, order.size()));
+  Tensor logits = reloaded.task().forward(reloaded.task().batch(Split::Test, order, 0, order.size())).logits;
   CATCH_CHECK(at::equal(logits, logits_after));
 
   // The manifest must describe this run: another method list, or none, is refused by name.
@@ -136,8 +138,8 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
                           "/adapter/lora " + test::fixture("reference.safetensors") + " " + peft_out;
   CATCH_REQUIRE(std::system(cmd.c_str()) == 0);
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
-  test::perturb_if_asked(*reloaded.encoder());
-  Tensor ours = reloaded.encoder()->forward(ref["input_ids"], ref["attention_mask"]).hidden;
+  test::perturb_if_asked(reloaded.model());
+  Tensor ours = reloaded.backbone().encode(ref["input_ids"], ref["attention_mask"]).hidden;
   TESSERA_CHECK_PARITY(test::parity(ours, test::read_tensors(peft_out), "hidden", ref["attention_mask"]));
   CATCH_CHECK(test::max_abs_diff_tokens(ours, ref["hidden"], ref["attention_mask"]) > 1e-6);  // the adapter is not a no-op
 }
@@ -162,7 +164,7 @@ lora_alpha = 1e300
   CATCH_CHECK_THAT(message, Catch::Matchers::Contains("It came before any update, so not from the learning rate"));
   CATCH_CHECK_THAT(message, Catch::Matchers::EndsWith("No epoch had finished: nothing was saved."));
   // The optimizer never ran: LoRA's B is still its zero initialisation, the head its own.
-  for (auto& [name, t] : s.methods()[0]->call("trainable", [](Method& x) { return x.trainable(); })) {
+  for (auto& [name, t] : s.methods()[0].call("trainable", [](Method& x) { return x.trainable(); })) {
     CATCH_INFO(name);
     CATCH_CHECK(at::isfinite(t).all().item<bool>());
     if (name.find("lora_B") != std::string::npos) CATCH_CHECK(t.abs().max().item<double>() == 0.0);
@@ -260,10 +262,10 @@ r = 8
 lora_alpha = 16
 )");
   Session s(c, test::registry());
-  CATCH_REQUIRE(s.causal());
-  CATCH_CHECK(s.head().empty());
+  CATCH_REQUIRE(std::string(s.task().kind()) == "causal-lm");
+  CATCH_CHECK(s.task().head().empty());
   // Every example: <s> text </s>, labelled from the first token on.
-  const auto& ids = s.token_ids(Split::Train)[0];
+  const auto& ids = s.task().token_ids(Split::Train)[0];
   CATCH_CHECK(ids.front() == 1);
   CATCH_CHECK((ids.back() == 2 || ids.size() == 48));
   const EvalResult before = evaluate(s, Split::Test);
@@ -287,12 +289,12 @@ lora_alpha = 16
   p.data.test_fraction = 0.34;
   p.data.limit = 0;
   Session sp(p, test::registry());
-  const auto& pl = sp.prompt_lengths(Split::Train);
+  const auto& pl = dynamic_cast<CausalLm&>(sp.task()).prompt_lengths(Split::Train);
   std::vector<std::size_t> order{0, 1};
-  Batch b = sp.batch(Split::Train, order, 0, 2);
+  Batch b = sp.task().batch(Split::Train, order, 0, 2);
   for (std::int64_t row = 0; row < 2; ++row) {
     const auto prompt = pl[static_cast<std::size_t>(row)];
-    const auto len = static_cast<std::int64_t>(sp.token_ids(Split::Train)[static_cast<std::size_t>(row)].size());
+    const auto len = static_cast<std::int64_t>(sp.task().token_ids(Split::Train)[static_cast<std::size_t>(row)].size());
     CATCH_CHECK(prompt > 1);
     CATCH_CHECK(b.lm_labels[row].narrow(0, 0, prompt).eq(-100).all().item<bool>());
     CATCH_CHECK(b.lm_labels[row].narrow(0, prompt, len - prompt).equal(b.ids[row].narrow(0, prompt, len - prompt)));
@@ -334,10 +336,10 @@ r = 8
 lora_alpha = 16
 )");
   Session s(c, test::registry());
-  CATCH_REQUIRE(s.seq2seq());
-  CATCH_CHECK(s.token_ids(Split::Train)[0].back() == 1);  // the template's </s>
+  CATCH_REQUIRE(std::string(s.task().kind()) == "seq2seq");
+  CATCH_CHECK(s.task().token_ids(Split::Train)[0].back() == 1);  // the template's </s>
   std::vector<std::size_t> order{0, 1};
-  Batch b = s.batch(Split::Train, order, 0, 2);
+  Batch b = s.task().batch(Split::Train, order, 0, 2);
   CATCH_CHECK(b.decoder_ids[0][0].item<std::int64_t>() == 0);  // decoder start
   CATCH_CHECK(b.decoder_ids[0][1].item<std::int64_t>() == b.lm_labels[0][0].item<std::int64_t>());
   const EvalResult before = evaluate(s, Split::Test);
@@ -347,11 +349,11 @@ lora_alpha = 16
   // (A random 64-wide T5 does not learn to copy in seconds: BLEU stays near 0 here; its
   // computation is checked against sacrebleu in test_bleu.cpp.)
   // The reported BLEU is that of the texts the model writes.
-  std::vector<std::size_t> all(s.examples(Split::Test).size());
+  std::vector<std::size_t> all(s.task().examples(Split::Test).size());
   for (std::size_t i = 0; i < all.size(); ++i) all[i] = i;
   std::vector<std::string> refs;
-  for (const auto& e : s.examples(Split::Test)) refs.push_back(e.target);
-  CATCH_CHECK(std::abs(corpus_bleu(s.generate_text(Split::Test, all, 0, all.size()), refs).score - r.test.bleu) < 1e-9);
+  for (const auto& e : s.task().examples(Split::Test)) refs.push_back(e.target);
+  CATCH_CHECK(std::abs(corpus_bleu(dynamic_cast<Seq2Seq&>(s.task()).generate_text(Split::Test, all, 0, all.size()), refs).score - r.test.bleu) < 1e-9);
 }
 
 CATCH_TEST_CASE("token classification: each word's tag sits on its first piece, and LoRA with a token head learns the tags", "[train][tokens][minilm]") {
@@ -398,9 +400,9 @@ r = 4
   CATCH_CHECK(s.data().label_names == std::vector<std::string>{"FUNC", "NUM", "PUNCT", "WORD"});
   // One labelled piece per word (none truncated at 64 here), [CLS] and [SEP] unlabelled.
   std::vector<std::size_t> order{0, 1, 2};
-  Batch b = s.batch(Split::Train, order, 0, 3);
+  Batch b = s.task().batch(Split::Train, order, 0, 3);
   for (std::int64_t row = 0; row < 3; ++row) {
-    const auto& e = s.examples(Split::Train)[static_cast<std::size_t>(row)];
+    const auto& e = s.task().examples(Split::Train)[static_cast<std::size_t>(row)];
     CATCH_CHECK(b.lm_labels[row].ne(-100).sum().item<std::int64_t>() == static_cast<std::int64_t>(e.words.size()));
     CATCH_CHECK(b.lm_labels[row][0].item<std::int64_t>() == -100);
   }
@@ -440,7 +442,7 @@ targets = ["attn.q"]
 kind = "tokenize"
 )");
   Session s(c, test::registry());
-  auto state = [&](std::size_t i) { return s.methods()[i]->call("state", [](Method& m) { return m.state(); }); };
+  auto state = [&](std::size_t i) { return s.methods()[i].call("state", [](Method& m) { return m.state(); }); };
   const auto* ext = host_extension<tessera_host_training_v1>(s.model(), TESSERA_EXT_HOST_TRAINING, 1);
   CATCH_REQUIRE(ext != nullptr);
   Tensor loss, logits;
@@ -480,15 +482,46 @@ targets = ["layers.0.attn.q"]
 kind = "context"
 )");
   Session s(c, test::registry());
-  std::vector<std::size_t> order(s.examples(Split::Train).size());
+  std::vector<std::size_t> order(s.task().examples(Split::Train).size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-  Batch b = s.batch(Split::Train, order, 0, order.size());
+  Batch b = s.task().batch(Split::Train, order, 0, order.size());
   std::vector<std::int64_t> expect;
-  for (const auto& e : s.examples(Split::Train)) expect.push_back(e.sample_tags.at(0) == "b");
+  for (const auto& e : s.task().examples(Split::Train)) expect.push_back(e.sample_tags.at(0) == "b");
   CATCH_CHECK(b.tags.at("task").size() == order.size());
   at::NoGradGuard no_grad;
-  s.loss(b);
-  const Tensor seen = s.methods()[0]->call("state", [](Method& m) { return m.state(); }).at("task_is_b");
+  s.task().loss(b);
+  const Tensor seen = s.methods()[0].call("state", [](Method& m) { return m.state(); }).at("task_is_b");
   CATCH_CHECK(std::vector<std::int64_t>(seen.data_ptr<std::int64_t>(), seen.data_ptr<std::int64_t>() + seen.numel()) == expect);
   CATCH_CHECK(std::count(expect.begin(), expect.end(), 1) > 0);
+}
+
+CATCH_TEST_CASE("QLoRA: LoRA trains over a base stored as NF4, the stored base never changes, and a reload reproduces it", "[train][minilm][nf4]") {
+  set_threads(0);
+  Config c = small_config("train-qlora", true, 160, 6);
+  c.model.quantize = "nf4";
+  c.model.double_quant = true;
+  std::vector<std::size_t> order(16);
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  Tensor logits_after;
+  double accuracy = 0;
+  {
+    Session s(c, test::registry());
+    LinearSite* q = nullptr;
+    for (auto* l : s.model().linear_sites())
+      if (l->name() == "layers.0.attn.q") q = l;
+    CATCH_REQUIRE(q != nullptr);
+    CATCH_CHECK(std::string(q->weight().storage()) == "nf4");
+    const Tensor before = ParameterSiteImpl::of(q->weight()).base_value();
+    accuracy = train(s, c.output_dir).test.accuracy;
+    CATCH_CHECK(at::equal(ParameterSiteImpl::of(q->weight()).base_value(), before));
+    for (auto& [name, t] : s.methods()[0].call("trainable", [](Method& x) { return x.trainable(); }))
+      if (name.find("lora_B") != std::string::npos) CATCH_CHECK(t.abs().max().item<double>() > 0);  // it trained
+    at::NoGradGuard ng;
+    logits_after = s.task().forward(s.task().batch(Split::Test, order, 0, order.size())).logits;
+  }
+  Session reloaded(c, test::registry());
+  reloaded.load_adapter(c.output_dir + "/adapter");
+  CATCH_CHECK(evaluate(reloaded, Split::Test).accuracy == accuracy);
+  at::NoGradGuard ng;
+  CATCH_CHECK(at::equal(reloaded.task().forward(reloaded.task().batch(Split::Test, order, 0, order.size())).logits, logits_after));
 }

@@ -103,8 +103,16 @@ class ParameterSite : public SiteHandle {
  public:
   const std::string& name() const;     // "layers.0.attn.q.weight"
   const std::string& hf_name() const;  // "encoder.layer.0.attention.self.query.weight"
-  const Tensor& base() const;          // frozen
+  // Frozen. A base kept quantized (storage() != "dense", SDK 2.1) is dequantized on the
+  // first call into a copy the host drops once methods are attached and prepared: read
+  // what you need from it at attach or prepare(), and do not keep it.
+  const Tensor& base() const;
   Tensor value() const;                // base + Σ α δ
+#if TESSERA_TARGET_ABI_MINOR >= 1
+  // How the host keeps the base: "dense", or "nf4" ([model] weights = "nf4": 4-bit
+  // NormalFloat blocks, QLoRA's storage, dequantized for each product). SDK 2.1.
+  const char* storage() const;
+#endif
 
   void add_delta(const Owner& owner, TensorThunk delta);  // () -> base's shape
   // Merging is an explicit step, never part of training: base += d, without autograd.

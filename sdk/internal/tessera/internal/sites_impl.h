@@ -106,16 +106,40 @@ class SiteCore {
   std::set<std::shared_ptr<OwnerImpl>> owners_;
 };
 
+// A base tensor kept in another form than a dense tensor — a quantized weight (NF4): the
+// chosen storage stage hands one to a parameter site at load time, and the site asks it
+// for the dense value whenever a product or a plugin needs one.
+class StoredTensor {
+ public:
+  virtual ~StoredTensor() = default;
+  virtual const char* format() const = 0;            // "nf4"
+  virtual Tensor dense() const = 0;                  // dequantized, in the model's compute dtype and device
+  virtual std::int64_t stored_bytes() const = 0;
+};
+
 class ParameterSiteImpl final : public ParameterSite, public SiteCore {
  public:
   ParameterSiteImpl(std::string name, std::string hf_name, Tensor base);
   static ParameterSiteImpl& of(ParameterSite& s) { return static_cast<ParameterSiteImpl&>(s); }
   static const ParameterSiteImpl& of(const ParameterSite& s) { return static_cast<const ParameterSiteImpl&>(s); }
+  // Keeps the base as `stored` from now on; the dense tensor is dropped.
+  void store(std::unique_ptr<StoredTensor> stored);
+  const StoredTensor* stored() const { return stored_.get(); }
+  c10::IntArrayRef sizes() const { return shape_; }
+  std::int64_t numel() const;
+  std::int64_t stored_bytes() const;  // what the base takes in memory
+  // base() of a stored tensor keeps a dequantized copy for the plugin that asked; the host
+  // drops it once methods are attached and prepared, so training holds only the stored form.
+  void drop_dense_copy() const { dense_copy_ = Tensor(); }
+  Tensor base_value() const { return stored_ ? stored_->dense() : base_; }  // without keeping a copy
 
  private:
   friend class ParameterSite;
   void drop(const OwnerImpl& owner) override;
   Tensor base_;
+  std::vector<std::int64_t> shape_;
+  std::unique_ptr<StoredTensor> stored_;
+  mutable Tensor dense_copy_;
   Entries<TensorThunk> deltas_;
 };
 

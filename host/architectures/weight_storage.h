@@ -1,0 +1,22 @@
+// The storage stage: how a model's base weights are kept, chosen before any method
+// exists ([model] quantize). "none" keeps the checkpoint's tensors (memory-mapped);
+// "nf4" keeps every linear weight of the layers as QLoRA's 4-bit NormalFloat blocks
+// (formats/nf4.h) — the LM / MLM heads and the embeddings stay dense, as transformers'
+// 4-bit loading leaves them — and each product dequantizes its weight first, so methods
+// see the same sites, shapes and interventions as over a dense base.
+#pragma once
+
+#include "architectures/site_model.h"
+
+#include <string>
+
+namespace tessera {
+
+// Returns how many weights were converted. GPT-2's q/k/v views of the fused c_attn keep
+// their dense rows (so does c_attn's memory, while they view it).
+std::size_t store_weights(SiteModel& model, const std::string& format, bool double_quant);
+
+// Bytes the model's parameter sites take as stored (dense or quantized).
+std::int64_t stored_bytes(const SiteModel& model);
+
+}  // namespace tessera

@@ -1,0 +1,69 @@
+// `tessera eval RUN_DIR`: reloads the base model and the run's adapter, evaluates the
+// test split, and compares the accuracy with the one recorded at training time (exit 3
+// when it differs).
+#include "cli/commands.h"
+
+#include "formats/json_file.h"
+#include "train/session.h"
+#include "train/trainer.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+namespace tessera {
+namespace fs = std::filesystem;
+namespace {
+
+struct Args {
+  std::string run_dir;
+  std::int64_t threads = -1;
+};
+
+// 0 when result.json's test_accuracy is the one measured now (or there is none), else 3.
+int compare_recorded(const std::string& run_dir, double accuracy) {
+  const std::string recorded = (fs::path(run_dir) / "result.json").string();
+  if (!fs::exists(recorded)) return 0;
+  const auto j = read_json_file(recorded);
+  const JsonFields f(j, recorded);
+  if (!f.has("test_accuracy")) {
+    std::printf("%s records no test accuracy to compare with\n", recorded.c_str());
+    return 0;
+  }
+  const double was = f.number_or("test_accuracy", 0);
+  std::printf("%s the accuracy recorded at training time (%.4f)\n", was == accuracy ? "reproduces" : "DIFFERS FROM", was);
+  return was == accuracy ? 0 : 3;
+}
+
+int run_eval(const Args& a, const PluginRegistry& registry) {
+  const std::string config_path = (fs::path(a.run_dir) / "config.toml").string();
+  if (!fs::exists(config_path) || !fs::is_directory(fs::path(a.run_dir) / "adapter"))
+    throw std::runtime_error(a.run_dir + " is not a run directory of `tessera train` (it needs config.toml and adapter/)");
+  Config config = load_config(config_path);
+  refuse_missing_plugins(a.run_dir, config.methods, registry);
+  check_methods(config, registry);
+  if (a.threads >= 0) config.train.threads = a.threads;
+  set_threads(config.train.threads);
+  Session session(config, registry);
+  session.load_adapter((fs::path(a.run_dir) / "adapter").string());
+  const EvalResult ev = evaluate(session, Split::Test);
+  for (const auto& m : session.task().metrics(ev)) std::printf("%s %.6g; ", m.label.c_str(), m.value);
+  std::printf("on %lld examples\n", static_cast<long long>(ev.examples));
+  return compare_recorded(a.run_dir, ev.accuracy);
+}
+
+}  // namespace
+
+Command eval_command() {
+  auto a = std::make_shared<Args>();
+  return {"eval", "reload base + adapter of a run and evaluate its test split",
+          [a](CLI::App& c) {
+            c.add_option("run_dir", a->run_dir, "run directory written by `tessera train`")->required()->check(CLI::ExistingDirectory);
+            c.add_option("--threads", a->threads, "override [train] threads")->check(CLI::Range(0, 4096));
+          },
+          [a](const PluginRegistry& r) { return run_eval(*a, r); }};
+}
+
+}  // namespace tessera

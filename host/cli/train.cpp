@@ -1,0 +1,101 @@
+// `tessera train CONFIG`: fine-tunes as the config says and writes the run directory —
+// config.toml (resolved), metrics.jsonl, the adapter after each epoch, result.json and
+// report.md.
+#include "cli/commands.h"
+
+#include "formats/safetensors.h"
+#include "train/progress.h"
+#include "train/run_dir.h"
+#include "train/session.h"
+#include "train/trainer.h"
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <sstream>
+
+namespace tessera {
+namespace fs = std::filesystem;
+namespace {
+
+struct Args {
+  std::string config, run_dir;
+  std::int64_t threads = -1;
+  bool overwrite = false;
+};
+
+std::string report(const Config& c, const Session& s, const TrainResult& r) {
+  std::ostringstream o;
+  o << "# Tessera run\n\n"
+    << "- config: `" << c.file << "`\n- model: `" << c.model.path << "` (" << c.model.dtype << ", " << c.model.device << ")\n"
+    << "- task: " << c.task.kind << "\n- data: `" << c.data.path << "`, labels:";
+  for (const auto& l : s.data().label_names) o << " `" << l << "`";
+  o << "\n- methods:";
+  if (c.methods.empty()) o << " none (task head only)";
+  for (const auto& m : c.methods) o << " `" << m.name << "` (" << m.plugin << ")";
+  o << "\n\n| metric | value |\n|---|---|\n";
+  for (const auto& m : s.task().metrics(r.test)) o << "| " << m.label << " | " << m.value << " |\n";
+  o << "| trainable parameters | " << r.trainable << " (" << 100.0 * static_cast<double>(r.trainable) / static_cast<double>(r.base) << "% of " << r.base << ") |\n"
+    << "| optimizer steps | " << r.steps << " |\n| wall time | " << format_duration(r.seconds) << " |\n"
+    << "| examples/s (training) | " << r.examples_per_s << " |\n";
+  return o.str();
+}
+
+void write_results(const Config& config, const Session& s, const TrainResult& r, const std::string& run_dir) {
+  nlohmann::json result = {{"test_examples", r.test.examples}, {"task", config.task.kind}, {"trainable_parameters", r.trainable},
+                           {"base_parameters", r.base}, {"steps", r.steps}, {"seconds", r.seconds}, {"examples_per_s", r.examples_per_s}};
+  std::string line;
+  for (const auto& m : s.task().metrics(r.test)) {
+    result["test_" + m.key] = m.value;
+    line += fmt::format("{} {:.6g}; ", m.label, m.value);
+  }
+  write_file_atomic((fs::path(run_dir) / "result.json").string(), result.dump(2) + "\n");
+  write_file_atomic((fs::path(run_dir) / "report.md").string(), report(config, s, r));
+  std::printf("%son %lld examples; trainable %.3f%% of the base; %s wall; run directory %s\n", line.c_str(), static_cast<long long>(r.test.examples),
+              100.0 * static_cast<double>(r.trainable) / static_cast<double>(r.base), format_duration(r.seconds).c_str(), run_dir.c_str());
+}
+
+int run_train(const Args& a, const PluginRegistry& registry) {
+  Config config = load_config(a.config);
+  check_methods(config, registry);
+  if (a.threads >= 0) config.train.threads = a.threads;
+  set_threads(config.train.threads);
+  const std::string run_dir = a.run_dir.empty() ? config.output_dir : a.run_dir;
+  const auto earlier = earlier_run_entries(run_dir);
+  if (!earlier.empty() && !a.overwrite) {
+    std::string list;
+    for (const auto& e : earlier) list += (list.empty() ? "" : ", ") + e;
+    throw std::runtime_error(run_dir + " holds an earlier run (" + list + "): pass --overwrite to replace it, or --run-dir to write this one elsewhere");
+  }
+  config.output_dir = run_dir;
+  // Model, data and methods load before anything of an earlier run is touched: a
+  // mistake in this config leaves that run whole.
+  Session session(config, registry);
+  if (!earlier.empty()) {
+    spdlog::info("replacing the earlier run in {}", run_dir);
+    clear_earlier_run(run_dir);
+  }
+  fs::create_directories(run_dir);
+  write_file_atomic((fs::path(run_dir) / "config.toml").string(), resolved_toml(config));
+  write_results(config, session, train(session, run_dir), run_dir);
+  return 0;
+}
+
+}  // namespace
+
+Command train_command() {
+  auto a = std::make_shared<Args>();
+  return {"train", "fine-tune as a config file says",
+          [a](CLI::App& c) {
+            c.add_option("config", a->config, "TOML config")->required();
+            c.add_option("--run-dir", a->run_dir, "run directory (default: [output] dir)");
+            c.add_option("--threads", a->threads, "override [train] threads")->check(CLI::Range(0, 4096));
+            c.add_flag("--overwrite", a->overwrite, "replace an earlier run in the run directory (refused without it)");
+          },
+          [a](const PluginRegistry& r) { return run_train(*a, r); }};
+}
+
+}  // namespace tessera

@@ -1,0 +1,79 @@
+#include "formats/checkpoint.h"
+
+#include "formats/json_file.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+
+namespace tessera {
+
+Checkpoint Checkpoint::open(const std::string& dir) {
+  namespace fs = std::filesystem;
+  Checkpoint c;
+  c.dir_ = dir;
+  const fs::path single = fs::path(dir) / "model.safetensors", index = fs::path(dir) / "model.safetensors.index.json";
+  if (fs::exists(single)) {
+    auto f = SafetensorsFile::open(single.string());
+    for (const auto& n : f->names()) c.where_[n] = f;
+  } else if (fs::exists(index)) {
+    const nlohmann::json j = read_json_file(index.string());
+    if (!j.contains("weight_map") || !j["weight_map"].is_object())
+      throw std::runtime_error(index.string() + ": no \"weight_map\" object");
+    std::map<std::string, std::shared_ptr<SafetensorsFile>> shards;
+    for (const auto& [name, shard] : j["weight_map"].items()) {
+      if (!shard.is_string()) throw std::runtime_error(index.string() + ": weight_map entry '" + name + "' is not a file name");
+      auto& f = shards[shard.get<std::string>()];
+      if (!f) f = SafetensorsFile::open((fs::path(dir) / shard.get<std::string>()).string());
+      if (!f->contains(name)) throw SafetensorsError(f->path(), name, "is listed in model.safetensors.index.json but not in its shard");
+      c.where_[name] = f;
+    }
+  } else {
+    throw std::runtime_error(dir + ": no model.safetensors or model.safetensors.index.json (a pytorch_model.bin must be converted to safetensors first)");
+  }
+  return c;
+}
+
+std::optional<std::string> Checkpoint::first_present(const std::vector<std::string>& names) const {
+  for (const auto& n : names)
+    if (contains(n)) return n;
+  return std::nullopt;
+}
+
+at::Tensor Checkpoint::take(const std::string& name, const std::vector<int64_t>& shape, c10::TensorOptions options) {
+  auto it = where_.find(name);
+  if (it == where_.end()) {
+    for (const auto d : shape)
+      if (d < 0) throw SafetensorsError(dir_, name, "the config gives it a negative size " + c10::str(at::IntArrayRef(shape)));
+    missing_.push_back(name);
+    return at::zeros({}, options).expand(shape);
+  }
+  at::Tensor t = it->second->tensor(name);
+  if (t.sizes().vec() != shape)
+    throw SafetensorsError(it->second->path(), name, "has shape " + c10::str(t.sizes()) + ", the config needs " + c10::str(at::IntArrayRef(shape)));
+  taken_.insert(name);
+  // Same dtype and device: a zero-copy view of the (private) mapping; otherwise converted.
+  return t.to(options).detach().set_requires_grad(false);
+}
+
+void Checkpoint::check_layer_count(const std::string& config, const char* key, std::int64_t count, const std::string& layer_prefix) const {
+  const std::string last = layer_prefix + std::to_string(count - 1) + ".";
+  const auto it = where_.lower_bound(last);
+  if (it == where_.end() || it->first.compare(0, last.size(), last) != 0)
+    throw std::runtime_error(config + ": " + key + " is " + std::to_string(count) + ", but " + dir_ + " has no tensor named " + last + "…");
+}
+
+std::vector<std::string> Checkpoint::finish() const {
+  if (!missing_.empty()) {
+    std::string list;
+    for (const auto& n : missing_) list += (list.empty() ? "" : ", ") + n;
+    throw SafetensorsError(dir_, missing_.front(), std::to_string(missing_.size()) + " tensor(s) missing from the checkpoint: " + list);
+  }
+  std::vector<std::string> unexpected;
+  for (const auto& [n, f] : where_)
+    if (!taken_.count(n)) unexpected.push_back(n);
+  return unexpected;
+}
+
+}  // namespace tessera

@@ -1,0 +1,50 @@
+// The weights of a Hugging Face model directory: `model.safetensors`, or the shards named
+// by `model.safetensors.index.json`, all memory-mapped. Tensors are converted from their
+// stored dtype (f32, f16, bf16) to the compute options on the way out; an architecture
+// asks for every tensor it needs by name and shape, and what it never asked for is
+// reported as unexpected.
+#pragma once
+
+#include "formats/safetensors.h"
+
+#include <c10/core/TensorOptions.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace tessera {
+
+class Checkpoint {
+ public:
+  // Refuses a directory without weights, naming what it looked for.
+  static Checkpoint open(const std::string& dir);
+
+  const std::string& dir() const { return dir_; }
+  bool contains(const std::string& name) const { return where_.count(name) != 0; }
+  // The tensor, checked against `shape`, converted to `options`, frozen. A missing name
+  // is recorded (see finish()) and a stand-in of that shape returned (one zero broadcast,
+  // no memory) that the model may be built around but never run with: loading goes on,
+  // and finish() reports every missing tensor at once.
+  at::Tensor take(const std::string& name, const std::vector<int64_t>& shape, c10::TensorOptions options);
+  // Refuses a layer count (`key` of the config file `config`) that runs past the
+  // checkpoint: no tensor is named `layer_prefix` + (count − 1) + ".…". Checked before the
+  // layers are built, so that a wrong count is named as such, not as many missing tensors.
+  void check_layer_count(const std::string& config, const char* key, std::int64_t count, const std::string& layer_prefix) const;
+  // The first of `names` present, or nullopt (nothing recorded as missing).
+  std::optional<std::string> first_present(const std::vector<std::string>& names) const;
+  // Throws a SafetensorsError listing every missing tensor by name; otherwise returns the
+  // tensors never taken (unexpected: task heads, buffers such as position_ids).
+  std::vector<std::string> finish() const;
+
+ private:
+  std::string dir_;
+  std::map<std::string, std::shared_ptr<SafetensorsFile>> where_;  // tensor name -> its shard
+  std::set<std::string> taken_;
+  std::vector<std::string> missing_;
+};
+
+}  // namespace tessera

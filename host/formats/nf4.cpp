@@ -1,0 +1,125 @@
+#include "formats/nf4.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace tessera {
+
+Tensor nf4_levels(c10::TensorOptions options) {
+  // The 16 levels as bitsandbytes hard-codes them (QLoRA's quantiles of N(0, 1), scaled to [-1, 1]).
+  static const float kLevels[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                                    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                                    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+                                    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+  return at::from_blob(const_cast<float*>(kLevels), {16}, at::kFloat).to(options.dtype(at::kFloat), false, true);
+}
+
+Tensor dynamic_map_signed(c10::TensorOptions options) {
+  // For i = 0..6: the midpoints of linspace(0.1, 1, 2^i + 1) in f32, times ±10^(i−6); then
+  // 0 and 1; 256 values sorted (bitsandbytes' create_dynamic_map(signed=True)).
+  std::vector<float> v;
+  for (int i = 0; i < 7; ++i) {
+    Tensor b = at::linspace(0.1, 1.0, (1 << i) + 1, at::kFloat);
+    Tensor mid = (b.narrow(0, 0, 1 << i) + b.narrow(0, 1, 1 << i)) / 2.0;
+    const auto scale = static_cast<float>(std::pow(10.0, i - 6));  // the product rounds in f32, as torch's does
+    for (std::int64_t k = 0; k < mid.size(0); ++k) {
+      const float m = mid[k].item<float>();
+      v.push_back(scale * m), v.push_back(-(scale * m));
+    }
+  }
+  v.push_back(0.0f), v.push_back(1.0f);
+  std::sort(v.begin(), v.end());
+  return at::tensor(v, at::kFloat).to(options.dtype(at::kFloat));
+}
+
+namespace {
+
+// Index of the nearest of `levels` (ascending) to each x; a midpoint goes to the lower.
+Tensor nearest(const Tensor& x, const Tensor& levels) {
+  const auto n = levels.size(0);
+  Tensor mids = (levels.narrow(0, 0, n - 1) + levels.narrow(0, 1, n - 1)) / 2.0;  // f32
+  return at::bucketize(x, mids, /*out_int32=*/false, /*right=*/false);
+}
+
+// Blocks of `blocksize` over the flat values, the last padded with zeros: (blocks, blocksize).
+Tensor blocks_of(const Tensor& flat, std::int64_t blocksize) {
+  const auto n = flat.numel(), nb = (n + blocksize - 1) / blocksize;
+  return at::constant_pad_nd(flat, {0, nb * blocksize - n}).view({nb, blocksize});
+}
+
+}  // namespace
+
+Nf4Parts nf4_quantize(const Tensor& w, std::int64_t blocksize, bool double_quant) {
+  Nf4Parts q;
+  q.shape = w.sizes().vec(), q.blocksize = blocksize, q.double_quant = double_quant;
+  const Tensor a = w.detach().reshape({-1}).to(at::kFloat);
+  const auto n = a.numel();
+  Tensor blocks = blocks_of(a, blocksize);
+  Tensor absmax = blocks.abs().amax(1);  // (nb)
+  // Full blocks scale by the reciprocal, a short last one divides (as bitsandbytes does:
+  // the two can differ in the last bit, and so in a level at a midpoint).
+  Tensor safe = absmax.clamp_min(1e-38);
+  Tensor scaled = blocks * safe.reciprocal().unsqueeze(1);
+  if (n % blocksize != 0) {
+    scaled.select(0, -1).copy_(blocks.select(0, -1) / safe[-1]);
+    absmax[-1] = safe[-1];
+  }
+  Tensor codes = nearest(scaled.reshape({-1}).narrow(0, 0, n).clamp(-1, 1), nf4_levels(a.options()));
+  if (n % 2 != 0) codes = at::cat({codes, at::full({1}, 7, codes.options())});
+  Tensor pairs = codes.view({-1, 2});
+  q.packed = (pairs.select(1, 0) * 16 + pairs.select(1, 1)).to(at::kByte);
+  if (!double_quant) {
+    q.absmax = absmax;
+    return q;
+  }
+  q.offset = absmax.mean().item<double>();
+  Tensor centred = absmax - static_cast<float>(q.offset);
+  Tensor nested = blocks_of(centred, 256);
+  q.nested_absmax = nested.abs().amax(1);
+  // An all-equal group (max |·| = 0) keeps code 0.0 instead of dividing 0 by 0.
+  Tensor normed = at::where(q.nested_absmax.unsqueeze(1) > 0, nested / q.nested_absmax.unsqueeze(1), at::zeros_like(nested));
+  q.absmax = nearest(normed.reshape({-1}).narrow(0, 0, absmax.numel()), dynamic_map_signed(a.options())).to(at::kByte);
+  return q;
+}
+
+Tensor nf4_dequantize(const Nf4Parts& q, c10::TensorOptions options) {
+  const auto f32 = options.dtype(at::kFloat);
+  std::int64_t n = 1;
+  for (auto d : q.shape) n *= d;
+  Tensor packed = q.packed.to(options.device()).to(at::kLong);
+  Tensor codes = at::stack({at::floor_divide(packed, 16), at::remainder(packed, 16)}, 1).reshape({-1}).narrow(0, 0, n);
+  Tensor absmax = q.absmax.to(options.device());
+  if (q.double_quant) {
+    const auto nb = absmax.numel();
+    Tensor scale = q.nested_absmax.to(options.device()).repeat_interleave(256).narrow(0, 0, nb);
+    absmax = dynamic_map_signed(f32).index_select(0, absmax.to(at::kLong)) * scale + static_cast<float>(q.offset);
+  }
+  Tensor values = blocks_of(nf4_levels(f32).index_select(0, codes), q.blocksize) * absmax.unsqueeze(1);
+  return values.reshape({-1}).narrow(0, 0, n).view(q.shape).to(options.dtype());
+}
+
+namespace {
+
+class Nf4Tensor final : public StoredTensor {
+ public:
+  Nf4Tensor(Nf4Parts q, c10::TensorOptions options) : q_(std::move(q)), options_(options) {}
+  const char* format() const override { return "nf4"; }
+  Tensor dense() const override { return nf4_dequantize(q_, options_); }
+  std::int64_t stored_bytes() const override {
+    auto bytes = [](const Tensor& t) { return t.defined() ? t.numel() * static_cast<std::int64_t>(t.element_size()) : 0; };
+    return bytes(q_.packed) + bytes(q_.absmax) + bytes(q_.nested_absmax) + (q_.double_quant ? 4 : 0);
+  }
+
+ private:
+  Nf4Parts q_;
+  c10::TensorOptions options_;  // of the dense value: the model's compute dtype and device
+};
+
+}  // namespace
+
+std::unique_ptr<StoredTensor> nf4_storage(const Tensor& dense, std::int64_t blocksize, bool double_quant) {
+  return std::make_unique<Nf4Tensor>(nf4_quantize(dense, blocksize, double_quant), dense.options().requires_grad(false));
+}
+
+}  // namespace tessera

@@ -1,0 +1,44 @@
+// The method instances of a run, attached to one model in config order and detached when
+// the stack goes: what `tessera train`, `eval` and `generate` all hold. The plugin each
+// came from is kept for the adapter's manifest.
+#pragma once
+
+#include "runtime/config.h"
+#include "runtime/plugin_registry.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace tessera {
+
+class MethodStack {
+ public:
+  // Each config must have passed check_methods against `registry`.
+  MethodStack(const PluginRegistry& registry, std::vector<MethodConfig> configs, ModelView& model);
+  ~MethodStack();  // detaches every method (a failure is logged, not thrown)
+  MethodStack(const MethodStack&) = delete;
+  MethodStack& operator=(const MethodStack&) = delete;
+
+  std::size_t size() const { return instances_.size(); }
+  MethodInstance& operator[](std::size_t i) { return *instances_[i]; }
+  const MethodConfig& config(std::size_t i) const { return configs_[i]; }
+  const std::vector<MethodConfig>& configs() const { return configs_; }
+  const PluginInfo& plugin(std::size_t i) const { return plugins_[i]; }
+
+  std::vector<Tensor> trainable();  // every instance's trainable tensors, in order
+  std::int64_t trainable_count();
+  // Reads one instance's state from a safetensors file (its adapter_model.safetensors).
+  void load_state(std::size_t i, const std::string& file);
+  // Folds every instance into the weights; refuses, before folding any, when one cannot.
+  void merge();
+
+ private:
+  ModelView& model_;
+  std::vector<MethodConfig> configs_;
+  std::vector<PluginInfo> plugins_;
+  std::vector<std::unique_ptr<MethodInstance>> instances_;
+};
+
+}  // namespace tessera
