@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The LoRA training config the LoRA benchmarks share (all-MiniLM-L6-v2 on polarity, batch
 # 32, length 64, rank 8 on every linear site of each layer), printed to stdout:
-#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads>
-# Three steps more than timed: the trainer times from the fourth.
+#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads> [none|nf4]
+# Three steps more than timed: the trainer times from the fourth. nf4: QLoRA (the base's
+# linear weights in NF4 with double quantization).
 set -euo pipefail
-steps=$1 dtype=$2 padding=$3 threads=$4
+steps=$1 dtype=$2 padding=$3 threads=$4 quantize=${5:-none}
 cat <<TOML
 [model]
 path = "\${TESSERA_MODEL_DIR}"
 dtype = "$dtype"
+quantize = "$quantize"
+double_quant = $([[ $quantize == none ]] && echo false || echo true)
 [data]
 path = "\${TESSERA_DATA_DIR}/polarity.csv"
 max_length = 64

@@ -22,6 +22,7 @@ ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--rank", type=int, default=8)
 ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 ap.add_argument("--padding", choices=["max_length", "longest"], default="max_length")
+ap.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA, the base in bitsandbytes 4-bit with double quantization")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
@@ -31,7 +32,13 @@ texts = [r["text"] for r in train]
 labels = [int(r["label"]) for r in train]
 
 tok = AutoTokenizer.from_pretrained(args.model)
-encoder = AutoModel.from_pretrained(args.model)
+if args.quantize == "nf4":  # QLoRA as PEFT users run it: bitsandbytes NF4 with double quantization
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    encoder = AutoModel.from_pretrained(args.model, quantization_config=q, device_map="cpu")
+else:
+    encoder = AutoModel.from_pretrained(args.model)
 
 
 class Classifier(torch.nn.Module):

@@ -3,7 +3,6 @@
 #include "architectures/bert.h"
 #include "architectures/decoder.h"
 #include "architectures/t5.h"
-#include "architectures/weight_storage.h"
 #include "formats/json_file.h"
 
 #include <ATen/ATen.h>
@@ -110,18 +109,15 @@ std::vector<std::vector<std::int64_t>> Backbone::generate(const std::vector<std:
   throw no_lm(*this);
 }
 
-std::unique_ptr<Backbone> load_backbone(const std::string& dir, c10::TensorOptions options, const std::string& quantize, bool double_quant) {
-  const auto type = read_json_file((std::filesystem::path(dir) / "config.json").string()).value("model_type", "");
-  std::unique_ptr<Backbone> b;
-  if (type == "bert" || type == "roberta") {
-    b = std::make_unique<BertBackbone>(BertModel::load(dir, options));
-  } else if (type == "t5") {
-    b = std::make_unique<T5Backbone>(T5Model::load(dir, options));
-  } else {
-    b = std::make_unique<DecoderBackbone>(DecoderModel::load(dir, options));
-  }
-  store_weights(b->sites(), quantize, double_quant);
-  return b;
+std::unique_ptr<Backbone> load_backbone(const std::string& dir, c10::TensorOptions options) {
+  const std::string path = (std::filesystem::path(dir) / "config.json").string();
+  const nlohmann::json config = read_json_file(path);
+  if (!config.is_object()) throw std::runtime_error(path + ": must be a JSON object");
+  const std::string type = JsonFields(config, path).string_or("model_type", "");
+  if (type == "bert" || type == "roberta") return std::make_unique<BertBackbone>(BertModel::load(dir, options));
+  if (type == "t5") return std::make_unique<T5Backbone>(T5Model::load(dir, options));
+  if (type == "gpt2" || type == "llama" || type == "mistral" || type == "qwen2") return std::make_unique<DecoderBackbone>(DecoderModel::load(dir, options));
+  throw std::runtime_error(path + ": model_type \"" + type + "\" is not supported (encoders: bert, roberta; decoders: gpt2, llama, mistral, qwen2; encoder-decoder: t5)");
 }
 
 }  // namespace tessera

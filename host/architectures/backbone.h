@@ -55,9 +55,7 @@ class Backbone {
 // Reads dir/config.json's model_type: bert or roberta (an encoder), t5 (an
 // encoder-decoder), anything else a decoder (which refuses, naming it, a type it does not
 // know). Weights converted to `options`.
-// `quantize`: the storage stage (architectures/weight_storage.h), run as the model loads,
-// before any method attaches.
-std::unique_ptr<Backbone> load_backbone(const std::string& dir, c10::TensorOptions options, const std::string& quantize = "none",
-                                        bool double_quant = false);
+// (How its weights are stored is the next stage, before methods attach: MethodStack.)
+std::unique_ptr<Backbone> load_backbone(const std::string& dir, c10::TensorOptions options);
 
 }  // namespace tessera

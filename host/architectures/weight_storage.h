@@ -8,13 +8,18 @@
 
 #include "architectures/site_model.h"
 
+#include <map>
 #include <string>
 
 namespace tessera {
 
+// `quantize` ("none", "nf4") for the layers' linear weights, and what methods asked for
+// (tessera.method.storage): linear site's canonical name -> storage, for any linear site.
 // Returns how many weights were converted. GPT-2's q/k/v views of the fused c_attn keep
-// their dense rows (so does c_attn's memory, while they view it).
-std::size_t store_weights(SiteModel& model, const std::string& format, bool double_quant);
+// their dense rows (so does c_attn's memory, while they view it); a method asking for a
+// view is refused (ask for attn.qkv).
+std::size_t store_weights(SiteModel& model, const std::string& quantize, bool double_quant,
+                          const std::map<std::string, std::string>& requested = {});
 
 // Bytes the model's parameter sites take as stored (dense or quantized).
 std::int64_t stored_bytes(const SiteModel& model);

@@ -55,11 +55,11 @@ Plan plan(const Args& a, const PluginRegistry& registry) {
 int run_generate(const Args& a, const PluginRegistry& registry) {
   set_threads(a.threads >= 0 ? a.threads : 0);
   const Plan p = plan(a, registry);
-  auto backbone = load_backbone(p.model.path, options_for(p.model), p.model.quantize, p.model.double_quant);
+  auto backbone = load_backbone(p.model.path, options_for(p.model));
   if (backbone->kind() == BackboneKind::Encoder)
     throw std::runtime_error("generate needs a decoder or an encoder-decoder: " + p.model.path + " (" + backbone->sites().info().architecture + ") is an encoder");
   auto tokenizer = load_tokenizer(p.model.path);
-  MethodStack methods(registry, p.methods, backbone->sites());
+  MethodStack methods(registry, p.methods, backbone->sites(), p.model);
   if (!a.run.empty()) {
     const Config rc = load_config((fs::path(a.run) / "config.toml").string());
     check_adapter((fs::path(a.run) / "adapter").string(), {rc.task.kind, backbone->sites().info().architecture, rc.task.pooling, {}}, rc.methods);
@@ -72,6 +72,7 @@ int run_generate(const Args& a, const PluginRegistry& registry) {
     } catch (const std::exception& e) {
       throw std::runtime_error(std::string("--merge: ") + e.what());
     }
+  backbone->sites().drop_dense_copies();  // what plugins dequantized of a stored base at attach
   auto ids = tokenizer->encode(a.prompt);
   // Nothing to continue (an empty prompt, a tokenizer that adds no BOS): start from the
   // config's bos_token_id, as transformers.generate does without input_ids.

@@ -49,7 +49,7 @@ void write_results(const Config& config, const Session& s, const TrainResult& r,
                            {"base_parameters", r.base}, {"steps", r.steps}, {"seconds", r.seconds}, {"examples_per_s", r.examples_per_s}};
   std::string line;
   for (const auto& m : s.task().metrics(r.test)) {
-    result["test_" + m.key] = m.value;
+    result["test_" + m.key] = m.count ? nlohmann::json(static_cast<std::int64_t>(m.value)) : nlohmann::json(m.value);
     line += fmt::format("{} {:.6g}; ", m.label, m.value);
   }
   write_file_atomic((fs::path(run_dir) / "result.json").string(), result.dump(2) + "\n");

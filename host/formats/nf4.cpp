@@ -83,29 +83,43 @@ Nf4Parts nf4_quantize(const Tensor& w, std::int64_t blocksize, bool double_quant
   return q;
 }
 
-Tensor nf4_dequantize(const Nf4Parts& q, c10::TensorOptions options) {
-  const auto f32 = options.dtype(at::kFloat);
+namespace {
+
+// With the level tables at hand (on the parts' device, f32).
+Tensor dequantize_with(const Nf4Parts& q, c10::TensorOptions options, const Tensor& levels, const Tensor& dyn) {
   std::int64_t n = 1;
   for (auto d : q.shape) n *= d;
-  Tensor packed = q.packed.to(options.device()).to(at::kLong);
-  Tensor codes = at::stack({at::floor_divide(packed, 16), at::remainder(packed, 16)}, 1).reshape({-1}).narrow(0, 0, n);
+  Tensor packed = q.packed.to(options.device());
+  // Two codes a byte, the first in the high nibble; int32 indices (half the bytes of int64).
+  Tensor codes = at::stack({at::bitwise_right_shift(packed, 4), at::bitwise_and(packed, 15)}, 1).reshape({-1}).narrow(0, 0, n).to(at::kInt);
   Tensor absmax = q.absmax.to(options.device());
   if (q.double_quant) {
     const auto nb = absmax.numel();
     Tensor scale = q.nested_absmax.to(options.device()).repeat_interleave(256).narrow(0, 0, nb);
-    absmax = dynamic_map_signed(f32).index_select(0, absmax.to(at::kLong)) * scale + static_cast<float>(q.offset);
+    absmax = dyn.index_select(0, absmax.to(at::kInt)) * scale + static_cast<float>(q.offset);
   }
-  Tensor values = blocks_of(nf4_levels(f32).index_select(0, codes), q.blocksize) * absmax.unsqueeze(1);
+  Tensor values = blocks_of(levels.index_select(0, codes), q.blocksize) * absmax.unsqueeze(1);
   return values.reshape({-1}).narrow(0, 0, n).view(q.shape).to(options.dtype());
+}
+
+}  // namespace
+
+Tensor nf4_dequantize(const Nf4Parts& q, c10::TensorOptions options) {
+  const auto f32 = options.dtype(at::kFloat);
+  return dequantize_with(q, options, nf4_levels(f32), q.double_quant ? dynamic_map_signed(f32) : Tensor());
 }
 
 namespace {
 
 class Nf4Tensor final : public StoredTensor {
  public:
-  Nf4Tensor(Nf4Parts q, c10::TensorOptions options) : q_(std::move(q)), options_(options) {}
+  // The tables are made once, on the weight's device: a product dequantizes without a
+  // host round trip.
+  Nf4Tensor(Nf4Parts q, c10::TensorOptions options)
+      : q_(std::move(q)), options_(options), levels_(nf4_levels(options.dtype(at::kFloat))),
+        dyn_(q_.double_quant ? dynamic_map_signed(options.dtype(at::kFloat)) : Tensor()) {}
   const char* format() const override { return "nf4"; }
-  Tensor dense() const override { return nf4_dequantize(q_, options_); }
+  Tensor dense() const override { return dequantize_with(q_, options_, levels_, dyn_); }
   std::int64_t stored_bytes() const override {
     auto bytes = [](const Tensor& t) { return t.defined() ? t.numel() * static_cast<std::int64_t>(t.element_size()) : 0; };
     return bytes(q_.packed) + bytes(q_.absmax) + bytes(q_.nested_absmax) + (q_.double_quant ? 4 : 0);
@@ -114,6 +128,7 @@ class Nf4Tensor final : public StoredTensor {
  private:
   Nf4Parts q_;
   c10::TensorOptions options_;  // of the dense value: the model's compute dtype and device
+  Tensor levels_, dyn_;         // (16), (256) f32
 };
 
 }  // namespace

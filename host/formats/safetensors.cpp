@@ -13,6 +13,7 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <mutex>
 
 namespace tessera {
 namespace {
@@ -65,6 +66,16 @@ void refuse_overlaps(const std::string& path, const std::vector<std::pair<std::s
       throw SafetensorsError(path, names[order[i]], "data overlaps tensor '" + names[order[i - 1]] + "'");
 }
 
+// The mappings open now, so that release_mapped_pages() touches nothing else.
+std::mutex& maps_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::vector<std::pair<const char*, std::size_t>>& live_maps() {
+  static std::vector<std::pair<const char*, std::size_t>> maps;
+  return maps;
+}
+
 }  // namespace
 
 SafetensorsError::SafetensorsError(const std::string& file, const std::string& tensor, const std::string& reason)
@@ -86,6 +97,10 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   file->path_ = path;
   file->map_ = map;
   file->size_ = size;
+  {
+    std::lock_guard<std::mutex> lock(maps_mutex());
+    live_maps().emplace_back(static_cast<const char*>(map), size);
+  }
   file->self_ = file;
 
   const auto* bytes = static_cast<const unsigned char*>(map);
@@ -141,7 +156,13 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
 }
 
 SafetensorsFile::~SafetensorsFile() {
-  if (map_ != nullptr) munmap(map_, size_);
+  if (map_ == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(maps_mutex());
+    auto& maps = live_maps();
+    maps.erase(std::remove(maps.begin(), maps.end(), std::make_pair(static_cast<const char*>(map_), size_)), maps.end());
+  }
+  munmap(map_, size_);
 }
 
 std::vector<std::string> SafetensorsFile::names() const {
@@ -211,6 +232,23 @@ std::map<std::string, at::Tensor> read_safetensors(const std::string& path) {
   std::map<std::string, at::Tensor> out;
   for (const auto& n : file->names()) out[n] = file->tensor(n);
   return out;
+}
+
+std::size_t release_mapped_pages(const at::Tensor& t) {
+  if (!t.defined() || !t.device().is_cpu() || !t.has_storage()) return 0;
+  const char* begin = static_cast<const char*>(t.storage().data());
+  const char* end = begin + t.storage().nbytes();
+  const auto page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto first = (reinterpret_cast<std::uintptr_t>(begin) + page - 1) / page * page;  // whole pages inside
+  const auto last = reinterpret_cast<std::uintptr_t>(end) / page * page;
+  if (last <= first) return 0;
+  std::lock_guard<std::mutex> lock(maps_mutex());
+  for (const auto& [map, size] : live_maps())
+    if (begin >= map && end <= map + size) {
+      madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+      return last - first;
+    }
+  return 0;  // not a mapped file's (a converted copy: freed with its last reference)
 }
 
 }  // namespace tessera

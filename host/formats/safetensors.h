@@ -57,6 +57,12 @@ class SafetensorsFile {
   std::weak_ptr<SafetensorsFile> self_;
 };
 
+// Drops the resident pages that lie wholly inside `t`'s bytes when they are those of a
+// mapped file (a weight just quantized: nothing reads them again; tensors of a file never
+// overlap). Were they read again, they would come back from the file. Returns the bytes
+// released; 0 for a tensor that is not a mapped file's.
+std::size_t release_mapped_pages(const at::Tensor& t);
+
 // Every tensor of a file, by name (views of the mapping).
 std::map<std::string, at::Tensor> read_safetensors(const std::string& path);
 

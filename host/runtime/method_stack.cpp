@@ -1,20 +1,45 @@
 #include "runtime/method_stack.h"
 
+#include "architectures/weight_storage.h"
 #include "formats/safetensors.h"
+
+#include <tessera/extensions.h>
 
 #include <ATen/core/grad_mode.h>
 #include <spdlog/spdlog.h>
 
 namespace tessera {
 
-MethodStack::MethodStack(const PluginRegistry& registry, std::vector<MethodConfig> configs, ModelView& model)
+MethodStack::MethodStack(const PluginRegistry& registry, std::vector<MethodConfig> configs, SiteModel& model, const ModelConfig& storage)
     : model_(model), configs_(std::move(configs)) {
   for (const auto& m : configs_) {
-    auto inst = registry.create(m.plugin, m.name);
-    inst->attach(model, m.targets, m.checked);
-    instances_.push_back(std::move(inst));
+    instances_.push_back(registry.create(m.plugin, m.name));
     plugins_.push_back(*registry.find(m.plugin));
   }
+  store_weights(model, storage.quantize, storage.double_quant, storage_requests(model));
+  for (std::size_t i = 0; i < size(); ++i) instances_[i]->attach(model, configs_[i].targets, configs_[i].checked);
+}
+
+std::map<std::string, std::string> MethodStack::storage_requests(SiteModel& model) {
+  std::map<std::string, std::pair<std::string, std::string>> asked;  // site -> storage, instance
+  for (std::size_t i = 0; i < size(); ++i) {
+    const auto* ext = instances_[i]->extension<tessera_method_storage_v1>(TESSERA_EXT_METHOD_STORAGE, 1);
+    if (ext == nullptr) continue;
+    const auto& mc = configs_[i];
+    for (auto* site : model.linear_sites()) {
+      const char* format = instances_[i]->call("storage_for", [&](Method&) {
+        return ext->storage_for(ext->method, mc.checked, mc.targets, site->name().c_str(), site->hf_path().c_str());
+      });
+      if (format == nullptr) continue;
+      const auto [it, fresh] = asked.emplace(site->name(), std::make_pair(std::string(format), mc.name));
+      if (!fresh && it->second.first != format)
+        throw std::runtime_error("method '" + it->second.second + "' asks for " + it->second.first + " storage of " + site->name() +
+                                 "'s weight, method '" + mc.name + "' for " + format);
+    }
+  }
+  std::map<std::string, std::string> out;
+  for (const auto& [site, request] : asked) out[site] = request.first;
+  return out;
 }
 
 MethodStack::~MethodStack() {

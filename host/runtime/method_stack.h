@@ -3,10 +3,12 @@
 // came from is kept for the adapter's manifest.
 #pragma once
 
+#include "architectures/site_model.h"
 #include "runtime/config.h"
 #include "runtime/plugin_registry.h"
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -15,8 +17,10 @@ namespace tessera {
 
 class MethodStack {
  public:
-  // Each config must have passed check_methods against `registry`.
-  MethodStack(const PluginRegistry& registry, std::vector<MethodConfig> configs, ModelView& model);
+  // Each config must have passed check_methods against `registry`. Creates every
+  // instance, runs the storage stage — [model] quantize and what methods ask for through
+  // tessera.method.storage (architectures/weight_storage.h) — then attaches them in order.
+  MethodStack(const PluginRegistry& registry, std::vector<MethodConfig> configs, SiteModel& model, const ModelConfig& storage);
   ~MethodStack();  // detaches every method (a failure is logged, not thrown)
   MethodStack(const MethodStack&) = delete;
   MethodStack& operator=(const MethodStack&) = delete;
@@ -35,7 +39,9 @@ class MethodStack {
   void merge();
 
  private:
-  ModelView& model_;
+  // Linear site -> the storage methods asked for; refuses two methods asking differently.
+  std::map<std::string, std::string> storage_requests(SiteModel& model);
+  SiteModel& model_;
   std::vector<MethodConfig> configs_;
   std::vector<PluginInfo> plugins_;
   std::vector<std::unique_ptr<MethodInstance>> instances_;

@@ -29,7 +29,7 @@ void LanguageModelTask::finish(EvalResult& r, Split) const {
 
 std::vector<Metric> LanguageModelTask::metrics(const EvalResult& r) const {
   return {{"perplexity", "test perplexity", r.perplexity}, {"accuracy", "next-token accuracy", r.accuracy},
-          {"loss", "test loss (per token)", r.loss}, {"tokens", "test tokens", static_cast<double>(r.tokens)}};
+          {"loss", "test loss (per token)", r.loss}, {"tokens", "test tokens", static_cast<double>(r.tokens), true}};
 }
 
 }  // namespace tessera

@@ -57,6 +57,7 @@ struct EvalResult {
 struct Metric {
   std::string key, label;
   double value = 0;
+  bool count = false;  // a number of tokens or words: written as an integer
 };
 
 class Task {

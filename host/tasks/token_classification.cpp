@@ -63,7 +63,7 @@ void TokenClassification::finish(EvalResult& r, Split) const {
 
 std::vector<Metric> TokenClassification::metrics(const EvalResult& r) const {
   return {{"accuracy", "test accuracy (per word)", r.accuracy}, {"loss", "test loss (per word)", r.loss},
-          {"tokens", "test words", static_cast<double>(r.tokens)}};
+          {"tokens", "test words", static_cast<double>(r.tokens), true}};
 }
 
 }  // namespace tessera

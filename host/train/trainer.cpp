@@ -162,6 +162,7 @@ double finish_step(Session& s, const Tensor& loss, Optimizer& opt, const Positio
   const double g = norm.defined() ? read[1].item<double>() : 0.0;
   if (!std::isfinite(l) || !std::isfinite(g)) diverged(at, l, g, log_metric);
   opt.adamw().step();
+  s.model().drop_dense_copies();  // what a plugin dequantized of a stored base this step (ParameterSite::base())
   return l;
 }
 
@@ -186,7 +187,7 @@ void report_eval(Session& s, const EvalResult& ev, std::int64_t epoch, std::int6
   nlohmann::json line = {{"event", "eval"}, {"epoch", epoch + 1}, {"step", step}};
   std::string text;
   for (const auto& m : s.task().metrics(ev)) {
-    line[m.key] = m.value;
+    line[m.key] = m.count ? nlohmann::json(static_cast<std::int64_t>(m.value)) : nlohmann::json(m.value);
     text += fmt::format("{}{} {:.6g}", text.empty() ? "" : ", ", m.label, m.value);
   }
   spdlog::info("epoch {}: {}", epoch + 1, text);

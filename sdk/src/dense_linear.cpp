@@ -1,5 +1,6 @@
 // tessera::dense_linear — see tessera/dense_linear.h for why oneDNN on the CPU.
 #include <tessera/dense_linear.h>
+#include <tessera/internal/sites_impl.h>
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -74,7 +75,32 @@ struct FrozenProduct : torch::autograd::Function<FrozenProduct> {
   }
 };
 
+// The product through a weight kept in another form (a quantized base): dequantized for the
+// forward and again for the input's gradient, never saved for backward — autograd would
+// otherwise hold every layer's dense weight until backward, the memory the storage saves.
+// The stored weight outlives the step (the model owns it).
+struct RecomputedProduct : torch::autograd::Function<RecomputedProduct> {
+  // x (..., in), b (out) or (0) for none -> (..., out)
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& b, std::int64_t stored) {
+    ctx->saved_data["stored"] = stored;
+    ctx->saved_data["bias"] = b.numel() > 0;
+    const auto* w = reinterpret_cast<const StoredTensor*>(stored);
+    return dense_linear(x, w->dense(), b.numel() > 0 ? b : at::Tensor());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list g) {
+    const auto* w = reinterpret_cast<const StoredTensor*>(ctx->saved_data["stored"].toInt());
+    at::Tensor gx, gb;
+    if (ctx->needs_input_grad(0)) gx = dense_linear(g[0], w->dense().t());  // (..., in)
+    if (ctx->needs_input_grad(1) && ctx->saved_data["bias"].toBool()) gb = g[0].reshape({-1, g[0].size(-1)}).sum(0);
+    return {gx, gb, at::Tensor()};
+  }
+};
+
 }  // namespace
+
+at::Tensor recomputed_linear(const at::Tensor& x, const StoredTensor& w, const at::Tensor& b) {
+  return RecomputedProduct::apply(x, b.defined() ? b : at::empty({0}, x.options()), reinterpret_cast<std::int64_t>(&w));
+}
 
 at::Tensor activate(Activation act, const at::Tensor& y, const at::Tensor& times) {
   at::Tensor a = y;

@@ -47,6 +47,9 @@ const char* ParameterSite::storage() const {
   return s.stored_ ? s.stored_->format() : "dense";
 }
 
+const char* RowBlock::format() const { return whole_.stored() ? whole_.stored()->format() : "dense"; }
+Tensor RowBlock::dense() const { return whole_.base_value().narrow(0, start_, rows_); }
+
 void ParameterSiteImpl::store(std::unique_ptr<StoredTensor> stored) {
   stored_ = std::move(stored);
   base_ = Tensor();
@@ -81,6 +84,19 @@ void ParameterSite::add_delta(const Owner& owner, TensorThunk delta) {
 void ParameterSite::fold(const Tensor& d) {
   at::NoGradGuard no_grad;
   auto& s = ParameterSiteImpl::of(*this);
+  if (const auto* block = dynamic_cast<const RowBlock*>(s.stored_.get())) {
+    // A row block of a stored fused weight: the fold goes into the whole, which turns
+    // dense, and the block views its rows again (as the fused product and the block must agree).
+    auto& whole = const_cast<ParameterSiteImpl&>(block->whole());
+    Tensor full = at::zeros(whole.sizes(), d.options());
+    full.narrow(0, block->start(), d.size(0)).copy_(d);
+    const std::int64_t start = block->start();
+    whole.fold(full);
+    s.base_ = whole.dense_base().narrow(0, start, d.size(0));
+    s.stored_.reset();
+    s.dense_copy_ = Tensor();
+    return;
+  }
   if (s.stored_) {  // merging into a quantized base makes it dense: its dequantized value
                     // plus the update, not rounded to 4 bits again (unmerge then restores it)
     Tensor dense = s.stored_->dense();
@@ -134,7 +150,21 @@ void LinearSiteImpl::drop(const OwnerImpl& owner) {
 Tensor LinearSiteImpl::forward(const Tensor& x) const { return forward(x, Activation::none); }
 
 Tensor LinearSiteImpl::forward(const Tensor& x, Activation act, const Tensor& times_) const {  // x: (..., in)
-  Tensor w = weight_->value();                                                                 // (out, in)
+  const auto& stored = ParameterSiteImpl::of(*weight_);
+  if (stored.stored() != nullptr && !stored.has_dense_copy() && at::GradMode::is_enabled() && !weight_->has_deltas() &&
+      !any_on(weight_deltas_) && !any_on(weight_transforms_)) {
+    // Training through a stored weight: dequantized in forward and in backward, never kept.
+    Tensor xin = x;
+    for (const auto& s : input_scales_)
+      if (s.on()) xin = xin * toward(s.alpha(), call(s));  // (in) broadcast
+    Tensor y = recomputed_linear(xin, *stored.stored(), bias_ ? bias_->value() : Tensor());  // (..., out)
+    for (const auto& s : output_scales_)
+      if (s.on()) y = y * toward(s.alpha(), call(s));
+    for (const auto& br : branches_)
+      if (br.on()) y = y + times(br.alpha(), call(br, x));
+    return activate(act, y, times_);
+  }
+  Tensor w = weight_->value();  // (out, in)
   for (const auto& d : weight_deltas_)
     if (d.on()) w = w + times(d.alpha(), call(d));
   for (const auto& t : weight_transforms_) {

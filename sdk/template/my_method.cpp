@@ -15,9 +15,10 @@ class MyMethod final : public tessera::Method {
   }
 
   void attach(tessera::AttachContext& ctx) override {
+    const auto dtype = ctx.model.info().options.dtype().toScalarType();  // the compute dtype (bf16 or f32)
     for (auto* site : ctx.model.match_linear(ctx.targets)) {
       auto scale = at::full({site->out_features()}, ctx.params.number("init"), ctx.model.info().param_options).set_requires_grad(true);
-      site->add_output_scale(ctx.owner, [scale, site] { return scale.to(site->weight().base().scalar_type()); });
+      site->add_output_scale(ctx.owner, [scale, dtype] { return scale.to(dtype); });
       scales_[site->hf_path() + ".scale"] = scale;
     }
     if (scales_.empty()) throw std::runtime_error("no linear site matches the targets");

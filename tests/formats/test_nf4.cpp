@@ -8,6 +8,7 @@
 #include "formats/nf4.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/function.h>
 
 using namespace tessera;
 
@@ -65,7 +66,8 @@ CATCH_TEST_CASE("a model stored as NF4 equals transformers on the same NF4 round
   for (bool dq : {false, true}) {
     CATCH_INFO((dq ? "double quantization" : "plain NF4"));
     auto dense = load_backbone(test::model_dir(), test::options());
-    auto nf4 = load_backbone(test::model_dir(), test::options(), "nf4", dq);
+    auto nf4 = load_backbone(test::model_dir(), test::options());
+    store_weights(nf4->sites(), "nf4", dq);
     std::size_t quantized = 0;
     std::int64_t dense_bytes = 0, nf4_bytes = 0;
     const auto sites = nf4->sites().linear_sites(), dense_sites = dense->sites().linear_sites();
@@ -83,4 +85,54 @@ CATCH_TEST_CASE("a model stored as NF4 equals transformers on the same NF4 round
     const Tensor ours = nf4->encode(ref.at("input_ids"), ref.at("attention_mask")).hidden;
     TESSERA_CHECK_PARITY(test::parity(ours, ref, dq ? "nf4dq.hidden" : "nf4.hidden", ref.at("attention_mask")));
   }
+}
+
+CATCH_TEST_CASE("GPT-2 stored as NF4: q, k and v read their rows from the quantized c_attn, and a fold through one reaches it", "[nf4]") {
+  auto gpt2 = load_backbone(test::fixture("decoders/gpt2"), test::options());
+  store_weights(gpt2->sites(), "nf4", false);
+  std::map<std::string, LinearSite*> sites;
+  for (auto* l : gpt2->sites().linear_sites()) sites[l->name()] = l;
+  auto& whole = ParameterSiteImpl::of(sites.at("layers.0.attn.qkv")->weight());
+  CATCH_REQUIRE(std::string(sites.at("layers.0.attn.qkv")->weight().storage()) == "nf4");
+  const auto H = sites.at("layers.0.attn.q")->out_features();
+  for (const auto& [k, name] : std::vector<std::pair<int, std::string>>{{0, "q"}, {1, "k"}, {2, "v"}}) {
+    auto& view = ParameterSiteImpl::of(sites.at("layers.0.attn." + name)->weight());
+    CATCH_INFO(name);
+    CATCH_CHECK(std::string(sites.at("layers.0.attn." + name)->weight().storage()) == "nf4");
+    CATCH_CHECK(view.stored_bytes() == 0);
+    CATCH_CHECK(at::equal(view.base_value(), whole.base_value().narrow(0, k * H, H)));
+  }
+  // A fold through q (a merge of a method on attn.q) makes c_attn dense and lands in its rows;
+  // k still reads its rows from it.
+  const Tensor before = whole.base_value();
+  auto& q = sites.at("layers.0.attn.q")->weight();
+  const Tensor d = at::full({H, sites.at("layers.0.attn.q")->in_features()}, 0.5, test::options());
+  q.fold(d);
+  CATCH_CHECK(std::string(sites.at("layers.0.attn.qkv")->weight().storage()) == "dense");
+  CATCH_CHECK(at::allclose(whole.base_value().narrow(0, 0, H), before.narrow(0, 0, H) + 0.5));
+  CATCH_CHECK(at::equal(whole.base_value().narrow(0, H, 2 * H), before.narrow(0, H, 2 * H)));
+  CATCH_CHECK(at::equal(ParameterSiteImpl::of(q).base_value(), whole.base_value().narrow(0, 0, H)));
+  CATCH_CHECK(at::equal(ParameterSiteImpl::of(sites.at("layers.0.attn.k")->weight()).base_value(), whole.base_value().narrow(0, H, H)));
+}
+
+CATCH_TEST_CASE("training through an NF4 weight keeps no dense weight for backward, and its input gradient is the dense one's", "[nf4]") {
+  auto bert = load_backbone(test::model_dir(), test::options());
+  store_weights(bert->sites(), "nf4", true);
+  LinearSiteImpl* up = nullptr;
+  for (auto* l : bert->sites().linear_sites())
+    if (l->name() == "layers.0.mlp.up") up = &LinearSiteImpl::of(*l);
+  CATCH_REQUIRE(up != nullptr);
+  const Tensor w = ParameterSiteImpl::of(up->weight()).base_value();  // the dequantized weight
+  const Tensor b = up->bias()->value();
+  const Tensor x = at::randn({3, 5, w.size(1)}, test::options()).set_requires_grad(true);
+  const Tensor g = at::randn({3, 5, w.size(0)}, test::options());
+  Tensor y = up->forward(x);
+  CATCH_CHECK_THAT(y.grad_fn()->name(), Catch::Contains("RecomputedProduct"));  // saves only what recomputes the weight
+  (y * g).sum().backward();
+  const Tensor x2 = x.detach().clone().set_requires_grad(true);
+  Tensor y2 = at::linear(x2, w, b);
+  (y2 * g).sum().backward();
+  CATCH_CHECK(at::allclose(y, y2, 1e-5, 1e-5));
+  CATCH_CHECK(at::allclose(x.grad(), x2.grad(), 1e-5, 1e-5));
+  CATCH_CHECK_FALSE(ParameterSiteImpl::of(up->weight()).has_dense_copy());
 }

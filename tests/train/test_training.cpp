@@ -525,3 +525,25 @@ CATCH_TEST_CASE("QLoRA: LoRA trains over a base stored as NF4, the stored base n
   at::NoGradGuard ng;
   CATCH_CHECK(at::equal(reloaded.task().forward(reloaded.task().batch(Split::Test, order, 0, order.size())).logits, logits_after));
 }
+
+CATCH_TEST_CASE("a method asks for NF4 storage of the weights it targets (tessera.method.storage), before it attaches", "[train][minilm][nf4]") {
+  auto dir = test::temp_dir("train-storage-request");
+  Config c = config_in(dir, polarity(32, 40) + R"([[methods]]
+plugin = "probe"
+targets = ["attn.q", "mlp.down"]
+[methods.params]
+kind = "nf4_storage"
+)");
+  Session s(c, test::registry());
+  std::size_t nf4 = 0, dense = 0;
+  for (auto* l : s.model().linear_sites()) {
+    const bool asked = l->name().find("attn.q") != std::string::npos || l->name().find("mlp.down") != std::string::npos;
+    CATCH_INFO(l->name());
+    CATCH_CHECK(std::string(l->weight().storage()) == (asked ? "nf4" : "dense"));
+    (asked ? nf4 : dense) += 1;
+  }
+  CATCH_CHECK(nf4 == 12);
+  CATCH_CHECK(dense > 0);
+  // The method saw its weights stored so when it attached.
+  CATCH_CHECK(s.methods()[0].call("state", [](Method& m) { return m.state(); }).at("nf4_sites").item<std::int64_t>() == 12);
+}

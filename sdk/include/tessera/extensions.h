@@ -12,6 +12,7 @@
 
 #include <tessera/abi.h>
 #include <tessera/model_view.h>
+#include <tessera/params.h>
 
 #include <cstdint>
 #include <string>
@@ -59,6 +60,22 @@ struct tessera_host_tokenizer_v1 {
   void* host;
   // The ids of a text without special tokens (a prompt initialised from words).
   std::vector<std::int64_t> (*encode)(void* host, const std::string& text);
+};
+
+// ---- tessera.method.storage, version 1 (SDK 2.1): a method chooses how base weights are kept
+// Plugin → host. Asked once per linear site after the model is read and before any method
+// attaches (the instance exists, unattached), with the instance's params and targets as the
+// config gives them: the storage the method needs for that site's weight — "nf4" (QLoRA's
+// 4-bit NormalFloat) — or null for no preference. A method's request wins over [model]
+// quantize; two methods asking different storage for one weight are refused, naming both.
+// The returned string must outlive the call (a literal).
+#define TESSERA_EXT_METHOD_STORAGE "tessera.method.storage"
+
+struct tessera_method_storage_v1 {
+  tessera_extension_header header;  // version 1
+  void* method;
+  const char* (*storage_for)(void* method, const tessera::Params& params, const std::vector<std::string>& targets, const char* site,
+                             const char* hf_path);
 };
 
 #endif

@@ -117,6 +117,28 @@ class StoredTensor {
   virtual std::int64_t stored_bytes() const = 0;
 };
 
+class ParameterSiteImpl;
+
+// x Wᵀ + b through a stored weight, dequantized in forward and again for the input's
+// gradient, never kept for backward (the frozen weight needs no gradient).
+Tensor recomputed_linear(const Tensor& x, const StoredTensor& w, const Tensor& b);
+
+// Rows [start, start + rows) of another site's stored weight: GPT-2's q, k and v views of
+// its fused c_attn once c_attn is quantized. Keeps nothing of its own.
+class RowBlock final : public StoredTensor {
+ public:
+  RowBlock(const ParameterSiteImpl& whole, std::int64_t start, std::int64_t rows) : whole_(whole), start_(start), rows_(rows) {}
+  const char* format() const override;
+  Tensor dense() const override;
+  std::int64_t stored_bytes() const override { return 0; }
+  const ParameterSiteImpl& whole() const { return whole_; }
+  std::int64_t start() const { return start_; }
+
+ private:
+  const ParameterSiteImpl& whole_;
+  std::int64_t start_, rows_;
+};
+
 class ParameterSiteImpl final : public ParameterSite, public SiteCore {
  public:
   ParameterSiteImpl(std::string name, std::string hf_name, Tensor base);
@@ -132,6 +154,8 @@ class ParameterSiteImpl final : public ParameterSite, public SiteCore {
   // drops it once methods are attached and prepared, so training holds only the stored form.
   void drop_dense_copy() const { dense_copy_ = Tensor(); }
   Tensor base_value() const { return stored_ ? stored_->dense() : base_; }  // without keeping a copy
+  const Tensor& dense_base() const { return base_; }  // undefined while stored
+  bool has_dense_copy() const { return dense_copy_.defined(); }
 
  private:
   friend class ParameterSite;
