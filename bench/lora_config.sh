@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The LoRA training config the LoRA benchmarks share (all-MiniLM-L6-v2 on polarity, batch
 # 32, length 64, rank 8 on every linear site of each layer), printed to stdout:
-#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads> [none|nf4]
+#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads> [none|nf4] [lora|ia3]
 # Three steps more than timed: the trainer times from the fourth. nf4: QLoRA (the base's
 # linear weights in NF4 with double quantization).
 set -euo pipefail
-steps=$1 dtype=$2 padding=$3 threads=$4 quantize=${5:-none}
+steps=$1 dtype=$2 padding=$3 threads=$4 quantize=${5:-none} method=${6:-lora}
 cat <<TOML
 [model]
 path = "\${TESSERA_MODEL_DIR}"
@@ -22,6 +22,12 @@ batch_size = 32
 threads = $threads
 max_steps = $((steps + 3))
 shuffle = false
+$(if [[ $method == ia3 ]]; then cat <<IA3
+[[methods]]
+plugin = "ia3"
+targets = []
+IA3
+else cat <<LORA
 [[methods]]
 plugin = "lora"
 targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
@@ -29,4 +35,6 @@ targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
 r = 8
 lora_alpha = 16
 lora_dropout = 0.1
+LORA
+fi)
 TOML

@@ -2,7 +2,8 @@
 # LoRA fine-tuning throughput and peak memory, Tessera against transformers + peft on the
 # same torch, side by side: same model (all-MiniLM-L6-v2), data (polarity), batch size,
 # sequence length (every batch padded to it), LoRA targets and rank, threads and steps.
-#   bash bench/lora_vs_peft.sh [steps] [f32|bf16] [max_length|longest] [none|nf4]
+#   bash bench/lora_vs_peft.sh [steps] [f32|bf16] [max_length|longest] [none|nf4] [lora|ia3]
+# ia3: (IA)³ with PEFT's default targets for BERT on both sides, in place of LoRA.
 # nf4: QLoRA on both sides — Tessera's [model] quantize = "nf4" with double quantization,
 # and the peer's model loaded by bitsandbytes in 4 bits (its CPU path; f32 compute).
 # padding max_length: every batch padded to the full length; longest: to its longest
@@ -10,15 +11,15 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # batch and len: those of bench/lora_config.sh, which writes Tessera's side of the config.
-steps=${1:-30} dtype=${2:-f32} padding=${3:-max_length} quantize=${4:-none} batch=32 len=64 threads=$(nproc)
+steps=${1:-30} dtype=${2:-f32} padding=${3:-max_length} quantize=${4:-none} method=${5:-lora} batch=32 len=64 threads=$(nproc)
 bash "$root/scripts/build" >/dev/null
 source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
 work=$(mktemp -d)
-bash "$root/bench/lora_config.sh" "$steps" "$dtype" "$padding" "$threads" "$quantize" >"$work/bench.toml"
+bash "$root/bench/lora_config.sh" "$steps" "$dtype" "$padding" "$threads" "$quantize" "$method" >"$work/bench.toml"
 py=$TESSERA_VENV/bin/python
-echo "== transformers + peft ($dtype, $threads threads, batch $batch, length $len, padding $padding, base $quantize, $steps timed steps)"
+echo "== transformers + peft ($dtype, $threads threads, batch $batch, length $len, padding $padding, base $quantize, $method, $steps timed steps)"
 $py "$root/bench/measure.py" $py "$root/bench/peer_hf_peft.py" --steps "$steps" --batch-size $batch --max-length $len \
-  --threads "$threads" --dtype "$dtype" --padding "$padding" --quantize "$quantize" >"$work/peer.json" 2>"$work/peer.err" || { cat "$work/peer.err"; exit 1; }
+  --threads "$threads" --dtype "$dtype" --padding "$padding" --quantize "$quantize" --method "$method" >"$work/peer.json" 2>"$work/peer.err" || { cat "$work/peer.err"; exit 1; }
 echo "== tessera"
 $py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn train "$work/bench.toml" --run-dir "$work/run" \
   >/dev/null 2>"$work/tessera.err" || { cat "$work/tessera.err"; exit 1; }

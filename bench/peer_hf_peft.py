@@ -22,6 +22,7 @@ ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--rank", type=int, default=8)
 ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 ap.add_argument("--padding", choices=["max_length", "longest"], default="max_length")
+ap.add_argument("--method", choices=["lora", "ia3"], default="lora", help="ia3: IA3Config with PEFT's defaults for BERT")
 ap.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA, the base in bitsandbytes 4-bit with double quantization")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
@@ -55,8 +56,13 @@ class Classifier(torch.nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp_min(1e-9))
 
 
-cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1,
-                 target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
+if args.method == "ia3":
+    from peft import IA3Config
+
+    cfg = IA3Config()  # PEFT's defaults for BERT: key, value, output.dense (feed-forward: output.dense)
+else:
+    cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1,
+                     target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
 model = Classifier(get_peft_model(encoder, cfg))
 for p in model.head.parameters():
     p.requires_grad_(True)

@@ -194,6 +194,26 @@ CATCH_TEST_CASE("LoRA on decoders equals peft: GPT-2 fused c_attn (Conv1D) and L
   }
 }
 
+CATCH_TEST_CASE("(IA)3 on decoders equals peft with its default targets: GPT-2 fused c_attn (Conv1D) and LLaMA", "[model][decoder][ia3][parity]") {
+  auto& ref = reference();
+  for (const std::string name : {"gpt2", "llama"}) {
+    CATCH_INFO("checkpoint " << name);
+    auto model = load(name);
+    auto ia3 = test::attach_peft_adapter(decoder_fixture(name + "_ia3"), *model);
+    at::NoGradGuard no_grad;
+    const auto& ids = ref["input_ids"];
+    const auto& mask = ref["attention_mask"];
+    Tensor logits = model->logits(model->forward(ids, mask));
+    TESSERA_CHECK_PARITY(test::parity(logits, ref, name + ".ia3_logits", mask));
+    CATCH_CHECK(test::max_abs_diff_tokens(logits, ref[name + ".logits"], mask) > 1e-3);
+    ia3->call("merge", [](Method& m) { m.merge(); });
+    TESSERA_CHECK_PARITY(test::parity(model->logits(model->forward(ids, mask)), ref, name + ".ia3_logits", mask));
+    ia3->call("unmerge", [](Method& m) { m.unmerge(); });
+    ia3->detach(*model);
+    TESSERA_CHECK_PARITY(test::parity(model->logits(model->forward(ids, mask)), ref, name + ".logits", mask));
+  }
+}
+
 CATCH_TEST_CASE("interventions on both GPT-2's fused and split q/k/v sites are refused", "[model][decoder][lora]") {
   auto model = load("gpt2");
   const auto* info = test::registry().find("lora");

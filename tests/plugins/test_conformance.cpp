@@ -31,6 +31,7 @@ struct Row {
 const std::vector<Row>& table() {
   static const std::vector<Row> rows = {
       {"lora", {"attn.q", "attn.v", "mlp.up"}, {{"r", std::int64_t{4}}, {"init_lora_weights", std::string("false")}, {"lora_alpha", 8.0}}, {}},
+      {"ia3", {}, {{"init_ia3_weights", false}}, {}},  // PEFT's default targets on every family
       {"example-bias-delta", {}, {}, {"bert", "gpt2"}},  // the families with biases
       {"example-token-adapter", {}, {{"r", std::int64_t{4}}}, {}},
       {"example-soft-prompt", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},
@@ -45,7 +46,7 @@ const std::vector<Row>& table() {
 CATCH_TEST_CASE("every shipped plugin and SDK example has a conformance row", "[plugins][conformance]") {
   PluginRegistry shipped;
   shipped.scan({TESSERA_PLUGIN_DIR, TESSERA_EXAMPLE_PLUGIN_DIR});
-  CATCH_CHECK(shipped.plugins().size() >= 6);
+  CATCH_CHECK(shipped.plugins().size() >= 7);
   CATCH_CHECK(shipped.refused().empty());
   for (const auto& p : shipped.plugins()) {
     bool found = false;
