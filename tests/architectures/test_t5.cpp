@@ -88,6 +88,23 @@ CATCH_TEST_CASE("T5 sites: canonical names per stack, PEFT's q/v targets resolve
   CATCH_CHECK(model->sublayer_sites().size() == 2 * 2 + 3 * 2);
 }
 
+CATCH_TEST_CASE("(IA)3 on T5 equals peft with its defaults (k, v in every attention, wo feed-forward), merged too", "[model][t5][ia3][parity]") {
+  auto& ref = reference();
+  auto model = load("t5");
+  auto ia3 = test::attach_peft_adapter(seq2seq_fixture("t5_ia3"), *model);
+  const auto& ids = ref["input_ids"];
+  const auto& mask = ref["attention_mask"];
+  auto logits = [&] { return model->logits(model->decode(ref["t5.decoder_input_ids"], model->encode(ids, mask))); };
+  at::NoGradGuard no_grad;
+  TESSERA_CHECK_PARITY(test::parity(logits(), ref, "t5.ia3_logits"));
+  CATCH_CHECK(rel_diff(logits(), ref["t5.logits"]) > 1e-3);
+  ia3->call("merge", [](Method& m) { m.merge(); });
+  TESSERA_CHECK_PARITY(test::parity(logits(), ref, "t5.ia3_logits"));
+  ia3->call("unmerge", [](Method& m) { m.unmerge(); });
+  ia3->detach(*model);
+  TESSERA_CHECK_PARITY(test::parity(logits(), ref, "t5.logits"));
+}
+
 CATCH_TEST_CASE("LoRA on T5 equals peft (q, v in both stacks and wo) and trains", "[model][t5][lora][parity]") {
   auto& ref = reference();
   auto model = load("t5");
