@@ -39,10 +39,14 @@ class SiteModel : public ModelViewImpl {
   void enter_forward(const Tensor& mask, const Unpadded* u) const;
   // Tensors in the checkpoint the architecture does not use (pooler, task heads, buffers).
   const std::vector<std::string>& ignored_tensors() const { return ignored_; }
+  // Linear sites whose weights a quantized load keeps dense (targets' syntax), as
+  // transformers' _keep_in_fp32_modules: T5's feed-forward output (wo).
+  const std::vector<std::string>& keep_dense() const { return keep_dense_; }
   // Frees the dequantized copies plugins asked for of quantized bases (ParameterSite::base()).
   void drop_dense_copies();
 
  protected:
+  std::vector<std::string> keep_dense_;
   // Fills info(): the shape numbers, and activations in `options` with trainable tensors in f32.
   void describe(ModelInfo shape, c10::TensorOptions options);
   std::vector<std::string> ignored_;

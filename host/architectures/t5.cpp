@@ -119,6 +119,9 @@ std::unique_ptr<T5Model> T5Model::load(const std::string& dir, c10::TensorOption
   m->head_ = m->linear("head", "lm_head", head_w, nullptr);
   m->ignored_ = file.finish();
 
+  // transformers keeps wo in f32 when it loads T5 in 4 or 8 bits (its activations overflow
+  // otherwise); a quantized load here does the same.
+  m->keep_dense_ = {"mlp.down"};
   m->describe({"t5", d, c.num_layers + c.num_decoder_layers, c.num_heads, c.d_ff, c.vocab_size, {}, {}}, options);
   return m;
 }

@@ -50,7 +50,8 @@ std::size_t store_weights(SiteModel& model, const std::string& quantize, bool do
     const std::string& name = site->name();
     const auto asked = requested.find(name);
     const bool in_layers = name.rfind("layers.", 0) == 0 || name.find(".layers.") != std::string::npos;  // heads stay dense
-    const std::string format = asked != requested.end() ? asked->second : in_layers ? quantize : "none";
+    const bool kept = matches_any(model.keep_dense(), name, site->hf_path());  // T5's wo, as transformers
+    const std::string format = asked != requested.end() ? asked->second : in_layers && !kept ? quantize : "none";
     if (format == "none") continue;
     if (format != "nf4") throw std::invalid_argument("linear site " + name + ": a method asked for storage \"" + format + "\", which is not one (nf4)");
     auto& w = ParameterSiteImpl::of(site->weight());

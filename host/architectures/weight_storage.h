@@ -1,8 +1,9 @@
 // The storage stage: how a model's base weights are kept, chosen before any method
 // exists ([model] quantize). "none" keeps the checkpoint's tensors (memory-mapped);
 // "nf4" keeps every linear weight of the layers as QLoRA's 4-bit NormalFloat blocks
-// (formats/nf4.h) — the LM / MLM heads and the embeddings stay dense, as transformers'
-// 4-bit loading leaves them — and each product dequantizes its weight first, so methods
+// (formats/nf4.h) — the LM / MLM heads, the embeddings and what the architecture keeps
+// dense (T5's wo) stay dense, as transformers' 4-bit loading leaves them — and each product
+// dequantizes its weight first, so methods
 // see the same sites, shapes and interventions as over a dense base.
 #pragma once
 

@@ -136,3 +136,18 @@ CATCH_TEST_CASE("training through an NF4 weight keeps no dense weight for backwa
   CATCH_CHECK(at::allclose(x.grad(), x2.grad(), 1e-5, 1e-5));
   CATCH_CHECK_FALSE(ParameterSiteImpl::of(up->weight()).has_dense_copy());
 }
+
+CATCH_TEST_CASE("a quantized T5 keeps wo dense as transformers does in 4 bits, unless a method asks for it", "[nf4]") {
+  auto t5 = load_backbone(test::fixture("seq2seq/t5"), test::options());
+  store_weights(t5->sites(), "nf4", false, {{"decoder.layers.0.mlp.down", "nf4"}});
+  std::size_t dense = 0, nf4 = 0;
+  for (auto* l : t5->sites().linear_sites()) {
+    const std::string storage = l->weight().storage();
+    CATCH_INFO(l->name());
+    if (l->name() == "decoder.layers.0.mlp.down") CATCH_CHECK(storage == "nf4");  // asked for
+    else if (l->name().find("mlp.down") != std::string::npos || l->name() == "head") CATCH_CHECK(storage == "dense");
+    else CATCH_CHECK(storage == "nf4");
+    (storage == "nf4" ? nf4 : dense) += 1;
+  }
+  CATCH_CHECK(nf4 > dense);
+}
