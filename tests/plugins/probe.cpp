@@ -28,7 +28,10 @@ class Probe final : public tessera::Method {
          {"weight_delta", "input_scale", "output_scale", "branch", "param_delta", "sequential", "parallel", "gate", "prefix",
           "score_hook", "prompt", "tap", "router", "throw", "throw_forward", "nan_loss"
 #if TESSERA_TARGET_ABI_MINOR >= 1
-          , "output", "embed_tap", "weight_transform", "token_wise_sequential", "token_wise_parallel", "life", "forward_again", "tokenize", "context", "input_prefix", "router_prefix", "nf4_storage"
+          , "output", "embed_tap", "weight_transform", "token_wise_sequential", "token_wise_parallel", "life", "forward_again", "tokenize", "context", "input_prefix", "router_prefix"
+#endif
+#if TESSERA_TARGET_ABI_MINOR >= 2
+          , "nf4_storage"
 #endif
          }},
         {"value", ParamType::Float, 1.0, "the constant of the intervention", std::nullopt, std::nullopt, {}},
@@ -151,6 +154,8 @@ class Probe final : public tessera::Method {
       model.output_site()->add_transform(owner, [=](const Tensor& h) { return h * v; });
     } else if (kind == "embed_tap") {  // keeps what the first layer receives, as state "tapped"
       model.embedding_site()->add_tap(owner, [this](const Tensor& x0) { seen_["tapped"] = x0; });
+#endif
+#if TESSERA_TARGET_ABI_MINOR >= 2
     } else if (kind == "nf4_storage") {  // asked for NF4 storage of its targets' weights (tessera.method.storage)
       std::int64_t nf4 = 0;
       for (auto* l : model.match_linear(ctx.targets)) nf4 += std::string(l->weight().storage()) == "nf4";
@@ -206,14 +211,14 @@ class Probe final : public tessera::Method {
 
   // A method-side extension with known content, for the host's extension query.
   const void* extension(const char* id) const override {
-#if TESSERA_TARGET_ABI_MINOR >= 1
+#if TESSERA_TARGET_ABI_MINOR >= 2
     if (std::string(id) == TESSERA_EXT_METHOD_STORAGE) return &storage_;
 #endif
     return std::string(id) == "tessera.test.probe" ? &ext_ : nullptr;
   }
 
  private:
-#if TESSERA_TARGET_ABI_MINOR >= 1
+#if TESSERA_TARGET_ABI_MINOR >= 2
   // kind = "nf4_storage": NF4 for the weights of the linear sites its targets match.
   static const char* storage_for(void*, const tessera::Params& params, const std::vector<std::string>& targets, const char* site, const char* hf) {
     if (params.text("kind") != "nf4_storage") return nullptr;

@@ -62,7 +62,10 @@ struct tessera_host_tokenizer_v1 {
   std::vector<std::int64_t> (*encode)(void* host, const std::string& text);
 };
 
-// ---- tessera.method.storage, version 1 (SDK 2.1): a method chooses how base weights are kept
+#endif
+
+#if TESSERA_TARGET_ABI_MINOR >= 2
+// ---- tessera.method.storage, version 1 (SDK 2.2): a method chooses how base weights are kept
 // Plugin → host. Asked once per linear site after the model is read and before any method
 // attaches (the instance exists, unattached), with the instance's params and targets as the
 // config gives them: the storage the method needs for that site's weight — "nf4" (QLoRA's

@@ -103,16 +103,16 @@ class ParameterSite : public SiteHandle {
  public:
   const std::string& name() const;     // "layers.0.attn.q.weight"
   const std::string& hf_name() const;  // "encoder.layer.0.attention.self.query.weight"
-  // Frozen. A base kept quantized (storage() != "dense", SDK 2.1) is dequantized on the
+  // Frozen. A base kept quantized (storage() != "dense", SDK 2.2) is dequantized on the
   // first call into a copy the host drops after attach, after prepare() and after every
   // training step: read what you need from it then, hold it by value (a reference goes
   // stale when the host drops its copy), and take the compute dtype from
   // ModelView::info().options rather than from base() in a forward closure.
   const Tensor& base() const;
   Tensor value() const;                // base + Σ α δ
-#if TESSERA_TARGET_ABI_MINOR >= 1
+#if TESSERA_TARGET_ABI_MINOR >= 2
   // How the host keeps the base: "dense", or "nf4" ([model] quantize = "nf4": 4-bit
-  // NormalFloat blocks, QLoRA's storage, dequantized for each product). SDK 2.1.
+  // NormalFloat blocks, QLoRA's storage, dequantized for each product). SDK 2.2.
   const char* storage() const;
 #endif
 
