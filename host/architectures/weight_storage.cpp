@@ -79,10 +79,4 @@ std::size_t store_weights(SiteModel& model, const std::string& quantize, bool do
   return n;
 }
 
-std::int64_t stored_bytes(const SiteModel& model) {
-  std::int64_t n = 0;
-  for (auto* p : const_cast<SiteModel&>(model).parameter_sites()) n += ParameterSiteImpl::of(*p).stored_bytes();
-  return n;
-}
-
 }  // namespace tessera

@@ -22,7 +22,4 @@ namespace tessera {
 std::size_t store_weights(SiteModel& model, const std::string& quantize, bool double_quant,
                           const std::map<std::string, std::string>& requested = {});
 
-// Bytes the model's parameter sites take as stored (dense or quantized).
-std::int64_t stored_bytes(const SiteModel& model);
-
 }  // namespace tessera

@@ -5,7 +5,9 @@
 #include <cmath>
 
 namespace tessera {
+namespace {
 
+// (16) f32, index = code.
 Tensor nf4_levels(c10::TensorOptions options) {
   // The 16 levels as bitsandbytes hard-codes them (QLoRA's quantiles of N(0, 1), scaled to [-1, 1]).
   static const float kLevels[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
@@ -15,6 +17,7 @@ Tensor nf4_levels(c10::TensorOptions options) {
   return at::from_blob(const_cast<float*>(kLevels), {16}, at::kFloat).to(options.dtype(at::kFloat), false, true);
 }
 
+// (256) f32, ascending.
 Tensor dynamic_map_signed(c10::TensorOptions options) {
   // For i = 0..6: the midpoints of linspace(0.1, 1, 2^i + 1) in f32, times ±10^(i−6); then
   // 0 and 1; 256 values sorted (bitsandbytes' create_dynamic_map(signed=True)).
@@ -33,7 +36,6 @@ Tensor dynamic_map_signed(c10::TensorOptions options) {
   return at::tensor(v, at::kFloat).to(options.dtype(at::kFloat));
 }
 
-namespace {
 
 // Index of the nearest of `levels` (ascending) to each x; a midpoint goes to the lower.
 Tensor nearest(const Tensor& x, const Tensor& levels) {

@@ -32,9 +32,6 @@ struct Nf4Parts {
 Nf4Parts nf4_quantize(const Tensor& w, std::int64_t blocksize = 64, bool double_quant = false);
 Tensor nf4_dequantize(const Nf4Parts& q, c10::TensorOptions options);  // shape q.shape
 
-Tensor nf4_levels(c10::TensorOptions options);       // (16) f32, index = code
-Tensor dynamic_map_signed(c10::TensorOptions options);  // (256) f32, ascending
-
 // A parameter site's base kept as NF4 (StoredTensor): dequantized for each use.
 std::unique_ptr<StoredTensor> nf4_storage(const Tensor& dense, std::int64_t blocksize, bool double_quant);
 

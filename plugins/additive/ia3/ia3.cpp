@@ -62,17 +62,16 @@ class Ia3 final : public tessera::Method {
     owner_ = &ctx.owner;
     const auto& arch = ctx.model.info().architecture;
     const auto d = defaults().find(arch);
-    targets_ = ctx.targets;
-    feedforward_ = ctx.params.get<std::vector<std::string>>("feedforward_modules");
-    if ((targets_.empty() || feedforward_.empty()) && d == defaults().end())
+    std::vector<std::string> targets = ctx.targets, feedforward = ctx.params.get<std::vector<std::string>>("feedforward_modules");
+    if ((targets.empty() || feedforward.empty()) && d == defaults().end())
       throw std::runtime_error("(IA)³ has no default targets for a " + arch + " model: give targets and feedforward_modules");
-    if (targets_.empty()) targets_ = d->second.targets;
-    if (feedforward_.empty()) feedforward_ = d->second.feedforward;
+    if (targets.empty()) targets = d->second.targets;
+    if (feedforward.empty()) feedforward = d->second.feedforward;
     dtype_ = ctx.model.info().options.dtype().toScalarType();
     const auto& opts = ctx.model.info().param_options;
     const bool ones = ctx.params.flag("init_ia3_weights");
-    for (auto* site : ctx.model.match_linear(targets_)) {
-      const bool ff = tessera::matches_any(feedforward_, site->name(), site->hf_path());
+    for (auto* site : ctx.model.match_linear(targets)) {
+      const bool ff = tessera::matches_any(feedforward, site->name(), site->hf_path());
       Tensor l = ff ? at::empty({1, site->in_features()}, opts) : at::empty({site->out_features(), 1}, opts);
       at::NoGradGuard no_grad;
       if (ones) l.fill_(1.0);
@@ -169,7 +168,6 @@ class Ia3 final : public tessera::Method {
   }
 
   const tessera::Owner* owner_ = nullptr;
-  std::vector<std::string> targets_, feedforward_;
   std::vector<Vector> vectors_;
   c10::ScalarType dtype_ = at::kFloat;
   bool merged_ = false;
