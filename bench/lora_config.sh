@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The LoRA training config the LoRA benchmarks share (all-MiniLM-L6-v2 on polarity, batch
 # 32, length 64, rank 8 on every linear site of each layer), printed to stdout:
-#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads> [none|nf4] [lora|ia3]
+#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads> [none|nf4] [lora|ia3|lst|seq_bn|double_seq_bn|par_bn|scaled_par_bn]
 # Three steps more than timed: the trainer times from the fourth. nf4: QLoRA (the base's
 # linear weights in NF4 with double quantization).
 set -euo pipefail
@@ -27,6 +27,18 @@ $(if [[ $method == ia3 ]]; then cat <<IA3
 plugin = "ia3"
 targets = []
 IA3
+elif [[ $method == lst ]]; then cat <<LST
+[[methods]]
+plugin = "lst"
+[methods.params]
+reduction_factor = 8
+LST
+elif [[ $method == *_bn ]]; then cat <<BN
+[[methods]]
+plugin = "bottleneck"
+[methods.params]
+config = "$method"
+BN
 else cat <<LORA
 [[methods]]
 plugin = "lora"

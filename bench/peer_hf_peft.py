@@ -1,12 +1,13 @@
 """The peer: the same LoRA fine-tune as configs/quickstart.toml with transformers + peft
-on the same torch. Prints one JSON line: examples/s over the timed steps and peak RSS."""
+on the same torch — or (IA)³ with peft, or a bottleneck adapter preset with AdapterHub's
+`adapters` (run by the adapters venv's python: its transformers differs from ours). Prints
+one JSON line: examples/s over the timed steps and peak RSS."""
 import argparse
 import json
 import os
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoTokenizer
 
 from peer_split import train_rows
@@ -22,7 +23,8 @@ ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--rank", type=int, default=8)
 ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 ap.add_argument("--padding", choices=["max_length", "longest"], default="max_length")
-ap.add_argument("--method", choices=["lora", "ia3"], default="lora", help="ia3: IA3Config with PEFT's defaults for BERT")
+ap.add_argument("--method", choices=["lora", "ia3", "seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"], default="lora",
+                help="ia3: IA3Config with PEFT's defaults for BERT; the others: AdapterHub's bottleneck presets (adapters)")
 ap.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA, the base in bitsandbytes 4-bit with double quantization")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
@@ -56,14 +58,22 @@ class Classifier(torch.nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp_min(1e-9))
 
 
-if args.method == "ia3":
-    from peft import IA3Config
+if args.method in ("lora", "ia3"):
+    from peft import IA3Config, LoraConfig, get_peft_model
 
-    cfg = IA3Config()  # PEFT's defaults for BERT: key, value, output.dense (feed-forward: output.dense)
-else:
-    cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1,
-                     target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
-model = Classifier(get_peft_model(encoder, cfg))
+    if args.method == "ia3":
+        cfg = IA3Config()  # PEFT's defaults for BERT: key, value, output.dense (feed-forward: output.dense)
+    else:
+        cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1,
+                         target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
+    model = Classifier(get_peft_model(encoder, cfg))
+else:  # AdapterHub: the preset by name, as its users add one; train_adapter freezes the rest
+    import adapters
+
+    adapters.init(encoder)
+    encoder.add_adapter("a", config=args.method)
+    encoder.train_adapter("a")
+    model = Classifier(encoder)
 for p in model.head.parameters():
     p.requires_grad_(True)
 model.train()

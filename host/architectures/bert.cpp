@@ -170,11 +170,13 @@ Tensor BertModel::layer_forward(const Layer& l, const Tensor& h, const Tensor& m
   const double p = config_.hidden_dropout;
   const std::vector<int64_t> H{config_.hidden_size};  // owned: an IntArrayRef of a braced list dangles
   Tensor a = tessera::dropout(l.o->forward(attention(l, h, mask, prefix, u)), p, training_);
-  a = l.attn->apply(h, a);
-  Tensor h1 = at::layer_norm(h + a, H, l.attn_norm_w->value(), l.attn_norm_b->value(), config_.layer_norm_eps);
+  const TensorMap attn_norm = [&](const Tensor& t) { return at::layer_norm(t, H, l.attn_norm_w->value(), l.attn_norm_b->value(), config_.layer_norm_eps); };
+  const TensorMap mlp_norm = [&](const Tensor& t) { return at::layer_norm(t, H, l.mlp_norm_w->value(), l.mlp_norm_b->value(), config_.layer_norm_eps); };
+  a = l.attn->apply(h, a, h, attn_norm);
+  Tensor h1 = attn_norm(h + a);
   Tensor mm = tessera::dropout(l.down->forward(l.up->forward(h1, Activation::gelu)), p, training_);
-  mm = l.mlp->apply(h1, mm);
-  return at::layer_norm(h1 + mm, H, l.mlp_norm_w->value(), l.mlp_norm_b->value(), config_.layer_norm_eps);
+  mm = l.mlp->apply(h1, mm, h1, mlp_norm);
+  return mlp_norm(h1 + mm);
 }
 
 Tensor BertModel::mlm_logits(const Tensor& hidden) const {

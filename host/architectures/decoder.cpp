@@ -397,10 +397,10 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
       Tensor a = tessera::dropout(attention(l, i, n1, positions, keys, rope, prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i], cache,
                                             all_real && !kept.defined(), u),
                                   config_.hidden_dropout, training_);
-      Tensor h1 = h + l.attn->apply(n1, a);
+      Tensor h1 = h + l.attn->apply(n1, a, h, SublayerSiteImpl::identity());
       Tensor n2 = norm(h1, l.norm2_w, l.norm2_b);
       Tensor m = tessera::dropout(mlp(l, n2), config_.hidden_dropout, training_);
-      return h1 + l.mlp->apply(n2, m);
+      return h1 + l.mlp->apply(n2, m, h1, SublayerSiteImpl::identity());
     });
   }
   if (cache) cache->mask = key_mask;

@@ -211,9 +211,9 @@ Encoded T5Model::encode(const Tensor& ids, const Tensor& mask) const {
     x = b.layer->run(x, [&](const Tensor& h, const Tensor& kept) {
       Tensor n = norm(h, b.self.norm);
       Tensor a = tessera::dropout(attention(b.self, n, n, routed(keep, kept, 0), bias, nullptr, nullptr, false), config_.dropout, training_);
-      Tensor h1 = h + b.self.sub->apply(n, a);
+      Tensor h1 = h + b.self.sub->apply(n, a, h, SublayerSiteImpl::identity());
       Tensor n2 = norm(h1, b.mlp_norm);
-      return h1 + b.mlp->apply(n2, tessera::dropout(ff(b, n2), config_.dropout, training_));
+      return h1 + b.mlp->apply(n2, tessera::dropout(ff(b, n2), config_.dropout, training_), h1, SublayerSiteImpl::identity());
     });
   }
   out.hidden = tessera::dropout(norm(x, enc_final_), config_.dropout, training_);
@@ -235,13 +235,13 @@ Tensor T5Model::decode(const Tensor& target_ids, const Encoded& source, Seq2SeqC
     y = b.layer->run(y, [&](const Tensor& h, const Tensor& kept) {
       Tensor n = norm(h, b.self.norm);
       Tensor a = attention(b.self, n, n, routed(causal, kept, past), bias, cache ? &cache->self_k[i] : nullptr, cache ? &cache->self_v[i] : nullptr, true);
-      Tensor h1 = h + b.self.sub->apply(n, tessera::dropout(a, config_.dropout, training_));
+      Tensor h1 = h + b.self.sub->apply(n, tessera::dropout(a, config_.dropout, training_), h, SublayerSiteImpl::identity());
       Tensor n2 = norm(h1, b.cross.norm);
       Tensor c = attention(b.cross, n2, source.hidden, cross_keep, Tensor(), cache ? &cache->cross_k[i] : nullptr,
                            cache ? &cache->cross_v[i] : nullptr, false);
-      Tensor h2 = h1 + b.cross.sub->apply(n2, tessera::dropout(c, config_.dropout, training_));
+      Tensor h2 = h1 + b.cross.sub->apply(n2, tessera::dropout(c, config_.dropout, training_), h1, SublayerSiteImpl::identity());
       Tensor n3 = norm(h2, b.mlp_norm);
-      return h2 + b.mlp->apply(n3, tessera::dropout(ff(b, n3), config_.dropout, training_));
+      return h2 + b.mlp->apply(n3, tessera::dropout(ff(b, n3), config_.dropout, training_), h2, SublayerSiteImpl::identity());
     });
   }
   if (cache) cache->length += T;

@@ -1,11 +1,12 @@
 // `tessera generate PROMPT`: continues a prompt with a decoder, or answers a source with
 // an encoder-decoder — the base model alone (--model), a causal-lm or seq2seq run with its
-// adapter (--run), and/or a Hugging Face PEFT adapter (--peft). The model, the methods and
+// adapter (--run), and/or a Hugging Face PEFT adapter (--peft) or an AdapterHub one (--adapterhub). The model, the methods and
 // the adapter come from the same code as `tessera train` and `eval`.
 #include "cli/commands.h"
 
 #include "architectures/backbone.h"
 #include "runtime/method_stack.h"
+#include "runtime/adapterhub_import.h"
 #include "runtime/peft_import.h"
 #include "tokenizers/tokenizer.h"
 #include "train/adapter_folder.h"
@@ -21,17 +22,18 @@ namespace fs = std::filesystem;
 namespace {
 
 struct Args {
-  std::string model, run, peft, prompt;
+  std::string model, run, peft, adapterhub, prompt;
   GenerateOptions gen;
   std::int64_t threads = -1;
   bool merge = false;
 };
 
-// What to load: the model, its dtype and device, the methods and where each one's state is.
+// What to load: the model, its dtype and device, the methods and the folder of each one's
+// state (the file in it is the method's: MethodStack::weights_file).
 struct Plan {
   ModelConfig model;
   std::vector<MethodConfig> methods;
-  std::vector<std::string> states;
+  std::vector<std::string> state_dirs;
 };
 
 Plan plan(const Args& a, const PluginRegistry& registry) {
@@ -42,11 +44,15 @@ Plan plan(const Args& a, const PluginRegistry& registry) {
     check_methods(rc, registry);
     p.model = rc.model;
     p.methods = rc.methods;
-    for (const auto& m : rc.methods) p.states.push_back((fs::path(a.run) / "adapter" / m.name / "adapter_model.safetensors").string());
+    for (const auto& m : rc.methods) p.state_dirs.push_back((fs::path(a.run) / "adapter" / m.name).string());
   }
   if (!a.peft.empty()) {
     p.methods.push_back(method_from_peft_dir(a.peft, registry, "peft"));
-    p.states.push_back((fs::path(a.peft) / "adapter_model.safetensors").string());
+    p.state_dirs.push_back(a.peft);
+  }
+  if (!a.adapterhub.empty()) {
+    p.methods.push_back(method_from_adapterhub_dir(a.adapterhub, registry, "adapterhub"));
+    p.state_dirs.push_back(a.adapterhub);
   }
   if (p.model.path.empty()) throw std::runtime_error("generate needs --model or --run");
   return p;
@@ -64,7 +70,7 @@ int run_generate(const Args& a, const PluginRegistry& registry) {
     const Config rc = load_config((fs::path(a.run) / "config.toml").string());
     check_adapter((fs::path(a.run) / "adapter").string(), {rc.task.kind, backbone->sites().info().architecture, rc.task.pooling, {}}, rc.methods);
   }
-  for (std::size_t i = 0; i < methods.size(); ++i) methods.load_state(i, p.states[i]);
+  for (std::size_t i = 0; i < methods.size(); ++i) methods.load_state(i, (fs::path(p.state_dirs[i]) / methods.weights_file(i)).string());
   // Folded, an adapter costs nothing per token (LoRA's branches were 15–20% of a SmolLM2
   // decoding step); refused, before any token, for a method that cannot fold.
   if (a.merge) try {
@@ -93,6 +99,7 @@ Command generate_command() {
             c.add_option("--model", a->model, "Hugging Face model directory")->check(CLI::ExistingDirectory);
             c.add_option("--run", a->run, "run directory of a causal-lm or seq2seq `tessera train`: its model and adapter")->check(CLI::ExistingDirectory);
             c.add_option("--peft", a->peft, "Hugging Face PEFT adapter directory to apply")->check(CLI::ExistingDirectory);
+            c.add_option("--adapterhub", a->adapterhub, "AdapterHub (adapters) bottleneck adapter directory to apply")->check(CLI::ExistingDirectory);
             c.add_option("--max-new-tokens", a->gen.max_new_tokens, "tokens to generate (default 32)")->check(CLI::PositiveNumber);
             c.add_flag("--sample", a->gen.sample, "sample instead of taking the most likely token");
             c.add_option("--temperature", a->gen.temperature, "sampling temperature (default 1)")->check(CLI::PositiveNumber);

@@ -17,7 +17,15 @@ MethodStack::MethodStack(const PluginRegistry& registry, std::vector<MethodConfi
     plugins_.push_back(*registry.find(m.plugin));
   }
   store_weights(model, storage.quantize, storage.double_quant, storage_requests(model));
-  for (std::size_t i = 0; i < size(); ++i) instances_[i]->attach(model, configs_[i].targets, configs_[i].checked);
+  for (std::size_t i = 0; i < size(); ++i) {
+    const auto& m = configs_[i];
+    try {
+      instances_[i]->attach(model, m.targets, m.checked);
+    } catch (const ParamError& e) {  // a key that does not suit this model (a bottleneck wider than its hidden size)
+      throw ConfigError(m.param_pos.count(e.key()) ? m.param_pos.at(e.key()) : m.params_pos,
+                        "method '" + m.name + "' (plugin '" + m.plugin + "'): " + e.what());
+    }
+  }
 }
 
 std::map<std::string, std::string> MethodStack::storage_requests(SiteModel& model) {
@@ -63,6 +71,15 @@ std::int64_t MethodStack::trainable_count() {
   std::int64_t n = 0;
   for (const auto& t : trainable()) n += t.numel();
   return n;
+}
+
+std::string MethodStack::weights_file(std::size_t i) const {
+  const auto* ext = instances_[i]->extension<tessera_method_files_v1>(TESSERA_EXT_METHOD_FILES, 1);
+  if (ext == nullptr || ext->weights_file == nullptr) return "adapter_model.safetensors";
+  const std::string name = ext->weights_file;
+  if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..")
+    throw PluginError("plugin '" + configs_[i].plugin + "' (instance '" + configs_[i].name + "'): weights file name '" + name + "' is not a plain file name");
+  return name;
 }
 
 void MethodStack::load_state(std::size_t i, const std::string& file) {

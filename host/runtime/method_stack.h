@@ -33,8 +33,11 @@ class MethodStack {
 
   std::vector<Tensor> trainable();  // every instance's trainable tensors, in order
   std::int64_t trainable_count();
-  // Reads one instance's state from a safetensors file (its adapter_model.safetensors).
+  // Reads one instance's state from a safetensors file (its weights_file(i)).
   void load_state(std::size_t i, const std::string& file);
+  // The name of that file in the instance's adapter folder: adapter_model.safetensors, or
+  // what the method names (tessera.method.files: AdapterHub's adapter.safetensors).
+  std::string weights_file(std::size_t i) const;
   // Folds every instance into the weights; refuses, before folding any, when one cannot.
   void merge();
 

@@ -21,7 +21,7 @@ void save_adapter(const std::string& dir, MethodStack& methods, const NamedTenso
       fs::path sub = fs::path(out) / mc.name;
       fs::create_directories(sub);
       auto tensors = methods[i].call("state", [](Method& x) { return x.state(); });
-      save_safetensors((sub / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
+      save_safetensors((sub / methods.weights_file(i)).string(), tensors, {{"format", "pt"}});
       write_file_atomic((sub / "adapter_config.json").string(), methods[i].call("adapter_config_json", [](Method& x) { return x.adapter_config_json(); }) + "\n");
       // Where the plugin came from: `tessera eval` names it when it is not found again.
       manifest["methods"].push_back({{"plugin", mc.plugin}, {"name", mc.name}, {"targets", mc.targets}, {"dir", mc.name},
@@ -82,7 +82,7 @@ void check_adapter(const std::string& dir, const AdapterManifest& now, const std
 void load_adapter(const std::string& dir, MethodStack& methods, const AdapterManifest& now) {
   check_adapter(dir, now, methods.configs());
   for (std::size_t i = 0; i < methods.size(); ++i)
-    methods.load_state(i, (fs::path(dir) / methods.config(i).name / "adapter_model.safetensors").string());
+    methods.load_state(i, (fs::path(dir) / methods.config(i).name / methods.weights_file(i)).string());
 }
 
 void refuse_missing_plugins(const std::string& run, const std::vector<MethodConfig>& methods, const PluginRegistry& registry) {

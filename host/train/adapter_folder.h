@@ -1,8 +1,8 @@
 // The adapter folder a run writes and `tessera eval` / `generate --run` read back:
 //   tessera.json                          what it was trained for (task, architecture, labels, methods and their plugins)
 //   head.safetensors                      the task head, when the task has one
-//   <name>/adapter_config.json            per method instance, in HF PEFT's layout
-//   <name>/adapter_model.safetensors
+//   <name>/adapter_config.json            per method instance, in HF PEFT's layout (or the
+//   <name>/adapter_model.safetensors      method's own: AdapterHub's adapter.safetensors)
 // Saving, checking and loading all live here.
 #pragma once
 
@@ -27,7 +27,7 @@ void save_adapter(const std::string& dir, MethodStack& methods, const NamedTenso
 // architecture, label set or list of methods than `now` and `methods`.
 void check_adapter(const std::string& dir, const AdapterManifest& now, const std::vector<MethodConfig>& methods);
 
-// check_adapter, then each method's state from <dir>/<name>/adapter_model.safetensors
+// check_adapter, then each method's state from <dir>/<name>/<its weights file>
 // (the head is the task's to load).
 void load_adapter(const std::string& dir, MethodStack& methods, const AdapterManifest& now);
 

@@ -194,10 +194,21 @@ const std::string& SublayerSite::name() const { return static_cast<const Sublaye
 const std::string& SublayerSite::hf_path() const { return static_cast<const SublayerSiteImpl&>(*this).hf_path_; }
 std::int64_t SublayerSite::hidden_size() const { return static_cast<const SublayerSiteImpl&>(*this).hidden_size_; }
 
-void SublayerSite::add_sequential(const Owner& o, TensorMap m) { auto& s = static_cast<SublayerSiteImpl&>(*this); s.add(s.sequential_, o, std::move(m)); }
+namespace {
+ResidualModule ignoring_residual(TensorMap m) {
+  if (!m) return {};
+  return [m = std::move(m)](const Tensor& h, const Tensor&, const TensorMap&) { return m(h); };
+}
+}  // namespace
+
+void SublayerSite::add_sequential(const Owner& o, TensorMap m) { auto& s = static_cast<SublayerSiteImpl&>(*this); s.add(s.sequential_, o, ignoring_residual(std::move(m))); }
 void SublayerSite::add_parallel(const Owner& o, TensorMap m) { auto& s = static_cast<SublayerSiteImpl&>(*this); s.add(s.parallel_, o, std::move(m)); }
 void SublayerSite::add_gate(const Owner& o, TensorMap g) { auto& s = static_cast<SublayerSiteImpl&>(*this); s.add(s.gates_, o, std::move(g)); }
 void SublayerSite::add_token_wise_sequential(const Owner& o, TensorMap m) {
+  auto& s = static_cast<SublayerSiteImpl&>(*this);
+  s.add(s.sequential_, o, ignoring_residual(std::move(m)), true);
+}
+void SublayerSite::add_token_wise_residual(const Owner& o, ResidualModule m) {
   auto& s = static_cast<SublayerSiteImpl&>(*this);
   s.add(s.sequential_, o, std::move(m), true);
 }
@@ -223,10 +234,15 @@ void SublayerSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(gates_, owner);
 }
 
-Tensor SublayerSiteImpl::apply(const Tensor& x, Tensor h) const {  // x, h: (B, T, H)
+const TensorMap& SublayerSiteImpl::identity() {
+  static const TensorMap id = [](const Tensor& t) { return t; };
+  return id;
+}
+
+Tensor SublayerSiteImpl::apply(const Tensor& x, Tensor h, const Tensor& residual, const TensorMap& norm) const {
   for (const auto& s : sequential_) {
     if (!s.on()) continue;
-    Tensor out = call(s, h);
+    Tensor out = call(s, h, residual, norm);
     h = s.alpha() == 1.0 ? out : h + (out - h) * s.alpha();
   }
   for (const auto& p : parallel_)

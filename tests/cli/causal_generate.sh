@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A causal-LM run through the binary on a tiny GPT-2 with a real BPE tokenizer: train,
 # eval reproduces the recorded next-token accuracy, `generate` continues a prompt from
-# the run (greedy twice: the same text; sampled with a seed: repeatable); a T5 answers.
+# the run (greedy twice: the same text; sampled with a seed: repeatable); a T5 answers;
+# an AdapterHub adapter decodes as in AdapterHub, and a bottleneck run reloads.
 set -euo pipefail
-tessera=$1 model=$2 out=$3 t5=$4 test_plugins=$5
+tessera=$1 model=$2 out=$3 t5=$4 test_plugins=$5 adapters=$6
 rm -rf "$out" && mkdir -p "$out"
 cat >"$out/run.toml" <<TOML
 [model]
@@ -55,6 +56,17 @@ rc=$?
 set -e
 cat "$out/err.txt"
 [[ $rc == 1 && ! -s "$out/merged.txt" ]] && grep -q "\-\-merge: method 'probe' (probe) cannot be folded into the weights" "$out/err.txt"
+# An adapter AdapterHub saved (Houlsby, tests/fixtures/make_adapters.py) decodes as AdapterHub
+# decodes it, greedily, token for token.
+h=$("$tessera" generate --model "$model" --adapterhub "$adapters/gpt2_text_double_seq_bn" "the film is" --max-new-tokens 8)
+echo "adapterhub: $h"
+[[ "$h" == "$(cat "$adapters/gpt2_text_double_seq_bn/greedy.txt")" ]]
+# A bottleneck run writes AdapterHub's file name and reloads from it.
+sed -e 's/^plugin = "lora"$/plugin = "bottleneck"/' -e 's/^targets = .*$/targets = []/' "$out/run.toml" >"$out/bn.toml"
+"$tessera" --log-level warn train "$out/bn.toml" --run-dir "$out/bn" >/dev/null
+[[ -s "$out/bn/adapter/bottleneck/adapter.safetensors" && ! -e "$out/bn/adapter/bottleneck/adapter_model.safetensors" ]]
+"$tessera" eval "$out/bn" | grep -q "reproduces the accuracy recorded at training time"
+"$tessera" generate --run "$out/bn" "the film is" --max-new-tokens 4 | grep -q "^the film is"
 c=$("$tessera" generate --model "$model" "the film is" --sample --top-k 20 --seed 7)
 d=$("$tessera" generate --model "$model" "the film is" --sample --top-k 20 --seed 7)
 [[ "$c" == "$d" ]]

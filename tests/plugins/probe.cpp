@@ -33,6 +33,9 @@ class Probe final : public tessera::Method {
 #if TESSERA_TARGET_ABI_MINOR >= 2
           , "nf4_storage"
 #endif
+#if TESSERA_TARGET_ABI_MINOR >= 3
+          , "residual"
+#endif
          }},
         {"value", ParamType::Float, 1.0, "the constant of the intervention", std::nullopt, std::nullopt, {}},
         {"length", ParamType::Int, std::int64_t{2}, "prompt or prefix length; nan_loss: the 0-based step from which the loss is nan", 1, 64, {}},
@@ -100,6 +103,11 @@ class Probe final : public tessera::Method {
         if (kind == "token_wise_sequential") s->add_token_wise_sequential(owner, [=](const Tensor& h) { return h * v; });
         else s->add_token_wise_parallel(owner, [=](const Tensor& x) { return x * v; });
       }
+#if TESSERA_TARGET_ABI_MINOR >= 3
+    } else if (kind == "residual") {  // h ↦ h + value · r: in BERT, where r is what the block read, a parallel x · value
+      for (auto* s : model.match_sublayers(ctx.targets))
+        s->add_token_wise_residual(owner, [=](const Tensor& h, const Tensor& r, const tessera::TensorMap&) { return h + r * v; });
+#endif
     } else if (kind == "life") {  // a branch x·(late + grown): late made in prepare(), grown at step 1
       params_ = ctx.model.info().param_options;
       training_ = tessera::host_extension<tessera_host_training_v1>(ctx.model, TESSERA_EXT_HOST_TRAINING, 1);

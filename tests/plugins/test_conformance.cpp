@@ -32,6 +32,10 @@ const std::vector<Row>& table() {
   static const std::vector<Row> rows = {
       {"lora", {"attn.q", "attn.v", "mlp.up"}, {{"r", std::int64_t{4}}, {"init_lora_weights", std::string("false")}, {"lora_alpha", 8.0}}, {}},
       {"ia3", {}, {{"init_ia3_weights", false}}, {}},  // PEFT's default targets on every family
+      {"bottleneck", {}, {}, {}},  // seq_bn (Pfeiffer): bert init, so it acts at once
+      {"bottleneck", {}, {{"config", std::string("double_seq_bn")}, {"cross_adapter", true}}, {}},  // Houlsby, T5's cross-attention too
+      {"bottleneck", {}, {{"config", std::string("scaled_par_bn")}, {"init_weights", std::string("bert")}}, {}},  // parallel, learned scale
+      {"lst", {}, {{"reduction_factor", std::int64_t{4}}, {"dropout", 0.0}}, {"bert"}},  // its side network is BERT's
       {"example-bias-delta", {}, {}, {"bert", "gpt2"}},  // the families with biases
       {"example-token-adapter", {}, {{"r", std::int64_t{4}}}, {}},
       {"example-soft-prompt", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},

@@ -52,7 +52,19 @@ CATCH_TEST_CASE("sublayer site: sequential in order, then + parallel(x), then �
   s.add_sequential(owner("b"), [](const Tensor& t) { return t * 3; });  // order matters: (h + 1) * 3
   s.add_parallel(owner("c"), [](const Tensor& t) { return t * 2; });
   s.add_gate(owner("d"), [](const Tensor& t) { return at::full({1}, 0.5, t.options()); });
-  CATCH_CHECK(max_abs_diff(s.apply(x, h), ((h + 1) * 3 + x * 2) * 0.5) < 1e-6);
+  CATCH_CHECK(max_abs_diff(s.apply(x, h, x, SublayerSiteImpl::identity()), ((h + 1) * 3 + x * 2) * 0.5) < 1e-6);
+}
+
+CATCH_TEST_CASE("sublayer site: a residual module sees h, the residual and the block's norm, in the sequential install order (SDK 2.3)", "[sdk][sites]") {
+  SublayerSiteImpl s("layers.0.mlp", "", 4);
+  Tensor x = at::randn({2, 3, 4}), h = at::randn({2, 3, 4}), r = at::randn({2, 3, 4});
+  const TensorMap norm = [](const Tensor& t) { return t * 10; };
+  s.add_token_wise_sequential(owner("a"), [](const Tensor& t) { return t + 1; });
+  s.add_token_wise_residual(owner("b"), [](const Tensor& t, const Tensor& res, const TensorMap& n) { return t + n(t + res) * 2; });
+  s.add_token_wise_sequential(owner("c"), [](const Tensor& t) { return t * 3; });
+  CATCH_CHECK(s.token_wise());
+  const Tensor h1 = h + 1;
+  CATCH_CHECK(max_abs_diff(s.apply(x, h, r, norm), (h1 + (h1 + r) * 20) * 3) < 1e-5);
 }
 
 CATCH_TEST_CASE("attention site: prefixes concatenate along keys, score hooks run in order", "[sdk][sites]") {
@@ -135,7 +147,7 @@ CATCH_TEST_CASE("owners: the host's scale and switch act on every kind as docume
   sub.add_parallel(*o, [](const Tensor& t) { return t * 2; });
   sub.add_gate(*o, [](const Tensor& t) { return at::full({1}, 0.5, t.options()); });
   o->set_scale(0.5);  // seq: h + ½(3h − h) = 2h; + ½·2x; gate 1 + ½(0.5 − 1) = 0.75
-  CATCH_CHECK(max_abs_diff(sub.apply(xs, h), (2 * h + xs) * 0.75) < 1e-6);
+  CATCH_CHECK(max_abs_diff(sub.apply(xs, h, xs, SublayerSiteImpl::identity()), (2 * h + xs) * 0.75) < 1e-6);
   AttentionSiteImpl att("layers.0.attn", "", 1, 1);
   att.add_score_hook(*o, [](const Tensor& s) { return s + 4; });
   CATCH_CHECK(att.hook_scores(at::zeros({1})).item<double>() == 2);

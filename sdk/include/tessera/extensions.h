@@ -83,6 +83,19 @@ struct tessera_method_storage_v1 {
 
 #endif
 
+#if TESSERA_TARGET_ABI_MINOR >= 3
+// ---- tessera.method.files, version 1 (SDK 2.3): how a method's adapter folder names its tensors
+// Plugin → host. The file its state() goes to in <adapter>/<instance>/, and load_state()
+// comes from: a safetensors file, beside adapter_config.json. Without the extension
+// "adapter_model.safetensors" (PEFT's name); AdapterHub's layout is "adapter.safetensors".
+#define TESSERA_EXT_METHOD_FILES "tessera.method.files"
+
+struct tessera_method_files_v1 {
+  tessera_extension_header header;  // version 1
+  const char* weights_file;         // a plain file name, no directory
+};
+#endif
+
 namespace tessera {
 
 // The extension `id` as a table of type T, when the host offers it at `version` or later.

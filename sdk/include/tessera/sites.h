@@ -14,9 +14,13 @@
 //                   y      = y ∘ Π s_out,k
 //                   y      = y + Σ α_k branch_k(x)                 x: the site's raw input
 //   SublayerSite    h      = F(x)                                  the block's own output
-//                   h      = seq_n(… seq_1(h))                     in install order
+//                   h      = seq_n(… seq_1(h))                     in install order; a residual
+//                                                                   module is seq_k(h, r, N) (2.3)
 //                   h      = h + Σ α_k parallel_k(x)
-//                   h      = h ∘ Π gate_k(x)                       then residual + norm
+//                   h      = h ∘ Π gate_k(x)                       then N(r + h): residual + norm
+//                                                                   r: the residual stream the block
+//                                                                   adds h to; N: BERT's post-norm,
+//                                                                   the identity in pre-norm blocks
 //   AttentionSite   K, V   = [prefix_K ; in_K(x) ; K], […V]        mask extended with ones;
 //                                                                   x: what the query projection reads
 //                   scores = hook_n(… hook_1(QKᵀ/√d + mask))       before the softmax
@@ -84,6 +88,10 @@ using KVPrefix = std::function<std::pair<Tensor, Tensor>(std::int64_t)>;
 using HiddenTap = std::function<void(const Tensor&)>;
 #if TESSERA_TARGET_ABI_MINOR >= 1
 using KVFromInput = std::function<std::pair<Tensor, Tensor>(const Tensor&)>;  // since SDK 2.1
+#endif
+#if TESSERA_TARGET_ABI_MINOR >= 3
+// (h, r, N) ↦ h': a sublayer module that sees the residual and the block's norm; since SDK 2.3
+using ResidualModule = std::function<Tensor(const Tensor& h, const Tensor& residual, const TensorMap& norm)>;
 #endif
 
 // What every site handle shares: not copyable, created and destroyed only by the SDK.
@@ -168,6 +176,17 @@ class SublayerSite : public SiteHandle {
   // path. Sequential modules of both kinds run in one install order.
   void add_token_wise_sequential(const Owner& owner, TensorMap module);  // h (..., H) -> (..., H)
   void add_token_wise_parallel(const Owner& owner, TensorMap module);    // x (..., H) -> (..., H)
+#endif
+
+#if TESSERA_TARGET_ABI_MINOR >= 3
+  // Since SDK 2.3. A token-wise sequential module that also sees the residual r — the
+  // stream the block adds h to (the block's input; in pre-norm blocks, before their norm)
+  // — and the norm N the block applies after that add (BERT/RoBERTa's post-LayerNorm, with
+  // its current parameters; the identity in pre-norm blocks: decoders, T5): h ↦ f(h, r, N),
+  // each (..., H), in the one install order of the sequential modules; the block then
+  // computes N(r + h') as always. AdapterHub's bottleneck placements need both: Pfeiffer's
+  // adapter reads N(h + r), a parallel adapter reads r.
+  void add_token_wise_residual(const Owner& owner, ResidualModule module);
 #endif
 };
 

@@ -190,7 +190,11 @@ class LinearSiteImpl final : public LinearSite, public SiteCore {
 class SublayerSiteImpl final : public SublayerSite, public SiteCore {
  public:
   SublayerSiteImpl(std::string name, std::string hf_path, std::int64_t hidden_size);
-  Tensor apply(const Tensor& x, Tensor h) const;  // x: block input, h: block output, (B, T, H)
+  // x: what the block read, h: its output, residual: the stream h is added to (BERT: x;
+  // pre-norm blocks: before their norm), norm: what the block applies after the add
+  // (identity in pre-norm blocks), each (B, T, H) or (N, H).
+  Tensor apply(const Tensor& x, Tensor h, const Tensor& residual, const TensorMap& norm) const;
+  static const TensorMap& identity();  // the norm of a pre-norm block
   // Every enabled intervention maps tokens on their own: apply() may take (N, H) rows.
   bool token_wise() const;
 
@@ -198,7 +202,8 @@ class SublayerSiteImpl final : public SublayerSite, public SiteCore {
   friend class SublayerSite;
   void drop(const OwnerImpl& owner) override;
   std::int64_t hidden_size_;
-  Entries<TensorMap> sequential_, parallel_, gates_;
+  Entries<ResidualModule> sequential_;  // a plain sequential module ignores r and N
+  Entries<TensorMap> parallel_, gates_;
 };
 
 // An input prefix with its declared length.

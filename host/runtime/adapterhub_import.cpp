@@ -1,0 +1,93 @@
+#include "runtime/adapterhub_import.h"
+
+#include "formats/json_file.h"
+#include "runtime/plugin_registry.h"
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+
+namespace tessera {
+namespace {
+
+// BnConfig keys whose non-default values the bottleneck plugin does not compute.
+void refuse_unsupported(const nlohmann::json& c, const std::string& path) {
+  auto refuse = [&](const std::string& key, const std::string& why) {
+    throw std::runtime_error(path + ": config." + key + " = " + c[key].dump() + ": " + why);
+  };
+  const std::string arch = c.value("architecture", std::string("bottleneck"));
+  if (!c.value("architecture", nlohmann::json()).is_null() && arch != "bottleneck")
+    refuse("architecture", "not a bottleneck adapter (the bottleneck plugin reads only those)");
+  for (const char* key : {"phm_layer", "use_gating", "ln_before", "ln_after", "adapter_residual_before_ln"})
+    if (c.contains(key) && c[key].is_boolean() && c[key].get<bool>()) refuse(key, "not supported by the bottleneck plugin");
+  if (c.contains("original_ln_after") && c["original_ln_after"] == false) refuse("original_ln_after", "not supported: the block's residual and norm always follow");
+  if (c.contains("inv_adapter") && !c["inv_adapter"].is_null()) refuse("inv_adapter", "invertible adapters are not supported");
+  if (c.value("stochastic_depth", 0.0) > 0.0) refuse("stochastic_depth", "not supported");
+  if (c.contains("reduction_factor") && !c["reduction_factor"].is_number()) refuse("reduction_factor", "a per-layer mapping is not supported");
+  if (c.contains("residual_before_ln") && !c["residual_before_ln"].is_boolean()) refuse("residual_before_ln", "only true or false is supported");
+}
+
+// The preset whose wiring the config has, and its scale.
+void read_preset(const nlohmann::json& c, MethodConfig& m) {
+  const bool parallel = c.value("is_parallel", false);
+  const auto& s = c.value("scaling", nlohmann::json(1.0));
+  if (parallel) m.params["config"] = std::string(s.is_string() && s == "learned" ? "scaled_par_bn" : "par_bn");
+  else m.params["config"] = std::string(c.value("original_ln_before", false) ? "seq_bn" : "double_seq_bn");
+  if (s.is_number()) {
+    m.params["scaling_type"] = std::string("fixed");
+    m.params["scaling"] = s.get<double>();
+  } else {
+    m.params["scaling_type"] = s.get<std::string>();
+  }
+}
+
+// Sublayer targets from mh_adapter / output_adapter / cross_adapter, without leave_out's layers.
+void read_targets(const nlohmann::json& c, MethodConfig& m) {
+  std::string kinds;
+  for (const auto& [key, site] : {std::pair{"mh_adapter", "attn"}, {"output_adapter", "mlp"}, {"cross_adapter", "cross"}})
+    if (c.value(key, false)) kinds += (kinds.empty() ? "" : "|") + std::string(site);
+  if (kinds.empty()) throw std::runtime_error(m.pos.file + ": places no adapter: mh_adapter, output_adapter and cross_adapter are all false");
+  std::string skip;
+  for (const auto& l : c.value("leave_out", nlohmann::json::array())) skip += (skip.empty() ? "" : "|") + std::to_string(l.get<std::int64_t>());
+  m.targets.push_back("re:(.*\\.)?layers\\." + (skip.empty() ? "" : "(?!(" + skip + ")\\.)") + "[0-9]+\\.(" + kinds + ")");
+}
+
+MethodConfig read(const std::string& path, const PluginRegistry& registry, const std::string& instance) {
+  const nlohmann::json j = read_json_file(path);
+  if (!j.contains("config") || !j["config"].is_object()) throw std::runtime_error(path + ": no \"config\" object (not an adapter AdapterHub saved)");
+  const auto& c = j["config"];
+  refuse_unsupported(c, path);
+  MethodConfig m;
+  m.pos = m.params_pos = {path, 1, 1};
+  m.name = instance;
+  m.plugin = "bottleneck";
+  const PluginInfo* info = registry.find(m.plugin);
+  if (info == nullptr) throw std::runtime_error(path + ": the bottleneck plugin is not found");
+  read_preset(c, m);
+  read_targets(c, m);
+  if (c.contains("reduction_factor")) m.params["reduction_factor"] = c["reduction_factor"].get<double>();
+  for (const char* key : {"non_linearity", "init_weights"})
+    if (c.contains(key) && c[key].is_string()) m.params[key] = c[key].get<std::string>();
+  for (const char* key : {"residual_before_ln", "cross_adapter"})
+    if (c.contains(key)) m.params[key] = c[key].get<bool>();
+  if (c.contains("dropout")) m.params["dropout"] = c["dropout"].get<double>();
+  try {
+    m.checked = apply_schema(info->params, m.params);
+  } catch (const ParamError& e) {  // a value the plugin's schema refuses (an unknown activation)
+    throw std::runtime_error(path + ": " + e.what());
+  }
+  return m;
+}
+
+}  // namespace
+
+MethodConfig method_from_adapterhub_dir(const std::string& dir, const PluginRegistry& registry, const std::string& instance) {
+  const std::string path = (std::filesystem::path(dir) / "adapter_config.json").string();
+  try {
+    return read(path, registry, instance);
+  } catch (...) {
+    rethrow_naming(path);
+  }
+}
+
+}  // namespace tessera

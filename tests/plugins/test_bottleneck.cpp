@@ -1,0 +1,208 @@
+// Bottleneck adapters against AdapterHub's `adapters` (tests/fixtures/make_adapters.py):
+// the same base weights, the same adapter tensors (AdapterHub's saved folders, read
+// through the importer), the same inputs — on the real MiniLM and the tiny GPT-2, Mistral
+// (LLaMA family) and T5; and the reverse: a folder we save loads in `adapters` and gives our outputs.
+#include "support.h"
+
+#include "architectures/decoder.h"
+#include "architectures/t5.h"
+#include "formats/safetensors.h"
+#include "runtime/adapterhub_import.h"
+#include "runtime/method_stack.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cstdlib>
+#include <fstream>
+#include <regex>
+
+using namespace tessera;
+
+namespace {
+
+std::string adapters_fixture(const std::string& name) { return test::fixture("adapters/" + name); }
+NamedTensors& adapters_reference() { return test::cached_tensors(adapters_fixture("reference.safetensors")); }
+
+// The AdapterHub folder as a method instance named as AdapterHub named it ("a"), so that
+// our state's keys must equal the file's keys exactly.
+std::unique_ptr<MethodInstance> attach_adapterhub(const std::string& name, ModelView& model) {
+  const auto dir = adapters_fixture(name);
+  MethodConfig mc = method_from_adapterhub_dir(dir, test::registry(), "a");
+  CATCH_CHECK(mc.plugin == "bottleneck");
+  auto inst = test::registry().create("bottleneck", "a");
+  inst->attach(model, mc.targets, mc.checked);
+  auto file = test::read_tensors(dir + "/adapter.safetensors");
+  auto ours = inst->call("state", [](Method& m) { return m.state(); });
+  CATCH_CHECK(ours.size() == file.size());
+  for (const auto& [k, t] : file) CATCH_CHECK((ours.count(k) && ours[k].sizes() == t.sizes()));
+  inst->call("load_state", [&](Method& m) { m.load_state(file); });
+  return inst;
+}
+
+const char* const kPresets[] = {"seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"};
+
+}  // namespace
+
+CATCH_TEST_CASE("bottleneck adapters equal AdapterHub's on MiniLM: seq_bn, double_seq_bn, par_bn, scaled_par_bn and a custom one", "[plugins][bottleneck][minilm][parity]") {
+  auto& ref = adapters_reference();
+  auto& base = test::cached_tensors(test::fixture("reference.safetensors"));
+  const auto &ids = base["input_ids"], &mask = base["attention_mask"];
+  for (const std::string preset : {"seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn", "custom"}) {
+    CATCH_INFO("preset " << preset);
+    auto model = test::load_minilm();
+    auto a = attach_adapterhub("minilm_" + preset, *model);
+    CATCH_CHECK(model->token_wise_only());  // per-token modules: the unpadded fast path stays
+    at::NoGradGuard no_grad;
+    const Tensor out = model->forward(ids, mask).hidden;
+    TESSERA_CHECK_PARITY(test::parity(out, ref, "minilm_" + preset, mask));
+    a->detach(*model);
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, out, mask) > 1e-2);  // the adapters really act
+  }
+}
+
+CATCH_TEST_CASE("bottleneck adapters equal AdapterHub's on GPT-2 and Mistral of the LLaMA family (pre-norm: the residual is the block's stream)", "[plugins][bottleneck][decoder][parity]") {
+  auto& ref = adapters_reference();
+  auto& dec = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
+  const auto &ids = dec["input_ids"], &mask = dec["attention_mask"];
+  for (const std::string arch : {"gpt2", "mistral"})
+    for (const std::string preset : kPresets) {
+      CATCH_INFO(arch << " " << preset);
+      auto model = DecoderModel::load(test::fixture("decoders/" + arch), test::options());
+      test::perturb_if_asked(*model);
+      auto a = attach_adapterhub(arch + "_" + preset, *model);
+      at::NoGradGuard no_grad;
+      TESSERA_CHECK_PARITY(test::parity(model->logits(model->forward(ids, mask)), ref, arch + "_" + preset, mask));
+    }
+}
+
+CATCH_TEST_CASE("bottleneck adapters equal AdapterHub's on T5: self-attention, feed-forward and cross-attention", "[plugins][bottleneck][t5][parity]") {
+  auto& ref = adapters_reference();
+  auto& s2s = test::cached_tensors(test::fixture("seq2seq/reference.safetensors"));
+  for (const std::string preset : {"seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn", "cross"}) {
+    CATCH_INFO("preset " << preset);
+    auto model = T5Model::load(test::fixture("seq2seq/t5"), test::options());
+    test::perturb_if_asked(*model);
+    auto a = attach_adapterhub("t5_" + preset, *model);
+    at::NoGradGuard no_grad;
+    const Tensor logits = model->logits(model->decode(s2s["t5.decoder_input_ids"], model->encode(s2s["input_ids"], s2s["attention_mask"])));
+    TESSERA_CHECK_PARITY(test::parity(logits, ref, "t5_" + preset));
+  }
+}
+
+CATCH_TEST_CASE("a bottleneck adapter Tessera saves loads in AdapterHub and gives the same outputs", "[plugins][bottleneck][minilm][parity]") {
+  struct Case {
+    std::string fixture, model;  // AdapterHub's tensors, loaded under another name; "minilm" or a causal-LM folder
+  };
+  for (const Case& c : {Case{"minilm_custom", "minilm"}, Case{"gpt2_scaled_par_bn", test::fixture("decoders/gpt2")}}) {
+    CATCH_INFO("from " << c.fixture);
+    const bool bert = c.model == "minilm";
+    std::unique_ptr<SiteModel> model;
+    if (bert) model = test::load_minilm();
+    else {
+      model = DecoderModel::load(c.model, test::options());
+      test::perturb_if_asked(*model);
+    }
+    MethodConfig mc = method_from_adapterhub_dir(adapters_fixture(c.fixture), test::registry(), "mine");
+    auto inst = test::registry().create("bottleneck", "mine");
+    inst->attach(*model, mc.targets, mc.checked);
+    inst->call("load_state", [&](Method& m) { m.load_state(test::read_tensors(adapters_fixture(c.fixture) + "/adapter.safetensors")); });
+    const auto dir = test::temp_dir("bottleneck-" + c.fixture);
+    save_safetensors((dir / "adapter.safetensors").string(), inst->call("state", [](Method& m) { return m.state(); }), {{"format", "pt"}});
+    std::ofstream(dir / "adapter_config.json") << inst->call("cfg", [](Method& m) { return m.adapter_config_json(); });
+    const std::string reference = bert ? test::fixture("reference.safetensors") : test::fixture("decoders/reference.safetensors");
+    const auto out = (dir / "out.safetensors").string();
+    const std::string cmd = std::string(TESSERA_ADAPTERS_PYTHON) + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/adapters_forward.py " + dir.string() + " " +
+                            c.model + " " + reference + " " + out + " > " + (dir / "log").string() + " 2>&1";
+    const int rc = std::system(cmd.c_str());
+    if (rc != 0) {
+      std::ifstream log(dir / "log");
+      CATCH_INFO(std::string(std::istreambuf_iterator<char>(log), {}));
+      CATCH_REQUIRE(rc == 0);
+    }
+    auto theirs = test::read_tensors(out);
+    auto inputs = test::read_tensors(reference);
+    at::NoGradGuard no_grad;
+    const auto &ids = inputs["input_ids"], &mask = inputs["attention_mask"];
+    Tensor ours;
+    if (bert) ours = static_cast<BertModel&>(*model).forward(ids, mask).hidden;
+    else {
+      auto& d = static_cast<DecoderModel&>(*model);
+      ours = d.logits(d.forward(ids, mask));
+    }
+    TESSERA_CHECK_PARITY(test::parity("AdapterHub on our folder", ours, theirs["out"], theirs["out.f64"], mask));
+  }
+}
+
+CATCH_TEST_CASE("bottleneck defaults: AdapterHub's sizes and inits, and par_bn starting at the base model", "[plugins][bottleneck][minilm]") {
+  auto& base = test::cached_tensors(test::fixture("reference.safetensors"));
+  const auto &ids = base["input_ids"], &mask = base["attention_mask"];
+  const auto* info = test::registry().find("bottleneck");
+  auto model = test::load_minilm();
+  at::NoGradGuard no_grad;
+  const Tensor before = model->forward(ids, mask).hidden;
+  {
+    auto a = test::registry().create("bottleneck", "x");
+    a->attach(*model, {}, apply_schema(info->params, {}));  // seq_bn: after the FFN only, r = 384 / 16
+    auto s = a->call("state", [](Method& m) { return m.state(); });
+    CATCH_CHECK(s.size() == 6 * 4);
+    CATCH_CHECK(s.at("encoder.layer.5.output.adapters.x.adapter_down.0.weight").sizes() == at::IntArrayRef({24, 384}));
+    const Tensor up = s.at("encoder.layer.0.output.adapters.x.adapter_up.weight");  // bert init: N(0, 0.02), biases 0
+    CATCH_CHECK(std::abs(up.std().item<double>() - 0.02) < 0.002);
+    CATCH_CHECK(s.at("encoder.layer.0.output.adapters.x.adapter_up.bias").abs().max().item<double>() == 0);
+    const auto cfg = nlohmann::json::parse(a->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
+    CATCH_CHECK(cfg["config"]["original_ln_before"] == true);
+    CATCH_CHECK(cfg["config"]["reduction_factor"] == 16.0);
+    CATCH_CHECK(cfg["config"]["mh_adapter"] == false);
+    CATCH_CHECK(cfg["config"]["output_adapter"] == true);
+    a->detach(*model);
+  }
+  {
+    auto a = test::registry().create("bottleneck", "p");
+    a->attach(*model, {}, apply_schema(info->params, {{"config", std::string("scaled_par_bn")}}));
+    auto s = a->call("state", [](Method& m) { return m.state(); });
+    CATCH_CHECK(s.at("encoder.layer.0.output.adapters.p.adapter_down.0.weight").sizes() == at::IntArrayRef({192, 384}));
+    CATCH_CHECK(s.at("encoder.layer.0.output.adapters.p.scaling").sizes() == at::IntArrayRef({1}));
+    CATCH_CHECK(at::equal(model->forward(ids, mask).hidden, before));  // mam_adapter init: the up-projection is zero
+    a->detach(*model);
+  }
+}
+
+CATCH_TEST_CASE("bottleneck refuses a misshapen, foreign or missing tensor by name, and a bottleneck wider than the model with the key's place", "[plugins][bottleneck][minilm]") {
+  auto model = test::load_minilm();
+  const auto* info = test::registry().find("bottleneck");
+  auto a = test::registry().create("bottleneck", "x");
+  a->attach(*model, {}, apply_schema(info->params, {}));
+  auto good = a->call("state", [](Method& m) { return m.state(); });
+  auto refusal = [&](NamedTensors t) {
+    try {
+      a->call("load_state", [&](Method& m) { m.load_state(t); });
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("(loaded)");
+  };
+  auto t = good;
+  t["encoder.layer.2.output.adapters.x.adapter_up.weight"] = at::zeros({384, 12});
+  CATCH_CHECK_THAT(refusal(t), Catch::Contains("tensor 'encoder.layer.2.output.adapters.x.adapter_up.weight' has shape [384, 12], expected [384, 24]"));
+  t = good;
+  t["base_model.model.encoder.layer.0.attention.self.key.ia3_l"] = at::ones({384, 1});
+  CATCH_CHECK_THAT(refusal(t), Catch::Contains("tensor 'base_model.model.encoder.layer.0.attention.self.key.ia3_l' is not part of this bottleneck adapter"));
+  t = good;
+  t.erase("encoder.layer.4.output.adapters.x.adapter_down.0.bias");
+  CATCH_CHECK_THAT(refusal(t), Catch::Contains("adapter lacks tensor 'encoder.layer.4.output.adapters.x.adapter_down.0.bias'"));
+  // Another base prefix and another adapter name are the same tensors (AdapterHub's own rule).
+  NamedTensors renamed;
+  for (const auto& [k, v] : good) renamed["bert." + std::regex_replace(k, std::regex(R"(\.adapters\.x\.)"), ".adapters.sst2.")] = v;
+  CATCH_CHECK(refusal(renamed) == "(loaded)");
+  a->detach(*model);
+
+  // Too wide for this model: only attach knows the hidden size; the config's place is named.
+  const auto dir = test::temp_dir("bottleneck-cfg");
+  const auto path = (dir / "run.toml").string();
+  std::ofstream(path) << "[model]\npath = \"/m\"\n[data]\npath = \"/d.csv\"\n[[methods]]\nplugin = \"bottleneck\"\n[methods.params]\n"
+                         "config = \"par_bn\"\nreduction_factor = 500.0\n";
+  Config c = load_config(path);
+  check_methods(c, test::registry());
+  CATCH_CHECK_THROWS_WITH(MethodStack(test::registry(), c.methods, *model, c.model),
+                          Catch::Contains("run.toml:9:") && Catch::Contains("reduction_factor 500 is larger than the hidden size 384"));
+}

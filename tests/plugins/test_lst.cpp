@@ -1,0 +1,100 @@
+// LST against a plain PyTorch rendering of the paper's equations (tests/fixtures/make_lst.py):
+// the same pruned initialisation from the real MiniLM's weights, and with the same side
+// tensors the same output over transformers' hidden states.
+#include "support.h"
+
+#include "architectures/decoder.h"
+#include "runtime/method_stack.h"
+
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+
+using namespace tessera;
+
+namespace {
+
+std::unique_ptr<MethodInstance> attach_lst(ModelView& model, std::map<std::string, ParamValue> params = {{"reduction_factor", std::int64_t{4}}}) {
+  auto inst = test::registry().create("lst", "lst");
+  inst->attach(model, {}, apply_schema(test::registry().find("lst")->params, std::move(params)));
+  return inst;
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("LST prunes its side network from the backbone as the reference does, and its output equals the reference's", "[plugins][lst][minilm][parity]") {
+  auto model = test::load_minilm();
+  auto lst = attach_lst(*model);
+  auto ours = lst->call("state", [](Method& m) { return m.state(); });
+  const auto pruned = test::read_tensors(test::fixture("lst/pruned.safetensors"));
+  CATCH_CHECK(pruned.size() == 6 * 16);
+  for (const auto& [k, t] : pruned) {
+    CATCH_INFO("tensor " << k);
+    CATCH_REQUIRE(ours.count(k));
+    CATCH_CHECK(test::max_abs_diff(ours.at(k), t) < 1e-6);  // slices of a perturbed base differ by 1e-3 relative
+  }
+  lst->call("load_state", [](Method& m) { m.load_state(test::read_tensors(test::fixture("lst/adapter_model.safetensors"))); });
+  auto& base = test::cached_tensors(test::fixture("reference.safetensors"));
+  const auto &ids = base["input_ids"], &mask = base["attention_mask"];
+  at::NoGradGuard no_grad;
+  const Tensor out = model->forward(ids, mask).hidden;  // (B, T, H): the side network's, up-projected
+  TESSERA_CHECK_PARITY(test::parity(out, test::cached_tensors(test::fixture("lst/reference.safetensors")), "out", mask));
+}
+
+CATCH_TEST_CASE("LST: nothing of the backbone is trained, the side network is r times narrower, its file keys are the authors' names", "[plugins][lst][minilm]") {
+  auto model = test::load_minilm();
+  auto lst = attach_lst(*model, {});  // r = 8: 48 wide, 12 heads of 4, FFN 192
+  auto t = lst->call("trainable", [](Method& m) { return m.trainable(); });
+  CATCH_CHECK(t.at("side_block.0.attention.self.query.weight").sizes() == at::IntArrayRef({48, 48}));
+  CATCH_CHECK(t.at("side_block.5.intermediate.dense.weight").sizes() == at::IntArrayRef({192, 48}));
+  CATCH_CHECK(t.at("side_downsamples.3.weight").sizes() == at::IntArrayRef({48, 384}));
+  CATCH_CHECK(t.at("side_final_upsample.weight").sizes() == at::IntArrayRef({384, 48}));
+  CATCH_CHECK(t.at("side_gate_params.2").item<double>() == 0.0);  // μ = σ(0) = ½
+  for (auto* p : model->parameter_sites()) CATCH_CHECK_FALSE(p->base().requires_grad());
+  const auto cfg = nlohmann::json::parse(lst->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
+  CATCH_CHECK(cfg["tessera"]["method"] == "lst");
+  CATCH_CHECK(cfg["tessera"]["side_hidden_size"] == 48);
+
+  // A training forward: the side network's output carries a graph, reached from its own tensors only.
+  auto& base = test::cached_tensors(test::fixture("reference.safetensors"));
+  model->train(true);
+  const Tensor out = model->forward(base["input_ids"], base["attention_mask"]).hidden;
+  CATCH_REQUIRE(out.requires_grad());
+  out.sum().backward();
+  for (const auto& [k, v] : t) {
+    CATCH_INFO("tensor " << k);
+    CATCH_CHECK((v.grad().defined() && v.grad().abs().sum().item<double>() > 0));
+  }
+}
+
+CATCH_TEST_CASE("LST refuses a reduction that does not divide the model with the key's place, another family, and a foreign tensor by name", "[plugins][lst][minilm]") {
+  auto model = test::load_minilm();
+  auto refusal = [&](std::int64_t r) {
+    const auto dir = test::temp_dir("lst-cfg");
+    const auto path = (dir / "run.toml").string();
+    std::ofstream(path) << "[model]\npath = \"/m\"\n[data]\npath = \"/d.csv\"\n[[methods]]\nplugin = \"lst\"\n[methods.params]\nreduction_factor = " << r << "\n";
+    Config c = load_config(path);
+    check_methods(c, test::registry());
+    try {
+      MethodStack stack(test::registry(), c.methods, *model, c.model);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("(attached)");
+  };
+  CATCH_CHECK_THAT(refusal(5), Catch::Contains("run.toml:8:") && Catch::Contains("reduction_factor 5 does not divide the hidden size 384"));
+  CATCH_CHECK_THAT(refusal(64), Catch::Contains("run.toml:8:") && Catch::Contains("side width of 6, which the model's 12 heads do not divide"));
+
+  auto gpt2 = DecoderModel::load(test::fixture("decoders/gpt2"), test::options());
+  CATCH_CHECK_THROWS_WITH(attach_lst(*gpt2), Catch::Contains("LST's side network is written for BERT-family encoders (bert, roberta), not a gpt2 model"));
+
+  auto lst = attach_lst(*model);
+  auto s = lst->call("state", [](Method& m) { return m.state(); });
+  s["side_block.6.output.dense.bias"] = at::zeros({96});
+  CATCH_CHECK_THROWS_WITH(lst->call("load_state", [&](Method& m) { m.load_state(s); }),
+                          Catch::Contains("tensor 'side_block.6.output.dense.bias' is not part of this LST side network (6 layers"));
+  s.erase("side_block.6.output.dense.bias");
+  s["side_final_upsample.bias"] = at::zeros({97});
+  CATCH_CHECK_THROWS_WITH(lst->call("load_state", [&](Method& m) { m.load_state(s); }),
+                          Catch::Contains("tensor 'side_final_upsample.bias' has shape [97], expected [384]"));
+}
