@@ -70,7 +70,7 @@ int run_generate(const Args& a, const PluginRegistry& registry) {
     const Config rc = load_config((fs::path(a.run) / "config.toml").string());
     check_adapter((fs::path(a.run) / "adapter").string(), {rc.task.kind, backbone->sites().info().architecture, rc.task.pooling, {}}, rc.methods);
   }
-  for (std::size_t i = 0; i < methods.size(); ++i) methods.load_state(i, (fs::path(p.state_dirs[i]) / methods.weights_file(i)).string());
+  for (std::size_t i = 0; i < methods.size(); ++i) methods.load_state(i, methods.state_file(p.state_dirs[i], i));
   // Folded, an adapter costs nothing per token (LoRA's branches were 15–20% of a SmolLM2
   // decoding step); refused, before any token, for a method that cannot fold.
   if (a.merge) try {

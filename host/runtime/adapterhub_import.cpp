@@ -5,6 +5,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <cctype>
 #include <filesystem>
 
 namespace tessera {
@@ -25,6 +27,7 @@ void refuse_unsupported(const nlohmann::json& c, const std::string& path) {
   if (c.value("stochastic_depth", 0.0) > 0.0) refuse("stochastic_depth", "not supported");
   if (c.contains("reduction_factor") && !c["reduction_factor"].is_number()) refuse("reduction_factor", "a per-layer mapping is not supported");
   if (c.contains("residual_before_ln") && !c["residual_before_ln"].is_boolean()) refuse("residual_before_ln", "only true or false is supported");
+  if (c.contains("scaling") && c["scaling"].is_number() && c["scaling"].get<double>() <= 0.0) refuse("scaling", "a scale that silences the adapter");
 }
 
 // The preset whose wiring the config has, and its scale.
@@ -42,11 +45,14 @@ void read_preset(const nlohmann::json& c, MethodConfig& m) {
 }
 
 // Sublayer targets from mh_adapter / output_adapter / cross_adapter, without leave_out's layers.
-void read_targets(const nlohmann::json& c, MethodConfig& m) {
+void read_targets(const nlohmann::json& c, const std::string& model_type, MethodConfig& m) {
   std::string kinds;
   for (const auto& [key, site] : {std::pair{"mh_adapter", "attn"}, {"output_adapter", "mlp"}, {"cross_adapter", "cross"}})
     if (c.value(key, false)) kinds += (kinds.empty() ? "" : "|") + std::string(site);
   if (kinds.empty()) throw std::runtime_error(m.pos.file + ": places no adapter: mh_adapter, output_adapter and cross_adapter are all false");
+  const auto& leave_out = c.value("leave_out", nlohmann::json::array());
+  if (model_type == "t5" && !leave_out.empty())  // AdapterHub numbers T5's decoder layers after its encoder's
+    throw std::runtime_error(m.pos.file + ": config.leave_out on a T5 model is not supported (it numbers both stacks as one)");
   std::string skip;
   for (const auto& l : c.value("leave_out", nlohmann::json::array())) skip += (skip.empty() ? "" : "|") + std::to_string(l.get<std::int64_t>());
   m.targets.push_back("re:(.*\\.)?layers\\." + (skip.empty() ? "" : "(?!(" + skip + ")\\.)") + "[0-9]+\\.(" + kinds + ")");
@@ -64,10 +70,15 @@ MethodConfig read(const std::string& path, const PluginRegistry& registry, const
   const PluginInfo* info = registry.find(m.plugin);
   if (info == nullptr) throw std::runtime_error(path + ": the bottleneck plugin is not found");
   read_preset(c, m);
-  read_targets(c, m);
+  read_targets(c, j.value("model_type", std::string()), m);
   if (c.contains("reduction_factor")) m.params["reduction_factor"] = c["reduction_factor"].get<double>();
   for (const char* key : {"non_linearity", "init_weights"})
     if (c.contains(key) && c[key].is_string()) m.params[key] = c[key].get<std::string>();
+  if (c.contains("non_linearity") && c["non_linearity"].is_string()) {  // AdapterHub lower-cases it
+    std::string act = c["non_linearity"].get<std::string>();
+    std::transform(act.begin(), act.end(), act.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    m.params["non_linearity"] = act;
+  }
   for (const char* key : {"residual_before_ln", "cross_adapter"})
     if (c.contains(key)) m.params[key] = c[key].get<bool>();
   if (c.contains("dropout")) m.params["dropout"] = c["dropout"].get<double>();

@@ -2,13 +2,17 @@
 
 #include "architectures/weight_storage.h"
 #include "formats/safetensors.h"
+#include "formats/torch_pickle.h"
 
 #include <tessera/extensions.h>
 
 #include <ATen/core/grad_mode.h>
 #include <spdlog/spdlog.h>
 
+#include <filesystem>
+
 namespace tessera {
+namespace fs = std::filesystem;
 
 MethodStack::MethodStack(const PluginRegistry& registry, std::vector<MethodConfig> configs, SiteModel& model, const ModelConfig& storage)
     : model_(model), configs_(std::move(configs)) {
@@ -82,9 +86,20 @@ std::string MethodStack::weights_file(std::size_t i) const {
   return name;
 }
 
+std::string MethodStack::state_file(const std::string& dir, std::size_t i) const {
+  const std::string name = weights_file(i);
+  const fs::path preferred = fs::path(dir) / name;
+  if (fs::exists(preferred)) return preferred.string();
+  // Saved without safetensors: AdapterHub's and PEFT's torch.save names for the same tensors.
+  const std::string pickled = name == "adapter.safetensors" ? "pytorch_adapter.bin" : name == "adapter_model.safetensors" ? "adapter_model.bin" : "";
+  if (!pickled.empty() && fs::exists(fs::path(dir) / pickled)) return (fs::path(dir) / pickled).string();
+  return preferred.string();  // missing: reading it names it
+}
+
 void MethodStack::load_state(std::size_t i, const std::string& file) {
   at::NoGradGuard no_grad;
-  const NamedTensors state = read_safetensors(file);
+  const bool pickled = file.size() > 4 && file.compare(file.size() - 4, 4, ".bin") == 0;
+  const NamedTensors state = pickled ? read_torch_pickle(file) : read_safetensors(file);
   instances_[i]->call("load_state", [&](Method& m) { m.load_state(state); });
 }
 

@@ -38,6 +38,10 @@ class MethodStack {
   // The name of that file in the instance's adapter folder: adapter_model.safetensors, or
   // what the method names (tessera.method.files: AdapterHub's adapter.safetensors).
   std::string weights_file(std::size_t i) const;
+  // The file to read instance i's state from in folder `dir`: its weights_file, or, when only
+  // that was saved without safetensors, AdapterHub's pytorch_adapter.bin / PEFT's
+  // adapter_model.bin (torch.save's format; load_state reads a ".bin" as that).
+  std::string state_file(const std::string& dir, std::size_t i) const;
   // Folds every instance into the weights; refuses, before folding any, when one cannot.
   void merge();
 

@@ -82,7 +82,7 @@ void check_adapter(const std::string& dir, const AdapterManifest& now, const std
 void load_adapter(const std::string& dir, MethodStack& methods, const AdapterManifest& now) {
   check_adapter(dir, now, methods.configs());
   for (std::size_t i = 0; i < methods.size(); ++i)
-    methods.load_state(i, (fs::path(dir) / methods.config(i).name / methods.weights_file(i)).string());
+    methods.load_state(i, methods.state_file((fs::path(dir) / methods.config(i).name).string(), i));
 }
 
 void refuse_missing_plugins(const std::string& run, const std::vector<MethodConfig>& methods, const PluginRegistry& registry) {

@@ -376,16 +376,18 @@ const std::string& LayerSite::hf_path() const { return static_cast<const LayerSi
 std::int64_t LayerSite::index() const { return static_cast<const LayerSiteImpl&>(*this).index_; }
 void LayerSite::add_tap(const Owner& o, HiddenTap t) { auto& s = static_cast<LayerSiteImpl&>(*this); s.add(s.taps_, o, std::move(t)); }
 void LayerSite::add_router(const Owner& o, TensorMap r) { auto& s = static_cast<LayerSiteImpl&>(*this); s.add(s.routers_, o, std::move(r)); }
+void LayerSite::add_parallel(const Owner& o, TensorMap m) { auto& s = static_cast<LayerSiteImpl&>(*this); s.add(s.parallel_, o, std::move(m)); }
 void LayerSite::remove(const Owner& owner) { static_cast<LayerSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
 
 bool LayerSite::empty() const {
   const auto& s = static_cast<const LayerSiteImpl&>(*this);
-  return !any_on(s.taps_) && !any_on(s.routers_);
+  return !any_on(s.taps_) && !any_on(s.routers_) && !any_on(s.parallel_);
 }
 
 void LayerSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(taps_, owner);
   erase_owner(routers_, owner);
+  erase_owner(parallel_, owner);
 }
 
 Tensor LayerSiteImpl::run(const Tensor& h, const LayerFn& layer) const {  // h: (B, T, H)
@@ -404,6 +406,8 @@ Tensor LayerSiteImpl::run(const Tensor& h, const LayerFn& layer) const {  // h: 
     const Tensor w = keep.to(h.scalar_type()).unsqueeze(-1);  // (B, T, 1)
     out = w * layer(h, keep.ne(0)) + (1 - w) * h;
   }
+  for (const auto& p : parallel_)
+    if (p.on()) out = out + times(p.alpha(), call(p, h));
   for (const auto& t : taps_)
     if (t.on()) call(t, out.detach());
   return out;

@@ -91,25 +91,46 @@ CATCH_TEST_CASE("bottleneck adapters equal AdapterHub's on T5: self-attention, f
 
 CATCH_TEST_CASE("a bottleneck adapter Tessera saves loads in AdapterHub and gives the same outputs", "[plugins][bottleneck][minilm][parity]") {
   struct Case {
-    std::string fixture, model;  // AdapterHub's tensors, loaded under another name; "minilm" or a causal-LM folder
+    std::string name, model;   // model: "minilm", "t5:<folder>" or a causal-LM folder
+    std::string fixture;       // AdapterHub's tensors loaded under another name, or empty: our own
+    std::map<std::string, ParamValue> params;  // (without a fixture) with random tensors
+    std::vector<std::string> targets;
   };
-  for (const Case& c : {Case{"minilm_custom", "minilm"}, Case{"gpt2_scaled_par_bn", test::fixture("decoders/gpt2")}}) {
-    CATCH_INFO("from " << c.fixture);
-    const bool bert = c.model == "minilm";
+  const std::vector<Case> cases = {
+      {"custom", "minilm", "minilm_custom", {}, {}},
+      {"gpt2 scaled_par_bn", test::fixture("decoders/gpt2"), "gpt2_scaled_par_bn", {}, {}},
+      // r = 30 does not divide 384 (the config's reduction factor must still give 30), a fixed scale
+      {"r 30", "minilm", "", {{"config", std::string("double_seq_bn")}, {"bottleneck_size", std::int64_t{30}}, {"scaling", 2.5}}, {}},
+      // T5's decoder only: AdapterHub numbers its layers after the encoder's (leave_out 0, 1)
+      {"t5 decoder", "t5:" + test::fixture("seq2seq/t5"), "", {{"config", std::string("seq_bn")}}, {"re:decoder\\..*"}},
+  };
+  for (const Case& c : cases) {
+    CATCH_INFO("case " << c.name);
+    const bool bert = c.model == "minilm", t5 = c.model.rfind("t5:", 0) == 0;
     std::unique_ptr<SiteModel> model;
     if (bert) model = test::load_minilm();
-    else {
-      model = DecoderModel::load(c.model, test::options());
-      test::perturb_if_asked(*model);
-    }
-    MethodConfig mc = method_from_adapterhub_dir(adapters_fixture(c.fixture), test::registry(), "mine");
+    else if (t5) model = T5Model::load(c.model.substr(3), test::options());
+    else model = DecoderModel::load(c.model, test::options());
+    if (!bert) test::perturb_if_asked(*model);
     auto inst = test::registry().create("bottleneck", "mine");
-    inst->attach(*model, mc.targets, mc.checked);
-    inst->call("load_state", [&](Method& m) { m.load_state(test::read_tensors(adapters_fixture(c.fixture) + "/adapter.safetensors")); });
-    const auto dir = test::temp_dir("bottleneck-" + c.fixture);
+    if (!c.fixture.empty()) {
+      MethodConfig mc = method_from_adapterhub_dir(adapters_fixture(c.fixture), test::registry(), "mine");
+      inst->attach(*model, mc.targets, mc.checked);
+      inst->call("load_state", [&](Method& m) { m.load_state(test::read_tensors(adapters_fixture(c.fixture) + "/adapter.safetensors")); });
+    } else {
+      inst->attach(*model, c.targets, apply_schema(test::registry().find("bottleneck")->params, c.params));
+      at::manual_seed(5);
+      NamedTensors random;
+      for (const auto& [k, t] : inst->call("state", [](Method& m) { return m.state(); })) random[k] = at::randn_like(t) * 0.2;
+      inst->call("load_state", [&](Method& m) { m.load_state(random); });
+    }
+    const auto dir = test::temp_dir("bottleneck-" + std::to_string(&c - cases.data()));
     save_safetensors((dir / "adapter.safetensors").string(), inst->call("state", [](Method& m) { return m.state(); }), {{"format", "pt"}});
-    std::ofstream(dir / "adapter_config.json") << inst->call("cfg", [](Method& m) { return m.adapter_config_json(); });
-    const std::string reference = bert ? test::fixture("reference.safetensors") : test::fixture("decoders/reference.safetensors");
+    const auto cfg = inst->call("cfg", [](Method& m) { return m.adapter_config_json(); });
+    CATCH_CHECK(nlohmann::json::parse(cfg)["tessera"]["adapterhub_exact"] == true);
+    std::ofstream(dir / "adapter_config.json") << cfg;
+    const std::string reference = bert ? test::fixture("reference.safetensors") : t5 ? test::fixture("seq2seq/reference.safetensors")
+                                                                                      : test::fixture("decoders/reference.safetensors");
     const auto out = (dir / "out.safetensors").string();
     const std::string cmd = std::string(TESSERA_ADAPTERS_PYTHON) + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/adapters_forward.py " + dir.string() + " " +
                             c.model + " " + reference + " " + out + " > " + (dir / "log").string() + " 2>&1";
@@ -123,14 +144,33 @@ CATCH_TEST_CASE("a bottleneck adapter Tessera saves loads in AdapterHub and give
     auto inputs = test::read_tensors(reference);
     at::NoGradGuard no_grad;
     const auto &ids = inputs["input_ids"], &mask = inputs["attention_mask"];
-    Tensor ours;
-    if (bert) ours = static_cast<BertModel&>(*model).forward(ids, mask).hidden;
-    else {
+    Tensor ours, ours_mask = mask;
+    if (bert) {
+      ours = static_cast<BertModel&>(*model).forward(ids, mask).hidden;
+    } else if (t5) {
+      auto& m = static_cast<T5Model&>(*model);
+      ours = m.logits(m.decode(inputs["t5.decoder_input_ids"], m.encode(ids, mask)));
+      ours_mask = Tensor();
+    } else {
       auto& d = static_cast<DecoderModel&>(*model);
       ours = d.logits(d.forward(ids, mask));
     }
-    TESSERA_CHECK_PARITY(test::parity("AdapterHub on our folder", ours, theirs["out"], theirs["out.f64"], mask));
+    TESSERA_CHECK_PARITY(test::parity("AdapterHub on our folder", ours, theirs["out"], theirs["out.f64"], ours_mask));
   }
+}
+
+CATCH_TEST_CASE("an adapter AdapterHub saved in its default format (pytorch_adapter.bin, torch.save) loads as its safetensors twin does", "[plugins][bottleneck][minilm]") {
+  auto model = test::load_minilm();
+  const auto dir = adapters_fixture("minilm_seq_bn_bin");
+  MethodStack stack(test::registry(), {method_from_adapterhub_dir(dir, test::registry(), "a")}, *model, ModelConfig{});
+  const std::string file = stack.state_file(dir, 0);
+  CATCH_CHECK(file == dir + "/pytorch_adapter.bin");
+  stack.load_state(0, file);
+  const auto ours = stack[0].call("state", [](Method& m) { return m.state(); });
+  const auto twin = test::read_tensors(adapters_fixture("minilm_seq_bn") + "/adapter.safetensors");
+  CATCH_CHECK(ours.size() == twin.size());
+  for (const auto& [k, t] : twin) CATCH_CHECK(at::equal(ours.at(k), t));
+  CATCH_CHECK_THROWS_WITH(stack.load_state(0, adapters_fixture("minilm_seq_bn") + "/adapter_config.json.bin"), Catch::Contains("adapter_config.json.bin: cannot be read"));
 }
 
 CATCH_TEST_CASE("bottleneck defaults: AdapterHub's sizes and inits, and par_bn starting at the base model", "[plugins][bottleneck][minilm]") {

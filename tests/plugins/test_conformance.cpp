@@ -36,6 +36,7 @@ const std::vector<Row>& table() {
       {"bottleneck", {}, {{"config", std::string("double_seq_bn")}, {"cross_adapter", true}}, {}},  // Houlsby, T5's cross-attention too
       {"bottleneck", {}, {{"config", std::string("scaled_par_bn")}, {"init_weights", std::string("bert")}}, {}},  // parallel, learned scale
       {"lst", {}, {{"reduction_factor", std::int64_t{4}}, {"dropout", 0.0}}, {"bert"}},  // its side network is BERT's
+      {"coda", {}, {{"k", 0.5}}, {"bert", "t5"}},  // encoder layers (T5: its encoder)
       {"example-bias-delta", {}, {}, {"bert", "gpt2"}},  // the families with biases
       {"example-token-adapter", {}, {{"r", std::int64_t{4}}}, {}},
       {"example-soft-prompt", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},

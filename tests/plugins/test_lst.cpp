@@ -50,7 +50,14 @@ CATCH_TEST_CASE("LST: nothing of the backbone is trained, the side network is r 
   CATCH_CHECK(t.at("side_downsamples.3.weight").sizes() == at::IntArrayRef({48, 384}));
   CATCH_CHECK(t.at("side_final_upsample.weight").sizes() == at::IntArrayRef({384, 48}));
   CATCH_CHECK(t.at("side_gate_params.2").item<double>() == 0.0);  // μ = σ(0) = ½
-  for (auto* p : model->parameter_sites()) CATCH_CHECK_FALSE(p->base().requires_grad());
+  // What the backbone computes carries no autograd graph: a router on a middle layer (keeping
+  // every token) sees that layer's input without one — and with a LoRA inside the backbone, with one.
+  bool input_has_graph = true;
+  auto* layer3 = model->match_layers({"layers.3"}).at(0);
+  layer3->add_router(test::owner("watch"), [&](const Tensor& h) {
+    input_has_graph = h.requires_grad();
+    return at::ones({h.size(0), h.size(1)}, h.options());
+  });
   const auto cfg = nlohmann::json::parse(lst->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
   CATCH_CHECK(cfg["tessera"]["method"] == "lst");
   CATCH_CHECK(cfg["tessera"]["side_hidden_size"] == 48);
@@ -60,11 +67,16 @@ CATCH_TEST_CASE("LST: nothing of the backbone is trained, the side network is r 
   model->train(true);
   const Tensor out = model->forward(base["input_ids"], base["attention_mask"]).hidden;
   CATCH_REQUIRE(out.requires_grad());
+  CATCH_CHECK_FALSE(input_has_graph);
   out.sum().backward();
   for (const auto& [k, v] : t) {
     CATCH_INFO("tensor " << k);
     CATCH_CHECK((v.grad().defined() && v.grad().abs().sum().item<double>() > 0));
   }
+  auto lora = test::registry().create("lora", "inside");
+  lora->attach(*model, {"layers.0.attn.q"}, apply_schema(test::registry().find("lora")->params, {{"init_lora_weights", std::string("false")}}));
+  model->forward(base["input_ids"], base["attention_mask"]);
+  CATCH_CHECK(input_has_graph);  // the check above can fail
 }
 
 CATCH_TEST_CASE("LST refuses a reduction that does not divide the model with the key's place, another family, and a foreign tensor by name", "[plugins][lst][minilm]") {

@@ -10,9 +10,10 @@ using namespace tessera;
 
 namespace {
 
-std::string import_result(const std::string& config_json, MethodConfig* out = nullptr) {
+std::string import_result(const std::string& config_json, MethodConfig* out = nullptr, const std::string& model_type = "bert") {
   const auto dir = test::temp_dir("adapterhub-import");
-  std::ofstream(dir / "adapter_config.json") << R"({"config": )" << config_json << R"(, "name": "a", "version": "adapters.1.3.0"})";
+  std::ofstream(dir / "adapter_config.json") << R"({"config": )" << config_json << R"(, "model_type": ")" << model_type
+                                             << R"(", "name": "a", "version": "adapters.1.3.0"})";
   try {
     MethodConfig m = method_from_adapterhub_dir(dir.string(), test::registry(), "a");
     if (out != nullptr) *out = m;
@@ -34,12 +35,16 @@ CATCH_TEST_CASE("an AdapterHub config becomes the bottleneck plugin's preset, ke
   CATCH_CHECK(m.checked.number("reduction_factor") == 8);
   CATCH_CHECK(m.checked.text("non_linearity") == "gelu");
   CATCH_REQUIRE(m.targets.size() == 1);
-  for (const char* site : {"layers.1.attn", "layers.2.mlp", "encoder.layers.5.attn"}) CATCH_CHECK(matches(m.targets[0], site));
+  for (const char* site : {"layers.1.attn", "layers.2.mlp", "layers.5.attn"}) CATCH_CHECK(matches(m.targets[0], site));
   for (const char* site : {"layers.0.attn", "layers.3.mlp", "layers.1.cross", "layers.1.attn.q"}) CATCH_CHECK_FALSE(matches(m.targets[0], site));
 
   CATCH_REQUIRE(import_result(R"({"output_adapter": true, "is_parallel": true, "scaling": "learned"})", &m) == "(loaded)");
   CATCH_CHECK(m.checked.text("config") == "scaled_par_bn");
   CATCH_CHECK(m.checked.text("scaling_type") == "learned");
+  CATCH_REQUIRE(import_result(R"({"output_adapter": true, "non_linearity": "ReLU", "scaling": 2.5})", &m) == "(loaded)");
+  CATCH_CHECK(m.checked.text("non_linearity") == "relu");
+  CATCH_CHECK(m.checked.text("scaling_type") == "fixed");
+  CATCH_CHECK(m.checked.number("scaling") == 2.5);
 }
 
 CATCH_TEST_CASE("an AdapterHub config the bottleneck plugin cannot compute is refused naming the file and the key", "[runtime][adapterhub]") {
@@ -50,6 +55,9 @@ CATCH_TEST_CASE("an AdapterHub config the bottleneck plugin cannot compute is re
               "adapter_config.json: config.reduction_factor = {\"default\":16}: a per-layer mapping is not supported");
   CATCH_CHECK(import_result(R"({"mh_adapter": false, "output_adapter": false})") ==
               "adapter_config.json: places no adapter: mh_adapter, output_adapter and cross_adapter are all false");
+  CATCH_CHECK(import_result(R"({"output_adapter": true, "leave_out": [1]})", nullptr, "t5") ==
+              "adapter_config.json: config.leave_out on a T5 model is not supported (it numbers both stacks as one)");
+  CATCH_CHECK(import_result(R"({"output_adapter": true, "scaling": 0.0})") == "adapter_config.json: config.scaling = 0.0: a scale that silences the adapter");
   CATCH_CHECK_THAT(import_result(R"({"output_adapter": true, "non_linearity": "softsign"})"),
                    Catch::StartsWith("adapter_config.json: ") && Catch::Contains("softsign"));
   CATCH_CHECK_THAT(import_result(R"({"output_adapter": "yes"})"), Catch::StartsWith("adapter_config.json: ") && Catch::Contains("type must be boolean"));

@@ -94,6 +94,26 @@ CATCH_TEST_CASE("embedding site: prompts prepended in install order", "[sdk][sit
   CATCH_CHECK(out.select(1, 3).abs().sum().item<double>() == 0);
 }
 
+CATCH_TEST_CASE("layer site: a parallel module adds to every token, routed or not, before the taps (SDK 2.3)", "[sdk][sites]") {
+  LayerSiteImpl l("layers.0", "", 0);
+  Tensor h = at::randn({2, 3, 4}), seen;
+  l.add_router(owner("r"), [](const Tensor& x) {
+    Tensor keep = at::full({x.size(0), x.size(1)}, 0.5);
+    keep.select(1, 1).zero_();  // token 1 skips the layer; the others blend by ½
+    return keep;
+  });
+  auto& p = owner("p");
+  l.add_parallel(p, [](const Tensor& x) { return x * 3; });
+  l.add_tap(owner("t"), [&](const Tensor& x) { seen = x; });
+  CATCH_CHECK_FALSE(l.empty());
+  Tensor out = l.run(h, [&](const Tensor& x, const Tensor&) { return x * 10; });
+  CATCH_CHECK(max_abs_diff(out.select(1, 0), h.select(1, 0) * (5 + 0.5 + 3)) < 1e-5);
+  CATCH_CHECK(max_abs_diff(out.select(1, 1), h.select(1, 1) * 4) < 1e-5);
+  CATCH_CHECK(at::equal(seen, out));
+  p.set_scale(0.5);
+  CATCH_CHECK(max_abs_diff(l.run(h, [&](const Tensor& x, const Tensor&) { return x * 10; }).select(1, 1), h.select(1, 1) * 2.5) < 1e-5);
+}
+
 CATCH_TEST_CASE("layer site: routers choose which tokens take the layer, taps see the result", "[sdk][sites]") {
   LayerSiteImpl l("layers.0", "", 0);
   Tensor h = at::randn({2, 3, 4}), seen;

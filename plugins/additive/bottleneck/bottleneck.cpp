@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <map>
+#include <algorithm>
 #include <regex>
 #include <set>
 
@@ -56,6 +57,23 @@ Tensor activate(const std::string& name, const Tensor& x) {
   if (name == "tanh") return at::tanh(x);
   if (name == "leakyrelu") return at::leaky_relu(x, 0.01);
   return at::sigmoid(x);  // "sigmoid": the schema admits nothing else
+}
+
+// Python's float floor division a // b, which AdapterHub sizes its bottleneck with: it
+// rounds (a − fmod(a, b)) / b, not a / b (384 // 12.8 is 29, floor(384 / 12.8) is 30).
+std::int64_t python_floor_div(double a, double b) {
+  const double mod = std::fmod(a, b);
+  double div = (a - mod) / b;
+  const double floor_div = std::floor(div);
+  if (div - floor_div > 0.5) div = floor_div + 1.0;  // CPython's correction of the quotient
+  else div = floor_div;
+  return static_cast<std::int64_t>(div);
+}
+
+// A reduction factor AdapterHub maps back to r (int(H // rf) == r): H / r when r divides H,
+// else H / (r + ½), which no rounding moves off r.
+double adapterhub_reduction(std::int64_t H, std::int64_t r) {
+  return H % r == 0 ? static_cast<double>(H / r) : static_cast<double>(H) / (static_cast<double>(r) + 0.5);
 }
 
 struct Adapter {
@@ -132,6 +150,7 @@ class Bottleneck final : public tessera::Method {
     name_ = ctx.instance;
     arch_ = ctx.model.info().architecture;
     read(ctx.params, ctx.model.info().hidden_size);
+    for (const auto* l : ctx.model.layer_sites()) encoder_layers_ += l->name().rfind("encoder.", 0) == 0;
     std::vector<std::string> targets = ctx.targets;
     if (targets.empty()) {
       targets = preset_->targets;
@@ -205,15 +224,18 @@ class Bottleneck final : public tessera::Method {
       const std::string& n = a.site->name();
       (n.size() >= 5 && n.compare(n.size() - 5, 5, ".attn") == 0 ? mh : n.size() >= 6 && n.compare(n.size() - 6, 6, ".cross") == 0 ? cross : out) = true;
     }
+    const auto left = left_out();
     nlohmann::json c = {{"mh_adapter", mh}, {"output_adapter", out}, {"cross_adapter", cross},
-                        {"reduction_factor", static_cast<double>(H) / static_cast<double>(r_)}, {"non_linearity", act_},
+                        {"reduction_factor", adapterhub_reduction(H, r_)}, {"non_linearity", act_},
                         {"original_ln_before", preset_->ln_before}, {"original_ln_after", true}, {"ln_before", false}, {"ln_after", false},
                         {"init_weights", init_}, {"init_weights_seed", nullptr}, {"is_parallel", preset_->parallel}, {"scaling", scaling},
                         {"use_gating", false}, {"residual_before_ln", residual_before_ln_}, {"adapter_residual_before_ln", false},
-                        {"inv_adapter", nullptr}, {"inv_adapter_reduction_factor", nullptr}, {"leave_out", left_out()}, {"dropout", dropout_},
+                        {"inv_adapter", nullptr}, {"inv_adapter_reduction_factor", nullptr}, {"leave_out", left.first}, {"dropout", dropout_},
                         {"phm_layer", false}, {"stochastic_depth", 0.0}};
     return nlohmann::json{{"config", c}, {"hidden_size", H}, {"model_type", arch_}, {"name", name_}, {"version", "adapters.1.3.0"},
-                          {"tessera", {{"preset", config_}, {"bottleneck_size", r_}}}}
+                          // adapterhub_exact false: targets pick sublayers AdapterHub's flags cannot
+                          // name (attn in some layers only): it would add adapters we lack
+                          {"tessera", {{"preset", config_}, {"bottleneck_size", r_}, {"adapterhub_exact", left.second}}}}
         .dump(2);
   }
 
@@ -224,9 +246,13 @@ class Bottleneck final : public tessera::Method {
     const double rf = p.number("reduction_factor") > 0 ? p.number("reduction_factor") : preset_->reduction;
     if (p.integer("bottleneck_size") > H)
       throw tessera::ParamError("bottleneck_size", "bottleneck_size " + std::to_string(p.integer("bottleneck_size")) + " is larger than the hidden size " + std::to_string(H));
-    if (rf > static_cast<double>(H))
-      throw tessera::ParamError("reduction_factor", "reduction_factor " + c10::str(rf) + " is larger than the hidden size " + std::to_string(H) + ": no bottleneck is left");
-    r_ = p.integer("bottleneck_size") > 0 ? p.integer("bottleneck_size") : std::max<std::int64_t>(1, static_cast<std::int64_t>(std::floor(H / rf)));
+    if (p.integer("bottleneck_size") > 0) {
+      r_ = p.integer("bottleneck_size");
+    } else {
+      if (rf > static_cast<double>(H))
+        throw tessera::ParamError("reduction_factor", "reduction_factor " + c10::str(rf) + " is larger than the hidden size " + std::to_string(H) + ": no bottleneck is left");
+      r_ = std::max<std::int64_t>(1, python_floor_div(static_cast<double>(H), rf));  // AdapterHub: int(H // rf), at least 1
+    }
     act_ = p.text("non_linearity").empty() ? preset_->act : p.text("non_linearity");
     init_ = p.text("init_weights").empty() ? preset_->init : p.text("init_weights");
     scaling_type_ = p.text("scaling_type").empty() ? preset_->scaling_type : p.text("scaling_type");
@@ -258,18 +284,42 @@ class Bottleneck final : public tessera::Method {
     }
   }
 
-  // Layers with no adapter on any sublayer, as AdapterHub's leave_out lists them.
-  std::vector<std::int64_t> left_out() const {
-    std::vector<std::int64_t> out;
-    const std::regex layer(R"((^|\.)layers\.(\d+)\.)");
-    std::set<std::int64_t> used;
+  // A site's layer as AdapterHub numbers it: T5's decoder layers come after its encoder's.
+  std::int64_t adapterhub_layer(const std::string& site) const {
+    static const std::regex layer(R"((^|\.)layers\.(\d+)(\.|$))");
+    std::smatch m;
+    if (!std::regex_search(site, m, layer)) return -1;
+    return std::stoll(m[2]) + (site.rfind("decoder.", 0) == 0 ? encoder_layers_ : 0);
+  }
+
+  static std::string kind(const std::string& site) { return site.substr(site.rfind('.') + 1); }  // attn, mlp, cross
+
+  // Layers with no adapter at all, as AdapterHub's leave_out lists them; and whether
+  // AdapterHub's flags (a kind on every kept layer) describe exactly the adapters we have.
+  std::pair<std::vector<std::int64_t>, bool> left_out() const {
+    std::set<std::pair<std::int64_t, std::string>> have;
+    std::set<std::string> kinds;
     for (const auto& a : adapters_) {
-      std::smatch m;
-      if (std::regex_search(a.site->name(), m, layer)) used.insert(std::stoll(m[2]));
+      have.insert({adapterhub_layer(a.site->name()), kind(a.site->name())});
+      kinds.insert(kind(a.site->name()));
     }
-    for (std::int64_t i = 0; i < model_->info().num_layers; ++i)
-      if (!used.count(i)) out.push_back(i);
-    return out;
+    std::vector<std::int64_t> out;
+    bool exact = true;
+    const auto layers = model_->layer_sites();
+    for (const auto* l : layers) {
+      const std::int64_t g = adapterhub_layer(l->name());
+      const bool decoder = l->name().rfind("decoder.", 0) == 0;
+      bool any = false;
+      for (const auto& k : {"attn", "mlp", "cross"}) any |= have.count({g, k}) != 0;
+      if (!any) {
+        out.push_back(g);
+        continue;
+      }
+      for (const auto& k : kinds)
+        if ((k != "cross" || decoder) && !have.count({g, k})) exact = false;
+    }
+    std::sort(out.begin(), out.end());
+    return {out, exact};
   }
 
   void install(const Adapter& a) {
@@ -299,7 +349,7 @@ class Bottleneck final : public tessera::Method {
   tessera::ModelView* model_ = nullptr;
   std::string name_, arch_, config_, act_, init_, scaling_type_;
   const Preset* preset_ = nullptr;
-  std::int64_t r_ = 0;
+  std::int64_t r_ = 0, encoder_layers_ = 0;
   double scaling_ = 1.0, dropout_ = 0.0;
   bool residual_before_ln_ = true, cross_ = false;
   std::vector<Adapter> adapters_;

@@ -91,7 +91,7 @@ class Lst final : public tessera::Method {
         {"gate_T", ParamType::Float, 0.1, "the ladder gates' temperature T: μ = σ(α / T)", 1e-6, std::nullopt, {}},
         {"gate_alpha", ParamType::Float, 0.0, "every gate's α at the start (0: μ = ½)", std::nullopt, std::nullopt, {}},
         {"dropout", ParamType::Float, 0.1, "the side blocks' dropout (hidden states and attention probabilities), in training", 0.0, 0.99, {}},
-        {"layer_norm_eps", ParamType::Float, 1e-12, "the side blocks' LayerNorm epsilon (BERT's)", 0.0, 1.0, {}},
+        {"layer_norm_eps", ParamType::Float, 0.0, "the side blocks' LayerNorm epsilon; 0: the architecture's (BERT 1e-12, RoBERTa 1e-5)", 0.0, 1.0, {}},
         {"init_std", ParamType::Float, 0.02, "the ladders' and the final up-projection's weights ~ N(0, init_std), biases 0", 0.0, 1.0, {}},
     }};
   }
@@ -180,7 +180,8 @@ class Lst final : public tessera::Method {
     if (d_ % heads_ != 0)
       throw tessera::ParamError("reduction_factor", "reduction_factor " + std::to_string(r_) + " leaves a side width of " + std::to_string(d_) +
                                                         ", which the model's " + std::to_string(heads_) + " heads do not divide");
-    gate_T_ = p.number("gate_T"), gate_alpha_ = p.number("gate_alpha"), dropout_ = p.number("dropout"), eps_ = p.number("layer_norm_eps");
+    gate_T_ = p.number("gate_T"), gate_alpha_ = p.number("gate_alpha"), dropout_ = p.number("dropout");
+    eps_ = p.number("layer_norm_eps") > 0 ? p.number("layer_norm_eps") : info.architecture == "roberta" ? 1e-5 : 1e-12;
     init_std_ = p.number("init_std");
   }
 
@@ -191,7 +192,10 @@ class Lst final : public tessera::Method {
     if (out == nullptr || embed == nullptr || static_cast<std::int64_t>(layer_sites.size()) != layers_)
       throw std::runtime_error("LST needs the model's embedding, layer and output sites");
     auto seen = std::make_shared<std::vector<Tensor>>(layers_ + 1);  // x_0, h_0 … h_{L-1}: detached, (B, T, H)
-    embed->add_tap(ctx.owner, [seen](const Tensor& x) { (*seen)[0] = x; });
+    embed->add_tap(ctx.owner, [seen](const Tensor& x) {  // a forward starts: no state of an earlier one survives
+      for (auto& t : *seen) t = Tensor();
+      (*seen)[0] = x;
+    });
     for (std::int64_t i = 0; i < layers_; ++i) layer_sites[i]->add_tap(ctx.owner, [seen, i](const Tensor& h) { (*seen)[i + 1] = h; });
     out->add_transform(ctx.owner, [this, seen](const Tensor& h) {
       Tensor y = side(*seen, h.scalar_type());

@@ -35,6 +35,7 @@
 //                                                                   kept tokens only; an encoder
 //                                                                   gathers them, so 25% kept
 //                                                                   costs about a quarter)
+//                   h'     = h' + Σ α_k parallel_k(h)              every token (2.3)
 //                   tap_k(h') for every tap                        read-only
 //   OutputSite      h      = out_n(… out_1(h))                     the backbone's final hidden
 //                                                                   states, then the task head
@@ -246,6 +247,13 @@ class LayerSite : public SiteHandle {
   void add_router(const Owner& owner, TensorMap router);  // h (B,T,H) -> keep (B,T) in {0,1}
   void remove(const Owner& owner);
   bool empty() const;
+
+#if TESSERA_TARGET_ABI_MINOR >= 3
+  // Since SDK 2.3. A module beside the whole layer, on every token, routed or not:
+  // h (B,T,H), the layer's input ↦ (B,T,H), added to the layer's (routed) output before the
+  // taps. CoDA's adapter: the tokens a router sends past the layer still get it.
+  void add_parallel(const Owner& owner, TensorMap module);
+#endif
 };
 
 #if TESSERA_TARGET_ABI_MINOR >= 1

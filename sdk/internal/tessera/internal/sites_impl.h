@@ -271,7 +271,7 @@ using LayerFn = std::function<Tensor(const Tensor& h, const Tensor& kept)>;
 class LayerSiteImpl final : public LayerSite, public SiteCore {
  public:
   LayerSiteImpl(std::string name, std::string hf_path, std::int64_t index);
-  // Runs `layer` on h under the routers, then the taps.
+  // Runs `layer` on h under the routers, adds the parallel modules, then runs the taps.
   Tensor run(const Tensor& h, const LayerFn& layer) const;
 
  private:
@@ -279,7 +279,7 @@ class LayerSiteImpl final : public LayerSite, public SiteCore {
   void drop(const OwnerImpl& owner) override;
   std::int64_t index_;
   Entries<HiddenTap> taps_;
-  Entries<TensorMap> routers_;
+  Entries<TensorMap> routers_, parallel_;
 };
 
 // The model view's data: the sites an architecture creates while it loads, its facts,
