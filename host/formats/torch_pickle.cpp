@@ -17,7 +17,8 @@ std::map<std::string, at::Tensor> read_torch_pickle(const std::string& path) {
     v = torch::pickle_load(bytes);
   } catch (const std::exception& e) {
     const std::string what = e.what();
-    throw std::runtime_error(path + ": not a state dict torch.save wrote (" + what.substr(0, what.find('\n')) + ")");
+    // A torch.save file of another kind, a damaged one, or tensors saved on a device this host lacks.
+    throw std::runtime_error(path + ": cannot be read as a torch.save state dict here (" + what.substr(0, what.find('\n')) + ")");
   }
   if (!v.isGenericDict()) throw std::runtime_error(path + ": holds a " + v.tagKind() + ", not a dict of tensors");
   std::map<std::string, at::Tensor> out;

@@ -36,13 +36,13 @@ Tensor soft_top_k(const Tensor& s, const Tensor& valid, const Tensor& k_row, con
   const Tensor masked = s.masked_fill(valid.logical_not(), -inf);  // padding: λ = 0
   const Tensor log_k = k_row.log().unsqueeze(1);                   // (B, 1)
   Tensor a = at::zeros_like(log_k), b = at::zeros_like(masked);
-  double eps = o.eps_init;
-  for (std::int64_t t = 0; t < o.iterations; ++t) {
-    eps = std::max(eps * o.eps_decay, o.eps);
+  double eps = o.eps_init, step = o.eps_init;
+  for (std::int64_t t = 0; t < o.iterations; ++t, step *= o.eps_decay) {
+    eps = std::max(step, o.eps);  // eps_init · decay^t, not below epsilon
     a = eps * log_k - eps * at::logsumexp((masked + b) / eps, 1, /*keepdim=*/true);
     b = at::clamp_max(-masked - a, 0.0).masked_fill(valid.logical_not(), 0.0);
   }
-  return at::exp((masked + b + a) / eps);  // (B, T)
+  return at::exp((masked + b + a) / eps);  // (B, T), at the last iteration's ε
 }
 
 Tensor activate(const std::string& name, const Tensor& x) {
@@ -151,17 +151,25 @@ class Coda final : public tessera::Method {
     // The router's weights m (B, T): λ at each row's k selected real tokens, 0 elsewhere. At
     // k = 1 every real token is selected with λ = 1: the layer runs unrouted, with no router.
     if (o.k < 1.0) l.site->add_router(owner, [=](const Tensor& h) {
-      const Tensor mask = model->attention_mask();                         // (B, P + T)
-      const Tensor valid = mask.narrow(1, mask.size(1) - h.size(1), h.size(1)).to(at::kBool);  // (B, T)
-      const Tensor n = valid.sum(1).to(at::kDouble);
-      const Tensor k_row = at::clamp_min(at::ceil(n * o.k), 1.0).to(at::kFloat);  // (B); k · n in double, as the key is
-      const Tensor s = at::matmul(h.to(at::kFloat), w);                    // (B, T), in f32: the iterations need the range
-      const Tensor lambda = soft_top_k(s, valid, k_row, o);
+      const Tensor mask = model->attention_mask();                                            // (B, P + T)
+      const Tensor real = mask.narrow(1, mask.size(1) - h.size(1), h.size(1)).to(at::kBool);  // (B, T)
+      const Tensor n = real.sum(1);
+      // A row without a real token solves for its first slot instead (its λ is dropped below):
+      // all-padding scores would give ∞ − ∞ in the descent, and NaN gradients.
+      const Tensor first = at::arange(h.size(1), n.options()).eq(0).unsqueeze(0);
+      const Tensor valid = real.logical_or(n.eq(0).unsqueeze(1).logical_and(first));
+      // k · n rounded in double, a hair under, so that 0.07 · 100 is 7, not 8.
+      const Tensor k_row = at::clamp_min(at::ceil(n.to(at::kDouble) * o.k - 1e-9), 1.0).to(at::kFloat);  // (B)
+      const auto work = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;  // the iterations need f32's range at least
+      const Tensor s = at::matmul(h.to(work), w.to(work));                         // (B, T)
+      const Tensor lambda = soft_top_k(s, valid, k_row.to(work), o);
       const auto k_max = k_row.max().item<std::int64_t>();
       const Tensor top = std::get<1>(at::topk(lambda.detach(), k_max, 1));  // (B, k_max)
       const Tensor rank = at::arange(k_max, top.options()).unsqueeze(0);
-      const Tensor chosen = at::zeros_like(valid).scatter(1, top, rank < k_row.to(at::kLong).unsqueeze(1));
-      return (lambda * chosen.logical_and(valid)).to(h.scalar_type());
+      const Tensor chosen = at::zeros_like(valid).scatter(1, top, rank < k_row.to(at::kLong).unsqueeze(1)).logical_and(real);
+      // A chosen token keeps a λ the compute dtype can hold: 0 would drop it from the layer.
+      const double tiny = h.scalar_type() == at::kHalf ? 6.2e-5 : h.scalar_type() == at::kDouble ? 1e-300 : 1.2e-38;
+      return at::where(chosen, at::clamp_min(lambda, tiny), at::zeros_like(lambda)).to(h.scalar_type());
     });
     const std::string act = act_;
     l.site->add_parallel(owner, [=](const Tensor& h) {  // A(X), (B, T, H), every token
