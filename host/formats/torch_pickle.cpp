@@ -1,23 +1,24 @@
 #include "formats/torch_pickle.h"
 
-#include <torch/serialize.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/import_read.h>
 
 #include <fstream>
-#include <iterator>
 #include <stdexcept>
 
 namespace tessera {
 
 std::map<std::string, at::Tensor> read_torch_pickle(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(path + ": cannot be read");
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!std::ifstream(path, std::ios::binary)) throw std::runtime_error(path + ": cannot be read");
   c10::IValue v;
   try {
-    v = torch::pickle_load(bytes);
+    // torch.load's archive layout (data.pkl and data/<storage>), every storage mapped to the
+    // CPU: an adapter saved from GPU tensors loads on a host without one.
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    v = torch::jit::readArchiveAndTensors("data", "", "", std::nullopt, std::nullopt, at::Device(at::kCPU), reader);
   } catch (const std::exception& e) {
     const std::string what = e.what();
-    // A torch.save file of another kind, a damaged one, or tensors saved on a device this host lacks.
+    // Not torch.save's zip format, damaged, or another kind of object.
     throw std::runtime_error(path + ": cannot be read as a torch.save state dict here (" + what.substr(0, what.find('\n')) + ")");
   }
   if (!v.isGenericDict()) throw std::runtime_error(path + ": holds a " + v.tagKind() + ", not a dict of tensors");

@@ -159,7 +159,7 @@ CATCH_TEST_CASE("a bottleneck adapter Tessera saves loads in AdapterHub and give
   }
 }
 
-CATCH_TEST_CASE("an adapter AdapterHub saved in its default format (pytorch_adapter.bin, torch.save) loads as its safetensors twin does", "[plugins][bottleneck][minilm]") {
+CATCH_TEST_CASE("an adapter AdapterHub saved in its default format (pytorch_adapter.bin, torch.save) loads as its safetensors twin does, from a GPU too", "[plugins][bottleneck][minilm]") {
   auto model = test::load_minilm();
   const auto dir = adapters_fixture("minilm_seq_bn_bin");
   MethodStack stack(test::registry(), {method_from_adapterhub_dir(dir, test::registry(), "a")}, *model, ModelConfig{});
@@ -170,6 +170,9 @@ CATCH_TEST_CASE("an adapter AdapterHub saved in its default format (pytorch_adap
   const auto twin = test::read_tensors(adapters_fixture("minilm_seq_bn") + "/adapter.safetensors");
   CATCH_CHECK(ours.size() == twin.size());
   for (const auto& [k, t] : twin) CATCH_CHECK(at::equal(ours.at(k), t));
+  // Saved from a GPU model (its storages say cuda:0): the tensors land on the CPU.
+  stack.load_state(0, stack.state_file(adapters_fixture("minilm_seq_bn_bin_cuda"), 0));
+  for (const auto& [k, t] : twin) CATCH_CHECK(at::equal(stack[0].call("state", [](Method& m) { return m.state(); }).at(k), t));
   CATCH_CHECK_THROWS_WITH(stack.load_state(0, adapters_fixture("minilm_seq_bn") + "/adapter_config.json.bin"), Catch::Contains("adapter_config.json.bin: cannot be read"));
 }
 
