@@ -72,8 +72,7 @@ MethodConfig read(const std::string& path, const PluginRegistry& registry, const
   read_preset(c, m);
   read_targets(c, j.value("model_type", std::string()), m);
   if (c.contains("reduction_factor")) m.params["reduction_factor"] = c["reduction_factor"].get<double>();
-  for (const char* key : {"non_linearity", "init_weights"})
-    if (c.contains(key) && c[key].is_string()) m.params[key] = c[key].get<std::string>();
+  if (c.contains("init_weights") && c["init_weights"].is_string()) m.params["init_weights"] = c["init_weights"].get<std::string>();
   if (c.contains("non_linearity") && c["non_linearity"].is_string()) {  // AdapterHub lower-cases it
     std::string act = c["non_linearity"].get<std::string>();
     std::transform(act.begin(), act.end(), act.begin(), [](unsigned char ch) { return std::tolower(ch); });

@@ -1,6 +1,6 @@
 // CoDA against a plain PyTorch rendering of its equations (tests/fixtures/make_coda.py):
-// the same routers and adapters on the real MiniLM give the same hidden states, the soft
-// top-k keeps its constraints, and only k tokens per sequence run each frozen layer.
+// the same routers and adapters on the real MiniLM give the same hidden states, only
+// ceil(k n) tokens per sequence run each frozen layer, and gradients reach the router.
 #include "support.h"
 
 #include "architectures/decoder.h"

@@ -87,9 +87,12 @@ struct Adapter {
 // The module that holds AdapterHub's adapter for a sublayer site, from the site's HF path:
 // BERT keeps them in attention.output / output, decoders in the block's
 // attention_adapters / output_adapters, T5 in the block's layer.i.
+// A sublayer site's kind, the last part of its name: attn, mlp, or T5's cross.
+std::string site_kind(const std::string& site) { return site.substr(site.rfind('.') + 1); }
+
 std::string adapterhub_module(const std::string& arch, const tessera::SublayerSite& s) {
   const std::string& hf = s.hf_path();
-  const bool attn = s.name().size() > 5 && s.name().compare(s.name().size() - 5, 5, ".attn") == 0;
+  const bool attn = site_kind(s.name()) == "attn";
   const std::string parent = hf.substr(0, hf.rfind('.'));
   if (arch == "bert" || arch == "roberta") return attn ? hf + ".output" : hf;
   if (arch == "t5") return parent;
@@ -219,13 +222,10 @@ class Bottleneck final : public tessera::Method {
   std::string adapter_config_json() const override {
     const auto H = model_->info().hidden_size;
     nlohmann::json scaling = scaling_type_ == "fixed" ? nlohmann::json(scaling_) : nlohmann::json(scaling_type_);
-    bool mh = false, out = false, cross = false;
-    for (const auto& a : adapters_) {
-      const std::string& n = a.site->name();
-      (n.size() >= 5 && n.compare(n.size() - 5, 5, ".attn") == 0 ? mh : n.size() >= 6 && n.compare(n.size() - 6, 6, ".cross") == 0 ? cross : out) = true;
-    }
+    std::set<std::string> kinds;
+    for (const auto& a : adapters_) kinds.insert(site_kind(a.site->name()));
     const auto left = left_out();
-    nlohmann::json c = {{"mh_adapter", mh}, {"output_adapter", out}, {"cross_adapter", cross},
+    nlohmann::json c = {{"mh_adapter", kinds.count("attn") != 0}, {"output_adapter", kinds.count("mlp") != 0}, {"cross_adapter", kinds.count("cross") != 0},
                         {"reduction_factor", adapterhub_reduction(H, r_)}, {"non_linearity", act_},
                         {"original_ln_before", preset_->ln_before}, {"original_ln_after", true}, {"ln_before", false}, {"ln_after", false},
                         {"init_weights", init_}, {"init_weights_seed", nullptr}, {"is_parallel", preset_->parallel}, {"scaling", scaling},
@@ -292,16 +292,14 @@ class Bottleneck final : public tessera::Method {
     return std::stoll(m[2]) + (site.rfind("decoder.", 0) == 0 ? encoder_layers_ : 0);
   }
 
-  static std::string kind(const std::string& site) { return site.substr(site.rfind('.') + 1); }  // attn, mlp, cross
-
   // Layers with no adapter at all, as AdapterHub's leave_out lists them; and whether
   // AdapterHub's flags (a kind on every kept layer) describe exactly the adapters we have.
   std::pair<std::vector<std::int64_t>, bool> left_out() const {
     std::set<std::pair<std::int64_t, std::string>> have;
     std::set<std::string> kinds;
     for (const auto& a : adapters_) {
-      have.insert({adapterhub_layer(a.site->name()), kind(a.site->name())});
-      kinds.insert(kind(a.site->name()));
+      have.insert({adapterhub_layer(a.site->name()), site_kind(a.site->name())});
+      kinds.insert(site_kind(a.site->name()));
     }
     std::vector<std::int64_t> out;
     bool exact = true;

@@ -10,6 +10,7 @@
 //   Y = X + A(X) + m ∘ (F(X̃) − X̃)               X̃: the selected tokens, F: the frozen layer
 //   A(X) = W_up act(W_down X + b_down) + b_up    the adapter, every token
 #include <tessera/plugin.h>
+#include <tessera/state.h>
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -119,18 +120,7 @@ class Coda final : public tessera::Method {
   }
 
   void load_state(const tessera::NamedTensors& tensors) override {
-    auto ours = state();
-    for (const auto& [k, t] : tensors) {
-      const auto it = ours.find(k);
-      if (it == ours.end())
-        throw std::runtime_error("tensor '" + k + "' is not part of this CoDA (" + std::to_string(layers_.size()) + " routed layers): an adapter of another method or layer count");
-      if (t.sizes() != it->second.sizes())
-        throw std::runtime_error("tensor '" + k + "' has shape " + c10::str(t.sizes()) + ", expected " + c10::str(it->second.sizes()) + " (bottleneck " + std::to_string(r_) + ")");
-    }
-    for (const auto& [k, t] : ours)
-      if (!tensors.count(k)) throw std::runtime_error("adapter lacks tensor '" + k + "'");
-    at::NoGradGuard no_grad;
-    for (auto& [k, t] : ours) t.copy_(tensors.at(k));
+    tessera::load_exact(state(), tensors, "this CoDA (" + std::to_string(layers_.size()) + " routed layers)", "bottleneck " + std::to_string(r_));
   }
 
   std::string adapter_config_json() const override {

@@ -13,6 +13,7 @@
 //   output = W↑ s + b↑                                       (B, T, H), read by the task head
 #include <tessera/dropout.h>
 #include <tessera/plugin.h>
+#include <tessera/state.h>
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -145,20 +146,8 @@ class Lst final : public tessera::Method {
   }
 
   void load_state(const tessera::NamedTensors& tensors) override {
-    auto ours = state();
-    for (const auto& [k, t] : tensors) {
-      const auto it = ours.find(k);
-      if (it == ours.end())
-        throw std::runtime_error("tensor '" + k + "' is not part of this LST side network (" + std::to_string(layers_) + " layers, width " + std::to_string(d_) +
-                                 "): an adapter of another method or layer count");
-      if (t.sizes() != it->second.sizes())
-        throw std::runtime_error("tensor '" + k + "' has shape " + c10::str(t.sizes()) + ", expected " + c10::str(it->second.sizes()) + " (reduction factor " +
-                                 std::to_string(r_) + ")");
-    }
-    for (const auto& [k, t] : ours)
-      if (!tensors.count(k)) throw std::runtime_error("adapter lacks tensor '" + k + "'");
-    at::NoGradGuard no_grad;
-    for (auto& [k, t] : ours) t.copy_(tensors.at(k));
+    tessera::load_exact(state(), tensors, "this LST side network (" + std::to_string(layers_) + " layers, width " + std::to_string(d_) + ")",
+                        "reduction factor " + std::to_string(r_));
   }
 
   std::string adapter_config_json() const override {
