@@ -192,16 +192,36 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   Tensor words = at::embedding(word_->value(), input_ids);  // (B, T, H)
   words = embed_site_->prepend(words, &out.prompt_length);  // (B, P + T, H)
   const auto B = words.size(0), S = words.size(1), H = config_.hidden_size;
-  if (S > max_tokens())
-    throw std::runtime_error("sequence of " + std::to_string(S) + " tokens exceeds the " + std::to_string(max_tokens()) + " positions of the model");
-  Tensor positions = at::arange(S, input_ids.options()).unsqueeze(0);  // (1, S)
+  out.mask = attention_mask;
+  if (out.prompt_length > 0)
+    out.mask = at::cat({at::ones({B, out.prompt_length}, attention_mask.options()), attention_mask}, 1);
+  // Padding tokens never influence real ones, so token-wise work skips them: the linear
+  // layers, GELU and LayerNorm run on the N real tokens only. Their hidden states come
+  // back as zeros.
+  std::optional<Unpadded> unpadded;
+  const bool all_real = out.mask.all().item<bool>();
+  if (token_wise_only() && !all_real) unpadded = Unpadded::of(out.mask);
+  const Unpadded* u = unpadded ? &*unpadded : nullptr;
+  enter_forward(out.mask, u);
+  // The prefixes are computed once per layer and forward (they may run a network), before
+  // the embedding: prefix keys count as earlier tokens, so positions start after layer 0's
+  // (transformers numbers BERT's tokens from the past key values' length, which is how a
+  // PEFT prefix reaches it), as they do in decoders.
+  std::vector<KV> prefixes;
+  prefixes.reserve(layers_.size());
+  for (const auto& l : layers_) prefixes.push_back(l.attention->prefix(B));
+  const auto offset = layers_.empty() ? std::int64_t{0} : prefix_keys(layers_[0], prefixes[0]);
+  if (S + offset > max_tokens())
+    throw std::runtime_error("sequence of " + std::to_string(S) + " tokens" + (offset > 0 ? " after " + std::to_string(offset) + " prefix keys" : std::string()) +
+                             " exceeds the " + std::to_string(max_tokens()) + " positions of the model");
+  Tensor positions = at::arange(offset, offset + S, input_ids.options()).unsqueeze(0);  // (1, S)
   if (config_.model_type == "roberta") {
     // RoBERTa numbers real tokens from pad_token_id + 1 and gives padding pad_token_id
     // (from the ids; with prompt tokens, from the embeddings: all positions count).
     const auto pad = config_.pad_token_id;
     if (out.prompt_length == 0) {
       Tensor real = input_ids.ne(pad).to(at::kLong);  // (B, S)
-      positions = at::cumsum(real, 1) * real + pad;
+      positions = (at::cumsum(real, 1) + offset) * real + pad;
     } else {
       positions = positions + pad + 1;
     }
@@ -211,24 +231,10 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   x = at::layer_norm(x, {H}, embed_norm_w_->value(), embed_norm_b_->value(), config_.layer_norm_eps);
   x = tessera::dropout(x, config_.hidden_dropout, training_);
   embed_site_->tap(x);
-  out.mask = attention_mask;
-  if (out.prompt_length > 0)
-    out.mask = at::cat({at::ones({B, out.prompt_length}, attention_mask.options()), attention_mask}, 1);
-
-  // Padding tokens never influence real ones, so token-wise work skips them: the linear
-  // layers, GELU and LayerNorm run on the N real tokens only. Their hidden states come
-  // back as zeros.
-  std::optional<Unpadded> unpadded;
-  const bool all_real = out.mask.all().item<bool>();
-  if (token_wise_only() && !all_real) {
-    unpadded = Unpadded::of(out.mask);
-    x = unpadded->rows(x);  // (N, H)
-  }
-  const Unpadded* u = unpadded ? &*unpadded : nullptr;
-  enter_forward(out.mask, u);
-  for (const auto& l : layers_) {
-    // The prefix is computed once per layer and forward: it sets the mask's length too.
-    const KV prefix = l.attention->prefix(B);
+  if (u) x = u->rows(x);  // (N, H)
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    const Layer& l = layers_[i];
+    const KV& prefix = prefixes[i];  // it sets the mask's length too
     Tensor mask;  // undefined when every key is real
     const auto P = prefix_keys(l, prefix);
     if (!all_real) mask = P > 0 ? at::cat({at::ones({B, P}, out.mask.options()), out.mask}, 1) : out.mask;

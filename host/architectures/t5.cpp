@@ -155,7 +155,7 @@ Tensor T5Model::position_bias(ParameterSiteImpl* table, std::int64_t T, std::int
 }
 
 Tensor T5Model::attention(const Attn& a, const Tensor& x, const Tensor& kv_source, const Tensor& keep, const Tensor& bias,
-                          Tensor* cache_k, Tensor* cache_v, bool append) const {
+                          Tensor* cache_k, Tensor* cache_v, bool append, const KVPair* given) const {
   // x (B, T, d); kv_source (B, S, d); keep (B or 1, 1, T or 1, S) bool; bias (1, nh, T, S) or undefined
   const auto B = x.size(0), T = x.size(1), nh = config_.num_heads, dk = config_.d_kv;
   auto heads = [&](const Tensor& y) { return y.view({B, y.size(1), nh, dk}).transpose(1, 2); };
@@ -166,14 +166,15 @@ Tensor T5Model::attention(const Attn& a, const Tensor& x, const Tensor& kv_sourc
   } else {
     k = heads(a.k->forward(kv_source)), v = heads(a.v->forward(kv_source));
     if (first) {  // keys: [prefix ; input prefix (from the query's input x) ; source]
-      const auto prefix = a.site->prefix(B), in = a.site->input_prefix(x);
+      const auto prefix = given ? *given : a.site->prefix(B), in = a.site->input_prefix(x);
       prepend_prefixes(k, v, {&prefix, &in});
     } else {
       k = at::cat({*cache_k, k}, 2), v = at::cat({*cache_v, v}, 2);
     }
     if (cache_k) *cache_k = k, *cache_v = v;
   }
-  // Prefix keys are always visible and carry no position bias.
+  // Prefix keys the caller's mask and bias do not cover (the encoder's, cross-attention's)
+  // are always visible and carry no position bias.
   Tensor keep_all = keep, bias_all = bias;
   const auto P = k.size(2) - keep.size(-1);
   if (P > 0) {
@@ -221,20 +222,36 @@ Encoded T5Model::encode(const Tensor& ids, const Tensor& mask) const {
 }
 
 Tensor T5Model::decode(const Tensor& target_ids, const Encoded& source, Seq2SeqCache* cache) const {
-  const std::int64_t T = target_ids.size(1), past = cache ? cache->length : 0;
+  const std::int64_t T = target_ids.size(1), B = target_ids.size(0);
   const auto L = static_cast<std::size_t>(config_.num_decoder_layers);
   if (cache && cache->self_k.size() != L) cache->self_k.resize(L), cache->self_v.resize(L), cache->cross_k.resize(L), cache->cross_v.resize(L);
+  // Self-attention prefixes count as earlier target tokens, as transformers counts a PEFT
+  // prefix in the decoder's cache: queries sit after them and their keys get the relative
+  // position bias of that distance. They are evaluated once, at the first call.
+  enter_forward(at::ones({B, T}, target_ids.options()), nullptr);  // before the prefixes: they may read it
+  const bool first = cache == nullptr || cache->length == 0;
+  std::vector<KVPair> prefixes;
+  std::int64_t P = cache ? cache->prefix : 0;
+  if (first) {
+    for (const auto& b : decoder_) prefixes.push_back(b.self.site->prefix(B));
+    auto keys = [&](std::size_t i) { return (prefixes[i].first.defined() ? prefixes[i].first.size(2) : 0) + decoder_[i].self.site->input_prefix_length(); };
+    P = prefixes.empty() ? 0 : keys(0);
+    for (std::size_t i = 1; i < prefixes.size(); ++i)
+      if (keys(i) != P) throw std::runtime_error(decoder_[i].self.site->name() + ": decoder self-attention prefixes of different lengths are not supported");
+    if (cache) cache->prefix = P;
+  }
+  const std::int64_t past = P + (cache ? cache->length : 0);  // keys before this call's tokens
   Tensor y = tessera::dropout(at::embedding(shared_->value(), target_ids), config_.dropout, training_);  // (B, T, d)
   const Tensor bias = position_bias(dec_bias_, T, past + T, past, false);
   const auto lopts = target_ids.options();
   const Tensor causal = (at::arange(past + T, lopts).view({1, past + T}) <= at::arange(past, past + T, lopts).view({T, 1})).view({1, 1, T, past + T});
   const Tensor cross_keep = source.mask.to(at::kBool).view({source.mask.size(0), 1, 1, source.mask.size(1)});
-  enter_forward(at::ones({target_ids.size(0), T}, target_ids.options()), nullptr);
   for (std::size_t i = 0; i < decoder_.size(); ++i) {
     const Block& b = decoder_[i];
     y = b.layer->run(y, [&](const Tensor& h, const Tensor& kept) {
       Tensor n = norm(h, b.self.norm);
-      Tensor a = attention(b.self, n, n, routed(causal, kept, past), bias, cache ? &cache->self_k[i] : nullptr, cache ? &cache->self_v[i] : nullptr, true);
+      Tensor a = attention(b.self, n, n, routed(causal, kept, past), bias, cache ? &cache->self_k[i] : nullptr, cache ? &cache->self_v[i] : nullptr, true,
+                           first ? &prefixes[i] : nullptr);
       Tensor h1 = h + b.self.sub->apply(n, tessera::dropout(a, config_.dropout, training_), h, SublayerSiteImpl::identity());
       Tensor n2 = norm(h1, b.cross.norm);
       Tensor c = attention(b.cross, n2, source.hidden, cross_keep, Tensor(), cache ? &cache->cross_k[i] : nullptr,

@@ -9,7 +9,9 @@
 // then the MLP. Logits = Head · (h · d_model^-½ when the head is tied, as T5 v1.0 does).
 //
 // The relative position bias lives in the first block of each stack and is shared by all
-// of them. An attention-site prefix gets a zero position bias.
+// of them. A prefix in the decoder's self-attention counts as earlier target tokens (its
+// keys get the bias of their distance, as transformers gives a PEFT prefix); one in the
+// encoder or in cross-attention gets a zero bias.
 #pragma once
 
 #include "architectures/site_model.h"
@@ -36,6 +38,7 @@ struct T5Config {
 struct Seq2SeqCache {
   std::vector<Tensor> self_k, self_v, cross_k, cross_v;  // per decoder layer: (B, nh, L or S, d_kv)
   std::int64_t length = 0;                               // target tokens seen
+  std::int64_t prefix = 0;                               // self-attention prefix keys cached before them
 };
 
 class T5Model final : public SiteModel {
@@ -72,8 +75,10 @@ class T5Model final : public SiteModel {
   Tensor ff(const Block& b, const Tensor& x) const;
   // Relative position bias (1, nh, T, S) for queries at offset..offset+T-1 and S keys.
   Tensor position_bias(ParameterSiteImpl* table, std::int64_t T, std::int64_t S, std::int64_t offset, bool bidirectional) const;
+  // prefix: this forward's input-free prefix of the site when the caller evaluated it
+  // (the decoder's self-attention, whose prefix sets positions); null: ask the site.
   Tensor attention(const Attn& a, const Tensor& x, const Tensor& kv_source, const Tensor& keep, const Tensor& bias,
-                   Tensor* cache_k, Tensor* cache_v, bool append) const;
+                   Tensor* cache_k, Tensor* cache_v, bool append, const std::pair<Tensor, Tensor>* prefix = nullptr) const;
 
   T5Config config_;
   ParameterSiteImpl *shared_ = nullptr, *enc_bias_ = nullptr, *dec_bias_ = nullptr, *enc_final_ = nullptr, *dec_final_ = nullptr;

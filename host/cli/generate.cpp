@@ -9,6 +9,7 @@
 #include "runtime/adapterhub_import.h"
 #include "runtime/peft_import.h"
 #include "tokenizers/tokenizer.h"
+#include "tokenizers/tokenizer_extension.h"
 #include "train/adapter_folder.h"
 #include "train/session.h"
 #include "train/trainer.h"
@@ -65,6 +66,8 @@ int run_generate(const Args& a, const PluginRegistry& registry) {
   if (backbone->kind() == BackboneKind::Encoder)
     throw std::runtime_error("generate needs a decoder or an encoder-decoder: " + p.model.path + " (" + backbone->sites().info().architecture + ") is an encoder");
   auto tokenizer = load_tokenizer(p.model.path);
+  TokenizerExtension tokenizer_ext(*tokenizer);  // a prompt initialised from text attaches here too
+  backbone->sites().set_extension(TESSERA_EXT_HOST_TOKENIZER, tokenizer_ext.table());
   MethodStack methods(registry, p.methods, backbone->sites(), p.model);
   if (!a.run.empty()) {
     const Config rc = load_config((fs::path(a.run) / "config.toml").string());

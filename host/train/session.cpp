@@ -39,10 +39,9 @@ void Session::offer_extensions() {
                      TaskOutput out = s.task_->forward(*s.training_batch_);
                      *loss = out.loss, *logits = out.logits;
                    }};
-  tokenizer_ext_ = {{sizeof(tessera_host_tokenizer_v1), 1}, this,
-                    [](void* host, const std::string& text) { return static_cast<Session*>(host)->tokenizer_->encode(text, 0, false); }};
+  tokenizer_ext_ = std::make_unique<TokenizerExtension>(*tokenizer_);
   model().set_extension(TESSERA_EXT_HOST_TRAINING, &training_ext_);
-  model().set_extension(TESSERA_EXT_HOST_TOKENIZER, &tokenizer_ext_);
+  model().set_extension(TESSERA_EXT_HOST_TOKENIZER, tokenizer_ext_->table());
 }
 
 std::int64_t Session::base_parameter_count() {

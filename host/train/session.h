@@ -10,6 +10,7 @@
 #include "runtime/plugin_registry.h"
 #include "tasks/task.h"
 #include "tokenizers/tokenizer.h"
+#include "tokenizers/tokenizer_extension.h"
 #include "train/adapter_folder.h"
 
 #include <tessera/extensions.h>
@@ -60,7 +61,7 @@ class Session {
   const Batch* training_batch_ = nullptr;
   bool trainable_changed_ = false;
   tessera_host_training_v1 training_ext_{};
-  tessera_host_tokenizer_v1 tokenizer_ext_{};
+  std::unique_ptr<TokenizerExtension> tokenizer_ext_;
 };
 
 c10::TensorOptions options_for(const ModelConfig& m);

@@ -69,6 +69,34 @@ void calibrate(Session& s) {
   s.model().drop_dense_copies();  // what plugins read of quantized bases at attach and prepare()
 }
 
+// The longest example of each split through the model once, before any step: a prompt or
+// prefix that leaves it no position (or a shape a method gets wrong) is refused before
+// training, not at whichever batch happens to hold that example.
+void check_longest(Session& s) {
+  at::NoGradGuard no_grad;
+  struct Mode {  // the model's mode back, however this ends
+    SiteModel& m;
+    bool was;
+    ~Mode() { m.train(was); }
+  } mode{s.model(), s.model().training()};
+  s.model().train(false);
+  for (const Split split : {Split::Train, Split::Test}) {
+    const auto& ids = s.task().token_ids(split);
+    std::size_t longest = 0;
+    for (std::size_t i = 1; i < ids.size(); ++i)
+      if (ids[i].size() > ids[longest].size()) longest = i;
+    if (ids.empty()) continue;
+    try {
+      s.task().loss(s.task().batch(split, {longest}, 0, 1));
+    } catch (const ParamError&) {
+      throw;  // a config error keeps its key's position
+    } catch (const std::exception& e) {
+      throw std::runtime_error(fmt::format("before training: the longest {} example (#{}, {} tokens) does not run: {}",
+                                           split == Split::Train ? "training" : "test", longest, ids[longest].size(), e.what()));
+    }
+  }
+}
+
 // The optimizer over two groups: method tensors at lr (group 0), the task head at
 // head_lr (lr when 0; group 1); the learning rates follow HF's linear schedule.
 class Optimizer {
@@ -207,7 +235,8 @@ TrainResult train(Session& s, const std::string& run_dir) {
   const std::int64_t per_epoch = static_cast<std::int64_t>((n_train + bs - 1) / bs);
   std::int64_t total = per_epoch * cfg.epochs;
   if (cfg.max_steps > 0) total = std::min(total, cfg.max_steps);
-  calibrate(s);
+  calibrate(s);  // first: a method's forward may need what prepare() sets up
+  check_longest(s);
 
   TrainResult result;
   result.trainable = s.trainable_parameter_count();

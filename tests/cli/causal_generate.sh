@@ -79,6 +79,23 @@ e=$("$tessera" generate --model "$t5" "the film is" --max-new-tokens 6)
 f=$("$tessera" generate --model "$t5" "the film is" --max-new-tokens 6)
 [[ "$e" == "$f" && "$e" != "the film is"* ]]
 
+# A prompt initialised from text trains, and `generate --run` attaches it the same way (it
+# offers the run's tokenizer too) before loading what was trained: the same text twice,
+# and not the base model's.
+sed -e 's/^plugin = "lora"$/plugin = "prompt_tuning"/' -e 's/^targets = .*$//' "$out/run.toml" >"$out/prompt.toml"
+cat >>"$out/prompt.toml" <<TOML
+[methods.params]
+num_virtual_tokens = 6
+prompt_tuning_init = "TEXT"
+prompt_tuning_init_text = "a movie review :"
+TOML
+"$tessera" --log-level warn train "$out/prompt.toml" --run-dir "$out/prompt" >/dev/null
+p1=$("$tessera" generate --run "$out/prompt" "the film is" --max-new-tokens 8)
+p2=$("$tessera" generate --run "$out/prompt" "the film is" --max-new-tokens 8)
+base=$("$tessera" generate --model "$model" "the film is" --max-new-tokens 8)
+[[ "$p1" == "the film is"* && "$p1" == "$p2" && "$p1" != "$base" ]]
+echo "through a prompt: $p1"
+
 # An encoder is not a decoder: refused in one line.
 set +e
 "$tessera" generate --model "$TESSERA_MODEL_DIR" "hello" 2>"$out/err.txt"

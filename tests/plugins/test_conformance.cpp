@@ -37,6 +37,11 @@ const std::vector<Row>& table() {
       {"bottleneck", {}, {{"config", std::string("scaled_par_bn")}, {"init_weights", std::string("bert")}}, {}},  // parallel, learned scale
       {"lst", {}, {{"reduction_factor", std::int64_t{4}}, {"dropout", 0.0}}, {"bert"}},  // its side network is BERT's
       {"coda", {}, {{"k", 0.5}}, {"bert", "t5"}},  // encoder layers (T5: its encoder)
+      {"prompt_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},  // T5: the encoder's input
+      {"p_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},
+      {"p_tuning", {}, {{"num_virtual_tokens", std::int64_t{2}}, {"encoder_reparameterization_type", std::string("LSTM")}}, {}},
+      {"prefix_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},  // T5: the decoder's self-attention, as peft
+      {"prefix_tuning", {}, {{"num_virtual_tokens", std::int64_t{2}}, {"prefix_projection", true}}, {}},
       {"example-bias-delta", {}, {}, {"bert", "gpt2"}},  // the families with biases
       {"example-token-adapter", {}, {{"r", std::int64_t{4}}}, {}},
       {"example-soft-prompt", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},

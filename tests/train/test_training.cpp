@@ -356,7 +356,7 @@ lora_alpha = 16
   CATCH_CHECK(std::abs(corpus_bleu(dynamic_cast<Seq2Seq&>(s.task()).generate_text(Split::Test, all, 0, all.size()), refs).score - r.test.bleu) < 1e-9);
 }
 
-CATCH_TEST_CASE("token classification: each word's tag sits on its first piece, and LoRA with a token head learns the tags", "[train][tokens][minilm]") {
+CATCH_TEST_CASE("token classification: each word's tag sits on its first piece, and LoRA or P-tuning v2 with a token head learns the tags", "[train][tokens][minilm]") {
   set_threads(0);
   auto dir = test::temp_dir("tokens");
   {
@@ -376,6 +376,11 @@ CATCH_TEST_CASE("token classification: each word's tag sits on its first piece, 
       out << nlohmann::json{{"words", words}, {"tags", tags}}.dump() << "\n";
     }
   }
+  // LoRA, and P-tuning v2's deep prompts (prefix tuning without its projection), which the
+  // paper makes for token classification on encoders: the text's tokens are labelled.
+  for (const std::string method : {"lr = 1e-3\n[[methods]]\nplugin = \"lora\"\ntargets = [\"attn.q\", \"attn.v\"]\n[methods.params]\nr = 4\n",
+                                   "lr = 1e-2\n[[methods]]\nplugin = \"prefix_tuning\"\n[methods.params]\nnum_virtual_tokens = 8\n"}) {
+  CATCH_INFO(method);
   Config c = config_in(dir, R"([model]
 path = "${TESSERA_MODEL_DIR}"
 [data]
@@ -388,14 +393,9 @@ kind = "token-classification"
 [train]
 epochs = 1
 batch_size = 16
-lr = 1e-3
 head_lr = 2e-2
-[[methods]]
-plugin = "lora"
-targets = ["attn.q", "attn.v"]
-[methods.params]
-r = 4
-)");
+)" + method);
+  c.output_dir += method.find("lora") != std::string::npos ? "-lora" : "-prefix";
   Session s(c, test::registry());
   CATCH_CHECK(s.data().label_names == std::vector<std::string>{"FUNC", "NUM", "PUNCT", "WORD"});
   // One labelled piece per word (none truncated at 64 here), [CLS] and [SEP] unlabelled.
@@ -407,11 +407,16 @@ r = 4
     CATCH_CHECK(b.lm_labels[row][0].item<std::int64_t>() == -100);
   }
   const EvalResult before = evaluate(s, Split::Test);
+  std::map<std::string, Tensor> initial;
+  for (const auto& [k, t] : s.methods()[0].call("trainable", [](Method& m) { return m.trainable(); })) initial[k] = t.detach().clone();
   TrainResult r = train(s, c.output_dir);
   CATCH_INFO("token accuracy " << before.accuracy << " -> " << r.test.accuracy);
+  for (const auto& [k, t] : s.methods()[0].call("trainable", [](Method& m) { return m.trainable(); }))
+    CATCH_CHECK(test::max_abs_diff(t.detach(), initial.at(k)) > 1e-3);  // the method learned, not the head alone
   CATCH_CHECK(r.test.accuracy > 0.85);
   CATCH_CHECK(r.test.accuracy > before.accuracy + 0.2);
   CATCH_CHECK(r.test.tokens > 1000);
+  }
 }
 
 CATCH_TEST_CASE("life stages: trainable() after prepare(), tensors added at a step reach the optimizer, a second pass from extra_loss(), the tokenizer at attach", "[train][minilm]") {
@@ -546,4 +551,28 @@ kind = "nf4_storage"
   CATCH_CHECK(dense > 0);
   // The method saw its weights stored so when it attached.
   CATCH_CHECK(s.methods()[0].call("state", [](Method& m) { return m.state(); }).at("nf4_sites").item<std::int64_t>() == 12);
+}
+
+CATCH_TEST_CASE("a prompt that leaves the longest example no position is refused before training, naming the example", "[train][minilm][prompts]") {
+  set_threads(0);
+  auto dir = test::temp_dir("train-long-prompt");
+  // MiniLM has 512 positions: 481 virtual tokens leave 31, one fewer than the examples cut
+  // at max_length 32 take; shorter ones fit (padding to each batch's longest), so only the
+  // longest example finds it.
+  Config c = config_in(dir, polarity(32, 40) + R"(padding = "longest"
+[train]
+epochs = 1
+batch_size = 8
+[[methods]]
+plugin = "prompt_tuning"
+[methods.params]
+num_virtual_tokens = 481
+)");
+  Session s(c, test::registry());
+  const std::string message = train_error(s, c.output_dir);
+  CATCH_CHECK_THAT(message, Catch::Matchers::StartsWith("before training: the longest training example (#"));
+  CATCH_CHECK_THAT(message, Catch::Matchers::Contains(", 32 tokens) does not run"));
+  CATCH_CHECK_THAT(message, Catch::Matchers::Contains("sequence of 513 tokens exceeds the 512 positions of the model"));
+  const auto metrics = c.output_dir + "/metrics.jsonl";
+  CATCH_CHECK((!std::filesystem::exists(metrics) || std::filesystem::file_size(metrics) == 0));  // no step ran
 }

@@ -62,6 +62,16 @@ struct tessera_host_tokenizer_v1 {
   std::vector<std::int64_t> (*encode)(void* host, const std::string& text);
 };
 
+// Version 2 (same id, a longer table): the ids as the model's tokenizer gives them with its
+// special tokens ([CLS] … [SEP], <s> … </s>, BOS), as `tokenizer(text)` does in transformers:
+// PEFT's prompt_tuning_init_text tokenizes so. Read it through host_extension<…v2>(…, 2).
+struct tessera_host_tokenizer_v2 {
+  tessera_extension_header header;  // version 2
+  void* host;
+  std::vector<std::int64_t> (*encode)(void* host, const std::string& text);
+  std::vector<std::int64_t> (*encode_with_special)(void* host, const std::string& text);
+};
+
 #endif
 
 #if TESSERA_TARGET_ABI_MINOR >= 2
