@@ -2,12 +2,17 @@
 // once, then one token a step through the key/value cache) from random prompt ids, the
 // peer's workload exactly (bench/peer_generate.py). No EOS stops a row, so both sides make
 // every token asked for. Prints one JSON line with the first row's new tokens, which the
-// script compares with the peer's.
-//   tessera_bench_generate MODEL_DIR BATCH PROMPT_LENGTH NEW_TOKENS ITERATIONS THREADS
+// script compares with the peer's. With ADAPTER_DIR, a Hugging Face PEFT folder (a prefix, a
+// prompt) is attached first, as `tessera generate --peft` attaches it.
+//   tessera_bench_generate MODEL_DIR BATCH PROMPT_LENGTH NEW_TOKENS ITERATIONS THREADS [ADAPTER_DIR]
 #include "architectures/decoder.h"
 #include "architectures/generate.h"
 #include "formats/json_file.h"
 #include "architectures/t5.h"
+#include "runtime/method_stack.h"
+#include "runtime/peft_import.h"
+#include "runtime/plugin_registry.h"
+#include "tokenizers/tokenizer_extension.h"
 #include "train/trainer.h"
 
 #include <ATen/ATen.h>
@@ -21,8 +26,8 @@
 using namespace tessera;
 
 int main(int argc, char** argv) {
-  if (argc != 7) {
-    std::cerr << "usage: tessera_bench_generate MODEL_DIR BATCH PROMPT_LENGTH NEW_TOKENS ITERATIONS THREADS\n";
+  if (argc != 7 && argc != 8) {
+    std::cerr << "usage: tessera_bench_generate MODEL_DIR BATCH PROMPT_LENGTH NEW_TOKENS ITERATIONS THREADS [ADAPTER_DIR]\n";
     return 2;
   }
   try {
@@ -39,6 +44,20 @@ int main(int argc, char** argv) {
     std::int64_t vocab = 0;
     if (type == "t5") t5 = T5Model::load(dir, opts), vocab = t5->info().vocab_size;
     else dec = DecoderModel::load(dir, opts), vocab = dec->info().vocab_size;
+    PluginRegistry registry;
+    std::unique_ptr<Tokenizer> tokenizer;
+    std::unique_ptr<TokenizerExtension> tokenizer_ext;
+    std::unique_ptr<MethodStack> methods;
+    if (argc == 8) {
+      registry.scan(PluginRegistry::search_path(std::filesystem::path("/proc/self/exe").string(), {}));
+      tokenizer = load_tokenizer(dir);  // a prompt initialised from text attaches here too
+      tokenizer_ext = std::make_unique<TokenizerExtension>(*tokenizer);
+      (t5 ? static_cast<SiteModel&>(*t5) : static_cast<SiteModel&>(*dec)).set_extension(TESSERA_EXT_HOST_TOKENIZER, tokenizer_ext->table());
+      const ModelConfig model_config{dir};
+      methods = std::make_unique<MethodStack>(registry, std::vector<MethodConfig>{method_from_peft_dir(argv[7], registry, "adapter")},
+                                              t5 ? static_cast<SiteModel&>(*t5) : static_cast<SiteModel&>(*dec), model_config);
+      methods->load_state(0, methods->state_file(argv[7], 0));
+    }
     at::manual_seed(0);
     const Tensor ids = at::randint(3, vocab, {B, T}, at::kLong);  // (B, T), the peer's torch.randint
     std::vector<std::vector<std::int64_t>> prompts;

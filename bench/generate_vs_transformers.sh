@@ -18,7 +18,7 @@ py=$TESSERA_VENV/bin/python
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 $py "$root/bench/make_checkpoints.py" "$work"
-printf "%-24s %14s %14s %8s %12s %12s %8s %8s\n" model "peer tok/s" "tessera tok/s" ratio "peer MiB" "tessera MiB" ratio equal
+printf "%-28s %14s %14s %8s %12s %12s %8s %8s\n" model "peer tok/s" "tessera tok/s" ratio "peer MiB" "tessera MiB" ratio equal
 for run in "$TESSERA_DECODER_DIR 1" "$TESSERA_DECODER_DIR 8" "$work/gpt2-small 1" "$work/llama-110m 1" "$work/t5-small 1"; do
   set -- $run
   m=$1 batch=$2
@@ -26,15 +26,6 @@ for run in "$TESSERA_DECODER_DIR 1" "$TESSERA_DECODER_DIR 8" "$work/gpt2-small 1
     || { cat "$work/peer.err"; exit 1; }
   $py "$root/bench/measure.py" "$root/build/bin/tessera_bench_generate" "$m" $batch $len $new $iters $threads >"$work/ours.json" 2>"$work/ours.err" \
     || { cat "$work/ours.err"; exit 1; }
-  $py - "$work" "$(basename "$m") batch $batch" <<'PY'
-import json, sys, pathlib
-w, name = pathlib.Path(sys.argv[1]), sys.argv[2]
-last = lambda p: json.loads([l for l in p.read_text().splitlines() if l.startswith("{")][-1])
-p, o = last(w / "peer.json"), last(w / "ours.json")
-peer, ours = p["new_tokens_per_s"], o["new_tokens_per_s"]
-prss, orss = last(w / "peer.err")["peak_rss_mib"], last(w / "ours.err")["peak_rss_mib"]
-equal = next((i for i, (a, b) in enumerate(zip(p["first_row"], o["first_row"])) if a != b), min(len(p["first_row"]), len(o["first_row"])))
-print(f"{name:24} {peer:14.1f} {ours:14.1f} {ours / peer:7.2f}x {prss:12.0f} {orss:12.0f} {orss / prss:8.2f} {equal:4}/{len(p['first_row'])}")
-PY
+  $py "$root/bench/generate_row.py" "$work" "$(basename "$m") batch $batch"
 done
 echo "(prompt $len tokens, $new new tokens, $iters timed runs after 1 warm-up, $threads threads, f32, greedy, cpu)"

@@ -23,8 +23,10 @@ ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--rank", type=int, default=8)
 ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 ap.add_argument("--padding", choices=["max_length", "longest"], default="max_length")
-ap.add_argument("--method", choices=["lora", "ia3", "seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"], default="lora",
-                help="ia3: IA3Config with PEFT's defaults for BERT; the others: AdapterHub's bottleneck presets (adapters)")
+ap.add_argument("--method", choices=["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"],
+                default="lora",
+                help="ia3: IA3Config with PEFT's defaults for BERT; prompt_tuning, p_tuning, prefix_tuning: 20 virtual tokens "
+                     "(P-tuning's MLP encoder, prefix tuning without projection); the *_bn: AdapterHub's bottleneck presets (adapters)")
 ap.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA, the base in bitsandbytes 4-bit with double quantization")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
@@ -54,14 +56,21 @@ class Classifier(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = h[:, h.shape[1] - input_ids.shape[1]:]  # the text's tokens (a prompt's virtual tokens dropped)
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return self.head((h * m).sum(1) / m.sum(1).clamp_min(1e-9))
 
 
-if args.method in ("lora", "ia3"):
-    from peft import IA3Config, LoraConfig, get_peft_model
+if args.method in ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"):
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
-    if args.method == "ia3":
+    if args.method == "prompt_tuning":
+        cfg = PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20)
+    elif args.method == "p_tuning":
+        cfg = PromptEncoderConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20)
+    elif args.method == "prefix_tuning":
+        cfg = PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20)
+    elif args.method == "ia3":
         cfg = IA3Config()  # PEFT's defaults for BERT: key, value, output.dense (feed-forward: output.dense)
     else:
         cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1,
