@@ -1,6 +1,7 @@
 """The peer of bench/lm_lora_vs_peft.sh: LoRA causal-LM fine-tuning with transformers + peft
 on the same torch, checkpoint, tokenizer, batches (Tessera's seeded split, consecutive
-batches), targets, rank, learning-rate schedule and threads. Prints one JSON line:
+batches), targets, rank, learning-rate schedule and threads — or, with --full, full
+fine-tuning of every weight (bench/fish_memory.sh's reference). Prints one JSON line:
 examples/s over the timed steps and the last step's loss."""
 import argparse
 import json
@@ -25,6 +26,7 @@ ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--targets", default="c_attn,c_proj,c_fc", help="peft target_modules, comma-separated")
 ap.add_argument("--fan-in-fan-out", action="store_true", help="GPT-2's Conv1D weights")
 ap.add_argument("--device", default="cpu")
+ap.add_argument("--full", action="store_true", help="full fine-tuning: every weight trains, no peft")
 args = ap.parse_args()
 device = torch.device(args.device)
 finish = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # the clock waits for the device
@@ -38,7 +40,7 @@ model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 eos = model.config.eos_token_id
 eos = eos[0] if isinstance(eos, list) else eos
 cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=args.targets.split(","), fan_in_fan_out=args.fan_in_fan_out)
-model = get_peft_model(model, cfg).to(device)
+model = (model if args.full else get_peft_model(model, cfg)).to(device)
 model.train()
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
@@ -76,4 +78,4 @@ for step in range(args.warmup_steps + args.steps):
     seen += ids.size(0)
 finish()
 elapsed = time.perf_counter() - start
-print(json.dumps({"peer": "transformers+peft", "examples_per_s": seen / elapsed, "loss": loss.item(), "steps": args.steps}))
+print(json.dumps({"peer": "transformers" if args.full else "transformers+peft", "examples_per_s": seen / elapsed, "loss": loss.item(), "steps": args.steps}))

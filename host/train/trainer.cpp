@@ -56,15 +56,39 @@ std::vector<std::vector<std::size_t>> epoch_batches(const Session& s, std::int64
 
 namespace {
 
+// The model in evaluation mode for a scope, its mode back however the scope ends.
+class EvalMode {
+ public:
+  explicit EvalMode(SiteModel& m) : m_(m), was_(m.training()) { m_.train(false); }
+  ~EvalMode() { m_.train(was_); }
+  EvalMode(const EvalMode&) = delete;
+  EvalMode& operator=(const EvalMode&) = delete;
+
+ private:
+  SiteModel& m_;
+  bool was_;
+};
+
 // Data-dependent set-up (Fisher masks, SVD inits): methods that override prepare()
 // pull the loss of calibration batches; the others never run it. Before the optimizer
 // is made: tensors a method creates here are trained too.
 void calibrate(Session& s) {
   const auto calib = epoch_batches(s, -1);
-  Calibration c{std::min<std::int64_t>(8, static_cast<std::int64_t>(calib.size())), [&](std::int64_t i) {
+  // Every training example once, in the calibration epoch's shuffled order.
+  std::vector<std::size_t> examples;
+  for (const auto& b : calib) examples.insert(examples.end(), b.begin(), b.end());
+  Calibration c{std::min<std::int64_t>(8, static_cast<std::int64_t>(calib.size())),
+                [&](std::int64_t i) {
                   const auto& order = calib.at(static_cast<std::size_t>(i));
                   return s.task().loss(s.task().batch(Split::Train, order, 0, order.size()));
+                },
+                static_cast<std::int64_t>(examples.size()),
+                [&](std::int64_t i) {
+                  const auto at = static_cast<std::size_t>(i);
+                  if (i < 0 || at >= examples.size()) throw std::out_of_range("calibration example " + std::to_string(i) + " of " + std::to_string(examples.size()));
+                  return s.task().loss(s.task().batch(Split::Train, examples, at, at + 1));
                 }};
+  const EvalMode mode(s.model());  // no dropout in the methods' statistics
   for (std::size_t i = 0; i < s.methods().size(); ++i) s.methods()[i].call("prepare", [&](Method& x) { x.prepare(c); });
   s.model().drop_dense_copies();  // what plugins read of quantized bases at attach and prepare()
 }
@@ -74,12 +98,7 @@ void calibrate(Session& s) {
 // training, not at whichever batch happens to hold that example.
 void check_longest(Session& s) {
   at::NoGradGuard no_grad;
-  struct Mode {  // the model's mode back, however this ends
-    SiteModel& m;
-    bool was;
-    ~Mode() { m.train(was); }
-  } mode{s.model(), s.model().training()};
-  s.model().train(false);
+  const EvalMode mode(s.model());
   for (const Split split : {Split::Train, Split::Test}) {
     const auto& ids = s.task().token_ids(split);
     std::size_t longest = 0;

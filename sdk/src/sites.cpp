@@ -66,14 +66,48 @@ std::int64_t ParameterSiteImpl::stored_bytes() const {
   if (stored_) return stored_->stored_bytes();
   return base_.defined() ? static_cast<std::int64_t>(base_.numel() * base_.element_size()) : 0;
 }
-bool ParameterSite::has_deltas() const { return any_on(ParameterSiteImpl::of(*this).deltas_); }
+bool ParameterSite::has_deltas() const {
+  const auto& s = ParameterSiteImpl::of(*this);
+  return any_on(s.deltas_) || any_on(s.sparse_);
+}
 
 Tensor ParameterSite::value() const {
   const auto& s = ParameterSiteImpl::of(*this);
   Tensor v = s.stored_ ? (s.dense_copy_.defined() ? s.dense_copy_ : s.stored_->dense()) : s.base_;
   for (const auto& d : s.deltas_)
     if (d.on()) v = v + times(d.alpha(), s.call(d));
+  if (any_on(s.sparse_)) {
+    // One scatter-add into a copy: the gradient reaches the k values only (index_add's
+    // backward gathers the output's gradient at the indices).
+    Tensor flat = v.reshape({-1});
+    for (const auto& d : s.sparse_) {
+      if (!d.on()) continue;
+      const Tensor vals = s.call(d);
+      if (vals.dim() != 1 || vals.size(0) != d.fn.indices.size(0))
+        throw std::runtime_error("parameter site '" + s.site_name() + "': a sparse delta returned " + c10::str(vals.sizes()) + " values for " +
+                                 std::to_string(d.fn.indices.size(0)) + " indices");
+      flat = flat.index_add(0, d.fn.indices, times(d.alpha(), vals).to(flat.scalar_type()));
+    }
+    v = flat.view(v.sizes());
+  }
   return v;
+}
+
+void ParameterSite::add_sparse_delta(const Owner& owner, Tensor indices, TensorThunk values) {
+  auto& s = ParameterSiteImpl::of(*this);
+  const auto n = s.numel();
+  if (!indices.defined() || indices.dim() != 1 || indices.scalar_type() != at::kLong)
+    throw std::invalid_argument("parameter site '" + s.site_name() + "': sparse delta indices must be a 1-D int64 tensor");
+  if (indices.numel() > 0) {
+    const auto lo = indices.min().item<std::int64_t>(), hi = indices.max().item<std::int64_t>();
+    if (lo < 0 || hi >= n)
+      throw std::invalid_argument("parameter site '" + s.site_name() + "': a sparse delta index " + std::to_string(lo < 0 ? lo : hi) +
+                                  " falls outside its " + std::to_string(n) + " entries");
+    if (std::get<0>(at::_unique2(indices, false)).numel() != indices.numel())
+      throw std::invalid_argument("parameter site '" + s.site_name() + "': sparse delta indices repeat");
+  }
+  const auto device = s.stored_ ? s.stored_->dense().device() : s.base_.device();
+  s.add(s.sparse_, owner, ParameterSiteImpl::Sparse{indices.to(device), std::move(values)});
 }
 
 void ParameterSite::add_delta(const Owner& owner, TensorThunk delta) {
@@ -110,7 +144,10 @@ void ParameterSite::fold(const Tensor& d) {
 }
 
 void ParameterSite::remove(const Owner& owner) { ParameterSiteImpl::of(*this).remove_owner(OwnerImpl::of(owner)); }
-void ParameterSiteImpl::drop(const OwnerImpl& owner) { erase_owner(deltas_, owner); }
+void ParameterSiteImpl::drop(const OwnerImpl& owner) {
+  erase_owner(deltas_, owner);
+  erase_owner(sparse_, owner);
+}
 
 // ---- LinearSite ------------------------------------------------------------------------
 

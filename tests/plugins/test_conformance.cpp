@@ -42,6 +42,9 @@ const std::vector<Row>& table() {
       {"p_tuning", {}, {{"num_virtual_tokens", std::int64_t{2}}, {"encoder_reparameterization_type", std::string("LSTM")}}, {}},
       {"prefix_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},  // T5: the decoder's self-attention, as peft
       {"prefix_tuning", {}, {{"num_virtual_tokens", std::int64_t{2}}, {"prefix_projection", true}}, {}},
+      {"bitfit", {}, {}, {"bert", "gpt2"}},  // the families with biases
+      {"ln_tuning", {}, {}, {}},              // peft's default norms (every LayerNorm in BERT)
+      {"fish_mask", {}, {{"keep_ratio", 0.01}}, {}},  // its mask from prepare()'s calibration batches
       {"example-bias-delta", {}, {}, {"bert", "gpt2"}},  // the families with biases
       {"example-token-adapter", {}, {{"r", std::int64_t{4}}}, {}},
       {"example-soft-prompt", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},
@@ -96,8 +99,15 @@ void conform(const Row& row, const Base& base) {
     base_out = base.out(*model);
   }
 
+  // The loss projects the output on a fixed random direction: unlike its squared norm, that
+  // moves under a final normalisation too.
+  at::manual_seed(7);
+  const Tensor direction = at::randn(base_out.sizes(), base_out.options()) / std::sqrt(static_cast<double>(base_out.numel()));
   auto m = test::registry().create(row.plugin, "under_test");
   m->attach(*model, row.targets, params);
+  // prepare(): data-dependent set-up (Fisher masks) from two calibration batches of that loss.
+  const Calibration calibration{2, [&](std::int64_t) { return (base.out(*model) * direction).sum(); }};
+  m->call("prepare", [&](Method& x) { x.prepare(calibration); });
   auto trainable = m->call("trainable", [](Method& x) { return x.trainable(); });
   CATCH_REQUIRE_FALSE(trainable.empty());
   for (const auto& [k, t] : trainable) {
@@ -109,10 +119,6 @@ void conform(const Row& row, const Base& base) {
   // Two training steps by hand: every trainable tensor gets a gradient (in one step at
   // least: a zero-initialised up-projection leaves its down-projection none at the first);
   // the base none.
-  // The loss projects the output on a fixed random direction: unlike its squared norm, that
-  // moves under a final normalisation too.
-  at::manual_seed(7);
-  const Tensor direction = at::randn(base_out.sizes(), base_out.options()) / std::sqrt(static_cast<double>(base_out.numel()));
   std::map<std::string, double> grad_seen;
   for (int step = 0; step < 2; ++step) {
     model->train(true);

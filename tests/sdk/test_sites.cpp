@@ -32,6 +32,38 @@ CATCH_TEST_CASE("parameter and linear sites: (W + ΣΔW)(x ∘ s_in) + b, then �
   CATCH_CHECK(max_abs_diff(site.forward(x), tessera::dense_linear(x, w.base(), b.base())) == 0);  // the plain product, bit for bit
 }
 
+CATCH_TEST_CASE("parameter site: a sparse delta moves its k entries only, its gradient is k numbers, bad indices are refused by name (SDK 2.4)", "[sdk][sites]") {
+  const Tensor base = at::randn({3, 4});
+  ParameterSiteImpl w("layers.0.attn.q.weight", "", base);
+  const Tensor dense = at::randn({3, 4});
+  w.add_delta(owner("d"), [=] { return dense; });
+  const Tensor idx = at::tensor({1, 6, 11}, at::kLong);
+  const Tensor vals = at::tensor({0.5, -2.0, 3.0}, at::kFloat).set_requires_grad(true);
+  w.add_sparse_delta(owner("s"), idx, [=] { return vals; });
+  CATCH_CHECK(w.has_deltas());
+  Tensor expected = (base + dense).reshape({-1}).clone();
+  expected[1] += 0.5, expected[6] += -2.0, expected[11] += 3.0;
+  const Tensor v = w.value();
+  CATCH_CHECK(max_abs_diff(v.reshape({-1}), expected) < 1e-6);
+  const Tensor g = at::arange(12, at::kFloat).view({3, 4});
+  (v * g).sum().backward();
+  CATCH_CHECK(at::equal(vals.grad(), at::tensor({1.0, 6.0, 11.0}, at::kFloat)));  // the gradient at the k entries only
+  owner("s").set_scale(0.5);
+  expected[1] -= 0.25, expected[6] -= -1.0, expected[11] -= 1.5;
+  CATCH_CHECK(max_abs_diff(w.value().reshape({-1}), expected) < 1e-6);
+  owner("s").set_scale(1.0);
+  w.remove(owner("s"));
+  CATCH_CHECK(at::equal(w.value(), base + dense));
+  CATCH_CHECK_THROWS_WITH(w.add_sparse_delta(owner("s"), at::tensor({0, 12}, at::kLong), [=] { return vals; }),
+                          Catch::Contains("'layers.0.attn.q.weight'") && Catch::Contains("index 12 falls outside its 12 entries"));
+  CATCH_CHECK_THROWS_WITH(w.add_sparse_delta(owner("s"), at::tensor({3, 5, 3}, at::kLong), [=] { return vals; }),
+                          Catch::Contains("'layers.0.attn.q.weight'") && Catch::Contains("indices repeat"));
+  w.add_sparse_delta(owner("s"), at::tensor({3, 5}, at::kLong), [=] { return vals; });
+  CATCH_CHECK_THROWS_WITH(w.value(), Catch::Contains("returned [3] values for 2 indices"));
+  w.remove(owner("s"));
+  w.remove(owner("d"));
+}
+
 CATCH_TEST_CASE("linear site with an activation: act(site(x)) ∘ times, output scales and branches before the activation", "[sdk][sites]") {
   at::manual_seed(2);
   ParameterSiteImpl w("w", "", at::randn({3, 4})), b("b", "", at::randn({3}));

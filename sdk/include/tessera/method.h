@@ -38,6 +38,13 @@ struct AttachContext {
 struct Calibration {
   std::int64_t batches = 0;
   std::function<Tensor(std::int64_t)> loss;
+#if TESSERA_TARGET_ABI_MINOR >= 4
+  // Since SDK 2.4: the loss of training example i alone (a batch of one), i < examples, in a
+  // fixed shuffled order, for per-example statistics (FISH's empirical Fisher). The model is
+  // in evaluation mode (no dropout) throughout prepare().
+  std::int64_t examples = 0;
+  std::function<Tensor(std::int64_t)> example_loss;
+#endif
 };
 
 struct StepInfo {

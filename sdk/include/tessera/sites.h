@@ -9,6 +9,7 @@
 // (α_k: the scale the host gives intervention k's owner, 1 unless it says otherwise):
 //
 //   ParameterSite   value  = base + Σ α_k δ_k                      (δ may be masked)
+//                   value  = value + Σ α_k scatter(idx_k, v_k)     sparse deltas (2.4)
 //   LinearSite      W'     = T_n(… T_1(W + Σ α_k ΔW_k))            W, b: parameter values
 //                   y      = W'(x ∘ Π s_in,k) + b                  (no transform: W' = W + Σ α ΔW)
 //                   y      = y ∘ Π s_out,k
@@ -130,6 +131,15 @@ class ParameterSite : public SiteHandle {
   void fold(const Tensor& d);
   void remove(const Owner& owner);
   bool has_deltas() const;
+
+#if TESSERA_TARGET_ABI_MINOR >= 4
+  // Since SDK 2.4. A sparse delta: the k entries of the flattened base at `indices` ((k)
+  // int64, distinct, in range: refused otherwise, naming the tensor) move by values() ((k),
+  // the base's dtype); the rest stay the base's. A method that trains 0.5% of a weight holds,
+  // differentiates and optimizes those k numbers only (FISH masks, diff pruning's fixed
+  // stage). Counted by has_deltas(); applied after the dense deltas.
+  void add_sparse_delta(const Owner& owner, Tensor indices, TensorThunk values);
+#endif
 };
 
 class LinearSite : public SiteHandle {

@@ -165,6 +165,13 @@ class ParameterSiteImpl final : public ParameterSite, public SiteCore {
   std::unique_ptr<StoredTensor> stored_;
   mutable Tensor dense_copy_;
   Entries<TensorThunk> deltas_;
+  struct Sparse {
+    Tensor indices;     // (k) int64 into the flattened base
+    TensorThunk values;  // () -> (k)
+    Tensor operator()() const { return values(); }
+    explicit operator bool() const { return static_cast<bool>(values); }
+  };
+  Entries<Sparse> sparse_;
 };
 
 class LinearSiteImpl final : public LinearSite, public SiteCore {
