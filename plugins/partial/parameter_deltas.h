@@ -82,15 +82,16 @@ class ParameterDeltas {
       for (const auto& e : entries_) ours |= key_(*e.site) == k;
       if (!ours) throw std::runtime_error("tensor '" + k + "' is not one of " + what + ": an adapter of other targets or another model");
     }
-    at::NoGradGuard no_grad;
-    for (auto& e : entries_) {
+    if (merged_) throw std::runtime_error("load_state() while merged: unmerge first");
+    for (auto& e : entries_) {  // every tensor checked before any delta changes
       const std::string k = key_(*e.site);
       const auto it = given.find(k);
       if (it == given.end()) throw std::runtime_error("adapter lacks tensor '" + k + "'");
       if (it->second.sizes() != e.delta.sizes())
         throw std::runtime_error("tensor '" + k + "' has shape " + c10::str(it->second.sizes()) + ", expected " + c10::str(e.delta.sizes()));
-      e.delta.copy_(it->second.to(e.delta.options()) - base_of(e));
     }
+    at::NoGradGuard no_grad;
+    for (auto& e : entries_) e.delta.copy_(given.at(key_(*e.site)).to(e.delta.options()) - base_of(e));
   }
 
  private:

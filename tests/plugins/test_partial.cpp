@@ -249,3 +249,32 @@ CATCH_TEST_CASE("FISH mask equals the authors' algorithm in plain PyTorch: per-e
   CATCH_CHECK_THROWS_AS(apply_schema(test::registry().find("fish_mask")->params, {{"keep_ratio", 1.5}}), std::exception);
   CATCH_CHECK_THROWS_WITH(fish->call("prepare", [&](Method& m) { m.prepare(Calibration{}); }), Catch::Contains("the host offers none"));
 }
+
+CATCH_TEST_CASE("FISH through a tied embedding: GPT-2's head and embedding reads are summed before squaring, as in PyTorch", "[plugins][partial][parity]") {
+  auto model = DecoderModel::load(test::fixture("decoders/gpt2"), test::options());
+  test::perturb_if_asked(*model);
+  auto& dec = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
+  const Tensor ids = dec["input_ids"], mask = dec["attention_mask"];
+  auto fish = test::registry().create("fish_mask", "fish");
+  fish->attach(*model, {}, apply_schema(test::registry().find("fish_mask")->params, {{"keep_ratio", 0.01}}));
+  Calibration c;
+  c.examples = ids.size(0);
+  c.example_loss = [&](std::int64_t i) {
+    const Tensor logits = model->logits(model->forward(ids.narrow(0, i, 1), mask.narrow(0, i, 1)))[0];  // (T, V)
+    return (logits * reference()["fish_gpt2.direction"][i] * mask[i].unsqueeze(-1)).sum();
+  };
+  fish->call("prepare", [&](Method& m) { m.prepare(c); });
+  const auto state = fish->call("state", [](Method& m) { return m.state(); });
+  std::int64_t kept = 0;
+  for (const auto& [k, t] : state)
+    if (k.size() > 13 && k.compare(k.size() - 13, 13, ".fish_indices") == 0) kept += t.numel();
+  CATCH_CHECK(kept == reference()["fish_gpt2.count"].item<std::int64_t>());
+  // The word embedding is read twice (embedding and tied head): the entries chosen there carry
+  // at least the reference's threshold of the summed gradient's square.
+  Tensor idx;
+  for (const auto& [k, t] : state)
+    if (k.size() >= 23 && k.compare(k.size() - 23, 23, "wte.weight.fish_indices") == 0) idx = t.to(at::kCPU);
+  CATCH_REQUIRE(idx.numel() > 0);
+  const Tensor f = reference()["fish_gpt2.fisher.wte"].reshape({-1}).to(at::kCPU).index_select(0, idx);
+  CATCH_CHECK(f.min().item<double>() >= reference()["fish_gpt2.threshold"].item<double>() * (1 - 1e-3));
+}

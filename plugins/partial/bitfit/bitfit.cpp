@@ -14,6 +14,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <set>
+
 namespace {
 
 std::string file_key(const tessera::ParameterSite& p) { return "base_model.model." + p.hf_name(); }
@@ -31,13 +33,21 @@ class BitFit final : public tessera::Method {
     subset_ = ctx.params.text("subset");
     std::vector<std::string> targets = ctx.targets;
     if (targets.empty() && subset_ == "paper") targets = {"attn.q", "mlp.up"};
+    std::set<std::string> unmatched(targets.begin(), targets.end());
     for (auto* p : ctx.model.parameter_sites()) {
       const auto& n = p->name();
       if (n.size() < 5 || n.compare(n.size() - 5, 5, ".bias") != 0) continue;
       const std::string module = n.substr(0, n.size() - 5), hf = p->hf_name().substr(0, p->hf_name().rfind('.'));
-      if (targets.empty() || tessera::matches_any(targets, module, hf)) deltas_.add(p, ctx.model.info().param_options);
+      if (!targets.empty() && !tessera::matches_any(targets, module, hf)) continue;
+      deltas_.add(p, ctx.model.info().param_options);
+      for (const auto& t : targets)
+        if (tessera::matches(t, module) || tessera::matches(t, hf)) unmatched.erase(t);
     }
     const auto& arch = ctx.model.info().architecture;
+    // The paper's subset, whole or refused: GPT-2 keeps its query bias inside the fused c_attn's.
+    if (subset_ == "paper" && ctx.targets.empty() && !unmatched.empty())
+      throw std::runtime_error("BitFit's paper subset needs the " + *unmatched.begin() + " bias, which this " + arch +
+                               " model has not as a tensor of its own: use subset = \"all\" or name the biases in targets");
     if (deltas_.empty())
       throw std::runtime_error("BitFit trains biases, and this " + arch + " model has none" + (targets.empty() ? std::string() : " among the targets") +
                                (arch == "llama" || arch == "mistral" || arch == "t5" ? " (its linear layers and norms are bias-free)" : ""));

@@ -59,34 +59,63 @@ class FishMask final : public tessera::Method {
   // The empirical Fisher of every targeted entry, then the global top-k as the mask.
   // Per example when the host offers it (SDK 2.4); otherwise per calibration batch.
   void prepare(const tessera::Calibration& c) override {
+    if (merged_) throw std::runtime_error("prepare() while merged: unmerge first");
     const bool per_example = c.examples > 0 && c.example_loss;
     const auto n = std::min(samples_, per_example ? c.examples : c.batches);
     if (n <= 0) throw std::runtime_error("FISH needs training examples to estimate the Fisher information, and the host offers none");
     used_ = n;
+    for (auto& k : kept_) k.site->remove(*owner_);  // a second prepare() chooses afresh
+    kept_.clear();
     // The probe: a zero scalar broadcast to each tensor's shape, added as a delta. The gradient
     // reaching the broadcast is ∂L/∂θ in full; a hook squares it into F̂ on its way, so no
-    // tensor-sized probe or gradient is ever kept (F̂ is the one extra copy of the model).
+    // tensor-sized probe or gradient is kept (F̂ is the one extra copy of the model). A tensor
+    // read more than once in a forward (a tied embedding and LM head) gets one hook call per
+    // read: its parts are summed into a buffer first and squared after the backward pass.
+    struct Probe {
+      std::vector<Tensor> fisher, parts;
+      std::vector<int> reads;
+    };
+    auto st = std::make_shared<Probe>();
     const Tensor zero = at::zeros({}, opts_).set_requires_grad(true);
-    std::vector<Tensor> fisher;
-    fisher.reserve(sites_.size());  // the hooks hold pointers into it
     for (std::size_t i = 0; i < sites_.size(); ++i) {
       auto* s = sites_[i];
-      fisher.push_back(at::zeros(s->base().sizes(), opts_));
-      Tensor* f = &fisher.back();
+      st->fisher.push_back(at::zeros(s->base().sizes(), opts_));
+      st->parts.emplace_back();
+      st->reads.push_back(0);
       const auto shape = s->base().sizes().vec();
       const auto dtype = s->base().scalar_type();
-      s->add_delta(*owner_, [zero, f, shape, dtype] {
+      s->add_delta(*owner_, [zero, st, i, shape, dtype] {
+        ++st->reads[i];
         Tensor e = zero.to(dtype).expand(shape);
-        e.register_hook([f](const Tensor& g) {
+        e.register_hook([st, i](const Tensor& g) {
           at::NoGradGuard no_grad;
-          f->add_(g.to(f->scalar_type()).square());
+          const Tensor g32 = g.to(st->fisher[i].scalar_type());
+          if (st->reads[i] <= 1) st->fisher[i].add_(g32.square());
+          else st->parts[i] = st->parts[i].defined() ? st->parts[i] + g32 : g32.clone();
         });
         return e;
       });
     }
-    for (std::int64_t b = 0; b < n; ++b) (per_example ? c.example_loss(b) : c.loss(b)).backward();
-    for (auto* s : sites_) s->remove(*owner_);
-    choose(fisher);
+    {
+      struct Remove {  // the probes go however this block ends (before the mask is installed)
+        const std::vector<tessera::ParameterSite*>& sites;
+        const tessera::Owner& owner;
+        ~Remove() {
+          for (auto* s : sites) s->remove(owner);
+        }
+      } remove{sites_, *owner_};
+      for (std::int64_t b = 0; b < n; ++b) {
+        (per_example ? c.example_loss(b) : c.loss(b)).backward();
+        at::NoGradGuard no_grad;
+        for (std::size_t i = 0; i < sites_.size(); ++i) {
+          if (st->parts[i].defined()) st->fisher[i].add_(st->parts[i].square()), st->parts[i] = Tensor();
+          st->reads[i] = 0;
+        }
+      }
+    }
+    for (auto& f : st->fisher)
+      if (!at::isfinite(f).all().item<bool>()) throw std::runtime_error("the Fisher estimate is not finite (a calibration loss overflowed): no mask chosen");
+    choose(st->fisher);
   }
 
   bool mergeable() const override { return true; }
@@ -129,8 +158,8 @@ class FishMask final : public tessera::Method {
 
   // Installs the file's mask and deltas (a fresh instance needs no prepare() for that).
   void load_state(const tessera::NamedTensors& tensors) override {
-    for (auto& k : kept_) k.site->remove(*owner_);
-    kept_.clear();
+    if (merged_) throw std::runtime_error("load_state() while merged: unmerge first");
+    std::vector<Kept> fresh;  // checked in full before anything installed changes
     for (const auto& [key, t] : tensors) {
       const std::string suffix = ".fish_indices";
       if (key.size() > suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0) continue;
@@ -144,15 +173,24 @@ class FishMask final : public tessera::Method {
       for (auto* s : sites_)
         if (s->hf_name() == name) site = s;
       if (site == nullptr) throw std::runtime_error("tensor '" + key + "' names no targeted parameter of this model");
-      if (idx->second.dim() != 1 || t.dim() != 1 || idx->second.size(0) != t.size(0))
-        throw std::runtime_error("tensor '" + key + "' has shape " + c10::str(t.sizes()) + ", its indices " + c10::str(idx->second.sizes()) +
-                                 ": one delta per index");
+      const Tensor& ix = idx->second;
+      if (ix.dim() != 1 || t.dim() != 1 || ix.size(0) != t.size(0))
+        throw std::runtime_error("tensor '" + key + "' has shape " + c10::str(t.sizes()) + ", its indices " + c10::str(ix.sizes()) + ": one delta per index");
+      if (ix.is_floating_point() || ix.is_complex() || ix.scalar_type() == at::kBool)
+        throw std::runtime_error("tensor '" + name + suffix + "' holds " + std::string(c10::toString(ix.scalar_type())) + ", not integer positions");
+      const Tensor where = ix.to(at::kLong).cpu();
+      const auto numel = site->base().numel();
+      if (where.numel() > 0 && (where.min().item<std::int64_t>() < 0 || where.max().item<std::int64_t>() >= numel))
+        throw std::runtime_error("tensor '" + name + suffix + "': an index falls outside its " + std::to_string(numel) + " entries");
+      if (std::get<0>(at::_unique2(where, false)).numel() != where.numel()) throw std::runtime_error("tensor '" + name + suffix + "': indices repeat");
       at::NoGradGuard no_grad;
-      kept_.push_back({site, idx->second.to(at::kLong), t.to(opts_).clone().set_requires_grad(true), {}});
+      fresh.push_back({site, where.to(opts_.device()), t.to(opts_).clone().set_requires_grad(true), {}});
     }
     for (auto& [key, t] : tensors)
       if (key.size() > 13 && key.compare(key.size() - 13, 13, ".fish_indices") == 0 && !tensors.count(key.substr(0, key.size() - 13) + ".fish_delta"))
         throw std::runtime_error("adapter lacks tensor '" + key.substr(0, key.size() - 13) + ".fish_delta' beside '" + key + "'");
+    for (auto& k : kept_) k.site->remove(*owner_);
+    kept_ = std::move(fresh);
     install();
   }
 
@@ -171,6 +209,7 @@ class FishMask final : public tessera::Method {
     double hi = 0;
     for (const auto& f : fisher) total += f.numel(), hi = std::max(hi, f.max().item<double>());
     const auto k = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(keep_ratio_ * static_cast<double>(total) - 1e-9)));
+    if (hi <= 0.0) throw std::runtime_error("the loss reaches none of the targeted entries (their Fisher information is 0): no mask to choose");
     auto at_least = [&](float t) {
       std::int64_t n = 0;
       for (const auto& f : fisher) n += f.ge(t).sum().item<std::int64_t>();
