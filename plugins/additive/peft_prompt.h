@@ -6,14 +6,25 @@
 
 #include <tessera/method.h>
 
+#include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/util/StringUtil.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
 namespace tessera::peft_prompt {
+
+// PyTorch's default initialisation of Linear and LSTM weights and biases, which PEFT's prompt
+// encoders keep: U(−1/√fan, 1/√fan). Not yet requiring grad (a caller may zero it first).
+inline at::Tensor torch_default_uniform(at::IntArrayRef shape, std::int64_t fan, const c10::TensorOptions& opts) {
+  const double bound = 1.0 / std::sqrt(static_cast<double>(fan));
+  at::Tensor t = at::empty(shape, opts);
+  at::NoGradGuard no_grad;
+  return t.uniform_(-bound, bound);
+}
 
 // The keys every prompt-learning method takes, with PEFT's names.
 inline std::vector<ParamSpec> common_params() {

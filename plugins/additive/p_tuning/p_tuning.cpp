@@ -25,13 +25,9 @@ namespace {
 
 using tessera::Tensor;
 
-// PyTorch's default initialisation of Linear and LSTM weights: U(−1/√fan, 1/√fan).
+// A trainable tensor at PyTorch's default Linear/LSTM initialisation.
 Tensor uniform(at::IntArrayRef shape, std::int64_t fan, const c10::TensorOptions& opts) {
-  const double bound = 1.0 / std::sqrt(static_cast<double>(fan));
-  Tensor t = at::empty(shape, opts);
-  at::NoGradGuard no_grad;
-  t.uniform_(-bound, bound);
-  return t.set_requires_grad(true);
+  return tessera::peft_prompt::torch_default_uniform(shape, fan, opts).set_requires_grad(true);
 }
 
 class PTuning final : public tessera::Method {

@@ -26,12 +26,7 @@ namespace {
 
 using tessera::Tensor;
 
-Tensor uniform(at::IntArrayRef shape, std::int64_t fan, const c10::TensorOptions& opts) {  // PyTorch's Linear init
-  const double bound = 1.0 / std::sqrt(static_cast<double>(fan));
-  Tensor t = at::empty(shape, opts);
-  at::NoGradGuard no_grad;
-  return t.uniform_(-bound, bound);
-}
+using tessera::peft_prompt::torch_default_uniform;
 
 class PrefixTuning final : public tessera::Method {
  public:
@@ -50,7 +45,6 @@ class PrefixTuning final : public tessera::Method {
 
   void attach(tessera::AttachContext& ctx) override {
     if (!ctx.targets.empty()) throw std::runtime_error("prefix tuning has no targets: PEFT's prefix goes to every layer");
-    model_ = &ctx.model;
     info_ = ctx.model.info();
     const bool t5 = info_.architecture == "t5";
     for (auto* a : ctx.model.attention_sites()) {
@@ -82,7 +76,8 @@ class PrefixTuning final : public tessera::Method {
       at::NoGradGuard no_grad;
       table_ = at::empty({P_, projection_ ? d_ : width}, o).normal_();
       if (projection_) {
-        weights_ = {uniform({hidden_, d_}, d_, o), uniform({hidden_}, d_, o), uniform({width, hidden_}, hidden_, o), uniform({width}, hidden_, o)};
+        weights_ = {torch_default_uniform({hidden_, d_}, d_, o), torch_default_uniform({hidden_}, d_, o), torch_default_uniform({width, hidden_}, hidden_, o),
+                    torch_default_uniform({width}, hidden_, o)};
         if (zero_) weights_[2].zero_(), weights_[3].zero_();
       } else if (zero_) {
         table_.zero_();
@@ -154,7 +149,6 @@ class PrefixTuning final : public tessera::Method {
   // (P, 2L · d) -> (P, 2L, heads, head_dim) in the model's dtype.
   Tensor layout(const Tensor& z) const { return z.to(info_.options.dtype()).view({P_, 2 * L_, heads_, head_dim_}); }
 
-  tessera::ModelView* model_ = nullptr;
   tessera::ModelInfo info_;
   std::vector<tessera::AttentionSite*> sites_;
   std::int64_t L_ = 0, heads_ = 0, head_dim_ = 0, d_ = 0, P_ = 0, submodules_ = 1, hidden_ = 0;
