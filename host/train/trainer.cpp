@@ -77,7 +77,7 @@ void calibrate(Session& s) {
   // Every training example once, in the calibration epoch's shuffled order.
   std::vector<std::size_t> examples;
   for (const auto& b : calib) examples.insert(examples.end(), b.begin(), b.end());
-  Calibration c{std::min<std::int64_t>(8, static_cast<std::int64_t>(calib.size())),
+  Calibration c{static_cast<std::int64_t>(calib.size()),
                 [&](std::int64_t i) {
                   const auto& order = calib.at(static_cast<std::size_t>(i));
                   return s.task().loss(s.task().batch(Split::Train, order, 0, order.size()));

@@ -45,6 +45,13 @@ const std::vector<Row>& table() {
       {"bitfit", {}, {}, {"bert", "gpt2"}},  // the families with biases
       {"ln_tuning", {}, {}, {}},              // peft's default norms (every LayerNorm in BERT)
       {"fish_mask", {}, {{"keep_ratio", 0.01}}, {}},  // its mask from prepare()'s calibration batches
+      // Child-Tuning and diff pruning default to every tensor of the layers, dense in training
+      // (task-free, diff pruning's first stage): the rows keep to a part, for the table's time.
+      {"child_tuning", {}, {{"reserve_p", 0.02}}, {}},  // task-driven: the child network from prepare()
+      {"child_tuning", {"mlp.down.weight"}, {{"mode", std::string("task_free")}}, {}},
+      // Gates partly open (α = 1): each α gets a gradient once w has moved; one gate per tensor
+      // (structured) would often sit clamped at 0 or 1, its α without one in two steps.
+      {"diff_pruning", {"mlp.down.weight"}, {{"structured", false}, {"alpha_init", 1.0}}, {}},
       {"example-bias-delta", {}, {}, {"bert", "gpt2"}},  // the families with biases
       {"example-token-adapter", {}, {{"r", std::int64_t{4}}}, {}},
       {"example-soft-prompt", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},

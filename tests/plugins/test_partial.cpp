@@ -278,3 +278,156 @@ CATCH_TEST_CASE("FISH through a tied embedding: GPT-2's head and embedding reads
   const Tensor f = reference()["fish_gpt2.fisher.wte"].reshape({-1}).to(at::kCPU).index_select(0, idx);
   CATCH_CHECK(f.min().item<double>() >= reference()["fish_gpt2.threshold"].item<double>() * (1 - 1e-3));
 }
+
+namespace {
+
+// Σ over `rows` of the per-example loss above: one calibration batch.
+Tensor rows_loss(BertModel& m, const Tensor& ids, const Tensor& mask, std::vector<std::int64_t> rows) {
+  Tensor loss;
+  for (const auto i : rows) loss = loss.defined() ? loss + fish_example_loss(m, ids, mask, i) : fish_example_loss(m, ids, mask, i);
+  return loss;
+}
+
+// The largest |ours − theirs| over a tensor, relative to the reference's largest entry or to
+// `floor` when that is smaller (a key bias's gradient is 0 but for rounding: softmax ignores it).
+double relative_diff(const Tensor& ours, const Tensor& theirs, double floor = 1e-5) {
+  const Tensor a = ours.detach().to(at::kCPU, at::kDouble), b = theirs.to(at::kCPU, at::kDouble);
+  return (a - b).abs().max().item<double>() / std::max(floor, b.abs().max().item<double>());
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("Child-Tuning task-driven equals the authors' calculate_fisher: clipped batch gradients squared, numpy's percentile, F ≥ it", "[plugins][partial]") {
+  auto model = BertModel::load(test::fixture("tiny_bert_mlm"), test::options());
+  auto& enc = test::cached_tensors(test::fixture("reference.safetensors"));
+  const Tensor ids = enc["roberta.input_ids"], mask = enc["bert_mlm.attention_mask"];
+  const auto before = snapshot(*model);
+  auto ct = test::registry().create("child_tuning", "child");
+  ct->attach(*model, {}, apply_schema(test::registry().find("child_tuning")->params, {{"reserve_p", 0.3}}));
+  const std::vector<std::vector<std::int64_t>> batches = {{0, 1}, {2}};
+  const Calibration c{2, [&](std::int64_t b) { return rows_loss(*model, ids, mask, batches.at(static_cast<std::size_t>(b))); }};
+  ct->call("prepare", [&](Method& m) { m.prepare(c); });
+  CATCH_CHECK(unchanged(*model, before));
+  // The child network: what the reference keeps, up to entries within rounding of its threshold.
+  const auto state = ct->call("state", [](Method& m) { return m.state(); });
+  const double threshold = reference()["child_d.threshold"].item<double>();
+  std::int64_t ours = 0, theirs = 0, near = 0;
+  for (const auto& [k, t] : reference())
+    if (k.rfind("child_d.indices.", 0) == 0) theirs += t.numel();
+  for (const auto& [k, t] : reference())
+    if (k.rfind("child_d.fisher.", 0) == 0) near += ((t - threshold).abs() <= 1e-3 * threshold).sum().item<std::int64_t>();
+  for (const auto& [k, t] : state) {
+    if (k.size() < 14 || k.compare(k.size() - 14, 14, ".child_indices") != 0) continue;
+    ours += t.numel();
+    const std::string name = k.substr(0, k.size() - 14);
+    CATCH_INFO(k);
+    CATCH_CHECK(name.find(".layer.") != std::string::npos);  // the transformer layers only, as the authors' 'layer' filter
+    const Tensor f = reference()["child_d.fisher." + name].reshape({-1}).to(at::kCPU);
+    CATCH_CHECK(f.index_select(0, t.to(at::kCPU)).min().item<double>() >= threshold * (1 - 1e-3));
+  }
+  CATCH_CHECK(theirs > 0);
+  CATCH_CHECK(std::abs(ours - theirs) <= near);
+  // Trained entries are the child network alone: a sparse delta, k numbers.
+  std::int64_t trained = 0;
+  for (const auto& [k, t] : ct->call("trainable", [](Method& m) { return m.trainable(); })) trained += t.numel();
+  CATCH_CHECK(trained == ours);
+  CATCH_CHECK_THROWS_WITH(ct->call("prepare", [&](Method& m) { m.prepare(Calibration{}); }), Catch::Contains("the host offers none"));
+  CATCH_CHECK_THROWS_AS(apply_schema(test::registry().find("child_tuning")->params, {{"reserve_p", 0.0}}), std::exception);
+}
+
+CATCH_TEST_CASE("Child-Tuning task-free equals the authors' optimizer in plain PyTorch: Bernoulli(p)/p gradient masks from one seed, three steps", "[plugins][partial][parity]") {
+  auto model = BertModel::load(test::fixture("tiny_bert_mlm"), test::options());
+  test::perturb_if_asked(*model);
+  auto& enc = test::cached_tensors(test::fixture("reference.safetensors"));
+  const Tensor ids = enc["roberta.input_ids"], mask = enc["bert_mlm.attention_mask"];
+  const auto before = snapshot(*model);
+  auto ct = test::registry().create("child_tuning", "child");
+  ct->attach(*model, {}, apply_schema(test::registry().find("child_tuning")->params, {{"mode", std::string("task_free")}, {"reserve_p", 0.4}, {"seed", std::int64_t{5}}}));
+  auto deltas = ct->call("trainable", [](Method& m) { return m.trainable(); });
+  CATCH_CHECK(deltas.size() == 2 * 16);  // every tensor of the two layers, dense
+  for (int step = 0; step < 3; ++step) {
+    for (auto& [k, d] : deltas) d.mutable_grad().reset();
+    rows_loss(*model, ids, mask, {0, 1, 2}).backward();
+    ct->call("after_backward", [](Method& m) { m.after_backward(); });
+    at::NoGradGuard no_grad;
+    for (auto& [k, d] : deltas) d.sub_(0.05 * d.grad());
+  }
+  at::NoGradGuard no_grad;
+  const Tensor adapted = model->forward(ids, mask).hidden;
+  TESSERA_CHECK_PARITY(test::parity(adapted, reference(), "child_f.hidden_after", mask));
+  CATCH_CHECK(unchanged(*model, before));
+  // Saved as the tuned tensors' full values under their HF names; merged, the same outputs.
+  const auto state = ct->call("state", [](Method& m) { return m.state(); });
+  CATCH_CHECK(state.count("bert.encoder.layer.1.output.dense.weight") == 1);
+  ct->call("merge", [](Method& m) { m.merge(); });
+  CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, adapted, mask) < 1e-5);
+  ct->call("unmerge", [](Method& m) { m.unmerge(); });
+}
+
+CATCH_TEST_CASE("Diff pruning equals the paper in plain PyTorch: hard-concrete gates, the L0 term, three steps, then the magnitude projection", "[plugins][partial][parity]") {
+  auto model = BertModel::load(test::fixture("partial/tiny_bert_nodrop"), test::options());  // the gates' noise is the only one
+  test::perturb_if_asked(*model);
+  auto& enc = test::cached_tensors(test::fixture("reference.safetensors"));
+  const Tensor ids = enc["roberta.input_ids"], mask = enc["bert_mlm.attention_mask"];
+  const auto before = snapshot(*model);
+  auto dp = test::registry().create("diff_pruning", "diff");
+  dp->attach(*model, {},
+             apply_schema(test::registry().find("diff_pruning")->params,
+                          {{"target_ratio", 0.01}, {"alpha_init", 0.5}, {"l0_lambda", 1e-3}, {"seed", std::int64_t{11}}, {"prune_at", 0.5}}));
+  auto trainable = dp->call("trainable", [](Method& m) { return m.trainable(); });
+  CATCH_CHECK(trainable.size() == 3 * 2 * 16);  // w, α and the group's α per tensor of the two layers
+  for (std::int64_t step = 0; step < 3; ++step) {
+    dp->call("on_step", [&](Method& m) { m.on_step(StepInfo{step, 100, 0.05}); });
+    model->train(true);
+    Tensor loss = rows_loss(*model, ids, mask, {0, 1, 2}) + dp->call("extra_loss", [](Method& m) { return m.extra_loss(); });
+    for (auto& [k, t] : trainable) t.mutable_grad().reset();
+    loss.backward();
+    model->train(false);
+    at::NoGradGuard no_grad;
+    for (auto& [k, t] : trainable) t.sub_(0.05 * t.grad());
+  }
+  // w, α and the group α after the steps, by HF name; the evaluation gates' outputs.
+  const auto state = dp->call("state", [](Method& m) { return m.state(); });
+  for (const char* part : {"w", "alpha", "group_alpha"})
+    for (const auto& [k, t] : state) {
+      const std::string suffix = std::string(".diff_") + part;
+      if (k.size() <= suffix.size() || k.compare(k.size() - suffix.size(), suffix.size(), suffix) != 0) continue;
+      CATCH_INFO(k);
+      CATCH_CHECK(relative_diff(t, reference()["diff." + std::string(part) + ".bert." + k.substr(0, k.size() - suffix.size())]) < 1e-4);
+    }
+  {
+    at::NoGradGuard no_grad;
+    TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, reference(), "diff.hidden_after", mask));
+  }
+  CATCH_CHECK(unchanged(*model, before));
+  // The projection: as many entries as the reference keeps, each of its |δ| at or above the
+  // reference's cut, holding the reference's δ there; from then on those k values alone train.
+  dp->call("on_step", [](Method& m) { m.on_step(StepInfo{50, 100, 0.05}); });
+  const auto projected = dp->call("state", [](Method& m) { return m.state(); });
+  const double cut = reference()["diff.projected_threshold"].item<double>();
+  std::int64_t kept = 0;
+  for (const auto& [k, t] : projected) {
+    if (k.size() <= 13 || k.compare(k.size() - 13, 13, ".diff_indices") != 0) continue;
+    kept += t.numel();
+    const std::string name = k.substr(0, k.size() - 13);
+    CATCH_INFO(k);
+    const Tensor theirs = reference()["diff.eval_delta.bert." + name].reshape({-1}).index_select(0, t.to(at::kCPU));
+    CATCH_CHECK(theirs.abs().min().item<double>() >= cut * (1 - 1e-3));
+    CATCH_CHECK(relative_diff(projected.at(name + ".diff_delta"), theirs) < 1e-3);
+  }
+  CATCH_CHECK(kept == reference()["diff.projected_count"].item<std::int64_t>());
+  std::int64_t trained = 0;
+  for (const auto& [k, t] : dp->call("trainable", [](Method& m) { return m.trainable(); })) trained += t.numel();
+  CATCH_CHECK(trained == kept);
+  CATCH_CHECK_FALSE(dp->call("extra_loss", [](Method& m) { return m.extra_loss(); }).defined());
+  // A fresh instance loads the projected file; a fresh one refuses a foreign tensor by name.
+  auto again = test::registry().create("diff_pruning", "diff");
+  again->attach(*model, {}, apply_schema(test::registry().find("diff_pruning")->params, {}));
+  CATCH_CHECK_NOTHROW(again->call("load_state", [&](Method& m) { m.load_state(projected); }));
+  again->detach(*model);
+  auto other = test::registry().create("diff_pruning", "diff");
+  other->attach(*model, {}, apply_schema(test::registry().find("diff_pruning")->params, {}));
+  CATCH_CHECK_THROWS_WITH(other->call("load_state", [&](Method& m) { m.load_state({{"encoder.layer.9.output.dense.weight.diff_w", at::zeros({1})}}); }),
+                          Catch::Contains("'encoder.layer.9.output.dense.weight.diff_w' is not part of this diff-pruning adapter"));
+  CATCH_CHECK_THROWS_AS(apply_schema(test::registry().find("diff_pruning")->params, {{"target_ratio", 0.0}}), std::exception);
+}

@@ -36,7 +36,7 @@ struct AttachContext {
 // Data-dependent set-up before training (Fisher masks, SVD inits): the host runs the
 // forward pass on calibration batch i and returns its loss; the method may backward it.
 struct Calibration {
-  std::int64_t batches = 0;
+  std::int64_t batches = 0;  // the trainer's: every training batch once, in a fixed shuffled order
   std::function<Tensor(std::int64_t)> loss;
 #if TESSERA_TARGET_ABI_MINOR >= 4
   // Since SDK 2.4: the loss of training example i alone (a batch of one), i < examples, in a
