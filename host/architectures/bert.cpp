@@ -51,7 +51,8 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
   // Checkpoints of task heads (BertFor*, RobertaFor*) prefix every encoder tensor.
   const std::string head_prefix = c.model_type + ".";
   const std::string prefix = file.contains(head_prefix + "embeddings.word_embeddings.weight") ? head_prefix : "";
-  auto load = [&](const std::string& hf, std::vector<int64_t> shape) {
+  // The parameter site of the encoder tensor prefix + hf, under its canonical name.
+  auto tensor = [&](const std::string& canonical, const std::string& hf, std::vector<int64_t> shape) {
     std::string name = prefix + hf;
     // Old TF-converted checkpoints call LayerNorm's parameters gamma and beta.
     auto old = [&](const std::string& from, const std::string& to) {
@@ -59,27 +60,27 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
       return name.substr(0, name.size() - from.size()) + to;
     };
     name = file.first_present({name, old("LayerNorm.weight", "LayerNorm.gamma"), old("LayerNorm.bias", "LayerNorm.beta")}).value_or(name);
-    return file.take(name, shape, options);
+    return m->held_by(name, m->param(canonical, prefix + hf, file.take(name, shape, options)));
   };
   file.check_layer_count((fs::path(dir) / "config.json").string(), "num_hidden_layers", c.num_layers, prefix + "encoder.layer.");
   const auto H = c.hidden_size, I = c.intermediate_size;
-  m->word_ = m->param("embed.word.weight", prefix + "embeddings.word_embeddings.weight", load("embeddings.word_embeddings.weight", {c.vocab_size, H}));
-  m->position_ = m->param("embed.position.weight", prefix + "embeddings.position_embeddings.weight", load("embeddings.position_embeddings.weight", {c.max_positions, H}));
-  m->token_type_ = m->param("embed.token_type.weight", prefix + "embeddings.token_type_embeddings.weight", load("embeddings.token_type_embeddings.weight", {c.type_vocab_size, H}));
-  m->embed_norm_w_ = m->param("embed.norm.weight", prefix + "embeddings.LayerNorm.weight", load("embeddings.LayerNorm.weight", {H}));
-  m->embed_norm_b_ = m->param("embed.norm.bias", prefix + "embeddings.LayerNorm.bias", load("embeddings.LayerNorm.bias", {H}));
+  m->word_ = tensor("embed.word.weight", "embeddings.word_embeddings.weight", {c.vocab_size, H});
+  m->position_ = tensor("embed.position.weight", "embeddings.position_embeddings.weight", {c.max_positions, H});
+  m->token_type_ = tensor("embed.token_type.weight", "embeddings.token_type_embeddings.weight", {c.type_vocab_size, H});
+  m->embed_norm_w_ = tensor("embed.norm.weight", "embeddings.LayerNorm.weight", {H});
+  m->embed_norm_b_ = tensor("embed.norm.bias", "embeddings.LayerNorm.bias", {H});
   m->embed_site_ = std::make_unique<EmbeddingSiteImpl>("embed", prefix + "embeddings", H);
   m->output(prefix + "encoder", H);
 
   for (std::int64_t i = 0; i < c.num_layers; ++i) {
     const std::string cn = "layers." + std::to_string(i), hf = "encoder.layer." + std::to_string(i);
     auto lin = [&](const std::string& cname, const std::string& hname, std::int64_t out, std::int64_t in) {
-      auto* w = m->param(cn + "." + cname + ".weight", prefix + hf + "." + hname + ".weight", load(hf + "." + hname + ".weight", {out, in}));
-      auto* b = m->param(cn + "." + cname + ".bias", prefix + hf + "." + hname + ".bias", load(hf + "." + hname + ".bias", {out}));
+      auto* w = tensor(cn + "." + cname + ".weight", hf + "." + hname + ".weight", {out, in});
+      auto* b = tensor(cn + "." + cname + ".bias", hf + "." + hname + ".bias", {out});
       return m->linear(cn + "." + cname, prefix + hf + "." + hname, w, b);
     };
     auto norm = [&](const std::string& cname, const std::string& hname, const char* which) {
-      return m->param(cn + "." + cname + "." + which, prefix + hf + "." + hname + "." + which, load(hf + "." + hname + "." + which, {H}));
+      return tensor(cn + "." + cname + "." + which, hf + "." + hname + "." + which, {H});
     };
     Layer l{};
     l.q = lin("attn.q", "attention.self.query", H, H);
@@ -98,27 +99,37 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
     l.layer = m->layer_site(cn, prefix + hf, i);
     m->layers_.push_back(l);
   }
-  // The masked-LM head (BertForMaskedLM: cls.predictions.*, RobertaForMaskedLM: lm_head.*),
-  // stored outside the encoder's prefix; its decoder weight is the word embedding matrix.
-  const bool bert_mlm = file.contains("cls.predictions.transform.dense.weight"), roberta_mlm = file.contains("lm_head.dense.weight");
-  if (bert_mlm || roberta_mlm) {
-    const std::string hp = bert_mlm ? "cls.predictions." : "lm_head.", dense = bert_mlm ? "transform.dense" : "dense",
-                      norm = bert_mlm ? "transform.LayerNorm" : "layer_norm";
-    auto head_param = [&](const std::string& canonical, const std::string& hf, std::vector<int64_t> shape) {
-      return m->param(canonical, hp + hf, file.take(hp + hf, shape, options));
-    };
-    m->mlm_dense_ = m->linear("mlm.dense", hp + dense, head_param("mlm.dense.weight", dense + ".weight", {H, H}),
-                              head_param("mlm.dense.bias", dense + ".bias", {H}));
-    m->mlm_norm_w_ = head_param("mlm.norm.weight", norm + ".weight", {H});
-    m->mlm_norm_b_ = head_param("mlm.norm.bias", norm + ".bias", {H});
-    if (file.contains(hp + "decoder.weight")) file.take(hp + "decoder.weight", {c.vocab_size, H}, options);  // the tied copy
-    if (file.contains(hp + "decoder.bias")) file.take(hp + "decoder.bias", {c.vocab_size}, options);
-    m->head_ = m->linear("head", hp + "decoder", m->word_, head_param("head.bias", "bias", {c.vocab_size}));
-  }
+  m->load_mlm_head(file, options);
   m->ignored_ = file.finish();  // pooler, position_ids, other task heads
 
   m->describe({c.model_type, H, c.num_layers, c.num_heads, I, c.vocab_size, {}, {}}, options);
   return m;
+}
+
+// The masked-LM head (BertForMaskedLM: cls.predictions.*, RobertaForMaskedLM: lm_head.*),
+// stored outside the encoder's prefix; its decoder weight is the word embedding matrix.
+void BertModel::load_mlm_head(Checkpoint& file, c10::TensorOptions options) {
+  const bool bert_mlm = file.contains("cls.predictions.transform.dense.weight"), roberta_mlm = file.contains("lm_head.dense.weight");
+  if (!bert_mlm && !roberta_mlm) return;
+  const std::string hp = bert_mlm ? "cls.predictions." : "lm_head.", dense = bert_mlm ? "transform.dense" : "dense",
+                    norm = bert_mlm ? "transform.LayerNorm" : "layer_norm";
+  const auto H = config_.hidden_size, V = config_.vocab_size;
+  auto head_param = [&](const std::string& canonical, const std::string& hf, std::vector<int64_t> shape) {
+    return held_by(hp + hf, param(canonical, hp + hf, file.take(hp + hf, shape, options)));
+  };
+  mlm_dense_ = linear("mlm.dense", hp + dense, head_param("mlm.dense.weight", dense + ".weight", {H, H}), head_param("mlm.dense.bias", dense + ".bias", {H}));
+  mlm_norm_w_ = head_param("mlm.norm.weight", norm + ".weight", {H});
+  mlm_norm_b_ = head_param("mlm.norm.bias", norm + ".bias", {H});
+  auto* head_bias = head_param("head.bias", "bias", {V});
+  // The tied copies, which transformers makes the word embedding and the head's bias.
+  auto tied = [&](const std::string& name, ParameterSiteImpl* site, const std::vector<int64_t>& shape) {
+    if (!file.contains(name)) return;
+    file.take(name, shape, options);
+    held_by(name, site);
+  };
+  tied(hp + "decoder.weight", word_, {V, H});
+  tied(hp + "decoder.bias", head_bias, {V});
+  head_ = linear("head", hp + "decoder", word_, head_bias);
 }
 
 Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask, const KV& prefix, const Unpadded* u) const {

@@ -21,6 +21,8 @@
 
 namespace tessera {
 
+class Checkpoint;
+
 struct BertConfig {
   std::string model_type = "bert";  // "bert" or "roberta" (positions offset past the padding id)
   std::int64_t vocab_size = 0, hidden_size = 0, num_layers = 0, num_heads = 0, intermediate_size = 0;
@@ -54,6 +56,7 @@ class BertModel final : public SiteModel {
     LayerSiteImpl* layer;
   };
   BertModel() = default;
+  void load_mlm_head(Checkpoint& file, c10::TensorOptions options);  // when the checkpoint has one
   // prefix: the attention site's (K, V) for this batch, undefined when it has none.
   using KV = std::pair<Tensor, Tensor>;
   Tensor attention(const Layer& l, const Tensor& h, const Tensor& mask, const KV& prefix, const Unpadded* u) const;

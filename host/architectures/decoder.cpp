@@ -180,7 +180,7 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
   auto tensor = [&](const std::string& canonical, const std::string& hf, std::vector<int64_t> shape, bool conv1d = false) {
     if (conv1d) std::swap(shape[0], shape[1]);
     Tensor t = file.take(P + hf, shape, options);
-    return m->param(canonical, P + hf, conv1d && t.defined() ? t.t() : t);
+    return m->held_by(P + hf, m->param(canonical, P + hf, conv1d && t.defined() ? t.t() : t), conv1d);
   };
   file.check_layer_count((fs::path(dir) / "config.json").string(), c.gpt2 ? "n_layer" : "num_hidden_layers", c.num_layers, P + (c.gpt2 ? "h." : "layers."));
   const std::string word = c.gpt2 ? "wte" : "embed_tokens";
@@ -231,6 +231,8 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
   // A tied head shares the embedding's parameter site: one tensor, one set of deltas.
   ParameterSiteImpl* head_w = m->word_;
   if (!c.tie_word_embeddings) head_w = m->param("head.weight", "lm_head.weight", file.take("lm_head.weight", {V, H}, options));
+  // (A tied lm_head.weight that some writers store anyway is, to transformers, the embedding.)
+  if (file.contains("lm_head.weight")) m->held_by("lm_head.weight", head_w);
   m->head_ = m->linear("head", "lm_head", head_w, nullptr);
   m->ignored_ = file.finish();
 

@@ -4,6 +4,7 @@
 
 #include <tessera/internal/sites_impl.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,6 +29,14 @@ struct Unpadded {
   Tensor padded(const Tensor& x) const;    // (N, …) -> (B, S, …), zeros at padding
 };
 
+// A checkpoint tensor as the model holds it: the parameter site with its value (a tied
+// copy's entry names its original's site), transposed where the file stores (in, out) —
+// GPT-2's Conv1D.
+struct CheckpointTensor {
+  const ParameterSiteImpl* site = nullptr;
+  bool transposed = false;
+};
+
 class SiteModel : public ModelViewImpl {
  public:
   SiteModel();  // offers the host's extensions (tessera.host.log)
@@ -44,12 +53,24 @@ class SiteModel : public ModelViewImpl {
   const std::vector<std::string>& keep_dense() const { return keep_dense_; }
   // Frees the dequantized copies plugins asked for of quantized bases (ParameterSite::base()).
   void drop_dense_copies();
+  // The checkpoint's tensors that parameter sites hold, by the name each was read under
+  // (which an old checkpoint's LayerNorm gamma/beta makes differ from the site's hf_name):
+  // what `tessera export` writes back. Those no site holds (pooler, buffers, other heads) are not here.
+  const std::map<std::string, CheckpointTensor>& checkpoint_tensors() const { return checkpoint_tensors_; }
 
  protected:
+  // Records that checkpoint tensor `name` is held by `site`; returns `site`.
+  ParameterSiteImpl* held_by(const std::string& name, ParameterSiteImpl* site, bool transposed = false) {
+    checkpoint_tensors_[name] = {site, transposed};
+    return site;
+  }
   std::vector<std::string> keep_dense_;
   // Fills info(): the shape numbers, and activations in `options` with trainable tensors in f32.
   void describe(ModelInfo shape, c10::TensorOptions options);
   std::vector<std::string> ignored_;
+
+ private:
+  std::map<std::string, CheckpointTensor> checkpoint_tensors_;
 };
 
 }  // namespace tessera

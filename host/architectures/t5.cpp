@@ -63,14 +63,17 @@ std::unique_ptr<T5Model> T5Model::load(const std::string& dir, c10::TensorOption
   file.check_layer_count(config, "num_decoder_layers", c.num_decoder_layers, "decoder.block.");
   const auto d = c.d_model, inner = c.num_heads * c.d_kv;
   auto tensor = [&](const std::string& canonical, const std::string& hf, const std::vector<int64_t>& shape) {
-    return m->param(canonical, hf, file.take(hf, shape, options));
+    return m->held_by(hf, m->param(canonical, hf, file.take(hf, shape, options)));
   };
   m->shared_ = tensor("embed.word.weight", "shared.weight", {c.vocab_size, d});
   m->embed_site_ = std::make_unique<EmbeddingSiteImpl>("embed", "shared", d);
   m->output("decoder.final_layer_norm", d);
   // The stacks' own embed_tokens are the shared matrix (stored only by some writers).
   for (const char* tied : {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"})
-    if (file.contains(tied)) file.take(tied, {c.vocab_size, d}, options);
+    if (file.contains(tied)) {
+      file.take(tied, {c.vocab_size, d}, options);
+      m->held_by(tied, m->shared_);
+    }
 
   auto attn = [&](const std::string& cn, const std::string& hf, const char* kind, const char* hf_kind) {
     Attn a{};

@@ -23,5 +23,6 @@ Command sites_command();     // cli/sites.cpp
 Command train_command();     // cli/train.cpp
 Command eval_command();      // cli/eval.cpp
 Command generate_command();  // cli/generate.cpp
+Command export_command();    // cli/export.cpp
 
 }  // namespace tessera

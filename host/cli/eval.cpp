@@ -38,12 +38,7 @@ int compare_recorded(const std::string& run_dir, double accuracy) {
 }
 
 int run_eval(const Args& a, const PluginRegistry& registry) {
-  const std::string config_path = (fs::path(a.run_dir) / "config.toml").string();
-  if (!fs::exists(config_path) || !fs::is_directory(fs::path(a.run_dir) / "adapter"))
-    throw std::runtime_error(a.run_dir + " is not a run directory of `tessera train` (it needs config.toml and adapter/)");
-  Config config = load_config(config_path);
-  refuse_missing_plugins(a.run_dir, config.methods, registry);
-  check_methods(config, registry);
+  Config config = load_run_config(a.run_dir, registry);
   if (a.threads >= 0) config.train.threads = a.threads;
   set_threads(config.train.threads);
   Session session(config, registry);

@@ -40,9 +40,7 @@ struct Plan {
 Plan plan(const Args& a, const PluginRegistry& registry) {
   Plan p{ModelConfig{a.model, "f32", "cpu"}, {}, {}};
   if (!a.run.empty()) {
-    Config rc = load_config((fs::path(a.run) / "config.toml").string());
-    refuse_missing_plugins(a.run, rc.methods, registry);
-    check_methods(rc, registry);
+    const Config rc = load_run_config(a.run, registry);
     p.model = rc.model;
     p.methods = rc.methods;
     for (const auto& m : rc.methods) p.state_dirs.push_back((fs::path(a.run) / "adapter" / m.name).string());

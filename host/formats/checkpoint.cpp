@@ -35,6 +35,18 @@ Checkpoint Checkpoint::open(const std::string& dir) {
   return c;
 }
 
+std::vector<std::string> Checkpoint::names() const {
+  std::vector<std::string> out;
+  for (const auto& [n, f] : where_) out.push_back(n);
+  return out;
+}
+
+at::Tensor Checkpoint::stored(const std::string& name) const {
+  const auto it = where_.find(name);
+  if (it == where_.end()) throw SafetensorsError(dir_, name, "is not in the checkpoint");
+  return it->second->tensor(name);
+}
+
 std::optional<std::string> Checkpoint::first_present(const std::vector<std::string>& names) const {
   for (const auto& n : names)
     if (contains(n)) return n;

@@ -25,6 +25,9 @@ class Checkpoint {
 
   const std::string& dir() const { return dir_; }
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
+  std::vector<std::string> names() const;  // every tensor of every shard, sorted
+  // The tensor as the file stores it (its dtype, a view of the mapping); not recorded as taken.
+  at::Tensor stored(const std::string& name) const;
   // The tensor, checked against `shape`, converted to `options`, frozen. A missing name
   // is recorded (see finish()) and a stand-in of that shape returned (one zero broadcast,
   // no memory) that the model may be built around but never run with: loading goes on,

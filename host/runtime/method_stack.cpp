@@ -106,7 +106,7 @@ void MethodStack::load_state(std::size_t i, const std::string& file) {
 void MethodStack::merge() {
   for (std::size_t i = 0; i < size(); ++i)
     if (!instances_[i]->call("mergeable", [](Method& m) { return m.mergeable(); }))
-      throw std::runtime_error("method '" + configs_[i].name + "' (" + configs_[i].plugin + ") cannot be folded into the weights");
+      throw std::runtime_error("plugin '" + configs_[i].plugin + "' (instance '" + configs_[i].name + "') is not mergeable: its effect cannot be folded into the weights");
   for (auto& m : instances_) m->call("merge", [](Method& x) { x.merge(); });
 }
 

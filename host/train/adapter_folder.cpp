@@ -106,4 +106,14 @@ void refuse_missing_plugins(const std::string& run, const std::vector<MethodConf
   }
 }
 
+Config load_run_config(const std::string& run_dir, const PluginRegistry& registry) {
+  const std::string config_path = (fs::path(run_dir) / "config.toml").string();
+  if (!fs::exists(config_path) || !fs::is_directory(fs::path(run_dir) / "adapter"))
+    throw std::runtime_error(run_dir + " is not a run directory of `tessera train` (it needs config.toml and adapter/)");
+  Config config = load_config(config_path);
+  refuse_missing_plugins(run_dir, config.methods, registry);
+  check_methods(config, registry);
+  return config;
+}
+
 }  // namespace tessera

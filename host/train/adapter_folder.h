@@ -36,4 +36,9 @@ void load_adapter(const std::string& dir, MethodStack& methods, const AdapterMan
 // beside the binary needs --plugin-dir (or TESSERA_PLUGIN_PATH) again.
 void refuse_missing_plugins(const std::string& run_dir, const std::vector<MethodConfig>& methods, const PluginRegistry& registry);
 
+// The resolved config.toml of the run in `run_dir`, its methods checked against the plugins
+// found now (refuse_missing_plugins, check_methods): what `eval`, `export` and `generate
+// --run` reload. Refuses a directory without config.toml and adapter/.
+Config load_run_config(const std::string& run_dir, const PluginRegistry& registry);
+
 }  // namespace tessera

@@ -26,7 +26,13 @@ void replace_folder(const std::string& dir, const std::function<void(const std::
   const fs::path target(dir), partial(dir + ".partial"), old(dir + ".old");
   fs::remove_all(partial);
   fs::create_directories(partial);
-  fill(partial.string());
+  try {
+    fill(partial.string());
+  } catch (...) {
+    std::error_code ignored;  // the error that matters is the one being thrown
+    fs::remove_all(partial, ignored);
+    throw;
+  }
   // Two renames: between them `dir` is briefly absent, never half-written.
   fs::remove_all(old);
   if (fs::exists(target)) fs::rename(target, old);

@@ -19,7 +19,7 @@ void clear_earlier_run(const std::string& dir);
 
 // Writes a folder in full before it replaces `dir`: `fill` writes into a sibling
 // `<dir>.partial`, which then takes `dir`'s place. A crash or an error while filling
-// leaves the earlier `dir` as it was.
+// leaves the earlier `dir` as it was (an error removes the partial folder too).
 void replace_folder(const std::string& dir, const std::function<void(const std::string& partial)>& fill);
 
 }  // namespace tessera

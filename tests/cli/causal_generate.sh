@@ -55,7 +55,7 @@ set +e
 rc=$?
 set -e
 cat "$out/err.txt"
-[[ $rc == 1 && ! -s "$out/merged.txt" ]] && grep -q "\-\-merge: method 'probe' (probe) cannot be folded into the weights" "$out/err.txt"
+[[ $rc == 1 && ! -s "$out/merged.txt" ]] && grep -q "\-\-merge: plugin 'probe' (instance 'probe') is not mergeable: its effect cannot be folded into the weights" "$out/err.txt"
 # An adapter AdapterHub saved (Houlsby, tests/fixtures/make_adapters.py) decodes as AdapterHub
 # decodes it, greedily, token for token.
 h=$("$tessera" generate --model "$model" --adapterhub "$adapters/gpt2_text_double_seq_bn" "the film is" --max-new-tokens 8)

@@ -44,6 +44,7 @@ CATCH_TEST_CASE("a folder is replaced only when its successor is written in full
                           "disk full");
   CATCH_CHECK(fs::exists(dir / "adapter" / "old_method" / "a"));
   CATCH_CHECK_FALSE(fs::exists(dir / "adapter" / "new_method"));
+  CATCH_CHECK_FALSE(fs::exists(dir / "adapter.partial"));
   // A success replaces it whole: nothing of the old layout lingers, no temporary is left.
   replace_folder(target, [](const std::string& out) { touch(fs::path(out) / "new_method" / "a"); });
   CATCH_CHECK(fs::exists(dir / "adapter" / "new_method" / "a"));
