@@ -327,6 +327,17 @@ CATCH_TEST_CASE("Child-Tuning task-driven equals the authors' calculate_fisher: 
   }
   CATCH_CHECK(theirs > 0);
   CATCH_CHECK(std::abs(ours - theirs) <= near);
+  // And the other way: every entry clearly above the reference's threshold is ours.
+  for (const auto& [k, f] : reference()) {
+    if (k.rfind("child_d.fisher.", 0) != 0) continue;
+    const std::string name = k.substr(15);
+    const Tensor strong = (f.reshape({-1}) > threshold * (1 + 1e-3)).nonzero().reshape({-1});
+    if (strong.numel() == 0) continue;
+    CATCH_INFO(name);
+    const auto it = state.find(name + ".child_indices");
+    CATCH_REQUIRE(it != state.end());
+    CATCH_CHECK(at::isin(strong, it->second.to(at::kCPU)).all().item<bool>());
+  }
   // Trained entries are the child network alone: a sparse delta, k numbers.
   std::int64_t trained = 0;
   for (const auto& [k, t] : ct->call("trainable", [](Method& m) { return m.trainable(); })) trained += t.numel();
@@ -336,6 +347,10 @@ CATCH_TEST_CASE("Child-Tuning task-driven equals the authors' calculate_fisher: 
 }
 
 CATCH_TEST_CASE("Child-Tuning task-free equals the authors' optimizer in plain PyTorch: Bernoulli(p)/p gradient masks from one seed, three steps", "[plugins][partial][parity]") {
+  if (!test::device().is_cpu()) {  // the reference's noise is torch's CPU generator's
+    CATCH_WARN("skipped on " << test::device().str() << ": the reference draws its masks from the CPU generator");
+    return;
+  }
   auto model = BertModel::load(test::fixture("tiny_bert_mlm"), test::options());
   test::perturb_if_asked(*model);
   auto& enc = test::cached_tensors(test::fixture("reference.safetensors"));
@@ -365,6 +380,10 @@ CATCH_TEST_CASE("Child-Tuning task-free equals the authors' optimizer in plain P
 }
 
 CATCH_TEST_CASE("Diff pruning equals the paper in plain PyTorch: hard-concrete gates, the L0 term, three steps, then the magnitude projection", "[plugins][partial][parity]") {
+  if (!test::device().is_cpu()) {  // the reference's noise is torch's CPU generator's
+    CATCH_WARN("skipped on " << test::device().str() << ": the reference draws its masks from the CPU generator");
+    return;
+  }
   auto model = BertModel::load(test::fixture("partial/tiny_bert_nodrop"), test::options());  // the gates' noise is the only one
   test::perturb_if_asked(*model);
   auto& enc = test::cached_tensors(test::fixture("reference.safetensors"));
@@ -430,4 +449,7 @@ CATCH_TEST_CASE("Diff pruning equals the paper in plain PyTorch: hard-concrete g
   CATCH_CHECK_THROWS_WITH(other->call("load_state", [&](Method& m) { m.load_state({{"encoder.layer.9.output.dense.weight.diff_w", at::zeros({1})}}); }),
                           Catch::Contains("'encoder.layer.9.output.dense.weight.diff_w' is not part of this diff-pruning adapter"));
   CATCH_CHECK_THROWS_AS(apply_schema(test::registry().find("diff_pruning")->params, {{"target_ratio", 0.0}}), std::exception);
+  for (const double at : {0.0, 1.0})
+    CATCH_CHECK_THROWS_WITH(other->call("validate", [&](Method& m) { m.validate(apply_schema(test::registry().find("diff_pruning")->params, {{"prune_at", at}})); }),
+                            Catch::Contains("prune_at must be in (0, 1)"));
 }

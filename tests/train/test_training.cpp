@@ -576,3 +576,36 @@ num_virtual_tokens = 481
   const auto metrics = c.output_dir + "/metrics.jsonl";
   CATCH_CHECK((!std::filesystem::exists(metrics) || std::filesystem::file_size(metrics) == 0));  // no step ran
 }
+
+CATCH_TEST_CASE("diff pruning in a real run projects at its step and trains the kept entries on (the optimizer follows)", "[train][minilm]") {
+  set_threads(0);
+  const auto dir = test::temp_dir("train-diff");
+  Config c = config_in(dir, polarity(32, 64) + R"([train]
+epochs = 1
+batch_size = 16
+lr = 1e-2
+max_steps = 4
+[[methods]]
+plugin = "diff_pruning"
+name = "diff"
+targets = ["mlp.down.weight"]
+[methods.params]
+target_ratio = 0.01
+prune_at = 0.5
+)");
+  Session s(c, test::registry());
+  TrainResult r = train(s, c.output_dir);
+  CATCH_CHECK(r.steps == 4);
+  // Projected at step 2 of 4: what trains is 1% of the six down-projections' entries, and the
+  // last two steps reached it (gradients on the values; the optimizer's refresh on a changed
+  // trainable set is the host's, tested with the probe plugin's "life" tensors).
+  std::int64_t kept = 0;
+  for (const auto& t : s.methods().trainable()) {
+    kept += t.numel();
+    CATCH_CHECK(t.grad().defined());
+  }
+  CATCH_CHECK(kept == static_cast<std::int64_t>(std::ceil(0.01 * 6 * 384 * 1536)));
+  const auto saved = test::read_tensors(c.output_dir + "/adapter/diff/adapter_model.safetensors");
+  CATCH_CHECK(saved.count("encoder.layer.0.output.dense.weight.diff_indices") == 1);
+  CATCH_CHECK(saved.count("encoder.layer.0.output.dense.weight.diff_w") == 0);
+}

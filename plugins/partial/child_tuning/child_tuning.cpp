@@ -19,7 +19,6 @@
 #include <tessera/plugin.h>
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -29,6 +28,14 @@
 namespace {
 
 using tessera::Tensor;
+
+// A generator of the device's own kind (CPU: Mersenne Twister; CUDA: Philox), private to the
+// method and seeded by it, so its draws do not depend on what else draws from the default one.
+at::Generator tessera_seeded_generator(const c10::Device& device, std::uint64_t seed) {
+  at::Generator g = at::globalContext().defaultGenerator(device).clone();
+  g.set_current_seed(seed);
+  return g;
+}
 
 // Default targets: the tensors of the transformer layers, as the authors' code takes the
 // parameters whose name holds "layer" (BERT's encoder.layer.N.*), in every architecture.
@@ -88,7 +95,7 @@ class ChildTuning final : public tessera::Method {
     auto seed = ctx.params.integer("seed");
     if (seed < 0) seed = at::randint(0, std::numeric_limits<std::int32_t>::max(), {1}, at::kLong).item<std::int64_t>();
     seed_ = seed;
-    gen_ = at::make_generator<at::CPUGeneratorImpl>(static_cast<std::uint64_t>(seed));
+    gen_ = tessera_seeded_generator(opts_.device(), static_cast<std::uint64_t>(seed));
     order_.resize(sites_.size());
     for (std::size_t i = 0; i < order_.size(); ++i) order_[i] = i;
     std::sort(order_.begin(), order_.end(), [&](std::size_t a, std::size_t b) { return sites_[a]->hf_name() < sites_[b]->hf_name(); });
@@ -122,15 +129,15 @@ class ChildTuning final : public tessera::Method {
   }
 
   // Task-free: each entry's gradient kept with probability p and scaled by 1/p. The draws are
-  // uniform in [0, 1) (kept below p), on the CPU from the method's generator; on another
-  // device from that device's generator, which the run's seed seeds.
+  // uniform in [0, 1) (kept below p) from the method's own generator on the model's device
+  // (on the CPU, torch's Mersenne Twister: a plain PyTorch loop with the seed draws the same).
   void after_backward() override {
     if (driven_) return;
     const auto& entries = dense_.entries();
     for (const auto i : order_) {
       const Tensor& d = entries[i].delta;
       if (!d.grad().defined()) continue;
-      const Tensor u = d.is_cpu() ? at::rand(d.sizes(), gen_, d.options()) : at::rand(d.sizes(), d.options());
+      const Tensor u = at::rand(d.sizes(), gen_, d.options());
       d.mutable_grad().mul_(u.lt(p_).to(d.scalar_type()).div_(p_));
     }
   }

@@ -17,7 +17,6 @@
 #include <tessera/plugin.h>
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 #include <nlohmann/json.hpp>
 
@@ -34,7 +33,7 @@ const std::vector<std::string> kLayers = {"re:(encoder\\.|decoder\\.)?layers\\..
 struct Dense {
   tessera::ParameterSite* site;
   Tensor w, alpha, group_alpha;  // base's shape, base's shape, (1) — f32 masters
-  at::Generator gen;             // this tensor's noise (CPU)
+  at::Generator gen;             // this tensor's noise, on the model's device
   Tensor logit_u;                // log u − log(1 − u) of this step, base's shape, and (1) for the group
   Tensor logit_ug;
   std::int64_t drawn_at = -1;    // the noise_step_ it was drawn at
@@ -47,7 +46,7 @@ class DiffPruning final : public tessera::Method {
     using tessera::ParamType;
     return {{
         {"target_ratio", ParamType::Float, 0.005, "the share of targeted entries δ keeps at the projection (the paper's 0.5%)", 1e-9, 1.0, {}},
-        {"prune_at", ParamType::Float, 0.5, "the share of the run's optimizer steps after which δ is projected and its mask fixed", 0.0, 1.0, {}},
+        {"prune_at", ParamType::Float, 0.5, "the share of the run's optimizer steps after which δ is projected and its mask fixed, in (0, 1)", 0.0, 1.0, {}},
         {"l0_lambda", ParamType::Float, 1.25e-7, "λ: the weight of the expected L0 norm in the loss (the paper's 1.25e-7)", 0.0, 1e30, {}},
         {"alpha_init", ParamType::Float, 5.0, "the gates' log-odds α at the start (the paper's 5: every gate near 1)", -1e3, 1e3, {}},
         {"structured", ParamType::Bool, true, "one more gate per tensor, z_g, whose log-odds train too (the paper's structured diff pruning)", {}, {}, {}},
@@ -59,6 +58,8 @@ class DiffPruning final : public tessera::Method {
 
   void validate(const tessera::Params& p) const override {
     if (!(p.number("target_ratio") > 0.0)) throw tessera::ParamError("target_ratio", "target_ratio must be in (0, 1]");
+    if (!(p.number("prune_at") > 0.0 && p.number("prune_at") < 1.0))
+      throw tessera::ParamError("prune_at", "prune_at must be in (0, 1): the projection comes after some steps of the first stage and before the run ends");
     if (!(p.number("l") < 0.0)) throw tessera::ParamError("l", "l must be below 0: the stretched gate must reach exactly 0");
   }
 
@@ -92,7 +93,8 @@ class DiffPruning final : public tessera::Method {
       d.w = at::zeros(s->base().sizes(), opts_).set_requires_grad(true);
       d.alpha = at::full(s->base().sizes(), a0, opts_).set_requires_grad(true);
       if (structured_) d.group_alpha = at::full({1}, a0, opts_).set_requires_grad(true);
-      d.gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<std::uint64_t>(seed) + j);
+      d.gen = at::globalContext().defaultGenerator(opts_.device()).clone();  // private, of the device's kind
+      d.gen.set_current_seed(static_cast<std::uint64_t>(seed) + j);
     }
     install_dense();
   }
@@ -100,7 +102,7 @@ class DiffPruning final : public tessera::Method {
   // A new step: each tensor's noise is drawn afresh when its delta is next computed in training.
   void on_step(const tessera::StepInfo& info) override {
     ++noise_step_;
-    if (!projected_ && info.step == static_cast<std::int64_t>(std::floor(prune_at_ * static_cast<double>(info.total)))) project();
+    if (!projected_ && info.step >= static_cast<std::int64_t>(std::floor(prune_at_ * static_cast<double>(info.total)))) project();
   }
 
   // λ · E[‖δ‖₀]: each entry's probability of a non-zero gate, times its tensor's (structured).
@@ -172,6 +174,7 @@ class DiffPruning final : public tessera::Method {
         sparse_.reset(*owner_, std::vector<tessera::SparseDeltas::Kept>(sparse_.kept()));
         dense_.clear();
         projected_ = true;
+        if (training_ != nullptr) training_->trainable_changed(training_->host, instance_.c_str());
       }
       return;
     }
@@ -221,7 +224,7 @@ class DiffPruning final : public tessera::Method {
   }
   static Tensor logit_uniform(at::Generator& gen, at::IntArrayRef shape, const c10::TensorOptions& o) {
     // u in (0, 1): torch.rand's [0, 1) without its 0, whose logit is −∞
-    const Tensor u = (o.device().is_cpu() ? at::rand(shape, gen, o) : at::rand(shape, o)).clamp_min(std::numeric_limits<float>::min());
+    const Tensor u = at::rand(shape, gen, o).clamp_min(std::numeric_limits<float>::min());
     return at::log(u) - at::log1p(-u);
   }
 
@@ -250,6 +253,8 @@ class DiffPruning final : public tessera::Method {
     std::vector<Tensor> magnitude, values;
     for (auto& d : dense_) values.push_back(eval_delta(d)), magnitude.push_back(values.back().abs());
     tessera::ScoreSelection select(magnitude, false);
+    if (select.kth_largest(1) == 0.0f)
+      tessera::log(*model_, TESSERA_LOG_WARN, instance_, "every entry of δ is 0 at the projection (no step moved w yet): the kept entries are the first ones in tensor order");
     const auto k = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(target_ * static_cast<double>(select.total()) - 1e-9)));
     const auto idx = select.top_k(k);
     std::vector<tessera::SparseDeltas::Kept> fresh;
