@@ -10,7 +10,7 @@ using namespace tessera;
 
 CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora][minilm][parity]") {
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
-  for (const std::string variant : {"lora_basic", "lora_rs_patterns"}) {
+  for (const std::string variant : {"lora_basic", "lora_rs_patterns", "lora_dora"}) {
     CATCH_INFO("variant " << variant);
     auto model = test::load_minilm();
     const auto dir = test::fixture(variant);
@@ -39,6 +39,38 @@ CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora][minilm
     TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, variant + ".hidden", mask));
     lora->detach(*model);
   }
+}
+
+CATCH_TEST_CASE("DoRA's gradients equal peft's: A, B and the magnitudes, the norm detached", "[plugins][lora][minilm]") {
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  auto model = test::load_minilm();
+  const auto dir = test::fixture("lora_dora");
+  MethodConfig mc = method_from_peft_dir(dir, test::registry(), "adapter");
+  CATCH_CHECK(mc.checked.flag("use_dora"));
+  auto dora = test::registry().create("lora", "adapter");
+  dora->attach(*model, mc.targets, mc.checked);
+  dora->call("load_state", [&](Method& m) { m.load_state(test::read_tensors(dir + "/adapter_model.safetensors")); });
+  const auto& ids = ref["input_ids"];
+  const auto& mask = ref["attention_mask"];
+  (model->forward(ids, mask).hidden * ref["lora_dora.direction"] * mask.unsqueeze(-1)).sum().backward();
+  const auto state = dora->call("state", [](Method& m) { return m.state(); });  // the trained tensors, by peft's keys
+  std::size_t compared = 0;
+  for (const auto& [k, t] : state) {
+    CATCH_INFO(k);
+    CATCH_REQUIRE(t.grad().defined());
+    const Tensor theirs = ref.at("lora_dora.grad." + k).to(at::kDouble);
+    const double err = (t.grad().to(at::kDouble) - theirs).abs().max().item<double>() / theirs.abs().max().item<double>();
+    CATCH_CHECK(err < 2e-3);
+    ++compared;
+  }
+  CATCH_CHECK(compared == 3 * 18);  // A, B, m on q, v and intermediate.dense of six layers
+  // A plain LoRA refuses a DoRA file, saying so.
+  auto plain = test::registry().create("lora", "plain");
+  Params p = mc.checked;
+  p.set("use_dora", false);
+  plain->attach(*model, mc.targets, p);
+  CATCH_CHECK_THROWS_WITH(plain->call("load_state", [&](Method& m) { m.load_state(test::read_tensors(dir + "/adapter_model.safetensors")); }),
+                          Catch::Contains("it is a DoRA adapter (use_dora = true)"));
 }
 
 CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's config", "[plugins][lora][minilm][parity]") {

@@ -6,6 +6,16 @@
 //
 // Unmerged, the update is a parallel branch of the linear site; merging folds s·B·A
 // into the base weight (an explicit step) and removes the branch.
+//
+// DoRA (Liu et al. 2024, arXiv:2402.09353; use_dora), PEFT's form: with the per-row norm
+// n = ‖W + s·B A‖ treated as a constant (detached) and the trained magnitude m (out),
+//   y = (m/n) ⊙ (W x + s·B A x) + b
+// computed without a second product with W: an output scale m/n on the site's W x + b, and a
+// branch (1 − m/n) ⊙ b + (m/n) ⊙ s·B A x. n comes from ‖W‖² (once) + 2s ⟨W, B A⟩ + s² ‖B A‖²
+// per row, i.e. W Aᵀ (out × r) and A Aᵀ (r × r), never an (out × in) temporary. In training
+// with dropout PEFT reads the base product of the dropped input,
+//   y = W x + b + (m/n − 1) ⊙ W drop(x) + (m/n) ⊙ s·B A drop(x),
+// and so does the branch then (the one case with a second product).
 #include <tessera/dropout.h>
 #include <tessera/low_rank.h>
 #include <tessera/plugin.h>
@@ -36,7 +46,20 @@ struct Adapter {
   Tensor A;  // (r, in)
   Tensor B;  // (out, r)
   double scaling;
+  Tensor m;       // DoRA: (out) magnitude, trained; undefined without DoRA
+  Tensor w_sq;    // DoRA: (out) ‖W‖² per row of the frozen base, f32
+  Tensor folded;  // DoRA, while merged: what merge() added to the base
   Tensor delta() const { return at::matmul(B, A) * scaling; }  // (out, in)
+
+  // DoRA's n = ‖W + s·B A‖ per output row, (out) f32, outside autograd (the paper's §4.3).
+  Tensor weight_norm() const {
+    at::NoGradGuard no_grad;
+    const Tensor W = site->weight().base().to(A.scalar_type());
+    const Tensor a = A.detach(), b = B.detach();
+    const Tensor cross = (b * at::matmul(W, a.t())).sum(1);            // ⟨W_o, (B A)_o⟩
+    const Tensor sq = (at::matmul(b, at::matmul(a, a.t())) * b).sum(1);  // ‖(B A)_o‖²
+    return (w_sq + cross * (2.0 * scaling) + sq * (scaling * scaling)).clamp_min(0.0).sqrt();
+  }
 };
 
 class Lora final : public tessera::Method {
@@ -52,6 +75,8 @@ class Lora final : public tessera::Method {
          "\"true\": A Kaiming-uniform, B zero (update starts at 0); \"gaussian\": A ~ N(0, 1/r), B zero; "
          "\"false\": A and B both Kaiming-uniform (nonzero start, for tests)",
          std::nullopt, std::nullopt, {"true", "gaussian", "false"}},
+        {"use_dora", ParamType::Bool, false, "DoRA: a trained magnitude per output row times the normalised W + s·B·A (Liu et al. 2024)", std::nullopt,
+         std::nullopt, {}},
         {"rank_pattern", ParamType::NumberTable, tessera::NumberTable{}, "per-target rank: {pattern = r}", std::nullopt, std::nullopt, {}},
         {"alpha_pattern", ParamType::NumberTable, tessera::NumberTable{}, "per-target alpha: {pattern = alpha}", std::nullopt, std::nullopt, {}},
     }};
@@ -76,6 +101,8 @@ class Lora final : public tessera::Method {
     model_ = &ctx.model;
     params_ = p;
     dropout_ = p.number("lora_dropout");
+    dora_ = p.flag("use_dora");
+    compute_ = ctx.model.info().options.dtype().toScalarType();
     auto sites = ctx.model.match_linear(ctx.targets);
     if (sites.empty()) {
       std::string list;
@@ -100,7 +127,12 @@ class Lora final : public tessera::Method {
       if (init == "false") B.uniform_(-1.0 / std::sqrt(static_cast<double>(r)), 1.0 / std::sqrt(static_cast<double>(r)));
       A.set_requires_grad(true);
       B.set_requires_grad(true);
-      adapters_.push_back({site, A, B, scaling});
+      adapters_.push_back({site, A, B, scaling, {}, {}, {}});
+      if (dora_) {  // m starts at n, so the model starts where plain LoRA would
+        auto& a = adapters_.back();
+        a.w_sq = site->weight().base().to(opts).square().sum(1);
+        a.m = a.weight_norm().clone().set_requires_grad(true);
+      }
     }
     install();
   }
@@ -111,14 +143,21 @@ class Lora final : public tessera::Method {
     if (merged_) return;
     for (auto& a : adapters_) {
       a.site->remove(*owner_);  // the fold replaces the branch; unmerge() installs it again
-      a.site->weight().fold(a.delta().detach());
+      if (dora_) {  // W ↦ (m/n) ⊙ (W + s·B A), row by row
+        at::NoGradGuard no_grad;
+        const Tensor W = a.site->weight().base().to(a.A.scalar_type());
+        a.folded = ((a.m / a.weight_norm()).unsqueeze(1) * (W + a.delta()) - W).to(a.site->weight().base().scalar_type());
+        a.site->weight().fold(a.folded);
+      } else {
+        a.site->weight().fold(a.delta().detach());
+      }
     }
     merged_ = true;
   }
 
   void unmerge() override {
     if (!merged_) return;
-    for (auto& a : adapters_) a.site->weight().fold(-a.delta().detach());
+    for (auto& a : adapters_) a.site->weight().fold(dora_ ? -a.folded : -a.delta().detach()), a.folded = Tensor();
     merged_ = false;
     install();
   }
@@ -128,36 +167,47 @@ class Lora final : public tessera::Method {
     for (const auto& a : adapters_) {
       out[a.site->name() + ".lora_A"] = a.A;
       out[a.site->name() + ".lora_B"] = a.B;
+      if (dora_) out[a.site->name() + ".lora_magnitude_vector"] = a.m;
     }
     return out;
   }
 
-  // HF PEFT's file keys: base_model.model.<module path>.lora_{A,B}.weight
+  // HF PEFT's file keys: base_model.model.<module path>.lora_{A,B}.weight (DoRA:
+  // .lora_magnitude_vector, without ".weight", as PEFT saves it)
   tessera::NamedTensors state() override {
     tessera::NamedTensors out;
     for (const auto& a : adapters_) {
       out[key(a, "lora_A")] = a.A;
       out[key(a, "lora_B")] = a.B;
+      if (dora_) out[magnitude_key(a)] = a.m;
     }
     return out;
   }
 
   void load_state(const tessera::NamedTensors& tensors) override {
-    if (tensors.size() != 2 * adapters_.size())
-      throw std::runtime_error("adapter holds " + std::to_string(tensors.size()) + " tensors, this LoRA has " +
-                               std::to_string(2 * adapters_.size()));
-    at::NoGradGuard no_grad;
-    for (auto& a : adapters_) {
-      for (auto pair : std::initializer_list<std::pair<const char*, Tensor*>>{{"lora_A", &a.A}, {"lora_B", &a.B}}) {
-        const std::string k = key(a, pair.first);
-        auto it = tensors.find(k);
-        if (it == tensors.end()) throw std::runtime_error("adapter lacks tensor '" + k + "'");
-        if (it->second.sizes() != pair.second->sizes())
-          throw std::runtime_error("tensor '" + k + "' has shape " + c10::str(it->second.sizes()) + ", expected " +
-                                   c10::str(pair.second->sizes()));
-        pair.second->copy_(it->second);
-      }
+    const std::size_t per = dora_ ? 3 : 2;
+    if (tensors.size() != per * adapters_.size()) {
+      bool magnitudes = false;
+      for (const auto& [k, _] : tensors) magnitudes |= k.size() > 22 && k.compare(k.size() - 22, 22, ".lora_magnitude_vector") == 0;
+      throw std::runtime_error("adapter holds " + std::to_string(tensors.size()) + " tensors, this LoRA has " + std::to_string(per * adapters_.size()) +
+                               (magnitudes && !dora_ ? ": it is a DoRA adapter (use_dora = true)" : !magnitudes && dora_ ? ": it has no DoRA magnitudes (use_dora = false)" : ""));
     }
+    if (merged_) throw std::runtime_error("load_state() while merged: unmerge first");
+    for (int pass = 0; pass < 2; ++pass)  // every tensor checked before any is copied
+      for (auto& a : adapters_) {
+        std::vector<std::pair<std::string, Tensor*>> parts = {{key(a, "lora_A"), &a.A}, {key(a, "lora_B"), &a.B}};
+        if (dora_) parts.emplace_back(magnitude_key(a), &a.m);
+        for (auto& [k, t] : parts) {
+          auto it = tensors.find(k);
+          if (it == tensors.end()) throw std::runtime_error("adapter lacks tensor '" + k + "'");
+          if (it->second.sizes() != t->sizes())
+            throw std::runtime_error("tensor '" + k + "' has shape " + c10::str(it->second.sizes()) + ", expected " + c10::str(t->sizes()));
+          if (pass == 1) {
+            at::NoGradGuard no_grad;
+            t->copy_(it->second);
+          }
+        }
+      }
   }
 
   std::string adapter_config_json() const override {
@@ -177,6 +227,7 @@ class Lora final : public tessera::Method {
         {"lora_alpha", params_.number("lora_alpha")},
         {"lora_dropout", params_.number("lora_dropout")},
         {"use_rslora", params_.flag("use_rslora")},
+        {"use_dora", dora_},
         {"init_lora_weights", init == "gaussian" ? nlohmann::json("gaussian") : nlohmann::json(init == "true")},
         {"target_modules", targets},
         {"rank_pattern", rank},
@@ -194,10 +245,35 @@ class Lora final : public tessera::Method {
   static std::string key(const Adapter& a, const char* which) {
     return "base_model.model." + a.site->hf_path() + "." + which + ".weight";
   }
+  static std::string magnitude_key(const Adapter& a) { return "base_model.model." + a.site->hf_path() + ".lora_magnitude_vector"; }
+
+  bool dropping() const { return dropout_ > 0 && model_->training(); }
+
+  // DoRA: the output scale m/n on W x + b (1 while dropout trains: the branch carries it
+  // then), and the branch that completes PEFT's sum.
+  void install_dora(const Adapter* ad) {
+    ad->site->add_output_scale(*owner_, [this, ad] {
+      return dropping() ? at::ones_like(ad->m).to(compute_) : (ad->m / ad->weight_norm()).to(compute_);
+    });
+    ad->site->add_branch(*owner_, [this, ad](const Tensor& x) {  // x: (..., in) -> (..., out)
+      const Tensor g = (ad->m / ad->weight_norm()).to(x.scalar_type());  // (out)
+      if (dropping()) {
+        const Tensor h = tessera::dropout(x, dropout_, true);
+        return (g - 1) * at::linear(h, ad->site->weight().base().to(x.scalar_type())) + g * tessera::low_rank(h, ad->A, ad->B, ad->scaling);
+      }
+      Tensor y = g * tessera::low_rank(x, ad->A, ad->B, ad->scaling);
+      if (auto* bias = ad->site->bias()) y = y + (1 - g) * bias->value().to(x.scalar_type());
+      return y;
+    });
+  }
 
   void install() {
     for (auto& a : adapters_) {
       const Adapter* ad = &a;  // adapters_ does not grow after attach
+      if (dora_) {
+        install_dora(ad);
+        continue;
+      }
       a.site->add_branch(*owner_, [this, ad](const Tensor& x) {  // x: (..., in) -> (..., out)
         Tensor h = dropout_ > 0 ? tessera::dropout(x, dropout_, model_->training()) : x;
         // A bf16 model computes in bf16; the f32 masters get their gradients in f32.
@@ -211,7 +287,8 @@ class Lora final : public tessera::Method {
   tessera::Params params_;
   std::vector<Adapter> adapters_;
   double dropout_ = 0.0;
-  bool merged_ = false;
+  bool dora_ = false, merged_ = false;
+  c10::ScalarType compute_ = at::kFloat;
 };
 
 }  // namespace
