@@ -344,6 +344,11 @@ CATCH_TEST_CASE("Child-Tuning task-driven equals the authors' calculate_fisher: 
   CATCH_CHECK(trained == ours);
   CATCH_CHECK_THROWS_WITH(ct->call("prepare", [&](Method& m) { m.prepare(Calibration{}); }), Catch::Contains("the host offers none"));
   CATCH_CHECK_THROWS_AS(apply_schema(test::registry().find("child_tuning")->params, {{"reserve_p", 0.0}}), std::exception);
+  for (const char* plugin : {"child_tuning", "diff_pruning"}) {
+    auto none = test::registry().create(plugin, "none");
+    CATCH_CHECK_THROWS_WITH(none->attach(*model, {"no.such.tensor"}, apply_schema(test::registry().find(plugin)->params, {})),
+                            Catch::Contains("no parameter of this bert model matches the targets"));
+  }
 }
 
 CATCH_TEST_CASE("Child-Tuning task-free equals the authors' optimizer in plain PyTorch: Bernoulli(p)/p gradient masks from one seed, three steps", "[plugins][partial][parity]") {
