@@ -32,6 +32,8 @@ const std::vector<Row>& table() {
   static const std::vector<Row> rows = {
       {"lora", {"attn.q", "attn.v", "mlp.up"}, {{"r", std::int64_t{4}}, {"init_lora_weights", std::string("false")}, {"lora_alpha", 8.0}}, {}},
       {"lora", {"attn.o", "mlp.up"}, {{"r", std::int64_t{4}}, {"init_lora_weights", std::string("false")}, {"use_dora", true}}, {}},  // DoRA
+      {"lora", {"attn.q", "mlp.down"}, {{"r", std::int64_t{4}}, {"init_lora_weights", std::string("pissa_niter_2")}}, {}},  // PiSSA, randomised SVD
+      {"lora", {"attn.v"}, {{"r", std::int64_t{4}}, {"init_lora_weights", std::string("olora")}}, {}},
       {"ia3", {}, {{"init_ia3_weights", false}}, {}},  // PEFT's default targets on every family
       {"bottleneck", {}, {}, {}},  // seq_bn (Pfeiffer): bert init, so it acts at once
       {"bottleneck", {}, {{"config", std::string("double_seq_bn")}, {"cross_adapter", true}}, {}},  // Houlsby, T5's cross-attention too

@@ -73,6 +73,64 @@ CATCH_TEST_CASE("DoRA's gradients equal peft's: A, B and the magnitudes, the nor
                           Catch::Contains("it is a DoRA adapter (use_dora = true)"));
 }
 
+CATCH_TEST_CASE("PiSSA and OLoRA start from peft's A and B, and read and write peft's conversion to a plain LoRA of twice the rank", "[plugins][lora][minilm][parity]") {
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  const auto& ids = ref["input_ids"];
+  const auto& mask = ref["attention_mask"];
+  for (const std::string kind : {"pissa", "olora"}) {
+    CATCH_INFO("init " << kind);
+    auto model = test::load_minilm();
+    Tensor base_out;
+    {
+      at::NoGradGuard no_grad;
+      base_out = model->forward(ids, mask).hidden;
+    }
+    auto lora = test::registry().create("lora", "adapter");
+    lora->attach(*model, {"query", "value"},
+                 apply_schema(test::registry().find("lora")->params, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}, {"init_lora_weights", kind}}));
+    // The start: peft's A and B (one SVD or QR of the same weight), the model still the base's.
+    auto state = lora->call("state", [](Method& m) { return m.state(); });
+    std::size_t compared = 0;
+    for (const auto& [k, t] : state) {
+      const bool is_a = k.find(".lora_A.") != std::string::npos;
+      const Tensor ours = is_a ? t.narrow(0, 0, 4) : t.narrow(1, 0, 4);
+      const Tensor theirs = ref.at("lora_" + kind + ".init." + k);
+      CATCH_INFO(k);
+      CATCH_CHECK((ours.to(at::kCPU, at::kDouble) - theirs.to(at::kDouble)).abs().max().item<double>() <= 1e-4 * theirs.abs().max().item<double>());
+      ++compared;
+    }
+    CATCH_CHECK(compared == 2 * 12);
+    {
+      at::NoGradGuard no_grad;
+      CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, base_out, mask) < 1e-4);
+    }
+    // Peft's adapter after "training", converted: our outputs are peft's on its residual base.
+    const auto file = test::read_tensors(test::fixture("lora_" + kind) + "/adapter_model.safetensors");
+    lora->call("load_state", [&](Method& m) { m.load_state(file); });
+    at::NoGradGuard no_grad;
+    TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, "lora_" + kind + ".hidden", mask));
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, base_out, mask) > 1e-3);
+    for (const auto& [k, t] : lora->call("state", [](Method& m) { return m.state(); })) CATCH_CHECK(at::equal(t.to(at::kCPU), file.at(k).to(at::kCPU)));
+    const auto cfg = nlohmann::json::parse(lora->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
+    CATCH_CHECK(cfg["r"] == 8);
+    CATCH_CHECK(cfg["lora_alpha"] == 16.0);
+    CATCH_CHECK(cfg["init_lora_weights"] == true);
+    lora->call("merge", [](Method& m) { m.merge(); });
+    TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, "lora_" + kind + ".hidden", mask));
+    lora->call("unmerge", [](Method& m) { m.unmerge(); });
+    lora->detach(*model);
+    // The converted folder is the plain LoRA it says it is: imported as one, the same outputs.
+    MethodConfig mc = method_from_peft_dir(test::fixture("lora_" + kind), test::registry(), "plain");
+    auto plain = test::registry().create("lora", "plain");
+    plain->attach(*model, mc.targets, mc.checked);
+    plain->call("load_state", [&](Method& m) { m.load_state(file); });
+    TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, "lora_" + kind + ".hidden", mask));
+  }
+  Params bad = apply_schema(test::registry().find("lora")->params, {{"init_lora_weights", std::string("pissa_niter_x")}});
+  auto lora = test::registry().create("lora", "adapter");
+  CATCH_CHECK_THROWS_WITH(lora->call("validate", [&](Method& m) { m.validate(bad); }), Catch::Contains("init_lora_weights must be true, gaussian"));
+}
+
 CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's config", "[plugins][lora][minilm][parity]") {
   auto model = test::load_minilm();
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));

@@ -16,6 +16,14 @@
 // with dropout PEFT reads the base product of the dropped input,
 //   y = W x + b + (m/n − 1) ⊙ W drop(x) + (m/n) ⊙ s·B A drop(x),
 // and so does the branch then (the one case with a second product).
+//
+// PiSSA (Meng et al. 2024, arXiv:2404.02948) and OLoRA (Büyükakyüz 2024, arXiv:2406.01775)
+// initialise A, B from W's principal singular triplets or its QR factors; PEFT then writes
+// W − s·B₀A₀ into the base. Here the base stays as it is and a frozen branch −s·B₀A₀ x takes
+// the residual's place (rank r, no dense copy): y = W x + b + s·B A drop(x) − s·B₀ A₀ x. The
+// files are PEFT's conversion to a plain LoRA of rank 2r on the original base,
+// A' = [A; A₀], B' = [B, −B₀] (r and lora_alpha doubled, √2 under rsLoRA), which is what
+// load_state() reads back.
 #include <tessera/dropout.h>
 #include <tessera/low_rank.h>
 #include <tessera/plugin.h>
@@ -26,6 +34,7 @@
 
 #include <cmath>
 #include <regex>
+#include <tuple>
 
 namespace {
 
@@ -46,10 +55,16 @@ struct Adapter {
   Tensor A;  // (r, in)
   Tensor B;  // (out, r)
   double scaling;
+  Tensor A0, B0;  // PiSSA / OLoRA: the initial A and B, frozen; undefined otherwise
   Tensor m;       // DoRA: (out) magnitude, trained; undefined without DoRA
   Tensor w_sq;    // DoRA: (out) ‖W‖² per row of the frozen base, f32
   Tensor folded;  // DoRA, while merged: what merge() added to the base
   Tensor delta() const { return at::matmul(B, A) * scaling; }  // (out, in)
+  // What merge() folds: s·B A, less s·B₀ A₀ after a PiSSA / OLoRA init.
+  Tensor folded_delta() const {
+    at::NoGradGuard no_grad;
+    return A0.defined() ? delta() - at::matmul(B0, A0) * scaling : delta();
+  }
 
   // DoRA's n = ‖W + s·B A‖ per output row, (out) f32, outside autograd (the paper's §4.3).
   Tensor weight_norm() const {
@@ -73,8 +88,9 @@ class Lora final : public tessera::Method {
         {"use_rslora", ParamType::Bool, false, "rank-stabilised scaling s = lora_alpha / sqrt(r)", std::nullopt, std::nullopt, {}},
         {"init_lora_weights", ParamType::String, std::string("true"),
          "\"true\": A Kaiming-uniform, B zero (update starts at 0); \"gaussian\": A ~ N(0, 1/r), B zero; "
-         "\"false\": A and B both Kaiming-uniform (nonzero start, for tests)",
-         std::nullopt, std::nullopt, {"true", "gaussian", "false"}},
+         "\"false\": A and B both Kaiming-uniform (nonzero start, for tests); \"pissa\": W's r principal singular triplets "
+         "(\"pissa_niter_N\": by randomised SVD with N subspace iterations); \"olora\": W's QR factors",
+         std::nullopt, std::nullopt, {}},
         {"use_dora", ParamType::Bool, false, "DoRA: a trained magnitude per output row times the normalised W + s·B·A (Liu et al. 2024)", std::nullopt,
          std::nullopt, {}},
         {"rank_pattern", ParamType::NumberTable, tessera::NumberTable{}, "per-target rank: {pattern = r}", std::nullopt, std::nullopt, {}},
@@ -83,6 +99,12 @@ class Lora final : public tessera::Method {
   }
 
   void validate(const tessera::Params& p) const override {
+    const std::string& init = p.text("init_lora_weights");
+    static const std::regex niter("pissa_niter_[1-9][0-9]*");
+    if (init != "true" && init != "gaussian" && init != "false" && init != "pissa" && init != "olora" && !std::regex_match(init, niter))
+      throw tessera::ParamError("init_lora_weights", "init_lora_weights must be true, gaussian, false, pissa, pissa_niter_N (N ≥ 1) or olora, not '" + init + "'");
+    if (p.flag("use_dora") && (init.rfind("pissa", 0) == 0 || init == "olora"))
+      throw tessera::ParamError("use_dora", "use_dora with init_lora_weights = " + init + " is not supported: choose one");
     for (const auto& [pattern, r] : p.get<tessera::NumberTable>("rank_pattern"))
       if (r < 1 || r != std::floor(r)) throw tessera::ParamError("rank_pattern", "rank_pattern['" + pattern + "'] must be a positive integer");
     for (const auto* key : {"rank_pattern", "alpha_pattern"})
@@ -125,9 +147,14 @@ class Lora final : public tessera::Method {
       if (init == "gaussian") A.normal_(0.0, 1.0 / static_cast<double>(r));
       else A.uniform_(-1.0 / std::sqrt(static_cast<double>(in)), 1.0 / std::sqrt(static_cast<double>(in)));
       if (init == "false") B.uniform_(-1.0 / std::sqrt(static_cast<double>(r)), 1.0 / std::sqrt(static_cast<double>(r)));
+      Tensor A0, B0;
+      if (init.rfind("pissa", 0) == 0 || init == "olora") {
+        std::tie(A, B) = principal_init(site->weight().base().to(opts), r, scaling, init);
+        A0 = A.clone(), B0 = B.clone();
+      }
       A.set_requires_grad(true);
       B.set_requires_grad(true);
-      adapters_.push_back({site, A, B, scaling, {}, {}, {}});
+      adapters_.push_back({site, A, B, scaling, A0, B0, {}, {}, {}});
       if (dora_) {  // m starts at n, so the model starts where plain LoRA would
         auto& a = adapters_.back();
         a.w_sq = site->weight().base().to(opts).square().sum(1);
@@ -149,7 +176,8 @@ class Lora final : public tessera::Method {
         a.folded = ((a.m / a.weight_norm()).unsqueeze(1) * (W + a.delta()) - W).to(a.site->weight().base().scalar_type());
         a.site->weight().fold(a.folded);
       } else {
-        a.site->weight().fold(a.delta().detach());
+        a.folded = a.folded_delta().to(a.site->weight().base().scalar_type());
+        a.site->weight().fold(a.folded);
       }
     }
     merged_ = true;
@@ -157,7 +185,7 @@ class Lora final : public tessera::Method {
 
   void unmerge() override {
     if (!merged_) return;
-    for (auto& a : adapters_) a.site->weight().fold(dora_ ? -a.folded : -a.delta().detach()), a.folded = Tensor();
+    for (auto& a : adapters_) a.site->weight().fold(-a.folded), a.folded = Tensor();
     merged_ = false;
     install();
   }
@@ -177,6 +205,12 @@ class Lora final : public tessera::Method {
   tessera::NamedTensors state() override {
     tessera::NamedTensors out;
     for (const auto& a : adapters_) {
+      if (a.A0.defined()) {  // PEFT's conversion: a plain LoRA of rank 2r on the original base
+        at::NoGradGuard no_grad;
+        out[key(a, "lora_A")] = at::cat({a.A.detach(), a.A0}, 0);
+        out[key(a, "lora_B")] = at::cat({a.B.detach(), -a.B0}, 1);
+        continue;
+      }
       out[key(a, "lora_A")] = a.A;
       out[key(a, "lora_B")] = a.B;
       if (dora_) out[magnitude_key(a)] = a.m;
@@ -200,11 +234,18 @@ class Lora final : public tessera::Method {
         for (auto& [k, t] : parts) {
           auto it = tensors.find(k);
           if (it == tensors.end()) throw std::runtime_error("adapter lacks tensor '" + k + "'");
-          if (it->second.sizes() != t->sizes())
-            throw std::runtime_error("tensor '" + k + "' has shape " + c10::str(it->second.sizes()) + ", expected " + c10::str(t->sizes()));
+          // After a PiSSA / OLoRA init the file holds [A; A₀] and [B, −B₀]: twice the rank.
+          auto expected = t->sizes().vec();
+          if (a.A0.defined()) expected[t == &a.A ? 0 : 1] *= 2;
+          if (it->second.sizes() != expected)
+            throw std::runtime_error("tensor '" + k + "' has shape " + c10::str(it->second.sizes()) + ", expected " + c10::str(expected) +
+                                     (a.A0.defined() ? " (a PiSSA / OLoRA adapter converted to LoRA: twice the rank)" : ""));
           if (pass == 1) {
             at::NoGradGuard no_grad;
-            t->copy_(it->second);
+            const Tensor v = it->second.to(t->options());
+            if (!a.A0.defined()) t->copy_(v);
+            else if (t == &a.A) a.A.copy_(v.narrow(0, 0, a.A.size(0))), a.A0.copy_(v.narrow(0, a.A.size(0), a.A.size(0)));
+            else a.B.copy_(v.narrow(1, 0, a.B.size(1))), a.B0.copy_(-v.narrow(1, a.B.size(1), a.B.size(1)));
           }
         }
       }
@@ -213,25 +254,26 @@ class Lora final : public tessera::Method {
   std::string adapter_config_json() const override {
     nlohmann::json targets = nlohmann::json::array();
     for (const auto& a : adapters_) targets.push_back(a.site->hf_path());
-    auto table = [&](const char* key) {
-      nlohmann::json t = nlohmann::json::object();
-      for (const auto& [k, v] : params_.get<tessera::NumberTable>(key)) t[k] = v;
-      return t;
-    };
-    nlohmann::json rank = nlohmann::json::object();
-    for (const auto& [k, v] : params_.get<tessera::NumberTable>("rank_pattern")) rank[k] = static_cast<std::int64_t>(v);
+    // After a PiSSA / OLoRA init the file is PEFT's conversion: rank and alpha doubled (alpha
+    // ×√2 under rsLoRA, where s = alpha/√r), a plain LoRA on the original base.
     const std::string init = params_.text("init_lora_weights");
+    const bool converted = init.rfind("pissa", 0) == 0 || init == "olora";
+    const double rank_factor = converted ? 2.0 : 1.0, alpha_factor = !converted ? 1.0 : params_.flag("use_rslora") ? std::sqrt(2.0) : 2.0;
+    nlohmann::json rank = nlohmann::json::object();
+    for (const auto& [k, v] : params_.get<tessera::NumberTable>("rank_pattern")) rank[k] = static_cast<std::int64_t>(v * rank_factor);
+    nlohmann::json alphas = nlohmann::json::object();
+    for (const auto& [k, v] : params_.get<tessera::NumberTable>("alpha_pattern")) alphas[k] = v * (converted ? 2.0 : 1.0);
     nlohmann::json j = {
         {"peft_type", "LORA"},
-        {"r", params_.integer("r")},
-        {"lora_alpha", params_.number("lora_alpha")},
+        {"r", static_cast<std::int64_t>(static_cast<double>(params_.integer("r")) * rank_factor)},
+        {"lora_alpha", params_.number("lora_alpha") * alpha_factor},
         {"lora_dropout", params_.number("lora_dropout")},
         {"use_rslora", params_.flag("use_rslora")},
         {"use_dora", dora_},
-        {"init_lora_weights", init == "gaussian" ? nlohmann::json("gaussian") : nlohmann::json(init == "true")},
+        {"init_lora_weights", init == "gaussian" ? nlohmann::json("gaussian") : nlohmann::json(init == "true" || converted)},
         {"target_modules", targets},
         {"rank_pattern", rank},
-        {"alpha_pattern", table("alpha_pattern")},
+        {"alpha_pattern", alphas},
         {"bias", "none"},
         {"fan_in_fan_out", false},
         {"modules_to_save", nullptr},
@@ -245,6 +287,36 @@ class Lora final : public tessera::Method {
   static std::string key(const Adapter& a, const char* which) {
     return "base_model.model." + a.site->hf_path() + "." + which + ".weight";
   }
+  // PiSSA: A = √(S_r/s) Uhᵣ, B = Vᵣ √(S_r/s) from W = V S Uh (full SVD, or PEFT's randomised
+  // one: torch.svd_lowrank's algorithm, Halko et al. 2009, with this run's random draws);
+  // OLoRA: A = R_r, B = Q_r from W = Q R. W: (out, in) f32 -> (A (r, in), B (out, r)).
+  static std::pair<Tensor, Tensor> principal_init(const Tensor& W, std::int64_t r, double scaling, const std::string& init) {
+    at::NoGradGuard no_grad;
+    if (init == "olora") {
+      const auto [Q, R] = at::linalg_qr(W);
+      return {R.narrow(0, 0, r).contiguous(), Q.narrow(1, 0, r).contiguous()};
+    }
+    Tensor V, S, Uh;
+    if (init == "pissa") {
+      std::tie(V, S, Uh) = at::linalg_svd(W, false);
+    } else {
+      const auto niter = std::stoll(init.substr(std::string("pissa_niter_").size()));
+      const bool wide = W.size(0) < W.size(1);
+      const Tensor M = wide ? W.t() : W;  // tall
+      Tensor Q = std::get<0>(at::linalg_qr(at::matmul(M, at::randn({M.size(1), r}, M.options()))));
+      for (std::int64_t i = 0; i < niter; ++i) {
+        Q = std::get<0>(at::linalg_qr(at::matmul(M.t(), Q)));
+        Q = std::get<0>(at::linalg_qr(at::matmul(M, Q)));
+      }
+      auto [U, s, Vh] = at::linalg_svd(at::matmul(Q.t(), M), false);
+      Tensor left = at::matmul(Q, U), right = Vh.t();  // M ≈ left diag(s) rightᵀ
+      if (wide) std::swap(left, right);
+      V = left, S = s, Uh = right.t();
+    }
+    const Tensor root = (S.narrow(0, 0, r) / scaling).sqrt();
+    return {(root.unsqueeze(1) * Uh.narrow(0, 0, r)).contiguous(), (V.narrow(1, 0, r) * root.unsqueeze(0)).contiguous()};
+  }
+
   static std::string magnitude_key(const Adapter& a) { return "base_model.model." + a.site->hf_path() + ".lora_magnitude_vector"; }
 
   bool dropping() const { return dropout_ > 0 && model_->training(); }
@@ -277,7 +349,10 @@ class Lora final : public tessera::Method {
       a.site->add_branch(*owner_, [this, ad](const Tensor& x) {  // x: (..., in) -> (..., out)
         Tensor h = dropout_ > 0 ? tessera::dropout(x, dropout_, model_->training()) : x;
         // A bf16 model computes in bf16; the f32 masters get their gradients in f32.
-        return tessera::low_rank(h, ad->A, ad->B, ad->scaling);
+        Tensor y = tessera::low_rank(h, ad->A, ad->B, ad->scaling);
+        // PiSSA / OLoRA: the residual's part, −s·B₀A₀ x, on the undropped input as W's is.
+        if (ad->A0.defined()) y = y - tessera::low_rank(x, ad->A0, ad->B0, ad->scaling);
+        return y;
       });
     }
   }
