@@ -1,0 +1,54 @@
+// LoHa against peft's LoHaConfig: the same base, the same four factors (peft's saved
+// adapter, all random), the same inputs; unmerged, merged and unmerged again; our files in
+// peft's keys and shapes; a config peft's importer maps back to us.
+#include "support.h"
+
+#include "runtime/peft_import.h"
+
+#include <nlohmann/json.hpp>
+
+using namespace tessera;
+
+CATCH_TEST_CASE("LoHa equals peft, unmerged and merged, its files in peft's layout", "[plugins][loha][minilm][parity]") {
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  auto model = test::load_minilm();
+  const auto dir = test::fixture("loha");
+  MethodConfig mc = method_from_peft_dir(dir, test::registry(), "adapter");
+  CATCH_CHECK(mc.plugin == "loha");
+  CATCH_CHECK(mc.checked.integer("r") == 4);
+  auto loha = test::registry().create("loha", "adapter");
+  loha->attach(*model, mc.targets, mc.checked);
+  auto theirs = test::read_tensors(dir + "/adapter_model.safetensors");
+  loha->call("load_state", [&](Method& m) { m.load_state(theirs); });
+  auto ours = loha->call("state", [](Method& m) { return m.state(); });
+  CATCH_CHECK(ours.size() == theirs.size());
+  for (const auto& [k, v] : theirs) CATCH_CHECK((ours.count(k) && ours[k].sizes() == v.sizes()));
+
+  at::NoGradGuard no_grad;
+  const auto& ids = ref["input_ids"];
+  const auto& mask = ref["attention_mask"];
+  TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, "loha.hidden", mask));
+  CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, ref["hidden"], mask) > 1e-2);
+  loha->call("merge", [](Method& m) { m.merge(); });
+  TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, "loha.merged_hidden", mask));
+  loha->call("unmerge", [](Method& m) { m.unmerge(); });
+  TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, "loha.hidden", mask));
+  const auto cfg = nlohmann::json::parse(loha->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
+  CATCH_CHECK(cfg["peft_type"] == "LOHA");
+  CATCH_CHECK(cfg["r"] == 4);
+  // A wrong shape is refused naming the tensor.
+  auto bad = theirs;
+  bad.begin()->second = at::zeros({3, 3});
+  CATCH_CHECK_THROWS_WITH(loha->call("load_state", [&](Method& m) { m.load_state(bad); }), Catch::Contains("has shape [3, 3], expected"));
+}
+
+CATCH_TEST_CASE("LoHa's default init starts at the base model", "[plugins][loha]") {
+  auto model = test::load_minilm();
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  const auto& mask = ref["attention_mask"];
+  auto loha = test::registry().create("loha", "adapter");
+  loha->attach(*model, {"attn.q"}, apply_schema(test::registry().find("loha")->params, {}));
+  at::NoGradGuard no_grad;
+  CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ref["input_ids"], mask).hidden, ref["hidden"], mask) < 1e-5);  // W2b = 0
+  CATCH_CHECK(loha->call("trainable", [](Method& m) { return m.trainable(); }).size() == 4 * 6);
+}
