@@ -51,4 +51,9 @@ CATCH_TEST_CASE("LoHa's default init starts at the base model", "[plugins][loha]
   at::NoGradGuard no_grad;
   CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ref["input_ids"], mask).hidden, ref["hidden"], mask) < 1e-5);  // W2b = 0
   CATCH_CHECK(loha->call("trainable", [](Method& m) { return m.trainable(); }).size() == 4 * 6);
+  // Per-target alphas (same shapes, another scale) are refused, not loaded at the wrong scale.
+  auto patterned = test::registry().create("loha", "patterned");
+  CATCH_CHECK_THROWS_WITH(
+      patterned->attach(*model, {"attn.q"}, apply_schema(test::registry().find("loha")->params, {{"alpha_pattern", NumberTable{{"query", 4.0}}}})),
+      Catch::Contains("alpha_pattern is not supported"));
 }

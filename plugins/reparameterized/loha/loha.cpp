@@ -40,11 +40,20 @@ class LoHa final : public tessera::Method {
         {"rank_dropout", ParamType::Float, 0.0, "training: each output row of ΔW dropped with this probability, the rest divided by the kept share", 0, 0.999, {}},
         {"module_dropout", ParamType::Float, 0.0, "training: the whole update skipped for a forward with this probability", 0, 1.0, {}},
         {"init_weights", ParamType::Bool, true, "true: W2b = 0 (the update starts at 0), the rest Kaiming-uniform; false: all four random", {}, {}, {}},
+        {"rank_pattern", ParamType::NumberTable, tessera::NumberTable{}, "PEFT's per-target ranks: not supported, refused when given", {}, {}, {}},
+        {"alpha_pattern", ParamType::NumberTable, tessera::NumberTable{}, "PEFT's per-target alphas: not supported, refused when given", {}, {}, {}},
     }};
   }
 
+  void validate(const tessera::Params& p) const override {
+    for (const char* k : {"rank_pattern", "alpha_pattern"})
+      if (!p.get<tessera::NumberTable>(k).empty()) throw tessera::ParamError(k, std::string("LoHa here takes one r and one alpha: ") + k + " is not supported");
+  }
+
   void attach(tessera::AttachContext& ctx) override {
+    validate(ctx.params);  // also for an adapter imported from PEFT's files, which skip validate()
     owner_ = &ctx.owner;
+    compute_ = ctx.model.info().options.dtype().toScalarType();
     model_ = &ctx.model;
     params_ = ctx.params;
     sites_ = ctx.model.match_linear(ctx.targets);
@@ -143,23 +152,42 @@ class LoHa final : public tessera::Method {
   }
   static std::string key(const Hada& h, const char* name) { return "base_model.model." + h.site->hf_path() + "." + name; }
 
-  void install() {
+  // ΔW of this forward, f32 (out, in), or undefined when module dropout skips the update.
+  Tensor step_delta(const Hada& h) const {
+    const bool training = model_->training();
     const double rank_dropout = params_.number("rank_dropout"), module_dropout = params_.number("module_dropout");
+    if (training && module_dropout > 0 && at::rand({1}).item<double>() <= module_dropout) return {};  // PEFT: kept when rand > p
+    Tensor d = h.delta();
+    if (training && rank_dropout > 0) {  // PEFT's rank dropout: rows kept when rand > p, divided by the kept share
+      Tensor keep = at::rand({d.size(0)}, d.options()).gt(rank_dropout).to(d.scalar_type());
+      d = d * (keep / keep.mean()).unsqueeze(1);
+    }
+    return d;
+  }
+
+  // On a float32 model ΔW joins W for the site's one product. On a half-precision model an
+  // update much smaller than W would vanish in W + ΔW's rounding: there it is PEFT's second
+  // product, x ΔWᵀ in float32.
+  void install() {
     for (auto& h : hadas_) {
       const Hada* hp = &h;  // hadas_ does not grow after attach
-      h.site->add_weight_delta(*owner_, [this, hp, rank_dropout, module_dropout] {
-        const auto dtype = hp->site->weight().base().scalar_type();
-        const bool training = model_->training();
-        if (training && module_dropout > 0 && at::rand({1}).item<double>() <= module_dropout)  // PEFT: kept when rand > p
-          return at::zeros_like(hp->site->weight().base());
-        Tensor d = hp->delta();
-        if (training && rank_dropout > 0) {  // PEFT's rank dropout: rows kept when rand > p, divided by the kept share
-          Tensor keep = at::rand({d.size(0)}, d.options()).gt(rank_dropout).to(d.scalar_type());
-          d = d * (keep / keep.mean()).unsqueeze(1);
-        }
-        return d.to(dtype);
-      });
+      if (compute_ == at::kFloat) {
+        h.site->add_weight_delta(*owner_, [this, hp] {
+          const Tensor d = step_delta(*hp);
+          return d.defined() ? d : at::zeros({hp->site->out_features(), hp->site->in_features()}, hp->w1a.options());
+        });
+      } else {
+        h.site->add_branch(*owner_, [this, hp](const Tensor& x) {
+          const Tensor d = step_delta(*hp);
+          return d.defined() ? at::linear(x.to(at::kFloat), d).to(x.scalar_type()) : at::zeros_like(x.narrow(-1, 0, 1)).expand(with_out(x, hp));
+        });
+      }
     }
+  }
+  static std::vector<std::int64_t> with_out(const Tensor& x, const Hada* h) {
+    auto shape = x.sizes().vec();
+    shape.back() = h->site->out_features();
+    return shape;
   }
 
   const tessera::Owner* owner_ = nullptr;
@@ -167,6 +195,7 @@ class LoHa final : public tessera::Method {
   tessera::Params params_;
   std::vector<tessera::LinearSite*> sites_;
   std::vector<Hada> hadas_;
+  c10::ScalarType compute_ = at::kFloat;
   bool merged_ = false;
 };
 

@@ -57,7 +57,6 @@ struct Adapter {
   double scaling;
   Tensor A0, B0;  // PiSSA / OLoRA: the initial A and B, frozen; undefined otherwise
   Tensor m;       // DoRA: (out) magnitude, trained; undefined without DoRA
-  Tensor w_sq;    // DoRA: (out) ‖W‖² per row of the frozen base, f32
   Tensor folded;  // DoRA, while merged: what merge() added to the base
   Tensor delta() const { return at::matmul(B, A) * scaling; }  // (out, in)
   // What merge() folds: s·B A, less s·B₀ A₀ after a PiSSA / OLoRA init.
@@ -73,7 +72,8 @@ struct Adapter {
     const Tensor a = A.detach(), b = B.detach();
     const Tensor cross = (b * at::matmul(W, a.t())).sum(1);            // ⟨W_o, (B A)_o⟩
     const Tensor sq = (at::matmul(b, at::matmul(a, a.t())) * b).sum(1);  // ‖(B A)_o‖²
-    return (w_sq + cross * (2.0 * scaling) + sq * (scaling * scaling)).clamp_min(0.0).sqrt();
+    // ‖W_o‖² of the base as it is now (another instance may have merged into it since attach)
+    return (W.square().sum(1) + cross * (2.0 * scaling) + sq * (scaling * scaling)).clamp_min(0.0).sqrt();
   }
 };
 
@@ -100,9 +100,12 @@ class Lora final : public tessera::Method {
 
   void validate(const tessera::Params& p) const override {
     const std::string& init = p.text("init_lora_weights");
-    static const std::regex niter("pissa_niter_[1-9][0-9]*");
+    static const std::regex niter("pissa_niter_[0-9]+");
     if (init != "true" && init != "gaussian" && init != "false" && init != "pissa" && init != "olora" && !std::regex_match(init, niter))
-      throw tessera::ParamError("init_lora_weights", "init_lora_weights must be true, gaussian, false, pissa, pissa_niter_N (N ≥ 1) or olora, not '" + init + "'");
+      throw tessera::ParamError("init_lora_weights", "init_lora_weights must be true, gaussian, false, pissa, pissa_niter_N or olora, not '" + init + "'");
+    if ((init.rfind("pissa", 0) == 0 || init == "olora") && p.flag("use_rslora") &&
+        (!p.get<tessera::NumberTable>("rank_pattern").empty() || !p.get<tessera::NumberTable>("alpha_pattern").empty()))
+      throw tessera::ParamError("use_rslora", "a " + init + " adapter's conversion to LoRA cannot keep rank_pattern or alpha_pattern under use_rslora (as PEFT refuses)");
     if (p.flag("use_dora") && (init.rfind("pissa", 0) == 0 || init == "olora"))
       throw tessera::ParamError("use_dora", "use_dora with init_lora_weights = " + init + " is not supported: choose one");
     for (const auto& [pattern, r] : p.get<tessera::NumberTable>("rank_pattern"))
@@ -154,10 +157,9 @@ class Lora final : public tessera::Method {
       }
       A.set_requires_grad(true);
       B.set_requires_grad(true);
-      adapters_.push_back({site, A, B, scaling, A0, B0, {}, {}, {}});
+      adapters_.push_back({site, A, B, scaling, A0, B0, {}, {}});
       if (dora_) {  // m starts at n, so the model starts where plain LoRA would
         auto& a = adapters_.back();
-        a.w_sq = site->weight().base().to(opts).square().sum(1);
         a.m = a.weight_norm().clone().set_requires_grad(true);
       }
     }
@@ -320,19 +322,25 @@ class Lora final : public tessera::Method {
   static std::string magnitude_key(const Adapter& a) { return "base_model.model." + a.site->hf_path() + ".lora_magnitude_vector"; }
 
   bool dropping() const { return dropout_ > 0 && model_->training(); }
+  // DoRA's second-product form: while dropout trains (PEFT's form), and on half-precision
+  // models, where m/n rounded to the compute dtype would hide the magnitudes' small moves
+  // (PEFT computes (m/n − 1)·W x in float32 there).
+  bool dora_branch_only() const { return dropping() || compute_ != at::kFloat; }
 
-  // DoRA: the output scale m/n on W x + b (1 while dropout trains: the branch carries it
-  // then), and the branch that completes PEFT's sum.
+  // DoRA: the output scale m/n on W x + b (1 in the second-product form: the branch carries
+  // it then), and the branch that completes PEFT's sum.
   void install_dora(const Adapter* ad) {
     ad->site->add_output_scale(*owner_, [this, ad] {
-      return dropping() ? at::ones_like(ad->m).to(compute_) : (ad->m / ad->weight_norm()).to(compute_);
+      return dora_branch_only() ? at::ones_like(ad->m).to(compute_) : (ad->m / ad->weight_norm()).to(compute_);
     });
     ad->site->add_branch(*owner_, [this, ad](const Tensor& x) {  // x: (..., in) -> (..., out)
-      const Tensor g = (ad->m / ad->weight_norm()).to(x.scalar_type());  // (out)
-      if (dropping()) {
-        const Tensor h = tessera::dropout(x, dropout_, true);
-        return (g - 1) * at::linear(h, ad->site->weight().base().to(x.scalar_type())) + g * tessera::low_rank(h, ad->A, ad->B, ad->scaling);
+      if (dora_branch_only()) {  // (m/n − 1) ⊙ W h + (m/n) ⊙ s·B A h in float32, h = drop(x)
+        const Tensor g = ad->m / ad->weight_norm();  // (out) f32
+        const Tensor h = (dropping() ? tessera::dropout(x, dropout_, true) : x).to(at::kFloat);
+        const Tensor y = (g - 1) * at::linear(h, ad->site->weight().base().to(at::kFloat)) + g * tessera::low_rank(h, ad->A, ad->B, ad->scaling);
+        return y.to(x.scalar_type());
       }
+      const Tensor g = (ad->m / ad->weight_norm()).to(x.scalar_type());  // (out)
       Tensor y = g * tessera::low_rank(x, ad->A, ad->B, ad->scaling);
       if (auto* bias = ad->site->bias()) y = y + (1 - g) * bias->value().to(x.scalar_type());
       return y;
@@ -349,10 +357,12 @@ class Lora final : public tessera::Method {
       a.site->add_branch(*owner_, [this, ad](const Tensor& x) {  // x: (..., in) -> (..., out)
         Tensor h = dropout_ > 0 ? tessera::dropout(x, dropout_, model_->training()) : x;
         // A bf16 model computes in bf16; the f32 masters get their gradients in f32.
-        Tensor y = tessera::low_rank(h, ad->A, ad->B, ad->scaling);
-        // PiSSA / OLoRA: the residual's part, −s·B₀A₀ x, on the undropped input as W's is.
-        if (ad->A0.defined()) y = y - tessera::low_rank(x, ad->A0, ad->B0, ad->scaling);
-        return y;
+        if (!ad->A0.defined()) return tessera::low_rank(h, ad->A, ad->B, ad->scaling);
+        // PiSSA / OLoRA: the residual's part, −s·B₀A₀ x, on the undropped input as W's is. Both
+        // terms are about as large as the output's principal part and the training moves their
+        // difference: in float32 on half-precision models, rounded once.
+        const auto dt = x.scalar_type();
+        return (tessera::low_rank(h.to(at::kFloat), ad->A, ad->B, ad->scaling) - tessera::low_rank(x.to(at::kFloat), ad->A0, ad->B0, ad->scaling)).to(dt);
       });
     }
   }
