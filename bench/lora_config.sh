@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The LoRA training config the LoRA benchmarks share (all-MiniLM-L6-v2 on polarity, batch
 # 32, length 64, rank 8 on every linear site of each layer), printed to stdout:
-#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads> [none|nf4] [lora|dora|loha|ia3|prompt_tuning|p_tuning|prefix_tuning|lst|seq_bn|double_seq_bn|par_bn|scaled_par_bn]
+#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads> [none|nf4] [lora|dora|loha|vera|ia3|prompt_tuning|p_tuning|prefix_tuning|lst|seq_bn|double_seq_bn|par_bn|scaled_par_bn]
 # Three steps more than timed: the trainer times from the fourth. nf4: QLoRA (the base's
 # linear weights in NF4 with double quantization).
 set -euo pipefail
@@ -47,6 +47,13 @@ targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
 r = 8
 alpha = 16
 LOHA
+elif [[ $method == vera ]]; then cat <<VERA
+[[methods]]
+plugin = "vera"
+targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
+[methods.params]
+r = 256
+VERA
 elif [[ $method == *_bn ]]; then cat <<BN
 [[methods]]
 plugin = "bottleneck"

@@ -23,7 +23,7 @@ ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--rank", type=int, default=8)
 ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 ap.add_argument("--padding", choices=["max_length", "longest"], default="max_length")
-ap.add_argument("--method", choices=["lora", "dora", "loha", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"],
+ap.add_argument("--method", choices=["lora", "dora", "loha", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"],
                 default="lora",
                 help="ia3: IA3Config with PEFT's defaults for BERT; prompt_tuning, p_tuning, prefix_tuning: 20 virtual tokens "
                      "(P-tuning's MLP encoder, prefix tuning without projection); the *_bn: AdapterHub's bottleneck presets (adapters)")
@@ -61,7 +61,7 @@ class Classifier(torch.nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp_min(1e-9))
 
 
-if args.method in ("lora", "dora", "loha", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"):
+if args.method in ("lora", "dora", "loha", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"):
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
     if args.method == "prompt_tuning":
@@ -75,6 +75,10 @@ if args.method in ("lora", "dora", "loha", "ia3", "prompt_tuning", "p_tuning", "
 
         cfg = LoHaConfig(r=args.rank, alpha=2 * args.rank,
                          target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
+    elif args.method == "vera":
+        from peft import VeraConfig
+
+        cfg = VeraConfig(r=256, target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
     elif args.method == "ia3":
         cfg = IA3Config()  # PEFT's defaults for BERT: key, value, output.dense (feed-forward: output.dense)
     else:

@@ -36,6 +36,7 @@ const std::vector<Row>& table() {
       {"lora", {"attn.v"}, {{"r", std::int64_t{4}}, {"init_lora_weights", std::string("olora")}}, {}},
       {"loha", {"attn.q", "mlp.down"}, {{"r", std::int64_t{4}}, {"init_weights", false}}, {}},
       {"loha", {"attn.v"}, {{"r", std::int64_t{2}}, {"init_weights", false}, {"rank_dropout", 0.5}}, {}},
+      {"vera", {"attn.q", "mlp.up"}, {{"r", std::int64_t{4}}, {"init_weights", false}}, {}},
       {"ia3", {}, {{"init_ia3_weights", false}}, {}},  // PEFT's default targets on every family
       {"bottleneck", {}, {}, {}},  // seq_bn (Pfeiffer): bert init, so it acts at once
       {"bottleneck", {}, {{"config", std::string("double_seq_bn")}, {"cross_adapter", true}}, {}},  // Houlsby, T5's cross-attention too
