@@ -236,6 +236,24 @@ inline std::unique_ptr<MethodInstance> attach_peft_adapter(const std::string& di
   return inst;
 }
 
+// peft's outputs for `variant` (make_fixtures.py's peft_reference: ref[variant + ".hidden"],
+// ref[variant + ".merged_hidden"]) from the method `inst` attached to `model`: unmerged, merged
+// and unmerged again, the unmerged output well off the base's.
+template <class Model>
+void check_merge_parity(MethodInstance& inst, Model& model, NamedTensors& ref, const std::string& variant) {
+  at::NoGradGuard no_grad;
+  const auto& ids = ref["input_ids"];
+  const auto& mask = ref["attention_mask"];
+  const Tensor unmerged = model.forward(ids, mask).hidden;
+  TESSERA_CHECK_PARITY(parity(unmerged, ref, variant + ".hidden", mask));
+  CATCH_CHECK(max_abs_diff_tokens(unmerged, ref["hidden"], mask) > 1e-2);  // the adapter really changes the output
+  inst.call("merge", [](Method& m) { m.merge(); });
+  // peft's merged model against the truth, which merging leaves as it was (make_fixtures.py).
+  TESSERA_CHECK_PARITY(parity(model.forward(ids, mask).hidden, ref, variant + ".merged_hidden", mask));
+  inst.call("unmerge", [](Method& m) { m.unmerge(); });
+  TESSERA_CHECK_PARITY(parity(model.forward(ids, mask).hidden, ref, variant + ".hidden", mask));
+}
+
 // A fresh directory for this test process, removed when the process ends (ctest runs each
 // test case in a process of its own, so nothing piles up in the temp directory).
 inline std::filesystem::path temp_dir(const std::string& name) {

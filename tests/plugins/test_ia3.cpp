@@ -16,25 +16,8 @@ CATCH_TEST_CASE("(IA)3 equals peft's IA3, unmerged and merged, with its default 
     const auto dir = test::fixture(variant);
     MethodConfig mc = method_from_peft_dir(dir, test::registry(), "adapter");
     CATCH_CHECK(mc.plugin == "ia3");
-    auto ia3 = test::registry().create("ia3", "adapter");
-    ia3->attach(*model, mc.targets, mc.checked);
-    auto peft_tensors = test::read_tensors(dir + "/adapter_model.safetensors");
-    auto ours = ia3->call("state", [](Method& m) { return m.state(); });
-    CATCH_CHECK(ours.size() == peft_tensors.size());  // the same sites, keys and shapes, feed-forward ones included
-    for (const auto& [k, v] : peft_tensors) CATCH_CHECK((ours.count(k) && ours[k].sizes() == v.sizes()));
-    ia3->call("load_state", [&](Method& m) { m.load_state(peft_tensors); });
-
-    at::NoGradGuard no_grad;
-    const auto& ids = ref["input_ids"];
-    const auto& mask = ref["attention_mask"];
-    Tensor unmerged = model->forward(ids, mask).hidden;
-    TESSERA_CHECK_PARITY(test::parity(unmerged, ref, variant + ".hidden", mask));
-    CATCH_CHECK(test::max_abs_diff_tokens(unmerged, ref["hidden"], mask) > 1e-2);  // the vectors really change the output
-
-    ia3->call("merge", [](Method& m) { m.merge(); });
-    TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, variant + ".merged_hidden", mask));
-    ia3->call("unmerge", [](Method& m) { m.unmerge(); });
-    TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, variant + ".hidden", mask));
+    auto ia3 = test::attach_peft_adapter(dir, *model);  // the same sites, keys and shapes, feed-forward ones included
+    test::check_merge_parity(*ia3, *model, ref, variant);
     ia3->detach(*model);
   }
 }

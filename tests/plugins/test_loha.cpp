@@ -16,28 +16,13 @@ CATCH_TEST_CASE("LoHa equals peft, unmerged and merged, its files in peft's layo
   MethodConfig mc = method_from_peft_dir(dir, test::registry(), "adapter");
   CATCH_CHECK(mc.plugin == "loha");
   CATCH_CHECK(mc.checked.integer("r") == 4);
-  auto loha = test::registry().create("loha", "adapter");
-  loha->attach(*model, mc.targets, mc.checked);
-  auto theirs = test::read_tensors(dir + "/adapter_model.safetensors");
-  loha->call("load_state", [&](Method& m) { m.load_state(theirs); });
-  auto ours = loha->call("state", [](Method& m) { return m.state(); });
-  CATCH_CHECK(ours.size() == theirs.size());
-  for (const auto& [k, v] : theirs) CATCH_CHECK((ours.count(k) && ours[k].sizes() == v.sizes()));
-
-  at::NoGradGuard no_grad;
-  const auto& ids = ref["input_ids"];
-  const auto& mask = ref["attention_mask"];
-  TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, "loha.hidden", mask));
-  CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, ref["hidden"], mask) > 1e-2);
-  loha->call("merge", [](Method& m) { m.merge(); });
-  TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, "loha.merged_hidden", mask));
-  loha->call("unmerge", [](Method& m) { m.unmerge(); });
-  TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, "loha.hidden", mask));
+  auto loha = test::attach_peft_adapter(dir, *model);  // peft's factors, our state in its keys and shapes
+  test::check_merge_parity(*loha, *model, ref, "loha");
   const auto cfg = nlohmann::json::parse(loha->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
   CATCH_CHECK(cfg["peft_type"] == "LOHA");
   CATCH_CHECK(cfg["r"] == 4);
   // A wrong shape is refused naming the tensor.
-  auto bad = theirs;
+  auto bad = test::read_tensors(dir + "/adapter_model.safetensors");
   bad.begin()->second = at::zeros({3, 3});
   CATCH_CHECK_THROWS_WITH(loha->call("load_state", [&](Method& m) { m.load_state(bad); }), Catch::Contains("has shape [3, 3], expected"));
 }

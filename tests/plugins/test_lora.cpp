@@ -16,27 +16,8 @@ CATCH_TEST_CASE("LoRA equals peft, unmerged and merged", "[plugins][lora][minilm
     const auto dir = test::fixture(variant);
     MethodConfig mc = method_from_peft_dir(dir, test::registry(), "adapter");
     CATCH_CHECK(mc.plugin == "lora");
-    auto lora = test::registry().create("lora", "adapter");
-    lora->attach(*model, mc.targets, mc.checked);
-    auto peft_tensors = test::read_tensors(dir + "/adapter_model.safetensors");
-    lora->call("load_state", [&](Method& m) { m.load_state(peft_tensors); });
-    // Our state uses exactly peft's keys and shapes.
-    auto ours = lora->call("state", [](Method& m) { return m.state(); });
-    CATCH_CHECK(ours.size() == peft_tensors.size());
-    for (const auto& [k, v] : peft_tensors) CATCH_CHECK((ours.count(k) && ours[k].sizes() == v.sizes()));
-
-    at::NoGradGuard no_grad;
-    const auto& ids = ref["input_ids"];
-    const auto& mask = ref["attention_mask"];
-    Tensor unmerged = model->forward(ids, mask).hidden;
-    TESSERA_CHECK_PARITY(test::parity(unmerged, ref, variant + ".hidden", mask));
-    CATCH_CHECK(test::max_abs_diff_tokens(unmerged, ref["hidden"], ref["attention_mask"]) > 1e-2);  // the adapter really changes the output
-
-    lora->call("merge", [](Method& m) { m.merge(); });
-    // peft's merged model against the truth, which merging leaves as it was (make_fixtures.py).
-    TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, variant + ".merged_hidden", mask));
-    lora->call("unmerge", [](Method& m) { m.unmerge(); });
-    TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, variant + ".hidden", mask));
+    auto lora = test::attach_peft_adapter(dir, *model);  // our state in exactly peft's keys and shapes
+    test::check_merge_parity(*lora, *model, ref, variant);
     lora->detach(*model);
   }
 }
