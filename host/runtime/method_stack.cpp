@@ -103,6 +103,12 @@ void MethodStack::load_state(std::size_t i, const std::string& file) {
   instances_[i]->call("load_state", [&](Method& m) { m.load_state(state); });
 }
 
+void MethodStack::after_step(const StepInfo& info) {
+  for (auto& m : instances_)
+    if (const auto* ext = m->extension<tessera_method_after_step_v1>(TESSERA_EXT_METHOD_AFTER_STEP, 1))
+      m->call("after_step", [&](Method&) { ext->after_step(ext->method, &info); });
+}
+
 void MethodStack::merge() {
   for (std::size_t i = 0; i < size(); ++i)
     if (!instances_[i]->call("mergeable", [](Method& m) { return m.mergeable(); }))

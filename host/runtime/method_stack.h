@@ -44,6 +44,9 @@ class MethodStack {
   std::string state_file(const std::string& dir, std::size_t i) const;
   // Folds every instance into the weights; refuses, before folding any, when one cannot.
   void merge();
+  // After each optimizer update of a training run: every instance offering
+  // tessera.method.after_step, in config order.
+  void after_step(const StepInfo& info);
 
  private:
   // Linear site -> the storage methods asked for; refuses two methods asking differently.

@@ -280,6 +280,8 @@ TrainResult train(Session& s, const std::string& run_dir) {
       for (std::size_t i = 0; i < s.methods().size(); ++i) s.methods()[i].call("on_step", [&](Method& x) { x.on_step(info); });
       Batch batch = s.task().batch(Split::Train, order, 0, order.size());
       const double l = finish_step(s, forward_backward(s, batch, opt), opt, Position{step, epoch, epochs_saved, lr, run_dir}, log_metric);
+      s.methods().after_step(info);  // the step's gradients still held (AdaLoRA's allocation)
+      if (s.take_trainable_changed()) opt.refresh();
 
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const auto B = batch.ids.size(0);

@@ -222,6 +222,9 @@ class Probe final : public tessera::Method {
 #if TESSERA_TARGET_ABI_MINOR >= 2
     if (std::string(id) == TESSERA_EXT_METHOD_STORAGE) return &storage_;
 #endif
+#if TESSERA_TARGET_ABI_MINOR >= 5
+    if (std::string(id) == TESSERA_EXT_METHOD_AFTER_STEP) return &after_step_;
+#endif
     return std::string(id) == "tessera.test.probe" ? &ext_ : nullptr;
   }
 
@@ -233,6 +236,19 @@ class Probe final : public tessera::Method {
     return tessera::matches_any(targets, site, hf) ? "nf4" : nullptr;
   }
   tessera_method_storage_v1 storage_{{sizeof(tessera_method_storage_v1), 1}, nullptr, &storage_for};
+#endif
+#if TESSERA_TARGET_ABI_MINOR >= 5
+  // kind = "life": each call's step, and "late" as the call sees it (updated, its gradient held).
+  static void after_step(void* self, const tessera::StepInfo* info) {
+    auto& p = *static_cast<Probe*>(self);
+    if (p.kind_ != "life") return;
+    const Tensor& late = p.trainable_.at("late");
+    const Tensor row = at::stack({at::full({}, static_cast<double>(info->step), at::kDouble), late.detach().to(at::kCPU, at::kDouble).reshape({}),
+                                  at::full({}, late.grad().defined() ? 1.0 : 0.0, at::kDouble)});
+    auto& seen = p.seen_["after_steps"];
+    seen = seen.defined() ? at::cat({seen, row.unsqueeze(0)}) : row.unsqueeze(0);
+  }
+  tessera_method_after_step_v1 after_step_{{sizeof(tessera_method_after_step_v1), 1}, this, &after_step};
 #endif
   struct ProbeExtension {  // "tessera.test.probe", version 1
     tessera_extension_header header{sizeof(ProbeExtension), 1};

@@ -6,6 +6,8 @@
 // fixed interventions, not methods: nothing there trains.)
 #include "support.h"
 
+#include <tessera/extensions.h>
+
 #include "architectures/decoder.h"
 #include "architectures/t5.h"
 #include "architectures/weight_storage.h"
@@ -144,8 +146,13 @@ void conform(const Row& row, const Base& base) {
       CATCH_REQUIRE(t.grad().defined());
       grad_seen[k] += t.grad().abs().sum().item<double>();
       t.sub_(t.grad() * 0.05);
-      t.mutable_grad().reset();
     }
+    // As the trainer does: after the update, with the gradients still held (AdaLoRA's allocation).
+    if (const auto* ext = m->extension<tessera_method_after_step_v1>(TESSERA_EXT_METHOD_AFTER_STEP, 1)) {
+      const StepInfo info{step, 2, 0.05};
+      m->call("after_step", [&](Method&) { ext->after_step(ext->method, &info); });
+    }
+    for (auto& [k, t] : trainable) t.mutable_grad().reset();
   }
   for (const auto& [k, g] : grad_seen) {
     CATCH_INFO("tensor " << k);

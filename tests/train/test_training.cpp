@@ -459,6 +459,16 @@ kind = "tokenize"
   CATCH_REQUIRE(life.count("grown") == 1);
   CATCH_CHECK(life.at("late").abs().item<double>() > 0);
   CATCH_CHECK(life.at("grown").abs().item<double>() > 0);
+  // tessera.method.after_step (SDK 2.5): once after each update, the last included, each time
+  // with "late" already moved by that step and its gradient still there.
+  const Tensor after = life.at("after_steps");  // (steps, [step, late, has grad])
+  CATCH_REQUIRE(after.sizes() == at::IntArrayRef({3, 3}));
+  for (std::int64_t i = 0; i < 3; ++i) {
+    CATCH_CHECK(after[i][0].item<double>() == static_cast<double>(i));
+    CATCH_CHECK(after[i][2].item<double>() == 1.0);
+  }
+  CATCH_CHECK(after[0][1].item<double>() != 0.0);  // zero before the first update
+  CATCH_CHECK(after[2][1].item<double>() == life.at("late").item<double>());
   const auto again = state(1);
   CATCH_CHECK(std::isfinite(again.at("again_loss").item<double>()));
   CATCH_CHECK(again.at("again_logits").sizes() == at::IntArrayRef({8, 2}));

@@ -106,6 +106,27 @@ struct tessera_method_files_v1 {
 };
 #endif
 
+#if TESSERA_TARGET_ABI_MINOR >= 5
+// ---- tessera.method.after_step, version 1 (SDK 2.5): work after each optimizer update -----
+// Plugin → host. Called by a training run right after each optimizer step, with `info.step`
+// the step just taken (0-based) — so also after the last one, before the epoch's evaluation
+// and save — while the step's gradients (clipped, as the optimizer used them) are still on
+// the trainable tensors: what PEFT's AdaLoRA does in update_and_allocate() between
+// optimizer.step() and zero_grad() (importance from |θ · ∂L/∂θ|, masks to a rank budget).
+// In-place edits of trainable tensors keep their optimizer moments; a method that adds or
+// replaces tensors says so through tessera.host.training's trainable_changed.
+namespace tessera {
+struct StepInfo;
+}
+#define TESSERA_EXT_METHOD_AFTER_STEP "tessera.method.after_step"
+
+struct tessera_method_after_step_v1 {
+  tessera_extension_header header;  // version 1
+  void* method;
+  void (*after_step)(void* method, const tessera::StepInfo* info);
+};
+#endif
+
 namespace tessera {
 
 // The extension `id` as a table of type T, when the host offers it at `version` or later.
