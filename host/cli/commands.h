@@ -24,5 +24,6 @@ Command train_command();     // cli/train.cpp
 Command eval_command();      // cli/eval.cpp
 Command generate_command();  // cli/generate.cpp
 Command export_command();    // cli/export.cpp
+Command merge_command();     // cli/merge.cpp
 
 }  // namespace tessera

@@ -1,0 +1,261 @@
+#include "runtime/weighted_merge.h"
+
+#include "formats/json_file.h"
+#include "formats/safetensors.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <set>
+#include <stdexcept>
+
+namespace tessera {
+namespace fs = std::filesystem;
+namespace {
+
+using Tensor = at::Tensor;
+
+constexpr const char* kPrefix = "base_model.model.";
+
+struct Lora {
+  std::string dir;
+  nlohmann::json config;
+  std::int64_t r = 0;
+  double scaling = 1.0;
+  std::map<std::string, std::pair<Tensor, Tensor>> modules;  // HF module path -> (A (r, in), B (out, r))
+};
+
+bool ends_with(const std::string& s, const std::string& tail) { return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0; }
+
+Lora read_lora(const std::string& dir) {
+  Lora l;
+  l.dir = dir;
+  const fs::path cfg = fs::path(dir) / "adapter_config.json";
+  if (!fs::exists(cfg)) throw std::runtime_error(dir + ": no adapter_config.json (a PEFT LoRA adapter folder is expected)");
+  l.config = read_json_file(cfg.string());
+  std::string type = l.config.value("peft_type", "");
+  std::transform(type.begin(), type.end(), type.begin(), ::toupper);
+  if (type != "LORA") throw std::runtime_error(cfg.string() + ": peft_type is '" + l.config.value("peft_type", "") + "'; only LoRA adapters are combined");
+  if (l.config.value("use_dora", false)) throw std::runtime_error(cfg.string() + ": use_dora: a DoRA adapter's magnitudes do not combine as LoRA's factors do");
+  for (const char* k : {"rank_pattern", "alpha_pattern"})
+    if (l.config.contains(k) && l.config[k].is_object() && !l.config[k].empty())
+      throw std::runtime_error(cfg.string() + ": " + k + " is not empty; adapters with per-module ranks or alphas are not combined here");
+  if (!l.config.contains("r") || !l.config["r"].is_number_integer() || l.config["r"].get<std::int64_t>() < 1)
+    throw std::runtime_error(cfg.string() + ": r must be a positive integer");
+  l.r = l.config["r"].get<std::int64_t>();
+  const double alpha = l.config.value("lora_alpha", 8.0);
+  l.scaling = l.config.value("use_rslora", false) ? alpha / std::sqrt(static_cast<double>(l.r)) : alpha / static_cast<double>(l.r);
+  const fs::path weights = fs::path(dir) / "adapter_model.safetensors";
+  for (auto& [key, t] : read_safetensors(weights.string())) {
+    const bool a = ends_with(key, ".lora_A.weight"), b = ends_with(key, ".lora_B.weight");
+    if (key.rfind(kPrefix, 0) != 0 || !(a || b))
+      throw std::runtime_error(weights.string() + ": tensor '" + key + "' is no LoRA factor (base_model.model.<module>.lora_A/B.weight)");
+    const std::string module = key.substr(std::string(kPrefix).size(), key.size() - std::string(kPrefix).size() - std::string(".lora_A.weight").size());
+    auto& slot = l.modules[module];
+    (a ? slot.first : slot.second) = t.clone();  // off the file mapping
+  }
+  for (const auto& [m, ab] : l.modules) {
+    const auto key = std::string(kPrefix) + m;
+    if (!ab.first.defined() || !ab.second.defined()) throw std::runtime_error(weights.string() + ": module '" + m + "' lacks lora_" + (ab.first.defined() ? "B" : "A"));
+    if (ab.first.dim() != 2 || ab.second.dim() != 2 || ab.first.size(0) != l.r || ab.second.size(1) != l.r)
+      throw std::runtime_error(weights.string() + ": tensor '" + key + ".lora_A.weight' " + c10::str(ab.first.sizes()) + " or its lora_B " +
+                               c10::str(ab.second.sizes()) + " is not of rank r = " + std::to_string(l.r));
+  }
+  if (l.modules.empty()) throw std::runtime_error(weights.string() + ": no LoRA tensors");
+  return l;
+}
+
+// ---- PEFT's merge utilities (peft.utils.merge_utils), on stacked tensors ------------------
+
+Tensor magnitude_prune_one(const Tensor& t, double density) {
+  if (density >= 1) return t;
+  Tensor mask = at::zeros_like(t).reshape({-1});
+  const auto k = static_cast<std::int64_t>(density * static_cast<double>(t.numel()));
+  const Tensor top = std::get<1>(at::topk(t.abs().reshape({-1}), k, 0, true));
+  mask.index_fill_(0, top, 1);
+  return t * mask.reshape(t.sizes());
+}
+
+Tensor random_prune_one(const Tensor& t, double density, at::Generator& gen) {
+  if (density >= 1) return t;
+  const Tensor mask = at::bernoulli(at::full_like(t, density), gen);
+  return t * mask / density;
+}
+
+Tensor majority_mask(const Tensor& stacked, const std::string& method) {  // (n, ...) -> bool (n, ...)
+  const Tensor sign = stacked.sign();
+  const Tensor magnitude = method == "total" ? stacked.sum(0) : sign.sum(0);
+  const Tensor majority = at::where(magnitude >= 0, 1, -1);
+  return sign == majority;
+}
+
+Tensor disjoint_merge(const Tensor& weighted, const Tensor& mask) {
+  return (weighted * mask).sum(0) / at::clamp((mask).sum(0), 1.0);
+}
+
+// `kind` without its "_svd": linear (PEFT's task_arithmetic for "svd"), ties, dare_linear,
+// dare_ties, magnitude_prune. weights: float32 (n), as PEFT's torch.tensor(list) makes them.
+Tensor combine(const std::vector<Tensor>& tensors, const Tensor& weights, const std::string& kind, double density, const std::string& sign_method,
+               at::Generator& gen) {
+  std::vector<Tensor> ts;
+  for (const auto& t : tensors) {
+    if (kind == "ties" || kind == "magnitude_prune") ts.push_back(magnitude_prune_one(t, density));
+    else if (kind == "dare_linear" || kind == "dare_ties") ts.push_back(random_prune_one(t, density, gen));
+    else ts.push_back(t);
+  }
+  const Tensor stacked = at::stack(ts, 0);
+  std::vector<std::int64_t> shape(static_cast<std::size_t>(stacked.dim()), 1);
+  shape[0] = weights.size(0);
+  const Tensor weighted = stacked * weights.to(stacked.device()).view(shape);
+  if (kind == "ties" || kind == "dare_ties") return disjoint_merge(weighted, majority_mask(stacked, sign_method));
+  return weighted.sum(0);
+}
+
+Tensor weight_vector(const std::vector<double>& w) {
+  std::vector<float> f(w.begin(), w.end());
+  return at::tensor(f);
+}
+
+const std::set<std::string> kKinds = {"svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
+                                      "magnitude_prune", "magnitude_prune_svd"};
+
+}  // namespace
+
+MergedAdapter weighted_merge(const WeightedMerge& how) {
+  at::NoGradGuard no_grad;
+  if (how.adapters.empty()) throw std::runtime_error("no adapters to combine");
+  if (how.weights.size() != how.adapters.size())
+    throw std::runtime_error(std::to_string(how.weights.size()) + " weights for " + std::to_string(how.adapters.size()) + " adapters: give one weight per adapter");
+  if (!kKinds.count(how.combination)) {
+    std::string list;
+    for (const auto& k : kKinds) list += (list.empty() ? "" : ", ") + k;
+    throw std::runtime_error("combination '" + how.combination + "' is none of " + list);
+  }
+  std::vector<Lora> loras;
+  for (const auto& d : how.adapters) loras.push_back(read_lora(d));
+  const std::string kind = loras.size() == 1 ? "linear" : how.combination;  // PEFT: one adapter is a linear scaling
+  const bool svd = ends_with(kind, "svd");
+  const std::string base_kind = kind == "svd" ? "linear" : svd ? kind.substr(0, kind.size() - 4) : kind;
+  const bool needs_density = base_kind != "linear" && base_kind != "cat";
+  if (needs_density && !how.density) throw std::runtime_error("combination " + kind + " needs a density (the share of entries each adapter keeps)");
+  const double density = how.density.value_or(1.0);
+  if (density < 0) throw std::runtime_error("density " + std::to_string(density) + " is below 0");
+  if (how.majority_sign != "total" && how.majority_sign != "frequency") throw std::runtime_error("majority sign method '" + how.majority_sign + "' is neither total nor frequency");
+  const bool random = base_kind.rfind("dare", 0) == 0;
+  if (random && how.module_order.empty())
+    throw std::runtime_error("combination " + kind + " draws random masks in the order of the model's modules: give the model (--model)");
+  if (how.svd_clamp && (*how.svd_clamp <= 0 || *how.svd_clamp > 1)) throw std::runtime_error("svd clamp " + std::to_string(*how.svd_clamp) + " is not a quantile in (0, 1]");
+
+  std::int64_t rank = 0;
+  if (kind == "cat") {
+    for (const auto& l : loras) rank += l.r;
+  } else if (svd) {
+    for (const auto& l : loras) rank = std::max(rank, l.r);
+    if (how.svd_rank) rank = *how.svd_rank;
+    if (rank < 1) throw std::runtime_error("svd rank " + std::to_string(rank) + " is not positive");
+  } else {
+    for (const auto& l : loras)
+      if (l.r != loras[0].r)
+        throw std::runtime_error("combination " + kind + " needs adapters of one rank: " + loras[0].dir + " has r = " + std::to_string(loras[0].r) + ", " + l.dir +
+                                 " r = " + std::to_string(l.r) + " (cat or an svd combination takes mixed ranks)");
+    rank = loras[0].r;
+  }
+
+  // The modules, in the model's order where it is given (PEFT walks the model's modules).
+  std::set<std::string> all;
+  for (const auto& l : loras)
+    for (const auto& [m, _] : l.modules) all.insert(m);
+  std::vector<std::string> order;
+  if (how.module_order.empty()) {
+    order.assign(all.begin(), all.end());
+  } else {
+    for (const auto& m : how.module_order)
+      if (all.count(m)) order.push_back(m);
+    for (const auto& m : all)
+      if (std::find(order.begin(), order.end(), m) == order.end()) throw std::runtime_error("module '" + m + "' of the adapters is not a linear layer of the model");
+  }
+
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(how.seed);
+  MergedAdapter out;
+  out.rank = rank;
+  out.combination = kind;
+  for (const auto& m : order) {
+    std::vector<const Lora*> have;
+    std::vector<double> w;
+    for (std::size_t i = 0; i < loras.size(); ++i)
+      if (loras[i].modules.count(m)) have.push_back(&loras[i]), w.push_back(how.weights[i]);
+    const auto& [A0, B0] = have[0]->modules.at(m);
+    const std::int64_t in = A0.size(1), outf = B0.size(0);
+    for (const auto* l : have)
+      if (l->modules.at(m).first.size(1) != in || l->modules.at(m).second.size(0) != outf)
+        throw std::runtime_error("module '" + m + "' is " + std::to_string(outf) + " × " + std::to_string(in) + " in " + have[0]->dir + " but not in " + l->dir);
+    Tensor A, B;
+    if (kind == "cat") {
+      std::vector<Tensor> as, bs;
+      for (std::size_t i = 0; i < have.size(); ++i) {
+        as.push_back(have[i]->modules.at(m).first * (w[i] * have[i]->scaling));
+        bs.push_back(have[i]->modules.at(m).second);
+      }
+      const Tensor a = at::cat(as, 0), b = at::cat(bs, 1);
+      A = at::zeros({rank, in}, a.options()), B = at::zeros({outf, rank}, b.options());  // modules some adapters lack: zero rows
+      A.narrow(0, 0, a.size(0)).copy_(a);
+      B.narrow(1, 0, b.size(1)).copy_(b);
+    } else if (svd) {
+      if (rank > std::min(in, outf)) throw std::runtime_error("svd rank " + std::to_string(rank) + " exceeds min(out, in) = " + std::to_string(std::min(in, outf)) + " of module '" + m + "'");
+      std::vector<Tensor> deltas;
+      for (const auto* l : have) deltas.push_back(at::matmul(l->modules.at(m).second, l->modules.at(m).first) * l->scaling);  // (out, in)
+      const Tensor delta = combine(deltas, weight_vector(w), base_kind, density, how.majority_sign, gen);
+      auto [U, S, Vh] = at::linalg_svd(delta, true);
+      Tensor u = at::matmul(U.narrow(1, 0, rank), at::diag(S.narrow(0, 0, rank)));  // (out, r)
+      Tensor vh = Vh.narrow(0, 0, rank);                                             // (r, in)
+      if (how.svd_clamp) {
+        const Tensor dist = at::cat({u.flatten(), vh.flatten()});
+        const double hi = at::quantile(dist, *how.svd_clamp).item<double>();
+        u = u.clamp(-hi, hi), vh = vh.clamp(-hi, hi);
+      }
+      A = vh.contiguous(), B = u.contiguous();
+    } else {
+      std::vector<double> wa, wb;
+      std::vector<Tensor> as, bs;
+      for (std::size_t i = 0; i < have.size(); ++i) {
+        const double ws = w[i] * have[i]->scaling;
+        wa.push_back(std::sqrt(std::abs(ws)) * (ws >= 0 ? 1 : -1));
+        wb.push_back(std::sqrt(std::abs(ws)));
+        as.push_back(have[i]->modules.at(m).first);
+        bs.push_back(have[i]->modules.at(m).second);
+      }
+      A = combine(as, weight_vector(wa), base_kind, density, how.majority_sign, gen).to(A0.scalar_type());  // every A's draws, then every B's
+      B = combine(bs, weight_vector(wb), base_kind, density, how.majority_sign, gen).to(B0.scalar_type());
+    }
+    out.tensors[std::string(kPrefix) + m + ".lora_A.weight"] = A;
+    out.tensors[std::string(kPrefix) + m + ".lora_B.weight"] = B;
+  }
+
+  // The first adapter's config with the new rank, scale 1 and every target.
+  nlohmann::json cfg = loras[0].config;
+  std::set<std::string> targets;
+  for (const auto& l : loras) {
+    const auto& t = l.config.value("target_modules", nlohmann::json());
+    if (t.is_array())
+      for (const auto& x : t) targets.insert(x.get<std::string>());
+    else if (t.is_string())
+      throw std::runtime_error(l.dir + ": target_modules is a regex; list the modules to combine adapters");
+  }
+  cfg["r"] = rank;
+  cfg["lora_alpha"] = rank;
+  cfg["use_rslora"] = false;  // scale 1 (PEFT keeps the first adapter's flag, which would make it √r)
+  cfg["init_lora_weights"] = true;
+  cfg["target_modules"] = std::vector<std::string>(targets.begin(), targets.end());
+  cfg["rank_pattern"] = nlohmann::json::object();
+  cfg["alpha_pattern"] = nlohmann::json::object();
+  cfg["inference_mode"] = true;
+  out.config_json = cfg.dump(2);
+  return out;
+}
+
+}  // namespace tessera

@@ -1,0 +1,54 @@
+// Weighted combination of LoRA adapters into one, as PEFT's LoraModel.add_weighted_adapter
+// makes it, on adapter folders alone (PEFT's layout: adapter_config.json and
+// adapter_model.safetensors): `tessera merge`.
+//
+//   linear / ties / dare_linear / dare_ties / magnitude_prune: the A's and the B's combined
+//     apart, adapter i weighted √|wᵢsᵢ|·sign(wᵢsᵢ) in A and √|wᵢsᵢ| in B (sᵢ its scale); all
+//     of one rank, which the result keeps
+//   cat: A = [w₁s₁A₁; w₂s₂A₂; …], B = [B₁ B₂ …]: rank Σ rᵢ, exactly Σ wᵢ sᵢ Bᵢ Aᵢ
+//   svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd: the deltas
+//     ΔWᵢ = sᵢ Bᵢ Aᵢ combined, then cut to rank svd_rank by SVD (B = U S, A = Vᴴ), the entries
+//     optionally clamped to the svd_clamp quantile of their magnitudes
+//
+// TIES (Yadav et al. 2023): each tensor keeps its `density` share of largest magnitudes, a
+// sign per entry by majority (summed values, or counts), the agreeing entries averaged. DARE
+// (Yu et al. 2024): each tensor keeps entries at random with probability `density`, rescaled
+// by 1/density; the draws come from torch's CPU generator seeded with `seed`, in PEFT's order
+// — the model's modules in order, per module the A's then the B's (or the deltas), adapter by
+// adapter — so the same seed gives PEFT's masks when `module_order` is the model's.
+// The result has scale 1 (lora_alpha = r).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tessera {
+
+struct WeightedMerge {
+  std::vector<std::string> adapters;  // PEFT LoRA folders
+  std::vector<double> weights;        // one per adapter
+  std::string combination = "svd";
+  std::optional<double> density;      // ties, dare_*, magnitude_prune*: required
+  std::string majority_sign = "total";  // or "frequency"
+  std::optional<std::int64_t> svd_rank;  // default: the largest input rank
+  std::optional<double> svd_clamp;       // a quantile in (0, 1]
+  std::uint64_t seed = 0;                // dare_*
+  std::vector<std::string> module_order;  // HF module paths in the model's order (dare_* needs it)
+};
+
+struct MergedAdapter {
+  std::map<std::string, at::Tensor> tensors;  // PEFT's keys
+  std::string config_json;                    // adapter_config.json
+  std::int64_t rank = 0;
+  std::string combination;  // as applied ("linear" for a single adapter, as PEFT)
+};
+
+// Throws std::runtime_error naming the folder and key or option that is wrong.
+MergedAdapter weighted_merge(const WeightedMerge& how);
+
+}  // namespace tessera
