@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The LoRA training config the LoRA benchmarks share (all-MiniLM-L6-v2 on polarity, batch
 # 32, length 64, rank 8 on every linear site of each layer), printed to stdout:
-#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads> [none|nf4] [lora|dora|loha|vera|ia3|prompt_tuning|p_tuning|prefix_tuning|lst|seq_bn|double_seq_bn|par_bn|scaled_par_bn]
+#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads> [none|nf4] [lora|dora|adalora|dylora|loha|lokr|vera|ia3|prompt_tuning|p_tuning|prefix_tuning|lst|seq_bn|double_seq_bn|par_bn|scaled_par_bn]
 # Three steps more than timed: the trainer times from the fourth. nf4: QLoRA (the base's
 # linear weights in NF4 with double quantization).
 set -euo pipefail
@@ -39,6 +39,18 @@ plugin = "lst"
 [methods.params]
 reduction_factor = 8
 LST
+elif [[ $method == adalora ]]; then cat <<ADALORA
+[[methods]]
+plugin = "adalora"
+targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
+[methods.params]
+init_r = 12
+target_r = 8
+lora_alpha = 32
+tinit = $(((steps + 3) / 10))
+tfinal = $(((steps + 3) / 5))
+orth_reg_weight = 0.1
+ADALORA
 elif [[ $method == loha ]]; then cat <<LOHA
 [[methods]]
 plugin = "loha"
@@ -47,6 +59,23 @@ targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
 r = 8
 alpha = 16
 LOHA
+elif [[ $method == lokr ]]; then cat <<LOKR
+[[methods]]
+plugin = "lokr"
+targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
+[methods.params]
+r = 8
+alpha = 16
+LOKR
+elif [[ $method == dylora ]]; then cat <<DYLORA
+[[methods]]
+plugin = "dylora"
+targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
+[methods.params]
+r = 8
+alpha = 16
+dropout = 0.1
+DYLORA
 elif [[ $method == vera ]]; then cat <<VERA
 [[methods]]
 plugin = "vera"

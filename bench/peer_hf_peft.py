@@ -23,7 +23,7 @@ ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--rank", type=int, default=8)
 ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 ap.add_argument("--padding", choices=["max_length", "longest"], default="max_length")
-ap.add_argument("--method", choices=["lora", "dora", "loha", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"],
+ap.add_argument("--method", choices=["lora", "dora", "adalora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"],
                 default="lora",
                 help="ia3: IA3Config with PEFT's defaults for BERT; prompt_tuning, p_tuning, prefix_tuning: 20 virtual tokens "
                      "(P-tuning's MLP encoder, prefix tuning without projection); the *_bn: AdapterHub's bottleneck presets (adapters)")
@@ -61,7 +61,7 @@ class Classifier(torch.nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp_min(1e-9))
 
 
-if args.method in ("lora", "dora", "loha", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"):
+if args.method in ("lora", "dora", "adalora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"):
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
     if args.method == "prompt_tuning":
@@ -70,10 +70,21 @@ if args.method in ("lora", "dora", "loha", "vera", "ia3", "prompt_tuning", "p_tu
         cfg = PromptEncoderConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20)
     elif args.method == "prefix_tuning":
         cfg = PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20)
+    elif args.method == "adalora":  # the quickstart config's schedule, scaled to the timed steps
+        from peft import AdaLoraConfig
+
+        total = args.warmup_steps + args.steps
+        cfg = AdaLoraConfig(init_r=12, target_r=8, lora_alpha=32, tinit=total // 10, tfinal=total // 5, deltaT=1, total_step=total, orth_reg_weight=0.1,
+                            target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
     elif args.method == "loha":
         from peft import LoHaConfig
 
         cfg = LoHaConfig(r=args.rank, alpha=2 * args.rank,
+                         target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
+    elif args.method == "lokr":
+        from peft import LoKrConfig
+
+        cfg = LoKrConfig(r=args.rank, alpha=2 * args.rank,
                          target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
     elif args.method == "vera":
         from peft import VeraConfig
@@ -114,6 +125,8 @@ for step in range(args.warmup_steps + args.steps):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+    if args.method == "adalora":  # PEFT's loop: allocate after the step, before zero_grad
+        model.encoder.base_model.update_and_allocate(step)
     seen += y.numel()
 elapsed = time.perf_counter() - start
 print(json.dumps({"peer": "transformers+peft", "examples_per_s": seen / elapsed,

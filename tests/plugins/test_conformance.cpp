@@ -36,9 +36,21 @@ const std::vector<Row>& table() {
       {"lora", {"attn.o", "mlp.up"}, {{"r", std::int64_t{4}}, {"init_lora_weights", std::string("false")}, {"use_dora", true}}, {}},  // DoRA
       {"lora", {"attn.q", "mlp.down"}, {{"r", std::int64_t{4}}, {"init_lora_weights", std::string("pissa_niter_2")}}, {}},  // PiSSA, randomised SVD
       {"lora", {"attn.v"}, {{"r", std::int64_t{4}}, {"init_lora_weights", std::string("olora")}}, {}},
+      {"lora", {"attn.q", "mlp.up"}, {{"r", std::int64_t{4}}, {"init_lora_weights", std::string("false")}, {"lora_fa", true}}, {}},  // LoRA-FA: B alone trains
       {"loha", {"attn.q", "mlp.down"}, {{"r", std::int64_t{4}}, {"init_weights", false}}, {}},
       {"loha", {"attn.v"}, {{"r", std::int64_t{2}}, {"init_weights", false}, {"rank_dropout", 0.5}}, {}},
+      // DyLoRA: B random too (init_weights = false), so both factors get a gradient at the drawn
+      // rank from the first step; then the first b trained, eval_rank below r, dropout.
+      {"dylora", {"attn.q", "attn.v", "mlp.up"}, {{"r", std::int64_t{4}}, {"init_weights", false}, {"alpha", 8.0}}, {}},
+      {"dylora", {"attn.o", "mlp.down"}, {{"r", std::int64_t{4}}, {"r_min", std::int64_t{2}}, {"eval_rank", std::int64_t{3}}, {"train_parts", std::string("all")},
+                                          {"init_weights", false}, {"dropout", 0.1}}, {}},
+      // LoKr: both factors low-rank pairs where a side is long enough (decompose_both); then
+      // KronA, both factors full at r = 32 on every family's sizes, with scaled rank dropout.
+      {"lokr", {"attn.q", "mlp.down"}, {{"r", std::int64_t{2}}, {"init_weights", std::string("false")}, {"decompose_both", true}}, {}},
+      {"lokr", {"attn.v", "mlp.up"}, {{"r", std::int64_t{32}}, {"init_weights", std::string("false")}, {"rank_dropout", 0.5}, {"rank_dropout_scale", true}}, {}},
       {"vera", {"attn.q", "mlp.up"}, {{"r", std::int64_t{4}}, {"init_weights", false}}, {}},
+      // PEFT's init (Λ = 0) at a large scale: the two steps move Λ, the second allocation masks half the triplets
+      {"adalora", {"attn.q", "attn.v", "mlp.down"}, {{"init_r", std::int64_t{4}}, {"target_r", std::int64_t{2}}, {"lora_alpha", 64.0}}, {}},
       {"ia3", {}, {{"init_ia3_weights", false}}, {}},  // PEFT's default targets on every family
       {"bottleneck", {}, {}, {}},  // seq_bn (Pfeiffer): bert init, so it acts at once
       {"bottleneck", {}, {{"config", std::string("double_seq_bn")}, {"cross_adapter", true}}, {}},  // Houlsby, T5's cross-attention too

@@ -112,6 +112,70 @@ CATCH_TEST_CASE("PiSSA and OLoRA start from peft's A and B, and read and write p
   CATCH_CHECK_THROWS_WITH(lora->call("validate", [&](Method& m) { m.validate(bad); }), Catch::Contains("init_lora_weights must be true, gaussian"));
 }
 
+CATCH_TEST_CASE("LoRA-FA equals peft's LoraFAOptimizer: A frozen, B after three steps on the projected gradient", "[plugins][lora][minilm][parity]") {
+  // tests/fixtures/make_lorafa.py: peft's optimizer (its float32 arithmetic) from peft's
+  // initial LoRA on the query and value projections. The Adam update here is the one that
+  // optimizer runs (transformers' AdamW: step size lr·√(1 − β2ᵗ)/(1 − β1ᵗ), ε = 1e-6 outside
+  // the root), so what is compared is the plugin's part: the projection of B's gradient.
+  auto& enc = test::cached_tensors(test::fixture("reference.safetensors"));
+  const auto ref = test::read_tensors(test::fixture("lorafa/reference.safetensors"));
+  const Tensor ids = enc["input_ids"], mask = enc["attention_mask"];
+  auto model = test::load_minilm();
+  const std::string dir = test::fixture("lorafa/initial");
+  MethodConfig mc = method_from_peft_dir(dir, test::registry(), "adapter");
+  auto lora = test::registry().create("lora", "fa");
+  auto given = mc.params;
+  given["lora_fa"] = true;
+  lora->attach(*model, mc.targets, apply_schema(test::registry().find("lora")->params, given));
+  const auto tensors = test::read_tensors(dir + "/adapter_model.safetensors");
+  lora->call("load_state", [&](Method& m) { m.load_state(tensors); });
+  auto params = lora->call("trainable", [](Method& m) { return m.trainable(); });
+  CATCH_REQUIRE(params.size() == 12);  // B of q and v in six layers: A is not trained
+  std::map<std::string, std::string> hf;
+  for (auto* s : model->linear_sites()) hf[s->name() + ".lora_B"] = s->hf_path() + ".lora_B.weight";
+  std::map<std::string, Tensor> m1, m2;
+  for (auto& [k, p] : params) m1[k] = at::zeros_like(p), m2[k] = at::zeros_like(p);
+  const double lr = 1e-3, b1 = 0.9, b2 = 0.999, eps = 1e-6;
+  for (int step = 0; step < 3; ++step) {
+    for (auto& [k, p] : params) p.mutable_grad().reset();
+    const Tensor h = model->forward(ids, mask).hidden;
+    ((h * ref.at("direction") * mask.unsqueeze(-1)).sum() / mask.sum()).backward();
+    std::map<std::string, Tensor> raw;
+    for (auto& [k, p] : params) raw[k] = p.grad().clone();
+    lora->call("after_backward", [](Method& m) { m.after_backward(); });
+    at::NoGradGuard no_grad;
+    // The projection against its formula in float64: (1/s²) ∂B (A Aᵀ + 1e-8 I)⁻¹, s = 2.
+    for (auto& [k, p] : params) {
+      const std::string a_key = "base_model.model." + hf.at(k).substr(0, hf.at(k).size() - std::string(".lora_B.weight").size()) + ".lora_A.weight";
+      const Tensor A = tensors.at(a_key).to(at::kDouble);
+      const Tensor want = at::matmul(raw[k].to(at::kDouble), at::inverse(at::matmul(A, A.t()) + at::eye(A.size(0), A.options()) * 1e-8)) / 4.0;
+      CATCH_INFO("step " << step << ", " << k);
+      CATCH_CHECK(test::max_abs_diff(p.grad(), want) <= 1e-5 * want.abs().max().item<double>());
+    }
+    const double t = step + 1, size = lr * std::sqrt(1 - std::pow(b2, t)) / (1 - std::pow(b1, t));
+    for (auto& [k, p] : params) {
+      m1[k].mul_(b1).add_(p.grad(), 1 - b1);
+      m2[k].mul_(b2).addcmul_(p.grad(), p.grad(), 1 - b2);
+      p.sub_(m1[k] / (m2[k].sqrt() + eps) * size);
+      const Tensor want = ref.at("B." + std::to_string(step) + "." + hf.at(k));
+      CATCH_INFO("step " << step << ", " << k);
+      // Adam's first steps divide by √v: where a gradient is near 0 its float32 rounding moves
+      // B by up to ~lr·δg/3e-5, so B is compared to 0.5% of its largest entry.
+      CATCH_CHECK(test::max_abs_diff(p, want) <= 5e-3 * want.abs().max().item<double>());
+    }
+  }
+  at::NoGradGuard no_grad;
+  TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, ref, "hidden_after", mask));
+  CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ids, mask).hidden, enc["hidden"], mask) > 1e-3);  // B moved the output
+  // The file is a plain LoRA's, A as it was loaded.
+  const auto state = lora->call("state", [](Method& m) { return m.state(); });
+  for (const auto& [k, t] : tensors)
+    if (k.find("lora_A") != std::string::npos) CATCH_CHECK(at::equal(state.at(k), t));
+  auto dora = test::registry().create("lora", "fa_dora");
+  const Params both = apply_schema(test::registry().find("lora")->params, {{"lora_fa", true}, {"use_dora", true}});
+  CATCH_CHECK_THROWS_WITH(dora->call("validate", [&](Method& m) { m.validate(both); }), Catch::Contains("lora_fa with use_dora is not supported"));
+}
+
 CATCH_TEST_CASE("LoRA's default init starts at the base model and writes peft's config", "[plugins][lora][minilm][parity]") {
   auto model = test::load_minilm();
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));

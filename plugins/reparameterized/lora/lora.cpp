@@ -93,6 +93,10 @@ class Lora final : public tessera::Method {
          std::nullopt, std::nullopt, {}},
         {"use_dora", ParamType::Bool, false, "DoRA: a trained magnitude per output row times the normalised W + s·B·A (Liu et al. 2024)", std::nullopt,
          std::nullopt, {}},
+        {"lora_fa", ParamType::Bool, false,
+         "LoRA-FA (Zhang et al. 2023): A frozen at its init, B trained on the gradient projected as PEFT's LoraFAOptimizer projects it, "
+         "(1/s²) ∂B (A Aᵀ + 1e-8 I)⁺",
+         std::nullopt, std::nullopt, {}},
         {"rank_pattern", ParamType::NumberTable, tessera::NumberTable{}, "per-target rank: {pattern = r}", std::nullopt, std::nullopt, {}},
         {"alpha_pattern", ParamType::NumberTable, tessera::NumberTable{}, "per-target alpha: {pattern = alpha}", std::nullopt, std::nullopt, {}},
     }};
@@ -106,6 +110,8 @@ class Lora final : public tessera::Method {
     if ((init.rfind("pissa", 0) == 0 || init == "olora") && p.flag("use_rslora") &&
         (!p.get<tessera::NumberTable>("rank_pattern").empty() || !p.get<tessera::NumberTable>("alpha_pattern").empty()))
       throw tessera::ParamError("use_rslora", "a " + init + " adapter's conversion to LoRA cannot keep rank_pattern or alpha_pattern under use_rslora (as PEFT refuses)");
+    if (p.flag("lora_fa") && p.flag("use_dora"))
+      throw tessera::ParamError("lora_fa", "lora_fa with use_dora is not supported: LoRA-FA's projection is for B of a plain LoRA update");
     if (p.flag("use_dora") && (init.rfind("pissa", 0) == 0 || init == "olora"))
       throw tessera::ParamError("use_dora", "use_dora with init_lora_weights = " + init + " is not supported: choose one");
     for (const auto& [pattern, r] : p.get<tessera::NumberTable>("rank_pattern"))
@@ -155,7 +161,7 @@ class Lora final : public tessera::Method {
         std::tie(A, B) = principal_init(site->weight().base().to(opts), r, scaling, init);
         A0 = A.clone(), B0 = B.clone();
       }
-      A.set_requires_grad(true);
+      A.set_requires_grad(!p.flag("lora_fa"));  // LoRA-FA: A stays its init, a fixed down-projection
       B.set_requires_grad(true);
       adapters_.push_back({site, A, B, scaling, A0, B0, {}, {}});
       if (dora_) {  // m starts at n, so the model starts where plain LoRA would
@@ -195,11 +201,27 @@ class Lora final : public tessera::Method {
   tessera::NamedTensors trainable() override {
     tessera::NamedTensors out;
     for (const auto& a : adapters_) {
-      out[a.site->name() + ".lora_A"] = a.A;
+      if (!params_.flag("lora_fa")) out[a.site->name() + ".lora_A"] = a.A;
       out[a.site->name() + ".lora_B"] = a.B;
       if (dora_) out[a.site->name() + ".lora_magnitude_vector"] = a.m;
     }
     return out;
+  }
+
+  // LoRA-FA (Zhang et al. 2023, §3, as PEFT's LoraFAOptimizer): with A fixed, the update
+  // s·B A moves as full fine-tuning's would, projected on A's row space, when B's gradient is
+  // (1/s²) ∂B (A Aᵀ)⁻¹; (A Aᵀ + 1e-8 I)⁺ as PEFT takes it. In float32 (PEFT autocasts this
+  // product to bfloat16 where bfloat16 is available); the host's AdamW then steps B.
+  void after_backward() override {
+    if (!params_.flag("lora_fa")) return;
+    at::NoGradGuard no_grad;
+    for (auto& a : adapters_) {
+      if (!a.B.grad().defined()) continue;
+      const Tensor A = a.A.to(at::kFloat);                                             // (r, in)
+      const Tensor gram = at::matmul(A, A.t()) + at::eye(A.size(0), A.options()) * 1e-8;  // (r, r)
+      const Tensor g = at::matmul(a.B.grad().to(at::kFloat), at::linalg_pinv(gram)) / (a.scaling * a.scaling);  // (out, r)
+      a.B.mutable_grad().copy_(g);
+    }
   }
 
   // HF PEFT's file keys: base_model.model.<module path>.lora_{A,B}.weight (DoRA:
