@@ -57,7 +57,9 @@ Lora read_lora(const std::string& dir) {
       throw std::runtime_error(weights.string() + ": tensor '" + key + "' is no LoRA factor (base_model.model.<module>.lora_A/B.weight)");
     const std::string module = key.substr(std::string(kPrefix).size(), key.size() - std::string(kPrefix).size() - std::string(".lora_A.weight").size());
     auto& slot = l.modules[module];
-    (a ? slot.first : slot.second) = t.clone();  // off the file mapping
+    // float32, off the file mapping: PEFT upcasts adapter weights on load, and the SVD and
+    // quantile need it; the result is float32 as PEFT's new adapter is
+    (a ? slot.first : slot.second) = t.to(at::kFloat).clone();
   }
   for (const auto& [m, ab] : l.modules) {
     const auto key = std::string(kPrefix) + m;
@@ -147,6 +149,7 @@ MergedAdapter weighted_merge(const WeightedMerge& how) {
   if (density < 0) throw std::runtime_error("density " + std::to_string(density) + " is below 0");
   if (how.majority_sign != "total" && how.majority_sign != "frequency") throw std::runtime_error("majority sign method '" + how.majority_sign + "' is neither total nor frequency");
   const bool random = base_kind.rfind("dare", 0) == 0;
+  if (random && density == 0) throw std::runtime_error("combination " + kind + " with density 0 keeps nothing and divides by 0: give a density in (0, 1]");
   if (random && how.module_order.empty())
     throw std::runtime_error("combination " + kind + " draws random masks in the order of the model's modules: give the model (--model)");
   if (how.svd_clamp && (*how.svd_clamp <= 0 || *how.svd_clamp > 1)) throw std::runtime_error("svd clamp " + std::to_string(*how.svd_clamp) + " is not a quantile in (0, 1]");

@@ -15,7 +15,9 @@
 // (Yu et al. 2024): each tensor keeps entries at random with probability `density`, rescaled
 // by 1/density; the draws come from torch's CPU generator seeded with `seed`, in PEFT's order
 // — the model's modules in order, per module the A's then the B's (or the deltas), adapter by
-// adapter — so the same seed gives PEFT's masks when `module_order` is the model's.
+// adapter. PEFT draws from torch's global generator, after the new adapter's own random init
+// has drawn from it too: with its generator seeded where the combination's draws begin (as
+// the test does), and `module_order` the model's, the masks are PEFT's.
 // The result has scale 1 (lora_alpha = r).
 #pragma once
 

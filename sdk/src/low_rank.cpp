@@ -32,7 +32,9 @@ struct LowRank : torch::autograd::Function<LowRank> {
     const at::Tensor Ax = A.to(x.scalar_type());               // (r, in)
     const at::Tensor sB = B.to(x.scalar_type()) * s;           // (out, r)
     auto [y, u] = forward_rows(x2, Ax, sB);
-    ctx->save_for_backward({x2, u, Ax, sB});
+    // x is needed only for ∂A: a frozen A (LoRA-FA) keeps just the r-wide u, so a dropped
+    // input (a tensor of this branch alone) is freed after the forward pass.
+    ctx->save_for_backward({A.requires_grad() ? x2 : at::Tensor(), u, Ax, sB});
     ctx->saved_data["s"] = s;
     ctx->saved_data["A_dtype"] = static_cast<std::int64_t>(A.scalar_type());  // the masters' gradients arrive in their dtype
     ctx->saved_data["B_dtype"] = static_cast<std::int64_t>(B.scalar_type());
@@ -46,7 +48,7 @@ struct LowRank : torch::autograd::Function<LowRank> {
     const at::Tensor g = grad_out[0].reshape({-1, sB.size(0)});  // (n, out)
     const at::Tensor gu = dense_linear(g, sB.t());                // (n, r) = g (s B)
     at::Tensor gx, gA, gB;
-    if (ctx->needs_input_grad(0)) gx = at::mm(gu, Ax).view(with_last(grad_out[0], x2.size(1)));  // (..., in)
+    if (ctx->needs_input_grad(0)) gx = at::mm(gu, Ax).view(with_last(grad_out[0], Ax.size(1)));  // (..., in)
     auto dtype = [&](const char* key) { return static_cast<at::ScalarType>(ctx->saved_data[key].toInt()); };
     if (ctx->needs_input_grad(1)) gA = at::mm(gu.t(), x2).to(dtype("A_dtype"));                      // (r, in)
     if (ctx->needs_input_grad(2)) gB = at::mm(u.t(), g).t().mul(s).contiguous().to(dtype("B_dtype"));  // (out, r)

@@ -109,6 +109,8 @@ CATCH_TEST_CASE("tessera merge: cat is exactly the weighted sum of the updates; 
   refused(bad, "combination ties needs a density");
   bad = how, bad.combination = "dare_linear", bad.density = 0.5;
   refused(bad, "give the model (--model)");
+  bad = how, bad.combination = "dare_ties", bad.density = 0.0, bad.module_order = {"x"};
+  refused(bad, "with density 0 keeps nothing and divides by 0");
   bad = how, bad.weights = {1.0};
   refused(bad, "1 weights for 2 adapters");
   bad = how, bad.combination = "average";

@@ -34,6 +34,7 @@ struct Triplets {
   Tensor A, E, B;  // Q (r, in), Λ (r, 1), P (out, r)
   Tensor avg[3], unc[3];  // sensitivity EMA and uncertainty EMA of A, E, B; undefined until the first update
   Tensor keep;            // (r) bool: the triplets the last allocation kept; undefined before any
+  Tensor kept;            // keep's indices (made once per allocation: no device sync per forward)
   Tensor loaded_pattern;  // (r₀) bool: a subset loaded from a file, as its config pattern reads
   Tensor folded;          // while merged
   Tensor* part(int i) { return i == 0 ? &A : i == 1 ? &E : &B; }
@@ -108,6 +109,12 @@ class AdaLoRA final : public tessera::Method {
     return sum * (w / static_cast<double>(2 * sites_.size()));
   }
 
+  // The run's step count is known before step 0: a schedule without a budget phase is refused
+  // then, not after the first update.
+  void on_step(const tessera::StepInfo& info) override {
+    if (info.step == 0 && params_.integer("total_step") == 0) check_schedule(params_, info.total);
+  }
+
   const void* extension(const char* id) const override { return std::string(id) == TESSERA_EXT_METHOD_AFTER_STEP ? &after_step_ : nullptr; }
 
   bool mergeable() const override { return true; }
@@ -116,7 +123,7 @@ class AdaLoRA final : public tessera::Method {
     at::NoGradGuard no_grad;
     for (auto& t : sites_) {
       t.site->remove(*owner_);
-      t.folded = (at::matmul(t.B, t.A * t.E) * scaling_).to(t.site->weight().base().scalar_type());
+      t.folded = (delta_of(t) * scaling_).to(t.site->weight().base().scalar_type());
       t.site->weight().fold(t.folded);
     }
     merged_ = true;
@@ -185,7 +192,7 @@ class AdaLoRA final : public tessera::Method {
         else *p = v.to(p->options()).clone().set_requires_grad(true), resized = true;
       }
       for (int i = 0; i < 3; ++i) t.avg[i] = t.unc[i] = Tensor();
-      t.keep = Tensor();  // every row loaded is live
+      t.keep = t.kept = Tensor();  // every row loaded is live
     }
     // PEFT's pattern for a resized adapter: k of r₀ kept (which k does not matter: the rows
     // were saved already chosen), so a folder we save again loads in PEFT.
@@ -199,7 +206,12 @@ class AdaLoRA final : public tessera::Method {
     for (const auto& t : sites_) {
       targets.push_back(t.site->hf_path());
       // a trained site its own pattern; a loaded subset k leading trues of r₀
-      const Tensor keep = (t.keep.defined() ? t.keep : t.loaded_pattern);
+      Tensor keep = t.keep.defined() ? t.keep.cpu() : t.loaded_pattern;
+      if (t.keep.defined() && t.loaded_pattern.defined()) {  // an allocation on a loaded subset: its bits at the subset's places among r₀
+        Tensor full = at::zeros({init_r_}, at::kBool);
+        full.index_put_({t.loaded_pattern.nonzero().reshape({-1})}, keep);
+        keep = full;
+      }
       if (!keep.defined()) continue;
       if (pattern.is_null()) pattern = nlohmann::json::object();
       std::vector<bool> bits;
@@ -235,6 +247,12 @@ class AdaLoRA final : public tessera::Method {
 
  private:
   static constexpr const char* kParts[3] = {"lora_A", "lora_E", "lora_B"};
+  // P (Λ ⊙ Q) over the kept triplets once an allocation has masked some (what state() saves), else all: (out, in)
+  static Tensor delta_of(const Triplets& t) {
+    if (t.kept.defined() && t.kept.size(0) < t.A.size(0))
+      return at::matmul(t.B.index_select(1, t.kept), t.A.index_select(0, t.kept) * t.E.index_select(0, t.kept));
+    return at::matmul(t.B, t.A * t.E);
+  }
   static std::string key(const Triplets& t, const char* name) { return "base_model.model." + t.site->hf_path() + "." + name; }
 
   static void check_schedule(const tessera::Params& p, std::int64_t total) {
@@ -250,11 +268,8 @@ class AdaLoRA final : public tessera::Method {
         const Tensor h = dropout_ > 0 ? tessera::dropout(x, dropout_, model_->training()) : x;
         // Outside training, once an allocation has masked triplets, only the kept ones run:
         // what the saved adapter (the kept triplets alone) computes, to the bit.
-        if (!model_->training() && tp->keep.defined()) {
-          const Tensor idx = tp->keep.nonzero().reshape({-1});
-          if (idx.size(0) < tp->A.size(0))
-            return tessera::low_rank(h, tp->A.index_select(0, idx) * tp->E.index_select(0, idx), tp->B.index_select(1, idx), scaling_);
-        }
+        if (!model_->training() && tp->kept.defined() && tp->kept.size(0) < tp->A.size(0))
+          return tessera::low_rank(h, tp->A.index_select(0, tp->kept) * tp->E.index_select(0, tp->kept), tp->B.index_select(1, tp->kept), scaling_);
         return tessera::low_rank(h, tp->A * tp->E, tp->B, scaling_);
       });
     }
@@ -297,7 +312,7 @@ class AdaLoRA final : public tessera::Method {
     if (step <= tinit) return {init_budget(), false};
     if (step > total - tfinal) return {target_budget(), true};
     const double c = 1.0 - static_cast<double>(step - tinit) / static_cast<double>(total - tfinal - tinit);
-    const auto budget = static_cast<std::int64_t>(static_cast<double>(init_budget() - target_budget()) * c * c * c + static_cast<double>(target_budget()));
+    const auto budget = static_cast<std::int64_t>(static_cast<double>(init_budget() - target_budget()) * std::pow(c, 3.0) + static_cast<double>(target_budget()));
     return {budget, step % params_.integer("deltaT") == 0};
   }
 
@@ -319,10 +334,7 @@ class AdaLoRA final : public tessera::Method {
   void mask_to_budget(std::int64_t budget) {
     std::vector<Tensor> scores;
     for (auto& t : sites_) {
-      if (!t.avg[0].defined()) {  // no importance yet (an allocation before any update): all equal
-        scores.push_back(at::zeros({t.A.size(0)}, t.A.options()));
-        continue;
-      }
+      if (!t.avg[0].defined()) return;  // no importance yet (an allocation before any update): nothing to rank by
       const Tensor sA = (t.avg[0] * t.unc[0]).mean(1);            // (r)
       const Tensor sE = (t.avg[1] * t.unc[1]).reshape({-1});      // (r)
       const Tensor sB = (t.avg[2] * t.unc[2]).mean(0);            // (r)
@@ -334,6 +346,7 @@ class AdaLoRA final : public tessera::Method {
     for (std::size_t s = 0; s < sites_.size(); ++s) {
       auto& t = sites_[s];
       t.keep = scores[s].gt(threshold);
+      t.kept = t.keep.nonzero().reshape({-1});
       t.E.masked_fill_(t.keep.logical_not().unsqueeze(1), 0.0);
     }
   }

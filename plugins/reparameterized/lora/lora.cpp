@@ -58,6 +58,7 @@ struct Adapter {
   Tensor A0, B0;  // PiSSA / OLoRA: the initial A and B, frozen; undefined otherwise
   Tensor m;       // DoRA: (out) magnitude, trained; undefined without DoRA
   Tensor folded;  // DoRA, while merged: what merge() added to the base
+  Tensor fa_projection;  // LoRA-FA: (1/s²)(A Aᵀ + 1e-8 I)⁺, (r, r) f32; A is frozen, so made once (again after a load)
   Tensor delta() const { return at::matmul(B, A) * scaling; }  // (out, in)
   // What merge() folds: s·B A, less s·B₀ A₀ after a PiSSA / OLoRA init.
   Tensor folded_delta() const {
@@ -217,10 +218,12 @@ class Lora final : public tessera::Method {
     at::NoGradGuard no_grad;
     for (auto& a : adapters_) {
       if (!a.B.grad().defined()) continue;
-      const Tensor A = a.A.to(at::kFloat);                                             // (r, in)
-      const Tensor gram = at::matmul(A, A.t()) + at::eye(A.size(0), A.options()) * 1e-8;  // (r, r)
-      const Tensor g = at::matmul(a.B.grad().to(at::kFloat), at::linalg_pinv(gram)) / (a.scaling * a.scaling);  // (out, r)
-      a.B.mutable_grad().copy_(g);
+      if (!a.fa_projection.defined()) {
+        const Tensor A = a.A.to(at::kFloat);                                             // (r, in)
+        const Tensor gram = at::matmul(A, A.t()) + at::eye(A.size(0), A.options()) * 1e-8;  // (r, r)
+        a.fa_projection = at::linalg_pinv(gram) / (a.scaling * a.scaling);
+      }
+      a.B.mutable_grad().copy_(at::matmul(a.B.grad().to(at::kFloat), a.fa_projection));  // (out, r)
     }
   }
 
@@ -243,6 +246,7 @@ class Lora final : public tessera::Method {
   }
 
   void load_state(const tessera::NamedTensors& tensors) override {
+    for (auto& a : adapters_) a.fa_projection = Tensor();  // A may change
     const std::size_t per = dora_ ? 3 : 2;
     if (tensors.size() != per * adapters_.size()) {
       bool magnitudes = false;
