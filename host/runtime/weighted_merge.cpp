@@ -126,10 +126,14 @@ Tensor weight_vector(const std::vector<double>& w) {
 const std::set<std::string> kKinds = {"svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
                                       "magnitude_prune", "magnitude_prune_svd"};
 
-}  // namespace
+// What is asked, checked before any file is read: the kind as applied and its base form.
+struct Plan {
+  std::string kind, base_kind;  // base_kind: linear (also for "svd"), cat, ties, dare_linear, dare_ties, magnitude_prune
+  bool svd = false;
+  double density = 1.0;
+};
 
-MergedAdapter weighted_merge(const WeightedMerge& how) {
-  at::NoGradGuard no_grad;
+Plan check_request(const WeightedMerge& how, std::size_t n_adapters) {
   if (how.adapters.empty()) throw std::runtime_error("no adapters to combine");
   if (how.weights.size() != how.adapters.size())
     throw std::runtime_error(std::to_string(how.weights.size()) + " weights for " + std::to_string(how.adapters.size()) + " adapters: give one weight per adapter");
@@ -138,116 +142,119 @@ MergedAdapter weighted_merge(const WeightedMerge& how) {
     for (const auto& k : kKinds) list += (list.empty() ? "" : ", ") + k;
     throw std::runtime_error("combination '" + how.combination + "' is none of " + list);
   }
-  std::vector<Lora> loras;
-  for (const auto& d : how.adapters) loras.push_back(read_lora(d));
-  const std::string kind = loras.size() == 1 ? "linear" : how.combination;  // PEFT: one adapter is a linear scaling
-  const bool svd = ends_with(kind, "svd");
-  const std::string base_kind = kind == "svd" ? "linear" : svd ? kind.substr(0, kind.size() - 4) : kind;
-  const bool needs_density = base_kind != "linear" && base_kind != "cat";
-  if (needs_density && !how.density) throw std::runtime_error("combination " + kind + " needs a density (the share of entries each adapter keeps)");
-  const double density = how.density.value_or(1.0);
-  if (density < 0) throw std::runtime_error("density " + std::to_string(density) + " is below 0");
+  Plan p;
+  p.kind = n_adapters == 1 ? "linear" : how.combination;  // PEFT: one adapter is a linear scaling
+  p.svd = ends_with(p.kind, "svd");
+  p.base_kind = p.kind == "svd" ? "linear" : p.svd ? p.kind.substr(0, p.kind.size() - 4) : p.kind;
+  if (p.base_kind != "linear" && p.base_kind != "cat" && !how.density)
+    throw std::runtime_error("combination " + p.kind + " needs a density (the share of entries each adapter keeps)");
+  p.density = how.density.value_or(1.0);
+  if (p.density < 0) throw std::runtime_error("density " + std::to_string(p.density) + " is below 0");
   if (how.majority_sign != "total" && how.majority_sign != "frequency") throw std::runtime_error("majority sign method '" + how.majority_sign + "' is neither total nor frequency");
-  const bool random = base_kind.rfind("dare", 0) == 0;
-  if (random && density == 0) throw std::runtime_error("combination " + kind + " with density 0 keeps nothing and divides by 0: give a density in (0, 1]");
+  const bool random = p.base_kind.rfind("dare", 0) == 0;
+  if (random && p.density == 0) throw std::runtime_error("combination " + p.kind + " with density 0 keeps nothing and divides by 0: give a density in (0, 1]");
   if (random && how.module_order.empty())
-    throw std::runtime_error("combination " + kind + " draws random masks in the order of the model's modules: give the model (--model)");
+    throw std::runtime_error("combination " + p.kind + " draws random masks in the order of the model's modules: give the model (--model)");
   if (how.svd_clamp && (*how.svd_clamp <= 0 || *how.svd_clamp > 1)) throw std::runtime_error("svd clamp " + std::to_string(*how.svd_clamp) + " is not a quantile in (0, 1]");
+  return p;
+}
 
+// PEFT's new rank: the common rank (linear, ties, dare, magnitude_prune), their sum (cat), or
+// svd_rank / the largest (svd kinds).
+std::int64_t merged_rank(const Plan& p, const WeightedMerge& how, const std::vector<Lora>& loras) {
   std::int64_t rank = 0;
-  if (kind == "cat") {
+  if (p.kind == "cat") {
     for (const auto& l : loras) rank += l.r;
-  } else if (svd) {
+    return rank;
+  }
+  if (p.svd) {
     for (const auto& l : loras) rank = std::max(rank, l.r);
     if (how.svd_rank) rank = *how.svd_rank;
     if (rank < 1) throw std::runtime_error("svd rank " + std::to_string(rank) + " is not positive");
-  } else {
-    for (const auto& l : loras)
-      if (l.r != loras[0].r)
-        throw std::runtime_error("combination " + kind + " needs adapters of one rank: " + loras[0].dir + " has r = " + std::to_string(loras[0].r) + ", " + l.dir +
-                                 " r = " + std::to_string(l.r) + " (cat or an svd combination takes mixed ranks)");
-    rank = loras[0].r;
+    return rank;
   }
+  for (const auto& l : loras)
+    if (l.r != loras[0].r)
+      throw std::runtime_error("combination " + p.kind + " needs adapters of one rank: " + loras[0].dir + " has r = " + std::to_string(loras[0].r) + ", " + l.dir +
+                               " r = " + std::to_string(l.r) + " (cat or an svd combination takes mixed ranks)");
+  return loras[0].r;
+}
 
-  // The modules, in the model's order where it is given (PEFT walks the model's modules).
+// The modules, in the model's order where it is given (PEFT walks the model's modules).
+std::vector<std::string> modules_in_order(const WeightedMerge& how, const std::vector<Lora>& loras) {
   std::set<std::string> all;
   for (const auto& l : loras)
     for (const auto& [m, _] : l.modules) all.insert(m);
+  if (how.module_order.empty()) return {all.begin(), all.end()};
   std::vector<std::string> order;
-  if (how.module_order.empty()) {
-    order.assign(all.begin(), all.end());
-  } else {
-    for (const auto& m : how.module_order)
-      if (all.count(m)) order.push_back(m);
-    for (const auto& m : all)
-      if (std::find(order.begin(), order.end(), m) == order.end()) throw std::runtime_error("module '" + m + "' of the adapters is not a linear layer of the model");
-  }
+  for (const auto& m : how.module_order)
+    if (all.count(m)) order.push_back(m);
+  for (const auto& m : all)
+    if (std::find(order.begin(), order.end(), m) == order.end()) throw std::runtime_error("module '" + m + "' of the adapters is not a linear layer of the model");
+  return order;
+}
 
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(how.seed);
-  MergedAdapter out;
-  out.rank = rank;
-  out.combination = kind;
-  for (const auto& m : order) {
-    std::vector<const Lora*> have;
-    std::vector<double> w;
-    for (std::size_t i = 0; i < loras.size(); ++i)
-      if (loras[i].modules.count(m)) have.push_back(&loras[i]), w.push_back(how.weights[i]);
-    const auto& [A0, B0] = have[0]->modules.at(m);
-    const std::int64_t in = A0.size(1), outf = B0.size(0);
-    for (const auto* l : have)
-      if (l->modules.at(m).first.size(1) != in || l->modules.at(m).second.size(0) != outf)
-        throw std::runtime_error("module '" + m + "' is " + std::to_string(outf) + " × " + std::to_string(in) + " in " + have[0]->dir + " but not in " + l->dir);
-    Tensor A, B;
-    if (kind == "cat") {
-      std::vector<Tensor> as, bs;
-      for (std::size_t i = 0; i < have.size(); ++i) {
-        as.push_back(have[i]->modules.at(m).first * (w[i] * have[i]->scaling));
-        bs.push_back(have[i]->modules.at(m).second);
-      }
-      const Tensor a = at::cat(as, 0), b = at::cat(bs, 1);
-      A = at::zeros({rank, in}, a.options()), B = at::zeros({outf, rank}, b.options());  // modules some adapters lack: zero rows
-      A.narrow(0, 0, a.size(0)).copy_(a);
-      B.narrow(1, 0, b.size(1)).copy_(b);
-    } else if (svd) {
-      if (rank > std::min(in, outf)) throw std::runtime_error("svd rank " + std::to_string(rank) + " exceeds min(out, in) = " + std::to_string(std::min(in, outf)) + " of module '" + m + "'");
-      std::vector<Tensor> deltas;
-      for (const auto* l : have) deltas.push_back(at::matmul(l->modules.at(m).second, l->modules.at(m).first) * l->scaling);  // (out, in)
-      const Tensor delta = combine(deltas, weight_vector(w), base_kind, density, how.majority_sign, gen);
-      auto [U, S, Vh] = at::linalg_svd(delta, true);
-      Tensor u = at::matmul(U.narrow(1, 0, rank), at::diag(S.narrow(0, 0, rank)));  // (out, r)
-      Tensor vh = Vh.narrow(0, 0, rank);                                             // (r, in)
-      if (how.svd_clamp) {
-        const Tensor dist = at::cat({u.flatten(), vh.flatten()});
-        const double hi = at::quantile(dist, *how.svd_clamp).item<double>();
-        u = u.clamp(-hi, hi), vh = vh.clamp(-hi, hi);
-      }
-      A = vh.contiguous(), B = u.contiguous();
-    } else {
-      std::vector<double> wa, wb;
-      std::vector<Tensor> as, bs;
-      for (std::size_t i = 0; i < have.size(); ++i) {
-        const double ws = w[i] * have[i]->scaling;
-        wa.push_back(std::sqrt(std::abs(ws)) * (ws >= 0 ? 1 : -1));
-        wb.push_back(std::sqrt(std::abs(ws)));
-        as.push_back(have[i]->modules.at(m).first);
-        bs.push_back(have[i]->modules.at(m).second);
-      }
-      A = combine(as, weight_vector(wa), base_kind, density, how.majority_sign, gen).to(A0.scalar_type());  // every A's draws, then every B's
-      B = combine(bs, weight_vector(wb), base_kind, density, how.majority_sign, gen).to(B0.scalar_type());
-    }
-    out.tensors[std::string(kPrefix) + m + ".lora_A.weight"] = A;
-    out.tensors[std::string(kPrefix) + m + ".lora_B.weight"] = B;
-  }
+// One module's adapters (those that have it) and their weights.
+struct Members {
+  std::vector<const Lora*> loras;
+  std::vector<double> weights;
+  const Tensor& A(std::size_t i) const { return loras[i]->modules.at(module).first; }
+  const Tensor& B(std::size_t i) const { return loras[i]->modules.at(module).second; }
+  std::string module;
+};
 
-  // The first adapter's config with the new rank, scale 1 and every target.
+// cat: A = [w₁s₁A₁; …], B = [B₁ …], zero-padded to the merged rank (modules some adapters lack).
+std::pair<Tensor, Tensor> concatenated(const Members& m, std::int64_t rank) {
+  std::vector<Tensor> as, bs;
+  for (std::size_t i = 0; i < m.loras.size(); ++i) as.push_back(m.A(i) * (m.weights[i] * m.loras[i]->scaling)), bs.push_back(m.B(i));
+  const Tensor a = at::cat(as, 0), b = at::cat(bs, 1);
+  Tensor A = at::zeros({rank, a.size(1)}, a.options()), B = at::zeros({b.size(0), rank}, b.options());
+  A.narrow(0, 0, a.size(0)).copy_(a);
+  B.narrow(1, 0, b.size(1)).copy_(b);
+  return {A, B};
+}
+
+// The svd kinds: ΔWᵢ = sᵢ Bᵢ Aᵢ combined, then B = U S, A = Vᴴ at the merged rank, optionally clamped.
+std::pair<Tensor, Tensor> through_svd(const Members& m, const Plan& p, const WeightedMerge& how, std::int64_t rank, at::Generator& gen) {
+  const std::int64_t in = m.A(0).size(1), out = m.B(0).size(0);
+  if (rank > std::min(in, out)) throw std::runtime_error("svd rank " + std::to_string(rank) + " exceeds min(out, in) = " + std::to_string(std::min(in, out)) + " of module '" + m.module + "'");
+  std::vector<Tensor> deltas;
+  for (std::size_t i = 0; i < m.loras.size(); ++i) deltas.push_back(at::matmul(m.B(i), m.A(i)) * m.loras[i]->scaling);  // (out, in)
+  const Tensor delta = combine(deltas, weight_vector(m.weights), p.base_kind, p.density, how.majority_sign, gen);
+  auto [U, S, Vh] = at::linalg_svd(delta, true);
+  Tensor u = at::matmul(U.narrow(1, 0, rank), at::diag(S.narrow(0, 0, rank)));  // (out, r)
+  Tensor vh = Vh.narrow(0, 0, rank);                                             // (r, in)
+  if (how.svd_clamp) {
+    const double hi = at::quantile(at::cat({u.flatten(), vh.flatten()}), *how.svd_clamp).item<double>();
+    u = u.clamp(-hi, hi), vh = vh.clamp(-hi, hi);
+  }
+  return {vh.contiguous(), u.contiguous()};
+}
+
+// linear, ties, dare, magnitude_prune: the A's and the B's apart, weighted √|wᵢsᵢ|·sign and √|wᵢsᵢ|.
+std::pair<Tensor, Tensor> factor_wise(const Members& m, const Plan& p, const WeightedMerge& how, at::Generator& gen) {
+  std::vector<double> wa, wb;
+  std::vector<Tensor> as, bs;
+  for (std::size_t i = 0; i < m.loras.size(); ++i) {
+    const double ws = m.weights[i] * m.loras[i]->scaling;
+    wa.push_back(std::sqrt(std::abs(ws)) * (ws >= 0 ? 1 : -1));
+    wb.push_back(std::sqrt(std::abs(ws)));
+    as.push_back(m.A(i)), bs.push_back(m.B(i));
+  }
+  Tensor A = combine(as, weight_vector(wa), p.base_kind, p.density, how.majority_sign, gen);  // every A's draws, then every B's
+  Tensor B = combine(bs, weight_vector(wb), p.base_kind, p.density, how.majority_sign, gen);
+  return {A, B};
+}
+
+// The first adapter's config with the new rank, scale 1 and every target.
+std::string merged_config(const std::vector<Lora>& loras, std::int64_t rank) {
   nlohmann::json cfg = loras[0].config;
   std::set<std::string> targets;
   for (const auto& l : loras) {
     const auto& t = l.config.value("target_modules", nlohmann::json());
+    if (t.is_string()) throw std::runtime_error(l.dir + ": target_modules is a regex; list the modules to combine adapters");
     if (t.is_array())
       for (const auto& x : t) targets.insert(x.get<std::string>());
-    else if (t.is_string())
-      throw std::runtime_error(l.dir + ": target_modules is a regex; list the modules to combine adapters");
   }
   cfg["r"] = rank;
   cfg["lora_alpha"] = rank;
@@ -257,7 +264,34 @@ MergedAdapter weighted_merge(const WeightedMerge& how) {
   cfg["rank_pattern"] = nlohmann::json::object();
   cfg["alpha_pattern"] = nlohmann::json::object();
   cfg["inference_mode"] = true;
-  out.config_json = cfg.dump(2);
+  return cfg.dump(2);
+}
+
+}  // namespace
+
+MergedAdapter weighted_merge(const WeightedMerge& how) {
+  at::NoGradGuard no_grad;
+  const Plan plan = check_request(how, how.adapters.size());
+  std::vector<Lora> loras;
+  for (const auto& d : how.adapters) loras.push_back(read_lora(d));
+  MergedAdapter out;
+  out.rank = merged_rank(plan, how, loras);
+  out.combination = plan.kind;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(how.seed);
+  for (const auto& module : modules_in_order(how, loras)) {
+    Members m;
+    m.module = module;
+    for (std::size_t i = 0; i < loras.size(); ++i)
+      if (loras[i].modules.count(module)) m.loras.push_back(&loras[i]), m.weights.push_back(how.weights[i]);
+    for (std::size_t i = 1; i < m.loras.size(); ++i)
+      if (m.A(i).size(1) != m.A(0).size(1) || m.B(i).size(0) != m.B(0).size(0))
+        throw std::runtime_error("module '" + module + "' is " + std::to_string(m.B(0).size(0)) + " × " + std::to_string(m.A(0).size(1)) + " in " + m.loras[0]->dir +
+                                 " but not in " + m.loras[i]->dir);
+    const auto [A, B] = plan.kind == "cat" ? concatenated(m, out.rank) : plan.svd ? through_svd(m, plan, how, out.rank, gen) : factor_wise(m, plan, how, gen);
+    out.tensors[std::string(kPrefix) + module + ".lora_A.weight"] = A;
+    out.tensors[std::string(kPrefix) + module + ".lora_B.weight"] = B;
+  }
+  out.config_json = merged_config(loras, out.rank);
   return out;
 }
 
