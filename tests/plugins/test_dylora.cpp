@@ -204,7 +204,7 @@ CATCH_TEST_CASE("DyLoRA refuses an eval_rank or r_min outside [1, r], naming the
   CATCH_CHECK_THROWS_AS(inst->attach(*model, kTargets, apply_schema(info->params, {{"r", std::int64_t{2}}, {"eval_rank", std::int64_t{3}}})), ParamError);
 }
 
-CATCH_TEST_CASE("DyLoRA's files: LoRA's keys, its own config read back; a rank-k truncation is a plain LoRA of rank k", "[plugins][dylora][minilm][parity]") {
+CATCH_TEST_CASE("DyLoRA's files: LoRA's keys, its own config read back, and a rank-k truncation is a plain LoRA of rank k", "[plugins][dylora][minilm][parity]") {
   const auto& enc = test::cached_tensors(test::fixture("reference.safetensors"));
   const Tensor ids = enc.at("input_ids"), mask = enc.at("attention_mask");
   auto model = test::load_minilm();

@@ -115,7 +115,7 @@ CATCH_TEST_CASE("LoKr's own adapter folder is peft's: peft loads it and computes
   CATCH_CHECK(test::max_abs_diff_tokens(model2->forward(ids, mask).hidden, ours, mask) == 0);
 }
 
-CATCH_TEST_CASE("LoKr's inits start at the base model; module dropout 1 skips the update in training", "[plugins][lokr][minilm]") {
+CATCH_TEST_CASE("LoKr's inits start at the base model, and module dropout 1 skips the update in training", "[plugins][lokr][minilm]") {
   auto model = test::load_minilm();
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   const Tensor ids = ref["input_ids"], mask = ref["attention_mask"];

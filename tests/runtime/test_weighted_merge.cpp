@@ -84,7 +84,7 @@ CATCH_TEST_CASE("tessera merge equals peft's add_weighted_adapter for every comb
   }
 }
 
-CATCH_TEST_CASE("tessera merge: cat is exactly the weighted sum of the updates; bad input is named", "[runtime][merge]") {
+CATCH_TEST_CASE("tessera merge: cat is exactly the weighted sum of the updates, and bad input is named", "[runtime][merge]") {
   WeightedMerge how;
   how.adapters = {dir("a"), dir("c")};
   how.weights = {0.7, -0.4};
