@@ -148,7 +148,7 @@ class AdaLoRA final : public tessera::Method {
   tessera::NamedTensors state() override {
     tessera::NamedTensors out;
     for (auto& t : sites_) {
-      const Tensor idx = t.keep.defined() ? t.keep.nonzero().reshape({-1}) : Tensor();
+      const Tensor& idx = t.kept;  // the last allocation's, made once
       for (int i = 0; i < 3; ++i) {
         Tensor v = t.part(i)->detach();
         if (idx.defined()) v = v.index_select(i == 2 ? 1 : 0, idx.to(v.device()));
