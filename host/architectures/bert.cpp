@@ -86,6 +86,7 @@ std::unique_ptr<BertModel> BertModel::load(const std::string& dir, c10::TensorOp
     l.q = lin("attn.q", "attention.self.query", H, H);
     l.k = lin("attn.k", "attention.self.key", H, H);
     l.v = lin("attn.v", "attention.self.value", H, H);
+    share_input({l.q, l.k, l.v});
     l.o = lin("attn.o", "attention.output.dense", H, H);
     l.up = lin("mlp.up", "intermediate.dense", I, H);
     l.down = lin("mlp.down", "output.dense", H, I);

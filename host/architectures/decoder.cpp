@@ -211,9 +211,11 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
       l.q = lin("attn.q", "self_attn.q_proj", nq, H, c.qkv_bias);
       l.k = lin("attn.k", "self_attn.k_proj", nkv, H, c.qkv_bias);
       l.v = lin("attn.v", "self_attn.v_proj", nkv, H, c.qkv_bias);
+      share_input({l.q, l.k, l.v});
       l.o = lin("attn.o", "self_attn.o_proj", H, nq, c.o_bias);
       l.gate = lin("mlp.gate", "mlp.gate_proj", I, H, c.mlp_bias);
       l.up = lin("mlp.up", "mlp.up_proj", I, H, c.mlp_bias);
+      share_input({l.gate, l.up});
       l.down = lin("mlp.down", "mlp.down_proj", H, I, c.mlp_bias);
       l.norm1_w = tensor(cn + ".attn.norm.weight", hf + ".input_layernorm.weight", {H});
       l.norm2_w = tensor(cn + ".mlp.norm.weight", hf + ".post_attention_layernorm.weight", {H});
@@ -254,6 +256,7 @@ void DecoderModel::fused_qkv_views(Layer& l, const std::string& cn, const std::s
     };
     *slots[k] = linear(cn + ".attn." + name, c_attn + "." + name, view(&l.qkv->weight(), "weight"), view(l.qkv->bias(), "bias"));
   }
+  share_input({l.q, l.k, l.v});
 }
 
 std::pair<Tensor, Tensor> DecoderModel::rope_tables(const Tensor& positions, c10::ScalarType dtype) const {

@@ -82,6 +82,9 @@ std::unique_ptr<T5Model> T5Model::load(const std::string& dir, c10::TensorOption
       return m->linear(cname, hname, tensor(cname + ".weight", hname + ".weight", {out, in}), nullptr);
     };
     a.q = lin("q", inner, d), a.k = lin("k", inner, d), a.v = lin("v", inner, d), a.o = lin("o", d, inner);
+    // Self-attention reads one x for q, k and v; cross-attention's k and v read the encoder's output.
+    if (std::string(kind) == "attn") share_input({a.q, a.k, a.v});
+    else share_input({a.k, a.v});
     a.norm = tensor(cn + "." + kind + ".norm.weight", hf + ".layer_norm.weight", {d});
     a.sub = m->sublayer(cn + "." + kind, hf + "." + hf_kind, d);
     a.site = m->attention_site(cn + "." + kind, hf + "." + hf_kind, c.num_heads, c.d_kv);
@@ -102,6 +105,7 @@ std::unique_ptr<T5Model> T5Model::load(const std::string& dir, c10::TensorOption
       if (c.gated) {
         b.gate = lin("gate", "wi_0", c.d_ff, d);
         b.up = lin("up", "wi_1", c.d_ff, d);
+        share_input({b.gate, b.up});
       } else {
         b.up = lin("up", "wi", c.d_ff, d);
       }

@@ -1,10 +1,14 @@
 #include <tessera/low_rank.h>
 
 #include <tessera/dense_linear.h>
+#include <tessera/internal/dropout_mask.h>
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
+
+#include <stdexcept>
+#include <string>
 
 namespace tessera {
 namespace {
@@ -56,6 +60,128 @@ struct LowRank : torch::autograd::Function<LowRank> {
   }
 };
 
+
+// ---- several updates of one input --------------------------------------------------------
+
+// What a group's forward computes, and what its backward needs.
+struct GroupPass {
+  std::vector<at::Tensor> y;   // y_i (n, out_i)
+  std::vector<at::Tensor> u;   // u_i = drop_i(x) A_iᵀ (n, r_i); without dropout, columns of U
+  std::vector<at::Tensor> A;   // A_i in x's dtype (r_i, in)
+  std::vector<at::Tensor> sB;  // s_i c B_i in x's dtype (out_i, r_i), c = 1/(1 − p) while dropping
+  at::Tensor keep;             // (m, n, in) bool while dropping, else undefined
+  at::Tensor A_cat;            // [A_1; …; A_m] (R, in) without dropout, else undefined
+  std::vector<double> cs;      // s_i c: the scale folded into sB_i
+};
+
+// The keep flags of m dropouts of x2 (n, in): (m, n, in) bool. On the CPU tessera::dropout's
+// draws, in one pass; elsewhere a uniform draw against 1 − p.
+at::Tensor group_keep(const at::Tensor& x2, std::int64_t m, double p) {
+  if (x2.device().is_cpu()) return internal::draw_keep(m * x2.numel(), p).view({m, x2.size(0), x2.size(1)});
+  return at::rand({m, x2.size(0), x2.size(1)}, x2.options().dtype(at::kFloat)) >= p;
+}
+
+GroupPass group_forward(const at::Tensor& x2, at::TensorList As, at::TensorList Bs, const std::vector<double>& s, double p) {
+  const auto m = static_cast<std::int64_t>(As.size());
+  const auto dt = x2.scalar_type();
+  GroupPass pass;
+  const double used = p == 0.0 ? 0.0 : x2.device().is_cpu() ? internal::rounded_dropout(p) : p;
+  const double c = 1.0 / (1.0 - used);  // the dropout's scale, folded into B
+  for (std::int64_t i = 0; i < m; ++i) {
+    pass.A.push_back(As[i].to(dt));
+    pass.cs.push_back(s[static_cast<std::size_t>(i)] * c);
+    pass.sB.push_back(Bs[i].to(dt) * pass.cs.back());
+  }
+  if (used > 0.0) {
+    pass.keep = group_keep(x2, m, p);
+    for (std::int64_t i = 0; i < m; ++i) pass.u.push_back(dense_linear(internal::masked_scale(x2, pass.keep[i], 1.0), pass.A[static_cast<std::size_t>(i)]));  // (n, r_i)
+  } else {
+    pass.A_cat = m == 1 ? pass.A[0] : at::cat(pass.A, 0);  // (R, in)
+    const at::Tensor U = dense_linear(x2, pass.A_cat);        // (n, R): x read once for every update
+    std::int64_t at_col = 0;
+    for (const auto& A : pass.A) pass.u.push_back(U.narrow(1, at_col, A.size(0))), at_col += A.size(0);
+  }
+  for (std::int64_t i = 0; i < m; ++i) pass.y.push_back(at::mm(pass.u[static_cast<std::size_t>(i)], pass.sB[static_cast<std::size_t>(i)].t()));
+  return pass;
+}
+
+struct LowRankGroup : torch::autograd::Function<LowRankGroup> {
+  // Saved: x2 (undefined when no A_i trains), keep or A_cat, then per update u_i, A_i, sB_i.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList As, at::TensorList Bs, std::vector<double> s, double p) {
+    const at::Tensor x2 = x.reshape({-1, x.size(-1)});  // (n, in)
+    GroupPass pass = group_forward(x2, As, Bs, s, p);
+    bool any_A = false;
+    for (const auto& A : As) any_A |= A.requires_grad();
+    variable_list saved = {any_A ? x2 : at::Tensor(), pass.keep.defined() ? pass.keep : pass.A_cat};
+    variable_list out;
+    for (std::size_t i = 0; i < As.size(); ++i) {
+      saved.insert(saved.end(), {pass.u[i], pass.A[i], pass.sB[i]});
+      out.push_back(pass.y[i].view(with_last(x, Bs[i].size(0))));
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["dropping"] = pass.keep.defined();
+    ctx->saved_data["c_s"] = pass.cs;
+    std::vector<std::int64_t> dtypes;
+    for (std::size_t i = 0; i < As.size(); ++i) dtypes.push_back(static_cast<std::int64_t>(As[i].scalar_type())), dtypes.push_back(static_cast<std::int64_t>(Bs[i].scalar_type()));
+    ctx->saved_data["dtypes"] = dtypes;  // the masters' gradients arrive in their dtypes
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto m = static_cast<std::int64_t>(grads.size());
+    const at::Tensor& x2 = saved[0];
+    const bool dropping = ctx->saved_data["dropping"].toBool();
+    const auto cs = ctx->saved_data["c_s"].toDoubleVector();
+    const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+    auto u = [&](std::int64_t i) -> const at::Tensor& { return saved[static_cast<std::size_t>(2 + 3 * i)]; };
+    auto A = [&](std::int64_t i) -> const at::Tensor& { return saved[static_cast<std::size_t>(3 + 3 * i)]; };
+    auto sB = [&](std::int64_t i) -> const at::Tensor& { return saved[static_cast<std::size_t>(4 + 3 * i)]; };
+    variable_list result(static_cast<std::size_t>(1 + 2 * m + 2));  // x, A_i…, B_i…, s, p
+    std::vector<at::Tensor> gu(static_cast<std::size_t>(m));       // ∂u_i (n, r_i); undefined where y_i got no gradient
+    for (std::int64_t i = 0; i < m; ++i) {
+      if (!grads[static_cast<std::size_t>(i)].defined()) continue;
+      const at::Tensor g = grads[static_cast<std::size_t>(i)].reshape({-1, sB(i).size(0)});  // (n, out_i)
+      gu[static_cast<std::size_t>(i)] = dense_linear(g, sB(i).t());                          // g (s c B)
+      if (ctx->needs_input_grad(static_cast<std::size_t>(1 + m + i)))
+        result[static_cast<std::size_t>(1 + m + i)] = at::mm(u(i).t(), g).t().mul(cs[static_cast<std::size_t>(i)]).contiguous().to(static_cast<at::ScalarType>(dtypes[static_cast<std::size_t>(2 * i + 1)]));
+    }
+    const at::Tensor& any_g = grads[0].defined() ? grads[0] : grads[static_cast<std::size_t>(m - 1)];
+    const auto A_dtype = [&](std::int64_t i) { return static_cast<at::ScalarType>(dtypes[static_cast<std::size_t>(2 * i)]); };
+    at::Tensor gx;
+    if (dropping) {
+      const at::Tensor& keep = saved[1];  // (m, n, in)
+      for (std::int64_t i = 0; i < m; ++i) {
+        const at::Tensor& gui = gu[static_cast<std::size_t>(i)];
+        if (!gui.defined()) continue;
+        if (ctx->needs_input_grad(static_cast<std::size_t>(1 + i)))
+          result[static_cast<std::size_t>(1 + i)] = at::mm(gui.t(), internal::masked_scale(x2, keep[i], 1.0)).to(A_dtype(i));  // (r_i, in)
+        if (!ctx->needs_input_grad(0)) continue;
+        const at::Tensor t = at::mm(gui, A(i));  // (n, in): this update's ∂x before its mask
+        if (gx.defined()) internal::masked_add_(gx, t, keep[i]);
+        else gx = internal::masked_scale(t, keep[i], 1.0);
+      }
+    } else {
+      const at::Tensor& A_cat = saved[1];  // (R, in)
+      std::vector<at::Tensor> parts;
+      for (std::int64_t i = 0; i < m; ++i)
+        parts.push_back(gu[static_cast<std::size_t>(i)].defined() ? gu[static_cast<std::size_t>(i)] : at::zeros_like(u(i)));
+      const at::Tensor GU = m == 1 ? parts[0] : at::cat(parts, 1);  // (n, R)
+      if (ctx->needs_input_grad(0)) gx = at::mm(GU, A_cat);          // (n, in): one product for every update
+      if (x2.defined()) {
+        const at::Tensor gA = at::mm(GU.t(), x2);  // (R, in)
+        std::int64_t at_row = 0;
+        for (std::int64_t i = 0; i < m; ++i) {
+          if (ctx->needs_input_grad(static_cast<std::size_t>(1 + i))) result[static_cast<std::size_t>(1 + i)] = gA.narrow(0, at_row, A(i).size(0)).to(A_dtype(i));
+          at_row += A(i).size(0);
+        }
+      }
+    }
+    if (gx.defined()) result[0] = gx.view(with_last(any_g, A(0).size(1)));
+    return result;
+  }
+};
+
 }  // namespace
 
 at::Tensor low_rank(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, double scaling) {
@@ -66,6 +192,27 @@ at::Tensor low_rank(const at::Tensor& x, const at::Tensor& A, const at::Tensor& 
   // Nothing to record: the same products, without the autograd node.
   const at::Tensor sB = B.to(x.scalar_type()) * scaling;
   return forward_rows(x.reshape({-1, x.size(-1)}), A.to(x.scalar_type()), sB).first.view(with_last(x, B.size(0)));
+}
+
+std::vector<at::Tensor> low_rank_group(const at::Tensor& x, const std::vector<LowRankFactors>& updates, double dropout, bool training) {
+  if (!(dropout >= 0.0 && dropout < 1.0)) throw std::invalid_argument("low_rank_group: dropout must lie in [0, 1), got " + std::to_string(dropout));
+  if (updates.empty()) return {};
+  std::vector<at::Tensor> As, Bs;
+  std::vector<double> s;
+  bool grad = at::GradMode::is_enabled() && x.requires_grad();
+  for (const auto& f : updates) {
+    TORCH_CHECK(f.A.dim() == 2 && f.B.dim() == 2 && f.A.size(0) == f.B.size(1) && x.size(-1) == f.A.size(1), "low_rank_group: x ", x.sizes(),
+                ", A ", f.A.sizes(), ", B ", f.B.sizes(), " do not chain as x Aᵀ Bᵀ");
+    As.push_back(f.A), Bs.push_back(f.B), s.push_back(f.scaling);
+    grad |= at::GradMode::is_enabled() && (f.A.requires_grad() || f.B.requires_grad());
+  }
+  const double p = training ? dropout : 0.0;
+  // As TensorLists, so that autograd counts each factor as an input (a vector would be one opaque argument).
+  if (grad) return LowRankGroup::apply(x, at::TensorList(As), at::TensorList(Bs), s, p);
+  // Nothing to record: the same products, without the autograd node.
+  GroupPass pass = group_forward(x.reshape({-1, x.size(-1)}), As, Bs, s, p);
+  for (std::size_t i = 0; i < pass.y.size(); ++i) pass.y[i] = pass.y[i].view(with_last(x, Bs[i].size(0)));
+  return pass.y;
 }
 
 }  // namespace tessera

@@ -152,12 +152,13 @@ void ParameterSiteImpl::drop(const OwnerImpl& owner) {
 // ---- LinearSite ------------------------------------------------------------------------
 
 LinearSiteImpl::LinearSiteImpl(std::string name, std::string hf_path, ParameterSite* weight, ParameterSite* bias)
-    : SiteCore(std::move(name), std::move(hf_path)), weight_(weight), bias_(bias) {
+    : SiteCore(std::move(name), std::move(hf_path)), input_group_(name_), weight_(weight), bias_(bias) {
   if (weight_ == nullptr || weight_->base().dim() != 2) throw std::invalid_argument("linear site " + name_ + " needs a 2-D weight");
 }
 
 const std::string& LinearSite::name() const { return LinearSiteImpl::of(*this).name_; }
 const std::string& LinearSite::hf_path() const { return LinearSiteImpl::of(*this).hf_path_; }
+const std::string& LinearSite::input_group() const { return LinearSiteImpl::of(*this).input_group_; }
 std::int64_t LinearSite::in_features() const { return ParameterSiteImpl::of(*LinearSiteImpl::of(*this).weight_).sizes()[1]; }
 std::int64_t LinearSite::out_features() const { return ParameterSiteImpl::of(*LinearSiteImpl::of(*this).weight_).sizes()[0]; }
 ParameterSite& LinearSite::weight() { return *LinearSiteImpl::of(*this).weight_; }

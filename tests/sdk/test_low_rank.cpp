@@ -1,11 +1,14 @@
 // tessera::low_rank: y = s · (x Aᵀ) Bᵀ and its three gradients against float64 autograd of
 // the formula, with and without x's gradient, in bf16 with float32 masters, and outside
-// autograd.
+// autograd; low_rank_group against the same formula per update, through its masks.
 #include "support.h"
 
+#include <tessera/dropout.h>
 #include <tessera/low_rank.h>
 
 #include <torch/csrc/autograd/autograd.h>
+
+#include <limits>
 
 using namespace tessera;
 using tessera::test::max_abs_diff;
@@ -94,4 +97,132 @@ CATCH_TEST_CASE("low_rank: shapes that do not chain are refused with the three s
   const auto f32 = test::options();
   CATCH_CHECK_THROWS_WITH(low_rank(at::zeros({2, 5}, f32), at::zeros({4, 6}, f32), at::zeros({3, 4}, f32), 1.0),
                           Catch::Contains("low_rank: x [2, 5], A [4, 6], B [3, 4] do not chain as x Aᵀ Bᵀ"));
+}
+
+// ---- low_rank_group (SDK 2.6): several updates of one input, each on its own dropout ------
+
+namespace {
+
+struct Update {
+  Tensor A, B;
+  double s;
+};
+
+// Σ_i ⟨y_i, g_i⟩'s gradients in float64, y_i = s_i ((x ∘ keep_i · c) A_iᵀ) B_iᵀ (keep
+// undefined: no dropout), and the float32 bounds of each (bounds() above, per update; x's
+// gradient is the sum of the updates' through their masks, one more rounding each).
+struct GroupGrads {
+  std::vector<Tensor> y, A, B, y_bound, A_bound, B_bound;
+  Tensor x, x_bound;
+};
+
+GroupGrads group_reference(const Tensor& x, const std::vector<Update>& ups, const std::vector<Tensor>& g, const Tensor& keep, double c) {
+  GroupGrads out;
+  Tensor x64 = x.detach().to(at::kDouble).requires_grad_(true);
+  std::vector<Tensor> As, Bs, ys;
+  out.x_bound = at::zeros(x.sizes(), x64.options());
+  for (std::size_t i = 0; i < ups.size(); ++i) {
+    const Tensor mask = keep.defined() ? keep[static_cast<std::int64_t>(i)].view(x.sizes()).to(at::kDouble) * c : at::ones(x.sizes(), x64.options());
+    As.push_back(ups[i].A.detach().to(at::kDouble).requires_grad_(true));
+    Bs.push_back(ups[i].B.detach().to(at::kDouble).requires_grad_(true));
+    ys.push_back(at::matmul(at::matmul(x64 * mask, As.back().t()), Bs.back().t()) * ups[i].s);
+    const Grads b = bounds(x.detach() * mask.to(x.scalar_type()), ups[i].A, ups[i].B, ups[i].s, g[i]);
+    out.y_bound.push_back(b.y), out.A_bound.push_back(b.A), out.B_bound.push_back(b.B);
+    out.x_bound = out.x_bound + b.x * mask;
+  }
+  torch::autograd::backward(ys, std::vector<Tensor>(g.begin(), g.end()));
+  for (std::size_t i = 0; i < ups.size(); ++i) out.y.push_back(ys[i].detach()), out.A.push_back(As[i].grad()), out.B.push_back(Bs[i].grad());
+  out.x = x64.grad();
+  // The sum's own roundings; where every mask dropped an element its gradient must be exactly
+  // 0, which the smallest normal double as its bound demands.
+  out.x_bound = out.x_bound + test::gamma(static_cast<std::int64_t>(ups.size()) + 1) * out.x_bound + std::numeric_limits<double>::min();
+  return out;
+}
+
+std::vector<Update> three_updates(std::int64_t in) {
+  const auto f32 = test::options();
+  std::vector<Update> ups;
+  for (auto [r, out, s] : {std::tuple<std::int64_t, std::int64_t, double>{4, 40, 2.0}, {8, 24, 0.5}, {2, 40, 1.0}})
+    ups.push_back({(at::randn({r, in}, f32) * 0.2).requires_grad_(true), (at::randn({out, r}, f32) * 0.2).requires_grad_(true), s});
+  return ups;
+}
+
+std::vector<LowRankFactors> factors_of(const std::vector<Update>& ups) {
+  std::vector<LowRankFactors> f;
+  for (const auto& u : ups) f.push_back({u.A, u.B, u.s});
+  return f;
+}
+
+void check_group(const std::vector<Tensor>& y, const std::vector<Update>& ups, const Tensor& x, const GroupGrads& ref) {
+  for (std::size_t i = 0; i < ups.size(); ++i) {
+    CATCH_INFO("update " << i);
+    CATCH_CHECK(y[i].sizes() == ref.y[i].sizes());
+    CATCH_CHECK(test::bound_ratio(y[i], ref.y[i], ref.y_bound[i]) <= 1);
+    CATCH_CHECK(test::bound_ratio(ups[i].A.grad(), ref.A[i], ref.A_bound[i]) <= 1);
+    CATCH_CHECK(test::bound_ratio(ups[i].B.grad(), ref.B[i], ref.B_bound[i]) <= 1);
+  }
+  CATCH_CHECK(test::bound_ratio(x.grad(), ref.x, ref.x_bound) <= 1);
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("low_rank_group without dropout: each update and every gradient equal autograd's of s_i (x A_iᵀ) B_iᵀ", "[sdk][low_rank]") {
+  at::manual_seed(5);
+  const std::int64_t in = 48;
+  auto ups = three_updates(in);
+  Tensor x = at::randn({3, 7, in}, test::options()).requires_grad_(true);
+  std::vector<Tensor> g;
+  for (const auto& u : ups) g.push_back(at::randn({3, 7, u.B.size(0)}, test::options()));
+  for (auto [p, training] : {std::pair<double, bool>{0.0, true}, {0.3, false}}) {  // no dropout either way
+    CATCH_INFO("p " << p << ", training " << training);
+    for (auto& u : ups) u.A.mutable_grad() = Tensor(), u.B.mutable_grad() = Tensor();
+    x.mutable_grad() = Tensor();
+    auto y = low_rank_group(x, factors_of(ups), p, training);
+    torch::autograd::backward(y, g);
+    check_group(y, ups, x, group_reference(x, ups, g, Tensor(), 1.0));
+  }
+}
+
+CATCH_TEST_CASE("low_rank_group with dropout: each update on its own mask, as tessera::dropout draws them for the whole group", "[sdk][low_rank][dropout]") {
+  if (!test::device().is_cpu()) return;  // the masks are reproducible from the seed on the CPU path
+  at::manual_seed(6);
+  const std::int64_t in = 48;
+  const double p = 0.25;
+  auto ups = three_updates(in);
+  Tensor x = at::randn({3, 7, in}, test::options()).requires_grad_(true);
+  std::vector<Tensor> g;
+  for (const auto& u : ups) g.push_back(at::randn({3, 7, u.B.size(0)}, test::options()));
+  at::manual_seed(60);
+  auto y = low_rank_group(x, factors_of(ups), p, true);
+  torch::autograd::backward(y, g);
+  // The same draws: one dropout of 3 · x.numel() elements from the same seed.
+  at::manual_seed(60);
+  const Tensor keep = tessera::dropout(at::ones({3, x.numel()}, test::options()), p, true) != 0;  // (3, n·in)
+  const double used = std::round(p * 32768) / 32768;
+  CATCH_CHECK(keep.to(at::kDouble).mean().item<double>() > 0.6);
+  CATCH_CHECK((keep[0] != keep[1]).any().item<bool>());  // each its own mask
+  check_group(y, ups, x, group_reference(x, ups, g, keep, 1.0 / (1.0 - used)));
+}
+
+CATCH_TEST_CASE("low_rank_group: an update whose output gets no gradient leaves the others' gradients exact", "[sdk][low_rank]") {
+  at::manual_seed(7);
+  const std::int64_t in = 32;
+  auto ups = three_updates(in);
+  Tensor x = at::randn({10, in}, test::options()).requires_grad_(true);
+  auto y = low_rank_group(x, factors_of(ups), 0.0, true);
+  Tensor g0 = at::randn({10, ups[0].B.size(0)}, test::options());
+  torch::autograd::backward({y[0]}, {g0});  // y_1, y_2 unused
+  std::vector<Update> first = {ups[0]};
+  const GroupGrads ref = group_reference(x, first, {g0}, Tensor(), 1.0);
+  CATCH_CHECK(test::bound_ratio(ups[0].A.grad(), ref.A[0], ref.A_bound[0]) <= 1);
+  CATCH_CHECK(test::bound_ratio(x.grad(), ref.x, ref.x_bound) <= 1);
+  for (std::size_t i : {1, 2}) CATCH_CHECK((!ups[i].A.grad().defined() || ups[i].A.grad().abs().max().item<double>() == 0.0));
+}
+
+CATCH_TEST_CASE("low_rank_group: p outside [0, 1) and shapes that do not chain are refused", "[sdk][low_rank]") {
+  const auto f32 = test::options();
+  std::vector<LowRankFactors> f = {{at::zeros({4, 5}, f32), at::zeros({3, 4}, f32), 1.0}};
+  CATCH_CHECK_THROWS_WITH(low_rank_group(at::zeros({2, 5}, f32), f, 1.0, true), Catch::Contains("dropout must lie in [0, 1)"));
+  f.push_back({at::zeros({4, 6}, f32), at::zeros({3, 4}, f32), 1.0});
+  CATCH_CHECK_THROWS_WITH(low_rank_group(at::zeros({2, 5}, f32), f, 0.0, true), Catch::Contains("low_rank_group: x [2, 5], A [4, 6], B [3, 4] do not chain"));
 }

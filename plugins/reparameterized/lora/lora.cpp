@@ -27,12 +27,15 @@
 #include <tessera/dropout.h>
 #include <tessera/low_rank.h>
 #include <tessera/plugin.h>
+#include <tessera/shared_input.h>
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <map>
+#include <memory>
 #include <regex>
 #include <tuple>
 
@@ -373,20 +376,41 @@ class Lora final : public tessera::Method {
     });
   }
 
+  // Plain updates of sites that read one input (q, k and v) run as one low_rank_group: one
+  // pass draws their dropout masks (each its own, as PEFT's), and without dropout one
+  // product of 3r rows replaces three of r. A bf16 model computes in bf16; the f32 masters
+  // get their gradients in f32.
+  void install_plain() {
+    std::map<std::string, std::vector<const Adapter*>> by_input;
+    for (const auto& a : adapters_)
+      if (!a.A0.defined()) by_input[a.site->input_group()].push_back(&a);
+    shared_.clear();
+    for (auto& [_, members] : by_input) {
+      auto shared = std::make_unique<tessera::SharedInput>(members.size(), [this, members = members](const Tensor& x) {
+        std::vector<tessera::LowRankFactors> factors;
+        for (const auto* m : members) factors.push_back({m->A, m->B, m->scaling});
+        return tessera::low_rank_group(x, factors, dropout_, model_->training());  // x: (..., in) -> (..., out_i) each
+      });
+      for (std::size_t i = 0; i < members.size(); ++i)
+        members[i]->site->add_branch(*owner_, [group = shared.get(), i](const Tensor& x) { return (*group)(i, x); });
+      shared_.push_back(std::move(shared));
+    }
+  }
+
   void install() {
+    if (!dora_) install_plain();
     for (auto& a : adapters_) {
       const Adapter* ad = &a;  // adapters_ does not grow after attach
       if (dora_) {
         install_dora(ad);
         continue;
       }
+      if (!ad->A0.defined()) continue;  // in a group above
+      // PiSSA / OLoRA: the residual's part, −s·B₀A₀ x, on the undropped input as W's is. Both
+      // terms are about as large as the output's principal part and the training moves their
+      // difference: in float32 on half-precision models, rounded once.
       a.site->add_branch(*owner_, [this, ad](const Tensor& x) {  // x: (..., in) -> (..., out)
-        Tensor h = dropout_ > 0 ? tessera::dropout(x, dropout_, model_->training()) : x;
-        // A bf16 model computes in bf16; the f32 masters get their gradients in f32.
-        if (!ad->A0.defined()) return tessera::low_rank(h, ad->A, ad->B, ad->scaling);
-        // PiSSA / OLoRA: the residual's part, −s·B₀A₀ x, on the undropped input as W's is. Both
-        // terms are about as large as the output's principal part and the training moves their
-        // difference: in float32 on half-precision models, rounded once.
+        const Tensor h = dropout_ > 0 ? tessera::dropout(x, dropout_, model_->training()) : x;
         const auto dt = x.scalar_type();
         return (tessera::low_rank(h.to(at::kFloat), ad->A, ad->B, ad->scaling) - tessera::low_rank(x.to(at::kFloat), ad->A0, ad->B0, ad->scaling)).to(dt);
       });
@@ -397,6 +421,7 @@ class Lora final : public tessera::Method {
   tessera::ModelView* model_ = nullptr;
   tessera::Params params_;
   std::vector<Adapter> adapters_;
+  std::vector<std::unique_ptr<tessera::SharedInput>> shared_;  // the plain updates, by input (install_plain)
   double dropout_ = 0.0;
   bool dora_ = false, merged_ = false;
   c10::ScalarType compute_ = at::kFloat;

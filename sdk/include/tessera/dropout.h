@@ -5,12 +5,14 @@
 // On the CPU, torch's dropout draws a float Bernoulli tensor one element after another
 // (one 32-bit draw of its Mersenne Twister per element), scales it and multiplies, and
 // autograd keeps the 4-byte noise. Here each element gets a 15-bit draw (a 64-bit draw is
-// four of them), blocks of 2^16 draws each have their own generator seeded from the
-// default CPU generator and are drawn in parallel, and an element is kept where its draw
-// is ≥ round(p · 2^15): p is used rounded to a multiple of 2^-15 (|Δp| ≤ 1.6e-5), and the
-// kept values are scaled by the same rounded p, so E[y] = x exactly. The mask depends on
-// the seed alone (not on the thread count), and autograd keeps it as one byte per
-// element. On other devices it is torch's own fused kernel, p unrounded.
+// four of them): blocks of 2^16 draws, each SplitMix64's sequence (Steele, Lea & Flood 2014)
+// from its own seed taken from the default CPU generator, are drawn in parallel, and an
+// element is kept where its draw is ≥ round(p · 2^15): p is used rounded to a multiple of
+// 2^-15 (|Δp| ≤ 1.6e-5), and the kept values are scaled by the same rounded p, so
+// E[y] = x exactly. The mask depends on the seed alone (not on the thread count); the
+// forward and the backward pass are one vectorised pass each over x and the mask, and
+// autograd keeps the mask as one byte per element. On other devices it is torch's own
+// fused kernel, p unrounded.
 #pragma once
 
 #include <ATen/core/Tensor.h>

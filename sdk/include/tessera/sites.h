@@ -165,6 +165,15 @@ class LinearSite : public SiteHandle {
   // the weight: a method whose update a transform must see installs a weight delta).
   void add_weight_transform(const Owner& owner, TensorMap transform);
 #endif
+
+#if TESSERA_TARGET_ABI_MINOR >= 6
+  // Since SDK 2.6. Linear sites that read one input tensor in every forward pass — an
+  // attention's q, k and v, a gated MLP's gate and up, T5's cross-attention k and v — share
+  // this name (their first site's); a site that reads an input of its own has its own name.
+  // Branches of such sites can run as one computation: tessera::SharedInput and
+  // tessera::low_rank_group.
+  const std::string& input_group() const;
+#endif
 };
 
 // A whole sub-layer (attention or MLP block) up to, not including, its residual add.

@@ -184,9 +184,12 @@ class LinearSiteImpl final : public LinearSite, public SiteCore {
   // act(forward(x)) ∘ times (times: (..., out) or undefined), the activation and the
   // product inside the GEMM's epilogue when no output scale or branch comes between.
   Tensor forward(const Tensor& x, Activation act, const Tensor& times = {}) const;
+  // This site reads the same tensor as `group`'s first site (LinearSite::input_group).
+  void read_input_of(const LinearSiteImpl& first) { input_group_ = first.input_group_; }
 
  private:
   friend class LinearSite;
+  std::string input_group_;
   void drop(const OwnerImpl& owner) override;
   ParameterSite* weight_;  // not owned: the model owns its parameter sites
   ParameterSite* bias_;
@@ -320,6 +323,10 @@ class ModelViewImpl : public ModelView {
   ParameterSiteImpl* param(const std::string& canonical, const std::string& hf, Tensor t) { return own(params_, canonical, hf, std::move(t)); }
   LinearSiteImpl* linear(const std::string& canonical, const std::string& hf, ParameterSite* w, ParameterSite* b) {
     return own(linears_, canonical, hf, w, b);
+  }
+  // Declares that these linear sites read one input tensor in every forward pass.
+  static void share_input(std::initializer_list<LinearSiteImpl*> sites) {
+    for (auto* site : sites) site->read_input_of(**sites.begin());
   }
   SublayerSiteImpl* sublayer(const std::string& canonical, const std::string& hf, std::int64_t hidden) { return own(sublayers_, canonical, hf, hidden); }
   AttentionSiteImpl* attention_site(const std::string& canonical, const std::string& hf, std::int64_t heads, std::int64_t head_dim,
