@@ -2,7 +2,7 @@
 # LoRA fine-tuning throughput and peak memory, Tessera against transformers + peft on the
 # same torch, side by side: same model (all-MiniLM-L6-v2), data (polarity), batch size,
 # sequence length (every batch padded to it), LoRA targets and rank, threads and steps.
-#   bash bench/lora_vs_peft.sh [steps] [f32|bf16] [max_length|longest] [none|nf4] [lora|dora|adalora|loha|lokr|vera|ia3|prompt_tuning|p_tuning|prefix_tuning|seq_bn|double_seq_bn|par_bn|scaled_par_bn]
+#   bash bench/lora_vs_peft.sh [steps] [f32|bf16] [max_length|longest] [none|nf4] [lora|lora_fa|dora|adalora|loha|lokr|vera|ia3|prompt_tuning|p_tuning|prefix_tuning|seq_bn|double_seq_bn|par_bn|scaled_par_bn]
 # dora: LoRA's setting with use_dora on both sides (DoRA, lora_dropout 0.1 as LoRA's).
 # loha: LoHa r = 8, alpha 16 on the same six projections on both sides.
 # lokr: LoKr r = 8, alpha 16 (PEFT's split of each side, W2 a rank-8 pair) on the same six projections on both sides.

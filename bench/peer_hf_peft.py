@@ -23,7 +23,7 @@ ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--rank", type=int, default=8)
 ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 ap.add_argument("--padding", choices=["max_length", "longest"], default="max_length")
-ap.add_argument("--method", choices=["lora", "dora", "adalora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"],
+ap.add_argument("--method", choices=["lora", "lora_fa", "dora", "adalora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"],
                 default="lora",
                 help="ia3: IA3Config with PEFT's defaults for BERT; prompt_tuning, p_tuning, prefix_tuning: 20 virtual tokens "
                      "(P-tuning's MLP encoder, prefix tuning without projection); the *_bn: AdapterHub's bottleneck presets (adapters)")
@@ -61,7 +61,7 @@ class Classifier(torch.nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp_min(1e-9))
 
 
-if args.method in ("lora", "dora", "adalora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"):
+if args.method in ("lora", "lora_fa", "dora", "adalora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"):
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
     if args.method == "prompt_tuning":
@@ -107,7 +107,12 @@ for p in model.head.parameters():
     p.requires_grad_(True)
 model.train()
 params = [p for p in model.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+if args.method == "lora_fa":  # PEFT ships LoRA-FA as an optimizer over its LoRA: A frozen, B's gradient projected
+    from peft.optimizers import create_lorafa_optimizer
+
+    opt = create_lorafa_optimizer(model, r=args.rank, lora_alpha=2 * args.rank, lr=1e-3, weight_decay=0.01)
+else:
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
 seen, start = 0, None
 for step in range(args.warmup_steps + args.steps):

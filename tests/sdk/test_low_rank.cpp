@@ -219,7 +219,7 @@ CATCH_TEST_CASE("low_rank_group: an update whose output gets no gradient leaves 
   for (std::size_t i : {1, 2}) CATCH_CHECK((!ups[i].A.grad().defined() || ups[i].A.grad().abs().max().item<double>() == 0.0));
 }
 
-CATCH_TEST_CASE("low_rank_group: p outside [0, 1) and shapes that do not chain are refused", "[sdk][low_rank]") {
+CATCH_TEST_CASE("low_rank_group: a dropout below 0 or of 1 and more, and shapes that do not chain, are refused", "[sdk][low_rank]") {
   const auto f32 = test::options();
   std::vector<LowRankFactors> f = {{at::zeros({4, 5}, f32), at::zeros({3, 4}, f32), 1.0}};
   CATCH_CHECK_THROWS_WITH(low_rank_group(at::zeros({2, 5}, f32), f, 1.0, true), Catch::Contains("dropout must lie in [0, 1)"));
