@@ -110,7 +110,21 @@ params = [p for p in model.parameters() if p.requires_grad]
 if args.method == "lora_fa":  # PEFT ships LoRA-FA as an optimizer over its LoRA: A frozen, B's gradient projected
     from peft.optimizers import create_lorafa_optimizer
 
-    opt = create_lorafa_optimizer(model, r=args.rank, lora_alpha=2 * args.rank, lr=1e-3, weight_decay=0.01)
+    class Both:  # PEFT's LoRA-FA optimizer over the adapter, AdamW over the head
+        def __init__(self, *opts):
+            self.opts = opts
+
+        def zero_grad(self):
+            for o in self.opts:
+                o.zero_grad()
+
+        def step(self):
+            for o in self.opts:
+                o.step()
+
+    opt = Both(create_lorafa_optimizer(model.encoder, r=args.rank, lora_alpha=2 * args.rank, lr=1e-3, weight_decay=0.01),
+               torch.optim.AdamW(model.head.parameters(), lr=1e-3, weight_decay=0.01))
+    params = [p for p in model.parameters() if p.requires_grad]  # lora_A frozen by the optimizer's set-up
 else:
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 

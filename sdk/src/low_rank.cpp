@@ -120,6 +120,7 @@ struct LowRankGroup : torch::autograd::Function<LowRankGroup> {
     }
     ctx->save_for_backward(saved);
     ctx->saved_data["dropping"] = pass.keep.defined();
+    ctx->saved_data["x_sizes"] = x.sizes().vec();  // ∂x's shape
     ctx->saved_data["c_s"] = pass.cs;
     std::vector<std::int64_t> dtypes;
     for (std::size_t i = 0; i < As.size(); ++i) dtypes.push_back(static_cast<std::int64_t>(As[i].scalar_type())), dtypes.push_back(static_cast<std::int64_t>(Bs[i].scalar_type()));
@@ -146,7 +147,6 @@ struct LowRankGroup : torch::autograd::Function<LowRankGroup> {
       if (ctx->needs_input_grad(static_cast<std::size_t>(1 + m + i)))
         result[static_cast<std::size_t>(1 + m + i)] = at::mm(u(i).t(), g).t().mul(cs[static_cast<std::size_t>(i)]).contiguous().to(static_cast<at::ScalarType>(dtypes[static_cast<std::size_t>(2 * i + 1)]));
     }
-    const at::Tensor& any_g = grads[0].defined() ? grads[0] : grads[static_cast<std::size_t>(m - 1)];
     const auto A_dtype = [&](std::int64_t i) { return static_cast<at::ScalarType>(dtypes[static_cast<std::size_t>(2 * i)]); };
     at::Tensor gx;
     if (dropping) {
@@ -177,7 +177,7 @@ struct LowRankGroup : torch::autograd::Function<LowRankGroup> {
         }
       }
     }
-    if (gx.defined()) result[0] = gx.view(with_last(any_g, A(0).size(1)));
+    if (gx.defined()) result[0] = gx.view(ctx->saved_data["x_sizes"].toIntVector());
     return result;
   }
 };
