@@ -39,7 +39,7 @@ CATCH_TEST_CASE("make_task refuses a model of the wrong kind, naming the task, t
   }
 }
 
-CATCH_TEST_CASE("linear sites of one input group read one tensor in every forward pass: q, k, v; gate, up; T5's cross k, v", "[model][backbone]") {
+CATCH_TEST_CASE("linear sites of one input group read one tensor in every forward pass: q, k, v, and gate, up, and T5's cross k, v", "[model][backbone]") {
   struct Case {
     std::string dir;
     std::vector<std::vector<std::string>> groups;  // site names that must share, within layer 0
