@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 
 using namespace tessera;
@@ -118,7 +119,12 @@ CATCH_TEST_CASE("LoRA on T5 equals peft (q, v in both stacks and wo) and trains"
     TESSERA_CHECK_PARITY(test::parity(logits(), ref, "t5.lora_logits"));
     CATCH_CHECK(rel_diff(logits(), ref["t5.logits"]) > 1e-3);
   }
-  // A few SGD steps on the adapter lower the loss.
+  // A few SGD steps on the adapter lower the loss. The steps are clipped to a total gradient
+  // norm of 10 (as a trainer clips): this checkpoint's scores are unscaled and large, its
+  // softmax saturated, and unclipped steps (gradients of 10⁴ after one step) make a path on
+  // which float32 rounding alone decides the end point — the q adapters' gradients are ~1e-10
+  // in float64 and rounding noise of ~0.04 in float32, so summing in another order changed
+  // whether the loss fell by 10%.
   std::vector<Tensor> params;
   for (auto& [k, t] : lora->call("trainable", [](Method& m) { return m.trainable(); })) params.push_back(t);
   const double first = seq2seq_loss(logits(), ref["labels"]).item<double>();
@@ -128,10 +134,13 @@ CATCH_TEST_CASE("LoRA on T5 equals peft (q, v in both stacks and wo) and trains"
       if (t.grad().defined()) t.mutable_grad().zero_();
     loss.backward();
     at::NoGradGuard ng;
-    for (auto& t : params) t.sub_(t.grad() * 0.05);
+    double squares = 0.0;
+    for (auto& t : params) squares += t.grad().to(at::kDouble).pow(2).sum().item<double>();
+    const double lr = 0.05 * std::min(1.0, 10.0 / std::sqrt(squares));
+    for (auto& t : params) t.sub_(t.grad() * lr);
   }
   const double last = seq2seq_loss(logits(), ref["labels"]).item<double>();
   CATCH_INFO("loss " << first << " -> " << last);
-  CATCH_CHECK(last < 0.9 * first);
+  CATCH_CHECK(last < 0.7 * first);
   lora->detach(*model);
 }

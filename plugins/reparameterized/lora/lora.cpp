@@ -376,16 +376,14 @@ class Lora final : public tessera::Method {
     });
   }
 
-  // Plain updates through low_rank_group, each on its own: the dropout drawn and applied in
-  // one pass, x kept instead of a dropped copy. Grouped by LinearSite::input_group() (q, k
-  // and v as one computation) the branch is faster still, but on T5 the grouped run gave
-  // encoder layer 0's q other gradients than the ungrouped one (the kernel alone agrees with
-  // low_rank to the bit; not yet understood), so each adapter is its own group until it is.
+  // Plain updates through low_rank_group, grouped by LinearSite::input_group(): the adapters
+  // of q, k and v (of gate and up) read one input, so it is read once, their dropouts drawn
+  // in one pass, and the input kept once instead of a dropped copy per adapter.
   // A bf16 model computes in bf16; the f32 masters get their gradients in f32.
   void install_plain() {
     std::map<std::string, std::vector<const Adapter*>> by_input;
     for (const auto& a : adapters_)
-      if (!a.A0.defined()) by_input[a.site->name()].push_back(&a);
+      if (!a.A0.defined()) by_input[a.site->input_group()].push_back(&a);
     shared_.clear();
     for (auto& [_, members] : by_input) {
       auto shared = std::make_unique<tessera::SharedInput>(members.size(), [this, members = members](const Tensor& x) {
