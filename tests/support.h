@@ -44,6 +44,13 @@ inline OwnerImpl& owner(const std::string& name) {
   return *o;
 }
 
+// The Python with transformers and peft that tests run reference scripts with: the venv
+// the build was configured with, or TESSERA_TEST_PYTHON (a GPU machine's own Python).
+inline std::string python() {
+  const char* p = std::getenv("TESSERA_TEST_PYTHON");
+  return p != nullptr && *p != '\0' ? p : TESSERA_VENV_PYTHON;
+}
+
 inline std::string fixture(const std::string& rel) { return std::string(TESSERA_FIXTURE_DIR) + "/" + rel; }
 
 // The device the model tests run on: TESSERA_TEST_DEVICE ("cuda", "cuda:1" …), else the

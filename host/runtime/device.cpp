@@ -39,6 +39,11 @@ void prepare_device(const c10::Device& device) {
   if (!error.empty()) throw std::runtime_error(error);
   if (!at::hasCUDA())
     throw std::runtime_error("device '" + device.str() + "': libtorch_cuda is loaded but torch sees no CUDA device (no NVIDIA driver or GPU here)");
+  // float32 is float32 on every device: torch leaves cuBLAS's TF32 off but turns cuDNN's on
+  // (its RNNs and convolutions then round inputs to 10 mantissa bits), which put P-tuning's
+  // LSTM encoder ~1e-3 (relative) off the CPU's result. A run that wants that speed trains
+  // in bf16 instead.
+  at::globalContext().setAllowTF32CuDNN(false);
 }
 
 }  // namespace tessera

@@ -94,7 +94,7 @@ CATCH_TEST_CASE("LoKr's own adapter folder is peft's: peft loads it and computes
   }
   CATCH_CHECK(test::max_abs_diff_tokens(ours, ref["hidden"], mask) > 1e-2);  // the adapter is not a no-op
   const std::string out = (dir / "peft.safetensors").string();
-  const std::string cmd = std::string(TESSERA_VENV_PYTHON) + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_load_forward.py encoder " + test::model_dir() +
+  const std::string cmd = test::python() + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_load_forward.py encoder " + test::model_dir() +
                           " " + dir.string() + " " + test::fixture("reference.safetensors") + " " + out;
   CATCH_REQUIRE(std::system(cmd.c_str()) == 0);
   TESSERA_CHECK_PARITY(test::parity(ours, test::read_tensors(out), "out", mask));

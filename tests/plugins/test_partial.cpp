@@ -100,7 +100,7 @@ CATCH_TEST_CASE("LN-tuning saves peft's folder: PeftModel.from_pretrained comput
   CATCH_CHECK(state.size() == 2 * 2 + 1);  // input and post-attention norms of 2 layers, the final norm
   save_safetensors((dir / "adapter_model.safetensors").string(), state);
   const std::string out = (dir / "peft.safetensors").string();
-  const std::string cmd = std::string(TESSERA_VENV_PYTHON) + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_load_forward.py causal " +
+  const std::string cmd = test::python() + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_load_forward.py causal " +
                           test::fixture("decoders/llama") + " " + dir.string() + " " + test::fixture("decoders/reference.safetensors") + " " + out;
   CATCH_REQUIRE(std::system(cmd.c_str()) == 0);
   at::NoGradGuard no_grad;
@@ -336,7 +336,7 @@ CATCH_TEST_CASE("Child-Tuning task-driven equals the authors' calculate_fisher: 
     CATCH_INFO(name);
     const auto it = state.find(name + ".child_indices");
     CATCH_REQUIRE(it != state.end());
-    CATCH_CHECK(at::isin(strong, it->second.to(at::kCPU)).all().item<bool>());
+    CATCH_CHECK(at::isin(strong, it->second.to(strong.device())).all().item<bool>());
   }
   // Trained entries are the child network alone: a sparse delta, k numbers.
   std::int64_t trained = 0;

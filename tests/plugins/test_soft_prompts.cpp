@@ -221,7 +221,7 @@ CATCH_TEST_CASE("soft prompts we save load in PeftModel.from_pretrained with equ
     const auto cfg = nlohmann::json::parse(std::ifstream(dir / "adapter_config.json"));
     CATCH_CHECK(cfg["task_type"] == (c.kind == "encoder" ? "FEATURE_EXTRACTION" : c.kind == "causal" ? "CAUSAL_LM" : "SEQ_2_SEQ_LM"));
     const std::string out = (dir / "peft.safetensors").string();
-    const std::string cmd = std::string(TESSERA_VENV_PYTHON) + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_load_forward.py " + c.kind + " " + c.model_dir +
+    const std::string cmd = test::python() + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_load_forward.py " + c.kind + " " + c.model_dir +
                             " " + dir.string() + " " + test::fixture(c.kind == "encoder" ? "reference.safetensors" : c.kind == "causal" ? "decoders/reference.safetensors" : "seq2seq/reference.safetensors") + " " + out;
     CATCH_REQUIRE(std::system(cmd.c_str()) == 0);
     auto peft = test::read_tensors(out);

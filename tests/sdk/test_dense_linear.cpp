@@ -133,7 +133,7 @@ CATCH_TEST_CASE("dense_linear: activations and the product with times equal thei
         const Tensor f = formula(act, zz).abs(), t = factor.to(at::kDouble).abs();
         return (1.13 * bz + 8 * test::kEpsF32 * f) * t + test::kEpsF32 * f * t;
       };
-      const Tensor one = at::ones({1}, at::kDouble);
+      const Tensor one = at::ones({1}, o.dtype(at::kDouble));
       CATCH_CHECK(test::bound_ratio(dense_linear(xi, w, b, act), formula(act, z), act_bound(z, bound(x, w, b), one)) <= 1);
       CATCH_CHECK(test::bound_ratio(dense_linear(xi, w, b, act, times), formula(act, z) * times.to(at::kDouble), act_bound(z, bound(x, w, b), times)) <= 1);
       CATCH_CHECK(test::bound_ratio(dense_linear(xi, w, Tensor(), act, per_unit), formula(act, z0) * per_unit.to(at::kDouble),

@@ -134,7 +134,7 @@ CATCH_TEST_CASE("training leaves the base bit-for-bit unchanged and a saved adap
 
   // The saved LoRA folder is HF PEFT's format: peft loads it and computes what we compute.
   const std::string peft_out = c.output_dir + "/peft_hidden.safetensors";
-  const std::string cmd = std::string(TESSERA_VENV_PYTHON) + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_forward.py " + c.output_dir +
+  const std::string cmd = test::python() + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_forward.py " + c.output_dir +
                           "/adapter/lora " + test::fixture("reference.safetensors") + " " + peft_out;
   CATCH_REQUIRE(std::system(cmd.c_str()) == 0);
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
