@@ -39,66 +39,12 @@ plugin = "lst"
 [methods.params]
 reduction_factor = 8
 LST
-elif [[ $method == adalora ]]; then cat <<ADALORA
-[[methods]]
-plugin = "adalora"
-targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
-[methods.params]
-init_r = 12
-target_r = 8
-lora_alpha = 32
-tinit = $(((steps + 3) / 10))
-tfinal = $(((steps + 3) / 5))
-orth_reg_weight = 0.1
-ADALORA
-elif [[ $method == loha ]]; then cat <<LOHA
-[[methods]]
-plugin = "loha"
-targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
-[methods.params]
-r = 8
-alpha = 16
-LOHA
-elif [[ $method == lokr ]]; then cat <<LOKR
-[[methods]]
-plugin = "lokr"
-targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
-[methods.params]
-r = 8
-alpha = 16
-LOKR
-elif [[ $method == dylora ]]; then cat <<DYLORA
-[[methods]]
-plugin = "dylora"
-targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
-[methods.params]
-r = 8
-alpha = 16
-dropout = 0.1
-DYLORA
-elif [[ $method == vera ]]; then cat <<VERA
-[[methods]]
-plugin = "vera"
-targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
-[methods.params]
-r = 256
-VERA
 elif [[ $method == *_bn ]]; then cat <<BN
 [[methods]]
 plugin = "bottleneck"
 [methods.params]
 config = "$method"
 BN
-else cat <<LORA
-[[methods]]
-plugin = "lora"
-targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
-[methods.params]
-r = 8
-lora_alpha = 16
-lora_dropout = 0.1
-$([[ $method == dora ]] && echo "use_dora = true")
-$([[ $method == lora_fa ]] && echo "lora_fa = true")
-LORA
+else bash "$(dirname "${BASH_SOURCE[0]}")/method_toml.sh" "$method" '["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]' $((steps + 3))
 fi)
 TOML

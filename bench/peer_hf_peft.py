@@ -10,7 +10,10 @@ import time
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from peer_methods import REPARAMETERIZED, optimizer, peft_config
 from peer_split import train_rows
+
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default=os.environ.get("TESSERA_MODEL_DIR"))
@@ -62,7 +65,7 @@ class Classifier(torch.nn.Module):
 
 
 if args.method in ("lora", "lora_fa", "dora", "adalora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"):
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
     if args.method == "prompt_tuning":
         cfg = PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20)
@@ -70,31 +73,10 @@ if args.method in ("lora", "lora_fa", "dora", "adalora", "loha", "lokr", "vera",
         cfg = PromptEncoderConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20)
     elif args.method == "prefix_tuning":
         cfg = PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20)
-    elif args.method == "adalora":  # the quickstart config's schedule, scaled to the timed steps
-        from peft import AdaLoraConfig
-
-        total = args.warmup_steps + args.steps
-        cfg = AdaLoraConfig(init_r=12, target_r=8, lora_alpha=32, tinit=total // 10, tfinal=total // 5, deltaT=1, total_step=total, orth_reg_weight=0.1,
-                            target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
-    elif args.method == "loha":
-        from peft import LoHaConfig
-
-        cfg = LoHaConfig(r=args.rank, alpha=2 * args.rank,
-                         target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
-    elif args.method == "lokr":
-        from peft import LoKrConfig
-
-        cfg = LoKrConfig(r=args.rank, alpha=2 * args.rank,
-                         target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
-    elif args.method == "vera":
-        from peft import VeraConfig
-
-        cfg = VeraConfig(r=256, target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
-    elif args.method == "ia3":
-        cfg = IA3Config()  # PEFT's defaults for BERT: key, value, output.dense (feed-forward: output.dense)
+    elif args.method in REPARAMETERIZED:  # bench/method_toml.sh's settings
+        cfg = peft_config(args.method, BERT_TARGETS, args.warmup_steps + args.steps, args.rank)
     else:
-        cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1, use_dora=args.method == "dora",
-                         target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"])
+        cfg = IA3Config()  # PEFT's defaults for BERT: key, value, output.dense (feed-forward: output.dense)
     model = Classifier(get_peft_model(encoder, cfg))
 else:  # AdapterHub: the preset by name, as its users add one; train_adapter freezes the rest
     import adapters
@@ -106,27 +88,9 @@ else:  # AdapterHub: the preset by name, as its users add one; train_adapter fre
 for p in model.head.parameters():
     p.requires_grad_(True)
 model.train()
-params = [p for p in model.parameters() if p.requires_grad]
-if args.method == "lora_fa":  # PEFT ships LoRA-FA as an optimizer over its LoRA: A frozen, B's gradient projected
-    from peft.optimizers import create_lorafa_optimizer
-
-    class Both:  # PEFT's LoRA-FA optimizer over the adapter, AdamW over the head
-        def __init__(self, *opts):
-            self.opts = opts
-
-        def zero_grad(self):
-            for o in self.opts:
-                o.zero_grad()
-
-        def step(self):
-            for o in self.opts:
-                o.step()
-
-    opt = Both(create_lorafa_optimizer(model.encoder, r=args.rank, lora_alpha=2 * args.rank, lr=1e-3, weight_decay=0.01),
-               torch.optim.AdamW(model.head.parameters(), lr=1e-3, weight_decay=0.01))
-    params = [p for p in model.parameters() if p.requires_grad]  # lora_A frozen by the optimizer's set-up
-else:
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+opt = optimizer(args.method, model.encoder, model.head.parameters(), args.rank) if args.method in REPARAMETERIZED else \
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+params = [p for p in model.parameters() if p.requires_grad]  # LoRA-FA: lora_A frozen by its optimizer's set-up
 
 seen, start = 0, None
 for step in range(args.warmup_steps + args.steps):

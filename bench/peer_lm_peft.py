@@ -1,4 +1,5 @@
-"""The peer of bench/lm_lora_vs_peft.sh: LoRA causal-LM fine-tuning with transformers + peft
+"""The peer of bench/lm_lora_vs_peft.sh: LoRA (or --method: one of its relatives, as
+bench/peer_methods.py builds them) causal-LM fine-tuning with transformers + peft
 on the same torch, checkpoint, tokenizer, batches (Tessera's seeded split, consecutive
 batches), targets, rank, learning-rate schedule and threads — or, with --full, full
 fine-tuning of every weight (bench/fish_memory.sh's reference). Prints one JSON line:
@@ -8,10 +9,11 @@ import json
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
+from peer_methods import REPARAMETERIZED, optimizer, peft_config
 from peer_split import train_rows
 
 ap = argparse.ArgumentParser()
@@ -26,6 +28,7 @@ ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--targets", default="c_attn,c_proj,c_fc", help="peft target_modules, comma-separated")
 ap.add_argument("--fan-in-fan-out", action="store_true", help="GPT-2's Conv1D weights")
 ap.add_argument("--device", default="cpu")
+ap.add_argument("--method", choices=REPARAMETERIZED, default="lora")
 ap.add_argument("--full", action="store_true", help="full fine-tuning: every weight trains, no peft")
 args = ap.parse_args()
 device = torch.device(args.device)
@@ -39,13 +42,13 @@ tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 eos = model.config.eos_token_id
 eos = eos[0] if isinstance(eos, list) else eos
-cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=args.targets.split(","), fan_in_fan_out=args.fan_in_fan_out)
+total = args.warmup_steps + args.steps
+cfg = peft_config(args.method, args.targets.split(","), total, fan_in_fan_out=args.fan_in_fan_out)
 model = (model if args.full else get_peft_model(model, cfg)).to(device)
 model.train()
-params = [p for p in model.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01) if args.full else optimizer(args.method, model)
+params = [p for p in model.parameters() if p.requires_grad]  # LoRA-FA: lora_A frozen by its optimizer's set-up
 # Tessera's schedule over the same steps: linear warm-up over 6% of them, then linear decay.
-total = args.warmup_steps + args.steps
 sched = get_linear_schedule_with_warmup(opt, int(total * 0.06 + 0.5), total)
 
 
@@ -75,6 +78,8 @@ for step in range(args.warmup_steps + args.steps):
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     sched.step()
+    if args.method == "adalora" and not args.full:  # PEFT's loop: allocate after the step, before zero_grad
+        model.base_model.update_and_allocate(step)
     seen += ids.size(0)
 finish()
 elapsed = time.perf_counter() - start

@@ -11,6 +11,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include <cstdlib>
+#include <fstream>
 #include <ostream>
 #include <unistd.h>
 #include <filesystem>
@@ -277,6 +278,23 @@ inline std::filesystem::path temp_dir(const std::string& name) {
   std::filesystem::create_directories(p);
   made.dirs.push_back(p);
   return p;
+}
+
+// What peft computes with the adapter folder `inst` writes (its adapter_config.json and
+// state, in a fresh directory returned through `dir`): PeftModel.from_pretrained over the
+// model in model_dir (tests/fixtures/peft_load_forward.py; kind encoder, causal or t5) on
+// the reference file's inputs. Returns its "out" and "out.f64".
+inline NamedTensors peft_outputs(MethodInstance& inst, const std::string& kind, const std::string& model_dir, const std::string& reference,
+                                 std::filesystem::path* dir = nullptr) {
+  const auto where = temp_dir(inst.plugin_id() + "-peft");
+  if (dir != nullptr) *dir = where;
+  std::ofstream(where / "adapter_config.json") << inst.call("cfg", [](Method& m) { return m.adapter_config_json(); });
+  save_safetensors((where / "adapter_model.safetensors").string(), inst.call("state", [](Method& m) { return m.state(); }));
+  const std::string out = (where / "peft.safetensors").string();
+  const std::string cmd = python() + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_load_forward.py " + kind + " " + model_dir + " " +
+                          where.string() + " " + reference + " " + out;
+  CATCH_REQUIRE(std::system(cmd.c_str()) == 0);
+  return read_tensors(out);
 }
 
 }  // namespace tessera::test
