@@ -19,8 +19,8 @@ case $method in
   vera) printf 'r = 256\n' ;;
   lora | lora_fa | dora)
     printf 'r = 8\nlora_alpha = 16\nlora_dropout = 0.1\n'
-    [[ $method == dora ]] && echo "use_dora = true"
-    [[ $method == lora_fa ]] && echo "lora_fa = true"
+    if [[ $method == dora ]]; then echo "use_dora = true"; fi
+    if [[ $method == lora_fa ]]; then echo "lora_fa = true"; fi
     ;;
   *) echo "method_toml.sh: no block for '$method'" >&2; exit 1 ;;
 esac
