@@ -10,7 +10,7 @@ import time
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from peer_methods import REPARAMETERIZED, optimizer, peft_config
+from peer_methods import REPARAMETERIZED, adalora_orth_reg, optimizer, peft_config
 from peer_split import train_rows
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -104,6 +104,8 @@ for step in range(args.warmup_steps + args.steps):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
         logits = model(batch["input_ids"], batch["attention_mask"])
     loss = torch.nn.functional.cross_entropy(logits.float(), y)
+    if args.method == "adalora":
+        loss = loss + adalora_orth_reg(model.encoder)
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)

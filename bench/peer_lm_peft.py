@@ -43,8 +43,10 @@ model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 eos = model.config.eos_token_id
 eos = eos[0] if isinstance(eos, list) else eos
 total = args.warmup_steps + args.steps
-cfg = peft_config(args.method, args.targets.split(","), total, fan_in_fan_out=args.fan_in_fan_out)
-model = (model if args.full else get_peft_model(model, cfg)).to(device)
+# CAUSAL_LM: peft's causal-LM wrapper calls its tuner's forward, where AdaLoRA adds its
+# orthogonality term to the loss (a bare PeftModel skips that forward, and the term with it).
+model = (model if args.full else get_peft_model(model, peft_config(args.method, args.targets.split(","), total, task_type="CAUSAL_LM",
+                                                                     fan_in_fan_out=args.fan_in_fan_out))).to(device)
 model.train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01) if args.full else optimizer(args.method, model)
 params = [p for p in model.parameters() if p.requires_grad]  # LoRA-FA: lora_A frozen by its optimizer's set-up

@@ -39,6 +39,16 @@ class _Both:
             o.step()
 
 
+def adalora_orth_reg(peft_model):
+    """AdaLoRA's orthogonality term, w · mean over A and B of ‖AAᵀ − I‖_F, ‖BᵀB − I‖_F, as peft's
+    AdaLoraModel.forward adds it to a model's own loss: a peer whose task head computes the loss
+    outside the PeftModel adds it itself, or AdaLoRA there would train without it."""
+    w = peft_model.peft_config["default"].orth_reg_weight
+    terms = [torch.linalg.matrix_norm((p @ p.T if "lora_A" in n else p.T @ p) - torch.eye(p.shape[0] if "lora_A" in n else p.shape[1]))
+             for n, p in peft_model.named_parameters() if ("lora_A" in n or "lora_B" in n) and p.requires_grad]
+    return w * torch.stack(terms).mean()
+
+
 def optimizer(method, peft_model, extra_params=(), rank=8, lr=1e-3, weight_decay=0.01):
     """AdamW over what trains; LoRA-FA: PEFT's create_lorafa_optimizer over the adapter (A frozen,
     B's gradient projected), AdamW over extra_params (a task head)."""

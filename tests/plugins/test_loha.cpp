@@ -2,7 +2,7 @@
 // adapter, all random), the same inputs; unmerged, merged and unmerged again; our files in
 // peft's keys and shapes; a config peft's importer maps back to us.
 #include "support.h"
-#include "plugins/sgd_on_hidden.h"
+#include "plugins/trained_loads_in_peft.h"
 
 #include "runtime/peft_import.h"
 
@@ -45,16 +45,6 @@ CATCH_TEST_CASE("LoHa's default init starts at the base model", "[plugins][loha]
 }
 
 CATCH_TEST_CASE("a LoHa adapter Tessera trained loads in PeftModel.from_pretrained with equal outputs", "[plugins][loha][minilm][parity]") {
-  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
-  const Tensor ids = ref["input_ids"], mask = ref["attention_mask"];
-  auto model = test::load_minilm();
   // Our own settings and factors, not peft's: alpha ≠ r, a subset of sites, three SGD steps.
-  const Params params = apply_schema(test::registry().find("loha")->params, {{"r", std::int64_t{4}}, {"alpha", 12.0}});
-  auto loha = test::registry().create("loha", "loha");
-  loha->attach(*model, {"attn.q", "attn.v", "mlp.down"}, params);
-  test::sgd_on_hidden(*model, *loha, ids, mask, 1e-2);
-  at::NoGradGuard no_grad;
-  const Tensor ours = model->forward(ids, mask).hidden;
-  CATCH_CHECK(test::max_abs_diff_tokens(ours, ref["hidden"], mask) > 1e-3);  // training moved it off the base
-  TESSERA_CHECK_PARITY(test::parity(ours, test::peft_outputs(*loha, "encoder", test::model_dir(), test::fixture("reference.safetensors")), "out", mask));
+  test::check_trained_loads_in_peft("loha", {"attn.q", "attn.v", "mlp.down"}, {{"r", std::int64_t{4}}, {"alpha", 12.0}}, 1e-2);
 }

@@ -1,8 +1,11 @@
 // LoRA against peft: the same base weights, the same A and B (peft's saved adapter),
 // the same inputs; unmerged, merged and unmerged again.
 #include "support.h"
+#include "plugins/trained_loads_in_peft.h"
 
 #include "runtime/peft_import.h"
+
+#include <tessera/dropout.h>
 
 #include <nlohmann/json.hpp>
 
@@ -110,6 +113,87 @@ CATCH_TEST_CASE("PiSSA and OLoRA start from peft's A and B, and read and write p
   Params bad = apply_schema(test::registry().find("lora")->params, {{"init_lora_weights", std::string("pissa_niter_x")}});
   auto lora = test::registry().create("lora", "adapter");
   CATCH_CHECK_THROWS_WITH(lora->call("validate", [&](Method& m) { m.validate(bad); }), Catch::Contains("init_lora_weights must be true, gaussian"));
+}
+
+CATCH_TEST_CASE("PiSSA's fast init is torch.svd_lowrank from the same seed, on square, tall and wide weights", "[plugins][lora][minilm][parity]") {
+  auto ref = test::read_tensors(test::fixture("reference.safetensors"));
+  auto model = test::load_minilm();
+  for (const auto& [site, hf] : std::vector<std::pair<std::string, std::string>>{
+           {"layers.0.attn.q", "attention.self.query"}, {"layers.0.mlp.up", "intermediate.dense"}, {"layers.0.mlp.down", "output.dense"}}) {
+    CATCH_INFO(site);
+    const double s = 8.0 / 4;  // lora_alpha / r
+    auto lora = test::registry().create("lora", "pissa");
+    at::manual_seed(31);  // the fixture's seed before torch.svd_lowrank(W, q = 4, niter = 2)
+    lora->attach(*model, {site}, apply_schema(test::registry().find("lora")->params, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}, {"init_lora_weights", std::string("pissa_niter_2")}}));
+    const auto state = lora->call("state", [](Method& m) { return m.state(); });
+    const std::string key = "base_model.model.encoder.layer.0." + hf;
+    // PEFT's PiSSA from svd_lowrank's (U, S, V): A = √(S/s) Vᵀ (r, in), B = U √(S/s) (out, r).
+    const Tensor root = (ref.at("svd_lowrank." + hf + ".S").to(at::kDouble) / s).sqrt();
+    const Tensor A = root.unsqueeze(1) * ref.at("svd_lowrank." + hf + ".V").to(at::kDouble).t();
+    const Tensor B = ref.at("svd_lowrank." + hf + ".U").to(at::kDouble) * root.unsqueeze(0);
+    // The saved file is PEFT's conversion ([A; A₀], [B, −B₀]): at the start both halves are the init.
+    const Tensor ours_A = state.at(key + ".lora_A.weight").narrow(0, 0, 4).to(at::kCPU, at::kDouble);
+    const Tensor ours_B = state.at(key + ".lora_B.weight").narrow(1, 0, 4).to(at::kCPU, at::kDouble);
+    CATCH_CHECK((ours_A - A).abs().max().item<double>() <= 1e-4 * A.abs().max().item<double>());
+    CATCH_CHECK((ours_B - B).abs().max().item<double>() <= 1e-4 * B.abs().max().item<double>());
+    lora->detach(*model);
+  }
+}
+
+CATCH_TEST_CASE("DoRA with dropout is peft's form: the base product of the dropped input, scaled by m over n minus 1", "[plugins][lora][minilm]") {
+  if (!test::device().is_cpu()) return;  // the mask is recovered from its seed on the CPU path
+  auto model = test::load_minilm();
+  const double p = 0.3, s = 12.0 / 4;  // lora_dropout; lora_alpha / r
+  auto dora = test::registry().create("lora", "dora");
+  dora->attach(*model, {"layers.0.attn.q"},
+               apply_schema(test::registry().find("lora")->params, {{"r", std::int64_t{4}}, {"lora_alpha", 12.0}, {"use_dora", true}, {"lora_dropout", p}}));
+  // B away from its zero start and m away from n, or the dropped branch would add nothing.
+  auto moved = dora->call("state", [](Method& m) { return m.state(); });
+  at::manual_seed(3);
+  for (auto& [k, t] : moved) t = k.find("magnitude") != std::string::npos ? t * (1 + 0.2 * at::randn_like(t)) : 0.1 * at::randn_like(t);
+  dora->call("load_state", [&](Method& m) { m.load_state(moved); });
+  auto& site = LinearSiteImpl::of(*model->match_linear({"layers.0.attn.q"}).at(0));
+  const Tensor x = at::randn({2, 7, site.in_features()}, test::options());  // (B, T, in)
+  const Tensor G = at::randn({2, 7, site.out_features()}, test::options());
+  model->train(true);
+  at::manual_seed(11);
+  const Tensor y = site.forward(x);
+  (y * G).sum().backward();
+  model->train(false);
+  // The mask: tessera::dropout's draw from the same seed, of ones of x's shape (0 or 1/(1 − p)).
+  at::manual_seed(11);
+  const Tensor keep = tessera::dropout(at::ones_like(x), p, true).to(at::kDouble);
+  CATCH_REQUIRE((keep == 0).any().item<bool>());
+  // PEFT's DoRA while dropout trains (tuners/lora/dora.py with base_result = None), in float64,
+  // the row norm n = ‖W + s·B A‖ detached: W x + b + (m/n − 1) ⊙ W h + (m/n) ⊙ s·B A h, h = drop(x).
+  const auto state = dora->call("state", [](Method& m) { return m.state(); });
+  const std::string key = "base_model.model.encoder.layer.0.attention.self.query.";
+  const auto leaf = [&](const std::string& k) { return state.at(key + k).detach().to(at::kCPU, at::kDouble).set_requires_grad(true); };
+  const Tensor A = leaf("lora_A.weight"), B = leaf("lora_B.weight"), m = leaf("lora_magnitude_vector");
+  const Tensor W = site.weight().base().to(at::kCPU, at::kDouble), b = site.bias()->value().to(at::kCPU, at::kDouble);
+  const Tensor x64 = x.to(at::kCPU, at::kDouble), h = x64 * keep.to(at::kCPU);
+  const Tensor n = at::linalg_vector_norm(W + s * at::matmul(B, A), 2, {1}).detach();
+  const Tensor g = m / n;
+  const Tensor expected = at::linear(x64, W, b) + (g - 1) * at::linear(h, W) + g * s * at::linear(at::linear(h, A), B);
+  (expected * G.to(at::kCPU, at::kDouble)).sum().backward();
+  const auto rel = [](const Tensor& ours, const Tensor& truth) {
+    return (ours.to(at::kCPU, at::kDouble) - truth).abs().max().item<double>() / truth.abs().max().item<double>();
+  };
+  CATCH_CHECK(rel(y.detach(), expected.detach()) < 1e-5);
+  // Without the mask (the undropped input), the outputs differ: the test sees the dropout.
+  CATCH_CHECK(rel(y.detach(), (at::linear(x64, W, b) + (g - 1) * at::linear(x64, W) + g * s * at::linear(at::linear(x64, A), B)).detach()) > 1e-2);
+  for (const auto& [name, truth] : std::vector<std::pair<std::string, Tensor>>{{"lora_A.weight", A}, {"lora_B.weight", B}, {"lora_magnitude_vector", m}}) {
+    CATCH_INFO(name);
+    CATCH_REQUIRE(state.at(key + name).grad().defined());
+    CATCH_CHECK(rel(state.at(key + name).grad(), truth.grad()) < 1e-4);
+  }
+}
+
+CATCH_TEST_CASE("a PiSSA or OLoRA adapter Tessera trained loads in PeftModel.from_pretrained, converted, with equal outputs", "[plugins][lora][minilm][parity]") {
+  for (const std::string init : {"pissa", "olora"}) {
+    CATCH_INFO("init " << init);  // the folder holds peft's conversion: a plain LoRA of twice the rank on the untouched base
+    test::check_trained_loads_in_peft("lora", {"attn.q", "attn.v", "mlp.down"}, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}, {"init_lora_weights", init}}, 1e-2);
+  }
 }
 
 CATCH_TEST_CASE("LoRA-FA equals peft's LoraFAOptimizer: A frozen, B after three steps on the projected gradient", "[plugins][lora][minilm][parity]") {

@@ -180,19 +180,7 @@ CATCH_TEST_CASE("a prompt and a prefix compose with LoRA through the site order:
   }
 }
 
-namespace {
-
-// Our adapter folder (config and tensors) for an attached instance.
-void save_folder(MethodInstance& inst, const std::filesystem::path& dir) {
-  std::filesystem::create_directories(dir);
-  std::ofstream(dir / "adapter_config.json") << inst.call("cfg", [](Method& m) { return m.adapter_config_json(); });
-  save_safetensors((dir / "adapter_model.safetensors").string(), inst.call("state", [](Method& m) { return m.state(); }));
-}
-
-}  // namespace
-
 CATCH_TEST_CASE("soft prompts we save load in PeftModel.from_pretrained with equal outputs", "[plugins][prompts][parity]") {
-  const auto tmp = test::temp_dir("soft-prompts-peft");
   auto& enc = test::cached_tensors(test::fixture("reference.safetensors"));
   auto& dec = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
   struct Case {
@@ -206,10 +194,8 @@ CATCH_TEST_CASE("soft prompts we save load in PeftModel.from_pretrained with equ
       {"prefix_tuning", "causal", test::fixture("decoders/llama"), {{"num_virtual_tokens", std::int64_t{6}}}},
       {"prompt_tuning", "t5", test::fixture("seq2seq/t5"), {{"num_virtual_tokens", std::int64_t{3}}}},
   };
-  int n = 0;
   for (const auto& c : cases) {
     CATCH_INFO(c.plugin << " on " << c.model_dir);
-    const auto dir = tmp / std::to_string(n++);
     std::unique_ptr<SiteModel> model;
     if (c.kind == "encoder") model = test::load_minilm();
     else if (c.kind == "causal") model = DecoderModel::load(c.model_dir, test::options());
@@ -217,14 +203,11 @@ CATCH_TEST_CASE("soft prompts we save load in PeftModel.from_pretrained with equ
     auto inst = test::registry().create(c.plugin, "adapter");
     at::manual_seed(3);
     inst->attach(*model, {}, apply_schema(test::registry().find(c.plugin)->params, c.params));
-    save_folder(*inst, dir);
+    std::filesystem::path dir;
+    const auto reference = test::fixture(c.kind == "encoder" ? "reference.safetensors" : c.kind == "causal" ? "decoders/reference.safetensors" : "seq2seq/reference.safetensors");
+    auto peft = test::peft_outputs(*inst, c.kind, c.model_dir, reference, &dir);
     const auto cfg = nlohmann::json::parse(std::ifstream(dir / "adapter_config.json"));
     CATCH_CHECK(cfg["task_type"] == (c.kind == "encoder" ? "FEATURE_EXTRACTION" : c.kind == "causal" ? "CAUSAL_LM" : "SEQ_2_SEQ_LM"));
-    const std::string out = (dir / "peft.safetensors").string();
-    const std::string cmd = test::python() + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_load_forward.py " + c.kind + " " + c.model_dir +
-                            " " + dir.string() + " " + test::fixture(c.kind == "encoder" ? "reference.safetensors" : c.kind == "causal" ? "decoders/reference.safetensors" : "seq2seq/reference.safetensors") + " " + out;
-    CATCH_REQUIRE(std::system(cmd.c_str()) == 0);
-    auto peft = test::read_tensors(out);
     at::NoGradGuard no_grad;
     Tensor ours, mask;
     const std::int64_t P = std::get<std::int64_t>(c.params.at("num_virtual_tokens"));

@@ -154,16 +154,15 @@ class Lora final : public tessera::Method {
       const double alpha = a_over ? *a_over : p.number("lora_alpha");
       const double scaling = p.flag("use_rslora") ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
       const auto in = site->in_features(), out = site->out_features();
-      // nn.Linear's default init, kaiming_uniform(a=√5): U(-1/√fan_in, 1/√fan_in).
-      Tensor A = at::empty({r, in}, opts);
-      Tensor B = at::zeros({out, r}, opts);
-      if (init == "gaussian") A.normal_(0.0, 1.0 / static_cast<double>(r));
-      else A.uniform_(-1.0 / std::sqrt(static_cast<double>(in)), 1.0 / std::sqrt(static_cast<double>(in)));
-      if (init == "false") B.uniform_(-1.0 / std::sqrt(static_cast<double>(r)), 1.0 / std::sqrt(static_cast<double>(r)));
-      Tensor A0, B0;
-      if (init.rfind("pissa", 0) == 0 || init == "olora") {
+      Tensor A, B, A0, B0;
+      if (init.rfind("pissa", 0) == 0 || init == "olora") {  // its randomised SVD's draw is the only one: seeded, it is svd_lowrank's
         std::tie(A, B) = principal_init(site->weight().base().to(opts), r, scaling, init);
         A0 = A.clone(), B0 = B.clone();
+      } else {  // nn.Linear's default init, kaiming_uniform(a=√5): U(-1/√fan_in, 1/√fan_in)
+        A = at::empty({r, in}, opts), B = at::zeros({out, r}, opts);
+        if (init == "gaussian") A.normal_(0.0, 1.0 / static_cast<double>(r));
+        else A.uniform_(-1.0 / std::sqrt(static_cast<double>(in)), 1.0 / std::sqrt(static_cast<double>(in)));
+        if (init == "false") B.uniform_(-1.0 / std::sqrt(static_cast<double>(r)), 1.0 / std::sqrt(static_cast<double>(r)));
       }
       A.set_requires_grad(!p.flag("lora_fa"));  // LoRA-FA: A stays its init, a fixed down-projection
       B.set_requires_grad(true);
