@@ -1,15 +1,21 @@
 // `tessera merge OUT ADAPTER... --weights w1,w2,... --combination TYPE`: several LoRA adapters
 // (PEFT folders, or a run's adapter/<instance> folders) combined into one, as PEFT's
-// add_weighted_adapter combines them (runtime/weighted_merge.h). The result is a PEFT LoRA
+// add_weighted_adapter combines them (runtime/weighted_merge.h). Adapters of other mergeable
+// methods (LoHa, LoKr, VeRA, AdaLoRA, DoRA …) join an svd combination through the updates their
+// plugins compute on the model (--model; runtime/adapter_deltas.h). The result is a PEFT LoRA
 // folder: `tessera generate --peft OUT`, or PeftModel.from_pretrained, applies it.
 #include "cli/commands.h"
 
 #include "architectures/backbone.h"
 #include "formats/safetensors.h"
+#include "formats/json_file.h"
+#include "runtime/adapter_deltas.h"
 #include "runtime/weighted_merge.h"
 
+#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <memory>
 
@@ -27,7 +33,17 @@ struct Args {
   bool overwrite = false;
 };
 
-int run(const Args& a) {
+// A folder whose update is a pair of LoRA factors, which combine from the files alone.
+bool plain_lora(const std::string& dir) {
+  const fs::path cfg = fs::path(dir) / "adapter_config.json";
+  if (!fs::exists(cfg)) return true;  // weighted_merge names what is missing
+  const auto c = read_json_file(cfg.string());
+  std::string type = c.value("peft_type", "");
+  std::transform(type.begin(), type.end(), type.begin(), ::toupper);
+  return type == "LORA" && !c.value("use_dora", false);
+}
+
+int run(const Args& a, const PluginRegistry& registry) {
   WeightedMerge how;
   how.adapters = a.adapters;
   how.weights = a.weights;
@@ -37,9 +53,16 @@ int run(const Args& a) {
   how.svd_rank = a.svd_rank;
   how.svd_clamp = a.svd_clamp;
   how.seed = a.seed;
+  std::vector<std::string> others;  // adapters of other methods: their plugins compute their updates on the model
+  for (const auto& d : a.adapters)
+    if (!plain_lora(d)) others.push_back(d);
+  if (!others.empty() && a.model.empty())
+    throw std::runtime_error(others[0] + " is no plain LoRA adapter: its plugin computes its update on the base model; give the model (--model)");
   if (!a.model.empty()) {  // the order of its linear layers: PEFT's walk over the model's modules
-    auto model = load_backbone(a.model, at::TensorOptions().dtype(at::kBFloat16));  // only its names are read: the lighter load
+    // Only its names are read unless an update is computed on it: then float32, as PEFT loads adapters.
+    auto model = load_backbone(a.model, at::TensorOptions().dtype(others.empty() ? at::kBFloat16 : at::kFloat));
     for (auto* s : model->sites().linear_sites()) how.module_order.push_back(s->hf_path());
+    for (const auto& d : others) how.deltas[d] = linear_weight_deltas(d, model->sites(), registry);
   }
   const fs::path out(a.out);
   if (fs::exists(out) && !fs::is_directory(out)) throw std::runtime_error(a.out + " exists and is not a directory");
@@ -57,10 +80,10 @@ int run(const Args& a) {
 
 Command merge_command() {
   auto a = std::make_shared<Args>();
-  return {"merge", "combine LoRA adapters into one (linear, cat, svd, TIES, DARE: PEFT's add_weighted_adapter)",
+  return {"merge", "combine adapters into one LoRA (linear, cat, svd, TIES, DARE: PEFT's add_weighted_adapter; other methods' updates by svd)",
           [a](CLI::App& c) {
             c.add_option("out", a->out, "folder to write the combined adapter to")->required();
-            c.add_option("adapters", a->adapters, "PEFT LoRA adapter folders (a run's adapter/<instance>)")->required()->check(CLI::ExistingDirectory);
+            c.add_option("adapters", a->adapters, "PEFT adapter folders (a run's adapter/<instance>): LoRA, or any mergeable method's with --model and an svd combination")->required()->check(CLI::ExistingDirectory);
             c.add_option("--weights", a->weights, "one weight per adapter")->required()->delimiter(',');
             c.add_option("--combination", a->combination,
                          "svd (default), linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd");
@@ -69,10 +92,10 @@ Command merge_command() {
             c.add_option("--svd-rank", a->svd_rank, "rank of an svd combination (default: the largest input rank)")->check(CLI::PositiveNumber);
             c.add_option("--svd-clamp", a->svd_clamp, "clamp the svd factors to this quantile of their entries");
             c.add_option("--seed", a->seed, "seed of DARE's random masks (default 0)");
-            c.add_option("--model", a->model, "the base model (HF folder): its module order, which DARE's masks follow")->check(CLI::ExistingDirectory);
+            c.add_option("--model", a->model, "the base model (HF folder): its module order, which DARE's masks follow; where other methods' updates are computed")->check(CLI::ExistingDirectory);
             c.add_flag("--overwrite", a->overwrite, "replace a non-empty OUT");
           },
-          [a](const PluginRegistry&) { return run(*a); }};
+          [a](const PluginRegistry& registry) { return run(*a, registry); }};
 }
 
 }  // namespace tessera

@@ -28,20 +28,27 @@ struct Lora {
   std::int64_t r = 0;
   double scaling = 1.0;
   std::map<std::string, std::pair<Tensor, Tensor>> modules;  // HF module path -> (A (r, in), B (out, r))
+  const std::map<std::string, Tensor>* deltas = nullptr;     // an adapter that is no plain LoRA: module -> ΔW (out, in)
+  std::string kind() const { return deltas ? config.value("peft_type", std::string("?")) : "LORA"; }
 };
 
 bool ends_with(const std::string& s, const std::string& tail) { return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0; }
 
-Lora read_lora(const std::string& dir) {
+Lora read_lora(const std::string& dir, const WeightedMerge& how) {
   Lora l;
   l.dir = dir;
   const fs::path cfg = fs::path(dir) / "adapter_config.json";
-  if (!fs::exists(cfg)) throw std::runtime_error(dir + ": no adapter_config.json (a PEFT LoRA adapter folder is expected)");
+  if (!fs::exists(cfg)) throw std::runtime_error(dir + ": no adapter_config.json (a PEFT adapter folder is expected)");
   l.config = read_json_file(cfg.string());
+  if (const auto it = how.deltas.find(dir); it != how.deltas.end()) {  // its updates, computed by its plugin
+    l.deltas = &it->second;
+    return l;
+  }
   std::string type = l.config.value("peft_type", "");
   std::transform(type.begin(), type.end(), type.begin(), ::toupper);
-  if (type != "LORA") throw std::runtime_error(cfg.string() + ": peft_type is '" + l.config.value("peft_type", "") + "'; only LoRA adapters are combined");
-  if (l.config.value("use_dora", false)) throw std::runtime_error(cfg.string() + ": use_dora: a DoRA adapter's magnitudes do not combine as LoRA's factors do");
+  if (type != "LORA" || l.config.value("use_dora", false))
+    throw std::runtime_error(cfg.string() + ": a " + (type == "LORA" ? std::string("DoRA") : "'" + l.config.value("peft_type", "") + "'") +
+                             " adapter's update is no pair of LoRA factors: its plugin computes it on the base model (give the model, --model)");
   for (const char* k : {"rank_pattern", "alpha_pattern"})
     if (l.config.contains(k) && l.config[k].is_object() && !l.config[k].empty())
       throw std::runtime_error(cfg.string() + ": " + k + " is not empty; adapters with per-module ranks or alphas are not combined here");
@@ -133,6 +140,17 @@ struct Plan {
   double density = 1.0;
 };
 
+// Adapters given as updates combine through the svd kinds only, at a rank asked for.
+void check_updates(const Plan& p, const WeightedMerge& how, const std::vector<Lora>& loras) {
+  for (const auto& l : loras) {
+    if (!l.deltas) continue;
+    if (!p.svd)
+      throw std::runtime_error(l.dir + " is a " + l.kind() + " adapter: combination " + p.kind +
+                               " combines LoRA factors; its update combines through svd, ties_svd, dare_linear_svd, dare_ties_svd or magnitude_prune_svd");
+    if (!how.svd_rank) throw std::runtime_error(l.dir + " is a " + l.kind() + " adapter, whose update has no LoRA rank to default to: give the svd rank (--svd-rank)");
+  }
+}
+
 Plan check_request(const WeightedMerge& how, std::size_t n_adapters) {
   if (how.adapters.empty()) throw std::runtime_error("no adapters to combine");
   if (how.weights.size() != how.adapters.size())
@@ -173,7 +191,7 @@ std::int64_t merged_rank(const Plan& p, const WeightedMerge& how, const std::vec
     if (rank < 1) throw std::runtime_error("svd rank " + std::to_string(rank) + " is not positive");
     return rank;
   }
-  for (const auto& l : loras)
+  for (const auto& l : loras)  // (no updates given here: check_updates sent them to the svd kinds)
     if (l.r != loras[0].r)
       throw std::runtime_error("combination " + p.kind + " needs adapters of one rank: " + loras[0].dir + " has r = " + std::to_string(loras[0].r) + ", " + l.dir +
                                " r = " + std::to_string(l.r) + " (cat or an svd combination takes mixed ranks)");
@@ -183,8 +201,11 @@ std::int64_t merged_rank(const Plan& p, const WeightedMerge& how, const std::vec
 // The modules, in the model's order where it is given (PEFT walks the model's modules).
 std::vector<std::string> modules_in_order(const WeightedMerge& how, const std::vector<Lora>& loras) {
   std::set<std::string> all;
-  for (const auto& l : loras)
+  for (const auto& l : loras) {
     for (const auto& [m, _] : l.modules) all.insert(m);
+    if (l.deltas)
+      for (const auto& [m, _] : *l.deltas) all.insert(m);
+  }
   if (how.module_order.empty()) return {all.begin(), all.end()};
   std::vector<std::string> order;
   for (const auto& m : how.module_order)
@@ -200,6 +221,12 @@ struct Members {
   std::vector<double> weights;
   const Tensor& A(std::size_t i) const { return loras[i]->modules.at(module).first; }
   const Tensor& B(std::size_t i) const { return loras[i]->modules.at(module).second; }
+  // ΔWᵢ = sᵢ Bᵢ Aᵢ, or the update given (out, in)
+  Tensor delta(std::size_t i) const { return loras[i]->deltas ? loras[i]->deltas->at(module) : at::matmul(B(i), A(i)) * loras[i]->scaling; }
+  std::pair<std::int64_t, std::int64_t> shape(std::size_t i) const {  // (out, in)
+    if (loras[i]->deltas) return {loras[i]->deltas->at(module).size(0), loras[i]->deltas->at(module).size(1)};
+    return {B(i).size(0), A(i).size(1)};
+  }
   std::string module;
 };
 
@@ -216,10 +243,10 @@ std::pair<Tensor, Tensor> concatenated(const Members& m, std::int64_t rank) {
 
 // The svd kinds: ΔWᵢ = sᵢ Bᵢ Aᵢ combined, then B = U S, A = Vᴴ at the merged rank, optionally clamped.
 std::pair<Tensor, Tensor> through_svd(const Members& m, const Plan& p, const WeightedMerge& how, std::int64_t rank, at::Generator& gen) {
-  const std::int64_t in = m.A(0).size(1), out = m.B(0).size(0);
+  const auto [out, in] = m.shape(0);
   if (rank > std::min(in, out)) throw std::runtime_error("svd rank " + std::to_string(rank) + " exceeds min(out, in) = " + std::to_string(std::min(in, out)) + " of module '" + m.module + "'");
   std::vector<Tensor> deltas;
-  for (std::size_t i = 0; i < m.loras.size(); ++i) deltas.push_back(at::matmul(m.B(i), m.A(i)) * m.loras[i]->scaling);  // (out, in)
+  for (std::size_t i = 0; i < m.loras.size(); ++i) deltas.push_back(m.delta(i));  // (out, in)
   const Tensor delta = combine(deltas, weight_vector(m.weights), p.base_kind, p.density, how.majority_sign, gen);
   auto [U, S, Vh] = at::linalg_svd(delta, true);
   Tensor u = at::matmul(U.narrow(1, 0, rank), at::diag(S.narrow(0, 0, rank)));  // (out, r)
@@ -246,9 +273,20 @@ std::pair<Tensor, Tensor> factor_wise(const Members& m, const Plan& p, const Wei
   return {A, B};
 }
 
-// The first adapter's config with the new rank, scale 1 and every target.
+// The config the result starts from: the first plain LoRA's, else a LoRA config with the
+// first adapter's model, revision and task.
+nlohmann::json lora_config_base(const std::vector<Lora>& loras) {
+  for (const auto& l : loras)
+    if (!l.deltas) return l.config;
+  nlohmann::json cfg = {{"peft_type", "LORA"}, {"bias", "none"}, {"lora_dropout", 0.0}, {"fan_in_fan_out", false}, {"modules_to_save", nullptr}};
+  for (const char* k : {"base_model_name_or_path", "revision", "task_type"})
+    if (loras[0].config.contains(k)) cfg[k] = loras[0].config[k];
+  return cfg;
+}
+
+// The first LoRA's config (or lora_config_base's) with the new rank, scale 1 and every target.
 std::string merged_config(const std::vector<Lora>& loras, std::int64_t rank) {
-  nlohmann::json cfg = loras[0].config;
+  nlohmann::json cfg = lora_config_base(loras);
   std::set<std::string> targets;
   for (const auto& l : loras) {
     const auto& t = l.config.value("target_modules", nlohmann::json());
@@ -260,6 +298,7 @@ std::string merged_config(const std::vector<Lora>& loras, std::int64_t rank) {
   cfg["lora_alpha"] = rank;
   cfg["use_rslora"] = false;  // scale 1 (PEFT keeps the first adapter's flag, which would make it √r)
   cfg["init_lora_weights"] = true;
+  cfg["use_dora"] = false;
   cfg["target_modules"] = std::vector<std::string>(targets.begin(), targets.end());
   cfg["rank_pattern"] = nlohmann::json::object();
   cfg["alpha_pattern"] = nlohmann::json::object();
@@ -273,7 +312,8 @@ MergedAdapter weighted_merge(const WeightedMerge& how) {
   at::NoGradGuard no_grad;
   const Plan plan = check_request(how, how.adapters.size());
   std::vector<Lora> loras;
-  for (const auto& d : how.adapters) loras.push_back(read_lora(d));
+  for (const auto& d : how.adapters) loras.push_back(read_lora(d, how));
+  check_updates(plan, how, loras);
   MergedAdapter out;
   out.rank = merged_rank(plan, how, loras);
   out.combination = plan.kind;
@@ -282,10 +322,10 @@ MergedAdapter weighted_merge(const WeightedMerge& how) {
     Members m;
     m.module = module;
     for (std::size_t i = 0; i < loras.size(); ++i)
-      if (loras[i].modules.count(module)) m.loras.push_back(&loras[i]), m.weights.push_back(how.weights[i]);
+      if (loras[i].modules.count(module) || (loras[i].deltas && loras[i].deltas->count(module))) m.loras.push_back(&loras[i]), m.weights.push_back(how.weights[i]);
     for (std::size_t i = 1; i < m.loras.size(); ++i)
-      if (m.A(i).size(1) != m.A(0).size(1) || m.B(i).size(0) != m.B(0).size(0))
-        throw std::runtime_error("module '" + module + "' is " + std::to_string(m.B(0).size(0)) + " × " + std::to_string(m.A(0).size(1)) + " in " + m.loras[0]->dir +
+      if (m.shape(i) != m.shape(0))
+        throw std::runtime_error("module '" + module + "' is " + std::to_string(m.shape(0).first) + " × " + std::to_string(m.shape(0).second) + " in " + m.loras[0]->dir +
                                  " but not in " + m.loras[i]->dir);
     const auto [A, B] = plan.kind == "cat" ? concatenated(m, out.rank) : plan.svd ? through_svd(m, plan, how, out.rank, gen) : factor_wise(m, plan, how, gen);
     out.tensors[std::string(kPrefix) + module + ".lora_A.weight"] = A;

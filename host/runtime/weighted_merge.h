@@ -1,6 +1,7 @@
 // Weighted combination of LoRA adapters into one, as PEFT's LoraModel.add_weighted_adapter
 // makes it, on adapter folders alone (PEFT's layout: adapter_config.json and
-// adapter_model.safetensors): `tessera merge`.
+// adapter_model.safetensors): `tessera merge`. Adapters of other mergeable methods join the
+// svd kinds through their updates ΔW, which the caller computes (WeightedMerge::deltas).
 //
 //   linear / ties / dare_linear / dare_ties / magnitude_prune: the A's and the B's combined
 //     apart, adapter i weighted √|wᵢsᵢ|·sign(wᵢsᵢ) in A and √|wᵢsᵢ| in B (sᵢ its scale); all
@@ -41,6 +42,10 @@ struct WeightedMerge {
   std::optional<double> svd_clamp;       // a quantile in (0, 1]
   std::uint64_t seed = 0;                // dare_*
   std::vector<std::string> module_order;  // HF module paths in the model's order (dare_* needs it)
+  // Adapters that are no plain LoRA (LoHa, LoKr, VeRA, AdaLoRA, DoRA …): folder -> HF module
+  // path -> ΔW (out, in), as their plugins compute them (runtime/adapter_deltas.h). They combine
+  // through the svd kinds only, at an svd_rank that must be given.
+  std::map<std::string, std::map<std::string, at::Tensor>> deltas;
 };
 
 struct MergedAdapter {

@@ -6,6 +6,7 @@
 // factors' signs are the SVD's choice); bad input names the folder and the key.
 #include "support.h"
 
+#include "runtime/adapter_deltas.h"
 #include "runtime/weighted_merge.h"
 
 #include <nlohmann/json.hpp>
@@ -120,5 +121,55 @@ CATCH_TEST_CASE("tessera merge: cat is exactly the weighted sum of the updates, 
   bad = how, bad.adapters = {dir("a"), test::fixture("merge")};
   refused(bad, test::fixture("merge") + ": no adapter_config.json");
   bad = how, bad.adapters = {dir("a"), test::fixture("loha")};
-  refused(bad, "peft_type is 'LOHA'; only LoRA adapters are combined");
+  refused(bad, "a 'LOHA' adapter's update is no pair of LoRA factors: its plugin computes it on the base model (give the model, --model)");
+}
+
+CATCH_TEST_CASE("tessera merge combines LoHa, LoKr, VeRA, AdaLoRA and DoRA adapters with a LoRA through their updates, as peft merges each", "[runtime][merge][minilm][parity]") {
+  auto model = test::load_minilm();
+  const std::vector<std::pair<std::string, double>> inputs = {
+      {test::fixture("loha"), 0.7}, {test::fixture("lokr"), -0.4}, {test::fixture("vera"), 0.5},
+      {test::fixture("adalora/trained"), 0.3}, {test::fixture("lora_dora"), 0.6}, {test::fixture("lora_basic"), 0.8}};
+  WeightedMerge how;
+  for (const auto& [d, w] : inputs) {
+    how.adapters.push_back(d), how.weights.push_back(w);
+    if (d != test::fixture("lora_basic")) how.deltas[d] = linear_weight_deltas(d, *model, test::registry());  // each by its own plugin
+  }
+  // The model is as it was: every update taken back.
+  {
+    at::NoGradGuard no_grad;
+    auto& ref = test::cached_tensors(test::fixture("reference.safetensors"));
+    CATCH_CHECK(test::max_abs_diff_tokens(model->forward(ref["input_ids"], ref["attention_mask"]).hidden, ref["hidden"], ref["attention_mask"]) < 1e-5);
+  }
+  how.combination = "svd";
+  how.svd_rank = 384;  // min(out, in) of every module: the sum itself, no truncation
+  const MergedAdapter got = weighted_merge(how);
+  // peft: each folder merged by peft into the encoder, the updates summed with the same weights.
+  const auto out = test::temp_dir("merge-any") / "peft.safetensors";
+  std::string cmd = test::python() + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/peft_merged_deltas.py " + test::model_dir() + " " + out.string();
+  for (const auto& [d, w] : inputs) cmd += " " + d + " " + std::to_string(w);
+  CATCH_REQUIRE(std::system(cmd.c_str()) == 0);
+  const auto theirs = test::read_tensors(out.string());
+  CATCH_CHECK(theirs.size() == 3 * 6);  // query, value, intermediate.dense of six layers
+  CATCH_CHECK(got.tensors.size() == 2 * theirs.size());
+  for (const auto& [module, delta] : theirs) {
+    CATCH_INFO(module);
+    const Tensor BA = at::matmul(got.tensors.at("base_model.model." + module + ".lora_B.weight"), got.tensors.at("base_model.model." + module + ".lora_A.weight"));
+    CATCH_CHECK((BA.to(at::kDouble) - delta.to(at::kDouble)).abs().max().item<double>() <= 1e-4 * delta.abs().max().item<double>());
+  }
+  const auto cfg = nlohmann::json::parse(got.config_json);
+  CATCH_CHECK(cfg["peft_type"] == "LORA");
+  CATCH_CHECK(cfg["r"] == 384);
+  CATCH_CHECK(cfg["use_dora"] == false);
+  // Refused, naming the folder and what to do: an update through a factor-wise kind, without a
+  // rank, or without its update computed; a method whose merge changes a bias.
+  how.combination = "linear";
+  CATCH_CHECK_THROWS_WITH(weighted_merge(how), Catch::Contains(test::fixture("loha") + " is a LOHA adapter: combination linear combines LoRA factors"));
+  how.combination = "svd";
+  how.svd_rank.reset();
+  CATCH_CHECK_THROWS_WITH(weighted_merge(how), Catch::Contains("give the svd rank (--svd-rank)"));
+  how.svd_rank = 8;
+  how.deltas.erase(test::fixture("lokr"));
+  CATCH_CHECK_THROWS_WITH(weighted_merge(how), Catch::Contains("'LOKR' adapter's update is no pair of LoRA factors"));
+  CATCH_CHECK_THROWS_WITH(linear_weight_deltas(test::fixture("ia3_default"), *model, test::registry()),
+                          Catch::Contains("changes 'encoder.layer.0.attention.self.key.bias', which is no linear layer's weight"));
 }
