@@ -2,6 +2,7 @@
 // adapter, all random), the same inputs; unmerged, merged and unmerged again; our files in
 // peft's keys and shapes; a config peft's importer maps back to us.
 #include "support.h"
+#include "plugins/gradient_parity.h"
 #include "plugins/trained_loads_in_peft.h"
 
 #include "runtime/peft_import.h"
@@ -19,6 +20,7 @@ CATCH_TEST_CASE("LoHa equals peft, unmerged and merged, its files in peft's layo
   CATCH_CHECK(mc.checked.integer("r") == 4);
   auto loha = test::attach_peft_adapter(dir, *model);  // peft's factors, our state in its keys and shapes
   test::check_merge_parity(*loha, *model, ref, "loha");
+  test::check_gradient_parity(*loha, *model, ref, "loha");  // and every trained tensor's gradient
   const auto cfg = nlohmann::json::parse(loha->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
   CATCH_CHECK(cfg["peft_type"] == "LOHA");
   CATCH_CHECK(cfg["r"] == 4);

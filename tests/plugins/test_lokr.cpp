@@ -3,6 +3,7 @@
 // a low-rank pair; both factors pairs under decompose_both with a factor; both full, KronA);
 // our own files loaded by peft, which computes what we compute; bad settings refused by key.
 #include "support.h"
+#include "plugins/gradient_parity.h"
 
 #include "formats/safetensors.h"
 #include "runtime/peft_import.h"
@@ -30,6 +31,7 @@ void check_peft_variant(const std::string& variant, const std::set<std::string>&
   auto lokr = test::attach_peft_adapter(dir, *model);  // peft's factors, our state in its keys and shapes
   CATCH_CHECK(suffixes(lokr->call("state", [](Method& m) { return m.state(); })) == parts);
   test::check_merge_parity(*lokr, *model, ref, variant);
+  test::check_gradient_parity(*lokr, *model, ref, variant);  // and every trained tensor's gradient
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // saved with its adapter; with peft's vectors, peft's outputs unmerged and merged; an adapter
 // whose matrices another key drew is refused.
 #include "support.h"
+#include "plugins/gradient_parity.h"
 #include "plugins/trained_loads_in_peft.h"
 
 #include "runtime/peft_import.h"
@@ -27,6 +28,7 @@ CATCH_TEST_CASE("VeRA draws peft's shared matrices from its key and equals peft,
     CATCH_CHECK(at::equal(ours.at(k).to(at::kCPU), theirs.at(k).to(at::kCPU)));
   }
   test::check_merge_parity(*vera, *model, ref, "vera");
+  test::check_gradient_parity(*vera, *model, ref, "vera");  // and every trained tensor's gradient
   // Another key's matrices: refused, the key named.
   auto other = theirs;
   other["base_model.vera_A"] = other["base_model.vera_A"] * 1.5;
