@@ -189,6 +189,10 @@ CATCH_TEST_CASE("DoRA with dropout is peft's form: the base product of the dropp
   }
 }
 
+CATCH_TEST_CASE("a DoRA adapter Tessera trained loads in PeftModel.from_pretrained with equal outputs", "[plugins][lora][minilm][parity]") {
+  test::check_trained_loads_in_peft("lora", {"attn.q", "attn.v", "mlp.up"}, {{"r", std::int64_t{4}}, {"lora_alpha", 12.0}, {"use_dora", true}}, 1e-2);
+}
+
 CATCH_TEST_CASE("a PiSSA or OLoRA adapter Tessera trained loads in PeftModel.from_pretrained, converted, with equal outputs", "[plugins][lora][minilm][parity]") {
   for (const std::string init : {"pissa", "olora"}) {
     CATCH_INFO("init " << init);  // the folder holds peft's conversion: a plain LoRA of twice the rank on the untouched base
