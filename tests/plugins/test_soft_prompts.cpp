@@ -180,6 +180,39 @@ CATCH_TEST_CASE("a prompt and a prefix compose with LoRA through the site order:
   }
 }
 
+CATCH_TEST_CASE("a prompt composes with a bottleneck adapter: AdapterHub's adapter under peft's prompt, both ours given", "[plugins][prompts][bottleneck][parity]") {
+  auto& enc = test::cached_tensors(test::fixture("reference.safetensors"));
+  auto model = test::load_minilm();
+  // A Pfeiffer adapter (after the FFN) and a prompt of 5 vectors, both away from their inits.
+  auto adapter = test::registry().create("bottleneck", "adapter");
+  adapter->attach(*model, {}, apply_schema(test::registry().find("bottleneck")->params, {{"config", std::string("seq_bn")}}));
+  auto prompt = test::registry().create("prompt_tuning", "prompt");
+  prompt->attach(*model, {}, apply_schema(test::registry().find("prompt_tuning")->params, {{"num_virtual_tokens", std::int64_t{5}}}));
+  at::manual_seed(5);
+  for (auto* inst : {adapter.get(), prompt.get()}) {
+    NamedTensors moved;
+    for (const auto& [k, t] : inst->call("state", [](Method& m) { return m.state(); })) moved[k] = at::randn_like(t) * 0.2;
+    inst->call("load_state", [&](Method& m) { m.load_state(moved); });
+  }
+  // AdapterHub loads the adapter's folder; the prompt goes before the text as peft puts it.
+  const auto dir = test::temp_dir("prompt-bottleneck");
+  save_safetensors((dir / "adapter.safetensors").string(), adapter->call("state", [](Method& m) { return m.state(); }), {{"format", "pt"}});
+  std::ofstream(dir / "adapter_config.json") << adapter->call("cfg", [](Method& m) { return m.adapter_config_json(); });
+  save_safetensors((dir / "prompt.safetensors").string(), prompt->call("state", [](Method& m) { return m.state(); }));
+  const auto out = (dir / "out.safetensors").string();
+  const std::string cmd = std::string(TESSERA_ADAPTERS_PYTHON) + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/adapters_forward.py " + dir.string() + " minilm " +
+                          test::fixture("reference.safetensors") + " " + out + " " + (dir / "prompt.safetensors").string() + " > " + (dir / "log").string() + " 2>&1";
+  CATCH_REQUIRE(std::system(cmd.c_str()) == 0);
+  auto theirs = test::read_tensors(out);
+  at::NoGradGuard no_grad;
+  Encoded e = model->forward(enc["input_ids"], enc["attention_mask"]);
+  CATCH_CHECK(e.hidden.size(1) == enc["input_ids"].size(1) + 5);
+  TESSERA_CHECK_PARITY(test::parity(e.hidden, theirs, "out", e.mask));
+  // Each method is seen: without the adapter the output moves.
+  adapter->detach(*model);
+  CATCH_CHECK(test::max_abs_diff_tokens(model->forward(enc["input_ids"], enc["attention_mask"]).hidden, theirs["out"], e.mask) > 1e-3);
+}
+
 CATCH_TEST_CASE("soft prompts we save load in PeftModel.from_pretrained with equal outputs", "[plugins][prompts][parity]") {
   auto& enc = test::cached_tensors(test::fixture("reference.safetensors"));
   auto& dec = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
