@@ -1,0 +1,29 @@
+// A LLaMA-family GGUF file (llama.cpp's tensor names and metadata) read as the Hugging Face
+// checkpoint it was converted from: the config.json fields from the `llama.*` and
+// `tokenizer.ggml.*` metadata, and each tensor under its Hugging Face name — q and k
+// un-permuted, since llama.cpp's converter reorders their rows per head for its rotary
+// kernel (rows (h, 2, d/2) of each head become (h, d/2, 2); this is the inverse).
+//
+//   token_embd ↔ model.embed_tokens      blk.N.attn_q/k/v/output ↔ model.layers.N.self_attn.{q,k,v,o}_proj
+//   output_norm ↔ model.norm             blk.N.ffn_gate/up/down ↔ model.layers.N.mlp.{gate,up,down}_proj
+//   output ↔ lm_head (absent: tied)      blk.N.attn_norm / ffn_norm ↔ model.layers.N.input_layernorm / post_attention_layernorm
+#pragma once
+
+#include "formats/gguf.h"
+
+#include <optional>
+#include <string>
+
+namespace tessera {
+
+// config.json's fields for a LlamaForCausalLM; throws GgufError naming a missing key or an
+// architecture other than llama.
+nlohmann::json llama_config_from_gguf(const GgufFile& file);
+
+// The Hugging Face name of a llama.cpp tensor name, or nullopt for a name outside the map.
+std::optional<std::string> hf_name_from_gguf(const std::string& gguf_name);
+
+// The tensor `gguf_name` as float32 in the Hugging Face layout (q and k un-permuted).
+at::Tensor hf_tensor_from_gguf(const GgufFile& file, const std::string& gguf_name);
+
+}  // namespace tessera

@@ -1,0 +1,97 @@
+// The GGUF reader against the `gguf` package, llama.cpp's own Python reference for the
+// format (tests/fixtures/make_gguf.py): metadata of every value type, and every tensor type
+// read here dequantized bit for bit as the package dequantizes it; spoiled files refused
+// naming the tensor.
+#include "support.h"
+
+#include "formats/gguf.h"
+#include "formats/gguf_llama.h"
+#include "formats/safetensors.h"
+
+#include <fstream>
+
+using namespace tessera;
+
+namespace {
+std::string gguf(const std::string& name) { return test::fixture("gguf/" + name); }
+}  // namespace
+
+CATCH_TEST_CASE("a GGUF file's metadata and tensors read as the gguf package reads them, F32 to Q8_0 bit for bit", "[formats][gguf]") {
+  auto f = GgufFile::open(gguf("tensors.gguf"));
+  CATCH_CHECK(f->version() == 3);
+  const auto meta = nlohmann::json::parse(std::ifstream(gguf("metadata.json")));
+  for (auto it = meta.begin(); it != meta.end(); ++it) {
+    CATCH_INFO(it.key());
+    CATCH_REQUIRE(f->metadata().contains(it.key()));
+    if (it.value().is_array() && it.value()[0].is_number_float()) {
+      for (std::size_t i = 0; i < it.value().size(); ++i) CATCH_CHECK(f->metadata()[it.key()][i].get<double>() == it.value()[i].get<double>());
+    } else {
+      CATCH_CHECK(f->metadata()[it.key()] == it.value());
+    }
+  }
+  CATCH_CHECK(f->metadata()["general.architecture"] == "llama");
+  const auto expected = test::read_tensors(gguf("expected.safetensors"));
+  CATCH_CHECK(f->tensors().size() == expected.size());
+  std::set<std::string> types;
+  for (const auto& t : f->tensors()) {
+    CATCH_INFO(t.name);
+    types.insert(GgufFile::type_name(t.type));
+    const at::Tensor x = f->dequantize(t.name);
+    CATCH_CHECK(x.sizes() == expected.at(t.name).sizes());
+    CATCH_CHECK(x.scalar_type() == at::kFloat);
+    CATCH_CHECK(at::equal(x, expected.at(t.name)));
+  }
+  CATCH_CHECK(types == std::set<std::string>{"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"});
+  CATCH_CHECK_THROWS_WITH(f->dequantize("missing"), Catch::Contains("tensor 'missing': is not in the file"));
+}
+
+CATCH_TEST_CASE("a spoiled GGUF file is refused naming the tensor: cut short, an unknown type, an offset past the end", "[formats][gguf]") {
+  CATCH_CHECK_THROWS_WITH(GgufFile::open(gguf("truncated.gguf")), Catch::Contains("tensor 'stack.q8_0': its 408 bytes") && Catch::Contains("truncated or corrupt"));
+  CATCH_CHECK_THROWS_WITH(GgufFile::open(gguf("unknown_type.gguf")), Catch::Contains("tensor 'blocks.q4_1': has ggml type 250, which is not one read here"));
+  CATCH_CHECK_THROWS_WITH(GgufFile::open(gguf("bad_offset.gguf")), Catch::Contains("tensor 'blocks.q8_0'") && Catch::Contains("leave the file"));
+  CATCH_CHECK_THROWS_WITH(GgufFile::open(gguf("expected.safetensors")), Catch::Contains("not a GGUF file"));
+  CATCH_CHECK_THROWS_WITH(GgufFile::open(gguf("absent.gguf")), Catch::Contains("cannot open"));
+  // A header cut inside the metadata: the key being read is what runs past the end.
+  const auto cut = test::temp_dir("gguf-cut") / "cut.gguf";
+  {
+    std::ifstream in(gguf("tensors.gguf"), std::ios::binary);
+    std::string bytes(std::istreambuf_iterator<char>(in), {});
+    std::ofstream(cut, std::ios::binary) << bytes.substr(0, 60);
+  }
+  CATCH_CHECK_THROWS_WITH(GgufFile::open(cut.string()), Catch::Contains("runs past the end of the file (60 bytes)"));
+}
+
+CATCH_TEST_CASE("the real SmolLM2 GGUF (Q4_1, Q8_0, F32) reads as the Hugging Face checkpoint transformers converts it to", "[formats][gguf][real]") {
+  const char* path = std::getenv("TESSERA_DECODER_GGUF");
+  CATCH_REQUIRE(path != nullptr);  // scripts/bootstrap keeps the file and says where in env.sh
+  auto f = GgufFile::open(path);
+  // config.json's fields from the metadata: those transformers' conversion wrote.
+  const auto theirs = nlohmann::json::parse(std::ifstream(test::decoder_dir() + "/config.json"));
+  const auto ours = llama_config_from_gguf(*f);
+  for (const char* k : {"model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                        "max_position_embeddings", "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"}) {
+    CATCH_INFO(k);
+    CATCH_CHECK(ours.at(k) == theirs.at(k));
+  }
+  CATCH_CHECK(ours["rms_norm_eps"].get<float>() == theirs["rms_norm_eps"].get<float>());
+  CATCH_CHECK(ours["rope_theta"].get<double>() == theirs["rope_parameters"]["rope_theta"].get<double>());
+  // Every tensor under its Hugging Face name, q and k un-permuted: bit for bit the converted
+  // directory's (transformers dequantizes through the gguf package, then reorders q and k).
+  auto hf = SafetensorsFile::open(test::decoder_dir() + "/model.safetensors");
+  std::size_t compared = 0;
+  std::set<std::string> types;
+  for (const auto& t : f->tensors()) {
+    const auto name = hf_name_from_gguf(t.name);
+    CATCH_INFO(t.name);
+    CATCH_REQUIRE(name.has_value());
+    // Every layer's q and k (the permuted ones), layer 0 and the last whole, the rest's first rows.
+    const bool whole = t.name.find("attn_q") != std::string::npos || t.name.find("attn_k") != std::string::npos || t.name.rfind("blk.0.", 0) == 0 ||
+                       t.name.rfind("blk.29.", 0) == 0 || t.name.rfind("blk.", 0) != 0;
+    if (!whole && t.name.find("ffn_up") == std::string::npos) continue;
+    types.insert(GgufFile::type_name(t.type));
+    CATCH_CHECK(at::equal(hf_tensor_from_gguf(*f, t.name), hf->tensor(*name)));
+    ++compared;
+  }
+  CATCH_CHECK(compared > 90);
+  CATCH_CHECK(types == std::set<std::string>{"F32", "Q4_1", "Q8_0"});
+}
