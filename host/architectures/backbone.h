@@ -54,7 +54,8 @@ class Backbone {
 
 // Reads dir/config.json's model_type: bert or roberta (an encoder), t5 (an
 // encoder-decoder), anything else a decoder (which refuses, naming it, a type it does not
-// know). Weights converted to `options`.
+// know). Weights converted to `options`. `dir` may also name a LLaMA GGUF file (….gguf):
+// its metadata is the config and its tensors are dequantized as they are taken.
 // (How its weights are stored is the next stage, before methods attach: MethodStack.)
 std::unique_ptr<Backbone> load_backbone(const std::string& dir, c10::TensorOptions options);
 

@@ -2,6 +2,7 @@
 
 #include "architectures/attention.h"
 #include "formats/checkpoint.h"
+#include "formats/gguf_llama.h"
 #include "formats/json_file.h"
 #include "architectures/functional.h"
 
@@ -55,8 +56,14 @@ Tensor rotate_half(const Tensor& x) {  // (…, hd): [x1, x2] -> [-x2, x1]
 
 }  // namespace
 
-DecoderConfig DecoderConfig::from_json_file(const std::string& path) {
-  const nlohmann::json j = read_json_file(path);
+DecoderConfig DecoderConfig::from_json_file(const std::string& path) { return from_json(read_json_file(path), path); }
+
+DecoderConfig DecoderConfig::of(const std::string& dir_or_gguf) {
+  if (is_gguf_file(dir_or_gguf)) return from_json(llama_config_from_gguf(*GgufFile::open(dir_or_gguf)), dir_or_gguf);
+  return from_json_file((std::filesystem::path(dir_or_gguf) / "config.json").string());
+}
+
+DecoderConfig DecoderConfig::from_json(const nlohmann::json& j, const std::string& path) {
   const JsonFields f(j, path);
   DecoderConfig c;
   c.model_type = f.string_or("model_type", "");
@@ -167,7 +174,7 @@ Tensor rope_inverse_frequencies(const DecoderConfig& c) {
 std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::TensorOptions options) {
   namespace fs = std::filesystem;
   std::unique_ptr<DecoderModel> m(new DecoderModel());
-  m->config_ = DecoderConfig::from_json_file((fs::path(dir) / "config.json").string());
+  m->config_ = DecoderConfig::of(dir);
   const auto& c = m->config_;
   Checkpoint file = Checkpoint::open(dir);
   // *ForCausalLM checkpoints nest the body under transformer. (GPT-2) or model. (LLaMA).
@@ -182,7 +189,7 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
     Tensor t = file.take(P + hf, shape, options);
     return m->held_by(P + hf, m->param(canonical, P + hf, conv1d && t.defined() ? t.t() : t), conv1d);
   };
-  file.check_layer_count((fs::path(dir) / "config.json").string(), c.gpt2 ? "n_layer" : "num_hidden_layers", c.num_layers, P + (c.gpt2 ? "h." : "layers."));
+  file.check_layer_count(is_gguf_file(dir) ? dir : (fs::path(dir) / "config.json").string(), c.gpt2 ? "n_layer" : "num_hidden_layers", c.num_layers, P + (c.gpt2 ? "h." : "layers."));
   const std::string word = c.gpt2 ? "wte" : "embed_tokens";
   m->word_ = tensor("embed.word.weight", word + ".weight", {V, H});
   if (c.gpt2) m->position_ = tensor("embed.position.weight", "wpe.weight", {c.max_positions, H});

@@ -23,6 +23,8 @@
 
 #include "architectures/site_model.h"
 
+#include <nlohmann/json_fwd.hpp>
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -54,6 +56,10 @@ struct DecoderConfig {
   std::int64_t bos_token_id = -1, pad_token_id = -1;
   std::vector<std::int64_t> eos_token_ids;
   static DecoderConfig from_json_file(const std::string& path);
+  // `where` names the source in errors (config.json's path, or a GGUF file's).
+  static DecoderConfig from_json(const nlohmann::json& j, const std::string& where);
+  // A model directory's config.json, or a LLaMA GGUF file's metadata (formats/gguf_llama.h).
+  static DecoderConfig of(const std::string& dir_or_gguf);
 };
 
 // Keys and values of earlier tokens, per layer, so that generation feeds one token at a

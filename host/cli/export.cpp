@@ -7,6 +7,7 @@
 #include "cli/commands.h"
 
 #include "formats/checkpoint.h"
+#include "formats/gguf_llama.h"
 #include "formats/json_file.h"
 #include "formats/safetensors.h"
 #include "train/run_dir.h"
@@ -95,11 +96,16 @@ Weights merged_weights(const SiteModel& model, const std::string& base_dir, std:
   return w;
 }
 
-// config.json and the tokenizer's files, as the base has them; config.json's torch_dtype
-// follows --dtype.
-void copy_model_files(const std::string& base_dir, const std::string& out, const std::string& dtype) {
-  for (const char* f : kModelFiles)
-    if (fs::exists(fs::path(base_dir) / f)) fs::copy_file(fs::path(base_dir) / f, fs::path(out) / f);
+// config.json (a GGUF base's from its metadata) and the tokenizer's files (from [model]
+// tokenizer when given), as the base has them; config.json's torch_dtype follows --dtype.
+void copy_model_files(const ModelConfig& m, const std::string& out, const std::string& dtype) {
+  const bool gguf = is_gguf_file(m.path);
+  for (const char* f : kModelFiles) {
+    const bool config = std::string(f) == "config.json" || std::string(f) == "generation_config.json";
+    const fs::path from = fs::path(config ? m.path : m.tokenizer_dir()) / f;
+    if (!(config && gguf) && fs::exists(from)) fs::copy_file(from, fs::path(out) / f);
+  }
+  if (gguf) write_file_atomic((fs::path(out) / "config.json").string(), llama_config_from_gguf(*GgufFile::open(m.path)).dump(2) + "\n");
   if (dtype.empty()) return;
   const std::string config = (fs::path(out) / "config.json").string();
   nlohmann::json j = read_json_file(config);
@@ -127,7 +133,7 @@ int run_export(const Args& a, const PluginRegistry& registry) {
   const Weights w = merged_weights(session.model(), config.model.path, dtype_of(a.dtype));
   replace_folder(out.string(), [&](const std::string& partial) {
     save_safetensors((fs::path(partial) / "model.safetensors").string(), w.tensors, {{"format", "pt"}});
-    copy_model_files(config.model.path, partial, a.dtype);
+    copy_model_files(config.model, partial, a.dtype);
   });
   const bool quantized = config.model.quantize != "none";
   if (quantized)

@@ -5,6 +5,7 @@
 #include "cli/commands.h"
 
 #include "architectures/backbone.h"
+#include "formats/checkpoint.h"
 #include "runtime/method_stack.h"
 #include "runtime/adapterhub_import.h"
 #include "runtime/peft_import.h"
@@ -23,7 +24,7 @@ namespace fs = std::filesystem;
 namespace {
 
 struct Args {
-  std::string model, run, peft, adapterhub, prompt;
+  std::string model, tokenizer, run, peft, adapterhub, prompt;
   GenerateOptions gen;
   std::int64_t threads = -1;
   bool merge = false;
@@ -38,7 +39,7 @@ struct Plan {
 };
 
 Plan plan(const Args& a, const PluginRegistry& registry) {
-  Plan p{ModelConfig{a.model, "f32", "cpu"}, {}, {}};
+  Plan p{ModelConfig{a.model, "f32", "cpu", a.tokenizer}, {}, {}};
   if (!a.run.empty()) {
     const Config rc = load_run_config(a.run, registry);
     p.model = rc.model;
@@ -54,6 +55,8 @@ Plan plan(const Args& a, const PluginRegistry& registry) {
     p.state_dirs.push_back(a.adapterhub);
   }
   if (p.model.path.empty()) throw std::runtime_error("generate needs --model or --run");
+  if (is_gguf_file(p.model.path) && p.model.tokenizer.empty())
+    throw std::runtime_error(p.model.path + " is a GGUF file, whose own tokenizer is not read: give --tokenizer, a directory with the model's tokenizer.json");
   return p;
 }
 
@@ -63,7 +66,7 @@ int run_generate(const Args& a, const PluginRegistry& registry) {
   auto backbone = load_backbone(p.model.path, options_for(p.model));
   if (backbone->kind() == BackboneKind::Encoder)
     throw std::runtime_error("generate needs a decoder or an encoder-decoder: " + p.model.path + " (" + backbone->sites().info().architecture + ") is an encoder");
-  auto tokenizer = load_tokenizer(p.model.path);
+  auto tokenizer = load_tokenizer(p.model.tokenizer_dir());
   TokenizerExtension tokenizer_ext(*tokenizer);  // a prompt initialised from text attaches here too
   backbone->sites().set_extension(TESSERA_EXT_HOST_TOKENIZER, tokenizer_ext.table());
   MethodStack methods(registry, p.methods, backbone->sites(), p.model);
@@ -97,7 +100,8 @@ Command generate_command() {
   return {"generate", "continue a prompt (decoder) or answer a source (T5): greedy, or sampled with --sample",
           [a](CLI::App& c) {
             c.add_option("prompt", a->prompt, "text to continue")->required();
-            c.add_option("--model", a->model, "Hugging Face model directory")->check(CLI::ExistingDirectory);
+            c.add_option("--model", a->model, "Hugging Face model directory, or a LLaMA GGUF file")->check(CLI::ExistingPath);
+            c.add_option("--tokenizer", a->tokenizer, "directory of the tokenizer (default: the model's; a GGUF model needs it)")->check(CLI::ExistingDirectory);
             c.add_option("--run", a->run, "run directory of a causal-lm or seq2seq `tessera train`: its model and adapter")->check(CLI::ExistingDirectory);
             c.add_option("--peft", a->peft, "Hugging Face PEFT adapter directory to apply")->check(CLI::ExistingDirectory);
             c.add_option("--adapterhub", a->adapterhub, "AdapterHub (adapters) bottleneck adapter directory to apply")->check(CLI::ExistingDirectory);

@@ -1,5 +1,6 @@
 #include "formats/checkpoint.h"
 
+#include "formats/gguf_llama.h"
 #include "formats/json_file.h"
 
 #include <ATen/ATen.h>
@@ -9,14 +10,23 @@
 
 namespace tessera {
 
+bool is_gguf_file(const std::string& path) {
+  return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0 && std::filesystem::is_regular_file(path);
+}
+
 Checkpoint Checkpoint::open(const std::string& dir) {
   namespace fs = std::filesystem;
   Checkpoint c;
   c.dir_ = dir;
+  if (is_gguf_file(dir)) {  // every tensor under its Hugging Face name; one outside the map stays under its own (unexpected)
+    c.gguf_ = GgufFile::open(dir);
+    for (const auto& t : c.gguf_->tensors()) c.where_[hf_name_from_gguf(t.name).value_or(t.name)] = {nullptr, t.name};
+    return c;
+  }
   const fs::path single = fs::path(dir) / "model.safetensors", index = fs::path(dir) / "model.safetensors.index.json";
   if (fs::exists(single)) {
     auto f = SafetensorsFile::open(single.string());
-    for (const auto& n : f->names()) c.where_[n] = f;
+    for (const auto& n : f->names()) c.where_[n] = {f, {}};
   } else if (fs::exists(index)) {
     const nlohmann::json j = read_json_file(index.string());
     if (!j.contains("weight_map") || !j["weight_map"].is_object())
@@ -27,7 +37,7 @@ Checkpoint Checkpoint::open(const std::string& dir) {
       auto& f = shards[shard.get<std::string>()];
       if (!f) f = SafetensorsFile::open((fs::path(dir) / shard.get<std::string>()).string());
       if (!f->contains(name)) throw SafetensorsError(f->path(), name, "is listed in model.safetensors.index.json but not in its shard");
-      c.where_[name] = f;
+      c.where_[name] = {f, {}};
     }
   } else {
     throw std::runtime_error(dir + ": no model.safetensors or model.safetensors.index.json (a pytorch_model.bin must be converted to safetensors first)");
@@ -41,10 +51,14 @@ std::vector<std::string> Checkpoint::names() const {
   return out;
 }
 
+at::Tensor Checkpoint::read(const std::string& name, const Source& s) const { return s.file ? s.file->tensor(name) : hf_tensor_from_gguf(*gguf_, s.gguf_name); }
+
+const std::string& Checkpoint::path_of(const Source& s) const { return s.file ? s.file->path() : dir_; }
+
 at::Tensor Checkpoint::stored(const std::string& name) const {
   const auto it = where_.find(name);
   if (it == where_.end()) throw SafetensorsError(dir_, name, "is not in the checkpoint");
-  return it->second->tensor(name);
+  return read(name, it->second);
 }
 
 std::optional<std::string> Checkpoint::first_present(const std::vector<std::string>& names) const {
@@ -61,9 +75,9 @@ at::Tensor Checkpoint::take(const std::string& name, const std::vector<int64_t>&
     missing_.push_back(name);
     return at::zeros({}, options).expand(shape);
   }
-  at::Tensor t = it->second->tensor(name);
+  at::Tensor t = read(name, it->second);
   if (t.sizes().vec() != shape)
-    throw SafetensorsError(it->second->path(), name, "has shape " + c10::str(t.sizes()) + ", the config needs " + c10::str(at::IntArrayRef(shape)));
+    throw SafetensorsError(path_of(it->second), name, "has shape " + c10::str(t.sizes()) + ", the config needs " + c10::str(at::IntArrayRef(shape)));
   taken_.insert(name);
   // Same dtype and device: a zero-copy view of the (private) mapping; otherwise converted.
   return t.to(options).detach().set_requires_grad(false);

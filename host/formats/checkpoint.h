@@ -1,5 +1,7 @@
 // The weights of a Hugging Face model directory: `model.safetensors`, or the shards named
-// by `model.safetensors.index.json`, all memory-mapped. Tensors are converted from their
+// by `model.safetensors.index.json`, all memory-mapped — or of a LLaMA GGUF file, its
+// tensors under their Hugging Face names, dequantized to float32 as they are taken
+// (formats/gguf_llama.h). Tensors are converted from their
 // stored dtype (f32, f16, bf16) to the compute options on the way out; an architecture
 // asks for every tensor it needs by name and shape, and what it never asked for is
 // reported as unexpected.
@@ -18,9 +20,14 @@
 
 namespace tessera {
 
+class GgufFile;
+
+// A path that names a GGUF file (….gguf, a regular file) rather than a model directory.
+bool is_gguf_file(const std::string& path);
+
 class Checkpoint {
  public:
-  // Refuses a directory without weights, naming what it looked for.
+  // Refuses a directory without weights, naming what it looked for. `dir` may name a GGUF file.
   static Checkpoint open(const std::string& dir);
 
   const std::string& dir() const { return dir_; }
@@ -44,8 +51,16 @@ class Checkpoint {
   std::vector<std::string> finish() const;
 
  private:
+  // Where a tensor is: a safetensors shard, or (file null) the GGUF file under its own name.
+  struct Source {
+    std::shared_ptr<SafetensorsFile> file;
+    std::string gguf_name;
+  };
+  at::Tensor read(const std::string& name, const Source& s) const;
+  const std::string& path_of(const Source& s) const;
   std::string dir_;
-  std::map<std::string, std::shared_ptr<SafetensorsFile>> where_;  // tensor name -> its shard
+  std::shared_ptr<GgufFile> gguf_;
+  std::map<std::string, Source> where_;  // tensor name -> where it is
   std::set<std::string> taken_;
   std::vector<std::string> missing_;
 };

@@ -205,6 +205,7 @@ const toml::table* section_table(const std::string& path, const toml::table& roo
 void read_model(const std::string& path, const toml::table* t, ModelConfig& m) {
   Section s(path, "model", t);
   s.path("path", m.path);
+  s.path("tokenizer", m.tokenizer);
   s.choice("dtype", m.dtype, {"f32", "bf16"});
   s.get("device", m.device);
   s.choice("quantize", m.quantize, {"none", "nf4"});
@@ -217,6 +218,9 @@ void read_model(const std::string& path, const toml::table* t, ModelConfig& m) {
     s.fail(*t->get("device"), "'device' must be \"cpu\", \"cuda\" or \"cuda:N\", not \"" + d + "\"");
   if (m.double_quant && m.quantize == "none") s.fail(*t->get("double_quant"), "'double_quant' quantizes the scales of a quantized base: set quantize = \"nf4\" too");
   if (m.path.empty()) throw ConfigError({path, 1, 1}, "[model] needs 'path'");
+  const bool gguf = m.path.size() > 5 && m.path.compare(m.path.size() - 5, 5, ".gguf") == 0;
+  if (gguf && m.tokenizer.empty())
+    s.fail(*t->get("path"), "'path' is a GGUF file, whose own tokenizer is not read: give 'tokenizer', a directory with the model's tokenizer.json");
 }
 
 void read_data(const std::string& path, const toml::table* t, DataConfig& d) {
@@ -346,6 +350,7 @@ std::string resolved_toml(const Config& c) {
   toml::table root;
   root.insert("model", toml::table{{"path", c.model.path}, {"dtype", c.model.dtype}, {"device", c.model.device},
                                    {"quantize", c.model.quantize}, {"double_quant", c.model.double_quant}});
+  if (!c.model.tokenizer.empty()) root["model"].as_table()->insert("tokenizer", c.model.tokenizer);
   root.insert("data", toml::table{{"path", c.data.path}, {"format", c.data.format}, {"text_column", c.data.text_column},
                                   {"label_column", c.data.label_column}, {"prompt_column", c.data.prompt_column}, {"target_column", c.data.target_column},
                                   {"test_fraction", c.data.test_fraction},

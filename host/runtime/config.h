@@ -49,6 +49,10 @@ struct MethodConfig {
 
 struct ModelConfig {
   std::string path, dtype = "f32", device = "cpu";
+  // The directory the tokenizer is read from; empty: `path`. A GGUF `path` needs it (its own
+  // tokenizer.ggml.* metadata is not read).
+  std::string tokenizer;
+  const std::string& tokenizer_dir() const { return tokenizer.empty() ? path : tokenizer; }
   // How the layers' linear weights are kept: "none" (dense), or "nf4" (QLoRA's 4-bit NormalFloat,
   // formats/nf4.h), with the block scales themselves quantized when double_quant is set.
   std::string quantize = "none";

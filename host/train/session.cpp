@@ -19,7 +19,7 @@ c10::TensorOptions options_for(const ModelConfig& m) {
 Session::Session(Config config, const PluginRegistry& registry) : config_(std::move(config)) {
   backbone_ = load_backbone(config_.model.path, options_for(config_.model));
   for (const auto& n : model().ignored_tensors()) spdlog::debug("checkpoint tensor {} is not used by the model", n);
-  tokenizer_ = load_tokenizer(config_.model.path);
+  tokenizer_ = load_tokenizer(config_.model.tokenizer_dir());
   task_ = make_task(config_, *backbone_, *tokenizer_);
   at::manual_seed(static_cast<std::uint64_t>(config_.train.seed));
   offer_extensions();

@@ -4,6 +4,7 @@
 // naming the tensor.
 #include "support.h"
 
+#include "architectures/backbone.h"
 #include "formats/gguf.h"
 #include "formats/gguf_llama.h"
 #include "formats/safetensors.h"
@@ -94,4 +95,21 @@ CATCH_TEST_CASE("the real SmolLM2 GGUF (Q4_1, Q8_0, F32) reads as the Hugging Fa
   }
   CATCH_CHECK(compared > 90);
   CATCH_CHECK(types == std::set<std::string>{"F32", "Q4_1", "Q8_0"});
+}
+
+CATCH_TEST_CASE("SmolLM2 loaded straight from its GGUF file computes the converted directory's logits", "[formats][gguf][real]") {
+  const char* path = std::getenv("TESSERA_DECODER_GGUF");
+  CATCH_REQUIRE(path != nullptr);
+  auto from_gguf = load_backbone(path, test::options());
+  auto from_dir = load_backbone(test::decoder_dir(), test::options());
+  const Tensor ids = at::tensor({1, 504, 3156, 314, 260, 1345, 28, 2, 2}, at::kLong).view({1, -1}).repeat({2, 1}).to(test::device());
+  Tensor mask = at::ones_like(ids);
+  mask[1].narrow(0, 6, 3).zero_();
+  at::NoGradGuard no_grad;
+  const Tensor a = from_gguf->lm_head().forward(from_gguf->lm_states(ids, mask, {}));
+  const Tensor b = from_dir->lm_head().forward(from_dir->lm_states(ids, mask, {}));
+  CATCH_CHECK(at::equal(a, b));  // the same weights, bit for bit, through the same code
+  CATCH_CHECK(from_gguf->sites().linear_sites().size() == from_dir->sites().linear_sites().size());
+  // A GGUF that is no LLaMA is refused, naming the key.
+  CATCH_CHECK_THROWS_WITH(load_backbone(test::fixture("gguf/tensors.gguf"), test::options()), Catch::Contains("llama.embedding_length"));
 }
