@@ -1,5 +1,7 @@
 #include "architectures/weight_storage.h"
 
+#include "formats/checkpoint.h"
+#include "formats/gguf_llama.h"
 #include "formats/nf4.h"
 #include "formats/safetensors.h"
 
@@ -42,8 +44,16 @@ std::vector<View> fused_views(SiteModel& model) {
 
 }  // namespace
 
-std::size_t store_weights(SiteModel& model, const std::string& quantize, bool double_quant, const std::map<std::string, std::string>& requested) {
-  if (quantize != "none" && quantize != "nf4") throw std::invalid_argument("quantize = \"" + quantize + "\": not a storage format (none, nf4)");
+std::size_t store_weights(SiteModel& model, const std::string& quantize, bool double_quant, const std::map<std::string, std::string>& requested,
+                          const std::string& source) {
+  if (quantize != "none" && quantize != "nf4" && quantize != "gguf") throw std::invalid_argument("quantize = \"" + quantize + "\": not a storage format (none, nf4, gguf)");
+  std::shared_ptr<const GgufFile> gguf;  // "gguf": the blocks of the file the model came from, by Hugging Face name
+  std::map<std::string, std::string> gguf_names;
+  if (quantize == "gguf") {
+    if (!is_gguf_file(source)) throw std::invalid_argument("quantize = \"gguf\" keeps a GGUF file's own blocks, and " + source + " is no GGUF file");
+    gguf = GgufFile::open(source);
+    gguf_names = gguf_names_by_hf(*gguf);
+  }
   const std::vector<View> views = fused_views(model);  // before their wholes lose their dense tensors
   std::size_t n = 0, released = 0;
   for (auto* site : model.linear_sites()) {
@@ -53,7 +63,7 @@ std::size_t store_weights(SiteModel& model, const std::string& quantize, bool do
     const bool kept = matches_any(model.keep_dense(), name, site->hf_path());  // T5's wo, as transformers
     const std::string format = asked != requested.end() ? asked->second : in_layers && !kept ? quantize : "none";
     if (format == "none") continue;
-    if (format != "nf4") throw std::invalid_argument("linear site " + name + ": a method asked for storage \"" + format + "\", which is not one (nf4)");
+    if (format != "nf4" && !(format == "gguf" && gguf)) throw std::invalid_argument("linear site " + name + ": a method asked for storage \"" + format + "\", which is not one (nf4)");
     auto& w = ParameterSiteImpl::of(site->weight());
     if (w.hf_name().find('[') != std::string::npos) {  // a view: it follows its whole, below
       if (asked != requested.end())
@@ -62,7 +72,13 @@ std::size_t store_weights(SiteModel& model, const std::string& quantize, bool do
     }
     if (w.stored() != nullptr) continue;
     const Tensor dense = w.dense_base();
-    w.store(nf4_storage(dense, 64, double_quant));
+    if (format == "gguf") {
+      const auto it = gguf_names.find(w.hf_name());
+      if (it == gguf_names.end()) throw std::invalid_argument(source + " has no tensor for linear site " + name + " (" + w.hf_name() + ")");
+      w.store(gguf_storage(gguf, it->second, dense.options()));
+    } else {
+      w.store(nf4_storage(dense, 64, double_quant));
+    }
     released += release_mapped_pages(dense);  // the checkpoint's pages of it: read once, never again
     ++n;
   }
@@ -73,7 +89,8 @@ std::size_t store_weights(SiteModel& model, const std::string& quantize, bool do
       const auto rows = v.view->sizes()[0];
       v.view->store(std::make_unique<RowBlock>(*v.whole, v.start, rows));
     }
-  if (n > 0)
+  if (n > 0 && gguf) spdlog::info("{} linear weights kept as the GGUF file's own blocks", n);
+  else if (n > 0)
     spdlog::info("{} linear weights kept as NF4{}; {} MiB of the checkpoint's mapped pages released", n, double_quant ? " (double quantization)" : "",
                  released >> 20);
   return n;

@@ -83,12 +83,6 @@ nlohmann::json read_value(Cursor& c, std::uint32_t type, const std::string& key,
   }
 }
 
-// The raw bytes of a tensor as (blocks, bytes per block) uint8, viewing the mapping.
-at::Tensor blocks(const void* map, const GgufFile::TensorInfo& t, const Layout& l) {
-  auto* base = static_cast<unsigned char*>(const_cast<void*>(map)) + t.offset;
-  return at::from_blob(base, {static_cast<std::int64_t>(t.bytes) / l.bytes, l.bytes}, at::TensorOptions().dtype(at::kByte));
-}
-
 // Columns [from, from + n) of a (blocks, bytes) tensor read as `dtype` values: (blocks, n / size).
 at::Tensor field(const at::Tensor& b, std::int64_t from, std::int64_t n, at::ScalarType dtype) {
   return b.narrow(1, from, n).contiguous().view(dtype).to(at::kFloat);
@@ -185,20 +179,30 @@ const char* GgufFile::type_name(std::uint32_t type) {
   return l ? l->name : nullptr;
 }
 
-at::Tensor GgufFile::dequantize(const std::string& name) const {
+at::Tensor GgufFile::raw(const std::string& name) const {
   const TensorInfo& t = info(name);
   const Layout& l = *layout_of(t.type);
-  const at::Tensor b = blocks(map_, t, l);  // (blocks, bytes)
+  auto* base = static_cast<unsigned char*>(map_) + t.offset;
+  return at::from_blob(base, {static_cast<std::int64_t>(t.bytes) / l.bytes, l.bytes}, at::TensorOptions().dtype(at::kByte));
+}
+
+at::Tensor GgufFile::dequantize(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  return dequantize_gguf(raw(name), t.type, t.shape);
+}
+
+at::Tensor dequantize_gguf(const at::Tensor& b, std::uint32_t type, at::IntArrayRef shape) {
   at::Tensor x;
-  switch (t.type) {
+  switch (type) {
     case 0: x = b.view(at::kFloat).clone(); break;
     case 1: x = b.view(at::kHalf).to(at::kFloat); break;
     case 30: x = b.view(at::kBFloat16).to(at::kFloat); break;
     case 2: x = (nibbles(b.narrow(1, 2, 16)) - 8) * field(b, 0, 2, at::kHalf); break;
     case 3: x = nibbles(b.narrow(1, 4, 16)) * field(b, 0, 2, at::kHalf) + field(b, 2, 2, at::kHalf); break;
     case 8: x = b.narrow(1, 2, 32).contiguous().view(at::kChar).to(at::kFloat) * field(b, 0, 2, at::kHalf); break;
+    default: throw std::invalid_argument("ggml type " + std::to_string(type) + " is not one read here");
   }
-  return x.reshape(t.shape);
+  return x.reshape(shape);
 }
 
 }  // namespace tessera

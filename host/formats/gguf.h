@@ -57,6 +57,9 @@ class GgufFile {
   bool has(const std::string& name) const { return index_.count(name) != 0; }
   // The tensor as float32, a fresh tensor of info(name).shape.
   at::Tensor dequantize(const std::string& name) const;
+  // Its bytes as (blocks, bytes per block) uint8, a view of the mapping: valid while this
+  // file is (hold the shared_ptr).
+  at::Tensor raw(const std::string& name) const;
   static const char* type_name(std::uint32_t type);  // "Q4_1", or nullptr for a type not read here
 
  private:
@@ -69,5 +72,8 @@ class GgufFile {
   std::vector<TensorInfo> tensors_;
   std::map<std::string, std::size_t> index_;
 };
+
+// raw (blocks, bytes per block) uint8 of ggml type `type` -> float32 of `shape`, on raw's device.
+at::Tensor dequantize_gguf(const at::Tensor& raw, std::uint32_t type, at::IntArrayRef shape);
 
 }  // namespace tessera

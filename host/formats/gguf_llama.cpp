@@ -1,5 +1,7 @@
 #include "formats/gguf_llama.h"
 
+#include <tessera/internal/sites_impl.h>
+
 #include <ATen/ATen.h>
 
 #include <regex>
@@ -61,15 +63,60 @@ std::optional<std::string> hf_name_from_gguf(const std::string& n) {
   return "model.layers." + m[1].str() + "." + it->second + "." + m[3].str();
 }
 
-at::Tensor hf_tensor_from_gguf(const GgufFile& f, const std::string& n) {
-  at::Tensor w = f.dequantize(n);
+namespace {
+
+// q's heads or k's (key/value) heads for a rotary weight, 0 for any other tensor.
+std::int64_t rotary_heads(const GgufFile& f, const std::string& n) {
   static const std::regex rotary(R"(blk\.\d+\.attn_(q|k)\.weight)");
   std::smatch m;
-  if (!std::regex_match(n, m, rotary)) return w;
+  if (!std::regex_match(n, m, rotary)) return 0;
   const std::int64_t heads = m[1].str() == "q" ? need(f, "llama.attention.head_count").get<std::int64_t>()
                                                 : f.metadata().value("llama.attention.head_count_kv", need(f, "llama.attention.head_count")).get<std::int64_t>();
-  if (w.size(0) % (2 * heads) != 0) throw GgufError(f.path(), n, "has " + std::to_string(w.size(0)) + " rows, not a whole number of rotary pairs for " + std::to_string(heads) + " heads");
-  return unpermute(w, heads);
+  const std::int64_t rows = f.info(n).shape[0];
+  if (heads <= 0 || rows % (2 * heads) != 0)
+    throw GgufError(f.path(), n, "has " + std::to_string(rows) + " rows, not a whole number of rotary pairs for " + std::to_string(heads) + " heads");
+  return heads;
+}
+
+class GgufBlocks final : public StoredTensor {
+ public:
+  GgufBlocks(std::shared_ptr<const GgufFile> file, const std::string& name, c10::TensorOptions options)
+      : file_(std::move(file)), info_(file_->info(name)), heads_(rotary_heads(*file_, name)), options_(options) {
+    raw_ = file_->raw(name);
+    if (options.device() != raw_.device()) raw_ = raw_.to(options.device());  // the blocks, once; the mapping stays the CPU's copy
+  }
+  const char* format() const override { return "gguf"; }
+  Tensor dense() const override {
+    const Tensor w = dequantize_gguf(raw_, info_.type, info_.shape);
+    return (heads_ > 0 ? unpermute(w, heads_) : w).to(options_);
+  }
+  std::int64_t stored_bytes() const override { return static_cast<std::int64_t>(info_.bytes); }
+
+ private:
+  std::shared_ptr<const GgufFile> file_;  // keeps the mapping raw_ views
+  GgufFile::TensorInfo info_;
+  std::int64_t heads_;
+  c10::TensorOptions options_;
+  Tensor raw_;  // (blocks, bytes per block) uint8
+};
+
+}  // namespace
+
+at::Tensor hf_tensor_from_gguf(const GgufFile& f, const std::string& n) {
+  const at::Tensor w = f.dequantize(n);
+  const std::int64_t heads = rotary_heads(f, n);
+  return heads > 0 ? unpermute(w, heads) : w;
+}
+
+std::map<std::string, std::string> gguf_names_by_hf(const GgufFile& f) {
+  std::map<std::string, std::string> out;
+  for (const auto& t : f.tensors())
+    if (auto hf = hf_name_from_gguf(t.name)) out[*hf] = t.name;
+  return out;
+}
+
+std::unique_ptr<StoredTensor> gguf_storage(std::shared_ptr<const GgufFile> file, const std::string& gguf_name, c10::TensorOptions options) {
+  return std::make_unique<GgufBlocks>(std::move(file), gguf_name, options.requires_grad(false));
 }
 
 }  // namespace tessera

@@ -11,10 +11,16 @@
 
 #include "formats/gguf.h"
 
+#include <c10/core/TensorOptions.h>
+
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 
 namespace tessera {
+
+class StoredTensor;
 
 // config.json's fields for a LlamaForCausalLM; throws GgufError naming a missing key or an
 // architecture other than llama.
@@ -25,5 +31,13 @@ std::optional<std::string> hf_name_from_gguf(const std::string& gguf_name);
 
 // The tensor `gguf_name` as float32 in the Hugging Face layout (q and k un-permuted).
 at::Tensor hf_tensor_from_gguf(const GgufFile& file, const std::string& gguf_name);
+
+// Hugging Face name -> llama.cpp name, for every tensor of the file the map covers.
+std::map<std::string, std::string> gguf_names_by_hf(const GgufFile& file);
+
+// A parameter site's base kept as the file's own blocks ([model] quantize = "gguf"): Q4_1 stays
+// Q4_1, read from the mapping (copied once to a non-CPU device), and each product
+// dequantizes it (and un-permutes q and k) into `options`, the model's compute dtype and device.
+std::unique_ptr<StoredTensor> gguf_storage(std::shared_ptr<const GgufFile> file, const std::string& gguf_name, c10::TensorOptions options);
 
 }  // namespace tessera

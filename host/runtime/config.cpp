@@ -208,7 +208,7 @@ void read_model(const std::string& path, const toml::table* t, ModelConfig& m) {
   s.path("tokenizer", m.tokenizer);
   s.choice("dtype", m.dtype, {"f32", "bf16"});
   s.get("device", m.device);
-  s.choice("quantize", m.quantize, {"none", "nf4"});
+  s.choice("quantize", m.quantize, {"none", "nf4", "gguf"});
   s.get("double_quant", m.double_quant);
   s.finish();
   // "cpu", "cuda" or "cuda:N"; whether this machine has one is known only when a run starts.
@@ -216,9 +216,10 @@ void read_model(const std::string& path, const toml::table* t, ModelConfig& m) {
   const bool index_ok = d.size() > 5 && d.find_first_not_of("0123456789", 5) == std::string::npos;
   if (d != "cpu" && d != "cuda" && !(d.rfind("cuda:", 0) == 0 && index_ok))
     s.fail(*t->get("device"), "'device' must be \"cpu\", \"cuda\" or \"cuda:N\", not \"" + d + "\"");
-  if (m.double_quant && m.quantize == "none") s.fail(*t->get("double_quant"), "'double_quant' quantizes the scales of a quantized base: set quantize = \"nf4\" too");
+  if (m.double_quant && m.quantize != "nf4") s.fail(*t->get("double_quant"), "'double_quant' quantizes the scales of a quantized base: set quantize = \"nf4\" too");
   if (m.path.empty()) throw ConfigError({path, 1, 1}, "[model] needs 'path'");
   const bool gguf = m.path.size() > 5 && m.path.compare(m.path.size() - 5, 5, ".gguf") == 0;
+  if (m.quantize == "gguf" && !gguf) s.fail(*t->get("quantize"), "quantize = \"gguf\" keeps a GGUF file's own blocks: 'path' must name a .gguf file");
   if (gguf && m.tokenizer.empty())
     s.fail(*t->get("path"), "'path' is a GGUF file, whose own tokenizer is not read: give 'tokenizer', a directory with the model's tokenizer.json");
 }

@@ -54,7 +54,8 @@ struct ModelConfig {
   std::string tokenizer;
   const std::string& tokenizer_dir() const { return tokenizer.empty() ? path : tokenizer; }
   // How the layers' linear weights are kept: "none" (dense), or "nf4" (QLoRA's 4-bit NormalFloat,
-  // formats/nf4.h), with the block scales themselves quantized when double_quant is set.
+  // formats/nf4.h), with the block scales themselves quantized when double_quant is set, or
+  // "gguf" (a GGUF path's own blocks, Q4_1 as Q4_1: formats/gguf_llama.h).
   std::string quantize = "none";
   bool double_quant = false;
 };

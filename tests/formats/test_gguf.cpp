@@ -5,6 +5,7 @@
 #include "support.h"
 
 #include "architectures/backbone.h"
+#include "architectures/weight_storage.h"
 #include "formats/gguf.h"
 #include "formats/gguf_llama.h"
 #include "formats/safetensors.h"
@@ -112,4 +113,28 @@ CATCH_TEST_CASE("SmolLM2 loaded straight from its GGUF file computes the convert
   CATCH_CHECK(from_gguf->sites().linear_sites().size() == from_dir->sites().linear_sites().size());
   // A GGUF that is no LLaMA is refused, naming the key.
   CATCH_CHECK_THROWS_WITH(load_backbone(test::fixture("gguf/tensors.gguf"), test::options()), Catch::Contains("llama.embedding_length"));
+}
+
+CATCH_TEST_CASE("SmolLM2 trained on its GGUF blocks as they are: quantize gguf keeps Q4_1, and the products equal the dequantized model's", "[formats][gguf][real]") {
+  const char* path = std::getenv("TESSERA_DECODER_GGUF");
+  CATCH_REQUIRE(path != nullptr);
+  auto dense = load_backbone(path, test::options());
+  auto blocks = load_backbone(path, test::options());
+  CATCH_CHECK(store_weights(blocks->sites(), "gguf", false, {}, path) == 30 * 7);
+  std::int64_t stored = 0, dense_bytes = 0;
+  for (auto* l : blocks->sites().linear_sites()) {
+    const auto& w = ParameterSiteImpl::of(l->weight());
+    if (w.stored() == nullptr) continue;
+    CATCH_CHECK(std::string(w.stored()->format()) == "gguf");
+    stored += w.stored()->stored_bytes();
+    dense_bytes += w.stored()->dense().numel() * 4;
+  }
+  CATCH_CHECK(stored * 6 < dense_bytes);  // Q4_1: 20 bytes per 32 values against 128
+  const Tensor ids = at::tensor({1, 504, 3156, 314, 260, 1345, 28}, at::kLong).view({1, -1}).to(test::device());
+  const Tensor mask = at::ones_like(ids);
+  at::NoGradGuard no_grad;
+  const Tensor a = blocks->lm_head().forward(blocks->lm_states(ids, mask, {}));
+  const Tensor b = dense->lm_head().forward(dense->lm_states(ids, mask, {}));
+  CATCH_CHECK(test::max_abs_diff(a, b) < 1e-4 * b.abs().max().item<double>());  // the same weights; the products' rounding may differ
+  CATCH_CHECK_THROWS_WITH(store_weights(dense->sites(), "gguf", false, {}, test::decoder_dir()), Catch::Contains("is no GGUF file"));
 }

@@ -118,8 +118,11 @@ path = "/d.csv"
   CATCH_CHECK_THAT(config_error(dq), Catch::Contains("run.toml:3:16") && Catch::Contains("set quantize = \"nf4\" too"));
 }
 
-CATCH_TEST_CASE("[model] path may be a GGUF file, given a tokenizer directory, which the resolved config keeps", "[runtime][config]") {
+CATCH_TEST_CASE("[model] path may be a GGUF file given a tokenizer directory, and quantize gguf asks for one", "[runtime][config]") {
   CATCH_CHECK(config_error("[model]\npath = \"/m/x.gguf\"\n[data]\npath = \"/d.csv\"\n") ==
               "run.toml:2:8: 'path' is a GGUF file, whose own tokenizer is not read: give 'tokenizer', a directory with the model's tokenizer.json");
   CATCH_CHECK(config_error("[model]\npath = \"/m/x.gguf\"\ntokenizer = \"/m\"\n[data]\npath = \"/d.csv\"\n") == "no error");
+  CATCH_CHECK(config_error("[model]\npath = \"/m/x.gguf\"\ntokenizer = \"/m\"\nquantize = \"gguf\"\n[data]\npath = \"/d.csv\"\n") == "no error");
+  CATCH_CHECK(config_error("[model]\npath = \"/m\"\nquantize = \"gguf\"\n[data]\npath = \"/d.csv\"\n") ==
+              "run.toml:3:12: quantize = \"gguf\" keeps a GGUF file's own blocks: 'path' must name a .gguf file");
 }
