@@ -3,7 +3,7 @@
 # (SmolLM2-135M-Instruct as a causal LM of 800 polarity sentences, 1 epoch, batch 8, 200
 # held out) with the method's block from bench/method_toml.sh on all seven projections.
 # Prints the run's line: test perplexity, next-token accuracy, trainable share, wall time.
-#   bash bench/lm_method_quality.sh <lora|lora_fa|dora|adalora|dylora|loha|lokr|vera> [lr]
+#   bash bench/lm_method_quality.sh <lora|lora_fa|dora|pissa|olora|adalora|dylora|loha|lokr|vera> [lr]
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 method=$1 lr=${2:-1e-3}
