@@ -115,7 +115,7 @@ CATCH_TEST_CASE("PiSSA and OLoRA start from peft's A and B, and read and write p
   CATCH_CHECK_THROWS_WITH(lora->call("validate", [&](Method& m) { m.validate(bad); }), Catch::Contains("init_lora_weights must be true, gaussian"));
 }
 
-CATCH_TEST_CASE("PiSSA's fast init is torch.svd_lowrank from the same seed, on square, tall and wide weights", "[plugins][lora][minilm][parity]") {
+CATCH_TEST_CASE("PiSSA's fast init is torch.svd_lowrank from the same seed, on square, tall and wide weights", "[plugins][lora][minilm]") {
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   auto model = test::load_minilm();
   for (const auto& [site, hf] : std::vector<std::pair<std::string, std::string>>{
@@ -190,13 +190,14 @@ CATCH_TEST_CASE("DoRA with dropout is peft's form: the base product of the dropp
 }
 
 CATCH_TEST_CASE("a DoRA adapter Tessera trained loads in PeftModel.from_pretrained with equal outputs", "[plugins][lora][minilm][parity]") {
-  test::check_trained_loads_in_peft("lora", {"attn.q", "attn.v", "mlp.up"}, {{"r", std::int64_t{4}}, {"lora_alpha", 12.0}, {"use_dora", true}}, 1e-2);
+  // A small step: far from the base, the trained model would hide parity_can_fail's perturbation.
+  test::check_trained_loads_in_peft("lora", {"attn.q", "attn.v", "mlp.up"}, {{"r", std::int64_t{4}}, {"lora_alpha", 12.0}, {"use_dora", true}}, 1e-3);
 }
 
 CATCH_TEST_CASE("a PiSSA or OLoRA adapter Tessera trained loads in PeftModel.from_pretrained, converted, with equal outputs", "[plugins][lora][minilm][parity]") {
   for (const std::string init : {"pissa", "olora"}) {
     CATCH_INFO("init " << init);  // the folder holds peft's conversion: a plain LoRA of twice the rank on the untouched base
-    test::check_trained_loads_in_peft("lora", {"attn.q", "attn.v", "mlp.down"}, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}, {"init_lora_weights", init}}, 1e-2);
+    test::check_trained_loads_in_peft("lora", {"attn.q", "attn.v", "mlp.down"}, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}, {"init_lora_weights", init}}, 1e-3);
   }
 }
 

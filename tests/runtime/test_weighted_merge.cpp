@@ -124,7 +124,7 @@ CATCH_TEST_CASE("tessera merge: cat is exactly the weighted sum of the updates, 
   refused(bad, "a 'LOHA' adapter's update is no pair of LoRA factors: its plugin computes it on the base model (give the model, --model)");
 }
 
-CATCH_TEST_CASE("tessera merge combines LoHa, LoKr, VeRA, AdaLoRA and DoRA adapters with a LoRA through their updates, as peft merges each", "[runtime][merge][minilm][parity]") {
+CATCH_TEST_CASE("tessera merge combines LoHa, LoKr, VeRA, AdaLoRA and DoRA adapters with a LoRA through their updates, as peft merges each", "[runtime][merge][minilm]") {
   auto model = test::load_minilm();
   const std::vector<std::pair<std::string, double>> inputs = {
       {test::fixture("loha"), 0.7}, {test::fixture("lokr"), -0.4}, {test::fixture("vera"), 0.5},
