@@ -138,6 +138,8 @@ std::shared_ptr<GgufFile> GgufFile::open(const std::string& path) {
     for (std::uint32_t d = 0; d < dims; ++d) {
       const auto e = c.read<std::uint64_t>(t.name + "'s extents");
       if (e == 0 || e > (1ull << 40)) throw GgufError(path, t.name, "has an extent of " + std::to_string(e));
+      if (count > (std::int64_t{1} << 50) / static_cast<std::int64_t>(e))  // before the product overflows: no file holds 2^50 values
+        throw GgufError(path, t.name, "has more than 2^50 elements: corrupt extents");
       t.shape.insert(t.shape.begin(), static_cast<std::int64_t>(e));
       count *= static_cast<std::int64_t>(e);
     }

@@ -51,6 +51,7 @@ CATCH_TEST_CASE("a spoiled GGUF file is refused naming the tensor: cut short, an
   CATCH_CHECK_THROWS_WITH(GgufFile::open(gguf("truncated.gguf")), Catch::Contains("tensor 'stack.q8_0': its 408 bytes") && Catch::Contains("truncated or corrupt"));
   CATCH_CHECK_THROWS_WITH(GgufFile::open(gguf("unknown_type.gguf")), Catch::Contains("tensor 'blocks.q4_1': has ggml type 250, which is not one read here"));
   CATCH_CHECK_THROWS_WITH(GgufFile::open(gguf("bad_offset.gguf")), Catch::Contains("tensor 'blocks.q8_0'") && Catch::Contains("leave the file"));
+  CATCH_CHECK_THROWS_WITH(GgufFile::open(gguf("huge_extents.gguf")), Catch::Contains("tensor 'stack.q8_0': has more than 2^50 elements"));
   CATCH_CHECK_THROWS_WITH(GgufFile::open(gguf("expected.safetensors")), Catch::Contains("not a GGUF file"));
   CATCH_CHECK_THROWS_WITH(GgufFile::open(gguf("absent.gguf")), Catch::Contains("cannot open"));
   // A header cut inside the metadata: the key being read is what runs past the end.
