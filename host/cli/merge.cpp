@@ -15,7 +15,6 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
-#include <algorithm>
 #include <filesystem>
 #include <memory>
 
@@ -36,11 +35,7 @@ struct Args {
 // A folder whose update is a pair of LoRA factors, which combine from the files alone.
 bool plain_lora(const std::string& dir) {
   const fs::path cfg = fs::path(dir) / "adapter_config.json";
-  if (!fs::exists(cfg)) return true;  // weighted_merge names what is missing
-  const auto c = read_json_file(cfg.string());
-  std::string type = c.value("peft_type", "");
-  std::transform(type.begin(), type.end(), type.begin(), ::toupper);
-  return type == "LORA" && !c.value("use_dora", false);
+  return !fs::exists(cfg) || plain_lora_config(read_json_file(cfg.string()));  // a missing config: weighted_merge names it
 }
 
 int run(const Args& a, const PluginRegistry& registry) {

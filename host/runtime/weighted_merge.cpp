@@ -44,10 +44,8 @@ Lora read_lora(const std::string& dir, const WeightedMerge& how) {
     l.deltas = &it->second;
     return l;
   }
-  std::string type = l.config.value("peft_type", "");
-  std::transform(type.begin(), type.end(), type.begin(), ::toupper);
-  if (type != "LORA" || l.config.value("use_dora", false))
-    throw std::runtime_error(cfg.string() + ": a " + (type == "LORA" ? std::string("DoRA") : "'" + l.config.value("peft_type", "") + "'") +
+  if (!plain_lora_config(l.config))
+    throw std::runtime_error(cfg.string() + ": a " + (l.config.value("use_dora", false) ? std::string("DoRA") : "'" + l.config.value("peft_type", "") + "'") +
                              " adapter's update is no pair of LoRA factors: its plugin computes it on the base model (give the model, --model)");
   for (const char* k : {"rank_pattern", "alpha_pattern"})
     if (l.config.contains(k) && l.config[k].is_object() && !l.config[k].empty())
@@ -307,6 +305,12 @@ std::string merged_config(const std::vector<Lora>& loras, std::int64_t rank) {
 }
 
 }  // namespace
+
+bool plain_lora_config(const nlohmann::json& config) {
+  std::string type = config.value("peft_type", "");
+  std::transform(type.begin(), type.end(), type.begin(), ::toupper);
+  return type == "LORA" && !config.value("use_dora", false);
+}
 
 MergedAdapter weighted_merge(const WeightedMerge& how) {
   at::NoGradGuard no_grad;

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
 #include <map>
@@ -57,5 +58,9 @@ struct MergedAdapter {
 
 // Throws std::runtime_error naming the folder and key or option that is wrong.
 MergedAdapter weighted_merge(const WeightedMerge& how);
+
+// An adapter_config.json whose update is a pair of LoRA factors (peft_type LORA, no DoRA):
+// such folders combine from their files alone; others need WeightedMerge::deltas.
+bool plain_lora_config(const nlohmann::json& config);
 
 }  // namespace tessera
