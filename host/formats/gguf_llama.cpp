@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <regex>
 
 namespace tessera {
@@ -91,8 +92,44 @@ class GgufBlocks final : public StoredTensor {
     return (heads_ > 0 ? unpermute(w, heads_) : w).to(options_);
   }
   std::int64_t stored_bytes() const override { return static_cast<std::int64_t>(info_.bytes); }
+  // Q4_0, Q4_1 and Q8_0 rows (32 values a block) on a CPU in f32: a slab at a time.
+  std::int64_t column_step() const override {
+    const bool blocks = info_.type == 2 || info_.type == 3 || info_.type == 8;
+    return blocks && info_.shape.size() == 2 && options_.device().is_cpu() && c10::typeMetaToScalarType(options_.dtype()) == at::kFloat ? 32 : 0;
+  }
+  std::int64_t rows() const override { return info_.shape.size() == 2 ? info_.shape[0] : 0; }
+  // Row r of the un-permuted weight is the file's row `source(r)`; each value as
+  // dequantize_gguf computes it, product for product.
+  void dequantize_row(std::int64_t r, std::int64_t c0, std::int64_t c1, float* out) const override {
+    const std::int64_t per_row = info_.shape[1] / 32, bytes = raw_.size(1);
+    const auto* row = raw_.data_ptr<std::uint8_t>() + (source(r) * per_row + c0 / 32) * bytes;
+    for (std::int64_t c = c0; c < c1; c += 32, row += bytes, out += 32) {
+      const float d = half(row);
+      if (info_.type == 8) {
+        const auto* q = reinterpret_cast<const std::int8_t*>(row + 2);
+        for (int j = 0; j < 32; ++j) out[j] = static_cast<float>(q[j]) * d;
+      } else if (info_.type == 2) {  // low nibbles are values 0..15, high ones 16..31
+        for (int j = 0; j < 16; ++j) out[j] = static_cast<float>((row[2 + j] & 15) - 8) * d, out[j + 16] = static_cast<float>((row[2 + j] >> 4) - 8) * d;
+      } else {
+        const float m = half(row + 2);
+        for (int j = 0; j < 16; ++j) out[j] = static_cast<float>(row[4 + j] & 15) * d + m, out[j + 16] = static_cast<float>(row[4 + j] >> 4) * d + m;
+      }
+    }
+  }
 
  private:
+  static float half(const std::uint8_t* p) {
+    std::uint16_t bits;
+    std::memcpy(&bits, p, 2);
+    return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+  }
+  // unpermute's row map: the head's two halves of rotary pairs were interleaved in the file.
+  std::int64_t source(std::int64_t r) const {
+    if (heads_ == 0) return r;
+    const std::int64_t d = info_.shape[0] / heads_, head = r / d, half = (r % d) / (d / 2), i = (r % d) % (d / 2);
+    return head * d + 2 * i + half;
+  }
+
   std::shared_ptr<const GgufFile> file_;  // keeps the mapping raw_ views
   GgufFile::TensorInfo info_;
   std::int64_t heads_;

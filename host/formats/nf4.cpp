@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace tessera {
@@ -119,18 +120,62 @@ class Nf4Tensor final : public StoredTensor {
   // host round trip.
   Nf4Tensor(Nf4Parts q, c10::TensorOptions options)
       : q_(std::move(q)), options_(options), levels_(nf4_levels(options.dtype(at::kFloat))),
-        dyn_(q_.double_quant ? dynamic_map_signed(options.dtype(at::kFloat)) : Tensor()) {}
+        dyn_(q_.double_quant ? dynamic_map_signed(options.dtype(at::kFloat)) : Tensor()) {
+    if (blockwise()) tables();
+  }
   const char* format() const override { return "nf4"; }
   Tensor dense() const override { return dequantize_with(q_, options_, levels_, dyn_); }
+  std::int64_t column_step() const override { return blockwise() ? q_.blocksize : 0; }
+  std::int64_t rows() const override { return q_.shape.size() == 2 ? q_.shape[0] : 0; }
+  // The values dense() has there, product for product: NF4[code] · absmax in f32, absmax
+  // itself dyn[code] · nested + offset (two roundings, as torch's ops make them).
+  void dequantize_row(std::int64_t r, std::int64_t c0, std::int64_t c1, float* out) const override {
+    const std::int64_t cols = q_.shape[1], bs = q_.blocksize;
+    const auto* packed = q_.packed.data_ptr<std::uint8_t>();
+    for (std::int64_t c = c0; c < c1; c += bs) {
+      const std::int64_t flat = r * cols + c, n = std::min(bs, c1 - c);
+      const float scale = absmax(flat / bs);
+      const std::uint8_t* p = packed + flat / 2;
+      for (std::int64_t j = 0; j < n / 2; ++j, out += 2) {
+        const float* pair = pairs_[p[j]];
+        out[0] = pair[0] * scale, out[1] = pair[1] * scale;
+      }
+    }
+  }
   std::int64_t stored_bytes() const override {
     auto bytes = [](const Tensor& t) { return t.defined() ? t.numel() * static_cast<std::int64_t>(t.element_size()) : 0; };
     return bytes(q_.packed) + bytes(q_.absmax) + bytes(q_.nested_absmax) + (q_.double_quant ? 4 : 0);
   }
 
  private:
+  // Rows of whole blocks, two codes to a byte, on a CPU in f32.
+  bool blockwise() const {
+    return q_.shape.size() == 2 && q_.shape[1] % q_.blocksize == 0 && q_.blocksize % 2 == 0 && options_.device().is_cpu() &&
+           c10::typeMetaToScalarType(options_.dtype()) == at::kFloat && q_.packed.is_cpu();
+  }
+  void tables() {
+    const Tensor levels = levels_.contiguous();
+    const float* l = levels.data_ptr<float>();
+    for (int b = 0; b < 256; ++b) pairs_[b][0] = l[b >> 4], pairs_[b][1] = l[b & 15];  // high nibble first
+    absmax_ = q_.absmax.contiguous();
+    if (!q_.double_quant) return;
+    nested_ = q_.nested_absmax.contiguous();
+    const Tensor dyn = dyn_.contiguous();
+    std::copy(dyn.data_ptr<float>(), dyn.data_ptr<float>() + 256, dyn_table_);
+  }
+  float absmax(std::int64_t block) const {
+    if (!q_.double_quant) return absmax_.data_ptr<float>()[block];
+    const float scaled = dyn_table_[absmax_.data_ptr<std::uint8_t>()[block]] * nested_.data_ptr<float>()[block / 256];
+    return scaled + static_cast<float>(q_.offset);
+  }
+
   Nf4Parts q_;
   c10::TensorOptions options_;  // of the dense value: the model's compute dtype and device
   Tensor levels_, dyn_;         // (16), (256) f32
+  // For dequantize_row: a byte's two levels, and the block scales' tables, on the CPU.
+  float pairs_[256][2] = {};
+  float dyn_table_[256] = {};
+  Tensor absmax_, nested_;
 };
 
 }  // namespace

@@ -49,6 +49,10 @@ const char* ParameterSite::storage() const {
 
 const char* RowBlock::format() const { return whole_.stored() ? whole_.stored()->format() : "dense"; }
 Tensor RowBlock::dense() const { return whole_.base_value().narrow(0, start_, rows_); }
+std::int64_t RowBlock::column_step() const { return whole_.stored() ? whole_.stored()->column_step() : 0; }
+void RowBlock::dequantize_row(std::int64_t r, std::int64_t c0, std::int64_t c1, float* out) const {
+  whole_.stored()->dequantize_row(start_ + r, c0, c1, out);
+}
 
 void ParameterSiteImpl::store(std::unique_ptr<StoredTensor> stored) {
   stored_ = std::move(stored);

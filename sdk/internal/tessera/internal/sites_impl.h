@@ -115,13 +115,27 @@ class StoredTensor {
   virtual const char* format() const = 0;            // "nf4"
   virtual Tensor dense() const = 0;                  // dequantized, in the model's compute dtype and device
   virtual std::int64_t stored_bytes() const = 0;
+  // A CPU f32 matrix whose rows are whole blocks answers column_step() > 0 (its block size):
+  // dequantize_row writes row r's columns [c0, c1) — c0 a multiple of column_step(), c1 one
+  // too or the row's end — as f32, the same values dense() has there. The blockwise product
+  // multiplies through such slabs, a cache-sized piece at a time, and never holds the whole
+  // dense weight. 0 (the default): dense() only.
+  virtual std::int64_t column_step() const { return 0; }
+  virtual std::int64_t rows() const { return 0; }
+  virtual void dequantize_row(std::int64_t /*r*/, std::int64_t /*c0*/, std::int64_t /*c1*/, float* /*out*/) const {}
 };
 
 class ParameterSiteImpl;
 
 // x Wᵀ + b through a stored weight, dequantized in forward and again for the input's
-// gradient, never kept for backward (the frozen weight needs no gradient).
+// gradient, never kept for backward (the frozen weight needs no gradient): a slab at a time
+// where the weight has blocks of rows (column_step() > 0) and x is CPU f32, whole otherwise.
 Tensor recomputed_linear(const Tensor& x, const StoredTensor& w, const Tensor& b);
+
+// The slab-at-a-time products (blockwise_product.cpp), for x (T, in) and g (T, out)
+// contiguous CPU f32 and w with column_step() > 0: x Wᵀ (T, out), and g W (T, in).
+Tensor blockwise_forward(const Tensor& x, const StoredTensor& w);
+Tensor blockwise_input_grad(const Tensor& g, const StoredTensor& w, std::int64_t in_features);
 
 // Rows [start, start + rows) of another site's stored weight: GPT-2's q, k and v views of
 // its fused c_attn once c_attn is quantized. Keeps nothing of its own.
@@ -131,6 +145,9 @@ class RowBlock final : public StoredTensor {
   const char* format() const override;
   Tensor dense() const override;
   std::int64_t stored_bytes() const override { return 0; }
+  std::int64_t column_step() const override;
+  std::int64_t rows() const override { return rows_; }
+  void dequantize_row(std::int64_t r, std::int64_t c0, std::int64_t c1, float* out) const override;
   const ParameterSiteImpl& whole() const { return whole_; }
   std::int64_t start() const { return start_; }
 
