@@ -135,7 +135,8 @@ int run_export(const Args& a, const PluginRegistry& registry) {
     save_safetensors((fs::path(partial) / "model.safetensors").string(), w.tensors, {{"format", "pt"}});
     copy_model_files(config.model, partial, a.dtype);
   });
-  const bool quantized = config.model.quantize != "none";
+  const bool quantized = config.model.quantize != "none" ||
+                         std::any_of(config.model.quantize_targets.begin(), config.model.quantize_targets.end(), [](const auto& t) { return t.second != "none"; });
   if (quantized)
     std::printf("the base was loaded quantized ([model] quantize = \"%s\"): its weights are written dequantized\n", config.model.quantize.c_str());
   if (!session.task().head().empty())

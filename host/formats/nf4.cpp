@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 
 namespace tessera {
 namespace {
@@ -16,6 +17,21 @@ Tensor nf4_levels(c10::TensorOptions options) {
                                     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
                                     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
   return at::from_blob(const_cast<float*>(kLevels), {16}, at::kFloat).to(options.dtype(at::kFloat), false, true);
+}
+
+// (16) f32, index = code: bitsandbytes' FP4 (get_4bit_type("fp4"): 1 sign, 2 exponent, 1
+// mantissa bits, bias 2) in code order — not ascending, with 0 twice — each divided by the
+// largest, 12, in f32.
+Tensor fp4_levels(c10::TensorOptions options) {
+  static const float kLevels[16] = {0.0f, 0.0625f / 12, 8.0f / 12, 1.0f, 4.0f / 12, 6.0f / 12, 2.0f / 12, 3.0f / 12,
+                                    0.0f, -0.0625f / 12, -8.0f / 12, -1.0f, -4.0f / 12, -6.0f / 12, -2.0f / 12, -3.0f / 12};
+  return at::from_blob(const_cast<float*>(kLevels), {16}, at::kFloat).to(options.dtype(at::kFloat), false, true);
+}
+
+Tensor levels_of(const std::string& code, c10::TensorOptions options) {
+  if (code == "nf4") return nf4_levels(options);
+  if (code == "fp4") return fp4_levels(options);
+  throw std::invalid_argument("4-bit code '" + code + "': not one (nf4, fp4)");
 }
 
 // (256) f32, ascending.
@@ -38,11 +54,14 @@ Tensor dynamic_map_signed(c10::TensorOptions options) {
 }
 
 
-// Index of the nearest of `levels` (ascending) to each x; a midpoint goes to the lower.
+// Index of the nearest of `levels` to each x; a midpoint goes to the lower level. Levels in
+// another order (FP4's) are sorted first, equal ones by their index (a stable sort, as
+// bitsandbytes' argsort of the table is on a CPU), and the index mapped back.
 Tensor nearest(const Tensor& x, const Tensor& levels) {
   const auto n = levels.size(0);
-  Tensor mids = (levels.narrow(0, 0, n - 1) + levels.narrow(0, 1, n - 1)) / 2.0;  // f32
-  return at::bucketize(x, mids, /*out_int32=*/false, /*right=*/false);
+  const auto [sorted, order] = at::sort(levels, /*stable=*/true, 0, false);
+  Tensor mids = (sorted.narrow(0, 0, n - 1) + sorted.narrow(0, 1, n - 1)) / 2.0;  // f32
+  return order.index_select(0, at::bucketize(x, mids, /*out_int32=*/false, /*right=*/false).reshape({-1})).view(x.sizes());
 }
 
 // Blocks of `blocksize` over the flat values, the last padded with zeros: (blocks, blocksize).
@@ -53,9 +72,9 @@ Tensor blocks_of(const Tensor& flat, std::int64_t blocksize) {
 
 }  // namespace
 
-Nf4Parts nf4_quantize(const Tensor& w, std::int64_t blocksize, bool double_quant) {
+Nf4Parts nf4_quantize(const Tensor& w, std::int64_t blocksize, bool double_quant, const std::string& code) {
   Nf4Parts q;
-  q.shape = w.sizes().vec(), q.blocksize = blocksize, q.double_quant = double_quant;
+  q.shape = w.sizes().vec(), q.blocksize = blocksize, q.double_quant = double_quant, q.code = code;
   const Tensor a = w.detach().reshape({-1}).to(at::kFloat);
   const auto n = a.numel();
   Tensor blocks = blocks_of(a, blocksize);
@@ -68,8 +87,9 @@ Nf4Parts nf4_quantize(const Tensor& w, std::int64_t blocksize, bool double_quant
     scaled.select(0, -1).copy_(blocks.select(0, -1) / safe[-1]);
     absmax[-1] = safe[-1];
   }
-  Tensor codes = nearest(scaled.reshape({-1}).narrow(0, 0, n).clamp(-1, 1), nf4_levels(a.options()));
-  if (n % 2 != 0) codes = at::cat({codes, at::full({1}, 7, codes.options())});
+  const Tensor levels = levels_of(code, a.options());
+  Tensor codes = nearest(scaled.reshape({-1}).narrow(0, 0, n).clamp(-1, 1), levels);
+  if (n % 2 != 0) codes = at::cat({codes, nearest(at::zeros({1}, a.options()), levels)});  // the pad: 0.0's code
   Tensor pairs = codes.view({-1, 2});
   q.packed = (pairs.select(1, 0) * 16 + pairs.select(1, 1)).to(at::kByte);
   if (!double_quant) {
@@ -109,7 +129,7 @@ Tensor dequantize_with(const Nf4Parts& q, c10::TensorOptions options, const Tens
 
 Tensor nf4_dequantize(const Nf4Parts& q, c10::TensorOptions options) {
   const auto f32 = options.dtype(at::kFloat);
-  return dequantize_with(q, options, nf4_levels(f32), q.double_quant ? dynamic_map_signed(f32) : Tensor());
+  return dequantize_with(q, options, levels_of(q.code, f32), q.double_quant ? dynamic_map_signed(f32) : Tensor());
 }
 
 namespace {
@@ -119,11 +139,11 @@ class Nf4Tensor final : public StoredTensor {
   // The tables are made once, on the weight's device: a product dequantizes without a
   // host round trip.
   Nf4Tensor(Nf4Parts q, c10::TensorOptions options)
-      : q_(std::move(q)), options_(options), levels_(nf4_levels(options.dtype(at::kFloat))),
+      : q_(std::move(q)), options_(options), levels_(levels_of(q_.code, options.dtype(at::kFloat))),
         dyn_(q_.double_quant ? dynamic_map_signed(options.dtype(at::kFloat)) : Tensor()) {
     if (blockwise()) tables();
   }
-  const char* format() const override { return "nf4"; }
+  const char* format() const override { return q_.code == "fp4" ? "fp4" : "nf4"; }
   Tensor dense() const override { return dequantize_with(q_, options_, levels_, dyn_); }
   std::int64_t column_step() const override { return blockwise() ? q_.blocksize : 0; }
   std::int64_t rows() const override { return q_.shape.size() == 2 ? q_.shape[0] : 0; }
@@ -180,8 +200,8 @@ class Nf4Tensor final : public StoredTensor {
 
 }  // namespace
 
-std::unique_ptr<StoredTensor> nf4_storage(const Tensor& dense, std::int64_t blocksize, bool double_quant) {
-  return std::make_unique<Nf4Tensor>(nf4_quantize(dense, blocksize, double_quant), dense.options().requires_grad(false));
+std::unique_ptr<StoredTensor> nf4_storage(const Tensor& dense, std::int64_t blocksize, bool double_quant, const std::string& code) {
+  return std::make_unique<Nf4Tensor>(nf4_quantize(dense, blocksize, double_quant, code), dense.options().requires_grad(false));
 }
 
 }  // namespace tessera

@@ -9,12 +9,15 @@
 //   8 bits: blocks of 256, each scaled by its own max |·| and rounded to the nearest
 //   value of bitsandbytes' signed dynamic map.
 //   Dequantized: w = NF4[code] · absmax[block], in f32, then the compute dtype.
+// FP4 (QLoRA's other 4-bit type, bitsandbytes' quant_type "fp4") is the same layout with
+// bitsandbytes' FP4 table as the levels: `code` says which.
 #pragma once
 
 #include <tessera/internal/sites_impl.h>
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace tessera {
@@ -27,12 +30,13 @@ struct Nf4Parts {
   std::vector<std::int64_t> shape;
   std::int64_t blocksize = 64;
   bool double_quant = false;
+  std::string code = "nf4";  // or "fp4"
 };
 
-Nf4Parts nf4_quantize(const Tensor& w, std::int64_t blocksize = 64, bool double_quant = false);
+Nf4Parts nf4_quantize(const Tensor& w, std::int64_t blocksize = 64, bool double_quant = false, const std::string& code = "nf4");
 Tensor nf4_dequantize(const Nf4Parts& q, c10::TensorOptions options);  // shape q.shape
 
 // A parameter site's base kept as NF4 (StoredTensor): dequantized for each use.
-std::unique_ptr<StoredTensor> nf4_storage(const Tensor& dense, std::int64_t blocksize, bool double_quant);
+std::unique_ptr<StoredTensor> nf4_storage(const Tensor& dense, std::int64_t blocksize, bool double_quant, const std::string& code = "nf4");
 
 }  // namespace tessera

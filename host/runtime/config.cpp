@@ -116,6 +116,13 @@ class Section {
     if (max < std::numeric_limits<double>::max()) range << ", " << max << "]";
     fail(*t_->get(key), range.str());
   }
+  // A table under this one (its keys are the caller's to check), or null when absent.
+  const toml::table* table(const char* key) {
+    known_.push_back(key);
+    const toml::node* n = t_ ? t_->get(key) : nullptr;
+    if (n != nullptr && !n->is_table()) fail(*n, std::string("'") + key + "' must be a table");
+    return n ? n->as_table() : nullptr;
+  }
   void finish() {
     if (t_ == nullptr) return;
     for (const auto& [k, v] : *t_) {
@@ -208,18 +215,31 @@ void read_model(const std::string& path, const toml::table* t, ModelConfig& m) {
   s.path("tokenizer", m.tokenizer);
   s.choice("dtype", m.dtype, {"f32", "bf16"});
   s.get("device", m.device);
-  s.choice("quantize", m.quantize, {"none", "nf4", "gguf"});
+  const std::vector<std::string> formats = {"none", "nf4", "fp4", "int8", "gguf"};
+  s.choice("quantize", m.quantize, formats);
   s.get("double_quant", m.double_quant);
+  bool four_bit = m.quantize == "nf4" || m.quantize == "fp4", gguf_asked = m.quantize == "gguf";
+  if (const toml::table* targets = s.table("quantize_targets")) {
+    for (const auto& [k, v] : *targets) {
+      const std::string f = v.is_string() ? v.as_string()->get() : "";
+      if (std::find(formats.begin(), formats.end(), f) == formats.end())
+        s.fail(v, "quantize_targets: '" + std::string(k.str()) + "' must name a storage format: none, nf4, fp4, int8 or gguf");
+      m.quantize_targets.emplace_back(std::string(k.str()), f);
+      four_bit = four_bit || f == "nf4" || f == "fp4", gguf_asked = gguf_asked || f == "gguf";
+    }
+  }
   s.finish();
   // "cpu", "cuda" or "cuda:N"; whether this machine has one is known only when a run starts.
   const auto& d = m.device;
   const bool index_ok = d.size() > 5 && d.find_first_not_of("0123456789", 5) == std::string::npos;
   if (d != "cpu" && d != "cuda" && !(d.rfind("cuda:", 0) == 0 && index_ok))
     s.fail(*t->get("device"), "'device' must be \"cpu\", \"cuda\" or \"cuda:N\", not \"" + d + "\"");
-  if (m.double_quant && m.quantize != "nf4") s.fail(*t->get("double_quant"), "'double_quant' quantizes the scales of a quantized base: set quantize = \"nf4\" too");
+  if (m.double_quant && !four_bit)
+    s.fail(*t->get("double_quant"), "'double_quant' quantizes the block scales of a 4-bit base: set quantize = \"nf4\" or \"fp4\" too");
   if (m.path.empty()) throw ConfigError({path, 1, 1}, "[model] needs 'path'");
   const bool gguf = m.path.size() > 5 && m.path.compare(m.path.size() - 5, 5, ".gguf") == 0;
-  if (m.quantize == "gguf" && !gguf) s.fail(*t->get("quantize"), "quantize = \"gguf\" keeps a GGUF file's own blocks: 'path' must name a .gguf file");
+  if (gguf_asked && !gguf)
+    s.fail(*t->get(m.quantize == "gguf" ? "quantize" : "quantize_targets"), "\"gguf\" storage keeps a GGUF file's own blocks: 'path' must name a .gguf file");
   if (gguf && m.tokenizer.empty())
     s.fail(*t->get("path"), "'path' is a GGUF file, whose own tokenizer is not read: give 'tokenizer', a directory with the model's tokenizer.json");
 }
@@ -352,6 +372,11 @@ std::string resolved_toml(const Config& c) {
   root.insert("model", toml::table{{"path", c.model.path}, {"dtype", c.model.dtype}, {"device", c.model.device},
                                    {"quantize", c.model.quantize}, {"double_quant", c.model.double_quant}});
   if (!c.model.tokenizer.empty()) root["model"].as_table()->insert("tokenizer", c.model.tokenizer);
+  if (!c.model.quantize_targets.empty()) {
+    toml::table targets;
+    for (const auto& [pattern, format] : c.model.quantize_targets) targets.insert(pattern, format);
+    root["model"].as_table()->insert("quantize_targets", std::move(targets));
+  }
   root.insert("data", toml::table{{"path", c.data.path}, {"format", c.data.format}, {"text_column", c.data.text_column},
                                   {"label_column", c.data.label_column}, {"prompt_column", c.data.prompt_column}, {"target_column", c.data.target_column},
                                   {"test_fraction", c.data.test_fraction},

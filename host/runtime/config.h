@@ -53,11 +53,15 @@ struct ModelConfig {
   // tokenizer.ggml.* metadata is not read).
   std::string tokenizer;
   const std::string& tokenizer_dir() const { return tokenizer.empty() ? path : tokenizer; }
-  // How the layers' linear weights are kept: "none" (dense), or "nf4" (QLoRA's 4-bit NormalFloat,
+  // How the layers' linear weights are kept: "none" (dense), "nf4" (QLoRA's 4-bit NormalFloat,
   // formats/nf4.h), with the block scales themselves quantized when double_quant is set, or
   // "gguf" (a GGUF path's own blocks, Q4_1 as Q4_1: formats/gguf_llama.h).
+  // "fp4" (bitsandbytes' 4-bit float, the same blocks) and "int8" (LLM.int8()'s rows,
+  // formats/int8.h) too. quantize_targets ([model.quantize_targets]): target patterns, as
+  // methods' targets, and the format of the layer weights they match, over `quantize`.
   std::string quantize = "none";
   bool double_quant = false;
+  std::vector<std::pair<std::string, std::string>> quantize_targets;
 };
 
 struct DataConfig {

@@ -20,7 +20,7 @@ MethodStack::MethodStack(const PluginRegistry& registry, std::vector<MethodConfi
     instances_.push_back(registry.create(m.plugin, m.name));
     plugins_.push_back(*registry.find(m.plugin));
   }
-  store_weights(model, storage.quantize, storage.double_quant, storage_requests(model), storage.path);
+  store_weights(model, storage.quantize, storage.double_quant, storage_requests(model), storage.path, storage.quantize_targets);
   for (std::size_t i = 0; i < size(); ++i) {
     const auto& m = configs_[i];
     try {

@@ -151,3 +151,35 @@ CATCH_TEST_CASE("a quantized T5 keeps wo dense as transformers does in 4 bits, u
   }
   CATCH_CHECK(nf4 > dense);
 }
+
+CATCH_TEST_CASE("FP4 blocks: codes, scales and dequantized values are bitsandbytes' own, with and without double quantization", "[nf4][fp4]") {
+  const auto f = test::read_tensors(test::fixture("nf4/blocks.safetensors"), at::kCPU);
+  const auto bnb = test::read_tensors(test::fixture("nf4/bnb_blocks.safetensors"), at::kCPU);
+  for (int i = 0; i < 5; ++i) {
+    const Tensor w = f.at("w" + std::to_string(i));
+    const std::string tag = std::to_string(i);
+    CATCH_INFO("weight " << i << " " << w.sizes());
+    const Nf4Parts plain = nf4_quantize(w, 64, false, "fp4");
+    CATCH_CHECK(at::equal(plain.packed, bnb.at("fp4.packed" + tag + ".plain")));
+    CATCH_CHECK(at::equal(plain.absmax, bnb.at("fp4.absmax" + tag + ".plain")));
+    CATCH_CHECK(at::equal(nf4_dequantize(plain, at::kFloat), bnb.at("fp4.dequant" + tag + ".plain")));
+    // Double quantization: bitsandbytes' CPU kernel rounds a block scale's 8-bit code as the
+    // NF4 case above says (at most one step, rarely); the 4-bit codes are its own.
+    const Nf4Parts dq = nf4_quantize(w, 64, true, "fp4");
+    CATCH_CHECK(at::equal(dq.packed, bnb.at("fp4.packed" + tag + ".dq")));
+    CATCH_CHECK(at::allclose(dq.nested_absmax, bnb.at("fp4.nested" + tag + ".dq"), 1e-6, 0));
+    const Tensor code_diff = (dq.absmax.to(at::kInt) - bnb.at("fp4.absmax" + tag + ".dq").to(at::kInt)).abs();
+    CATCH_CHECK(code_diff.max().item<int>() <= 1);
+    CATCH_CHECK(code_diff.gt(0).sum().item<std::int64_t>() * 100 <= dq.absmax.numel());
+    CATCH_CHECK((nf4_dequantize(dq, at::kFloat) - bnb.at("fp4.dequant" + tag + ".dq")).abs().max().item<double>() <= 0.02 * w.abs().max().item<double>());
+    // FP4 is not NF4: another table, other codes.
+    CATCH_CHECK(!at::equal(plain.packed, nf4_quantize(w, 64, false).packed));
+  }
+  // Stored as FP4, a product runs slab by slab on the same values.
+  const auto stored = nf4_storage(f.at("w2"), 64, true, "fp4");
+  CATCH_CHECK(std::string(stored->format()) == "fp4");
+  CATCH_CHECK(stored->column_step() == 64);
+  std::vector<float> row(384);
+  stored->dequantize_row(5, 0, 384, row.data());
+  CATCH_CHECK(at::equal(at::from_blob(row.data(), {384}, at::kFloat), stored->dense()[5]));
+}

@@ -100,7 +100,7 @@ CATCH_TEST_CASE("every example config under configs/ loads, and its methods pass
   CATCH_CHECK(n >= 4);
 }
 
-CATCH_TEST_CASE("[model] quantize takes none or nf4, and double_quant only with a quantized base", "[runtime][config]") {
+CATCH_TEST_CASE("[model] quantize takes none, nf4, fp4, int8 or gguf, and double_quant only with a 4-bit base", "[runtime][config]") {
   CATCH_CHECK(config_error(kBase) == "no error");
   const std::string bad = R"([model]
 path = "/m"
@@ -115,7 +115,38 @@ double_quant = true
 [data]
 path = "/d.csv"
 )";
-  CATCH_CHECK_THAT(config_error(dq), Catch::Contains("run.toml:3:16") && Catch::Contains("set quantize = \"nf4\" too"));
+  CATCH_CHECK_THAT(config_error(dq), Catch::Contains("run.toml:3:16") && Catch::Contains("set quantize = \"nf4\" or \"fp4\" too"));
+  CATCH_CHECK(config_error("[model]\npath = \"/m\"\nquantize = \"int8\"\ndouble_quant = true\n[data]\npath = \"/d.csv\"\n") ==
+              "run.toml:4:16: 'double_quant' quantizes the block scales of a 4-bit base: set quantize = \"nf4\" or \"fp4\" too");
+  CATCH_CHECK(config_error("[model]\npath = \"/m\"\nquantize = \"fp4\"\ndouble_quant = true\n[data]\npath = \"/d.csv\"\n") == "no error");
+}
+
+CATCH_TEST_CASE("[model.quantize_targets] gives layer weights a format of their own, each value checked where it stands", "[runtime][config]") {
+  const std::string ok = R"([model]
+path = "/m"
+quantize = "nf4"
+double_quant = true
+[model.quantize_targets]
+"mlp.down" = "int8"
+"attn.o" = "none"
+[data]
+path = "/d.csv"
+)";
+  CATCH_CHECK(config_error(ok) == "no error");
+  const auto path = (test::temp_dir("cfg") / "run.toml").string();
+  std::ofstream(path) << ok << std::flush;
+  const Config c = load_config(path);
+  CATCH_CHECK(c.model.quantize_targets == std::vector<std::pair<std::string, std::string>>{{"attn.o", "none"}, {"mlp.down", "int8"}});
+  // An override alone may ask for the 4-bit blocks double_quant needs.
+  CATCH_CHECK(config_error("[model]\npath = \"/m\"\ndouble_quant = true\n[model.quantize_targets]\n\"mlp.up\" = \"fp4\"\n[data]\npath = \"/d.csv\"\n") == "no error");
+  CATCH_CHECK(config_error("[model]\npath = \"/m\"\n[model.quantize_targets]\n\"mlp.up\" = \"nf5\"\n[data]\npath = \"/d.csv\"\n") ==
+              "run.toml:4:12: quantize_targets: 'mlp.up' must name a storage format: none, nf4, fp4, int8 or gguf");
+  CATCH_CHECK(config_error("[model]\npath = \"/m\"\n[model.quantize_targets]\n\"mlp.up\" = 4\n[data]\npath = \"/d.csv\"\n") ==
+              "run.toml:4:12: quantize_targets: 'mlp.up' must name a storage format: none, nf4, fp4, int8 or gguf");
+  CATCH_CHECK(config_error("[model]\npath = \"/m\"\nquantize_targets = \"mlp.up\"\n[data]\npath = \"/d.csv\"\n") ==
+              "run.toml:3:20: 'quantize_targets' must be a table");
+  CATCH_CHECK(config_error("[model]\npath = \"/m\"\n[model.quantize_targets]\n\"mlp.up\" = \"gguf\"\n[data]\npath = \"/d.csv\"\n") ==
+              "run.toml:3:1: \"gguf\" storage keeps a GGUF file's own blocks: 'path' must name a .gguf file");
 }
 
 CATCH_TEST_CASE("[model] path may be a GGUF file given a tokenizer directory, and quantize gguf asks for one", "[runtime][config]") {
@@ -124,5 +155,5 @@ CATCH_TEST_CASE("[model] path may be a GGUF file given a tokenizer directory, an
   CATCH_CHECK(config_error("[model]\npath = \"/m/x.gguf\"\ntokenizer = \"/m\"\n[data]\npath = \"/d.csv\"\n") == "no error");
   CATCH_CHECK(config_error("[model]\npath = \"/m/x.gguf\"\ntokenizer = \"/m\"\nquantize = \"gguf\"\n[data]\npath = \"/d.csv\"\n") == "no error");
   CATCH_CHECK(config_error("[model]\npath = \"/m\"\nquantize = \"gguf\"\n[data]\npath = \"/d.csv\"\n") ==
-              "run.toml:3:12: quantize = \"gguf\" keeps a GGUF file's own blocks: 'path' must name a .gguf file");
+              "run.toml:3:12: \"gguf\" storage keeps a GGUF file's own blocks: 'path' must name a .gguf file");
 }

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# QLoRA against LoRA on the real decoder: the README's SmolLM2 run (configs/smollm2-lora.toml:
+# LoRA r 8 on all seven projections, 800 polarity sentences, 1 epoch of batch 8, 200 held
+# out) three ways, one after the other on this machine —
+#   f32    the converted f32 directory, dense weights (configs/smollm2-lora.toml);
+#   qlora  the same directory, layers' weights as NF4 with double quantization (configs/qlora-smollm2.toml);
+#   gguf   the Q4_1 GGUF file itself, layers' weights kept as its blocks (configs/smollm2-gguf-lora.toml, quantize = "gguf");
+# then loading the model alone (one generated token) from the directory and from the GGUF.
+# Prints each run's test perplexity, training examples/s, peak RSS and wall time, and the
+# ratios to the f32 run.
+#   bash bench/qlora_smollm2.sh
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$root/scripts/build" >/dev/null
+source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
+py=$TESSERA_VENV/bin/python
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+run() {  # name config [extra [model] line]
+  sed -e "s|^dir = .*|dir = \"$work/$1\"|" "$2" >"$work/$1.toml"
+  if [[ -n ${3:-} ]]; then sed -i "s|^\[model\]|[model]\n$3|" "$work/$1.toml"; fi
+  local t0=$SECONDS
+  $py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn train "$work/$1.toml" >"$work/$1.out" 2>"$work/$1.rss"
+  echo "$1 $((SECONDS - t0))" >>"$work/walls"
+}
+run f32 "$root/configs/smollm2-lora.toml"
+run qlora "$root/configs/qlora-smollm2.toml"
+run gguf "$root/configs/smollm2-gguf-lora.toml" 'quantize = "gguf"'
+load() {  # name model [tokenizer]
+  local t0
+  t0=$(date +%s.%N)
+  $py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn generate --model "$2" ${3:+--tokenizer "$3"} --max-new-tokens 1 "the film is" >/dev/null 2>"$work/$1.rss"
+  echo "$1 $(echo "$(date +%s.%N) - $t0" | bc)" >>"$work/loads"
+}
+load dir "$TESSERA_DECODER_DIR"
+load gguf_file "$TESSERA_DECODER_GGUF" "$TESSERA_DECODER_DIR"
+$py - "$work" <<'PY'
+import json, os, sys
+work = sys.argv[1]
+walls = dict(l.split() for l in open(os.path.join(work, "walls")))
+loads = dict(l.split() for l in open(os.path.join(work, "loads")))
+rss = lambda n: json.loads(open(os.path.join(work, n + ".rss")).read().strip().splitlines()[-1])["peak_rss_mib"]
+rows = {}
+for n in ["f32", "qlora", "gguf"]:
+    r = json.load(open(os.path.join(work, n, "result.json")))
+    rows[n] = (r["test_perplexity"], r["examples_per_s"], rss(n), float(walls[n]))
+print("| run | test perplexity | examples/s | peak RSS MiB | wall s | perplexity / f32 | examples/s / f32 | RSS / f32 |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+f = rows["f32"]
+for n, (p, e, m, w) in rows.items():
+    print(f"| {n} | {p:.3f} | {e:.2f} | {m:.0f} | {w:.0f} | {p / f[0]:.3f} | {e / f[1]:.2f} | {m / f[2]:.2f} |")
+print()
+print("| load (one token generated) | wall s | peak RSS MiB |")
+print("|---|---:|---:|")
+for n in ["dir", "gguf_file"]:
+    print(f"| {n} | {float(loads[n]):.2f} | {rss(n):.0f} |")
+PY
