@@ -3,7 +3,10 @@
 # LoRA r 8 on all seven projections, 800 polarity sentences, 1 epoch of batch 8, 200 held
 # out) three ways, one after the other on this machine —
 #   f32    the converted f32 directory, dense weights (configs/smollm2-lora.toml);
-#   qlora  the same directory, layers' weights as NF4 with double quantization (configs/qlora-smollm2.toml);
+#   qlora  the same directory, layers' weights as NF4 with double quantization and the layers'
+#          activations recomputed in backward (configs/qlora-smollm2.toml);
+#   qlora_kept  the same, activations kept (gradient_checkpointing = false);
+#   f32_recomputed  the f32 run with gradient checkpointing;
 #   gguf   the Q4_1 GGUF file itself, layers' weights kept as its blocks (configs/smollm2-gguf-lora.toml, quantize = "gguf");
 # then loading the model alone (one generated token) from the directory and from the GGUF.
 # Prints each run's test perplexity, training examples/s, peak RSS and wall time, and the
@@ -25,6 +28,10 @@ run() {  # name config [extra [model] line]
 }
 run f32 "$root/configs/smollm2-lora.toml"
 run qlora "$root/configs/qlora-smollm2.toml"
+sed 's|^gradient_checkpointing = true|gradient_checkpointing = false|' "$root/configs/qlora-smollm2.toml" >"$work/qlora_kept.src"
+run qlora_kept "$work/qlora_kept.src"
+sed 's|^\[train\]|[train]\ngradient_checkpointing = true|' "$root/configs/smollm2-lora.toml" >"$work/f32_recomputed.src"
+run f32_recomputed "$work/f32_recomputed.src"
 run gguf "$root/configs/smollm2-gguf-lora.toml" 'quantize = "gguf"'
 load() {  # name model [tokenizer]
   local t0
@@ -41,7 +48,7 @@ walls = dict(l.split() for l in open(os.path.join(work, "walls")))
 loads = dict(l.split() for l in open(os.path.join(work, "loads")))
 rss = lambda n: json.loads(open(os.path.join(work, n + ".rss")).read().strip().splitlines()[-1])["peak_rss_mib"]
 rows = {}
-for n in ["f32", "qlora", "gguf"]:
+for n in ["f32", "qlora", "qlora_kept", "f32_recomputed", "gguf"]:
     r = json.load(open(os.path.join(work, n, "result.json")))
     rows[n] = (r["test_perplexity"], r["examples_per_s"], rss(n), float(walls[n]))
 print("| run | test perplexity | examples/s | peak RSS MiB | wall s | perplexity / f32 | examples/s / f32 | RSS / f32 |")

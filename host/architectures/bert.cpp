@@ -1,12 +1,14 @@
 #include "architectures/bert.h"
 
 #include "architectures/attention.h"
+#include "architectures/recompute.h"
 #include "formats/checkpoint.h"
 #include "formats/json_file.h"
 
 #include <tessera/dropout.h>
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <nlohmann/json.hpp>
 
 #include <cmath>
@@ -244,14 +246,30 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   x = tessera::dropout(x, config_.hidden_dropout, training_);
   embed_site_->tap(x);
   if (u) x = u->rows(x);  // (N, H)
+  // With gradient checkpointing each layer runs again in backward (architectures/recompute.h),
+  // after forward returned: what it reads is held by value.
+  const bool recompute = gradient_checkpointing() && training_ && at::GradMode::is_enabled();
+  auto shared_u = unpadded ? std::make_shared<Unpadded>(*unpadded) : nullptr;
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const Layer& l = layers_[i];
     const KV& prefix = prefixes[i];  // it sets the mask's length too
     Tensor mask;  // undefined when every key is real
     const auto P = prefix_keys(l, prefix);
     if (!all_real) mask = P > 0 ? at::cat({at::ones({B, P}, out.mask.options()), out.mask}, 1) : out.mask;
-    x = l.layer->run(x, [&](const Tensor& h, const Tensor& kept) {
-      return kept.defined() ? routed_layer(l, h, kept, mask, prefix) : layer_forward(l, h, mask, prefix, u);
+    auto layer = [this, &l, mask, shared_u](const Tensor& x, const KV& prefix) {
+      return l.layer->run(x, [&](const Tensor& h, const Tensor& kept) {
+        return kept.defined() ? routed_layer(l, h, kept, mask, prefix) : layer_forward(l, h, mask, prefix, shared_u.get());
+      });
+    };
+    if (!recompute) {
+      x = layer(x, prefix);
+      continue;
+    }
+    std::vector<Tensor> extras;  // the prefix may carry a gradient
+    if (prefix.first.defined()) extras = {prefix.first, prefix.second};
+    x = recomputed_layer(x, extras, [this, layer, full_mask = out.mask, shared_u](const Tensor& h, const std::vector<Tensor>& e) {
+      if (at::GradMode::is_enabled()) enter_forward(full_mask, shared_u.get());
+      return layer(h, e.empty() ? KV{} : KV{e[0], e[1]});
     });
   }
   out.hidden = output_site_->apply(u ? u->padded(x) : x);  // (B, S, H)

@@ -5,10 +5,12 @@
 #include "formats/gguf_llama.h"
 #include "formats/json_file.h"
 #include "architectures/functional.h"
+#include "architectures/recompute.h"
 
 #include <tessera/dropout.h>
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <nlohmann/json.hpp>
 
 #include <cmath>
@@ -398,21 +400,39 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
   }
   const Unpadded* u = unpadded ? &*unpadded : nullptr;
   enter_forward(new_mask, u);
-  for (std::size_t i = 0; i < layers_.size(); ++i) {
+  // Layer i on x, with the attention site's prefix for this forward (undefined: none). It
+  // captures by value: a recomputed layer runs it again in backward, after forward returned.
+  auto shared_u = unpadded ? std::make_shared<Unpadded>(*unpadded) : nullptr;
+  auto layer = [=](std::size_t i, const Tensor& x, const std::pair<Tensor, Tensor>& prefix) {
     const Layer& l = layers_[i];
-    x = l.layer->run(x, [&](const Tensor& h, const Tensor& kept) {
+    const Unpadded* u = shared_u.get();
+    return l.layer->run(x, [&](const Tensor& h, const Tensor& kept) {
       // Routed: kept tokens attend to kept keys of this call (and to earlier keys, prefixes and
       // themselves), at their own positions; the site keeps h at the others.
       const auto S = key_mask.size(1);
       const Tensor keys = kept.defined() ? at::cat({key_mask.narrow(1, 0, S - T), key_mask.narrow(1, S - T, T) * kept.to(key_mask.scalar_type())}, 1) : key_mask;
       Tensor n1 = norm(h, l.norm1_w, l.norm1_b);
-      Tensor a = tessera::dropout(attention(l, i, n1, positions, keys, rope, prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i], cache,
-                                            all_real && !kept.defined(), u),
-                                  config_.hidden_dropout, training_);
+      Tensor a = tessera::dropout(attention(l, i, n1, positions, keys, rope, prefix, cache, all_real && !kept.defined(), u), config_.hidden_dropout, training_);
       Tensor h1 = h + l.attn->apply(n1, a, h, SublayerSiteImpl::identity());
       Tensor n2 = norm(h1, l.norm2_w, l.norm2_b);
       Tensor m = tessera::dropout(mlp(l, n2), config_.hidden_dropout, training_);
       return h1 + l.mlp->apply(n2, m, h1, SublayerSiteImpl::identity());
+    });
+  };
+  const bool recompute = gradient_checkpointing() && training_ && cache == nullptr && at::GradMode::is_enabled();
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    const auto prefix = prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i];
+    if (!recompute) {
+      x = layer(i, x, prefix);
+      continue;
+    }
+    // The prefix, which may carry a gradient, goes in as extras; the forward context is set
+    // again for the second pass.
+    std::vector<Tensor> extras;
+    if (prefix.first.defined()) extras = {prefix.first, prefix.second};
+    x = recomputed_layer(x, extras, [=](const Tensor& h, const std::vector<Tensor>& e) {
+      if (at::GradMode::is_enabled()) enter_forward(new_mask, shared_u.get());
+      return layer(i, h, e.empty() ? std::pair<Tensor, Tensor>{} : std::pair<Tensor, Tensor>{e[0], e[1]});
     });
   }
   if (cache) cache->mask = key_mask;

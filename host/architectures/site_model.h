@@ -46,6 +46,10 @@ class SiteModel : public ModelViewImpl {
   // The forward context closures read: the mask of the layout they see (B, S), and with
   // padding dropped each row's sample.
   void enter_forward(const Tensor& mask, const Unpadded* u) const;
+  // [train] gradient_checkpointing: while training, the layers keep only their inputs for
+  // backward and run again there (architectures/recompute.h).
+  void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
+  bool gradient_checkpointing() const { return checkpointing_; }
   // Tensors in the checkpoint the architecture does not use (pooler, task heads, buffers).
   const std::vector<std::string>& ignored_tensors() const { return ignored_; }
   // Linear sites whose weights a quantized load keeps dense (targets' syntax), as
@@ -71,6 +75,7 @@ class SiteModel : public ModelViewImpl {
 
  private:
   std::map<std::string, CheckpointTensor> checkpoint_tensors_;
+  bool checkpointing_ = false;
 };
 
 }  // namespace tessera

@@ -288,6 +288,7 @@ void read_train(const std::string& path, const toml::table* t, TrainConfig& c) {
   s.positive("max_steps", c.max_steps, 0);
   s.get("group_by_length", c.group_by_length);
   s.get("shuffle", c.shuffle);
+  s.get("gradient_checkpointing", c.gradient_checkpointing);
   s.finish();
 }
 
@@ -392,7 +393,7 @@ std::string resolved_toml(const Config& c) {
                                    {"max_grad_norm", c.train.max_grad_norm}, {"threads", c.train.threads},
                                    {"seed", c.train.seed}, {"max_steps", c.train.max_steps},
                                    {"group_by_length", c.train.group_by_length},
-                                   {"shuffle", c.train.shuffle}});
+                                   {"shuffle", c.train.shuffle}, {"gradient_checkpointing", c.train.gradient_checkpointing}});
   root.insert("output", toml::table{{"dir", c.output_dir}});
   toml::array methods;
   for (const auto& m : c.methods) {

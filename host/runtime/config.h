@@ -88,6 +88,9 @@ struct TrainConfig {
   double lr = 1e-3, head_lr = 0, weight_decay = 0.01, warmup_ratio = 0.06, max_grad_norm = 1.0;
   bool group_by_length = false;  // batches of similar length (less padding), in shuffled order
   bool shuffle = true;           // false: every epoch visits the train split in its order
+  // Layers keep only their inputs for backward and run again there (architectures/recompute.h):
+  // one layer's activations held instead of all of them, for a second forward of the layers.
+  bool gradient_checkpointing = false;
 };
 
 struct Config {

@@ -26,6 +26,11 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   methods_ = std::make_unique<MethodStack>(registry, config_.methods, model(), config_.model);
   model().drop_dense_copies();
   task_->create_head();
+  if (config_.train.gradient_checkpointing) {
+    if (backbone_->kind() == BackboneKind::EncoderDecoder)
+      throw std::runtime_error("[train] gradient_checkpointing: the encoder-decoder's (T5's) layers are not recomputed yet; BERT, RoBERTa and the decoders' are");
+    model().set_gradient_checkpointing(true);
+  }
 }
 
 Session::~Session() { methods_.reset(); }  // before the model they are attached to
