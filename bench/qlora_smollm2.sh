@@ -7,7 +7,7 @@
 #          activations recomputed in backward (configs/qlora-smollm2.toml);
 #   qlora_kept  the same, activations kept (gradient_checkpointing = false);
 #   f32_recomputed  the f32 run with gradient checkpointing;
-#   gguf   the Q4_1 GGUF file itself, layers' weights kept as its blocks (configs/smollm2-gguf-lora.toml, quantize = "gguf");
+#   gguf   the Q4_1 GGUF file itself, its own tokenizer, layers' weights kept as its blocks (configs/smollm2-gguf-lora.toml);
 # then loading the model alone (one generated token) from the directory and from the GGUF.
 # Prints each run's test perplexity, training examples/s, peak RSS and wall time, and the
 # ratios to the f32 run.
@@ -32,7 +32,7 @@ sed 's|^gradient_checkpointing = true|gradient_checkpointing = false|' "$root/co
 run qlora_kept "$work/qlora_kept.src"
 sed 's|^\[train\]|[train]\ngradient_checkpointing = true|' "$root/configs/smollm2-lora.toml" >"$work/f32_recomputed.src"
 run f32_recomputed "$work/f32_recomputed.src"
-run gguf "$root/configs/smollm2-gguf-lora.toml" 'quantize = "gguf"'
+run gguf "$root/configs/smollm2-gguf-lora.toml"
 load() {  # name model [tokenizer]
   local t0
   t0=$(date +%s.%N)
@@ -40,7 +40,7 @@ load() {  # name model [tokenizer]
   echo "$1 $(echo "$(date +%s.%N) - $t0" | bc)" >>"$work/loads"
 }
 load dir "$TESSERA_DECODER_DIR"
-load gguf_file "$TESSERA_DECODER_GGUF" "$TESSERA_DECODER_DIR"
+load gguf_file "$TESSERA_DECODER_GGUF"
 $py - "$work" <<'PY'
 import json, os, sys
 work = sys.argv[1]

@@ -55,8 +55,6 @@ Plan plan(const Args& a, const PluginRegistry& registry) {
     p.state_dirs.push_back(a.adapterhub);
   }
   if (p.model.path.empty()) throw std::runtime_error("generate needs --model or --run");
-  if (is_gguf_file(p.model.path) && p.model.tokenizer.empty())
-    throw std::runtime_error(p.model.path + " is a GGUF file, whose own tokenizer is not read: give --tokenizer, a directory with the model's tokenizer.json");
   return p;
 }
 
@@ -101,7 +99,7 @@ Command generate_command() {
           [a](CLI::App& c) {
             c.add_option("prompt", a->prompt, "text to continue")->required();
             c.add_option("--model", a->model, "Hugging Face model directory, or a LLaMA GGUF file")->check(CLI::ExistingPath);
-            c.add_option("--tokenizer", a->tokenizer, "directory of the tokenizer (default: the model's; a GGUF model needs it)")->check(CLI::ExistingDirectory);
+            c.add_option("--tokenizer", a->tokenizer, "directory of the tokenizer (default: the model's; a GGUF file's own tokenizer.ggml.*)")->check(CLI::ExistingDirectory);
             c.add_option("--run", a->run, "run directory of a causal-lm or seq2seq `tessera train`: its model and adapter")->check(CLI::ExistingDirectory);
             c.add_option("--peft", a->peft, "Hugging Face PEFT adapter directory to apply")->check(CLI::ExistingDirectory);
             c.add_option("--adapterhub", a->adapterhub, "AdapterHub (adapters) bottleneck adapter directory to apply")->check(CLI::ExistingDirectory);

@@ -240,8 +240,6 @@ void read_model(const std::string& path, const toml::table* t, ModelConfig& m) {
   const bool gguf = m.path.size() > 5 && m.path.compare(m.path.size() - 5, 5, ".gguf") == 0;
   if (gguf_asked && !gguf)
     s.fail(*t->get(m.quantize == "gguf" ? "quantize" : "quantize_targets"), "\"gguf\" storage keeps a GGUF file's own blocks: 'path' must name a .gguf file");
-  if (gguf && m.tokenizer.empty())
-    s.fail(*t->get("path"), "'path' is a GGUF file, whose own tokenizer is not read: give 'tokenizer', a directory with the model's tokenizer.json");
 }
 
 void read_data(const std::string& path, const toml::table* t, DataConfig& d) {

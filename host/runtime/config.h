@@ -49,8 +49,8 @@ struct MethodConfig {
 
 struct ModelConfig {
   std::string path, dtype = "f32", device = "cpu";
-  // The directory the tokenizer is read from; empty: `path`. A GGUF `path` needs it (its own
-  // tokenizer.ggml.* metadata is not read).
+  // The directory the tokenizer is read from; empty: `path` (a GGUF file's own tokenizer.ggml.*,
+  // tokenizers/gguf_tokenizer.h).
   std::string tokenizer;
   const std::string& tokenizer_dir() const { return tokenizer.empty() ? path : tokenizer; }
   // How the layers' linear weights are kept: "none" (dense), "nf4" (QLoRA's 4-bit NormalFloat,

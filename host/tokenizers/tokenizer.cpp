@@ -1,7 +1,10 @@
 #include "tokenizers/tokenizer.h"
 
 #include "tokenizers/json_tokenizer.h"
+#include "formats/checkpoint.h"
+#include "formats/gguf.h"
 #include "formats/json_file.h"
+#include "tokenizers/gguf_tokenizer.h"
 #include "tokenizers/spm_convert.h"
 #include "tokenizers/spm_proto.h"
 #include "tokenizers/spm_tokenizer.h"
@@ -16,6 +19,13 @@ namespace tessera {
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   namespace fs = std::filesystem;
+  if (is_gguf_file(dir)) {  // a GGUF model file: its own tokenizer.ggml.*
+    try {
+      return std::make_unique<JsonTokenizer>(gguf_tokenizer_json(*GgufFile::open(dir)), dir);
+    } catch (...) {
+      rethrow_naming(dir);
+    }
+  }
   const fs::path json = fs::path(dir) / "tokenizer.json";
   if (fs::exists(json)) {
     try {

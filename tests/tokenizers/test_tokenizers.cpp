@@ -5,6 +5,7 @@
 // package (other classes, read by libsentencepiece).
 #include "support.h"
 
+#include "train/dataset.h"
 #include "tokenizers/json_tokenizer.h"
 #include "tokenizers/spm_tokenizer.h"
 #include "tokenizers/tokenizer.h"
@@ -114,4 +115,25 @@ CATCH_TEST_CASE("tokenizer directories that cannot be read are refused with the 
   // A value of the wrong type anywhere: the file and the place in it.
   std::ofstream(tokenizer_json) << R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "byte_fallback": "yes"}})";
   CATCH_CHECK_THROWS_WITH(load_tokenizer(dir.string()), Catch::Contains(tokenizer_json + ": ") && Catch::Contains("(/model/byte_fallback) type must be boolean"));
+}
+
+CATCH_TEST_CASE("the real SmolLM2 GGUF's own tokenizer (tokenizer.ggml.*) encodes as transformers' conversion of it does", "[tokenizers][gguf][real]") {
+  const char* gguf = std::getenv("TESSERA_DECODER_GGUF");
+  CATCH_REQUIRE(gguf != nullptr);
+  // The converted directory's tokenizer.json is transformers' reading of the same file.
+  const auto ours = load_tokenizer(gguf), theirs = load_tokenizer(test::decoder_dir());
+  CATCH_CHECK(ours->vocab_size() == theirs->vocab_size());
+  auto rows = read_csv(std::string(std::getenv("TESSERA_DATA_DIR")) + "/polarity.csv");
+  std::vector<std::string> texts = {"<|im_start|>user\nIs 1234 + 56 = 1290?<|im_end|>\n", "  spaces   and\ttabs\n\nnewlines", "café naïve 東京 🙂", ""};
+  for (std::size_t r = 1; r < rows.size() && r < 400; ++r) texts.push_back(rows[r][0]);
+  std::size_t tokens = 0;
+  for (const auto& t : texts) {
+    CATCH_INFO(t);
+    const auto a = ours->encode(t), b = theirs->encode(t);
+    CATCH_CHECK(a == b);
+    CATCH_CHECK(ours->decode(a) == theirs->decode(b));
+    tokens += a.size();
+  }
+  CATCH_CHECK(tokens > 5000);
+  CATCH_CHECK(ours->encode("<|im_start|>")[0] == 1);  // a control token is matched whole
 }
