@@ -17,7 +17,9 @@ Int8Parts int8_quantize(const Tensor& w) {
   const Tensor a = w.detach().to(at::kFloat);
   Int8Parts q;
   q.scales = a.abs().amax(1);  // (out)
-  const Tensor factor = at::where(q.scales > 0, 127.0 / q.scales, at::zeros_like(q.scales));
+  // 127 · (1 / scale), as Python's 127.0 / t computes it in bitsandbytes (a reciprocal, then a
+  // product: a true division rounds differently, and so does a code at a tie).
+  const Tensor factor = at::where(q.scales > 0, q.scales.reciprocal() * 127.0, at::zeros_like(q.scales));
   q.codes = at::round(a * factor.unsqueeze(1)).to(at::kChar);
   return q;
 }

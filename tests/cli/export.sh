@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `tessera export`: a LoRA run and a BitFit run on the real MiniLM, each written as a Hugging
+# `tessera export`: a LoRA run (over a dense base and over one kept as int8) and a BitFit run on the real MiniLM, each written as a Hugging
 # Face model directory that transformers loads and that computes what peft's merged model
 # (LoRA) or the base with the run's saved biases (BitFit) computes (export_check.py). A run
 # whose method cannot fold is refused, naming it; an existing OUT_DIR needs --overwrite;
@@ -42,6 +42,14 @@ for f in config.json model.safetensors tokenizer.json tokenizer_config.json voca
 [ "$(ls "$out/lora-hf" | wc -l)" -eq 6 ] && [ ! -e "$out/lora-hf.partial" ]
 "$python" "$check" lora "$TESSERA_MODEL_DIR" "$out/lora/adapter/lora" "$out/lora-hf"
 "$python" "$check" bitfit "$TESSERA_MODEL_DIR" "$out/bitfit/adapter/bitfit" "$out/bitfit-hf"
+
+# Over a base kept quantized (int8 rows), the export dequantizes, merges into that, and says so.
+sed 's|^\[model\]|[model]\nquantize = "int8"|' "$out/lora.toml" >"$out/lora8.toml"
+"$tessera" --log-level warn train "$out/lora8.toml" --run-dir "$out/lora8" >/dev/null
+"$tessera" export "$out/lora8" "$out/lora8-hf" | tee "$out/lora8.txt"
+grep -q 'the base was loaded quantized (\[model\] quantize = "int8"): its weights are written dequantized' "$out/lora8.txt"
+grep -Eq "^exported $out/lora8-hf: 104 tensors, 36 changed by the merge or the dequantization, [0-9.]+ MB$" "$out/lora8.txt"
+"$python" "$check" int8lora "$TESSERA_MODEL_DIR" "$out/lora8/adapter/lora" "$out/lora8-hf"
 
 # --dtype stores another dtype and says so in config.json.
 "$tessera" export "$out/lora" "$out/lora-bf16" --dtype bf16 >/dev/null

@@ -6,6 +6,10 @@
                                             other tensor is BASE's bit for bit, and OUT computes
                                             what BASE with those biases does
   export_check.py dtype  OUT TORCH_DTYPE    every float tensor and config.json's torch_dtype
+  export_check.py int8lora BASE ADAPTER OUT a LoRA run over a base kept as int8: OUT's layer
+                                            weights are bitsandbytes' int8 round trip of BASE's
+                                            (LLM.int8()'s rows) with peft's merge added to the
+                                            adapted ones; every other tensor is BASE's
 
 Float comparisons: max |a - b| <= 1e-4 * max |b| (CPUs differ in rounding: AVX2, AVX-512).
 """
@@ -81,6 +85,31 @@ def check_dtype(out_dir, torch_dtype):
     print(f"dtype: every float tensor {torch_dtype}")
 
 
+def check_int8_lora(base_dir, adapter, out_dir):
+    import bitsandbytes.functional as bnbf
+    from peft import PeftModel
+    base, out = same_names(base_dir, out_dir)
+    model = AutoModel.from_pretrained(base_dir)
+    linear = {f"{n}.weight" for n, m in model.encoder.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear = {"encoder." + k for k in linear}
+    with torch.no_grad():  # the base as bitsandbytes keeps it in 8 bits, dequantized
+        for n, m in model.encoder.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                cb, scb, _ = bnbf.int8_vectorwise_quant(m.weight.detach().clone())
+                m.weight.copy_(bnbf.int8_vectorwise_dequant(cb, scb))
+    reference = PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+    assert len(linear) == 36, sorted(linear)
+    merged = 0
+    for k in base:
+        if k in linear:
+            close(k, out[k], reference[k], rel=1e-6)
+            merged += not torch.equal(reference[k], bnbf.int8_vectorwise_dequant(*bnbf.int8_vectorwise_quant(base[k].clone())[:2]))
+        else:
+            assert torch.equal(out[k], base[k]), f"{k} is not the base's bit for bit"
+    assert merged == 12, f"{merged} weights moved by the merge"
+    print(f"int8lora: 36 layer weights the int8 round trip, {merged} with peft's merge")
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"lora": check_lora, "bitfit": check_bitfit, "dtype": check_dtype}[mode](*args)
+    {"lora": check_lora, "bitfit": check_bitfit, "dtype": check_dtype, "int8lora": check_int8_lora}[mode](*args)
