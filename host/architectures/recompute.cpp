@@ -31,6 +31,27 @@ void set_state(c10::Device d, const Tensor& s) {
   g.set_state(s);
 }
 
+// Sets the streams back to where the first pass found them, and — whatever the body does,
+// a throw included — forward again to where they are now when it ends.
+class ReplayedStreams {
+ public:
+  explicit ReplayedStreams(const Pending& p) : device_(p.device), cpu_now_(state_of(c10::kCPU)) {
+    if (!device_.is_cpu()) device_now_ = state_of(device_);
+    set_state(c10::kCPU, p.cpu_state);
+    if (!device_.is_cpu()) set_state(device_, p.device_state);
+  }
+  ~ReplayedStreams() {
+    set_state(c10::kCPU, cpu_now_);
+    if (!device_.is_cpu()) set_state(device_, device_now_);
+  }
+  ReplayedStreams(const ReplayedStreams&) = delete;
+  ReplayedStreams& operator=(const ReplayedStreams&) = delete;
+
+ private:
+  c10::Device device_;
+  Tensor cpu_now_, device_now_;
+};
+
 struct Recomputed : torch::autograd::Function<Recomputed> {
   // x (N, …), extras: tensors from outside with their own gradients -> the body's output
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, at::TensorList extras, c10::intrusive_ptr<Pending> p) {
@@ -48,17 +69,12 @@ struct Recomputed : torch::autograd::Function<Recomputed> {
     const auto p = c10::static_intrusive_pointer_cast<Pending>(ctx->saved_data["pending"].toCapsule());
     std::vector<Tensor> in;
     for (const auto& t : ctx->get_saved_variables()) in.push_back(t.defined() ? t.detach().requires_grad_(t.requires_grad()) : t);
-    // The same draws as the first pass, and the streams left where they are now.
-    const Tensor cpu_now = state_of(c10::kCPU), device_now = p->device.is_cpu() ? Tensor() : state_of(p->device);
-    set_state(c10::kCPU, p->cpu_state);
-    if (!p->device.is_cpu()) set_state(p->device, p->device_state);
     Tensor y;
     {
+      const ReplayedStreams replay(*p);  // the same draws as the first pass
       at::AutoGradMode on(true);
       y = p->body(in[0], std::vector<Tensor>(in.begin() + 1, in.end()));
     }
-    set_state(c10::kCPU, cpu_now);
-    if (!p->device.is_cpu()) set_state(p->device, device_now);
     if (y.requires_grad()) torch::autograd::backward({y}, {g[0]});  // parameters inside accumulate theirs
     torch::autograd::variable_list grads;
     for (const auto& t : in) grads.push_back(t.defined() && t.requires_grad() ? t.grad() : Tensor());

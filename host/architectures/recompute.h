@@ -9,7 +9,10 @@
 // masks. The body reads only what it is given and what it owns: tensors from outside the
 // layer that carry a gradient (an attention site's prefix) must be among `extras`, which get
 // their gradients back like the input. Trainable parameters inside the layer (a method's
-// weights) get theirs accumulated when the layer is recomputed and differentiated.
+// weights) get theirs accumulated when the layer is recomputed and differentiated — into
+// their .grad, as loss.backward() does (the trainer's way): torch::autograd::grad() over a
+// recomputed model would not see them. What the layer does besides computing (a site's tap,
+// a router) happens again in the second pass.
 #pragma once
 
 #include <tessera/internal/sites_impl.h>

@@ -84,7 +84,8 @@ std::vector<Planned> plan(SiteModel& model, const std::string& quantize, const s
                           const std::vector<std::pair<std::string, std::string>>& overrides, const std::map<std::string, std::string>* gguf_names,
                           const std::string& source) {
   std::vector<Planned> out;
-  std::set<std::string> used;  // quantize_targets patterns that matched
+  std::set<std::string> used;                  // quantize_targets patterns that matched
+  std::set<const ParameterSiteImpl*> planned;  // a weight two sites share is stored once
   for (auto* site : model.linear_sites()) {
     const std::string& name = site->name();
     const auto asked = requested.find(name);
@@ -101,7 +102,7 @@ std::vector<Planned> plan(SiteModel& model, const std::string& quantize, const s
         throw std::invalid_argument("linear site " + name + " is a row block of a fused weight (" + w.hf_name() + "): ask for the fused site's storage");
       continue;
     }
-    if (w.stored() != nullptr) continue;
+    if (w.stored() != nullptr || !planned.insert(&w).second) continue;
     std::string gguf_name;
     if (format == "gguf") {
       const auto it = gguf_names->find(w.hf_name());

@@ -223,7 +223,8 @@ void read_model(const std::string& path, const toml::table* t, ModelConfig& m) {
     for (const auto& [k, v] : *targets) {
       const std::string f = v.is_string() ? v.as_string()->get() : "";
       if (std::find(formats.begin(), formats.end(), f) == formats.end())
-        s.fail(v, "quantize_targets: '" + std::string(k.str()) + "' must name a storage format: none, nf4, fp4, int8 or gguf");
+        s.fail(v, "quantize_targets: '" + std::string(k.str()) + "' must name a storage format: none, nf4, fp4, int8 or gguf" +
+                      (v.is_table() ? " (a pattern with dots is one key only in quotes: \"mlp.down\" = \"int8\")" : ""));
       m.quantize_targets.emplace_back(std::string(k.str()), f);
       four_bit = four_bit || f == "nf4" || f == "fp4", gguf_asked = gguf_asked || f == "gguf";
     }

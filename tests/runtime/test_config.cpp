@@ -143,6 +143,8 @@ path = "/d.csv"
               "run.toml:4:12: quantize_targets: 'mlp.up' must name a storage format: none, nf4, fp4, int8 or gguf");
   CATCH_CHECK(config_error("[model]\npath = \"/m\"\n[model.quantize_targets]\n\"mlp.up\" = 4\n[data]\npath = \"/d.csv\"\n") ==
               "run.toml:4:12: quantize_targets: 'mlp.up' must name a storage format: none, nf4, fp4, int8 or gguf");
+  CATCH_CHECK_THAT(config_error("[model]\npath = \"/m\"\n[model.quantize_targets]\nmlp.up = \"int8\"\n[data]\npath = \"/d.csv\"\n"),
+                   Catch::Contains("'mlp' must name a storage format") && Catch::Contains("in quotes"));
   CATCH_CHECK(config_error("[model]\npath = \"/m\"\nquantize_targets = \"mlp.up\"\n[data]\npath = \"/d.csv\"\n") ==
               "run.toml:3:20: 'quantize_targets' must be a table");
   CATCH_CHECK(config_error("[model]\npath = \"/m\"\n[model.quantize_targets]\n\"mlp.up\" = \"gguf\"\n[data]\npath = \"/d.csv\"\n") ==
