@@ -261,15 +261,10 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
         return kept.defined() ? routed_layer(l, h, kept, mask, prefix) : layer_forward(l, h, mask, prefix, shared_u.get());
       });
     };
-    if (!recompute) {
-      x = layer(x, prefix);
-      continue;
-    }
-    std::vector<Tensor> extras;  // the prefix may carry a gradient
-    if (prefix.first.defined()) extras = {prefix.first, prefix.second};
-    x = recomputed_layer(x, extras, [this, layer, full_mask = out.mask, shared_u](const Tensor& h, const std::vector<Tensor>& e) {
+    // Recomputed: the prefix, which may carry a gradient, goes in as extras.
+    x = !recompute ? layer(x, prefix) : recomputed_layer(x, prefix_extras(prefix), [this, layer, full_mask = out.mask, shared_u](const Tensor& h, const std::vector<Tensor>& e) {
       if (at::GradMode::is_enabled()) enter_forward(full_mask, shared_u.get());
-      return layer(h, e.empty() ? KV{} : KV{e[0], e[1]});
+      return layer(h, prefix_of(e));
     });
   }
   out.hidden = output_site_->apply(u ? u->padded(x) : x);  // (B, S, H)

@@ -422,17 +422,11 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
   const bool recompute = gradient_checkpointing() && training_ && cache == nullptr && at::GradMode::is_enabled();
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const auto prefix = prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[i];
-    if (!recompute) {
-      x = layer(i, x, prefix);
-      continue;
-    }
-    // The prefix, which may carry a gradient, goes in as extras; the forward context is set
-    // again for the second pass.
-    std::vector<Tensor> extras;
-    if (prefix.first.defined()) extras = {prefix.first, prefix.second};
-    x = recomputed_layer(x, extras, [=](const Tensor& h, const std::vector<Tensor>& e) {
+    // Recomputed: the prefix, which may carry a gradient, goes in as extras; the forward
+    // context is set again for the second pass.
+    x = !recompute ? layer(i, x, prefix) : recomputed_layer(x, prefix_extras(prefix), [=](const Tensor& h, const std::vector<Tensor>& e) {
       if (at::GradMode::is_enabled()) enter_forward(new_mask, shared_u.get());
-      return layer(i, h, e.empty() ? std::pair<Tensor, Tensor>{} : std::pair<Tensor, Tensor>{e[0], e[1]});
+      return layer(i, h, prefix_of(e));
     });
   }
   if (cache) cache->mask = key_mask;

@@ -92,4 +92,12 @@ Tensor recomputed_layer(const Tensor& x, const std::vector<Tensor>& extras, Laye
   return Recomputed::apply(input, at::TensorList(extras), p);
 }
 
+std::vector<Tensor> prefix_extras(const std::pair<Tensor, Tensor>& kv) {
+  return kv.first.defined() ? std::vector<Tensor>{kv.first, kv.second} : std::vector<Tensor>{};
+}
+
+std::pair<Tensor, Tensor> prefix_of(const std::vector<Tensor>& extras) {
+  return extras.empty() ? std::pair<Tensor, Tensor>{} : std::pair<Tensor, Tensor>{extras[0], extras[1]};
+}
+
 }  // namespace tessera

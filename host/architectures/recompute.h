@@ -18,6 +18,7 @@
 #include <tessera/internal/sites_impl.h>
 
 #include <functional>
+#include <utility>
 #include <vector>
 
 namespace tessera {
@@ -28,5 +29,9 @@ using LayerBody = std::function<Tensor(const Tensor& x, const std::vector<Tensor
 // to carry a gradient if it does not, so that a layer whose only trainables are inside it
 // still reaches backward.
 Tensor recomputed_layer(const Tensor& x, const std::vector<Tensor>& extras, LayerBody body);
+
+// An attention site's prefix (K, V) as extras, and back; an undefined prefix is no extras.
+std::vector<Tensor> prefix_extras(const std::pair<Tensor, Tensor>& kv);
+std::pair<Tensor, Tensor> prefix_of(const std::vector<Tensor>& extras);
 
 }  // namespace tessera
