@@ -2,7 +2,9 @@
 # LoRA causal-LM fine-tuning throughput and peak memory, Tessera against transformers +
 # peft on the same torch, side by side: the same checkpoint, tokenizer, consecutive
 # batches (each padded to its longest text), LoRA r = 8, threads and steps.
-#   bash bench/lm_lora_vs_peft.sh [steps] [batch] [max_length] [gpt2|smollm2] [lora|lora_fa|dora|adalora|loha|lokr|vera]
+#   bash bench/lm_lora_vs_peft.sh [steps] [batch] [max_length] [gpt2|smollm2] [lora|lora_fa|dora|adalora|loha|lokr|vera] [none|nf4|qlora]
+# nf4: both bases in 4-bit NF4 with double quantization (peft: bitsandbytes and
+#   prepare_model_for_kbit_training); qlora: that and gradient checkpointing on both sides.
 # The method's settings: bench/method_toml.sh (Tessera) and bench/peer_methods.py (peft).
 # gpt2: GPT-2 small at its real size with random weights made by transformers and a
 #   byte-level BPE trained on the polarity sentences; LoRA on c_attn, c_proj, c_fc.
@@ -12,7 +14,10 @@
 # (bench/device_check.sh, with TESSERA_BENCH_PREBUILT=1 as in forward_vs_transformers.sh).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-steps=${1:-10} batch=${2:-16} len=${3:-64} which=${4:-gpt2} method=${5:-lora} threads=$(nproc) device=${TESSERA_BENCH_DEVICE:-cpu}
+steps=${1:-10} batch=${2:-16} len=${3:-64} which=${4:-gpt2} method=${5:-lora} base=${6:-none} threads=$(nproc) device=${TESSERA_BENCH_DEVICE:-cpu}
+quantize=none ckpt=false peer_base=()
+if [ "$base" != none ]; then quantize=nf4 peer_base=(--quantize nf4); fi
+if [ "$base" = qlora ]; then ckpt=true peer_base+=(--gradient-checkpointing); fi
 if [ -z "${TESSERA_BENCH_PREBUILT:-}" ]; then
   bash "$root/scripts/build" >/dev/null
   source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
@@ -48,6 +53,8 @@ cat >"$work/bench.toml" <<TOML
 [model]
 path = "$model"
 device = "$device"
+quantize = "$quantize"
+double_quant = $([[ $quantize == none ]] && echo false || echo true)
 [data]
 path = "\${TESSERA_DATA_DIR}/polarity.csv"
 max_length = $len
@@ -62,11 +69,12 @@ threads = $threads
 max_steps = $((steps + 3))
 shuffle = false
 lr = 1e-3
+gradient_checkpointing = $ckpt
 $(bash "$root/bench/method_toml.sh" "$method" "$ours" $((steps + 3)))
 TOML
-echo "== $method: transformers + peft ($which, $device, $threads threads, batch $batch, length ≤ $len, $steps timed steps)"
+echo "== $method: transformers + peft ($which, $device, $threads threads, batch $batch, length ≤ $len, base $base, $steps timed steps)"
 $py "$root/bench/measure.py" $py "$root/bench/peer_lm_peft.py" --model "$model" "${peer[@]}" --data "$TESSERA_DATA_DIR/polarity.csv" \
-  --steps "$steps" --batch-size $batch --max-length $len --threads "$threads" --device "$device" --method "$method" >"$work/peer.json" 2>"$work/peer.err" \
+  --steps "$steps" --batch-size $batch --max-length $len --threads "$threads" --device "$device" --method "$method" "${peer_base[@]}" >"$work/peer.json" 2>"$work/peer.err" \
   || { cat "$work/peer.err"; exit 1; }
 echo "== tessera"
 $py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn train "$work/bench.toml" --run-dir "$work/run" \

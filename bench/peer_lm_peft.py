@@ -30,6 +30,8 @@ ap.add_argument("--fan-in-fan-out", action="store_true", help="GPT-2's Conv1D we
 ap.add_argument("--device", default="cpu")
 ap.add_argument("--method", choices=REPARAMETERIZED, default="lora")
 ap.add_argument("--full", action="store_true", help="full fine-tuning: every weight trains, no peft")
+ap.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA, the base in bitsandbytes 4-bit with double quantization")
+ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (prepare_model_for_kbit_training's default)")
 args = ap.parse_args()
 device = torch.device(args.device)
 finish = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # the clock waits for the device
@@ -39,7 +41,18 @@ torch.manual_seed(0)
 train = [r["text"] for r in train_rows(args.data, args.test_fraction)]
 
 tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
-model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+if args.quantize == "nf4":  # QLoRA as PEFT users run it: bitsandbytes NF4, double quantization, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, quantization_config=q, device_map=args.device)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+else:
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
 eos = model.config.eos_token_id
 eos = eos[0] if isinstance(eos, list) else eos
 total = args.warmup_steps + args.steps
