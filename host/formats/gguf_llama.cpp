@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <regex>
+#include <vector>
 
 namespace tessera {
 namespace {
@@ -15,10 +16,21 @@ const nlohmann::json& need(const GgufFile& f, const std::string& key) {
   return f.metadata()[key];
 }
 
-// The inverse of llama.cpp's per-head row order for rotary q and k: (h, d/2, 2, in) → (h, 2, d/2, in).
+// The inverse of llama.cpp's per-head row order for rotary q and k, (h, d/2, 2, in) →
+// (h, 2, d/2, in), as a row map: row r of the Hugging Face weight is the file's row
+// source_row(r). Each of a head's d rows: its half (first or second of the rotary pairs) and
+// its pair index i; the file interleaves them.
+std::int64_t source_row(std::int64_t r, std::int64_t rows, std::int64_t heads) {
+  if (heads == 0) return r;
+  const std::int64_t d = rows / heads, head = r / d, half = (r % d) / (d / 2), i = (r % d) % (d / 2);
+  return head * d + 2 * i + half;
+}
+
 at::Tensor unpermute(const at::Tensor& w, std::int64_t heads) {
   const std::int64_t rows = w.size(0);
-  return w.reshape({heads, rows / heads / 2, 2, -1}).transpose(1, 2).reshape(w.sizes()).contiguous();
+  std::vector<std::int64_t> map(static_cast<std::size_t>(rows));
+  for (std::int64_t r = 0; r < rows; ++r) map[static_cast<std::size_t>(r)] = source_row(r, rows, heads);
+  return w.index_select(0, at::tensor(map, at::kLong).to(w.device()));
 }
 
 }  // namespace
@@ -98,11 +110,11 @@ class GgufBlocks final : public StoredTensor {
     return blocks && info_.shape.size() == 2 && options_.device().is_cpu() && c10::typeMetaToScalarType(options_.dtype()) == at::kFloat ? 32 : 0;
   }
   std::int64_t rows() const override { return info_.shape.size() == 2 ? info_.shape[0] : 0; }
-  // Row r of the un-permuted weight is the file's row `source(r)`; each value as
+  // Row r of the un-permuted weight is the file's row source_row(r); each value as
   // dequantize_gguf computes it, product for product.
   void dequantize_row(std::int64_t r, std::int64_t c0, std::int64_t c1, float* out) const override {
     const std::int64_t per_row = info_.shape[1] / 32, bytes = raw_.size(1);
-    const auto* row = raw_.data_ptr<std::uint8_t>() + (source(r) * per_row + c0 / 32) * bytes;
+    const auto* row = raw_.data_ptr<std::uint8_t>() + (source_row(r, info_.shape[0], heads_) * per_row + c0 / 32) * bytes;
     for (std::int64_t c = c0; c < c1; c += 32, row += bytes, out += 32) {
       const float d = half(row);
       if (info_.type == 8) {
@@ -122,12 +134,6 @@ class GgufBlocks final : public StoredTensor {
     std::uint16_t bits;
     std::memcpy(&bits, p, 2);
     return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
-  }
-  // unpermute's row map: the head's two halves of rotary pairs were interleaved in the file.
-  std::int64_t source(std::int64_t r) const {
-    if (heads_ == 0) return r;
-    const std::int64_t d = info_.shape[0] / heads_, head = r / d, half = (r % d) / (d / 2), i = (r % d) % (d / 2);
-    return head * d + 2 * i + half;
   }
 
   std::shared_ptr<const GgufFile> file_;  // keeps the mapping raw_ views

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace tessera {
 namespace {
@@ -30,9 +31,8 @@ void dequantize(const StoredTensor& w, std::int64_t r0, std::int64_t n, std::int
   });
 }
 
-}  // namespace
-
-Tensor blockwise_forward(const Tensor& x, const StoredTensor& w) {
+// x (T, in) contiguous -> (T, out)
+Tensor forward_2d(const Tensor& x, const StoredTensor& w) {
   const std::int64_t out = w.rows(), in = x.size(1);
   const std::int64_t rows = std::min(out, std::max<std::int64_t>(1, kSlabValues / in));
   Tensor piece = at::empty({rows, in}, x.options());
@@ -51,7 +51,8 @@ Tensor blockwise_forward(const Tensor& x, const StoredTensor& w) {
   return y;
 }
 
-Tensor blockwise_input_grad(const Tensor& g, const StoredTensor& w, std::int64_t in) {
+// g (T, out) contiguous -> (T, in)
+Tensor input_grad_2d(const Tensor& g, const StoredTensor& w, std::int64_t in) {
   const std::int64_t out = w.rows(), step = w.column_step();
   const std::int64_t cols = std::min(in, std::max<std::int64_t>(1, kSlabValues / out / step) * step);
   Tensor piece = at::empty({out, cols}, g.options());
@@ -68,6 +69,23 @@ Tensor blockwise_input_grad(const Tensor& g, const StoredTensor& w, std::int64_t
     at::mm_out(columns, g, p);
   }
   return gx;
+}
+
+// The last dimension swapped for the product's: (..., a) -> (..., b).
+std::vector<std::int64_t> with_last(const Tensor& t, std::int64_t last) {
+  std::vector<std::int64_t> shape = t.sizes().vec();
+  shape.back() = last;
+  return shape;
+}
+
+}  // namespace
+
+Tensor blockwise_forward(const Tensor& x, const StoredTensor& w) {
+  return forward_2d(x.reshape({-1, x.size(-1)}).contiguous(), w).view(with_last(x, w.rows()));
+}
+
+Tensor blockwise_input_grad(const Tensor& g, const StoredTensor& w, std::int64_t in_features) {
+  return input_grad_2d(g.reshape({-1, g.size(-1)}).contiguous(), w, in_features).view(with_last(g, in_features));
 }
 
 }  // namespace tessera

@@ -91,23 +91,14 @@ struct RecomputedProduct : torch::autograd::Function<RecomputedProduct> {
     ctx->saved_data["in"] = x.size(-1);
     const auto* w = reinterpret_cast<const StoredTensor*>(stored);
     if (!blockwise(x, *w)) return dense_linear(x, w->dense(), b.numel() > 0 ? b : at::Tensor());
-    std::vector<std::int64_t> shape = x.sizes().vec();
-    shape.back() = w->rows();
-    at::Tensor y = blockwise_forward(x.reshape({-1, x.size(-1)}).contiguous(), *w);  // (T, out)
-    if (b.numel() > 0) y.add_(b);
-    return y.view(shape);
+    at::Tensor y = blockwise_forward(x, *w);  // (..., out)
+    return b.numel() > 0 ? y.add_(b) : y;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list g) {
     const auto* w = reinterpret_cast<const StoredTensor*>(ctx->saved_data["stored"].toInt());
     at::Tensor gx, gb;
-    if (ctx->needs_input_grad(0) && blockwise(g[0], *w)) {
-      const std::int64_t in = ctx->saved_data["in"].toInt();
-      std::vector<std::int64_t> shape = g[0].sizes().vec();
-      shape.back() = in;
-      gx = blockwise_input_grad(g[0].reshape({-1, g[0].size(-1)}).contiguous(), *w, in).view(shape);  // (..., in)
-    } else if (ctx->needs_input_grad(0)) {
-      gx = dense_linear(g[0], w->dense().t());  // (..., in)
-    }
+    if (ctx->needs_input_grad(0))
+      gx = blockwise(g[0], *w) ? blockwise_input_grad(g[0], *w, ctx->saved_data["in"].toInt()) : dense_linear(g[0], w->dense().t());  // (..., in)
     if (ctx->needs_input_grad(1) && ctx->saved_data["bias"].toBool()) gb = g[0].reshape({-1, g[0].size(-1)}).sum(0);
     return {gx, gb, at::Tensor()};
   }

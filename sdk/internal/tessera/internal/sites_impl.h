@@ -132,8 +132,8 @@ class ParameterSiteImpl;
 // where the weight has blocks of rows (column_step() > 0) and x is CPU f32, whole otherwise.
 Tensor recomputed_linear(const Tensor& x, const StoredTensor& w, const Tensor& b);
 
-// The slab-at-a-time products (blockwise_product.cpp), for x (T, in) and g (T, out)
-// contiguous CPU f32 and w with column_step() > 0: x Wᵀ (T, out), and g W (T, in).
+// The slab-at-a-time products (blockwise_product.cpp), for x (..., in) and g (..., out) on
+// a CPU in f32 and w with column_step() > 0: x Wᵀ (..., out), and g W (..., in).
 Tensor blockwise_forward(const Tensor& x, const StoredTensor& w);
 Tensor blockwise_input_grad(const Tensor& g, const StoredTensor& w, std::int64_t in_features);
 
