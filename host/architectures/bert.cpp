@@ -144,7 +144,8 @@ Tensor BertModel::attention(const Layer& l, const Tensor& h, const Tensor& mask,
   };
   Tensor q = heads(l.q->forward(h)), k = heads(l.k->forward(h)), v = heads(l.v->forward(h));
   const KV in = l.attention->input_prefix(h);  // (B, nh, P_in, hd) each; input prefixes keep the padded layout
-  prepend_prefixes(k, v, {&prefix, &in});  // keys: [prefix ; input prefix ; tokens]
+  const KV weighed = l.attention->weigh_prefix(prefix, h);  // gated or routed prefixes, from the layer's input
+  prepend_prefixes(k, v, {&weighed, &in});  // keys: [prefix ; input prefix ; tokens]
   if (mask.defined() && mask.size(1) != k.size(2)) throw std::runtime_error("attention mask covers " + std::to_string(mask.size(1)) + " keys, not " + std::to_string(k.size(2)));
   // An undefined mask: every key is real, no mask at all (the kernels' fastest path).
   Tensor keep = mask.defined() ? mask.to(at::kBool).view({B, 1, 1, k.size(2)}) : Tensor();

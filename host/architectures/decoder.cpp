@@ -327,7 +327,8 @@ Tensor DecoderModel::attention(const Layer& l, std::size_t index, const Tensor& 
   const bool first = cache == nullptr || cache->k.size() <= index || !cache->k[index].defined();
   if (first) {  // keys: [prefix ; input prefix ; tokens]
     const auto in = l.attention->input_prefix(x);  // x (B, T, H): input prefixes keep the padded layout
-    prepend_prefixes(k, v, {&prefix, &in});
+    const auto weighed = l.attention->weigh_prefix(prefix, x);  // gated or routed prefixes, from the layer's input
+    prepend_prefixes(k, v, {&weighed, &in});
   } else {
     k = at::cat({cache->k[index], k}, 2);
     v = at::cat({cache->v[index], v}, 2);

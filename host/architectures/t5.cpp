@@ -173,7 +173,7 @@ Tensor T5Model::attention(const Attn& a, const Tensor& x, const Tensor& kv_sourc
   } else {
     k = heads(a.k->forward(kv_source)), v = heads(a.v->forward(kv_source));
     if (first) {  // keys: [prefix ; input prefix (from the query's input x) ; source]
-      const auto prefix = given ? *given : a.site->prefix(B), in = a.site->input_prefix(x);
+      const auto prefix = a.site->weigh_prefix(given ? *given : a.site->prefix(B), x), in = a.site->input_prefix(x);
       prepend_prefixes(k, v, {&prefix, &in});
     } else {
       k = at::cat({*cache_k, k}, 2), v = at::cat({*cache_v, v}, 2);

@@ -20,10 +20,79 @@ bool any_on(const Entries<Fn>& list) {
   return std::any_of(list.begin(), list.end(), [](const auto& e) { return e.on(); });
 }
 
-// α·t, without touching t at α = 1 (the method's own numbers, bit for bit).
-Tensor times(double alpha, const Tensor& t) { return alpha == 1.0 ? t : t * alpha; }
-// 1 + α(s − 1): a multiplicative intervention moved from the identity toward s.
-Tensor toward(double alpha, const Tensor& s) { return alpha == 1.0 ? s : (s - 1) * alpha + 1; }
+// How much of one contribution counts: the owner's α times its groups' factors (f undefined:
+// none). At α = 1 without factors nothing is multiplied (the method's own numbers, bit for bit).
+struct Weight {
+  double alpha = 1.0;
+  Tensor f;
+  bool one() const { return alpha == 1.0 && !f.defined(); }
+};
+
+Tensor times(const Weight& w, Tensor t) {
+  if (w.alpha != 1.0) t = t * w.alpha;
+  return w.f.defined() ? t * w.f : t;
+}
+// 1 + w(s − 1): a multiplicative intervention moved from the identity toward s.
+Tensor toward(const Weight& w, const Tensor& s) { return w.one() ? s : times(w, s - 1) + 1; }
+
+Tensor product(const Tensor& a, const Tensor& b) { return a.defined() ? a * b : b; }
+
+// For a contribution shaped like x's rows, x being what it reads.
+template <class Fn>
+Weight per_token(const Entry<Fn>& e, const SiteCore& site, const Tensor& x) {
+  Weight w{e.alpha()};
+  for (const auto& f : e.owner->factors()) w.f = product(w.f, f->per_token(site.site_name(), x));
+  return w;
+}
+// For a parameter delta: scalars.
+template <class Fn>
+Weight per_tensor(const Entry<Fn>& e, const SiteCore& site) {
+  Weight w{e.alpha()};
+  for (const auto& f : e.owner->factors()) w.f = product(w.f, f->scalar(site.site_name()));
+  return w;
+}
+// For a prefix's keys and values (B, heads, P, d): (B, 1, 1, 1) each, undefined without factors.
+template <class Fn>
+std::pair<Tensor, Tensor> kv_factors(const Entry<Fn>& e, const SiteCore& site, const Tensor& x, std::int64_t batch) {
+  Tensor fk, fv;
+  for (const auto& f : e.owner->factors()) {
+    const Tensor t = f->per_sample(site.site_name(), x, batch);  // (B), or (B, 2): keys', values'
+    fk = product(fk, t.dim() == 2 ? t.select(1, 0) : t);
+    fv = product(fv, t.dim() == 2 ? t.select(1, 1) : t);
+  }
+  if (fk.defined()) fk = fk.reshape({batch, 1, 1, 1}), fv = fv.reshape({batch, 1, 1, 1});
+  return {fk, fv};
+}
+// What changes a shape or a path (a prompt, a tap, a router) has no magnitude to weigh.
+template <class Fn>
+void refuse_factors(const Entry<Fn>& e, const SiteCore& site, const char* what) {
+  if (!e.owner->factors().empty())
+    throw InterventionError(e.owner->where(site.site_name()) + "is in a gated or routed group, but " + what +
+                            " cannot be weighed per sample or per token (put the instance outside the group)");
+}
+
+// Runs interventions that chain (each reads what the one before gave) over v in install
+// order: v ↦ v + w(run(v) − v). Owners of one parallel group (composition) all read the
+// value before the first of them, and their changes add up.
+template <class Fn, class Run, class Weigh>
+Tensor chain(const Entries<Fn>& list, Tensor v, const Run& run, const Weigh& weigh) {
+  Tensor base = v;
+  int group = 0;
+  for (const auto& e : list) {
+    if (!e.on()) continue;
+    const int g = e.owner->parallel_group();
+    const bool joins = g != 0 && g == group;
+    group = g;
+    if (!joins) base = v;
+    const Tensor out = run(e, base);
+    const Weight w = weigh(e, base);
+    if (joins)
+      v = v + times(w, out - base);
+    else
+      v = w.one() ? out : base + times(w, out - base);
+  }
+  return v;
+}
 
 }  // namespace
 
@@ -79,7 +148,7 @@ Tensor ParameterSite::value() const {
   const auto& s = ParameterSiteImpl::of(*this);
   Tensor v = s.stored_ ? (s.dense_copy_.defined() ? s.dense_copy_ : s.stored_->dense()) : s.base_;
   for (const auto& d : s.deltas_)
-    if (d.on()) v = v + times(d.alpha(), s.call(d));
+    if (d.on()) v = v + times(per_tensor(d, s), s.call(d));
   if (any_on(s.sparse_)) {
     // One scatter-add into a copy: the gradient reaches the k values only (index_add's
     // backward gathers the output's gradient at the indices).
@@ -90,7 +159,7 @@ Tensor ParameterSite::value() const {
       if (vals.dim() != 1 || vals.size(0) != d.fn.indices.size(0))
         throw std::runtime_error("parameter site '" + s.site_name() + "': a sparse delta returned " + c10::str(vals.sizes()) + " values for " +
                                  std::to_string(d.fn.indices.size(0)) + " indices");
-      flat = flat.index_add(0, d.fn.indices, times(d.alpha(), vals).to(flat.scalar_type()));
+      flat = flat.index_add(0, d.fn.indices, times(per_tensor(d, s), vals).to(flat.scalar_type()));
     }
     v = flat.view(v.sizes());
   }
@@ -192,39 +261,41 @@ void LinearSiteImpl::drop(const OwnerImpl& owner) {
 Tensor LinearSiteImpl::forward(const Tensor& x) const { return forward(x, Activation::none); }
 
 Tensor LinearSiteImpl::forward(const Tensor& x, Activation act, const Tensor& times_) const {  // x: (..., in)
-  const auto& stored = ParameterSiteImpl::of(*weight_);
-  if (stored.stored() != nullptr && !stored.has_dense_copy() && at::GradMode::is_enabled() && !weight_->has_deltas() &&
-      !any_on(weight_deltas_) && !any_on(weight_transforms_)) {
-    // Training through a stored weight: dequantized in forward and in backward, never kept.
-    Tensor xin = x;
-    for (const auto& s : input_scales_)
-      if (s.on()) xin = xin * toward(s.alpha(), call(s));  // (in) broadcast
-    Tensor y = recomputed_linear(xin, *stored.stored(), bias_ ? bias_->value() : Tensor());  // (..., out)
-    for (const auto& s : output_scales_)
-      if (s.on()) y = y * toward(s.alpha(), call(s));
-    for (const auto& br : branches_)
-      if (br.on()) y = y + times(br.alpha(), call(br, x));
-    return activate(act, y, times_);
-  }
-  Tensor w = weight_->value();  // (out, in)
+  // A weight delta weighed per token or per sample (a gated or routed group) cannot go
+  // into W: it runs as a branch, (x ∘ s_in) ΔWᵀ, where W would have multiplied it.
+  const auto factored = [](const auto& e) { return !e.owner->factors().empty(); };
+  bool delta_branches = false, plain_deltas = false;
   for (const auto& d : weight_deltas_)
-    if (d.on()) w = w + times(d.alpha(), call(d));
-  for (const auto& t : weight_transforms_) {
-    if (!t.on()) continue;
-    Tensor out = call(t, w);  // (out, in)
-    w = t.alpha() == 1.0 ? out : w + (out - w) * t.alpha();
-  }
+    if (d.on()) (factored(d) ? delta_branches : plain_deltas) = true;
   Tensor xin = x;
   for (const auto& s : input_scales_)
-    if (s.on()) xin = xin * toward(s.alpha(), call(s));  // (in) broadcast
+    if (s.on()) xin = xin * toward(per_token(s, *this, x), call(s));  // (in) broadcast
+  const auto rest = [&](Tensor y) {  // y: (..., out)
+    for (const auto& d : weight_deltas_)
+      if (d.on() && factored(d)) y = y + times(per_token(d, *this, x), at::matmul(xin, call(d).to(xin.scalar_type()).t()));
+    for (const auto& s : output_scales_)
+      if (s.on()) y = y * toward(per_token(s, *this, x), call(s));  // (out) broadcast
+    for (const auto& br : branches_)
+      if (br.on()) y = y + times(per_token(br, *this, x), call(br, x));
+    return y;
+  };
+  const auto& stored = ParameterSiteImpl::of(*weight_);
   const Tensor b = bias_ ? bias_->value() : Tensor();
-  if (!any_on(output_scales_) && !any_on(branches_)) return dense_linear(xin, w, b, act, times_);  // (..., out)
-  Tensor y = dense_linear(xin, w, b);  // (..., out)
-  for (const auto& s : output_scales_)
-    if (s.on()) y = y * toward(s.alpha(), call(s));  // (out) broadcast
-  for (const auto& br : branches_)
-    if (br.on()) y = y + times(br.alpha(), call(br, x));
-  return activate(act, y, times_);
+  if (stored.stored() != nullptr && !stored.has_dense_copy() && at::GradMode::is_enabled() && !weight_->has_deltas() && !plain_deltas &&
+      !any_on(weight_transforms_))  // training through a stored weight: dequantized in forward and in backward, never kept
+    return activate(act, rest(recomputed_linear(xin, *stored.stored(), b)), times_);
+  Tensor w = weight_->value();  // (out, in)
+  for (const auto& d : weight_deltas_)
+    if (d.on() && !factored(d)) w = w + times(Weight{d.alpha()}, call(d));
+  w = chain(
+      weight_transforms_, w,
+      [&](const auto& t, const Tensor& base) {
+        refuse_factors(t, *this, "a weight transform");
+        return call(t, base);  // (out, in)
+      },
+      [](const auto& t, const Tensor&) { return Weight{t.alpha()}; });
+  if (!any_on(output_scales_) && !any_on(branches_) && !delta_branches) return dense_linear(xin, w, b, act, times_);  // (..., out)
+  return activate(act, rest(dense_linear(xin, w, b)), times_);
 }
 
 // ---- SublayerSite ----------------------------------------------------------------------
@@ -282,15 +353,13 @@ const TensorMap& SublayerSiteImpl::identity() {
 }
 
 Tensor SublayerSiteImpl::apply(const Tensor& x, Tensor h, const Tensor& residual, const TensorMap& norm) const {
-  for (const auto& s : sequential_) {
-    if (!s.on()) continue;
-    Tensor out = call(s, h, residual, norm);
-    h = s.alpha() == 1.0 ? out : h + (out - h) * s.alpha();
-  }
+  h = chain(
+      sequential_, h, [&](const auto& s, const Tensor& in) { return call(s, in, residual, norm); },
+      [&](const auto& s, const Tensor& in) { return per_token(s, *this, in); });  // a module's change, weighed by what it read
   for (const auto& p : parallel_)
-    if (p.on()) h = h + times(p.alpha(), call(p, x));
+    if (p.on()) h = h + times(per_token(p, *this, x), call(p, x));
   for (const auto& g : gates_)
-    if (g.on()) h = h * toward(g.alpha(), call(g, x));
+    if (g.on()) h = h * toward(per_token(g, *this, x), call(g, x));
   return h;
 }
 
@@ -342,8 +411,9 @@ std::pair<Tensor, Tensor> AttentionSiteImpl::input_prefix(const Tensor& x) const
     if (k.sizes() != want || v.sizes() != want)
       throw InterventionError(p.owner->where(name_) + "an input prefix returned K " + c10::str(k.sizes()) + " and V " + c10::str(v.sizes()) +
                               ", not " + c10::str(at::IntArrayRef(want)));
-    ks.push_back(k);
-    vs.push_back(v);
+    const auto [fk, fv] = kv_factors(p, *this, x, x.size(0));  // weighed per sample by the owner's groups
+    ks.push_back(fk.defined() ? k * fk : k);
+    vs.push_back(fv.defined() ? v * fv : v);
   }
   if (ks.empty()) return {};
   return {at::cat(ks, 2), at::cat(vs, 2)};
@@ -351,9 +421,11 @@ std::pair<Tensor, Tensor> AttentionSiteImpl::input_prefix(const Tensor& x) const
 
 std::pair<Tensor, Tensor> AttentionSiteImpl::prefix(std::int64_t batch) const {
   std::vector<Tensor> ks, vs;
+  prefix_lengths_.clear();
   for (const auto& p : prefixes_) {
     if (!p.on()) continue;
     auto [k, v] = call(p, batch);  // (B, heads, P_i, head_dim)
+    prefix_lengths_.push_back(k.size(2));
     ks.push_back(k);
     vs.push_back(v);
   }
@@ -361,13 +433,34 @@ std::pair<Tensor, Tensor> AttentionSiteImpl::prefix(std::int64_t batch) const {
   return {at::cat(ks, 2), at::cat(vs, 2)};
 }
 
-Tensor AttentionSiteImpl::hook_scores(Tensor scores) const {  // (B, heads, T, S)
-  for (const auto& h : score_hooks_) {
-    if (!h.on()) continue;
-    Tensor out = call(h, scores);
-    scores = h.alpha() == 1.0 ? out : scores + (out - scores) * h.alpha();
+std::pair<Tensor, Tensor> AttentionSiteImpl::weigh_prefix(const std::pair<Tensor, Tensor>& kv, const Tensor& x) const {
+  if (!kv.first.defined() || std::none_of(prefixes_.begin(), prefixes_.end(), [](const auto& p) { return p.on() && !p.owner->factors().empty(); }))
+    return kv;
+  const std::int64_t batch = kv.first.size(0);
+  std::vector<Tensor> ks, vs;
+  std::int64_t start = 0;
+  std::size_t i = 0;
+  for (const auto& p : prefixes_) {
+    if (!p.on()) continue;
+    if (i >= prefix_lengths_.size()) throw std::logic_error("site '" + name_ + "': prefixes were switched between prefix() and weigh_prefix()");
+    const std::int64_t len = prefix_lengths_[i++];
+    Tensor k = kv.first.narrow(2, start, len), v = kv.second.narrow(2, start, len);
+    start += len;
+    const auto [fk, fv] = kv_factors(p, *this, x, batch);
+    ks.push_back(fk.defined() ? k * fk : k);
+    vs.push_back(fv.defined() ? v * fv : v);
   }
-  return scores;
+  return {at::cat(ks, 2), at::cat(vs, 2)};
+}
+
+Tensor AttentionSiteImpl::hook_scores(Tensor scores) const {  // (B, heads, T, S)
+  return chain(
+      score_hooks_, scores,
+      [&](const auto& h, const Tensor& in) {
+        refuse_factors(h, *this, "a score hook");
+        return call(h, in);
+      },
+      [](const auto& h, const Tensor&) { return Weight{h.alpha()}; });
 }
 
 // ---- EmbeddingSite ---------------------------------------------------------------------
@@ -390,7 +483,10 @@ void EmbeddingSiteImpl::drop(const OwnerImpl& owner) {
 
 void EmbeddingSiteImpl::tap(const Tensor& x0) const {  // (B, S, H)
   for (const auto& t : taps_)
-    if (t.on()) call(t, x0.detach());
+    if (t.on()) {
+      refuse_factors(t, *this, "a tap");
+      call(t, x0.detach());
+    }
 }
 
 Tensor EmbeddingSiteImpl::prepend(const Tensor& embedded, std::int64_t* prompt_length) const {  // (B, T, H)
@@ -398,6 +494,7 @@ Tensor EmbeddingSiteImpl::prepend(const Tensor& embedded, std::int64_t* prompt_l
   std::int64_t p = 0;
   for (const auto& pr : prompts_) {
     if (!pr.on()) continue;
+    refuse_factors(pr, *this, "a prompt");
     Tensor t = call(pr, embedded.size(0));  // (B, P_i, H)
     p += t.size(1);
     parts.push_back(t);
@@ -436,6 +533,7 @@ Tensor LayerSiteImpl::run(const Tensor& h, const LayerFn& layer) const {  // h: 
   Tensor keep;
   for (const auto& r : routers_) {
     if (!r.on()) continue;
+    refuse_factors(r, *this, "a token router");
     Tensor k = call(r, h);  // (B, T)
     keep = keep.defined() ? keep * k : k;
   }
@@ -449,9 +547,12 @@ Tensor LayerSiteImpl::run(const Tensor& h, const LayerFn& layer) const {  // h: 
     out = w * layer(h, keep.ne(0)) + (1 - w) * h;
   }
   for (const auto& p : parallel_)
-    if (p.on()) out = out + times(p.alpha(), call(p, h));
+    if (p.on()) out = out + times(per_token(p, *this, h), call(p, h));
   for (const auto& t : taps_)
-    if (t.on()) call(t, out.detach());
+    if (t.on()) {
+      refuse_factors(t, *this, "a tap");
+      call(t, out.detach());
+    }
   return out;
 }
 
@@ -469,12 +570,9 @@ bool OutputSite::empty() const { return !any_on(static_cast<const OutputSiteImpl
 void OutputSiteImpl::drop(const OwnerImpl& owner) { erase_owner(transforms_, owner); }
 
 Tensor OutputSiteImpl::apply(Tensor h) const {  // (B, T, H)
-  for (const auto& f : transforms_) {
-    if (!f.on()) continue;
-    Tensor out = call(f, h);
-    h = f.alpha() == 1.0 ? out : h + (out - h) * f.alpha();
-  }
-  return h;
+  return chain(
+      transforms_, h, [&](const auto& f, const Tensor& in) { return call(f, in); },
+      [&](const auto& f, const Tensor& in) { return per_token(f, *this, in); });
 }
 
 }  // namespace tessera

@@ -213,6 +213,93 @@ CATCH_TEST_CASE("owners: the host's scale and switch act on every kind as docume
   CATCH_CHECK_FALSE(w.has_deltas());
 }
 
+namespace {
+
+// A factor with known values: per sample f_b for tokens (…, 1), f_b for prefixes, c for parameters.
+class KnownFactor final : public ContributionFactor {
+ public:
+  KnownFactor(Tensor per_sample, double scalar) : f_(std::move(per_sample)), c_(scalar) {}
+  Tensor per_token(const std::string&, const Tensor& x) const override {
+    std::vector<std::int64_t> shape(static_cast<std::size_t>(x.dim()), 1);
+    shape[0] = f_.size(0);
+    return f_.reshape(shape);
+  }
+  Tensor per_sample(const std::string&, const Tensor&, std::int64_t) const override { return f_; }
+  Tensor scalar(const std::string&) const override { return at::full({}, c_); }
+  bool needs_padding() const override { return false; }
+
+ private:
+  Tensor f_;
+  double c_;
+};
+
+}  // namespace
+
+CATCH_TEST_CASE("composition at the sites: a parallel group's chained modules read one input, factors weigh every kind per sample", "[sdk][sites]") {
+  at::manual_seed(4);
+  auto a = OwnerImpl::create("test", "a"), b = OwnerImpl::create("test", "b"), c = OwnerImpl::create("test", "c");
+  SublayerSiteImpl sub("layers.0.mlp", "", 4);
+  const Tensor h = at::randn({2, 3, 4}), x = at::randn({2, 3, 4});
+  sub.add_sequential(*a, [](const Tensor& t) { return t * 3; });
+  sub.add_sequential(*b, [](const Tensor& t) { return t + 1; });
+  sub.add_sequential(*c, [](const Tensor& t) { return t * t; });
+  const auto id = SublayerSiteImpl::identity();
+  // Chained (no group): c(b(a(h))).
+  CATCH_CHECK(max_abs_diff(sub.apply(x, h, x, id), (3 * h + 1) * (3 * h + 1)) < 1e-5);
+  // a and b in one parallel group: h + (3h − h) + (h + 1 − h), then c chains after them.
+  a->set_parallel_group(1), b->set_parallel_group(1);
+  const Tensor ab = h + 2 * h + 1;
+  CATCH_CHECK(max_abs_diff(sub.apply(x, h, x, id), ab * ab) < 1e-5);
+  // An average: weights ¼ and ¾ on the changes.
+  a->set_scale(0.25), b->set_scale(0.75);
+  const Tensor avg = h + 0.25 * 2 * h + 0.75;
+  CATCH_CHECK(max_abs_diff(sub.apply(x, h, x, id), avg * avg) < 1e-5);
+  // A factor per sample on b's change (a gate, a route mask): sample 0 gets 0 of it, sample 1 all.
+  const Tensor f = at::tensor({0.f, 1.f});
+  b->set_scale(1.0);
+  b->set_factors({std::make_shared<KnownFactor>(f, 0.5)});
+  const Tensor got = sub.apply(x, h, x, id);
+  const Tensor s0 = h[0] + 0.25 * 2 * h[0], s1 = h[1] + 0.25 * 2 * h[1] + 1;
+  CATCH_CHECK(max_abs_diff(got[0], s0 * s0) < 1e-5);
+  CATCH_CHECK(max_abs_diff(got[1], s1 * s1) < 1e-5);
+
+  // A linear site: a factored weight delta runs as a branch on x ∘ s_in, scales and branches
+  // move toward their value by the factor, a parameter delta takes the scalar.
+  ParameterSiteImpl w("w", "", at::randn({3, 4})), bias("b", "", at::randn({3}));
+  LinearSiteImpl lin("lin", "", &w, &bias);
+  const Tensor xl = at::randn({2, 5, 4}), dw = at::randn({3, 4}), s_in = at::rand({4}), s_out = at::rand({3}), pd = at::randn({3, 4});
+  auto g = OwnerImpl::create("test", "g");
+  const Tensor fg = at::tensor({0.25f, 0.5f});
+  g->set_factors({std::make_shared<KnownFactor>(fg, 0.5)});
+  w.add_delta(*g, [=] { return pd; });
+  lin.add_weight_delta(*g, [=] { return dw; });
+  lin.add_input_scale(*g, [=] { return s_in; });
+  lin.add_output_scale(*g, [=] { return s_out; });
+  lin.add_branch(*g, [](const Tensor& in) { return in.narrow(-1, 0, 3); });
+  for (std::int64_t s = 0; s < 2; ++s) {
+    const double k = fg[s].item<double>();
+    const Tensor xs = xl[s] * (1 + k * (s_in - 1));
+    const Tensor expect = (at::matmul(xs, (w.base() + 0.5 * pd + k * dw).t()) + bias.base()) * (1 + k * (s_out - 1)) + k * xl[s].narrow(-1, 0, 3);
+    CATCH_CHECK(max_abs_diff(lin.forward(xl)[s], expect) < 1e-5);
+  }
+  // What changes a shape or a path cannot be weighed: refused by name.
+  EmbeddingSiteImpl emb("embed", "", 4);
+  emb.add_prompt(*g, [](std::int64_t batch) { return at::zeros({batch, 2, 4}); });
+  CATCH_CHECK_THROWS_WITH(emb.prepend(at::zeros({2, 3, 4}), nullptr), Catch::Contains("instance 'g'") && Catch::Contains("a prompt cannot be weighed"));
+  // A prefix's keys and values are weighed per sample where the layer's input is at hand;
+  // another owner's prefix beside it keeps its values.
+  AttentionSiteImpl att("layers.0.attn", "", 1, 2);
+  att.add_prefix(*g, [](std::int64_t batch) { return std::make_pair(at::ones({batch, 1, 3, 2}), at::ones({batch, 1, 3, 2}) * 2); });
+  att.add_prefix(*a, [](std::int64_t batch) { return std::make_pair(at::ones({batch, 1, 1, 2}) * 3, at::ones({batch, 1, 1, 2}) * 3); });
+  const auto whole = att.prefix(2);
+  CATCH_CHECK(whole.first.size(2) == 4);
+  CATCH_CHECK(max_abs_diff(whole.first.narrow(2, 0, 3), at::ones({2, 1, 3, 2})) == 0);  // not weighed before the layer
+  const auto [pk, pv] = att.weigh_prefix(whole, at::randn({2, 5, 2}));
+  CATCH_CHECK(max_abs_diff(pk.narrow(2, 3, 1), at::full({2, 1, 1, 2}, 3.0)) == 0);
+  CATCH_CHECK(max_abs_diff(pk.select(0, 1).narrow(1, 0, 3), at::full({1, 3, 2}, 0.5)) == 0);  // sample 1: ½ · 1
+  CATCH_CHECK(max_abs_diff(pv.select(0, 0).narrow(1, 0, 3), at::full({1, 3, 2}, 0.5)) == 0);  // sample 0: ¼ · 2
+}
+
 CATCH_TEST_CASE("a closure that throws is named by plugin, instance and site", "[sdk][sites]") {
   auto o = OwnerImpl::create("lora", "mine");
   ParameterSiteImpl w("layers.3.attn.q.weight", "", at::randn({3, 4}));

@@ -49,7 +49,10 @@
 // h ↦ h + α(out(h) − h) for an output transform. Prefixes, prompts, routers
 // and taps change a shape or a path, not a magnitude: they follow only `enabled`.
 // At α = 1 nothing is multiplied, so the numbers are those of the method alone. A
-// disabled owner's interventions are skipped as if absent.
+// disabled owner's interventions are skipped as if absent. Composition groups (the host's
+// [[groups]], docs/composing.md) add to α per-sample or per-token factors (a route mask,
+// a gate) under the same rule, and let owners of one parallel group read the same input
+// where interventions chain (sequential modules, transforms) so that their changes add.
 //
 // Shapes: sublayer (but token-wise ones), layer, embedding-tap and output interventions
 // always see (B, T, H) (with a KV cache in generation, T is the tokens of this forward

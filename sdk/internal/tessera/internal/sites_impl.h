@@ -21,6 +21,24 @@ namespace tessera {
 
 class SiteCore;
 
+// A factor a composition group multiplies an owner's contributions by, worked out in each
+// forward pass (runtime/composition.h): a route group's sample mask, a gated group's gate.
+// The site asks for the shape its contribution has; a factor refuses a shape it cannot give.
+class ContributionFactor {
+ public:
+  virtual ~ContributionFactor() = default;
+  // For a contribution shaped like x's rows (..., F) at `site`, x being what it reads (a
+  // branch's or a scale's input, a sequential module's h): (..., 1), broadcastable against it.
+  virtual Tensor per_token(const std::string& site, const Tensor& x) const = 0;
+  // For a contribution with no tokens, batch first (a prefix's keys and values): (B), or
+  // (B, 2) to weigh keys (column 0) and values (column 1) apart. x: the site's input (B, T, H).
+  virtual Tensor per_sample(const std::string& site, const Tensor& x, std::int64_t batch) const = 0;
+  // For a parameter delta, which reads nothing and is one for every sample: a scalar ().
+  virtual Tensor scalar(const std::string& site) const = 0;
+  // Whether per_token needs the padded layout (B, T, F): the host then keeps padding.
+  virtual bool needs_padding() const = 0;
+};
+
 class OwnerImpl final : public Owner, public std::enable_shared_from_this<OwnerImpl> {
  public:
   static std::shared_ptr<OwnerImpl> create(std::string plugin, std::string instance);
@@ -29,9 +47,17 @@ class OwnerImpl final : public Owner, public std::enable_shared_from_this<OwnerI
 
   void set_enabled(bool on) { enabled_ = on; }
   void set_scale(double alpha) { scale_ = alpha; }
+  // The factors of the groups the owner is in (outermost first); none: α alone.
+  void set_factors(std::vector<std::shared_ptr<const ContributionFactor>> f) { factors_ = std::move(f); }
+  const std::vector<std::shared_ptr<const ContributionFactor>>& factors() const { return factors_; }
+  // Owners with the same non-zero parallel group read the same input where their
+  // interventions chain (sequential modules, transforms): their changes add up instead.
+  void set_parallel_group(int id) { parallel_group_ = id; }
+  int parallel_group() const { return parallel_group_; }
   // Removes every intervention of this owner from every site it installed one on.
   void remove_all();
   std::size_t site_count() const { return sites_.size(); }
+  const std::set<SiteCore*>& sites() const { return sites_; }  // where it has interventions
   // "plugin 'x' (instance 'y') at site 's': "
   std::string where(const std::string& site) const;
 
@@ -43,6 +69,8 @@ class OwnerImpl final : public Owner, public std::enable_shared_from_this<OwnerI
   std::string plugin_, instance_;
   bool enabled_ = true;
   double scale_ = 1.0;
+  std::vector<std::shared_ptr<const ContributionFactor>> factors_;
+  int parallel_group_ = 0;
   std::set<SiteCore*> sites_;  // where it has interventions; sites tell it when they go
 };
 
@@ -251,6 +279,11 @@ class AttentionSiteImpl final : public AttentionSite, public SiteCore {
   // (B, T, H): (B, heads, P_in, head_dim) each, undefined when none.
   std::int64_t input_prefix_length() const;
   std::pair<Tensor, Tensor> input_prefix(const Tensor& x) const;
+  // The last prefix(batch) of this site with each owner's part weighed by its groups'
+  // factors from the attention input x (B, T, H) (or the unpadded rows: a route mask reads
+  // none of it): the architecture calls it where the layer's input exists. kv unchanged
+  // when no owner of a prefix is in a gated or route group.
+  std::pair<Tensor, Tensor> weigh_prefix(const std::pair<Tensor, Tensor>& kv, const Tensor& x) const;
   Tensor hook_scores(Tensor scores) const;
 
  private:
@@ -258,6 +291,7 @@ class AttentionSiteImpl final : public AttentionSite, public SiteCore {
   void drop(const OwnerImpl& owner) override;
   std::int64_t num_heads_, head_dim_, query_heads_;
   Entries<KVPrefix> prefixes_;
+  mutable std::vector<std::int64_t> prefix_lengths_;  // of each enabled prefix in the last prefix(batch)
   Entries<InputPrefix> input_prefixes_;
   Entries<TensorMap> score_hooks_;
 };
