@@ -2,6 +2,7 @@
 // test split, and compares the accuracy with the one recorded at training time (exit 3
 // when it differs).
 #include "cli/commands.h"
+#include "cli/switches.h"
 
 #include "formats/json_file.h"
 #include "train/session.h"
@@ -20,6 +21,7 @@ namespace {
 struct Args {
   std::string run_dir;
   std::int64_t threads = -1;
+  Switches switches;
 };
 
 // 0 when result.json's test_accuracy is the one measured now (or there is none), else 3.
@@ -43,9 +45,11 @@ int run_eval(const Args& a, const PluginRegistry& registry) {
   set_threads(config.train.threads);
   Session session(config, registry);
   session.load_adapter((fs::path(a.run_dir) / "adapter").string());
+  a.switches.apply(session.methods());
   const EvalResult ev = evaluate(session, Split::Test);
   for (const auto& m : session.task().metrics(ev)) std::printf("%s %.6g; ", m.label.c_str(), m.value);
   std::printf("on %lld examples\n", static_cast<long long>(ev.examples));
+  if (a.switches.any()) return 0;  // another model than the one trained: nothing to compare with
   return compare_recorded(a.run_dir, ev.accuracy);
 }
 
@@ -57,6 +61,7 @@ Command eval_command() {
           [a](CLI::App& c) {
             c.add_option("run_dir", a->run_dir, "run directory written by `tessera train`")->required()->check(CLI::ExistingDirectory);
             c.add_option("--threads", a->threads, "override [train] threads")->check(CLI::Range(0, 4096));
+            a->switches.add_options(c);
           },
           [a](const PluginRegistry& r) { return run_eval(*a, r); }};
 }

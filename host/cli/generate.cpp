@@ -3,6 +3,7 @@
 // adapter (--run), and/or a Hugging Face PEFT adapter (--peft) or an AdapterHub one (--adapterhub). The model, the methods and
 // the adapter come from the same code as `tessera train` and `eval`.
 #include "cli/commands.h"
+#include "cli/switches.h"
 
 #include "architectures/backbone.h"
 #include "formats/checkpoint.h"
@@ -28,6 +29,8 @@ struct Args {
   GenerateOptions gen;
   std::int64_t threads = -1;
   bool merge = false;
+  Switches switches;
+  std::vector<std::string> tags;
 };
 
 // What to load: the model, its dtype and device, the methods and the folder of each one's
@@ -36,6 +39,7 @@ struct Plan {
   ModelConfig model;
   std::vector<MethodConfig> methods;
   std::vector<std::string> state_dirs;
+  std::vector<GroupConfig> groups;
 };
 
 Plan plan(const Args& a, const PluginRegistry& registry) {
@@ -44,6 +48,7 @@ Plan plan(const Args& a, const PluginRegistry& registry) {
     const Config rc = load_run_config(a.run, registry);
     p.model = rc.model;
     p.methods = rc.methods;
+    p.groups = rc.groups;
     for (const auto& m : rc.methods) p.state_dirs.push_back((fs::path(a.run) / "adapter" / m.name).string());
   }
   if (!a.peft.empty()) {
@@ -58,6 +63,13 @@ Plan plan(const Args& a, const PluginRegistry& registry) {
   return p;
 }
 
+// The folder instance `name`'s state is read from (the stack attaches in its own order).
+std::string dir_of(const Plan& p, const std::string& name) {
+  for (std::size_t i = 0; i < p.methods.size(); ++i)
+    if (p.methods[i].name == name) return p.state_dirs[i];
+  throw std::logic_error("no state folder for method '" + name + "'");
+}
+
 int run_generate(const Args& a, const PluginRegistry& registry) {
   set_threads(a.threads >= 0 ? a.threads : 0);
   const Plan p = plan(a, registry);
@@ -67,12 +79,21 @@ int run_generate(const Args& a, const PluginRegistry& registry) {
   auto tokenizer = load_tokenizer(p.model.tokenizer_dir());
   TokenizerExtension tokenizer_ext(*tokenizer);  // a prompt initialised from text attaches here too
   backbone->sites().set_extension(TESSERA_EXT_HOST_TOKENIZER, tokenizer_ext.table());
-  MethodStack methods(registry, p.methods, backbone->sites(), p.model);
+  MethodStack methods(registry, p.methods, backbone->sites(), p.model, p.groups);
   if (!a.run.empty()) {
     const Config rc = load_config((fs::path(a.run) / "config.toml").string());
     check_adapter((fs::path(a.run) / "adapter").string(), {rc.task.kind, backbone->sites().info().architecture, rc.task.pooling, {}}, rc.methods);
   }
-  for (std::size_t i = 0; i < methods.size(); ++i) methods.load_state(i, methods.state_file(p.state_dirs[i], i));
+  for (std::size_t i = 0; i < methods.size(); ++i) methods.load_state(i, methods.state_file(dir_of(p, methods.config(i).name), i));
+  if (!a.run.empty() && !methods.group_state().empty()) methods.load_group_state((fs::path(a.run) / "adapter" / "groups.safetensors").string());
+  a.switches.apply(methods);
+  std::map<std::string, std::vector<std::string>> tags;  // the prompt's, as a [data] tag column gives a sample's
+  for (const auto& t : a.tags) {
+    const auto eq = t.find('=');
+    if (eq == std::string::npos || eq == 0) throw std::runtime_error("--tag " + t + ": write COLUMN=VALUE (--tag adapter=french)");
+    tags[t.substr(0, eq)] = {t.substr(eq + 1)};
+  }
+  backbone->sites().set_sample_tags(tags);
   // Folded, an adapter costs nothing per token (LoRA's branches were 15–20% of a SmolLM2
   // decoding step); refused, before any token, for a method that cannot fold.
   if (a.merge) try {
@@ -113,6 +134,8 @@ Command generate_command() {
             c.add_flag("--merge", a->merge,
                        "fold the adapters into the weights before decoding: no per-token cost for them (the folded weights become "
                        "private copies of the mapped checkpoint's pages)");
+            a->switches.add_options(c);
+            c.add_option("--tag", a->tags, "COLUMN=VALUE: the prompt's tag, as a [data] tag column gives a sample's (route groups read it; repeatable)");
           },
           [a](const PluginRegistry& r) { return run_generate(*a, r); }};
 }

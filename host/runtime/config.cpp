@@ -1,5 +1,6 @@
 #include "runtime/config.h"
 
+#include "runtime/groups.h"
 #include "runtime/plugin_registry.h"
 
 #include <toml++/toml.h>
@@ -123,6 +124,7 @@ class Section {
     if (n != nullptr && !n->is_table()) fail(*n, std::string("'") + key + "' must be a table");
     return n ? n->as_table() : nullptr;
   }
+  void known(const char* key) { known_.push_back(key); }  // read by the caller
   void finish() {
     if (t_ == nullptr) return;
     for (const auto& [k, v] : *t_) {
@@ -169,10 +171,15 @@ MethodConfig read_method(const std::string& file, const toml::table& t, std::siz
   MethodConfig m;
   m.pos = pos_of(file, t);
   m.params_pos = m.pos;
-  const std::vector<std::string> known = {"plugin", "name", "targets", "params"};
+  const std::vector<std::string> known = {"plugin", "name", "targets", "params", "load"};
   for (const auto& [k, v] : t) {
     std::string key(k.str());
-    if (key == "plugin" || key == "name") {
+    if (key == "load") {
+      if (!v.is_string()) throw ConfigError(pos_of(file, v), "'load' must be a string: an adapter folder");
+      m.load_pos = pos_of(file, v);
+      m.load = expand_env(v.as_string()->get(), m.load_pos);
+      if (!m.load.empty() && fs::path(m.load).is_relative()) m.load = (fs::path(file).parent_path() / m.load).lexically_normal().string();
+    } else if (key == "plugin" || key == "name") {
       if (!v.is_string()) throw ConfigError(pos_of(file, v), "'" + key + "' must be a string");
       (key == "plugin" ? m.plugin : m.name) = v.as_string()->get();
     } else if (key == "targets") {
@@ -304,6 +311,39 @@ void read_methods(const std::string& path, const toml::node* n, std::vector<Meth
   }
 }
 
+GroupConfig read_group(const std::string& file, const toml::table& t) {
+  GroupConfig g;
+  g.pos = pos_of(file, t);
+  Section s(file, "groups", &t);
+  s.get("name", g.name);
+  s.get("kind", g.kind);
+  s.get("members", g.members);
+  s.get("normalize", g.normalize);
+  s.get("tag", g.tag);
+  if (const toml::node* w = t.get("weights")) {
+    const toml::array* a = w->as_array();
+    if (a == nullptr) s.fail(*w, "'weights' must be a list of numbers");
+    for (const auto& e : *a) {
+      if (!e.is_number()) s.fail(e, "'weights' must be a list of numbers");
+      g.weights.push_back(e.is_integer() ? static_cast<double>(e.as_integer()->get()) : e.as_floating_point()->get());
+    }
+  }
+  s.known("weights");
+  s.finish();
+  for (const auto& [k, v] : t) g.key_pos[std::string(k.str())] = pos_of(file, v);
+  if (const toml::array* a = t.get("members") ? t.get("members")->as_array() : nullptr)
+    for (const auto& e : *a) g.member_pos.push_back(pos_of(file, e));
+  if (g.name.empty()) throw ConfigError(g.pos, "a group needs a 'name'");
+  return g;
+}
+
+void read_groups(const std::string& path, const toml::node* n, std::vector<GroupConfig>& out) {
+  const toml::array* arr = n->as_array();
+  if (arr == nullptr || (!arr->empty() && !arr->is_array_of_tables()))
+    throw ConfigError(pos_of(path, *n), "'groups' must be an array of tables ([[groups]])");
+  for (const auto& e : *arr) out.push_back(read_group(path, *e.as_table()));
+}
+
 }  // namespace
 
 Config load_config(const std::string& path) {
@@ -326,7 +366,8 @@ Config load_config(const std::string& path) {
     s.finish();
   }
   if (const toml::node* n = root.get("methods")) read_methods(path, n, c.methods);
-  const std::vector<std::string> sections = {"model", "data", "task", "train", "output", "methods"};
+  if (const toml::node* n = root.get("groups")) read_groups(path, n, c.groups);
+  const std::vector<std::string> sections = {"model", "data", "task", "train", "output", "methods", "groups"};
   for (const auto& [k, v] : root) {
     std::string key(k.str());
     if (std::find(sections.begin(), sections.end(), key) != sections.end()) continue;
@@ -364,7 +405,7 @@ void check_methods(Config& config, const PluginRegistry& registry) {
     } catch (const ParamError& e) {
       throw ConfigError(at(e.key()), "method '" + m.name + "' (plugin '" + m.plugin + "'): " + e.what());
     }
-  }
+  }  check_groups(config);
 }
 
 std::string resolved_toml(const Config& c) {
@@ -416,8 +457,23 @@ std::string resolved_toml(const Config& c) {
       }, v);
     }
     methods.push_back(toml::table{{"plugin", m.plugin}, {"name", m.name}, {"targets", targets}, {"params", params}});
+    if (!m.load.empty()) methods.back().as_table()->insert("load", m.load);
   }
   root.insert("methods", methods);
+  if (!c.groups.empty()) {
+    toml::array groups;
+    for (const auto& g : c.groups) {
+      toml::array members, weights;
+      for (const auto& m : g.members) members.push_back(m);
+      for (double w : g.weights) weights.push_back(w);
+      toml::table t{{"name", g.name}, {"kind", g.kind}, {"members", members}};
+      if (!g.weights.empty()) t.insert("weights", weights);
+      if (g.kind == "average") t.insert("normalize", g.normalize);
+      if (!g.tag.empty()) t.insert("tag", g.tag);
+      groups.push_back(std::move(t));
+    }
+    root.insert("groups", groups);
+  }
   std::ostringstream out;
   out << toml::toml_formatter(root) << "\n";
   return out.str();

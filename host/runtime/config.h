@@ -10,7 +10,8 @@
 //   [train]  epochs, batch_size, eval_batch_size, lr, head_lr, weight_decay,
 //            warmup_ratio, max_grad_norm, threads, seed, max_steps, group_by_length, shuffle
 //   [output] dir
-//   [[methods]] plugin, name, targets, [methods.params] …
+//   [[methods]] plugin, name, targets, load, [methods.params] …
+//   [[groups]]  name, kind, members, weights, normalize, tag (runtime/groups.h)
 //
 // Strings may use ${VAR} for environment variables; relative paths are taken from the
 // config file's directory.
@@ -45,6 +46,23 @@ struct MethodConfig {
   std::map<std::string, SourcePos> param_pos;
   SourcePos pos, params_pos;
   Params checked;                           // after check_methods: schema defaults filled
+  // An adapter folder of this method to start from (its state is read after attaching): a
+  // run's adapter/<name>, or what `tessera train` wrote for another run. Empty: fresh.
+  std::string load;
+  SourcePos load_pos;
+};
+
+// A composition group over method instances and other groups (runtime/groups.h).
+struct GroupConfig {
+  std::string name, kind;            // kind: stack | parallel | gated | average | route
+  std::vector<std::string> members;  // instance or group names
+  std::vector<double> weights;       // average: one per member; empty: equal
+  bool normalize = true;             // average: weights divided by their sum
+  std::string tag;                   // route: the [data] tag column naming each sample's member
+  SourcePos pos;
+  std::map<std::string, SourcePos> key_pos;  // where each key was written
+  std::vector<SourcePos> member_pos;
+  SourcePos at(const std::string& key) const { return key_pos.count(key) ? key_pos.at(key) : pos; }
 };
 
 struct ModelConfig {
@@ -101,6 +119,7 @@ struct Config {
   TrainConfig train;
   std::string output_dir = "runs/latest";
   std::vector<MethodConfig> methods;
+  std::vector<GroupConfig> groups;
 };
 
 Config load_config(const std::string& path);

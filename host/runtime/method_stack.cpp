@@ -1,6 +1,7 @@
 #include "runtime/method_stack.h"
 
 #include "architectures/weight_storage.h"
+#include "runtime/groups.h"
 #include "formats/safetensors.h"
 #include "formats/torch_pickle.h"
 
@@ -14,8 +15,23 @@
 namespace tessera {
 namespace fs = std::filesystem;
 
-MethodStack::MethodStack(const PluginRegistry& registry, std::vector<MethodConfig> configs, SiteModel& model, const ModelConfig& storage)
-    : model_(model), configs_(std::move(configs)) {
+namespace {
+
+std::vector<MethodConfig> in_attach_order(std::vector<MethodConfig> configs, const std::vector<GroupConfig>& groups) {
+  if (groups.empty()) return configs;
+  Config c;
+  c.methods = std::move(configs);
+  c.groups = groups;
+  std::vector<MethodConfig> out;
+  for (std::size_t i : attach_order(c)) out.push_back(c.methods[i]);
+  return out;
+}
+
+}  // namespace
+
+MethodStack::MethodStack(const PluginRegistry& registry, std::vector<MethodConfig> configs, SiteModel& model, const ModelConfig& storage,
+                         std::vector<GroupConfig> groups)
+    : model_(model), configs_(in_attach_order(std::move(configs), groups)), groups_(std::move(groups)) {
   for (const auto& m : configs_) {
     instances_.push_back(registry.create(m.plugin, m.name));
     plugins_.push_back(*registry.find(m.plugin));
@@ -30,6 +46,29 @@ MethodStack::MethodStack(const PluginRegistry& registry, std::vector<MethodConfi
                         "method '" + m.name + "' (plugin '" + m.plugin + "'): " + e.what());
     }
   }
+  for (std::size_t i = 0; i < size(); ++i) {
+    if (configs_[i].load.empty()) continue;
+    try {
+      load_state(i, state_file(configs_[i].load, i));
+    } catch (const std::exception& e) {
+      throw ConfigError(configs_[i].load_pos, "method '" + configs_[i].name + "': load = \"" + configs_[i].load + "\": " + e.what());
+    }
+  }
+  if (!groups_.empty()) composition_ = std::make_unique<Composition>(configs_, groups_, owners(), model);
+}
+
+std::map<std::string, OwnerImpl*> MethodStack::owners() const {
+  std::map<std::string, OwnerImpl*> out;
+  for (std::size_t i = 0; i < size(); ++i) out[configs_[i].name] = &instances_[i]->owner();
+  return out;
+}
+
+void MethodStack::disable(const std::string& name) { disable_named(name, configs_, groups_, owners()); }
+void MethodStack::rescale(const std::string& name, double factor) { rescale_named(name, factor, configs_, groups_, owners()); }
+
+void MethodStack::load_group_state(const std::string& file) {
+  if (!composition_) return;
+  composition_->load_state(read_safetensors(file));
 }
 
 std::map<std::string, std::string> MethodStack::storage_requests(SiteModel& model) {
@@ -68,6 +107,7 @@ std::vector<Tensor> MethodStack::trainable() {
   std::vector<Tensor> out;
   for (auto& m : instances_)
     for (auto& [_, t] : m->call("trainable", [](Method& x) { return x.trainable(); })) out.push_back(t);
+  for (auto& [_, t] : group_state()) out.push_back(t);
   return out;
 }
 
@@ -110,6 +150,9 @@ void MethodStack::after_step(const StepInfo& info) {
 }
 
 void MethodStack::merge() {
+  for (std::size_t i = 0; i < size(); ++i)
+    if (const std::string g = composition_ ? composition_->sample_dependent_group(configs_[i].name) : ""; !g.empty())
+      throw std::runtime_error("method '" + configs_[i].name + "' is in group '" + g + "', whose weight differs by sample: it cannot be folded into the weights");
   for (std::size_t i = 0; i < size(); ++i)
     if (!instances_[i]->call("mergeable", [](Method& m) { return m.mergeable(); }))
       throw std::runtime_error("plugin '" + configs_[i].plugin + "' (instance '" + configs_[i].name + "') is not mergeable: its effect cannot be folded into the weights");

@@ -27,6 +27,8 @@ void save_adapter(const std::string& dir, MethodStack& methods, const NamedTenso
       manifest["methods"].push_back({{"plugin", mc.plugin}, {"name", mc.name}, {"targets", mc.targets}, {"dir", mc.name},
                                      {"plugin_version", methods.plugin(i).version}, {"plugin_file", methods.plugin(i).path}});
     }
+    // The groups' gates (runtime/composition.h), "<group>.<instance>.<site>.weight" …
+    if (const auto gates = methods.group_state(); !gates.empty()) save_safetensors((fs::path(out) / "groups.safetensors").string(), gates, {{"format", "pt"}});
     if (!head.empty()) save_safetensors((fs::path(out) / "head.safetensors").string(), head, {{"format", "pt"}});
     write_file_atomic((fs::path(out) / "tessera.json").string(), manifest.dump(2) + "\n");
   });
@@ -83,6 +85,7 @@ void load_adapter(const std::string& dir, MethodStack& methods, const AdapterMan
   check_adapter(dir, now, methods.configs());
   for (std::size_t i = 0; i < methods.size(); ++i)
     methods.load_state(i, methods.state_file((fs::path(dir) / methods.config(i).name).string(), i));
+  if (!methods.group_state().empty()) methods.load_group_state((fs::path(dir) / "groups.safetensors").string());
 }
 
 void refuse_missing_plugins(const std::string& run, const std::vector<MethodConfig>& methods, const PluginRegistry& registry) {

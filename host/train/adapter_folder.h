@@ -1,6 +1,7 @@
 // The adapter folder a run writes and `tessera eval` / `generate --run` read back:
 //   tessera.json                          what it was trained for (task, architecture, labels, methods and their plugins)
 //   head.safetensors                      the task head, when the task has one
+//   groups.safetensors                    the gates of gated groups, when the run has one
 //   <name>/adapter_config.json            per method instance, in HF PEFT's layout (or the
 //   <name>/adapter_model.safetensors      method's own: AdapterHub's adapter.safetensors)
 // Saving, checking and loading all live here.

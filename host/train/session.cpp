@@ -23,7 +23,7 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   task_ = make_task(config_, *backbone_, *tokenizer_);
   at::manual_seed(static_cast<std::uint64_t>(config_.train.seed));
   offer_extensions();
-  methods_ = std::make_unique<MethodStack>(registry, config_.methods, model(), config_.model);
+  methods_ = std::make_unique<MethodStack>(registry, config_.methods, model(), config_.model, config_.groups);
   model().drop_dense_copies();
   task_->create_head();
   if (config_.train.gradient_checkpointing) {

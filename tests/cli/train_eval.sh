@@ -24,6 +24,14 @@ TOML
 "$tessera" --log-level warn train "$out/run.toml" --run-dir "$out/run"
 "$tessera" eval "$out/run" | tee "$out/eval.txt"
 grep -q "reproduces the accuracy recorded at training time" "$out/eval.txt"
+# --disable / --scale evaluate another model than the one trained: no comparison; a name the
+# run lacks and a scale without a number are refused.
+"$tessera" eval "$out/run" --disable lora | tee "$out/eval-off.txt"
+grep -q "on [0-9]* examples" "$out/eval-off.txt" && ! grep -q "recorded at training time" "$out/eval-off.txt"
+if "$tessera" eval "$out/run" --disable lorra 2>"$out/err.txt"; then exit 1; fi
+grep -q "no method instance or group is named 'lorra' (the run has: lora)" "$out/err.txt"
+if "$tessera" eval "$out/run" --scale lora=half 2>"$out/err.txt"; then exit 1; fi
+grep -q -- "--scale lora=half: write NAME=F" "$out/err.txt"
 # A run no longer than the timing's warm-up (3 steps) still reports its speed.
 grep -Eq '"examples_per_s": [1-9]' "$out/run/result.json"
 grep -Eq '^\| examples/s \(training\) \| [1-9]' "$out/run/report.md"

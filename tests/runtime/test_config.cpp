@@ -89,7 +89,7 @@ CATCH_TEST_CASE("method parameters are checked against the plugin's schema with 
 
 CATCH_TEST_CASE("every example config under configs/ loads, and its methods pass their plugins' schemas", "[runtime][config]") {
   std::size_t n = 0;
-  for (const auto& e : std::filesystem::directory_iterator(std::string(TESSERA_SOURCE_DIR) + "/configs")) {
+  for (const auto& e : std::filesystem::recursive_directory_iterator(std::string(TESSERA_SOURCE_DIR) + "/configs")) {  // configs/hybrid too
     if (e.path().extension() != ".toml") continue;
     CATCH_INFO(e.path().string());
     Config c;

@@ -1,0 +1,203 @@
+// Composition groups on a real model (the tiny RoBERTa) with real plugins: a routed batch
+// gives each sample what its adapter alone gives, an average of an adapter with itself is
+// that adapter, a gate's value acts as the instance's scale, switches and merges by name.
+// The references are the same adapters attached alone, in their own model.
+#include "support.h"
+
+#include "runtime/config.h"
+#include "runtime/method_stack.h"
+
+#include <fstream>
+
+using namespace tessera;
+
+namespace {
+
+struct Run {
+  Config config;
+  std::unique_ptr<BertModel> model;
+  std::unique_ptr<MethodStack> stack;
+};
+
+// methods: [[methods]] tables; groups: [[groups]] tables.
+Run build(const std::string& methods, const std::string& groups = "") {
+  const auto dir = test::temp_dir("composition");
+  const auto path = (dir / "run.toml").string();
+  std::ofstream(path) << "[model]\npath = \"" << test::fixture("tiny_roberta") << "\"\n[data]\npath = \"/d.csv\"\ntag_columns = [\"adapter\"]\n"
+                      << methods << groups;
+  Run r{load_config(path), BertModel::load(test::fixture("tiny_roberta"), test::options()), nullptr};
+  check_methods(r.config, test::registry());
+  r.stack = std::make_unique<MethodStack>(test::registry(), r.config.methods, *r.model, r.config.model, r.config.groups);
+  return r;
+}
+
+const char* kLoras = "[[methods]]\nplugin = \"lora\"\nname = \"a\"\ntargets = [\"attn.q\", \"attn.v\", \"mlp.up\"]\n[methods.params]\nr = 4\n"
+                     "[[methods]]\nplugin = \"lora\"\nname = \"b\"\ntargets = [\"attn.q\", \"attn.v\", \"mlp.up\"]\n[methods.params]\nr = 4\n";
+const char* kAdapters = "[[methods]]\nplugin = \"bottleneck\"\nname = \"a\"\n[methods.params]\nconfig = \"seq_bn\"\nreduction_factor = 4.0\n"
+                        "[[methods]]\nplugin = \"bottleneck\"\nname = \"b\"\n[methods.params]\nconfig = \"seq_bn\"\nreduction_factor = 4.0\n";
+
+std::size_t index_of(MethodStack& s, const std::string& name) {
+  for (std::size_t i = 0; i < s.size(); ++i)
+    if (s.config(i).name == name) return i;
+  throw std::logic_error("no instance " + name);
+}
+
+NamedTensors state_of(MethodStack& s, const std::string& name) {
+  return s[index_of(s, name)].call("state", [](Method& m) { return m.state(); });
+}
+
+// Every trainable tensor of instance `name` drawn anew (a fresh LoRA or adapter changes nothing).
+void randomize(MethodStack& s, const std::string& name, std::uint64_t seed) {
+  at::NoGradGuard no_grad;
+  at::manual_seed(seed);
+  for (auto& [_, t] : s[index_of(s, name)].call("trainable", [](Method& m) { return m.trainable(); })) t.normal_(0, 0.3);
+}
+
+void copy_state(MethodStack& from, const std::string& name, MethodStack& to, const std::string& as) {
+  to[index_of(to, as)].call("load_state", [&](Method& m) { m.load_state(state_of(from, name)); });
+}
+
+struct Batch {
+  Tensor ids, mask;
+};
+Batch batch() {  // 4 samples, two of them padded
+  at::manual_seed(11);
+  Batch b{at::randint(5, 90, {4, 7}, at::TensorOptions().dtype(at::kLong)).to(test::device()), at::ones({4, 7}, at::kLong)};
+  b.mask.index_put_({1, at::indexing::Slice(4)}, 0);
+  b.mask.index_put_({3, at::indexing::Slice(2)}, 0);
+  b.mask = b.mask.to(test::device());
+  return b;
+}
+
+Tensor hidden(Run& r, const Batch& b, const std::vector<std::string>& tags = {}) {
+  at::NoGradGuard no_grad;
+  r.model->set_sample_tags(tags.empty() ? std::map<std::string, std::vector<std::string>>{} : std::map<std::string, std::vector<std::string>>{{"adapter", tags}});
+  return r.model->forward(b.ids, b.mask).hidden;  // (B, T, H)
+}
+
+const char* kRoute = "[[groups]]\nname = \"serve\"\nkind = \"route\"\nmembers = [\"a\", \"b\"]\ntag = \"adapter\"\n";
+
+}  // namespace
+
+CATCH_TEST_CASE("a route group serves a mixed batch in one forward: each sample gets what its adapter alone gives, padding dropped", "[runtime][composition]") {
+  const Batch b = batch();
+  Run routed = build(kLoras, kRoute);
+  randomize(*routed.stack, "a", 1);
+  randomize(*routed.stack, "b", 2);
+  CATCH_CHECK(routed.model->token_wise_only());  // a sample mask needs no padding: the unpadded rows are gathered per sample
+  const Tensor mixed = hidden(routed, b, {"a", "b", "b", "a"});
+  for (const std::string name : {"a", "b"}) {
+    Run alone = build(std::string("[[methods]]\nplugin = \"lora\"\nname = \"") + name + "\"\ntargets = [\"attn.q\", \"attn.v\", \"mlp.up\"]\n[methods.params]\nr = 4\n");
+    copy_state(*routed.stack, name, *alone.stack, name);
+    const Tensor own = hidden(alone, b);
+    for (std::int64_t s = 0; s < 4; ++s) {
+      const bool mine = (name == "a") == (s == 0 || s == 3);
+      const Tensor m = b.mask[s].to(at::kBool);
+      const double d = test::max_abs_diff(mixed[s].index({m}), own[s].index({m}));
+      CATCH_INFO(name << " sample " << s << " differs by " << d);
+      CATCH_CHECK((mine ? d < 1e-5 : d > 1e-3));
+    }
+  }
+  // A tag that names no member, and a batch without the column, are refused by name.
+  CATCH_CHECK_THROWS_WITH(hidden(routed, b, {"a", "c", "b", "a"}), Catch::Contains("sample 1's adapter is 'c', which names none of its members (a, b)"));
+  CATCH_CHECK_THROWS_WITH(hidden(routed, b), Catch::Contains("route group 'serve' reads tag column 'adapter', which this batch does not carry"));
+  // Merging a routed member would give every sample its change: refused.
+  CATCH_CHECK_THROWS_WITH(routed.stack->merge(), Catch::Contains("method 'a' is in group 'serve'"));
+}
+
+CATCH_TEST_CASE("average and parallel groups: an adapter averaged with itself is that adapter, in parallel twice its change; weights are the members' scales", "[runtime][composition]") {
+  const Batch b = batch();
+  Run alone = build(std::string(kAdapters).substr(0, std::string(kAdapters).find("[[methods]]", 5)));
+  randomize(*alone.stack, "a", 3);
+  const Tensor base_out = [&] {
+    Run none = build("");
+    return hidden(none, b);
+  }();
+  const Tensor one = hidden(alone, b);
+  for (const std::string kind : {"average", "parallel", "stack"}) {
+    Run two = build(kAdapters, "[[groups]]\nname = \"g\"\nkind = \"" + kind + "\"\nmembers = [\"a\", \"b\"]\n");
+    copy_state(*alone.stack, "a", *two.stack, "a");
+    copy_state(*alone.stack, "a", *two.stack, "b");
+    const Tensor out = hidden(two, b);
+    CATCH_INFO(kind);
+    if (kind == "average") CATCH_CHECK(test::max_abs_diff_tokens(out, one, b.mask) < 1e-5);
+    else CATCH_CHECK(test::max_abs_diff_tokens(out, one, b.mask) > 1e-3);  // twice the change, or the adapter run twice
+  }
+  CATCH_CHECK(test::max_abs_diff_tokens(one, base_out, b.mask) > 1e-3);  // the adapter really acts
+
+  // LoRA under weights 1 and 3: a quarter of a's change and three quarters of b's — as the
+  // two attached without a group and scaled so.
+  Run avg = build(kLoras, "[[groups]]\nname = \"g\"\nkind = \"average\"\nmembers = [\"a\", \"b\"]\nweights = [1, 3]\n");
+  randomize(*avg.stack, "a", 4);
+  randomize(*avg.stack, "b", 5);
+  Run scaled = build(kLoras);
+  copy_state(*avg.stack, "a", *scaled.stack, "a");
+  copy_state(*avg.stack, "b", *scaled.stack, "b");
+  scaled.stack->rescale("a", 0.25);
+  scaled.stack->rescale("b", 0.75);
+  CATCH_CHECK(test::max_abs_diff_tokens(hidden(avg, b), hidden(scaled, b), b.mask) < 1e-5);
+  // --disable by group name leaves the base model; --scale by group name scales every member.
+  avg.stack->disable("g");
+  CATCH_CHECK(test::max_abs_diff_tokens(hidden(avg, b), base_out, b.mask) == 0);
+  CATCH_CHECK_THROWS_WITH(avg.stack->disable("gg"), Catch::Contains("no method instance or group is named 'gg' (the run has: a, b, g)"));
+}
+
+CATCH_TEST_CASE("a gated group: the gate σ(x W_g + b_g), averaged over the sequence, acts as the member's scale per sample; it trains and is saved", "[runtime][composition]") {
+  const Batch b = batch();
+  const std::string lora_a = std::string(kLoras).substr(0, std::string(kLoras).find("[[methods]]", 5));
+  Run gated = build(lora_a, "[[groups]]\nname = \"g\"\nkind = \"gated\"\nmembers = [\"a\"]\n");
+  randomize(*gated.stack, "a", 6);
+  CATCH_CHECK_FALSE(gated.model->token_wise_only());  // a mean over the sequence reads the padded batch
+  const NamedTensors gates = gated.stack->group_state();
+  CATCH_REQUIRE(gates.count("g.a.layers.0.attn.q.weight"));
+  CATCH_CHECK(gates.at("g.a.layers.0.mlp.up.weight").sizes() == std::vector<std::int64_t>{1, gated.model->info().hidden_size});
+  auto set_gates = [&](double w, double bias) {
+    at::NoGradGuard no_grad;
+    for (auto& [name, t] : gated.stack->group_state()) {
+      Tensor x = t;
+      x.fill_(name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0 ? bias : w);
+    }
+  };
+  Run alone = build(lora_a);
+  copy_state(*gated.stack, "a", *alone.stack, "a");
+  const Tensor full = hidden(alone, b);
+  set_gates(0, 30);  // σ = 1: the adapter alone
+  CATCH_CHECK(test::max_abs_diff_tokens(hidden(gated, b), full, b.mask) < 1e-5);
+  set_gates(0, std::log(0.3 / 0.7));  // σ = 0.3 everywhere: the adapter at scale 0.3
+  alone.stack->rescale("a", 0.3);
+  CATCH_CHECK(test::max_abs_diff_tokens(hidden(gated, b), hidden(alone, b), b.mask) < 1e-5);
+  // Gates that read the input differ by sample, and gradients reach them.
+  {
+    at::NoGradGuard no_grad;
+    at::manual_seed(8);
+    for (auto& [_, t] : gated.stack->group_state()) t.normal_(0, 0.5);
+  }
+  gated.model->set_sample_tags({});
+  gated.model->forward(b.ids, b.mask).hidden.pow(2).sum().backward();
+  for (auto& [name, t] : gated.stack->group_state()) {
+    CATCH_INFO(name);
+    CATCH_CHECK((t.grad().defined() && t.grad().abs().sum().item<double>() > 0));
+  }
+  // Saved and read back into a fresh model: the same outputs.
+  const auto dir = test::temp_dir("gates");
+  save_safetensors((dir / "groups.safetensors").string(), gated.stack->group_state());
+  Run again = build(lora_a, "[[groups]]\nname = \"g\"\nkind = \"gated\"\nmembers = [\"a\"]\n");
+  copy_state(*gated.stack, "a", *again.stack, "a");
+  again.stack->load_group_state((dir / "groups.safetensors").string());
+  CATCH_CHECK(test::max_abs_diff_tokens(hidden(again, b), hidden(gated, b), b.mask) == 0);
+  CATCH_CHECK_THROWS_WITH(gated.stack->merge(), Catch::Contains("method 'a' is in group 'g', whose weight differs by sample"));
+}
+
+CATCH_TEST_CASE("a method's load key starts it from a saved adapter folder; a bad folder is refused at the key", "[runtime][composition]") {
+  const Batch b = batch();
+  const std::string lora_a = std::string(kLoras).substr(0, std::string(kLoras).find("[[methods]]", 5));
+  Run first = build(lora_a);
+  randomize(*first.stack, "a", 9);
+  const auto dir = test::temp_dir("load-key");
+  save_safetensors((dir / "adapter_model.safetensors").string(), state_of(*first.stack, "a"));
+  Run loaded = build(lora_a.substr(0, lora_a.find("[methods.params]")) + "load = \"" + dir.string() + "\"\n[methods.params]\nr = 4\n");
+  CATCH_CHECK(test::max_abs_diff_tokens(hidden(loaded, b), hidden(first, b), b.mask) == 0);
+  const auto empty = test::temp_dir("load-key-empty");
+  CATCH_CHECK_THROWS_WITH(build(lora_a.substr(0, lora_a.find("[methods.params]")) + "load = \"" + empty.string() + "\"\n[methods.params]\nr = 4\n"),
+                          Catch::Contains("run.toml:10:8: method 'a': load = ") && Catch::Contains("adapter_model.safetensors"));
+}
