@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The hybrid methods of configs/hybrid/ on the quickstart task (all-MiniLM-L6-v2, Pang & Lee
+# polarity, the same split, budget and seed), each against its parts trained alone with the
+# same settings — and UniPELT's three parts also grouped without gates (kind = "parallel"),
+# which isolates what the gates do. Prints test accuracy, trainable share, examples/s and
+# peak RSS per run, measured in one run of this script.
+#   bash bench/hybrids.sh [mam|unipelt ...]
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+hybrids=("$@")
+[[ ${#hybrids[@]} -eq 0 ]] && hybrids=(mam unipelt)
+bash "$root/scripts/build" >/dev/null
+source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
+py=$TESSERA_VENV/bin/python
+work=$(mktemp -d)
+# Each variant as a config: the hybrid, each [[methods]] block alone, and the ungated group.
+$py - "$root" "$work" "${hybrids[@]}" <<'PY'
+import pathlib, re, sys
+root, work, names = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3:]
+for name in names:
+    text = (root / "configs/hybrid" / f"{name}.toml").read_text()
+    head, rest = text.split("[[methods]]", 1)
+    blocks = ["[[methods]]" + b for b in ("[[methods]]" + rest).split("[[methods]]")[1:]]
+    blocks[-1], group = blocks[-1].split("[[groups]]", 1)
+    (work / f"{name}.toml").write_text(text)
+    for b in blocks:
+        part = re.search(r'name = "([^"]+)"', b).group(1)
+        (work / f"{name}-{part}.toml").write_text(head + b)
+    if 'kind = "gated"' in group:
+        (work / f"{name}-ungated.toml").write_text(text.replace('kind = "gated"', 'kind = "parallel"'))
+PY
+for cfg in "$work"/*.toml; do
+  run=$(basename "$cfg" .toml)
+  echo "== $run" >&2
+  $py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn train "$cfg" --run-dir "$work/$run" \
+    >/dev/null 2>"$work/$run.err" || { cat "$work/$run.err"; exit 1; }
+done
+$py - "$work" <<'PY'
+import json, pathlib, sys
+w = pathlib.Path(sys.argv[1])
+last = lambda p: json.loads([l for l in p.read_text().splitlines() if l.startswith("{")][-1])
+print(f"| run | test accuracy | trainable | share of the base | examples/s | peak RSS MiB |")
+print("|---|---|---|---|---|---|")
+for err in sorted(w.glob("*.err")):
+    r = json.loads((w / err.stem / "result.json").read_text())
+    share = 100 * r["trainable_parameters"] / r["base_parameters"]
+    print(f"| {err.stem} | {100 * r['test_accuracy']:.2f}% | {r['trainable_parameters']} | {share:.2f}% | {r['examples_per_s']:.1f} | {last(err)['peak_rss_mib']:.0f} |")
+PY
+rm -rf "$work"
