@@ -16,6 +16,7 @@
 #include "train/session.h"
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <iostream>
 #include <memory>
@@ -82,7 +83,10 @@ int run_generate(const Args& a, const PluginRegistry& registry) {
   MethodStack methods(registry, p.methods, backbone->sites(), p.model, p.groups);
   if (!a.run.empty()) {
     const Config rc = load_config((fs::path(a.run) / "config.toml").string());
-    check_adapter((fs::path(a.run) / "adapter").string(), {rc.task.kind, backbone->sites().info().architecture, rc.task.pooling, {}}, rc.methods);
+    std::vector<MethodConfig> run_methods;  // in the stack's order (groups gather their members), as the adapter was saved
+    for (const auto& m : methods.configs())
+      if (std::any_of(rc.methods.begin(), rc.methods.end(), [&](const MethodConfig& r) { return r.name == m.name; })) run_methods.push_back(m);
+    check_adapter((fs::path(a.run) / "adapter").string(), {rc.task.kind, backbone->sites().info().architecture, rc.task.pooling, {}}, run_methods);
   }
   for (std::size_t i = 0; i < methods.size(); ++i) methods.load_state(i, methods.state_file(dir_of(p, methods.config(i).name), i));
   if (!a.run.empty() && !methods.group_state().empty()) methods.load_group_state((fs::path(a.run) / "adapter" / "groups.safetensors").string());

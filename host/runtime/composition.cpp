@@ -48,11 +48,14 @@ class RouteMask final : public ContributionFactor {
                              "', which every sample shares, so it cannot be routed by sample");
   }
   bool needs_padding() const override { return false; }
+  bool weighs_prefixes() const override { return false; }
 
  private:
   Tensor mask(const Tensor& like) const {  // (B) in like's dtype and device
     const auto tags = view_.sample_tags(column_);
-    if (tags.empty()) throw std::runtime_error("route group '" + group_ + "' reads tag column '" + column_ + "', which this batch does not carry");
+    if (tags.empty())
+      throw std::runtime_error("route group '" + group_ + "' reads tag column '" + column_ + "', which this batch does not carry ([data] tag_columns; `tessera generate --tag " +
+                               column_ + "=MEMBER`)");
     if (tags == cached_tags_ && cached_.defined() && cached_.device() == like.device() && cached_.scalar_type() == like.scalar_type()) return cached_;
     std::vector<float> m(tags.size());
     for (std::size_t i = 0; i < tags.size(); ++i) {
@@ -87,7 +90,9 @@ class GateSet final : public ContributionFactor {
  public:
   GateSet(const GroupConfig& g, std::string member, const OwnerImpl& owner, const SiteModel& model) : prefix_(g.name + "." + member + ".") {
     const auto opts = model.info().param_options;
-    for (SiteCore* site : owner.sites()) {
+    std::map<std::string, SiteCore*> by_name;  // drawn in name order, not in the sites' address order
+    for (SiteCore* site : owner.sites()) by_name[site->site_name()] = site;
+    for (const auto& [_, site] : by_name) {
       const std::int64_t width = input_width(site, model);
       Gate gate;
       if (width == 0) {

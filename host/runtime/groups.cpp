@@ -92,6 +92,26 @@ void check_cycles(const Config& c) {
   for (const auto& g : c.groups) visit(g);
 }
 
+// A stack below a parallel, average or gated group at any depth (through route groups,
+// which the table allows) would be flattened: its members would read the outer group's input.
+void check_deep_stacks(const Config& c) {
+  const auto parent = parents(c);
+  for (const auto& g : c.groups) {
+    if (g.kind != "stack") continue;
+    const auto direct = parent.find(g.name);
+    if (direct == parent.end()) continue;
+    for (auto it = direct; it != parent.end(); it = parent.find(it->second->name)) {
+      if (!is_parallel_kind(it->second->kind)) continue;
+      const GroupConfig& in = *direct->second;
+      const auto k = static_cast<std::size_t>(std::find(in.members.begin(), in.members.end(), g.name) - in.members.begin());
+      throw ConfigError(k < in.member_pos.size() ? in.member_pos[k] : in.pos,
+                        "stack group '" + g.name + "' sits inside " + it->second->kind + " group '" + it->second->name +
+                            "' (through '" + in.name + "'): its members would read the " + it->second->kind +
+                            " group's input instead of each other's output; put that group inside the stack instead");
+    }
+  }
+}
+
 }  // namespace
 
 const std::vector<std::string>& group_kinds() {
@@ -128,6 +148,7 @@ void check_groups(const Config& c) {
     check_keys(c, g);
   }
   check_cycles(c);
+  check_deep_stacks(c);
 }
 
 std::vector<std::size_t> attach_order(const Config& c) {

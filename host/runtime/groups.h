@@ -38,7 +38,8 @@ const std::vector<std::string>& group_kinds();
 
 // Refuses, with file:line:column and before the model is touched: an unknown kind; a
 // group named like a method or another group; an unknown member, or one listed twice or
-// in two groups; a cycle; a nesting not in the table; weights outside average, of the
+// in two groups; a cycle; a nesting not in the table, or a stack below a parallel, average
+// or gated group at any depth (through routes); weights outside average, of the
 // wrong count, negative or summing to zero; a route without a tag, or with a tag that is
 // not one of [data] tag_columns.
 void check_groups(const Config& config);

@@ -150,9 +150,16 @@ void MethodStack::after_step(const StepInfo& info) {
 }
 
 void MethodStack::merge() {
-  for (std::size_t i = 0; i < size(); ++i)
+  for (std::size_t i = 0; i < size(); ++i) {
     if (const std::string g = composition_ ? composition_->sample_dependent_group(configs_[i].name) : ""; !g.empty())
       throw std::runtime_error("method '" + configs_[i].name + "' is in group '" + g + "', whose weight differs by sample: it cannot be folded into the weights");
+    // A plugin folds its whole change: one weighed (an average group, --scale) or switched
+    // off (--disable) would be folded as it is not run.
+    const auto& owner = instances_[i]->owner();
+    if (!owner.enabled() || owner.scale() != 1.0)
+      throw std::runtime_error("method '" + configs_[i].name + "' is " + (owner.enabled() ? "weighed " + std::to_string(owner.scale()) + " (an average group or --scale)" : "disabled") +
+                               ": a plugin folds its whole change, so it is not merged");
+  }
   for (std::size_t i = 0; i < size(); ++i)
     if (!instances_[i]->call("mergeable", [](Method& m) { return m.mergeable(); }))
       throw std::runtime_error("plugin '" + configs_[i].plugin + "' (instance '" + configs_[i].name + "') is not mergeable: its effect cannot be folded into the weights");

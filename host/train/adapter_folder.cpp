@@ -114,6 +114,8 @@ Config load_run_config(const std::string& run_dir, const PluginRegistry& registr
   if (!fs::exists(config_path) || !fs::is_directory(fs::path(run_dir) / "adapter"))
     throw std::runtime_error(run_dir + " is not a run directory of `tessera train` (it needs config.toml and adapter/)");
   Config config = load_config(config_path);
+  // The adapter folder holds the trained state: where a method started (`load`) is history.
+  for (auto& m : config.methods) m.load.clear();
   refuse_missing_plugins(run_dir, config.methods, registry);
   check_methods(config, registry);
   return config;

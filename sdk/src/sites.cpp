@@ -56,6 +56,8 @@ template <class Fn>
 std::pair<Tensor, Tensor> kv_factors(const Entry<Fn>& e, const SiteCore& site, const Tensor& x, std::int64_t batch) {
   Tensor fk, fv;
   for (const auto& f : e.owner->factors()) {
+    if (!f->weighs_prefixes())
+      throw InterventionError(e.owner->where(site.site_name()) + "a route group cannot route a prefix: its keys would still take part in every sample's attention");
     const Tensor t = f->per_sample(site.site_name(), x, batch);  // (B), or (B, 2): keys', values'
     fk = product(fk, t.dim() == 2 ? t.select(1, 0) : t);
     fv = product(fv, t.dim() == 2 ? t.select(1, 1) : t);
@@ -74,22 +76,28 @@ void refuse_factors(const Entry<Fn>& e, const SiteCore& site, const char* what) 
 // Runs interventions that chain (each reads what the one before gave) over v in install
 // order: v ↦ v + w(run(v) − v). Owners of one parallel group (composition) all read the
 // value before the first of them, and their changes add up.
+// An owner with two such interventions at one site chains them on its own outputs: its
+// second reads its first's output, and its changes add up to w(out₂ − base).
 template <class Fn, class Run, class Weigh>
 Tensor chain(const Entries<Fn>& list, Tensor v, const Run& run, const Weigh& weigh) {
-  Tensor base = v;
+  Tensor base = v, own;
   int group = 0;
+  const OwnerImpl* last = nullptr;
   for (const auto& e : list) {
     if (!e.on()) continue;
     const int g = e.owner->parallel_group();
     const bool joins = g != 0 && g == group;
-    group = g;
+    const bool again = joins && e.owner.get() == last;
+    group = g, last = e.owner.get();
     if (!joins) base = v;
-    const Tensor out = run(e, base);
-    const Weight w = weigh(e, base);
+    const Tensor in = again ? own : base;
+    const Tensor out = run(e, in);
+    const Weight w = weigh(e, in);
     if (joins)
-      v = v + times(w, out - base);
+      v = v + times(w, out - in);
     else
       v = w.one() ? out : base + times(w, out - base);
+    own = out;
   }
   return v;
 }
@@ -279,6 +287,8 @@ Tensor LinearSiteImpl::forward(const Tensor& x, Activation act, const Tensor& ti
       if (br.on()) y = y + times(per_token(br, *this, x), call(br, x));
     return y;
   };
+  if (delta_branches && any_on(weight_transforms_))  // T(W + ΔW) cannot split into a branch
+    throw std::runtime_error("linear site '" + name_ + "': a weight delta weighed per sample (a gated or routed group) cannot pass through a weight transform (DoRA's) here");
   const auto& stored = ParameterSiteImpl::of(*weight_);
   const Tensor b = bias_ ? bias_->value() : Tensor();
   if (stored.stored() != nullptr && !stored.has_dense_copy() && at::GradMode::is_enabled() && !weight_->has_deltas() && !plain_deltas &&

@@ -120,8 +120,15 @@ CATCH_TEST_CASE("average and parallel groups: an adapter averaged with itself is
     copy_state(*alone.stack, "a", *two.stack, "b");
     const Tensor out = hidden(two, b);
     CATCH_INFO(kind);
-    if (kind == "average") CATCH_CHECK(test::max_abs_diff_tokens(out, one, b.mask) < 1e-5);
-    else CATCH_CHECK(test::max_abs_diff_tokens(out, one, b.mask) > 1e-3);  // twice the change, or the adapter run twice
+    if (kind == "average") {
+      CATCH_CHECK(test::max_abs_diff_tokens(out, one, b.mask) < 1e-5);
+    } else if (kind == "parallel") {  // h + 2(a(h) − h): the adapter alone at scale 2
+      alone.stack->rescale("a", 2.0);
+      CATCH_CHECK(test::max_abs_diff_tokens(out, hidden(alone, b), b.mask) < 1e-5);
+      alone.stack->rescale("a", 0.5);
+    } else {  // a(a(h)): neither
+      CATCH_CHECK(test::max_abs_diff_tokens(out, one, b.mask) > 1e-3);
+    }
   }
   CATCH_CHECK(test::max_abs_diff_tokens(one, base_out, b.mask) > 1e-3);  // the adapter really acts
 
@@ -136,6 +143,8 @@ CATCH_TEST_CASE("average and parallel groups: an adapter averaged with itself is
   scaled.stack->rescale("a", 0.25);
   scaled.stack->rescale("b", 0.75);
   CATCH_CHECK(test::max_abs_diff_tokens(hidden(avg, b), hidden(scaled, b), b.mask) < 1e-5);
+  // A plugin folds its whole change: a weighed instance is not merged.
+  CATCH_CHECK_THROWS_WITH(avg.stack->merge(), Catch::Contains("method 'a' is weighed 0.25") && Catch::Contains("not merged"));
   // --disable by group name leaves the base model; --scale by group name scales every member.
   avg.stack->disable("g");
   CATCH_CHECK(test::max_abs_diff_tokens(hidden(avg, b), base_out, b.mask) == 0);
@@ -200,4 +209,29 @@ CATCH_TEST_CASE("a method's load key starts it from a saved adapter folder; a ba
   const auto empty = test::temp_dir("load-key-empty");
   CATCH_CHECK_THROWS_WITH(build(lora_a.substr(0, lora_a.find("[methods.params]")) + "load = \"" + empty.string() + "\"\n[methods.params]\nr = 4\n"),
                           Catch::Contains("run.toml:10:8: method 'a': load = ") && Catch::Contains("adapter_model.safetensors"));
+}
+
+CATCH_TEST_CASE("a gated prefix is weighed from the layer's input inside the model; a routed one is refused", "[runtime][composition]") {
+  const Batch b = batch();
+  const std::string prefix = "[[methods]]\nplugin = \"prefix_tuning\"\nname = \"a\"\n[methods.params]\nnum_virtual_tokens = 3\n";
+  Run alone = build(prefix);
+  randomize(*alone.stack, "a", 12);
+  const Tensor own = hidden(alone, b);
+  Run gated = build(prefix, "[[groups]]\nname = \"g\"\nkind = \"gated\"\nmembers = [\"a\"]\n");
+  copy_state(*alone.stack, "a", *gated.stack, "a");
+  const NamedTensors gates = gated.stack->group_state();
+  CATCH_REQUIRE(gates.count("g.a.layers.0.attn.bias"));
+  auto set_bias = [&](double v) {
+    at::NoGradGuard no_grad;
+    for (auto& [name, t] : gated.stack->group_state()) {
+      Tensor x = t;
+      x.fill_(name.compare(name.size() - 5, 5, ".bias") == 0 ? v : 0.0);
+    }
+  };
+  set_bias(30);  // σ = 1: the prefix as it is
+  CATCH_CHECK(test::max_abs_diff_tokens(hidden(gated, b), own, b.mask) < 1e-5);
+  set_bias(-3);  // keys and values scaled by σ(−3): another output, so the architecture did weigh them
+  CATCH_CHECK(test::max_abs_diff_tokens(hidden(gated, b), own, b.mask) > 1e-3);
+  Run routed = build(prefix + "[[methods]]\nplugin = \"prefix_tuning\"\nname = \"b\"\n[methods.params]\nnum_virtual_tokens = 3\n", kRoute);
+  CATCH_CHECK_THROWS_WITH(hidden(routed, b, {"a", "b", "a", "b"}), Catch::Contains("a route group cannot route a prefix"));
 }

@@ -37,6 +37,9 @@ class ContributionFactor {
   virtual Tensor scalar(const std::string& site) const = 0;
   // Whether per_token needs the padded layout (B, T, F): the host then keeps padding.
   virtual bool needs_padding() const = 0;
+  // Whether a prefix's keys and values may be weighed: a gate's yes; a route mask's no (a
+  // zeroed key still takes part in the softmax, so the sample would not get what it would alone).
+  virtual bool weighs_prefixes() const { return true; }
 };
 
 class OwnerImpl final : public Owner, public std::enable_shared_from_this<OwnerImpl> {
@@ -47,7 +50,7 @@ class OwnerImpl final : public Owner, public std::enable_shared_from_this<OwnerI
 
   void set_enabled(bool on) { enabled_ = on; }
   void set_scale(double alpha) { scale_ = alpha; }
-  // The factors of the groups the owner is in (outermost first); none: α alone.
+  // The factors of the groups the owner is in (innermost first); none: α alone.
   void set_factors(std::vector<std::shared_ptr<const ContributionFactor>> f) { factors_ = std::move(f); }
   const std::vector<std::shared_ptr<const ContributionFactor>>& factors() const { return factors_; }
   // Owners with the same non-zero parallel group read the same input where their
