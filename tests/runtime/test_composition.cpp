@@ -105,7 +105,7 @@ CATCH_TEST_CASE("a route group serves a mixed batch in one forward: each sample 
   CATCH_CHECK_THROWS_WITH(routed.stack->merge(), Catch::Contains("method 'a' is in group 'serve'"));
 }
 
-CATCH_TEST_CASE("average and parallel groups: an adapter averaged with itself is that adapter, in parallel twice its change; weights are the members' scales", "[runtime][composition]") {
+CATCH_TEST_CASE("average and parallel groups: an adapter averaged with itself is that adapter, in parallel twice its change, weights are the members' scales", "[runtime][composition]") {
   const Batch b = batch();
   Run alone = build(std::string(kAdapters).substr(0, std::string(kAdapters).find("[[methods]]", 5)));
   randomize(*alone.stack, "a", 3);
@@ -151,7 +151,7 @@ CATCH_TEST_CASE("average and parallel groups: an adapter averaged with itself is
   CATCH_CHECK_THROWS_WITH(avg.stack->disable("gg"), Catch::Contains("no method instance or group is named 'gg' (the run has: a, b, g)"));
 }
 
-CATCH_TEST_CASE("a gated group: the gate σ(x W_g + b_g), averaged over the sequence, acts as the member's scale per sample; it trains and is saved", "[runtime][composition]") {
+CATCH_TEST_CASE("a gated group: the gate σ(x W_g + b_g), averaged over the sequence, acts as the member's scale per sample, it trains and is saved", "[runtime][composition]") {
   const Batch b = batch();
   const std::string lora_a = std::string(kLoras).substr(0, std::string(kLoras).find("[[methods]]", 5));
   Run gated = build(lora_a, "[[groups]]\nname = \"g\"\nkind = \"gated\"\nmembers = [\"a\"]\n");
@@ -197,7 +197,7 @@ CATCH_TEST_CASE("a gated group: the gate σ(x W_g + b_g), averaged over the sequ
   CATCH_CHECK_THROWS_WITH(gated.stack->merge(), Catch::Contains("method 'a' is in group 'g', whose weight differs by sample"));
 }
 
-CATCH_TEST_CASE("a method's load key starts it from a saved adapter folder; a bad folder is refused at the key", "[runtime][composition]") {
+CATCH_TEST_CASE("a method's load key starts it from a saved adapter folder, a bad folder is refused at the key", "[runtime][composition]") {
   const Batch b = batch();
   const std::string lora_a = std::string(kLoras).substr(0, std::string(kLoras).find("[[methods]]", 5));
   Run first = build(lora_a);
@@ -211,7 +211,7 @@ CATCH_TEST_CASE("a method's load key starts it from a saved adapter folder; a ba
                           Catch::Contains("run.toml:10:8: method 'a': load = ") && Catch::Contains("adapter_model.safetensors"));
 }
 
-CATCH_TEST_CASE("a gated prefix is weighed from the layer's input inside the model; a routed one is refused", "[runtime][composition]") {
+CATCH_TEST_CASE("a gated prefix is weighed from the layer's input inside the model, a routed one is refused", "[runtime][composition]") {
   const Batch b = batch();
   const std::string prefix = "[[methods]]\nplugin = \"prefix_tuning\"\nname = \"a\"\n[methods.params]\nnum_virtual_tokens = 3\n";
   Run alone = build(prefix);
