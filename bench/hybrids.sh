@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The hybrid methods of configs/hybrid/ on the quickstart task (all-MiniLM-L6-v2, Pang & Lee
+# The hybrid and unified methods of configs/hybrid/ and configs/unified/ on the quickstart task (all-MiniLM-L6-v2, Pang & Lee
 # polarity, the same split, budget and seed), each against its parts trained alone with the
 # same settings — and UniPELT's three parts also grouped without gates (kind = "parallel"),
 # which isolates what the gates do. Prints test accuracy, trainable share, examples/s and
-# peak RSS per run, measured in one run of this script.
-#   bash bench/hybrids.sh [mam|unipelt ...]
+# peak RSS per run, measured in one run of this script. Compacter, a hybrid plugin rather than
+# a composition, runs beside Compacter++ and beside dense bottleneck adapters of its r at the
+# same places (Houlsby's, Pfeiffer's), which isolates what the PHM layers do. SparseAdapter runs
+# with each pruner at 40%, in the paper's Large-Sparse setting (r = 48 at 50%: the budget of
+# r = 24 dense) and beside the dense adapter it prunes (the bottleneck plugin, r = 24).
+#   bash bench/hybrids.sh [mam|unipelt|compacter|sparse_adapter ...]
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 hybrids=("$@")
@@ -18,7 +22,21 @@ $py - "$root" "$work" "${hybrids[@]}" <<'PY'
 import pathlib, re, sys
 root, work, names = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3:]
 for name in names:
-    text = (root / "configs/hybrid" / f"{name}.toml").read_text()
+    text = next(p for p in (root / "configs/hybrid" / f"{name}.toml", root / "configs/unified" / f"{name}.toml") if p.exists()).read_text()
+    if name == "sparse_adapter":
+        for pruner in ("snip", "grasp", "magnitude", "random"):
+            (work / f"sparse-{pruner}-40.toml").write_text(text.replace('pruner = "snip"', f'pruner = "{pruner}"'))
+        (work / "sparse-large-snip-r48-50.toml").write_text(text.replace("reduction_factor = 16.0", "reduction_factor = 8.0").replace("sparsity = 0.4", "sparsity = 0.5"))
+        dense = text.split("[methods.params]")[0].replace('plugin = "sparse_adapter"', 'plugin = "bottleneck"')
+        (work / "sparse-dense-r24.toml").write_text(dense + '[methods.params]\nconfig = "seq_bn"\nreduction_factor = 16.0\n')
+        continue
+    if name == "compacter":
+        (work / "compacter.toml").write_text(text)
+        (work / "compacter++.toml").write_text(text.replace('config = "compacter"', 'config = "compacter++"'))
+        for preset, label in (("double_seq_bn", "houlsby"), ("seq_bn", "pfeiffer")):
+            dense = text.split("[methods.params]")[0].replace('plugin = "compacter"', 'plugin = "bottleneck"')
+            (work / f"compacter-dense-{label}-r12.toml").write_text(dense + f'[methods.params]\nconfig = "{preset}"\nbottleneck_size = 12\nnon_linearity = "gelu"\n')
+        continue
     head, rest = text.split("[[methods]]", 1)
     blocks = ["[[methods]]" + b for b in ("[[methods]]" + rest).split("[[methods]]")[1:]]
     blocks[-1], group = blocks[-1].split("[[groups]]", 1)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The LoRA training config the LoRA benchmarks share (all-MiniLM-L6-v2 on polarity, batch
 # 32, length 64, rank 8 on every linear site of each layer), printed to stdout:
-#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads> [none|nf4] [lora|lora_fa|dora|adalora|dylora|loha|lokr|vera|ia3|prompt_tuning|p_tuning|prefix_tuning|lst|seq_bn|double_seq_bn|par_bn|scaled_par_bn|mam|unipelt]
+#   bash bench/lora_config.sh <steps> <f32|bf16> <max_length|longest> <threads> [none|nf4] [lora|lora_fa|dora|adalora|dylora|loha|lokr|vera|ia3|prompt_tuning|p_tuning|prefix_tuning|lst|seq_bn|double_seq_bn|par_bn|scaled_par_bn|compacter|compacter++|mam|unipelt]
 # mam, unipelt: the methods and group of configs/hybrid/<method>.toml.
 # Three steps more than timed: the trainer times from the fourth. nf4: QLoRA (the base's
 # linear weights in NF4 with double quantization).
@@ -41,6 +41,12 @@ plugin = "lst"
 reduction_factor = 8
 LST
 elif [[ $method == mam || $method == unipelt ]]; then sed -n '/^\[\[methods\]\]/,$p' "$(dirname "${BASH_SOURCE[0]}")/../configs/hybrid/$method.toml"
+elif [[ $method == compacter* ]]; then cat <<PHM
+[[methods]]
+plugin = "compacter"
+[methods.params]
+config = "$method"
+PHM
 elif [[ $method == *_bn ]]; then cat <<BN
 [[methods]]
 plugin = "bottleneck"

@@ -2,7 +2,7 @@
 # LoRA fine-tuning throughput and peak memory, Tessera against transformers + peft on the
 # same torch, side by side: same model (all-MiniLM-L6-v2), data (polarity), batch size,
 # sequence length (every batch padded to it), LoRA targets and rank, threads and steps.
-#   bash bench/lora_vs_peft.sh [steps] [f32|bf16] [max_length|longest] [none|nf4] [lora|lora_fa|dora|adalora|loha|lokr|vera|ia3|prompt_tuning|p_tuning|prefix_tuning|seq_bn|double_seq_bn|par_bn|scaled_par_bn|mam|unipelt]
+#   bash bench/lora_vs_peft.sh [steps] [f32|bf16] [max_length|longest] [none|nf4] [lora|lora_fa|dora|adalora|loha|lokr|vera|ia3|prompt_tuning|p_tuning|prefix_tuning|seq_bn|double_seq_bn|par_bn|scaled_par_bn|compacter|compacter++|mam|unipelt]
 # dora: LoRA's setting with use_dora on both sides (DoRA, lora_dropout 0.1 as LoRA's).
 # loha: LoHa r = 8, alpha 16 on the same six projections on both sides.
 # lokr: LoKr r = 8, alpha 16 (PEFT's split of each side, W2 a rank-8 pair) on the same six projections on both sides.
@@ -12,6 +12,7 @@
 # P-tuning's MLP encoder, prefix tuning without its projection); both pool the text's tokens.
 # seq_bn … scaled_par_bn: a bottleneck adapter preset, the peer AdapterHub's `adapters`
 # (the same torch, in the adapters venv, whose transformers is its pin).
+# compacter, compacter++: the compacter plugin's preset against AdapterHub's of that name.
 # mam, unipelt: configs/hybrid/<method>.toml against AdapterHub's MAMConfig / UniPELTConfig.
 # nf4: QLoRA on both sides — Tessera's [model] quantize = "nf4" with double quantization,
 # and the peer's model loaded by bitsandbytes in 4 bits (its CPU path; f32 compute).
@@ -27,7 +28,7 @@ work=$(mktemp -d)
 bash "$root/bench/lora_config.sh" "$steps" "$dtype" "$padding" "$threads" "$quantize" "$method" >"$work/bench.toml"
 py=$TESSERA_VENV/bin/python
 peer_py=$py peer="transformers + peft"
-[[ $method == *_bn || $method == mam || $method == unipelt ]] && peer_py=$TESSERA_ADAPTERS_VENV/bin/python peer="transformers + adapters"
+[[ $method == *_bn || $method == compacter* || $method == mam || $method == unipelt ]] && peer_py=$TESSERA_ADAPTERS_VENV/bin/python peer="transformers + adapters"
 echo "== $peer ($dtype, $threads threads, batch $batch, length $len, padding $padding, base $quantize, $method, $steps timed steps)"
 $py "$root/bench/measure.py" "$peer_py" "$root/bench/peer_hf_peft.py" --steps "$steps" --batch-size $batch --max-length $len \
   --threads "$threads" --dtype "$dtype" --padding "$padding" --quantize "$quantize" --method "$method" >"$work/peer.json" 2>"$work/peer.err" || { cat "$work/peer.err"; exit 1; }

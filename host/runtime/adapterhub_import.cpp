@@ -12,19 +12,20 @@
 namespace tessera {
 namespace {
 
-// BnConfig keys whose non-default values the bottleneck plugin does not compute.
+// BnConfig keys whose non-default values the bottleneck and compacter plugins do not compute.
 void refuse_unsupported(const nlohmann::json& c, const std::string& path) {
   auto refuse = [&](const std::string& key, const std::string& why) {
     throw std::runtime_error(path + ": config." + key + " = " + c[key].dump() + ": " + why);
   };
   const std::string arch = c.value("architecture", std::string("bottleneck"));
   if (!c.value("architecture", nlohmann::json()).is_null() && arch != "bottleneck")
-    refuse("architecture", "not a bottleneck adapter (the bottleneck plugin reads only those)");
-  for (const char* key : {"phm_layer", "use_gating", "ln_before", "ln_after", "adapter_residual_before_ln"})
-    if (c.contains(key) && c[key].is_boolean() && c[key].get<bool>()) refuse(key, "not supported by the bottleneck plugin");
+    refuse("architecture", "not a bottleneck adapter (the bottleneck and compacter plugins read only those)");
+  for (const char* key : {"use_gating", "ln_before", "ln_after", "adapter_residual_before_ln"})
+    if (c.contains(key) && c[key].is_boolean() && c[key].get<bool>()) refuse(key, "not supported by the bottleneck and compacter plugins");
   if (c.contains("original_ln_after") && c["original_ln_after"] == false) refuse("original_ln_after", "not supported: the block's residual and norm always follow");
   if (c.contains("inv_adapter") && !c["inv_adapter"].is_null()) refuse("inv_adapter", "invertible adapters are not supported");
   if (c.value("stochastic_depth", 0.0) > 0.0) refuse("stochastic_depth", "not supported");
+  if (c.value("phm_layer", false) && c.value("is_parallel", false)) refuse("is_parallel", "a parallel PHM adapter is not among the compacter plugin's presets");
   if (c.contains("reduction_factor") && !c["reduction_factor"].is_number()) refuse("reduction_factor", "a per-layer mapping is not supported");
   if (c.contains("residual_before_ln") && !c["residual_before_ln"].is_boolean()) refuse("residual_before_ln", "only true or false is supported");
   if (c.contains("scaling") && c["scaling"].is_number() && c["scaling"].get<double>() <= 0.0) refuse("scaling", "a scale that silences the adapter");
@@ -32,10 +33,11 @@ void refuse_unsupported(const nlohmann::json& c, const std::string& path) {
 
 // The preset whose wiring the config has, and its scale.
 void read_preset(const nlohmann::json& c, MethodConfig& m) {
-  const bool parallel = c.value("is_parallel", false);
+  const bool parallel = c.value("is_parallel", false), pfeiffer = c.value("original_ln_before", false);
   const auto& s = c.value("scaling", nlohmann::json(1.0));
-  if (parallel) m.params["config"] = std::string(s.is_string() && s == "learned" ? "scaled_par_bn" : "par_bn");
-  else m.params["config"] = std::string(c.value("original_ln_before", false) ? "seq_bn" : "double_seq_bn");
+  if (m.plugin == "compacter") m.params["config"] = std::string(pfeiffer ? "compacter++" : "compacter");
+  else if (parallel) m.params["config"] = std::string(s.is_string() && s == "learned" ? "scaled_par_bn" : "par_bn");
+  else m.params["config"] = std::string(pfeiffer ? "seq_bn" : "double_seq_bn");
   if (s.is_number()) {
     m.params["scaling_type"] = std::string("fixed");
     m.params["scaling"] = s.get<double>();
@@ -58,6 +60,19 @@ void read_targets(const nlohmann::json& c, const std::string& model_type, Method
   m.targets.push_back("re:(.*\\.)?layers\\." + (skip.empty() ? "" : "(?!(" + skip + ")\\.)") + "[0-9]+\\.(" + kinds + ")");
 }
 
+// A PHM layer's keys (Compacter), as the compacter plugin names them. An initialisation the
+// plugin does not draw is left out: a loaded adapter's tensors replace the start anyway.
+void read_phm(const nlohmann::json& c, MethodConfig& m) {
+  for (const char* key : {"phm_dim", "phm_rank"})
+    if (c.contains(key)) m.params[key] = c[key].get<std::int64_t>();
+  for (const char* key : {"factorized_phm_W", "shared_W_phm", "shared_phm_rule", "factorized_phm_rule", "learn_phm", "phm_bias"})
+    if (c.contains(key) && c[key].is_boolean()) m.params[key] = c[key].get<bool>();
+  if (c.contains("phm_init_range") && c["phm_init_range"].is_number()) m.params["phm_init_range"] = c["phm_init_range"].get<double>();
+  if (c.contains("phm_c_init") && c["phm_c_init"].is_string()) m.params["phm_c_init"] = c["phm_c_init"].get<std::string>();
+  const std::string w_init = c.value("hypercomplex_nonlinearity", std::string());
+  if (w_init == "glorot-uniform" || w_init == "glorot-normal" || w_init == "normal") m.params["hypercomplex_nonlinearity"] = w_init;
+}
+
 MethodConfig read(const std::string& path, const PluginRegistry& registry, const std::string& instance) {
   const nlohmann::json j = read_json_file(path);
   if (!j.contains("config") || !j["config"].is_object()) throw std::runtime_error(path + ": no \"config\" object (not an adapter AdapterHub saved)");
@@ -66,13 +81,14 @@ MethodConfig read(const std::string& path, const PluginRegistry& registry, const
   MethodConfig m;
   m.pos = m.params_pos = {path, 1, 1};
   m.name = instance;
-  m.plugin = "bottleneck";
+  m.plugin = c.value("phm_layer", false) ? "compacter" : "bottleneck";
   const PluginInfo* info = registry.find(m.plugin);
-  if (info == nullptr) throw std::runtime_error(path + ": the bottleneck plugin is not found");
+  if (info == nullptr) throw std::runtime_error(path + ": the " + m.plugin + " plugin is not found");
   read_preset(c, m);
   read_targets(c, j.value("model_type", std::string()), m);
   if (c.contains("reduction_factor")) m.params["reduction_factor"] = c["reduction_factor"].get<double>();
-  if (c.contains("init_weights") && c["init_weights"].is_string()) m.params["init_weights"] = c["init_weights"].get<std::string>();
+  if (m.plugin == "compacter") read_phm(c, m);  // AdapterHub's init_weights does not touch PHM layers
+  else if (c.contains("init_weights") && c["init_weights"].is_string()) m.params["init_weights"] = c["init_weights"].get<std::string>();
   if (c.contains("non_linearity") && c["non_linearity"].is_string()) {  // AdapterHub lower-cases it
     std::string act = c["non_linearity"].get<std::string>();
     std::transform(act.begin(), act.end(), act.begin(), [](unsigned char ch) { return std::tolower(ch); });

@@ -2,42 +2,21 @@
 // the same base weights, the same adapter tensors (AdapterHub's saved folders, read
 // through the importer), the same inputs — on the real MiniLM and the tiny GPT-2, Mistral
 // (LLaMA family) and T5; and the reverse: a folder we save loads in `adapters` and gives our outputs.
-#include "support.h"
+#include "adapterhub_parity.h"
 
-#include "architectures/decoder.h"
-#include "architectures/t5.h"
-#include "formats/safetensors.h"
-#include "runtime/adapterhub_import.h"
 #include "runtime/method_stack.h"
 
 #include <nlohmann/json.hpp>
 
-#include <cstdlib>
-#include <fstream>
 #include <regex>
 
 using namespace tessera;
+using test::adapters_fixture;
+using test::adapters_reference;
 
 namespace {
 
-std::string adapters_fixture(const std::string& name) { return test::fixture("adapters/" + name); }
-NamedTensors& adapters_reference() { return test::cached_tensors(adapters_fixture("reference.safetensors")); }
-
-// The AdapterHub folder as a method instance named as AdapterHub named it ("a"), so that
-// our state's keys must equal the file's keys exactly.
-std::unique_ptr<MethodInstance> attach_adapterhub(const std::string& name, ModelView& model) {
-  const auto dir = adapters_fixture(name);
-  MethodConfig mc = method_from_adapterhub_dir(dir, test::registry(), "a");
-  CATCH_CHECK(mc.plugin == "bottleneck");
-  auto inst = test::registry().create("bottleneck", "a");
-  inst->attach(model, mc.targets, mc.checked);
-  auto file = test::read_tensors(dir + "/adapter.safetensors");
-  auto ours = inst->call("state", [](Method& m) { return m.state(); });
-  CATCH_CHECK(ours.size() == file.size());
-  for (const auto& [k, t] : file) CATCH_CHECK((ours.count(k) && ours[k].sizes() == t.sizes()));
-  inst->call("load_state", [&](Method& m) { m.load_state(file); });
-  return inst;
-}
+std::unique_ptr<MethodInstance> attach_adapterhub(const std::string& name, ModelView& model) { return test::attach_adapterhub(name, model, "bottleneck"); }
 
 const char* const kPresets[] = {"seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"};
 
@@ -106,56 +85,9 @@ CATCH_TEST_CASE("a bottleneck adapter Tessera saves loads in AdapterHub and give
   };
   for (const Case& c : cases) {
     CATCH_INFO("case " << c.name);
-    const bool bert = c.model == "minilm", t5 = c.model.rfind("t5:", 0) == 0;
-    std::unique_ptr<SiteModel> model;
-    if (bert) model = test::load_minilm();
-    else if (t5) model = T5Model::load(c.model.substr(3), test::options());
-    else model = DecoderModel::load(c.model, test::options());
-    if (!bert) test::perturb_if_asked(*model);
-    auto inst = test::registry().create("bottleneck", "mine");
-    if (!c.fixture.empty()) {
-      MethodConfig mc = method_from_adapterhub_dir(adapters_fixture(c.fixture), test::registry(), "mine");
-      inst->attach(*model, mc.targets, mc.checked);
-      inst->call("load_state", [&](Method& m) { m.load_state(test::read_tensors(adapters_fixture(c.fixture) + "/adapter.safetensors")); });
-    } else {
-      inst->attach(*model, c.targets, apply_schema(test::registry().find("bottleneck")->params, c.params));
-      at::manual_seed(5);
-      NamedTensors random;
-      for (const auto& [k, t] : inst->call("state", [](Method& m) { return m.state(); })) random[k] = at::randn_like(t) * 0.2;
-      inst->call("load_state", [&](Method& m) { m.load_state(random); });
-    }
-    const auto dir = test::temp_dir("bottleneck-" + std::to_string(&c - cases.data()));
-    save_safetensors((dir / "adapter.safetensors").string(), inst->call("state", [](Method& m) { return m.state(); }), {{"format", "pt"}});
-    const auto cfg = inst->call("cfg", [](Method& m) { return m.adapter_config_json(); });
-    CATCH_CHECK(nlohmann::json::parse(cfg)["tessera"]["adapterhub_exact"] == true);
-    std::ofstream(dir / "adapter_config.json") << cfg;
-    const std::string reference = bert ? test::fixture("reference.safetensors") : t5 ? test::fixture("seq2seq/reference.safetensors")
-                                                                                      : test::fixture("decoders/reference.safetensors");
-    const auto out = (dir / "out.safetensors").string();
-    const std::string cmd = std::string(TESSERA_ADAPTERS_PYTHON) + " " + TESSERA_SOURCE_DIR + "/tests/fixtures/adapters_forward.py " + dir.string() + " " +
-                            c.model + " " + reference + " " + out + " > " + (dir / "log").string() + " 2>&1";
-    const int rc = std::system(cmd.c_str());
-    if (rc != 0) {
-      std::ifstream log(dir / "log");
-      CATCH_INFO(std::string(std::istreambuf_iterator<char>(log), {}));
-      CATCH_REQUIRE(rc == 0);
-    }
-    auto theirs = test::read_tensors(out);
-    auto inputs = test::read_tensors(reference);
-    at::NoGradGuard no_grad;
-    const auto &ids = inputs["input_ids"], &mask = inputs["attention_mask"];
-    Tensor ours, ours_mask = mask;
-    if (bert) {
-      ours = static_cast<BertModel&>(*model).forward(ids, mask).hidden;
-    } else if (t5) {
-      auto& m = static_cast<T5Model&>(*model);
-      ours = m.logits(m.decode(inputs["t5.decoder_input_ids"], m.encode(ids, mask)));
-      ours_mask = Tensor();
-    } else {
-      auto& d = static_cast<DecoderModel&>(*model);
-      ours = d.logits(d.forward(ids, mask));
-    }
-    TESSERA_CHECK_PARITY(test::parity("AdapterHub on our folder", ours, theirs["out"], theirs["out.f64"], ours_mask));
+    auto model = test::load_for_adapterhub(c.model);
+    auto inst = test::attach_fixture_or_random("bottleneck", *model, c.fixture, c.targets, c.params, 5);
+    test::check_loads_in_adapterhub(*inst, *model, c.model, "bottleneck-" + std::to_string(&c - cases.data()));
   }
 }
 

@@ -55,6 +55,17 @@ const std::vector<Row>& table() {
       {"bottleneck", {}, {}, {}},  // seq_bn (Pfeiffer): bert init, so it acts at once
       {"bottleneck", {}, {{"config", std::string("double_seq_bn")}, {"cross_adapter", true}}, {}},  // Houlsby, T5's cross-attention too
       {"bottleneck", {}, {{"config", std::string("scaled_par_bn")}, {"init_weights", std::string("bert")}}, {}},  // parallel, learned scale
+      // Compacter: r = 8 (H // 32 is too small for phm_dim 4 on the tiny checkpoints); the shared
+      // rule drawn U(±1) so that it acts at once (N(0, 1e-4) by default). Then Compacter++ with
+      // one full B per direction shared by all layers and a rule per projection.
+      {"compacter", {}, {{"bottleneck_size", std::int64_t{8}}, {"cross_adapter", true}, {"phm_c_init", std::string("uniform")}}, {}},
+      {"compacter", {}, {{"config", std::string("compacter++")}, {"bottleneck_size", std::int64_t{8}}, {"shared_W_phm", true}, {"factorized_phm_W", false},
+                         {"shared_phm_rule", false}, {"phm_c_init", std::string("uniform")}, {"hypercomplex_nonlinearity", std::string("normal")},
+                         {"phm_init_range", 1.0}, {"phm_bias", false}}, {}},
+      // SparseAdapter: SNIP on Pfeiffer's adapter; GraSP (double backward, through the plain
+      // attention path) on Houlsby's, T5's cross-attention too.
+      {"sparse_adapter", {}, {{"sparsity", 0.5}}, {}},
+      {"sparse_adapter", {}, {{"config", std::string("double_seq_bn")}, {"pruner", std::string("grasp")}, {"cross_adapter", true}}, {}},
       {"lst", {}, {{"reduction_factor", std::int64_t{4}}, {"dropout", 0.0}}, {"bert"}},  // its side network is BERT's
       {"coda", {}, {{"k", 0.5}}, {"bert", "t5"}},  // encoder layers (T5: its encoder)
       {"prompt_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},  // T5: the encoder's input

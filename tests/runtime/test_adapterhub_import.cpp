@@ -1,5 +1,6 @@
-// Reading an AdapterHub adapter directory: its BnConfig becomes the bottleneck plugin's
-// preset, keys and targets; what the plugin does not compute is refused naming the key.
+// Reading an AdapterHub adapter directory: its BnConfig becomes the bottleneck (or, with PHM
+// layers, the compacter) plugin's preset, keys and targets; what the plugins do not compute
+// is refused naming the key.
 #include "support.h"
 
 #include "runtime/adapterhub_import.h"
@@ -45,12 +46,32 @@ CATCH_TEST_CASE("an AdapterHub config becomes the bottleneck plugin's preset, ke
   CATCH_CHECK(m.checked.text("non_linearity") == "relu");
   CATCH_CHECK(m.checked.text("scaling_type") == "fixed");
   CATCH_CHECK(m.checked.number("scaling") == 2.5);
+
+  // PHM layers: the compacter plugin, its keys; an initialisation it does not draw is left out.
+  CATCH_REQUIRE(import_result(R"({"mh_adapter": true, "output_adapter": true, "original_ln_before": false, "phm_layer": true, "phm_dim": 2,
+                                  "phm_rank": 3, "shared_phm_rule": false, "factorized_phm_rule": true, "learn_phm": false, "phm_c_init": "uniform",
+                                  "phm_init_range": 0.5, "hypercomplex_nonlinearity": "phm", "phm_bias": false, "init_weights": "bert"})", &m) == "(loaded)");
+  CATCH_CHECK(m.plugin == "compacter");
+  CATCH_CHECK(m.checked.text("config") == "compacter");
+  CATCH_CHECK(m.checked.integer("phm_dim") == 2);
+  CATCH_CHECK(m.checked.integer("phm_rank") == 3);
+  CATCH_CHECK_FALSE(m.checked.flag("shared_phm_rule"));
+  CATCH_CHECK(m.checked.flag("factorized_phm_rule"));
+  CATCH_CHECK_FALSE(m.checked.flag("learn_phm"));
+  CATCH_CHECK_FALSE(m.checked.flag("phm_bias"));
+  CATCH_CHECK(m.checked.text("phm_c_init") == "uniform");
+  CATCH_CHECK(m.checked.number("phm_init_range") == 0.5);
+  CATCH_CHECK(m.checked.text("hypercomplex_nonlinearity") == "glorot-uniform");
+  CATCH_REQUIRE(import_result(R"({"output_adapter": true, "original_ln_before": true, "phm_layer": true})", &m) == "(loaded)");
+  CATCH_CHECK(m.checked.text("config") == "compacter++");
 }
 
 CATCH_TEST_CASE("an AdapterHub config the bottleneck plugin cannot compute is refused naming the file and the key", "[runtime][adapterhub]") {
   CATCH_CHECK(import_result(R"({"architecture": "lora", "output_adapter": true})") ==
-              "adapter_config.json: config.architecture = \"lora\": not a bottleneck adapter (the bottleneck plugin reads only those)");
-  CATCH_CHECK(import_result(R"({"output_adapter": true, "phm_layer": true})") == "adapter_config.json: config.phm_layer = true: not supported by the bottleneck plugin");
+              "adapter_config.json: config.architecture = \"lora\": not a bottleneck adapter (the bottleneck and compacter plugins read only those)");
+  CATCH_CHECK(import_result(R"({"output_adapter": true, "use_gating": true})") == "adapter_config.json: config.use_gating = true: not supported by the bottleneck and compacter plugins");
+  CATCH_CHECK(import_result(R"({"output_adapter": true, "phm_layer": true, "is_parallel": true})") ==
+              "adapter_config.json: config.is_parallel = true: a parallel PHM adapter is not among the compacter plugin's presets");
   CATCH_CHECK(import_result(R"({"output_adapter": true, "reduction_factor": {"default": 16}})") ==
               "adapter_config.json: config.reduction_factor = {\"default\":16}: a per-layer mapping is not supported");
   CATCH_CHECK(import_result(R"({"mh_adapter": false, "output_adapter": false})") ==
