@@ -8,7 +8,10 @@
 # same places (Houlsby's, Pfeiffer's), which isolates what the PHM layers do. SparseAdapter runs
 # with each pruner at 40%, in the paper's Large-Sparse setting (r = 48 at 50%: the budget of
 # r = 24 dense) and beside the dense adapter it prunes (the bottleneck plugin, r = 24).
-#   bash bench/hybrids.sh [mam|unipelt|compacter|sparse_adapter ...]
+# AdaMix runs with and without its consistency term, beside one dense adapter at its places.
+# ProPETL runs beside its prototype unmasked in every layer (keep = 1) and beside a dense
+# adapter of its r in every layer.
+#   bash bench/hybrids.sh [mam|unipelt|compacter|sparse_adapter|adamix|propetl ...]
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 hybrids=("$@")
@@ -23,6 +26,19 @@ import pathlib, re, sys
 root, work, names = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3:]
 for name in names:
     text = next(p for p in (root / "configs/hybrid" / f"{name}.toml", root / "configs/unified" / f"{name}.toml") if p.exists()).read_text()
+    if name == "propetl":
+        (work / "propetl.toml").write_text(text)
+        (work / "propetl-keep-all.toml").write_text(text.replace("keep = 0.5", "keep = 1.0"))
+        dense = text.split("[[methods]]")[0]
+        (work / "propetl-dense-r64.toml").write_text(dense + '[[methods]]\nplugin = "bottleneck"\n[methods.params]\nconfig = "seq_bn"\nreduction_factor = 6.0\n')
+        continue
+    if name == "adamix":
+        (work / "adamix.toml").write_text(text)
+        (work / "adamix-no-consistency.toml").write_text(text.replace("consistency_weight = 1.0", "consistency_weight = 0.0"))
+        dense = text.split("[[methods]]")[0]
+        (work / "adamix-dense-r24.toml").write_text(dense + '[[methods]]\nplugin = "bottleneck"\ntargets = ["mlp"]\n[methods.params]\nconfig = "double_seq_bn"\n'
+                                                    'reduction_factor = 16.0\nnon_linearity = "gelu"\n')
+        continue
     if name == "sparse_adapter":
         for pruner in ("snip", "grasp", "magnitude", "random"):
             (work / f"sparse-{pruner}-40.toml").write_text(text.replace('pruner = "snip"', f'pruner = "{pruner}"'))
