@@ -4,6 +4,8 @@
 // The references are the same adapters attached alone, in their own model.
 #include "support.h"
 
+#include "plugins/adapterhub_parity.h"
+
 #include "runtime/config.h"
 #include "runtime/method_stack.h"
 
@@ -234,4 +236,30 @@ CATCH_TEST_CASE("a gated prefix is weighed from the layer's input inside the mod
   CATCH_CHECK(test::max_abs_diff_tokens(hidden(gated, b), own, b.mask) > 1e-3);
   Run routed = build(prefix + "[[methods]]\nplugin = \"prefix_tuning\"\nname = \"b\"\n[methods.params]\nnum_virtual_tokens = 3\n", kRoute);
   CATCH_CHECK_THROWS_WITH(hidden(routed, b, {"a", "b", "a", "b"}), Catch::Contains("a route group cannot route a prefix"));
+}
+
+// AdapterHub's prefix leaves the tokens' positions at 0..; transformers (and so peft's prefix
+// tuning, and Tessera) numbers them after the prefix's 30. The reference is AdapterHub's MAM
+// run with the positions numbered so: that convention is the one difference.
+CATCH_TEST_CASE("configs/hybrid/mam.toml is AdapterHub's MAMConfig: the same prefix and parallel adapter give its outputs on MiniLM, positions after the prefix", "[runtime][composition][minilm][parity]") {
+  Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/mam.toml");
+  check_methods(c, test::registry());
+  auto model = test::load_minilm();
+  MethodStack stack(test::registry(), c.methods, *model, c.model, c.groups);
+  // tests/fixtures/make_adapters.py: AdapterHub's prefix as peft's file holds it ("prefix.":
+  // the MLP's output rows), its parallel adapter under AdapterHub's names ("adapter.").
+  NamedTensors prefix, adapter;
+  for (const auto& [k, t] : test::read_tensors(test::adapters_fixture("minilm_mam/tensors.safetensors")))
+    (k.rfind("prefix.", 0) == 0 ? prefix[k.substr(7)] : adapter[k.substr(8)]) = t;
+  stack[index_of(stack, "prefix")].call("load_state", [&](Method& m) { m.load_state(prefix); });
+  stack[index_of(stack, "adapter")].call("load_state", [&](Method& m) { m.load_state(adapter); });
+  auto& base = test::cached_tensors(test::fixture("reference.safetensors"));
+  at::NoGradGuard no_grad;
+  TESSERA_CHECK_PARITY(test::parity(model->forward(base["input_ids"], base["attention_mask"]).hidden, test::adapters_reference(), "minilm_mam", base["attention_mask"]));
+  // The prefix alone (the adapter's up-projection 0), which tells the two parts apart.
+  for (auto& [k, t] : adapter)
+    if (k.find(".adapter_up.") != std::string::npos) t = at::zeros_like(t);
+  stack[index_of(stack, "adapter")].call("load_state", [&](Method& m) { m.load_state(adapter); });
+  TESSERA_CHECK_PARITY(test::parity(model->forward(base["input_ids"], base["attention_mask"]).hidden, test::adapters_reference(), "minilm_mam_prefix_only",
+                                    base["attention_mask"]));
 }
