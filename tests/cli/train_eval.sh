@@ -152,4 +152,30 @@ set +e
 rc=$?
 set -e
 [ "$rc" -eq 1 ] && grep -q "matches 'no_such_site'" "$out/err.txt"
+# A gated group through the binary: its gates train with the methods, are saved as
+# adapter/groups.safetensors and read back, so eval reproduces the run; disabling the group
+# (every member) is another model, evaluated without comparison.
+head -n 10 "$out/run.toml" >"$out/gated.toml"  # [model], [data], [train]
+cat >>"$out/gated.toml" <<'TOML'
+[[methods]]
+plugin = "lora"
+name = "lora"
+targets = ["attn.q", "attn.v"]
+[methods.params]
+r = 4
+init_lora_weights = "false"
+[[methods]]
+plugin = "compacter"
+name = "phm"
+[methods.params]
+config = "compacter++"
+[[groups]]
+name = "gate"
+kind = "gated"
+members = ["lora", "phm"]
+TOML
+"$tessera" --log-level warn train "$out/gated.toml" --run-dir "$out/gated"
+[ -s "$out/gated/adapter/groups.safetensors" ]
+"$tessera" eval "$out/gated" | grep -q "reproduces the accuracy recorded at training time"
+"$tessera" eval "$out/gated" --disable gate | grep -q "test accuracy"
 echo "cli train/eval: ok"
