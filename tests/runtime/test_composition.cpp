@@ -8,6 +8,8 @@
 
 #include "runtime/config.h"
 #include "runtime/method_stack.h"
+#include "architectures/decoder.h"
+#include "architectures/t5.h"
 
 #include <fstream>
 
@@ -236,6 +238,61 @@ CATCH_TEST_CASE("a gated prefix is weighed from the layer's input inside the mod
   CATCH_CHECK(test::max_abs_diff_tokens(hidden(gated, b), own, b.mask) > 1e-3);
   Run routed = build(prefix + "[[methods]]\nplugin = \"prefix_tuning\"\nname = \"b\"\n[methods.params]\nnum_virtual_tokens = 3\n", kRoute);
   CATCH_CHECK_THROWS_WITH(hidden(routed, b, {"a", "b", "a", "b"}), Catch::Contains("a route group cannot route a prefix"));
+}
+
+CATCH_TEST_CASE("a gated prefix in GPT-2 and in T5's decoder: a gate of σ(b) is the prefix's keys and values scaled by σ(b)", "[runtime][composition][decoder][t5]") {
+  for (const std::string family : {"gpt2", "t5"}) {
+    CATCH_INFO(family);
+    const bool t5 = family == "t5";
+    const std::string dir = t5 ? test::fixture("seq2seq/t5") : test::fixture("decoders/gpt2");
+    const auto cfg_dir = test::temp_dir("composition-" + family);
+    auto load = [&](const std::string& groups) {
+      const auto path = (cfg_dir / ("run" + std::to_string(groups.size()) + ".toml")).string();
+      std::ofstream(path) << "[model]\npath = \"" << dir << "\"\n[data]\npath = \"/d.csv\"\n"
+                          << "[[methods]]\nplugin = \"prefix_tuning\"\nname = \"a\"\n[methods.params]\nnum_virtual_tokens = 3\n" << groups;
+      Config c = load_config(path);
+      check_methods(c, test::registry());
+      return c;
+    };
+    std::unique_ptr<SiteModel> model;
+    if (t5) model = T5Model::load(dir, test::options());
+    else model = DecoderModel::load(dir, test::options());
+    auto& ref = test::cached_tensors(t5 ? test::fixture("seq2seq/reference.safetensors") : test::fixture("decoders/reference.safetensors"));
+    auto out = [&] {
+      at::NoGradGuard no_grad;
+      if (t5) {
+        auto& m = static_cast<T5Model&>(*model);
+        return m.logits(m.decode(ref["t5.decoder_input_ids"], m.encode(ref["input_ids"], ref["attention_mask"])));
+      }
+      auto& d = static_cast<DecoderModel&>(*model);
+      return d.logits(d.forward(ref["input_ids"], ref["attention_mask"]));
+    };
+    at::manual_seed(13);
+    Tensor z;
+    {
+      Config c = load({});
+      MethodStack alone(test::registry(), c.methods, *model, c.model, c.groups);
+      z = at::randn_like(alone[0].call("state", [](Method& m) { return m.state(); }).at("prompt_embeddings"));
+      alone[0].call("load_state", [&](Method& m) { m.load_state({{"prompt_embeddings", z * (1.0 / (1.0 + std::exp(3.0)))}}); });  // Z · σ(−3)
+      const Tensor scaled = out();
+      alone[0].detach(*model);
+      Config g = load("[[groups]]\nname = \"g\"\nkind = \"gated\"\nmembers = [\"a\"]\n");
+      MethodStack gated(test::registry(), g.methods, *model, g.model, g.groups);
+      gated[0].call("load_state", [&](Method& m) { m.load_state({{"prompt_embeddings", z}}); });
+      {
+        at::NoGradGuard no_grad;
+        for (auto& [name, t] : gated.group_state()) {
+          Tensor x = t;
+          x.fill_(name.compare(name.size() - 5, 5, ".bias") == 0 ? -3.0 : 0.0);
+        }
+      }
+      // Over real tokens (T5's decoder inputs are all real; GPT-2's batch is padded).
+      auto differ = [&](const Tensor& a, const Tensor& b) { return t5 ? (a - b).abs().max().item<double>() : test::max_abs_diff_tokens(a, b, ref["attention_mask"]); };
+      CATCH_CHECK(differ(out(), scaled) < 1e-5 * std::max(1.0, scaled.abs().max().item<double>()));
+      gated[0].call("load_state", [&](Method& m) { m.load_state({{"prompt_embeddings", z * 0.5}}); });
+      CATCH_CHECK(differ(out(), scaled) > 1e-4);  // the check can fail: another prefix differs
+    }
+  }
 }
 
 // AdapterHub's prefix leaves the tokens' positions at 0..; transformers (and so peft's prefix
