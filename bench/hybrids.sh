@@ -63,12 +63,7 @@ for name in names:
     if 'kind = "gated"' in group:
         (work / f"{name}-ungated.toml").write_text(text.replace('kind = "gated"', 'kind = "parallel"'))
 PY
-for cfg in "$work"/*.toml; do
-  run=$(basename "$cfg" .toml)
-  echo "== $run" >&2
-  $py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn train "$cfg" --run-dir "$work/$run" \
-    >/dev/null 2>"$work/$run.err" || { cat "$work/$run.err"; exit 1; }
-done
+bash "$root/bench/train_each.sh" "$work"
 $py - "$work" <<'PY'
 import json, pathlib, sys
 w = pathlib.Path(sys.argv[1])
