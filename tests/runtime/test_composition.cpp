@@ -85,23 +85,32 @@ const char* kRoute = "[[groups]]\nname = \"serve\"\nkind = \"route\"\nmembers = 
 
 CATCH_TEST_CASE("a route group serves a mixed batch in one forward: each sample gets what its adapter alone gives, padding dropped", "[runtime][composition]") {
   const Batch b = batch();
-  Run routed = build(kLoras, kRoute);
-  randomize(*routed.stack, "a", 1);
-  randomize(*routed.stack, "b", 2);
-  CATCH_CHECK(routed.model->token_wise_only());  // a sample mask needs no padding: the unpadded rows are gathered per sample
-  const Tensor mixed = hidden(routed, b, {"a", "b", "b", "a"});
-  for (const std::string name : {"a", "b"}) {
-    Run alone = build(std::string("[[methods]]\nplugin = \"lora\"\nname = \"") + name + "\"\ntargets = [\"attn.q\", \"attn.v\", \"mlp.up\"]\n[methods.params]\nr = 4\n");
-    copy_state(*routed.stack, name, *alone.stack, name);
-    const Tensor own = hidden(alone, b);
-    for (std::int64_t s = 0; s < 4; ++s) {
-      const bool mine = (name == "a") == (s == 0 || s == 3);
-      const Tensor m = b.mask[s].to(at::kBool);
-      const double d = test::max_abs_diff(mixed[s].index({m}), own[s].index({m}));
-      CATCH_INFO(name << " sample " << s << " differs by " << d);
-      CATCH_CHECK((mine ? d < 1e-5 : d > 1e-3));
+  // Weight deltas (LoRA), and sequential modules chained at one site (bottleneck adapters:
+  // b reads what a left, which for b's samples is the sublayer's own output).
+  for (const char* members : {kLoras, kAdapters}) {
+    CATCH_INFO(members);
+    Run routed = build(members, kRoute);
+    randomize(*routed.stack, "a", 1);
+    randomize(*routed.stack, "b", 2);
+    CATCH_CHECK(routed.model->token_wise_only());  // a sample mask needs no padding: the unpadded rows are gathered per sample
+    const Tensor mixed = hidden(routed, b, {"a", "b", "b", "a"});
+    const std::string text = members;
+    for (const std::string name : {"a", "b"}) {
+      const auto pos = text.find("name = \"" + name + "\"");
+      const auto from = text.rfind("[[methods]]", pos), to = text.find("[[methods]]", pos);
+      Run alone = build(text.substr(from, to == std::string::npos ? std::string::npos : to - from));
+      copy_state(*routed.stack, name, *alone.stack, name);
+      const Tensor own = hidden(alone, b);
+      for (std::int64_t s = 0; s < 4; ++s) {
+        const bool mine = (name == "a") == (s == 0 || s == 3);
+        const Tensor m = b.mask[s].to(at::kBool);
+        const double d = test::max_abs_diff(mixed[s].index({m}), own[s].index({m}));
+        CATCH_INFO(name << " sample " << s << " differs by " << d);
+        CATCH_CHECK((mine ? d < 1e-5 : d > 1e-3));
+      }
     }
   }
+  Run routed = build(kLoras, kRoute);
   // A tag that names no member, and a batch without the column, are refused by name.
   CATCH_CHECK_THROWS_WITH(hidden(routed, b, {"a", "c", "b", "a"}), Catch::Contains("sample 1's adapter is 'c', which names none of its members (a, b)"));
   CATCH_CHECK_THROWS_WITH(hidden(routed, b), Catch::Contains("route group 'serve' reads tag column 'adapter', which this batch does not carry"));
