@@ -290,6 +290,17 @@ class Wiring : public Method {
   // The projection's keys in AdapterHub's config ("phm_layer" and its companions).
   virtual void projection_config(nlohmann::json&) const {}
 
+  // adapter_config.json for a layout AdapterHub does not have (a mixture, a shared adapter
+  // with masks): without AdapterHub's "config" and "version" its loader refuses the folder
+  // rather than load part of it; the plugin's own keys under tessera.<method>.
+  std::string own_layout_config(const char* method, nlohmann::json keys) const {
+    auto j = nlohmann::json::parse(Wiring::adapter_config_json());
+    j.erase("config");
+    j.erase("version");
+    j["tessera"][method] = std::move(keys);
+    return j.dump(2);
+  }
+
   // The keys every AdapterHub bottleneck takes, after the plugin's `config`.
   static std::vector<ParamSpec> wiring_keys() {
     return {

@@ -70,17 +70,13 @@ class AdaMix final : public tessera::adapterhub_bn::Wiring {
     return symmetric_kl(a, b) * weight_;
   }
 
+  // Not AdapterHub's layout: a mixture per projection.
   std::string adapter_config_json() const override {
-    auto j = nlohmann::json::parse(Wiring::adapter_config_json());
-    // Not AdapterHub's layout (a mixture per projection): without its "config" AdapterHub
-    // refuses the folder rather than load part of it.
-    j.erase("config");
-    j.erase("version");
-    j["tessera"]["adamix"] = {{"num_experts", experts_}, {"share_up", !mixed_up_}, {"share_down", !mixed_down_}, {"consistency_weight", weight_},
-                              {"non_linearity", act_}, {"inference", "the experts' weights averaged"}};
-    return j.dump(2);
+    return own_layout_config("adamix", {{"num_experts", experts_}, {"share_up", !mixed_up_}, {"share_down", !mixed_down_}, {"consistency_weight", weight_},
+                                        {"non_linearity", act_}, {"inference", "the experts' weights averaged"}});
   }
 
+ private:
   // ½ [KL(sg p_a ‖ p_b) + KL(sg p_b ‖ p_a)] over the rows of (B, L) logits (per token: (B·T, L)),
   // KL(p ‖ q) = Σ p (log p − log q) averaged over the rows (PyTorch's "batchmean").
   static Tensor symmetric_kl(const Tensor& a, const Tensor& b) {

@@ -37,14 +37,9 @@ class ProPETL final : public tessera::adapterhub_bn::Wiring {
     return {keys};
   }
 
+  // Not AdapterHub's layout: one shared adapter, masks per layer.
   std::string adapter_config_json() const override {
-    auto j = nlohmann::json::parse(Wiring::adapter_config_json());
-    // Not AdapterHub's layout (one shared adapter, masks per layer): without its "config"
-    // AdapterHub refuses the folder rather than load part of it.
-    j.erase("config");
-    j.erase("version");
-    j["tessera"]["propetl"] = {{"keep", keep_}, {"mask_lr_ratio", ratio_}, {"non_linearity", act_}, {"init_weights", init_}};
-    return j.dump(2);
+    return own_layout_config("propetl", {{"keep", keep_}, {"mask_lr_ratio", ratio_}, {"non_linearity", act_}, {"init_weights", init_}});
   }
 
  protected:
