@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The hybrid and unified methods of configs/hybrid/ and configs/unified/ on the quickstart task (all-MiniLM-L6-v2, Pang & Lee
 # polarity, the same split, budget and seed), each against its parts trained alone with the
-# same settings — and UniPELT's three parts also grouped without gates (kind = "parallel"),
-# which isolates what the gates do. Prints test accuracy, trainable share, examples/s and
+# same settings — and UniPELT's three parts also without gates (its group's kind = "parallel",
+# the adapter's use_gating off), which isolates what the gates do. Prints test accuracy, trainable share, examples/s and
 # peak RSS per run, measured in one run of this script. Compacter, a hybrid plugin rather than
 # a composition, runs beside Compacter++ and beside dense bottleneck adapters of its r at the
 # same places (Houlsby's, Pfeiffer's), which isolates what the PHM layers do. SparseAdapter runs
@@ -59,9 +59,9 @@ for name in names:
     (work / f"{name}.toml").write_text(text)
     for b in blocks:
         part = re.search(r'name = "([^"]+)"', b).group(1)
-        (work / f"{name}-{part}.toml").write_text(head + b)
-    if 'kind = "gated"' in group:
-        (work / f"{name}-ungated.toml").write_text(text.replace('kind = "gated"', 'kind = "parallel"'))
+        (work / f"{name}-{part}.toml").write_text(head + b.replace("use_gating = true", "use_gating = false"))  # the part as it is alone
+    if 'kind = "gated"' in group:  # no gates at all: the group's and the adapter's own off
+        (work / f"{name}-ungated.toml").write_text(text.replace('kind = "gated"', 'kind = "parallel"').replace("use_gating = true", "use_gating = false"))
 PY
 bash "$root/bench/train_each.sh" "$work"
 $py - "$work" <<'PY'

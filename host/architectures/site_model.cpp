@@ -47,7 +47,6 @@ void SiteModel::enter_forward(const Tensor& mask, const Unpadded* u) const {
 }
 
 bool SiteModel::token_wise_only() const {
-  if (keep_padding_) return false;
   for (const auto& s : sublayers_)
     if (!s->token_wise()) return false;
   for (const auto& l : layer_sites_)

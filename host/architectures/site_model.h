@@ -43,9 +43,6 @@ class SiteModel : public ModelViewImpl {
   // Every method on the model is token-wise (no layer-site intervention, sublayer ones
   // only declared token-wise), so padding tokens can be dropped (see Unpadded).
   bool token_wise_only() const;
-  // A composition group whose weights read whole sequences (a gate's mean over the tokens,
-  // runtime/composition.h) keeps the padded layout.
-  void set_keep_padding(bool on) { keep_padding_ = on; }
   // The forward context closures read: the mask of the layout they see (B, S), and with
   // padding dropped each row's sample.
   void enter_forward(const Tensor& mask, const Unpadded* u) const;
@@ -79,7 +76,6 @@ class SiteModel : public ModelViewImpl {
  private:
   std::map<std::string, CheckpointTensor> checkpoint_tensors_;
   bool checkpointing_ = false;
-  bool keep_padding_ = false;
 };
 
 }  // namespace tessera

@@ -20,7 +20,7 @@ void refuse_unsupported(const nlohmann::json& c, const std::string& path) {
   const std::string arch = c.value("architecture", std::string("bottleneck"));
   if (!c.value("architecture", nlohmann::json()).is_null() && arch != "bottleneck")
     refuse("architecture", "not a bottleneck adapter (the bottleneck and compacter plugins read only those)");
-  for (const char* key : {"use_gating", "ln_before", "ln_after", "adapter_residual_before_ln"})
+  for (const char* key : {"ln_before", "ln_after", "adapter_residual_before_ln"})
     if (c.contains(key) && c[key].is_boolean() && c[key].get<bool>()) refuse(key, "not supported by the bottleneck and compacter plugins");
   if (c.contains("original_ln_after") && c["original_ln_after"] == false) refuse("original_ln_after", "not supported: the block's residual and norm always follow");
   if (c.contains("inv_adapter") && !c["inv_adapter"].is_null()) refuse("inv_adapter", "invertible adapters are not supported");
@@ -97,6 +97,7 @@ MethodConfig read(const std::string& path, const PluginRegistry& registry, const
   for (const char* key : {"residual_before_ln", "cross_adapter"})
     if (c.contains(key)) m.params[key] = c[key].get<bool>();
   if (c.contains("dropout")) m.params["dropout"] = c["dropout"].get<double>();
+  if (c.value("use_gating", false)) m.params["use_gating"] = true;
   try {
     m.checked = apply_schema(info->params, m.params);
   } catch (const ParamError& e) {  // a value the plugin's schema refuses (an unknown activation)

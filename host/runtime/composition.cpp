@@ -3,11 +3,13 @@
 #include "runtime/groups.h"
 
 #include <tessera/internal/sites_impl.h>
+#include <tessera/sample_mean.h>
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
 #include <algorithm>
+#include <set>
 #include <stdexcept>
 
 namespace tessera {
@@ -47,7 +49,6 @@ class RouteMask final : public ContributionFactor {
     throw std::runtime_error("route group '" + group_ + "': member '" + member_ + "' changes the parameter at site '" + site +
                              "', which every sample shares, so it cannot be routed by sample");
   }
-  bool needs_padding() const override { return false; }
   bool weighs_prefixes() const override { return false; }
 
  private:
@@ -83,12 +84,67 @@ std::int64_t input_width(SiteCore* site, const SiteModel& model) {
 
 }  // namespace
 
+namespace {
+
+// Where `member` is listed in group g, for errors.
+SourcePos member_at(const GroupConfig& g, const std::string& member) {
+  for (std::size_t i = 0; i < g.members.size() && i < g.member_pos.size(); ++i)
+    if (g.members[i] == member) return g.member_pos[i];
+  return g.at("members");
+}
+
+// The member of group `gname` that instance `name` stands under (the instance itself or the
+// group below `gname` on its way up); empty when it is not in that group.
+std::string member_under(const std::string& name, const Placement& p, const std::string& gname) {
+  std::string member = name;
+  for (const auto& g : p.path) {
+    if (g == gname) return member;
+    member = g;
+  }
+  return "";
+}
+
+// What a group cannot weigh, route or add, refused once its members have attached — before
+// the first forward pass, at the member's place in the config (the sites refuse it again in
+// the forward pass, for a model changed after this check).
+void check_members(const Config& c, const std::map<std::string, Placement>& plan, const std::map<std::string, OwnerImpl*>& owners) {
+  static const std::set<std::string> unweighable = {"a prompt", "a tap", "a token router", "a weight transform", "a score hook"};
+  static const std::set<std::string> unroutable = {"a prefix", "an input prefix", "a parameter delta", "a sparse parameter delta"};
+  for (const auto& g : c.groups) {
+    std::map<SiteCore*, std::string> replaced;  // site -> the member whose output transform replaces it
+    for (const auto& [name, owner] : owners) {
+      const auto it = plan.find(name);
+      const std::string member = it == plan.end() ? "" : member_under(name, it->second, g.name);
+      if (member.empty()) continue;
+      std::map<std::string, SiteCore*> by_name;  // named in the sites' name order, not their addresses'
+      for (SiteCore* site : owner->sites()) by_name[site->site_name()] = site;
+      for (const auto& [_, site] : by_name)
+        for (const auto& kind : site->kinds(*owner)) {
+          const bool weighs = g.kind == "gated" || g.kind == "route";
+          if ((weighs && unweighable.count(kind)) || (g.kind == "route" && unroutable.count(kind)))
+            throw ConfigError(member_at(g, member), "group '" + g.name + "' (" + g.kind + "): instance '" + name + "' installs " + kind + " at site '" + site->site_name() +
+                                                        "', which cannot be " + (g.kind == "route" ? "routed by sample" : "weighed per sample or per token") +
+                                                        " (put the instance outside the group)");
+          if (kind != "an output transform" || (g.kind != "parallel" && g.kind != "gated")) continue;
+          const auto [at, fresh] = replaced.emplace(site, member);
+          if (!fresh && at->second != member)
+            throw ConfigError(member_at(g, member), "group '" + g.name + "' (" + g.kind + ") adds its members' changes, but '" + at->second + "' and '" + member +
+                                                        "' both replace the hidden states at site '" + site->site_name() +
+                                                        "' (an output transform): their sum is neither's (an average group takes their mean)");
+        }
+    }
+  }
+}
+
+}  // namespace
+
 // A gated group's gates for one member: at each site it has interventions on, σ(x W_gᵀ + b)
-// from what the contribution reads, averaged over the sequence — one gate per sample, as
-// UniPELT (and AdapterHub's use_gating) computes it; a parameter site's is σ(s), a learned scalar.
+// from what the contribution reads, averaged over the sample's real tokens — one gate per
+// sample, as UniPELT (and AdapterHub's use_gating) computes it, in either layout the host
+// runs (tessera/sample_mean.h); a parameter site's is σ(s), a learned scalar.
 class GateSet final : public ContributionFactor {
  public:
-  GateSet(const GroupConfig& g, std::string member, const OwnerImpl& owner, const SiteModel& model) : prefix_(g.name + "." + member + ".") {
+  GateSet(const GroupConfig& g, std::string member, const OwnerImpl& owner, const SiteModel& model) : prefix_(g.name + "." + member + "."), model_(model) {
     const auto opts = model.info().param_options;
     std::map<std::string, SiteCore*> by_name;  // drawn in name order, not in the sites' address order
     for (SiteCore* site : owner.sites()) by_name[site->site_name()] = site;
@@ -105,20 +161,15 @@ class GateSet final : public ContributionFactor {
     }
   }
 
-  Tensor per_token(const std::string& site, const Tensor& x) const override {  // x: (B, T, F)
-    const Gate& g = at_site(site);
-    if (x.dim() != 3)
-      throw std::runtime_error("gate " + prefix_ + site + " reads " + c10::str(x.sizes()) + ", not a padded (B, T, F) batch");
-    const Tensor s = at::sigmoid(at::linear(x, g.weight.to(x.scalar_type()), g.bias.to(x.scalar_type())));  // (B, T, 1)
-    return s.mean(1, true);  // (B, 1, 1)
+  Tensor per_token(const std::string& site, const Tensor& x) const override {  // x: (B, T, F) or (N, F) unpadded -> (B, 1, 1) or (N, 1)
+    return mean_over_tokens_per_row(model_, sigmoid(site, x));
   }
   Tensor per_sample(const std::string& site, const Tensor& x, std::int64_t) const override {
     if (!x.defined())
       throw std::runtime_error("gate " + prefix_ + site + ": this site's contribution (an input-free prefix) is made before the layer's input exists, so it cannot be gated yet");
-    return per_token(site, x).reshape({-1});  // (B)
+    return mean_over_tokens(model_, sigmoid(site, x)).reshape({-1});  // (B)
   }
   Tensor scalar(const std::string& site) const override { return at::sigmoid(at_site(site).scalar); }
-  bool needs_padding() const override { return true; }
 
   void collect(NamedTensors& out) const {
     for (const auto& [site, g] : gates_) {
@@ -131,12 +182,18 @@ class GateSet final : public ContributionFactor {
   struct Gate {
     Tensor weight, bias, scalar;
   };
+  Tensor sigmoid(const std::string& site, const Tensor& x) const {  // x: (..., F) -> σ(x W_gᵀ + b) (..., 1)
+    const Gate& g = at_site(site);
+    if (x.dim() != 2 && x.dim() != 3) throw std::runtime_error("gate " + prefix_ + site + " reads " + c10::str(x.sizes()) + ", not a batch's tokens");
+    return at::sigmoid(at::linear(x, g.weight.to(x.scalar_type()), g.bias.to(x.scalar_type())));
+  }
   const Gate& at_site(const std::string& site) const {
     const auto it = gates_.find(site);
     if (it == gates_.end()) throw std::runtime_error("gate " + prefix_ + site + ": the member had no intervention at this site when the group was made");
     return it->second;
   }
   std::string prefix_;
+  const SiteModel& model_;
   std::map<std::string, Gate> gates_;
 };
 
@@ -146,7 +203,7 @@ Composition::Composition(const std::vector<MethodConfig>& methods, const std::ve
   c.methods = methods;
   c.groups = groups;
   const auto plan = placements(c);
-  bool padded = false;
+  check_members(c, plan, owners);
   for (const auto& [name, owner] : owners) {
     const auto it = plan.find(name);
     if (it == plan.end()) continue;
@@ -165,13 +222,11 @@ Composition::Composition(const std::vector<MethodConfig>& methods, const std::ve
         gates_.push_back(gates);
         factors.push_back(gates);
         sample_dependent_.emplace(name, g.name);
-        padded = true;
       }
       member = gname;
     }
     owner->set_factors(std::move(factors));
   }
-  model.set_keep_padding(padded);
 }
 
 Composition::~Composition() = default;

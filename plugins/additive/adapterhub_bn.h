@@ -6,6 +6,8 @@
 // Header-only, SDK-only, like the plugins.
 //
 //   A(z) = s · (up(act(down(z))))            down: H -> r, up: r -> H (biases inside)
+//   gated (use_gating): A(z) · σ(mean_t(z W_g + b_g)), one gate per sample from the adapter's
+//                       own input, its mean over the sample's real tokens (tessera/sample_mean.h)
 //   sequential:  z = N(h + x) (Pfeiffer) or h (Houlsby);  h' = A(z) + (h, or z)
 //   parallel:    h' = h + A(x)
 //
@@ -17,6 +19,7 @@
 #include <tessera/dropout.h>
 #include <tessera/extensions.h>
 #include <tessera/method.h>
+#include <tessera/sample_mean.h>
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -163,6 +166,7 @@ struct Adapter {
   NamedTensors down;    // H -> r
   NamedTensors up;      // r -> H
   at::Tensor scale;     // learned: (1) or (H); undefined when fixed
+  NamedTensors gate;    // use_gating: "weight" (1, H), "bias" (1); empty without
 };
 
 // A projection as the adapter runs it: x (..., in) -> (..., out), in the compute dtype.
@@ -197,6 +201,7 @@ class Wiring : public Method {
       const auto H = site->hidden_size();
       Adapter a{site, adapterhub_module(arch_, *site), make(H, r_, "down"), make(r_, H, "up"), {}};
       if (scaling_type_ != "fixed") a.scale = at::ones({scaling_type_ == "channel" ? H : 1}, opts).set_requires_grad(true);
+      if (gating_) a.gate = make_gate(H, opts);
       adapters_.push_back(std::move(a));
     }
     if (adapters_.empty()) throw std::runtime_error("no sublayer site of this " + arch_ + " model matches the targets");
@@ -221,6 +226,7 @@ class Wiring : public Method {
       for (const auto& [n, t] : a.down) out[k + "adapter_down.0." + n] = t;
       for (const auto& [n, t] : a.up) out[k + "adapter_up." + n] = t;
       if (a.scale.defined()) out[k + "scaling"] = a.scale;
+      for (const auto& [n, t] : a.gate) out[k + "gate." + n] = t;
     }
     for (const auto& [n, t] : shared()) out[shared_prefix_ + n] = t;
     return out;
@@ -262,7 +268,7 @@ class Wiring : public Method {
                         {"reduction_factor", H % r_ == 0 ? nlohmann::json(H / r_) : nlohmann::json(adapterhub_reduction(H, r_))}, {"non_linearity", act_},
                         {"original_ln_before", preset_->ln_before}, {"original_ln_after", true}, {"ln_before", false}, {"ln_after", false},
                         {"init_weights", init_}, {"init_weights_seed", nullptr}, {"is_parallel", preset_->parallel}, {"scaling", scaling},
-                        {"use_gating", false}, {"residual_before_ln", residual_before_ln_}, {"adapter_residual_before_ln", false},
+                        {"use_gating", gating_}, {"residual_before_ln", residual_before_ln_}, {"adapter_residual_before_ln", false},
                         {"inv_adapter", nullptr}, {"inv_adapter_reduction_factor", nullptr}, {"leave_out", left.first}, {"dropout", dropout_},
                         {"phm_layer", false}, {"stochastic_depth", 0.0}};
     projection_config(c);
@@ -316,6 +322,9 @@ class Wiring : public Method {
          std::nullopt, {}},
         {"cross_adapter", ParamType::Bool, false, "also after T5's cross-attention (default targets only)", std::nullopt, std::nullopt, {}},
         {"dropout", ParamType::Float, 0.0, "dropout on the adapter's output in training", 0.0, 0.99, {}},
+        {"use_gating", ParamType::Bool, false,
+         "weigh the adapter's output by a learned gate σ(z W_g + b_g) from its input z, averaged over each sample's real tokens (UniPELT; AdapterHub's use_gating)",
+         std::nullopt, std::nullopt, {}},
     };
   }
 
@@ -346,6 +355,7 @@ class Wiring : public Method {
     residual_before_ln_ = p.flag("residual_before_ln");
     cross_ = p.flag("cross_adapter");
     dropout_ = p.number("dropout");
+    gating_ = p.flag("use_gating");
     read_projections(p, H);
   }
 
@@ -384,18 +394,36 @@ class Wiring : public Method {
     return {out, exact};
   }
 
+  // AdapterHub's gate, nn.Linear(H, 1): N(0, 0.02²) and a zero bias under the bert and
+  // mam_adapter inits; nn.Linear's own U(±1/√H) under houlsby's, which leaves it alone.
+  NamedTensors make_gate(std::int64_t H, const c10::TensorOptions& opts) const {
+    at::Tensor w = at::empty({1, H}, opts), b = at::zeros({1}, opts);
+    at::NoGradGuard no_grad;
+    if (init_ == "houlsby") {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(H));
+      w.uniform_(-bound, bound), b.uniform_(-bound, bound);
+    } else {
+      w.normal_(0.0, 0.02);
+    }
+    return {{"weight", w.set_requires_grad(true)}, {"bias", b.set_requires_grad(true)}};
+  }
+
   void install(const Adapter& a) {
     const auto dtype = model_->info().options.dtype().toScalarType();
     const Projection down = project(a.down, "down", dtype), up = project(a.up, "up", dtype);
     const at::Tensor s = a.scale;
+    const at::Tensor gw = a.gate.empty() ? at::Tensor() : a.gate.at("weight"), gb = a.gate.empty() ? at::Tensor() : a.gate.at("bias");
     const std::string act = act_;
     const double fixed = scaling_, p = dropout_;
     ModelView* model = model_;
-    // A(z) = dropout(s · up(act(down(z)))), in the compute dtype.
+    // A(z) = dropout(s · up(act(down(z)))) [· its gate], in the compute dtype; z: (..., H), the
+    // real tokens' rows (N, H) while the host runs unpadded, which the gate's mean reads.
     auto adapter = [=](const at::Tensor& z) {
       at::Tensor y = up(activate(act, down(z)));
       y = s.defined() ? y * s.to(dtype) : (fixed == 1.0 ? y : y * fixed);
-      return tessera::dropout(y, p, model->training());
+      y = tessera::dropout(y, p, model->training());
+      if (!gw.defined()) return y;
+      return y * mean_over_tokens_per_row(*model, at::sigmoid(at::linear(z, gw.to(dtype), gb.to(dtype))));  // (..., 1): one gate per sample
     };
     if (preset_->parallel) {
       a.site->add_token_wise_residual(*owner_, [=](const at::Tensor& h, const at::Tensor& x, const TensorMap&) { return h + adapter(x); });
@@ -411,7 +439,7 @@ class Wiring : public Method {
   std::string scaling_type_, shared_prefix_;
   std::int64_t encoder_layers_ = 0;
   double scaling_ = 1.0, dropout_ = 0.0;
-  bool residual_before_ln_ = true, cross_ = false;
+  bool residual_before_ln_ = true, cross_ = false, gating_ = false;
   std::vector<Adapter> adapters_;
   tessera_method_files_v1 files_{{sizeof(tessera_method_files_v1), 1}, "adapter.safetensors"};
 };

@@ -5,6 +5,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <stdexcept>
 
 namespace tessera {
@@ -18,6 +19,18 @@ void erase_owner(Entries<Fn>& list, const OwnerImpl& owner) {
 template <class Fn>
 bool any_on(const Entries<Fn>& list) {
   return std::any_of(list.begin(), list.end(), [](const auto& e) { return e.on(); });
+}
+
+template <class Fn>
+bool owns(const Entries<Fn>& list, const OwnerImpl& owner) {
+  return std::any_of(list.begin(), list.end(), [&](const auto& e) { return e.owner.get() == &owner; });
+}
+// The names of the kinds an owner has, from (has it, name) pairs.
+std::vector<std::string> present(std::initializer_list<std::pair<bool, const char*>> kinds) {
+  std::vector<std::string> out;
+  for (const auto& [has, name] : kinds)
+    if (has) out.emplace_back(name);
+  return out;
 }
 
 // How much of one contribution counts: the owner's α times its groups' factors (f undefined:
@@ -229,6 +242,9 @@ void ParameterSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(deltas_, owner);
   erase_owner(sparse_, owner);
 }
+std::vector<std::string> ParameterSiteImpl::kinds(const OwnerImpl& o) const {
+  return present({{owns(deltas_, o), "a parameter delta"}, {owns(sparse_, o), "a sparse parameter delta"}});
+}
 
 // ---- LinearSite ------------------------------------------------------------------------
 
@@ -264,6 +280,10 @@ void LinearSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(output_scales_, owner);
   erase_owner(branches_, owner);
   erase_owner(weight_transforms_, owner);
+}
+std::vector<std::string> LinearSiteImpl::kinds(const OwnerImpl& o) const {
+  return present({{owns(weight_deltas_, o), "a weight delta"}, {owns(input_scales_, o), "an input scale"}, {owns(output_scales_, o), "an output scale"},
+                  {owns(branches_, o), "a branch"}, {owns(weight_transforms_, o), "a weight transform"}});
 }
 
 Tensor LinearSiteImpl::forward(const Tensor& x) const { return forward(x, Activation::none); }
@@ -356,6 +376,9 @@ void SublayerSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(parallel_, owner);
   erase_owner(gates_, owner);
 }
+std::vector<std::string> SublayerSiteImpl::kinds(const OwnerImpl& o) const {
+  return present({{owns(sequential_, o), "a sequential module"}, {owns(parallel_, o), "a parallel module"}, {owns(gates_, o), "a sublayer gate"}});
+}
 
 const TensorMap& SublayerSiteImpl::identity() {
   static const TensorMap id = [](const Tensor& t) { return t; };
@@ -403,6 +426,9 @@ void AttentionSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(prefixes_, owner);
   erase_owner(input_prefixes_, owner);
   erase_owner(score_hooks_, owner);
+}
+std::vector<std::string> AttentionSiteImpl::kinds(const OwnerImpl& o) const {
+  return present({{owns(prefixes_, o), "a prefix"}, {owns(input_prefixes_, o), "an input prefix"}, {owns(score_hooks_, o), "a score hook"}});
 }
 
 std::int64_t AttentionSiteImpl::input_prefix_length() const {
@@ -490,6 +516,9 @@ void EmbeddingSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(prompts_, owner);
   erase_owner(taps_, owner);
 }
+std::vector<std::string> EmbeddingSiteImpl::kinds(const OwnerImpl& o) const {
+  return present({{owns(prompts_, o), "a prompt"}, {owns(taps_, o), "a tap"}});
+}
 
 void EmbeddingSiteImpl::tap(const Tensor& x0) const {  // (B, S, H)
   for (const auto& t : taps_)
@@ -538,6 +567,9 @@ void LayerSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(routers_, owner);
   erase_owner(parallel_, owner);
 }
+std::vector<std::string> LayerSiteImpl::kinds(const OwnerImpl& o) const {
+  return present({{owns(taps_, o), "a tap"}, {owns(routers_, o), "a token router"}, {owns(parallel_, o), "a layer-parallel module"}});
+}
 
 Tensor LayerSiteImpl::run(const Tensor& h, const LayerFn& layer) const {  // h: (B, T, H)
   Tensor keep;
@@ -578,6 +610,9 @@ void OutputSite::add_transform(const Owner& o, TensorMap f) { auto& s = static_c
 void OutputSite::remove(const Owner& owner) { static_cast<OutputSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
 bool OutputSite::empty() const { return !any_on(static_cast<const OutputSiteImpl&>(*this).transforms_); }
 void OutputSiteImpl::drop(const OwnerImpl& owner) { erase_owner(transforms_, owner); }
+std::vector<std::string> OutputSiteImpl::kinds(const OwnerImpl& o) const {
+  return present({{owns(transforms_, o), "an output transform"}});
+}
 
 Tensor OutputSiteImpl::apply(Tensor h) const {  // (B, T, H)
   return chain(

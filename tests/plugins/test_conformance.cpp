@@ -55,6 +55,7 @@ const std::vector<Row>& table() {
       {"bottleneck", {}, {}, {}},  // seq_bn (Pfeiffer): bert init, so it acts at once
       {"bottleneck", {}, {{"config", std::string("double_seq_bn")}, {"cross_adapter", true}}, {}},  // Houlsby, T5's cross-attention too
       {"bottleneck", {}, {{"config", std::string("scaled_par_bn")}, {"init_weights", std::string("bert")}}, {}},  // parallel, learned scale
+      {"bottleneck", {}, {{"use_gating", true}}, {}},  // gated per sample from its input (UniPELT)
       // Compacter: r = 8 (H // 32 is too small for phm_dim 4 on the tiny checkpoints); the shared
       // rule drawn U(±1) so that it acts at once (N(0, 1e-4) by default). Then Compacter++ with
       // one full B per direction shared by all layers and a rule per projection.

@@ -64,12 +64,15 @@ CATCH_TEST_CASE("an AdapterHub config becomes the bottleneck plugin's preset, ke
   CATCH_CHECK(m.checked.text("hypercomplex_nonlinearity") == "glorot-uniform");
   CATCH_REQUIRE(import_result(R"({"output_adapter": true, "original_ln_before": true, "phm_layer": true})", &m) == "(loaded)");
   CATCH_CHECK(m.checked.text("config") == "compacter++");
+  CATCH_CHECK_FALSE(m.checked.flag("use_gating"));
+  CATCH_REQUIRE(import_result(R"({"output_adapter": true, "use_gating": true})", &m) == "(loaded)");
+  CATCH_CHECK(m.checked.flag("use_gating"));
 }
 
 CATCH_TEST_CASE("an AdapterHub config the bottleneck plugin cannot compute is refused naming the file and the key", "[runtime][adapterhub]") {
   CATCH_CHECK(import_result(R"({"architecture": "lora", "output_adapter": true})") ==
               "adapter_config.json: config.architecture = \"lora\": not a bottleneck adapter (the bottleneck and compacter plugins read only those)");
-  CATCH_CHECK(import_result(R"({"output_adapter": true, "use_gating": true})") == "adapter_config.json: config.use_gating = true: not supported by the bottleneck and compacter plugins");
+  CATCH_CHECK(import_result(R"({"output_adapter": true, "ln_after": true})") == "adapter_config.json: config.ln_after = true: not supported by the bottleneck and compacter plugins");
   CATCH_CHECK(import_result(R"({"output_adapter": true, "phm_layer": true, "is_parallel": true})") ==
               "adapter_config.json: config.is_parallel = true: a parallel PHM adapter is not among the compacter plugin's presets");
   CATCH_CHECK(import_result(R"({"output_adapter": true, "reduction_factor": {"default": 16}})") ==

@@ -164,12 +164,54 @@ CATCH_TEST_CASE("average and parallel groups: an adapter averaged with itself is
   CATCH_CHECK_THROWS_WITH(avg.stack->disable("gg"), Catch::Contains("no method instance or group is named 'gg' (the run has: a, b, g)"));
 }
 
-CATCH_TEST_CASE("a gated group: the gate σ(x W_g + b_g), averaged over the sequence, acts as the member's scale per sample, it trains and is saved", "[runtime][composition]") {
+CATCH_TEST_CASE("nested groups at run time: an average over a parallel group weighs its members, a route to a gated group serves its samples the gated pair", "[runtime][composition]") {
+  const Batch b = batch();
+  const std::string three = std::string(kLoras) + "[[methods]]\nplugin = \"lora\"\nname = \"c\"\ntargets = [\"attn.q\", \"mlp.up\"]\n[methods.params]\nr = 4\n";
+  const std::string ab = std::string(kLoras);
+  auto copy_all = [](Run& from, Run& to, const std::vector<std::string>& names) {
+    for (const auto& n : names) copy_state(*from.stack, n, *to.stack, n);
+  };
+  // average(parallel(a, b), c) with weights 1 and 3: a and b each at a quarter, c at three quarters.
+  Run nested = build(three, "[[groups]]\nname = \"pair\"\nkind = \"parallel\"\nmembers = [\"a\", \"b\"]\n"
+                            "[[groups]]\nname = \"outer\"\nkind = \"average\"\nmembers = [\"pair\", \"c\"]\nweights = [1, 3]\n");
+  for (const auto& [n, seed] : std::vector<std::pair<std::string, int>>{{"a", 21}, {"b", 22}, {"c", 23}}) randomize(*nested.stack, n, seed);
+  Run flat = build(three);
+  copy_all(nested, flat, {"a", "b", "c"});
+  flat.stack->rescale("a", 0.25);
+  flat.stack->rescale("b", 0.25);
+  flat.stack->rescale("c", 0.75);
+  CATCH_CHECK(test::max_abs_diff_tokens(hidden(nested, b), hidden(flat, b), b.mask) < 1e-5);
+  // route(gated(a, b), c): samples tagged "pair" get a and b weighed by their gates (σ = 1
+  // here: the two in full), samples tagged "c" get c alone — in one forward.
+  Run routed = build(three, "[[groups]]\nname = \"pair\"\nkind = \"gated\"\nmembers = [\"a\", \"b\"]\n"
+                            "[[groups]]\nname = \"serve\"\nkind = \"route\"\nmembers = [\"pair\", \"c\"]\ntag = \"adapter\"\n");
+  copy_all(nested, routed, {"a", "b", "c"});
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [name, t] : routed.stack->group_state()) Tensor(t).fill_(name.compare(name.size() - 5, 5, ".bias") == 0 ? 30.0 : 0.0);
+  }
+  CATCH_CHECK(routed.model->token_wise_only());
+  const Tensor mixed = hidden(routed, b, {"pair", "c", "c", "pair"});
+  Run pair = build(ab);
+  copy_all(nested, pair, {"a", "b"});
+  Run c_alone = build(three.substr(three.rfind("[[methods]]")));
+  copy_all(nested, c_alone, {"c"});
+  const Tensor want_pair = hidden(pair, b), want_c = hidden(c_alone, b);
+  for (std::int64_t i = 0; i < 4; ++i) {
+    const Tensor m = b.mask[i].to(at::kBool);
+    const Tensor& want = (i == 0 || i == 3) ? want_pair : want_c;
+    CATCH_INFO("sample " << i);
+    CATCH_CHECK(test::max_abs_diff(mixed[i].index({m}), want[i].index({m})) < 1e-5);
+    CATCH_CHECK(test::max_abs_diff(mixed[i].index({m}), ((i == 0 || i == 3) ? want_c : want_pair)[i].index({m})) > 1e-3);
+  }
+}
+
+CATCH_TEST_CASE("a gated group: the gate σ(x W_g + b_g), averaged over each sample's real tokens, acts as the member's scale per sample, it trains and is saved", "[runtime][composition]") {
   const Batch b = batch();
   const std::string lora_a = std::string(kLoras).substr(0, std::string(kLoras).find("[[methods]]", 5));
   Run gated = build(lora_a, "[[groups]]\nname = \"g\"\nkind = \"gated\"\nmembers = [\"a\"]\n");
   randomize(*gated.stack, "a", 6);
-  CATCH_CHECK_FALSE(gated.model->token_wise_only());  // a mean over the sequence reads the padded batch
+  CATCH_CHECK(gated.model->token_wise_only());  // the gates' means read the real tokens' rows: padding stays dropped
   const NamedTensors gates = gated.stack->group_state();
   CATCH_REQUIRE(gates.count("g.a.layers.0.attn.q.weight"));
   CATCH_CHECK(gates.at("g.a.layers.0.mlp.up.weight").sizes() == std::vector<std::int64_t>{1, gated.model->info().hidden_size});
@@ -194,6 +236,14 @@ CATCH_TEST_CASE("a gated group: the gate σ(x W_g + b_g), averaged over the sequ
     at::manual_seed(8);
     for (auto& [_, t] : gated.stack->group_state()) t.normal_(0, 0.5);
   }
+  // Pads do not count in a gate's mean: each sample run alone, unpadded, gets what it gets
+  // in the padded batch (AdapterHub's mean counts every position, so there it would not).
+  const Tensor together = hidden(gated, b);
+  for (std::int64_t i = 0; i < b.ids.size(0); ++i) {
+    const std::int64_t n = b.mask[i].sum().item<std::int64_t>();
+    const Batch one{b.ids.narrow(0, i, 1).narrow(1, 0, n), b.mask.narrow(0, i, 1).narrow(1, 0, n)};
+    CATCH_CHECK(at::allclose(hidden(gated, one), together.narrow(0, i, 1).narrow(1, 0, n), 1e-5, 1e-5));
+  }
   gated.model->set_sample_tags({});
   gated.model->forward(b.ids, b.mask).hidden.pow(2).sum().backward();
   for (auto& [name, t] : gated.stack->group_state()) {
@@ -210,6 +260,22 @@ CATCH_TEST_CASE("a gated group: the gate σ(x W_g + b_g), averaged over the sequ
   CATCH_CHECK_THROWS_WITH(gated.stack->merge(), Catch::Contains("method 'a' is in group 'g', whose weight differs by sample"));
 }
 
+CATCH_TEST_CASE("what a group cannot weigh or add is refused once attached, at the member's place in the config", "[runtime][composition]") {
+  const std::string prompt = "[[methods]]\nplugin = \"prompt_tuning\"\nname = \"p\"\n[methods.params]\nnum_virtual_tokens = 2\n";
+  const std::string lora = std::string(kLoras).substr(0, std::string(kLoras).find("[[methods]]", 5));
+  CATCH_CHECK_THROWS_WITH(build(lora + prompt, "[[groups]]\nname = \"g\"\nkind = \"gated\"\nmembers = [\"a\", \"p\"]\n"),
+                          Catch::Contains("run.toml:") && Catch::Contains("group 'g' (gated): instance 'p' installs a prompt at site 'embed', which cannot be weighed per sample or per token"));
+  // Nested: the member named is the group under the one that refuses, where it is listed.
+  CATCH_CHECK_THROWS_WITH(build(lora + prompt, "[[groups]]\nname = \"inner\"\nkind = \"parallel\"\nmembers = [\"a\", \"p\"]\n"
+                                               "[[groups]]\nname = \"outer\"\nkind = \"gated\"\nmembers = [\"inner\"]\n"),
+                          Catch::Contains("group 'outer' (gated): instance 'p' installs a prompt"));
+  // Two side networks in one parallel group would both replace the backbone's output.
+  const std::string lst = "[[methods]]\nplugin = \"lst\"\nname = \"s1\"\n[[methods]]\nplugin = \"lst\"\nname = \"s2\"\n";
+  CATCH_CHECK_THROWS_WITH(build(lst, "[[groups]]\nname = \"g\"\nkind = \"parallel\"\nmembers = [\"s1\", \"s2\"]\n"),
+                          Catch::Contains("group 'g' (parallel) adds its members' changes, but 's1' and 's2' both replace the hidden states at site 'output'"));
+  CATCH_CHECK_NOTHROW(build(lst, "[[groups]]\nname = \"g\"\nkind = \"average\"\nmembers = [\"s1\", \"s2\"]\n"));  // their mean is one
+}
+
 CATCH_TEST_CASE("a method's load key starts it from a saved adapter folder, a bad folder is refused at the key", "[runtime][composition]") {
   const Batch b = batch();
   const std::string lora_a = std::string(kLoras).substr(0, std::string(kLoras).find("[[methods]]", 5));
@@ -224,7 +290,7 @@ CATCH_TEST_CASE("a method's load key starts it from a saved adapter folder, a ba
                           Catch::Contains("run.toml:10:8: method 'a': load = ") && Catch::Contains("adapter_model.safetensors"));
 }
 
-CATCH_TEST_CASE("a gated prefix is weighed from the layer's input inside the model, a routed one is refused", "[runtime][composition]") {
+CATCH_TEST_CASE("a gated prefix is weighed from the layer's input inside the model, a routed one is refused before the first forward", "[runtime][composition]") {
   const Batch b = batch();
   const std::string prefix = "[[methods]]\nplugin = \"prefix_tuning\"\nname = \"a\"\n[methods.params]\nnum_virtual_tokens = 3\n";
   Run alone = build(prefix);
@@ -245,8 +311,9 @@ CATCH_TEST_CASE("a gated prefix is weighed from the layer's input inside the mod
   CATCH_CHECK(test::max_abs_diff_tokens(hidden(gated, b), own, b.mask) < 1e-5);
   set_bias(-3);  // keys and values scaled by σ(−3): another output, so the architecture did weigh them
   CATCH_CHECK(test::max_abs_diff_tokens(hidden(gated, b), own, b.mask) > 1e-3);
-  Run routed = build(prefix + "[[methods]]\nplugin = \"prefix_tuning\"\nname = \"b\"\n[methods.params]\nnum_virtual_tokens = 3\n", kRoute);
-  CATCH_CHECK_THROWS_WITH(hidden(routed, b, {"a", "b", "a", "b"}), Catch::Contains("a route group cannot route a prefix"));
+  // Routed, it is refused once attached, before any forward pass, where the config lists it.
+  CATCH_CHECK_THROWS_WITH(build(prefix + "[[methods]]\nplugin = \"prefix_tuning\"\nname = \"b\"\n[methods.params]\nnum_virtual_tokens = 3\n", kRoute),
+                          Catch::Contains("run.toml:19:12:") && Catch::Contains("group 'serve' (route): instance 'a' installs a prefix at site 'layers.0.attn', which cannot be routed by sample"));
 }
 
 CATCH_TEST_CASE("a gated prefix in GPT-2 and in T5's decoder: a gate of σ(b) is the prefix's keys and values scaled by σ(b)", "[runtime][composition][decoder][t5]") {
@@ -328,4 +395,29 @@ CATCH_TEST_CASE("configs/hybrid/mam.toml is AdapterHub's MAMConfig: the same pre
   stack[index_of(stack, "adapter")].call("load_state", [&](Method& m) { m.load_state(adapter); });
   TESSERA_CHECK_PARITY(test::parity(model->forward(base["input_ids"], base["attention_mask"]).hidden, test::adapters_reference(), "minilm_mam_prefix_only",
                                     base["attention_mask"]));
+}
+
+CATCH_TEST_CASE("configs/hybrid/unipelt.toml is AdapterHub's UniPELTConfig: the same LoRA, prefix, adapter and gates give its outputs on MiniLM, each sample as alone", "[runtime][composition][minilm][parity]") {
+  Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/unipelt.toml");
+  check_methods(c, test::registry());
+  auto model = test::load_minilm();
+  MethodStack stack(test::registry(), c.methods, *model, c.model, c.groups);
+  CATCH_CHECK(model->token_wise_only());  // the gates average real tokens: the batch runs unpadded
+  // tests/fixtures/make_adapters.py: prefix and LoRA as peft's files hold them, the adapter
+  // (its gate inside) under AdapterHub's names, the LoRA and prefix gates under the group's.
+  std::map<std::string, NamedTensors> parts;
+  for (const auto& [k, t] : test::read_tensors(test::adapters_fixture("minilm_unipelt/tensors.safetensors"))) {
+    const auto dot = k.find('.');
+    parts[k.substr(0, dot)][k.substr(dot + 1)] = t;
+  }
+  for (const char* name : {"prefix", "lora", "adapter"}) stack[index_of(stack, name)].call("load_state", [&](Method& m) { m.load_state(parts.at(name)); });
+  NamedTensors gates = stack.group_state();
+  CATCH_REQUIRE(gates.size() == parts.at("gate").size());  // q, v and attention gates of 6 layers, weight and bias each
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [k, t] : gates) Tensor(t).copy_(parts.at("gate").at(k));
+  }
+  auto& base = test::cached_tensors(test::fixture("reference.safetensors"));
+  at::NoGradGuard no_grad;
+  TESSERA_CHECK_PARITY(test::parity(model->forward(base["input_ids"], base["attention_mask"]).hidden, test::adapters_reference(), "minilm_unipelt", base["attention_mask"]));
 }

@@ -226,7 +226,6 @@ class KnownFactor final : public ContributionFactor {
   }
   Tensor per_sample(const std::string&, const Tensor&, std::int64_t) const override { return f_; }
   Tensor scalar(const std::string&) const override { return at::full({}, c_); }
-  bool needs_padding() const override { return false; }
 
  private:
   Tensor f_;

@@ -31,12 +31,11 @@ class ContributionFactor {
   // branch's or a scale's input, a sequential module's h): (..., 1), broadcastable against it.
   virtual Tensor per_token(const std::string& site, const Tensor& x) const = 0;
   // For a contribution with no tokens, batch first (a prefix's keys and values): (B), or
-  // (B, 2) to weigh keys (column 0) and values (column 1) apart. x: the site's input (B, T, H).
+  // (B, 2) to weigh keys (column 0) and values (column 1) apart. x: the site's input (B, T, H), or
+  // (N, H), the real tokens' rows, while the host runs unpadded.
   virtual Tensor per_sample(const std::string& site, const Tensor& x, std::int64_t batch) const = 0;
   // For a parameter delta, which reads nothing and is one for every sample: a scalar ().
   virtual Tensor scalar(const std::string& site) const = 0;
-  // Whether per_token needs the padded layout (B, T, F): the host then keeps padding.
-  virtual bool needs_padding() const = 0;
   // Whether a prefix's keys and values may be weighed: a gate's yes; a route mask's no (a
   // zeroed key still takes part in the softmax, so the sample would not get what it would alone).
   virtual bool weighs_prefixes() const { return true; }
@@ -106,6 +105,10 @@ class SiteCore {
   const std::string& site_hf_path() const { return hf_path_; }
   // Drops every intervention of `owner` (the owner forgets this site).
   void remove_owner(const OwnerImpl& owner);
+  // The kinds of intervention `owner` has installed here, as error messages name them ("a
+  // prompt", "an output transform", …): what a composition checks before the first forward
+  // pass (runtime/composition.cpp).
+  virtual std::vector<std::string> kinds(const OwnerImpl& owner) const = 0;
 
   template <class Fn>
   void add(Entries<Fn>& list, const Owner& owner, Fn fn, bool token_wise = false) {
@@ -208,6 +211,7 @@ class ParameterSiteImpl final : public ParameterSite, public SiteCore {
  private:
   friend class ParameterSite;
   void drop(const OwnerImpl& owner) override;
+  std::vector<std::string> kinds(const OwnerImpl& owner) const override;
   Tensor base_;
   std::vector<std::int64_t> shape_;
   std::unique_ptr<StoredTensor> stored_;
@@ -239,6 +243,7 @@ class LinearSiteImpl final : public LinearSite, public SiteCore {
   friend class LinearSite;
   std::string input_group_;
   void drop(const OwnerImpl& owner) override;
+  std::vector<std::string> kinds(const OwnerImpl& owner) const override;
   ParameterSite* weight_;  // not owned: the model owns its parameter sites
   ParameterSite* bias_;
   Entries<TensorThunk> weight_deltas_, input_scales_, output_scales_;
@@ -259,6 +264,7 @@ class SublayerSiteImpl final : public SublayerSite, public SiteCore {
  private:
   friend class SublayerSite;
   void drop(const OwnerImpl& owner) override;
+  std::vector<std::string> kinds(const OwnerImpl& owner) const override;
   std::int64_t hidden_size_;
   Entries<ResidualModule> sequential_;  // a plain sequential module ignores r and N
   Entries<TensorMap> parallel_, gates_;
@@ -292,6 +298,7 @@ class AttentionSiteImpl final : public AttentionSite, public SiteCore {
  private:
   friend class AttentionSite;
   void drop(const OwnerImpl& owner) override;
+  std::vector<std::string> kinds(const OwnerImpl& owner) const override;
   std::int64_t num_heads_, head_dim_, query_heads_;
   Entries<KVPrefix> prefixes_;
   mutable std::vector<std::int64_t> prefix_lengths_;  // of each enabled prefix in the last prefix(batch)
@@ -310,6 +317,7 @@ class EmbeddingSiteImpl final : public EmbeddingSite, public SiteCore {
  private:
   friend class EmbeddingSite;
   void drop(const OwnerImpl& owner) override;
+  std::vector<std::string> kinds(const OwnerImpl& owner) const override;
   std::int64_t hidden_size_;
   Entries<PerBatch> prompts_;
   Entries<HiddenTap> taps_;
@@ -323,6 +331,7 @@ class OutputSiteImpl final : public OutputSite, public SiteCore {
  private:
   friend class OutputSite;
   void drop(const OwnerImpl& owner) override;
+  std::vector<std::string> kinds(const OwnerImpl& owner) const override;
   std::int64_t hidden_size_;
   Entries<TensorMap> transforms_;
 };
@@ -341,6 +350,7 @@ class LayerSiteImpl final : public LayerSite, public SiteCore {
  private:
   friend class LayerSite;
   void drop(const OwnerImpl& owner) override;
+  std::vector<std::string> kinds(const OwnerImpl& owner) const override;
   std::int64_t index_;
   Entries<HiddenTap> taps_;
   Entries<TensorMap> routers_, parallel_;
