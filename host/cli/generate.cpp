@@ -139,7 +139,8 @@ Command generate_command() {
                        "fold the adapters into the weights before decoding: no per-token cost for them (the folded weights become "
                        "private copies of the mapped checkpoint's pages)");
             a->switches.add_options(c);
-            c.add_option("--tag", a->tags, "COLUMN=VALUE: the prompt's tag, as a [data] tag column gives a sample's (route groups read it; repeatable)");
+            c.add_option("--tag", a->tags, "COLUMN=VALUE: the prompt's tag, as a [data] tag column gives a sample's (route groups read it; repeatable)")
+                ->allow_extra_args(false);  // one tag per flag: the prompt after it stays the prompt
           },
           [a](const PluginRegistry& r) { return run_generate(*a, r); }};
 }

@@ -6,8 +6,9 @@
 namespace tessera {
 
 void Switches::add_options(CLI::App& c) {
-  c.add_option("--disable", disable, "switch off a method instance, or every instance of a group (repeatable)");
-  c.add_option("--scale", scale, "NAME=F: multiply how much an instance's (or a group's instances') contributions count (repeatable)");
+  c.add_option("--disable", disable, "switch off a method instance, or every instance of a group (repeatable)")->allow_extra_args(false);  // one name per flag: a prompt after it stays the prompt
+  c.add_option("--scale", scale, "NAME=F: multiply how much an instance's (or a group's instances') contributions count (repeatable)")
+      ->allow_extra_args(false);
 }
 
 void Switches::apply(MethodStack& methods) const {

@@ -96,6 +96,36 @@ base=$("$tessera" generate --model "$model" "the film is" --max-new-tokens 8)
 [[ "$p1" == "the film is"* && "$p1" == "$p2" && "$p1" != "$base" ]]
 echo "through a prompt: $p1"
 
+# Two LoRAs served by one route group: `generate --tag adapter=NAME` decodes as that LoRA
+# alone, read from its own folder through --peft; a prompt without the tag is refused.
+python3 - "$TESSERA_DATA_DIR/polarity.csv" "$out/tagged.csv" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1], newline="")))[:200]
+with open(sys.argv[2], "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["adapter"])
+    w.writeheader()
+    for i, r in enumerate(rows):
+        w.writerow({**r, "adapter": "ab"[i % 2]})
+PY
+sed -e "s|^path = \"\\\${TESSERA_DATA_DIR}/polarity.csv\"|path = \"$out/tagged.csv\"\ntag_columns = [\"adapter\"]|" -e '/^\[\[methods\]\]/,$d' "$out/run.toml" >"$out/routed.toml"
+for name in a b; do
+  printf '[[methods]]\nplugin = "lora"\nname = "%s"\ntargets = ["c_attn"]\n[methods.params]\ninit_lora_weights = "false"\n' "$name" >>"$out/routed.toml"
+done
+printf '[[groups]]\nname = "serve"\nkind = "route"\nmembers = ["a", "b"]\ntag = "adapter"\n' >>"$out/routed.toml"
+"$tessera" --log-level warn train "$out/routed.toml" --run-dir "$out/routed" >/dev/null
+for name in a b; do
+  tagged=$("$tessera" generate --run "$out/routed" --tag adapter=$name "the film is" --max-new-tokens 8)
+  alone=$("$tessera" generate --model "$model" --peft "$out/routed/adapter/$name" "the film is" --max-new-tokens 8)
+  echo "tagged $name: $tagged"
+  [[ "$tagged" == "the film is"* && "$tagged" == "$alone" ]]
+done
+set +e
+"$tessera" generate --run "$out/routed" "the film is" >"$out/untagged.txt" 2>"$out/err.txt"
+rc=$?
+set -e
+cat "$out/err.txt"
+[[ $rc == 1 && ! -s "$out/untagged.txt" ]] && grep -q "reads tag column 'adapter', which this batch does not carry" "$out/err.txt"
+
 # An encoder is not a decoder: refused in one line.
 set +e
 "$tessera" generate --model "$TESSERA_MODEL_DIR" "hello" 2>"$out/err.txt"
