@@ -36,13 +36,18 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
 Session::~Session() { methods_.reset(); }  // before the model they are attached to
 
 void Session::offer_extensions() {
-  training_ext_ = {{sizeof(tessera_host_training_v1), 1}, this,
+  training_ext_ = {{sizeof(tessera_host_training_v2), 2}, this,
                    [](void* host, const char*) { static_cast<Session*>(host)->trainable_changed_ = true; },
                    [](void* host, Tensor* loss, Tensor* logits) {
                      auto& s = *static_cast<Session*>(host);
                      if (s.training_batch_ == nullptr) throw std::runtime_error("forward_again runs only inside extra_loss() of a training step");
                      TaskOutput out = s.task_->forward(*s.training_batch_);
                      *loss = out.loss, *logits = out.logits;
+                   },
+                   [](void* host, Tensor* loss, Tensor* logits) {
+                     auto& s = *static_cast<Session*>(host);
+                     if (s.step_output_ == nullptr) throw std::runtime_error("step_output is there only inside extra_loss() of a training step");
+                     *loss = s.step_output_->loss, *logits = s.step_output_->logits;
                    }};
   tokenizer_ext_ = std::make_unique<TokenizerExtension>(*tokenizer_);
   model().set_extension(TESSERA_EXT_HOST_TRAINING, &training_ext_);

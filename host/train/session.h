@@ -36,9 +36,9 @@ class Session {
   const Dataset& data() const { return task_->data(); }
   MethodStack& methods() { return *methods_; }
 
-  // The training step's batch, for methods that run the forward pass again from extra_loss()
-  // (tessera.host.training); null outside it.
-  void set_training_batch(const Batch* b) { training_batch_ = b; }
+  // The training step's batch and its own forward pass, for methods that read the pass or run
+  // it again from extra_loss() (tessera.host.training); null outside it.
+  void set_training_step(const Batch* b, const TaskOutput* out) { training_batch_ = b, step_output_ = out; }
   // Whether a method said its trainable tensors changed since the last call.
   bool take_trainable_changed() { return std::exchange(trainable_changed_, false); }
 
@@ -59,8 +59,9 @@ class Session {
   std::unique_ptr<Task> task_;
   std::unique_ptr<MethodStack> methods_;
   const Batch* training_batch_ = nullptr;
+  const TaskOutput* step_output_ = nullptr;
   bool trainable_changed_ = false;
-  tessera_host_training_v1 training_ext_{};
+  tessera_host_training_v2 training_ext_{};
   std::unique_ptr<TokenizerExtension> tokenizer_ext_;
 };
 

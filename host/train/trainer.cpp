@@ -161,13 +161,19 @@ class Optimizer {
 
 // The loss of one step with every method's extra loss, backward, and the methods' hooks.
 Tensor forward_backward(Session& s, const Batch& batch, Optimizer& opt) {
-  Tensor loss = s.task().loss(batch);
-  s.set_training_batch(&batch);  // a method's extra_loss() may run the forward pass again
-  for (std::size_t i = 0; i < s.methods().size(); ++i) {
-    Tensor extra = s.methods()[i].call("extra_loss", [](Method& x) { return x.extra_loss(); });
-    if (extra.defined()) loss = loss + extra;
+  const TaskOutput step = s.task().forward(batch);
+  Tensor loss = step.loss;
+  {
+    struct During {  // a method's extra_loss() may read this pass or run it again; not after it, even when one throws
+      Session& s;
+      ~During() { s.set_training_step(nullptr, nullptr); }
+    } during{s};
+    s.set_training_step(&batch, &step);
+    for (std::size_t i = 0; i < s.methods().size(); ++i) {
+      Tensor extra = s.methods()[i].call("extra_loss", [](Method& x) { return x.extra_loss(); });
+      if (extra.defined()) loss = loss + extra;
+    }
   }
-  s.set_training_batch(nullptr);
   opt.adamw().zero_grad();
   loss.backward();
   for (std::size_t i = 0; i < s.methods().size(); ++i) s.methods()[i].call("after_backward", [](Method& x) { x.after_backward(); });

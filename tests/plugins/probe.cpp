@@ -151,6 +151,9 @@ class Probe final : public tessera::Method {
     } else if (kind == "forward_again") {
       training_ = tessera::host_extension<tessera_host_training_v1>(ctx.model, TESSERA_EXT_HOST_TRAINING, 1);
       if (training_ == nullptr) throw std::runtime_error("no tessera.host.training");
+#if TESSERA_TARGET_ABI_MINOR >= 6
+      step_ext_ = tessera::host_extension<tessera_host_training_v2>(ctx.model, TESSERA_EXT_HOST_TRAINING, 2);
+#endif
     } else if (kind == "tokenize") {  // the ids of a fixed text, kept as state "ids"
       const auto* tok = tessera::host_extension<tessera_host_tokenizer_v1>(ctx.model, TESSERA_EXT_HOST_TOKENIZER, 1);
       if (tok == nullptr) throw std::runtime_error("no tessera.host.tokenizer");
@@ -198,6 +201,14 @@ class Probe final : public tessera::Method {
       training_->forward_again(training_->host, &loss, &logits);
       seen_["again_loss"] = loss.detach();
       if (logits.defined()) seen_["again_logits"] = logits.detach();
+#if TESSERA_TARGET_ABI_MINOR >= 6
+      if (step_ext_ != nullptr) {  // the step's own pass (version 2): kept with whether it has its graph
+        step_ext_->step_output(step_ext_->host, &loss, &logits);
+        seen_["step_loss"] = loss.detach();
+        seen_["step_logits"] = logits.detach();
+        seen_["step_has_graph"] = at::full({}, loss.requires_grad() && logits.requires_grad() ? 1.0 : 0.0);
+      }
+#endif
       return {};
     }
 #endif
@@ -262,6 +273,9 @@ class Probe final : public tessera::Method {
   c10::TensorOptions params_;
 #if TESSERA_TARGET_ABI_MINOR >= 1
   const tessera_host_training_v1* training_ = nullptr;
+#if TESSERA_TARGET_ABI_MINOR >= 6
+  const tessera_host_training_v2* step_ext_ = nullptr;
+#endif
 #endif
 };
 

@@ -94,21 +94,29 @@ CATCH_TEST_CASE("AdaMix routes each training pass through one expert pair drawn 
 
 namespace {
 
-// A host's tessera.host.training whose forward_again hands out the queued logits in turn.
+// A host's tessera.host.training whose step_output and forward_again hand out the queued
+// logits in the order they are asked for.
 std::vector<Tensor>& queued() {
   static std::vector<Tensor> q;
   return q;
 }
-tessera_host_training_v1 fake_training{{sizeof(tessera_host_training_v1), 1}, nullptr, [](void*, const char*) {},
-                                       [](void*, Tensor* loss, Tensor* logits) {
-                                         *loss = at::zeros({});
-                                         *logits = queued().empty() ? Tensor() : queued().front();
-                                         if (!queued().empty()) queued().erase(queued().begin());
-                                       }};
+std::vector<std::string>& asked() {
+  static std::vector<std::string> a;
+  return a;
+}
+void hand_out(const char* what, Tensor* loss, Tensor* logits) {
+  asked().push_back(what);
+  *loss = at::zeros({});
+  *logits = queued().empty() ? Tensor() : queued().front();
+  if (!queued().empty()) queued().erase(queued().begin());
+}
+tessera_host_training_v2 fake_training{{sizeof(tessera_host_training_v2), 2}, nullptr, [](void*, const char*) {},
+                                       [](void*, Tensor* loss, Tensor* logits) { hand_out("again", loss, logits); },
+                                       [](void*, Tensor* loss, Tensor* logits) { hand_out("step", loss, logits); }};
 
 }  // namespace
 
-CATCH_TEST_CASE("AdaMix's consistency term is w times the symmetric KL of two more passes' softmaxes, each against the other held fixed", "[plugins][adamix][decoder]") {
+CATCH_TEST_CASE("AdaMix's consistency term is w times the symmetric KL of the step's pass and one more, each against the other held fixed", "[plugins][adamix][decoder]") {
   Mistral m;
   m.model->set_extension(TESSERA_EXT_HOST_TRAINING, &fake_training);
   auto inst = test::registry().create("adamix", "a");
@@ -117,7 +125,9 @@ CATCH_TEST_CASE("AdaMix's consistency term is w times the symmetric KL of two mo
   const Tensor a = at::randn({5, 3}).set_requires_grad(true), b = at::randn({5, 3}).set_requires_grad(true);
   m.model->train(true);
   queued() = {a, b};
+  asked().clear();
   const Tensor extra = inst->call("extra_loss", [](Method& x) { return x.extra_loss(); });
+  CATCH_CHECK(asked() == std::vector<std::string>{"step", "again"});  // the step's own pass and one more: two in all, as the authors
   const Tensor pa = at::softmax(a.detach(), -1), pb = at::softmax(b.detach(), -1);
   const Tensor expected = 0.5 * 0.5 * (at::kl_div(at::log_softmax(b, -1), pa, at::Reduction::Sum) / 5 + at::kl_div(at::log_softmax(a, -1), pb, at::Reduction::Sum) / 5);
   CATCH_CHECK(std::abs(extra.item<double>() - expected.item<double>()) < 1e-6);

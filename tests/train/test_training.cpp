@@ -419,7 +419,7 @@ head_lr = 2e-2
   }
 }
 
-CATCH_TEST_CASE("life stages: trainable() after prepare(), tensors added at a step reach the optimizer, a second pass from extra_loss(), the tokenizer at attach", "[train][minilm]") {
+CATCH_TEST_CASE("life stages: trainable() after prepare(), tensors added at a step reach the optimizer, the step's pass and a second one from extra_loss(), the tokenizer at attach", "[train][minilm]") {
   set_threads(0);
   auto dir = test::temp_dir("train-life");
   Config c = config_in(dir, polarity(32, 64) + R"([train]
@@ -452,6 +452,9 @@ kind = "tokenize"
   CATCH_REQUIRE(ext != nullptr);
   Tensor loss, logits;
   CATCH_CHECK_THROWS_WITH(ext->forward_again(ext->host, &loss, &logits), Catch::Contains("only inside extra_loss()"));
+  const auto* ext2 = host_extension<tessera_host_training_v2>(s.model(), TESSERA_EXT_HOST_TRAINING, 2);
+  CATCH_REQUIRE(ext2 != nullptr);
+  CATCH_CHECK_THROWS_WITH(ext2->step_output(ext2->host, &loss, &logits), Catch::Contains("only inside extra_loss()"));
   CATCH_CHECK(train_error(s, c.output_dir).empty());
   // "late" was created in prepare(), "grown" at step 1 (of 0, 1, 2): both were updated.
   const auto life = state(0);
@@ -472,6 +475,12 @@ kind = "tokenize"
   const auto again = state(1);
   CATCH_CHECK(std::isfinite(again.at("again_loss").item<double>()));
   CATCH_CHECK(again.at("again_logits").sizes() == at::IntArrayRef({8, 2}));
+  // tessera.host.training version 2: the step's own pass, its graph alive for the extra term,
+  // another draw of dropout than the pass again.
+  CATCH_CHECK(again.at("step_has_graph").item<double>() == 1.0);
+  CATCH_CHECK(again.at("step_logits").sizes() == at::IntArrayRef({8, 2}));
+  CATCH_CHECK(std::isfinite(again.at("step_loss").item<double>()));
+  CATCH_CHECK_FALSE(at::equal(again.at("step_logits"), again.at("again_logits")));
   const auto ids = load_tokenizer(test::model_dir())->encode("a great movie", 0, false);
   CATCH_CHECK(std::vector<std::int64_t>(state(2).at("ids").data_ptr<std::int64_t>(), state(2).at("ids").data_ptr<std::int64_t>() + ids.size()) == ids);
   CATCH_CHECK(state(2).at("ids").numel() == static_cast<std::int64_t>(ids.size()));

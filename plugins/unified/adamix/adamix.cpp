@@ -7,7 +7,7 @@
 //
 //   training:   h' = h + U_j(act(D_i h)),   i, j ~ U{1..M} per layer and forward pass
 //   inference:  h' = h + Ū(act(D̄ h)),      D̄ = (1/M) Σ D_i (weights and biases), Ū likewise
-//   loss:       L(z₁) + w · ½ [KL(sg p₂ ‖ p₃) + KL(sg p₃ ‖ p₂)]    p = softmax(z), two more passes
+//   loss:       L(z₁) + w · ½ [KL(sg p₁ ‖ p₂) + KL(sg p₂ ‖ p₁)]    p = softmax(z), z₁ the step's pass, z₂ one more
 //
 // The placement and wiring are AdapterHub's (../../additive/adapterhub_bn.h).
 #include "../../additive/adapterhub_bn.h"
@@ -52,21 +52,22 @@ class AdaMix final : public tessera::adapterhub_bn::Wiring {
   }
 
   void attach(tessera::AttachContext& ctx) override {
-    training_ = tessera::host_extension<tessera_host_training_v1>(ctx.model, TESSERA_EXT_HOST_TRAINING, 1);
+    training_ = tessera::host_extension<tessera_host_training_v2>(ctx.model, TESSERA_EXT_HOST_TRAINING, 2);
     Wiring::attach(ctx);
   }
 
-  // The consistency regulariser: the task's forward pass twice more on this batch (fresh
-  // routings, fresh dropout), the symmetric KL between their softmaxes, each direction against
-  // the other pass held fixed.
+  // The consistency regulariser, as the authors run it: the step's own pass and the task's
+  // forward pass once more on this batch (a fresh routing, fresh dropout), the symmetric KL
+  // between their softmaxes, each direction against the other pass held fixed.
   Tensor extra_loss() override {
     if (weight_ == 0.0 || !model_->training() || (!mixed_down_ && !mixed_up_)) return {};
-    if (training_ == nullptr) throw std::runtime_error("AdaMix's consistency loss needs the host's tessera.host.training (a second forward pass); set consistency_weight = 0");
+    if (training_ == nullptr)
+      throw std::runtime_error("AdaMix's consistency loss needs the host's tessera.host.training version 2 (the step's pass and a second one); set consistency_weight = 0");
     Tensor loss, a, b;
-    training_->forward_again(training_->host, &loss, &a);
-    training_->forward_again(training_->host, &loss, &b);
-    if (!a.defined())
+    training_->step_output(training_->host, &loss, &a);
+    if (!a.defined())  // before the second pass, which would be wasted
       throw std::runtime_error("AdaMix's consistency loss compares a classifier's predicted distributions, and this task has no logits: set consistency_weight = 0");
+    training_->forward_again(training_->host, &loss, &b);
     return symmetric_kl(a, b) * weight_;
   }
 
@@ -127,7 +128,7 @@ class AdaMix final : public tessera::adapterhub_bn::Wiring {
   }
 
  private:
-  const tessera_host_training_v1* training_ = nullptr;
+  const tessera_host_training_v2* training_ = nullptr;
   std::int64_t experts_ = 4;
   bool mixed_up_ = false, mixed_down_ = true;
   double weight_ = 1.0;

@@ -52,6 +52,18 @@ struct tessera_host_training_v1 {
   void (*forward_again)(void* host, at::Tensor* loss, at::Tensor* logits);
 };
 
+// Version 2 (same id, a longer table; read it through host_extension<…v2>(…, 2)): also, inside
+// extra_loss(), the step's own forward pass — its loss, without extra terms, and its logits as
+// forward_again gives them, with their graph: a loss that compares two passes (AdaMix's
+// consistency) runs one more pass, not two.
+struct tessera_host_training_v2 {
+  tessera_extension_header header;  // version 2
+  void* host;
+  void (*trainable_changed)(void* host, const char* instance);
+  void (*forward_again)(void* host, at::Tensor* loss, at::Tensor* logits);
+  void (*step_output)(void* host, at::Tensor* loss, at::Tensor* logits);
+};
+
 // ---- tessera.host.tokenizer, version 1 (SDK 2.1): the run's tokenizer -----------------
 #define TESSERA_EXT_HOST_TOKENIZER "tessera.host.tokenizer"
 
