@@ -97,7 +97,7 @@ MethodConfig read(const std::string& path, const PluginRegistry& registry, const
   for (const char* key : {"residual_before_ln", "cross_adapter"})
     if (c.contains(key)) m.params[key] = c[key].get<bool>();
   if (c.contains("dropout")) m.params["dropout"] = c["dropout"].get<double>();
-  if (c.value("use_gating", false)) m.params["use_gating"] = true;
+  if (c.contains("use_gating") && c["use_gating"].is_boolean() && c["use_gating"].get<bool>()) m.params["use_gating"] = true;
   try {
     m.checked = apply_schema(info->params, m.params);
   } catch (const ParamError& e) {  // a value the plugin's schema refuses (an unknown activation)

@@ -82,10 +82,6 @@ std::int64_t input_width(SiteCore* site, const SiteModel& model) {
   return model.info().hidden_size;  // sublayer, attention, layer, embedding and output sites read the hidden states
 }
 
-}  // namespace
-
-namespace {
-
 // Where `member` is listed in group g, for errors.
 SourcePos member_at(const GroupConfig& g, const std::string& member) {
   for (std::size_t i = 0; i < g.members.size() && i < g.member_pos.size(); ++i)

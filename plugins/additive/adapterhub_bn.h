@@ -6,7 +6,7 @@
 // Header-only, SDK-only, like the plugins.
 //
 //   A(z) = s · (up(act(down(z))))            down: H -> r, up: r -> H (biases inside)
-//   gated (use_gating): A(z) · σ(mean_t(z W_g + b_g)), one gate per sample from the adapter's
+//   gated (use_gating): A(z) · mean_t σ(z W_g + b_g), one gate per sample from the adapter's
 //                       own input, its mean over the sample's real tokens (tessera/sample_mean.h)
 //   sequential:  z = N(h + x) (Pfeiffer) or h (Houlsby);  h' = A(z) + (h, or z)
 //   parallel:    h' = h + A(x)

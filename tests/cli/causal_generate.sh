@@ -113,12 +113,14 @@ for name in a b; do
 done
 printf '[[groups]]\nname = "serve"\nkind = "route"\nmembers = ["a", "b"]\ntag = "adapter"\n' >>"$out/routed.toml"
 "$tessera" --log-level warn train "$out/routed.toml" --run-dir "$out/routed" >/dev/null
+declare -A tagged
 for name in a b; do
-  tagged=$("$tessera" generate --run "$out/routed" --tag adapter=$name "the film is" --max-new-tokens 8)
+  tagged[$name]=$("$tessera" generate --run "$out/routed" --tag adapter=$name "the film is" --max-new-tokens 8)
   alone=$("$tessera" generate --model "$model" --peft "$out/routed/adapter/$name" "the film is" --max-new-tokens 8)
-  echo "tagged $name: $tagged"
-  [[ "$tagged" == "the film is"* && "$tagged" == "$alone" ]]
+  echo "tagged $name: ${tagged[$name]}"
+  [[ "${tagged[$name]}" == "the film is"* && "${tagged[$name]}" == "$alone" ]]
 done
+[[ "${tagged[a]}" != "${tagged[b]}" && "${tagged[a]}" != "$base" ]]  # the two LoRAs (drawn non-zero) do act
 set +e
 "$tessera" generate --run "$out/routed" "the film is" >"$out/untagged.txt" 2>"$out/err.txt"
 rc=$?

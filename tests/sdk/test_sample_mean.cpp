@@ -54,3 +54,24 @@ CATCH_TEST_CASE("mean_over_tokens: each sample's mean over its real tokens, padd
   CATCH_CHECK(at::allclose(mean_over_tokens(view, other), other.mean(1), 0, 1e-12));
   CATCH_CHECK_THROWS_WITH(mean_over_tokens(view, at::randn({B * T}, at::kDouble)), Catch::Contains("neither (B, T, k) nor one row per real token"));
 }
+
+CATCH_TEST_CASE("mean_over_tokens: bf16 gates of a long sample average in float32, and each row's gradient is its sample's 1/n", "[sdk][sample_mean]") {
+  // 700 gates near ½ in bf16: summed in bf16 the total would stop growing at 256.
+  View view;
+  const std::int64_t T = 700;
+  Tensor mask = at::ones({2, T}, at::kLong);
+  mask.index_put_({1, at::indexing::Slice(100)}, 0);
+  view.set_attention_mask(mask);
+  const Tensor rows = mask.reshape({-1}).nonzero().reshape({-1});
+  view.set_token_rows(rows, T);
+  at::manual_seed(5);
+  const Tensor gates = (0.5 + 0.01 * at::randn({rows.size(0), 1}, at::kDouble));
+  const Tensor want = loop_means(gates.new_zeros({2, T, 1}).reshape({2 * T, 1}).index_copy(0, rows, gates).reshape({2, T, 1}), mask);
+  const Tensor got = mean_over_tokens(view, gates.to(at::kBFloat16));
+  CATCH_CHECK(got.scalar_type() == at::kBFloat16);
+  CATCH_CHECK(at::allclose(got.to(at::kDouble), want, 0, 4e-3));  // bf16's rounding of ½, not a lost half
+  const Tensor x = gates.clone().set_requires_grad(true);
+  mean_over_tokens(view, x).sum().backward();
+  const Tensor n = mask.sum(1).to(at::kDouble).index_select(0, rows.div(T, "floor")).unsqueeze(1);  // each row's sample's count
+  CATCH_CHECK(at::allclose(x.grad(), 1.0 / n, 0, 1e-12));
+}

@@ -196,7 +196,8 @@ class SublayerSite : public SiteHandle {
   // Since SDK 2.1. As add_sequential / add_parallel, for a module that maps each token's
   // vector on its own (a bottleneck adapter is a per-token MLP): it sees (..., H), which may
   // be (N, H), the real tokens only, and with it installed the host keeps its unpadded fast
-  // path. Sequential modules of both kinds run in one install order.
+  // path. Sequential modules of both kinds run in one install order. A per-sample mean over
+  // the tokens through tessera/sample_mean.h (a gate) is allowed: it works on either layout.
   void add_token_wise_sequential(const Owner& owner, TensorMap module);  // h (..., H) -> (..., H)
   void add_token_wise_parallel(const Owner& owner, TensorMap module);    // x (..., H) -> (..., H)
 #endif
