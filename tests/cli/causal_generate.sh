@@ -93,6 +93,11 @@ TOML
 p1=$("$tessera" generate --run "$out/prompt" "the film is" --max-new-tokens 8)
 p2=$("$tessera" generate --run "$out/prompt" "the film is" --max-new-tokens 8)
 base=$("$tessera" generate --model "$model" "the film is" --max-new-tokens 8)
+# One value per flag: the prompt after --disable or --scale stays the prompt, and the run's
+# LoRA switched off, or scaled by 0, decodes as the base model.
+[[ "$a" != "$base" ]]  # which it does not with the LoRA on
+[[ "$("$tessera" generate --run "$out/run" --disable lora "the film is" --max-new-tokens 8)" == "$base" ]]
+[[ "$("$tessera" generate --run "$out/run" --scale lora=0 "the film is" --max-new-tokens 8)" == "$base" ]]
 [[ "$p1" == "the film is"* && "$p1" == "$p2" && "$p1" != "$base" ]]
 echo "through a prompt: $p1"
 
