@@ -95,8 +95,14 @@ std::vector<std::vector<std::int64_t>> generate(const DecoderModel& model, const
                              " new ones exceed the model's " + std::to_string(limit) + " positions (at most " +
                              std::to_string(std::max<std::int64_t>(0, limit - ids.size(1))) + " new tokens)");
   KVCache cache;
+  Tensor seen_ids, seen_mask;  // (B, S): the whole sequence so far, when each step recomputes it
+  const bool whole = model.output_reads_sequence();
   auto step = [&](const Tensor& new_ids, const Tensor& new_mask) {
-    Tensor hidden = model.forward(new_ids, new_mask, &cache);  // (B, T, H)
+    if (whole) {
+      seen_ids = seen_ids.defined() ? at::cat({seen_ids, new_ids}, 1) : new_ids;
+      seen_mask = seen_mask.defined() ? at::cat({seen_mask, new_mask}, 1) : new_mask;
+    }
+    Tensor hidden = whole ? model.forward(seen_ids, seen_mask) : model.forward(new_ids, new_mask, &cache);  // (B, T, H)
     return model.logits(hidden.select(1, hidden.size(1) - 1));
   };
   return run(step, ids, mask, model.info().options.device(), o);

@@ -72,7 +72,7 @@ const std::vector<Row>& table() {
       // and consistency term: tests/plugins/test_adamix.cpp).
       {"adamix", {}, {{"num_experts", std::int64_t{1}}}, {}},
       {"propetl", {}, {{"keep", 0.5}}, {}},  // one prototype, a mask per layer from its scores
-      {"lst", {}, {{"reduction_factor", std::int64_t{4}}, {"dropout", 0.0}}, {"bert"}},  // its side network is BERT's
+      {"lst", {}, {{"reduction_factor", std::int64_t{4}}, {"dropout", 0.0}}, {"bert", "gpt2", "llama"}},  // side blocks: BERT and pre-norm decoders (not T5 yet)
       {"coda", {}, {{"k", 0.5}}, {"bert", "t5"}},  // encoder layers (T5: its encoder)
       {"prompt_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},  // T5: the encoder's input
       {"p_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},

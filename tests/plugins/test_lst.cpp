@@ -4,6 +4,8 @@
 #include "support.h"
 
 #include "architectures/decoder.h"
+#include "architectures/generate.h"
+#include "architectures/t5.h"
 #include "runtime/method_stack.h"
 
 #include <nlohmann/json.hpp>
@@ -97,8 +99,8 @@ CATCH_TEST_CASE("LST refuses a reduction that does not divide the model with the
   CATCH_CHECK_THAT(refusal(5), Catch::Contains("run.toml:8:") && Catch::Contains("reduction_factor 5 does not divide the hidden size 384"));
   CATCH_CHECK_THAT(refusal(64), Catch::Contains("run.toml:8:") && Catch::Contains("side width of 6, which the model's 12 heads do not divide"));
 
-  auto gpt2 = DecoderModel::load(test::fixture("decoders/gpt2"), test::options());
-  CATCH_CHECK_THROWS_WITH(attach_lst(*gpt2), Catch::Contains("LST's side network is written for BERT-family encoders (bert, roberta), not a gpt2 model"));
+  auto t5 = T5Model::load(test::fixture("seq2seq/t5"), test::options());
+  CATCH_CHECK_THROWS_WITH(attach_lst(*t5), Catch::Contains("LST's side network is written for BERT-family encoders and pre-norm decoders (GPT-2, the LLaMA family), not a t5 model"));
 
   auto lst = attach_lst(*model);
   auto s = lst->call("state", [](Method& m) { return m.state(); });
@@ -109,4 +111,72 @@ CATCH_TEST_CASE("LST refuses a reduction that does not divide the model with the
   s["side_final_upsample.bias"] = at::zeros({97});
   CATCH_CHECK_THROWS_WITH(lst->call("load_state", [&](Method& m) { m.load_state(s); }),
                           Catch::Contains("tensor 'side_final_upsample.bias' has shape [97], expected [384]"));
+}
+
+// GPT-2 (fused c_attn, LayerNorm, GELU(tanh)) and LLaMA (RMSNorm, rotary, grouped-query
+// attention, SwiGLU) against tests/fixtures/make_lst_decoders.py: the pruned side blocks,
+// the output over transformers' hidden states, and greedy tokens for a left-padded batch.
+CATCH_TEST_CASE("LST on decoders prunes causal side blocks as the reference does, its output and its greedy tokens equal the reference's", "[plugins][lst][decoder][parity]") {
+  const auto& ref = test::cached_tensors(test::fixture("lst_decoders/reference.safetensors"));
+  for (const auto& [name, r] : {std::pair{"gpt2", 4}, {"llama", 2}}) {
+    CATCH_INFO("decoder " << name);
+    auto model = DecoderModel::load(test::fixture(std::string("decoders/") + name), test::options());
+    test::perturb_if_asked(*model);
+    auto lst = attach_lst(*model, {{"reduction_factor", std::int64_t{r}}});
+    auto ours = lst->call("state", [](Method& m) { return m.state(); });
+    const auto pruned = test::read_tensors(test::fixture(std::string("lst_decoders/") + name + ".pruned.safetensors"));
+    CATCH_CHECK(pruned.size() == (name == std::string("gpt2") ? 2 * 16 + 2 : 2 * 9 + 1));
+    for (const auto& [k, t] : pruned) {
+      CATCH_INFO("tensor " << k);
+      CATCH_REQUIRE(ours.count(k));
+      CATCH_CHECK(test::max_abs_diff(ours.at(k), t) < 1e-6);
+    }
+    lst->call("load_state", [&](Method& m) { m.load_state(test::read_tensors(test::fixture(std::string("lst_decoders/") + name + ".adapter.safetensors"))); });
+    auto& base = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
+    const auto &ids = base["input_ids"], &mask = base["attention_mask"];
+    at::NoGradGuard no_grad;
+    TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask), ref, std::string(name) + ".out", mask));
+    // Generation recomputes the sequence at each token: the side network reads every position.
+    CATCH_CHECK(model->output_reads_sequence());
+    GenerateOptions o;
+    o.max_new_tokens = 6;
+    const auto tokens = generate(*model, {{1, 17, 42, 99, 7, 55}, {1, 23, 5}}, o);
+    const Tensor expected = ref.at(std::string(name) + ".generated");
+    for (std::int64_t b = 0; b < 2; ++b) {
+      CATCH_INFO("prompt " << b);
+      const Tensor row = expected[b];
+      CATCH_CHECK(tokens[b] == std::vector<std::int64_t>(row.data_ptr<std::int64_t>(), row.data_ptr<std::int64_t>() + row.numel()));
+    }
+  }
+}
+
+CATCH_TEST_CASE("LST on LLaMA: no backbone graph, every side tensor trained, the file says the block's kind", "[plugins][lst][decoder]") {
+  auto model = DecoderModel::load(test::fixture("decoders/llama"), test::options());
+  auto lst = attach_lst(*model, {{"reduction_factor", std::int64_t{2}}});
+  auto t = lst->call("trainable", [](Method& m) { return m.trainable(); });
+  CATCH_CHECK(t.at("side_block.0.attn.q.weight").sizes() == at::IntArrayRef({32, 32}));
+  CATCH_CHECK(t.at("side_block.0.attn.k.weight").sizes() == at::IntArrayRef({16, 32}));  // 2 kv heads of 8
+  CATCH_CHECK(t.at("side_block.1.mlp.gate.weight").sizes() == at::IntArrayRef({48, 32}));
+  CATCH_CHECK(t.at("side_final_layer_norm.weight").sizes() == at::IntArrayRef({32}));
+  CATCH_CHECK_FALSE(t.count("side_final_layer_norm.bias"));
+  const auto cfg = nlohmann::json::parse(lst->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
+  CATCH_CHECK(cfg["tessera"]["norm"] == "rms_norm");
+  CATCH_CHECK(cfg["tessera"]["mlp"] == "swiglu");
+  CATCH_CHECK(cfg["tessera"]["num_key_value_heads"] == 2);
+  bool input_has_graph = true;
+  model->match_layers({"layers.1"}).at(0)->add_router(test::owner("watch"), [&](const Tensor& h) {
+    input_has_graph = h.requires_grad();
+    return at::ones({h.size(0), h.size(1)}, h.options());
+  });
+  auto& base = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
+  model->train(true);
+  const Tensor out = model->forward(base["input_ids"], base["attention_mask"]);
+  CATCH_REQUIRE(out.requires_grad());
+  CATCH_CHECK_FALSE(input_has_graph);
+  CATCH_CHECK(at::isfinite(out).all().item<bool>());
+  out.sum().backward();
+  for (const auto& [k, v] : t) {
+    CATCH_INFO("tensor " << k);
+    CATCH_CHECK((v.grad().defined() && v.grad().abs().sum().item<double>() > 0));
+  }
 }

@@ -9,8 +9,9 @@
 //   s_0 = W_0↓ x_0 + b_0↓                                   x_0: the embeddings (B, T, H)
 //   for layer i:  μ_i = σ(α_i / T)
 //                 s   = μ_i s + (1 − μ_i)(W_i↓ h_i + b_i↓)    h_i: backbone layer i's output
-//                 s   = SideBlock_i(s)                       a BERT block of width H / r
-//   output = W↑ s + b↑                                       (B, T, H), read by the task head
+//                 s   = SideBlock_i(s)                       the backbone's block kind, width H / r
+//   output = W↑ s + b↑        (post-norm BERT)               (B, T, H), read by the task head
+//   output = W↑ Norm(s) + b↑  (pre-norm decoders: GPT-2, LLaMA family)
 #include <tessera/dropout.h>
 #include <tessera/plugin.h>
 #include <tessera/state.h>
@@ -43,23 +44,37 @@ struct Pruner {
   std::int64_t d, inner;  // side width, side FFN width
 
   Tensor base(const std::string& name) const {
-    const auto found = model.match_parameters({name});
-    if (found.size() != 1) throw std::runtime_error("LST needs the base tensor '" + name + "'");
-    return found[0]->base().detach().to(at::kFloat).clone();  // held by value: a quantized base's copy goes
+    Tensor t = maybe(name);
+    if (!t.defined()) throw std::runtime_error("LST needs the base tensor '" + name + "'");
+    return t;
+  }
+  // Undefined when the backbone has no such tensor (a bias-free projection or norm).
+  Tensor maybe(const std::string& name) const {
+    for (auto* site : model.match_parameters({name}))  // a target also matches longer names ("norm.weight")
+      if (site->name() == name) return site->base().detach().to(at::kFloat).clone();  // by value: a quantized base's copy goes
+    return {};
+  }
+  // A projection's weight and bias; GPT-2's q, k and v are row blocks of the fused c_attn.
+  std::pair<Tensor, Tensor> projection(const std::string& name) const {
+    if (Tensor w = maybe(name + ".weight"); w.defined()) return {w, maybe(name + ".bias")};
+    const auto dot = name.rfind('.');
+    const auto part = static_cast<std::int64_t>(std::string("qkv").find(name.substr(dot + 1)));
+    if (part < 0 || part > 2) throw std::runtime_error("LST needs the base tensor '" + name + ".weight'");
+    const std::string fused = name.substr(0, dot) + ".qkv";
+    Tensor w = base(fused + ".weight"), b = maybe(fused + ".bias");
+    return {w.chunk(3, 0)[part], b.defined() ? b.chunk(3, 0)[part] : b};
   }
 
   // Block i's tensors from the backbone's layer i, entered with the kept dimensions `prev`
   // of the residual stream; returns them and leaves `prev` at the block's output dimensions.
-  std::map<std::string, Tensor> block(std::int64_t i, Tensor& prev) const {
+  std::map<std::string, Tensor> bert_block(std::int64_t i, Tensor& prev) const {
     const std::string p = "layers." + std::to_string(i) + ".";
     std::map<std::string, Tensor> out;
     const Tensor q = base(p + "attn.q.weight"), k = base(p + "attn.k.weight"), v = base(p + "attn.v.weight");
     const Tensor cols = q.index_select(1, prev).abs() * k.index_select(1, prev).abs() * v.index_select(1, prev).abs();
     const Tensor qkv = top_rows(cols.sum(1), d);
-    for (const auto& [ours, hf] : {std::pair{"attn.q", "attention.self.query"}, {"attn.k", "attention.self.key"}, {"attn.v", "attention.self.value"}}) {
-      out[std::string(hf) + ".weight"] = base(p + ours + ".weight").index_select(0, qkv).index_select(1, prev);
-      out[std::string(hf) + ".bias"] = base(p + ours + ".bias").index_select(0, qkv);
-    }
+    for (const auto& [ours, hf] : {std::pair{"attn.q", "attention.self.query"}, {"attn.k", "attention.self.key"}, {"attn.v", "attention.self.value"}})
+      keep(projection(p + ours), prev, qkv, hf, out);
     prev = linear(p + "attn.o", "attention.output.dense", qkv, d, out);
     norm(p + "attn.norm", "attention.output.LayerNorm", prev, out);
     const Tensor mid = linear(p + "mlp.up", "intermediate.dense", prev, inner, out);
@@ -68,18 +83,51 @@ struct Pruner {
     return out;
   }
 
+  // A pre-norm decoder block (our canonical names): the norms keep the stream's dimensions;
+  // q, k and v keep the same rows, or with grouped-query attention q its d strongest rows
+  // and k, v the same d·kv/q rows; a gated MLP's gate and up keep the same rows.
+  std::map<std::string, Tensor> decoder_block(std::int64_t i, Tensor& prev) const {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    std::map<std::string, Tensor> out;
+    norm(p + "attn.norm", "attn.norm", prev, out);
+    const auto q = projection(p + "attn.q"), k = projection(p + "attn.k"), v = projection(p + "attn.v");
+    const Tensor qa = q.first.index_select(1, prev).abs(), ka = k.first.index_select(1, prev).abs(), va = v.first.index_select(1, prev).abs();
+    const bool grouped = q.first.size(0) != k.first.size(0);
+    const Tensor q_rows = top_rows(grouped ? qa.sum(1) : (qa * ka * va).sum(1), d);
+    const Tensor kv_rows = grouped ? top_rows((ka * va).sum(1), d * k.first.size(0) / q.first.size(0)) : q_rows;
+    keep(q, prev, q_rows, "attn.q", out);
+    keep(k, prev, kv_rows, "attn.k", out);
+    keep(v, prev, kv_rows, "attn.v", out);
+    prev = linear(p + "attn.o", "attn.o", q_rows, d, out);
+    norm(p + "mlp.norm", "mlp.norm", prev, out);
+    Tensor mid;
+    if (const auto gate = maybe(p + "mlp.gate.weight"); gate.defined()) {
+      mid = top_rows((gate.index_select(1, prev).abs() * base(p + "mlp.up.weight").index_select(1, prev).abs()).sum(1), inner);
+      keep(projection(p + "mlp.gate"), prev, mid, "mlp.gate", out);
+      keep(projection(p + "mlp.up"), prev, mid, "mlp.up", out);
+    } else {
+      mid = linear(p + "mlp.up", "mlp.up", prev, inner, out);
+    }
+    prev = linear(p + "mlp.down", "mlp.down", mid, d, out);
+    return out;
+  }
+
   // A linear map's kept columns `in` and its `rows` strongest rows; returns those rows.
-  Tensor linear(const std::string& ours, const std::string& hf, const Tensor& in, std::int64_t rows, std::map<std::string, Tensor>& out) const {
-    const Tensor w = base(ours + ".weight").index_select(1, in);
-    const Tensor kept = top_rows(w.abs().sum(1), rows);
-    out[hf + ".weight"] = w.index_select(0, kept);
-    out[hf + ".bias"] = base(ours + ".bias").index_select(0, kept);
+  Tensor linear(const std::string& ours, const std::string& side, const Tensor& in, std::int64_t rows, std::map<std::string, Tensor>& out) const {
+    const auto wb = projection(ours);
+    const Tensor kept = top_rows(wb.first.index_select(1, in).abs().sum(1), rows);
+    keep(wb, in, kept, side, out);
     return kept;
   }
 
-  void norm(const std::string& ours, const std::string& hf, const Tensor& kept, std::map<std::string, Tensor>& out) const {
-    out[hf + ".weight"] = base(ours + ".weight").index_select(0, kept);
-    out[hf + ".bias"] = base(ours + ".bias").index_select(0, kept);
+  static void keep(const std::pair<Tensor, Tensor>& wb, const Tensor& cols, const Tensor& rows, const std::string& side, std::map<std::string, Tensor>& out) {
+    out[side + ".weight"] = wb.first.index_select(1, cols).index_select(0, rows);
+    if (wb.second.defined()) out[side + ".bias"] = wb.second.index_select(0, rows);
+  }
+
+  void norm(const std::string& ours, const std::string& side, const Tensor& kept, std::map<std::string, Tensor>& out) const {
+    out[side + ".weight"] = base(ours + ".weight").index_select(0, kept);
+    if (Tensor b = maybe(ours + ".bias"); b.defined()) out[side + ".bias"] = b.index_select(0, kept);
   }
 };
 
@@ -92,33 +140,45 @@ class Lst final : public tessera::Method {
         {"gate_T", ParamType::Float, 0.1, "the ladder gates' temperature T: μ = σ(α / T)", 1e-6, std::nullopt, {}},
         {"gate_alpha", ParamType::Float, 0.0, "every gate's α at the start (0: μ = ½)", std::nullopt, std::nullopt, {}},
         {"dropout", ParamType::Float, 0.1, "the side blocks' dropout (hidden states and attention probabilities), in training", 0.0, 0.99, {}},
-        {"layer_norm_eps", ParamType::Float, 0.0, "the side blocks' LayerNorm epsilon; 0: the architecture's (BERT 1e-12, RoBERTa 1e-5)", 0.0, 1.0, {}},
+        {"layer_norm_eps", ParamType::Float, 0.0,
+         "the side blocks' norm epsilon; 0: the architecture's (BERT 1e-12, RoBERTa and GPT-2 1e-5, RMSNorm decoders 1e-6)", 0.0, 1.0, {}},
         {"init_std", ParamType::Float, 0.02, "the ladders' and the final up-projection's weights ~ N(0, init_std), biases 0", 0.0, 1.0, {}},
+        {"rope_theta", ParamType::Float, 10000.0, "rotary decoders (LLaMA family): the side blocks' rotary base, at the side's head width", 1.0, std::nullopt, {}},
     }};
   }
 
   void attach(tessera::AttachContext& ctx) override {
     const auto& info = ctx.model.info();
     arch_ = info.architecture;
-    if (arch_ != "bert" && arch_ != "roberta")
-      throw std::runtime_error("LST's side network is written for BERT-family encoders (bert, roberta), not a " + arch_ + " model");
     model_ = &ctx.model;
-    read(ctx.params, info);
+    Pruner pruner{ctx.model, 0, 0};
+    decoder_ = arch_ != "bert" && arch_ != "roberta";
+    if (decoder_ && (arch_ == "t5" || !pruner.maybe("layers.0.attn.norm.weight").defined() || !pruner.maybe("norm.weight").defined()))
+      throw std::runtime_error("LST's side network is written for BERT-family encoders and pre-norm decoders (GPT-2, the LLaMA family), not a " + arch_ +
+                               " model");
+    read(ctx.params, info, pruner);
     const auto& opts = info.param_options;
-    Pruner pruner{ctx.model, d_, inner_};
+    pruner.d = d_, pruner.inner = inner_;
     // The residual stream's first kept dimensions: the word embeddings' strongest columns.
     Tensor prev = top_rows(pruner.base("embed.word.weight").abs().sum(0), d_);
     at::NoGradGuard no_grad;
     auto linear = [&](std::int64_t out, std::int64_t in) {
       return std::make_pair(at::empty({out, in}, opts).normal_(0.0, init_std_), at::zeros({out}, opts));
     };
+    auto placed = [&](std::map<std::string, Tensor> b) {
+      for (auto& [k, t] : b) t = t.to(opts.dtype()).to(opts.device()).contiguous();
+      return b;
+    };
     first_ = linear(d_, H_);
     for (std::int64_t i = 0; i < layers_; ++i) {
       downs_.push_back(linear(d_, H_));
       gates_.push_back(at::full({1}, gate_alpha_, opts));
-      std::map<std::string, Tensor> b;
-      for (auto& [k, t] : pruner.block(i, prev)) b[k] = t.to(opts.dtype()).to(opts.device()).contiguous();
-      blocks_.push_back(std::move(b));
+      blocks_.push_back(placed(decoder_ ? pruner.decoder_block(i, prev) : pruner.bert_block(i, prev)));
+    }
+    if (decoder_) {  // pre-norm blocks leave the stream unnormalised: the backbone's final norm, pruned
+      std::map<std::string, Tensor> n;
+      pruner.norm("norm", "side_final_layer_norm", prev, n);
+      final_norm_ = placed(std::move(n));
     }
     up_ = linear(H_, d_);
     for (auto& [k, t] : state()) t.set_requires_grad(true);
@@ -128,7 +188,8 @@ class Lst final : public tessera::Method {
   tessera::NamedTensors trainable() override { return state(); }
 
   // Tessera's layout, with the authors' names: side_first_downsample, side_downsamples.i,
-  // side_gate_params.i, side_block.i.<BERT layer tensor>, side_final_upsample.
+  // side_gate_params.i, side_block.i.<block tensor> (BERT's names for BERT, our canonical
+  // ones for decoders), side_final_layer_norm (decoders), side_final_upsample.
   tessera::NamedTensors state() override {
     tessera::NamedTensors out;
     out["side_first_downsample.weight"] = first_.first;
@@ -140,6 +201,7 @@ class Lst final : public tessera::Method {
       out["side_gate_params." + n] = gates_[i];
       for (auto& [k, t] : blocks_[i]) out["side_block." + n + "." + k] = t;
     }
+    for (auto& [k, t] : final_norm_) out[k] = t;
     out["side_final_upsample.weight"] = up_.first;
     out["side_final_upsample.bias"] = up_.second;
     return out;
@@ -151,15 +213,21 @@ class Lst final : public tessera::Method {
   }
 
   std::string adapter_config_json() const override {
-    return nlohmann::json{{"tessera",
-                           {{"method", "lst"}, {"architecture", arch_}, {"reduction_factor", r_}, {"gate_T", gate_T_}, {"hidden_size", H_},
-                            {"side_hidden_size", d_}, {"side_intermediate_size", inner_}, {"num_layers", layers_}, {"num_attention_heads", heads_},
-                            {"dropout", dropout_}, {"layer_norm_eps", eps_}, {"init", "pruned by weight magnitude (L1)"}}}}
-        .dump(2);
+    nlohmann::json side{{"method", "lst"}, {"architecture", arch_}, {"reduction_factor", r_}, {"gate_T", gate_T_}, {"hidden_size", H_},
+                        {"side_hidden_size", d_}, {"side_intermediate_size", inner_}, {"num_layers", layers_}, {"num_attention_heads", heads_},
+                        {"dropout", dropout_}, {"layer_norm_eps", eps_}, {"init", "pruned by weight magnitude (L1)"},
+                        {"block", decoder_ ? "pre-norm causal decoder" : "post-norm BERT"}};
+    if (decoder_) {
+      side["norm"] = rms_ ? "rms_norm" : "layer_norm";
+      side["mlp"] = gated_ ? "swiglu" : "gelu_tanh";
+      side["num_key_value_heads"] = kv_heads_;
+      if (rope_) side["rope_theta"] = rope_theta_;
+    }
+    return nlohmann::json{{"tessera", side}}.dump(2);
   }
 
  private:
-  void read(const tessera::Params& p, const tessera::ModelInfo& info) {
+  void read(const tessera::Params& p, const tessera::ModelInfo& info, const Pruner& pruner) {
     r_ = p.integer("reduction_factor");
     H_ = info.hidden_size, layers_ = info.num_layers, heads_ = info.num_heads;
     if (H_ % r_ != 0 || info.intermediate_size % r_ != 0)
@@ -169,9 +237,18 @@ class Lst final : public tessera::Method {
     if (d_ % heads_ != 0)
       throw tessera::ParamError("reduction_factor", "reduction_factor " + std::to_string(r_) + " leaves a side width of " + std::to_string(d_) +
                                                         ", which the model's " + std::to_string(heads_) + " heads do not divide");
+    kv_heads_ = heads_;
+    if (decoder_) {  // the block's kind, read from the backbone's tensors
+      rms_ = !pruner.maybe("layers.0.attn.norm.bias").defined();
+      gated_ = pruner.maybe("layers.0.mlp.gate.weight").defined();
+      rope_ = !pruner.maybe("embed.position.weight").defined();
+      const auto q = pruner.projection("layers.0.attn.q").first, k = pruner.projection("layers.0.attn.k").first;
+      kv_heads_ = heads_ * k.size(0) / q.size(0);
+    }
     gate_T_ = p.number("gate_T"), gate_alpha_ = p.number("gate_alpha"), dropout_ = p.number("dropout");
-    eps_ = p.number("layer_norm_eps") > 0 ? p.number("layer_norm_eps") : info.architecture == "roberta" ? 1e-5 : 1e-12;
-    init_std_ = p.number("init_std");
+    const double arch_eps = !decoder_ ? (arch_ == "roberta" ? 1e-5 : 1e-12) : rms_ ? 1e-6 : 1e-5;
+    eps_ = p.number("layer_norm_eps") > 0 ? p.number("layer_norm_eps") : arch_eps;
+    init_std_ = p.number("init_std"), rope_theta_ = p.number("rope_theta");
   }
 
   void install(tessera::AttachContext& ctx) {
@@ -186,6 +263,9 @@ class Lst final : public tessera::Method {
       (*seen)[0] = x;
     });
     for (std::int64_t i = 0; i < layers_; ++i) layer_sites[i]->add_tap(ctx.owner, [seen, i](const Tensor& h) { (*seen)[i + 1] = h; });
+    // The side network reads every earlier position: with a KV cache the host would show it
+    // the new tokens only, so the host's generate recomputes the sequence while an output
+    // transform is installed.
     out->add_transform(ctx.owner, [this, seen](const Tensor& h) {
       Tensor y = side(*seen, h.scalar_type());
       for (auto& t : *seen) t = Tensor();  // the backbone's states go with this forward
@@ -198,29 +278,55 @@ class Lst final : public tessera::Method {
     for (const auto& t : seen)
       if (!t.defined()) throw std::runtime_error("LST's side network ran without every layer's states (a layer was skipped)");
     auto lin = [dtype](const Tensor& x, const std::pair<Tensor, Tensor>& w) { return at::linear(x, w.first.to(dtype), w.second.to(dtype)); };
-    const Tensor keep = model_->attention_mask().to(at::kBool);  // (B, T): real tokens
-    const Tensor mask = keep.unsqueeze(1).unsqueeze(1);           // (B, 1, 1, T)
-    Tensor s = lin(seen[0], first_);                              // (B, T, d)
+    const Tensor real = model_->attention_mask().to(at::kBool);  // (B, T): real tokens
+    const Context c = decoder_ ? decoder_context(real, dtype) : Context{real.unsqueeze(1).unsqueeze(1), {}, {}};
+    Tensor s = lin(seen[0], first_);  // (B, T, d)
     for (std::int64_t i = 0; i < layers_; ++i) {
       const Tensor mu = at::sigmoid(gates_[i] / gate_T_).to(dtype);
       s = mu * s + (1 - mu) * lin(seen[i + 1], downs_[i]);
-      s = block(blocks_[i], s, mask, dtype);
+      s = decoder_ ? decoder_block(blocks_[i], s, c, dtype) : bert_block(blocks_[i], s, c.allowed, dtype);
     }
+    if (decoder_) s = norm(final_norm_, "side_final_layer_norm", s, dtype);
     return lin(s, up_);
   }
 
+  // What every side block of one forward shares.
+  struct Context {
+    Tensor allowed;   // (B, 1, 1, T) BERT: real keys; (B, 1, T, T) decoders: causal ∧ real, and each query itself
+    Tensor cos, sin;  // (B, 1, T, head width): the side's rotary tables (rotary decoders)
+  };
+
+  Context decoder_context(const Tensor& real, c10::ScalarType dtype) const {
+    const auto T = real.size(1);
+    const auto bools = real.options().dtype(at::kBool);
+    // A left-padded query (generation) has no real key before it: it sees itself, so no
+    // row is all -inf (whose NaN would reach real tokens through 0 · NaN).
+    const Tensor allowed = (at::ones({T, T}, bools).tril() & real.unsqueeze(1).unsqueeze(1)) | at::eye(T, bools);
+    if (!rope_) return {allowed, {}, {}};
+    const auto hd = d_ / heads_;
+    const Tensor positions = (at::cumsum(real.to(at::kLong), 1) - 1).clamp_min(0);  // (B, T), as the host numbers tokens
+    const auto f64 = real.options().dtype(at::kDouble);
+    const Tensor inv = at::pow(rope_theta_, at::arange(0, hd, 2, f64) / static_cast<double>(hd)).reciprocal();  // (hd/2)
+    const Tensor freqs = positions.to(at::kDouble).unsqueeze(-1) * inv;                                            // (B, T, hd/2)
+    const Tensor angles = at::cat({freqs, freqs}, -1).unsqueeze(1);                                                // (B, 1, T, hd)
+    return {allowed, angles.cos().to(dtype), angles.sin().to(dtype)};
+  }
+
+  Tensor norm(const std::map<std::string, Tensor>& b, const std::string& name, const Tensor& x, c10::ScalarType dtype) const {
+    const Tensor w = b.at(name + ".weight").to(dtype);
+    if (rms_) return x * at::rsqrt(x.pow(2).mean(-1, true) + eps_) * w;
+    return at::layer_norm(x, {d_}, w, b.at(name + ".bias").to(dtype), eps_);
+  }
+
   // A BERT layer of width d: self-attention, then the FFN, each followed by residual + LayerNorm.
-  Tensor block(const std::map<std::string, Tensor>& b, const Tensor& s, const Tensor& mask, c10::ScalarType dtype) const {
+  Tensor bert_block(const std::map<std::string, Tensor>& b, const Tensor& s, const Tensor& mask, c10::ScalarType dtype) const {
     const bool train = model_->training();
     auto w = [&](const char* name) { return b.at(name).to(dtype); };
     auto heads = [&](const Tensor& x) { return x.view({x.size(0), x.size(1), heads_, d_ / heads_}).transpose(1, 2); };  // (B, heads, T, d/heads)
     const Tensor q = heads(at::linear(s, w("attention.self.query.weight"), w("attention.self.query.bias")));
     const Tensor k = heads(at::linear(s, w("attention.self.key.weight"), w("attention.self.key.bias")));
     const Tensor v = heads(at::linear(s, w("attention.self.value.weight"), w("attention.self.value.bias")));
-    Tensor scores = at::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(d_ / heads_));  // (B, heads, T, T)
-    scores = scores.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
-    const Tensor probs = tessera::dropout(at::softmax(scores, -1), dropout_, train);
-    const Tensor ctx = at::matmul(probs, v).transpose(1, 2).reshape({s.size(0), s.size(1), d_});  // (B, T, d)
+    const Tensor ctx = attend(q, k, v, mask, train);  // (B, T, d)
     const std::vector<std::int64_t> shape{d_};
     const Tensor a = tessera::dropout(at::linear(ctx, w("attention.output.dense.weight"), w("attention.output.dense.bias")), dropout_, train);
     const Tensor s1 = at::layer_norm(s + a, shape, w("attention.output.LayerNorm.weight"), w("attention.output.LayerNorm.bias"), eps_);
@@ -230,14 +336,49 @@ class Lst final : public tessera::Method {
     return at::layer_norm(s1 + m, shape, w("output.LayerNorm.weight"), w("output.LayerNorm.bias"), eps_);
   }
 
+  // A pre-norm causal block of width d: s + Attn(Norm s), then + MLP(Norm ·); rotary and
+  // grouped-query attention as the backbone has them; GELU(tanh) or SwiGLU MLP.
+  Tensor decoder_block(const std::map<std::string, Tensor>& b, const Tensor& s, const Context& c, c10::ScalarType dtype) const {
+    const bool train = model_->training();
+    auto lin = [&](const std::string& name, const Tensor& x) {
+      const auto bias = b.find(name + ".bias");
+      return at::linear(x, b.at(name + ".weight").to(dtype), bias == b.end() ? Tensor() : bias->second.to(dtype));
+    };
+    const auto hd = d_ / heads_;
+    auto heads = [&](const Tensor& x) { return x.view({x.size(0), x.size(1), -1, hd}).transpose(1, 2); };  // (B, heads, T, hd)
+    auto rotate = [&](const Tensor& x) {
+      if (!rope_) return x;
+      const Tensor half = at::cat({-x.narrow(-1, hd / 2, hd / 2), x.narrow(-1, 0, hd / 2)}, -1);
+      return x * c.cos + half * c.sin;
+    };
+    const Tensor n1 = norm(b, "attn.norm", s, dtype);
+    const Tensor q = rotate(heads(lin("attn.q", n1)));
+    const auto group = heads_ / kv_heads_;
+    const Tensor k = rotate(heads(lin("attn.k", n1))).repeat_interleave(group, 1), v = heads(lin("attn.v", n1)).repeat_interleave(group, 1);
+    const Tensor h1 = s + tessera::dropout(lin("attn.o", attend(q, k, v, c.allowed, train)), dropout_, train);
+    const Tensor n2 = norm(b, "mlp.norm", h1, dtype);
+    const Tensor inner = gated_ ? at::silu(lin("mlp.gate", n2)) * lin("mlp.up", n2) : at::gelu(lin("mlp.up", n2), "tanh");
+    return h1 + tessera::dropout(lin("mlp.down", inner), dropout_, train);
+  }
+
+  // softmax(q kᵀ / √hd) v over the allowed keys, heads merged: (B, T, d).
+  Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& allowed, bool train) const {
+    Tensor scores = at::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(d_ / heads_));  // (B, heads, T, T)
+    scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+    const Tensor probs = tessera::dropout(at::softmax(scores, -1), dropout_, train);
+    return at::matmul(probs, v).transpose(1, 2).reshape({q.size(0), q.size(2), d_});
+  }
+
   tessera::ModelView* model_ = nullptr;
   std::string arch_;
-  std::int64_t r_ = 8, H_ = 0, layers_ = 0, heads_ = 0, d_ = 0, inner_ = 0;
-  double gate_T_ = 0.1, gate_alpha_ = 0.0, dropout_ = 0.1, eps_ = 1e-12, init_std_ = 0.02;
+  bool decoder_ = false, rms_ = false, gated_ = false, rope_ = false;
+  std::int64_t r_ = 8, H_ = 0, layers_ = 0, heads_ = 0, kv_heads_ = 0, d_ = 0, inner_ = 0;
+  double gate_T_ = 0.1, gate_alpha_ = 0.0, dropout_ = 0.1, eps_ = 1e-12, init_std_ = 0.02, rope_theta_ = 10000.0;
   std::pair<Tensor, Tensor> first_, up_;                // (d, H), (d); (H, d), (H)
   std::vector<std::pair<Tensor, Tensor>> downs_;        // per layer: (d, H), (d)
   std::vector<Tensor> gates_;                           // per layer: α (1)
-  std::vector<std::map<std::string, Tensor>> blocks_;   // per layer: kBlockTensors
+  std::vector<std::map<std::string, Tensor>> blocks_;   // per layer: the side block's tensors
+  std::map<std::string, Tensor> final_norm_;            // decoders: side_final_layer_norm.{weight,bias} (d)
 };
 
 }  // namespace
