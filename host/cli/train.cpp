@@ -1,10 +1,12 @@
 // `tessera train CONFIG`: fine-tunes as the config says and writes the run directory —
-// config.toml (resolved), metrics.jsonl, the adapter after each epoch, result.json and
-// report.md.
+// config.toml (resolved), metrics.jsonl, the adapter after each epoch, checkpoints/,
+// result.json and report.md. `tessera train --resume RUN [CONFIG]` continues a run from its
+// newest checkpoint (train/resume.h).
 #include "cli/commands.h"
 
 #include "formats/safetensors.h"
 #include "train/progress.h"
+#include "train/resume.h"
 #include "train/run_dir.h"
 #include "train/session.h"
 #include "train/trainer.h"
@@ -22,7 +24,7 @@ namespace fs = std::filesystem;
 namespace {
 
 struct Args {
-  std::string config, run_dir;
+  std::string config, run_dir, resume;
   std::int64_t threads = -1;
   bool overwrite = false;
 };
@@ -58,7 +60,38 @@ void write_results(const Config& config, const Session& s, const TrainResult& r,
               100.0 * static_cast<double>(r.trainable) / static_cast<double>(r.base), format_duration(r.seconds).c_str(), run_dir.c_str());
 }
 
+// Keys a resumed run may change: how long it runs and how often it checkpoints (and where
+// the run directory was named from). Anything else would not be the run the checkpoint is of.
+bool may_change_on_resume(const std::string& difference) {
+  for (const char* key : {"train.epochs:", "train.checkpoint_every:", "output.dir:"})
+    if (difference.rfind(key, 0) == 0) return true;
+  return false;
+}
+
+int run_resume(const Args& a, const PluginRegistry& registry) {
+  const std::string& run_dir = a.resume;
+  const auto checkpoint = newest_checkpoint(run_dir);
+  if (!checkpoint)
+    throw std::runtime_error(run_dir + " holds no complete checkpoint to resume from (" + (fs::path(run_dir) / "checkpoints").string() +
+                             "/step-N: [train] checkpoint_every, or the end of an epoch, writes one)");
+  Config config = load_config(a.config.empty() ? (fs::path(run_dir) / "config.toml").string() : a.config);
+  check_methods(config, registry);
+  if (a.threads >= 0) config.train.threads = a.threads;
+  config.output_dir = run_dir;
+  for (const auto& d : config_differences(checkpoint->config, resolved_toml(config)))
+    if (!may_change_on_resume(d))
+      throw std::runtime_error("--resume " + run_dir + ": the config changed since the checkpoint (" + d +
+                               "); only [train] epochs and checkpoint_every may change when a run resumes");
+  set_threads(config.train.threads);
+  Session session(config, registry);
+  write_file_atomic((fs::path(run_dir) / "config.toml").string(), resolved_toml(config));
+  write_results(config, session, train(session, run_dir, &*checkpoint), run_dir);
+  return 0;
+}
+
 int run_train(const Args& a, const PluginRegistry& registry) {
+  if (!a.resume.empty()) return run_resume(a, registry);
+  if (a.config.empty()) throw std::runtime_error("train: name a config (or --resume RUN)");
   Config config = load_config(a.config);
   check_methods(config, registry);
   if (a.threads >= 0) config.train.threads = a.threads;
@@ -90,7 +123,8 @@ Command train_command() {
   auto a = std::make_shared<Args>();
   return {"train", "fine-tune as a config file says",
           [a](CLI::App& c) {
-            c.add_option("config", a->config, "TOML config")->required();
+            c.add_option("config", a->config, "TOML config (with --resume: the run's own config.toml when left out)");
+            c.add_option("--resume", a->resume, "continue the run in this directory from its newest checkpoint");
             c.add_option("--run-dir", a->run_dir, "run directory (default: [output] dir)");
             c.add_option("--threads", a->threads, "override [train] threads")->check(CLI::Range(0, 4096));
             c.add_flag("--overwrite", a->overwrite, "replace an earlier run in the run directory (refused without it)");

@@ -295,6 +295,7 @@ void read_train(const std::string& path, const toml::table* t, TrainConfig& c) {
   s.get("group_by_length", c.group_by_length);
   s.get("shuffle", c.shuffle);
   s.get("gradient_checkpointing", c.gradient_checkpointing);
+  s.positive("checkpoint_every", c.checkpoint_every, 0);
   s.finish();
 }
 
@@ -433,7 +434,8 @@ std::string resolved_toml(const Config& c) {
                                    {"max_grad_norm", c.train.max_grad_norm}, {"threads", c.train.threads},
                                    {"seed", c.train.seed}, {"max_steps", c.train.max_steps},
                                    {"group_by_length", c.train.group_by_length},
-                                   {"shuffle", c.train.shuffle}, {"gradient_checkpointing", c.train.gradient_checkpointing}});
+                                   {"shuffle", c.train.shuffle}, {"gradient_checkpointing", c.train.gradient_checkpointing},
+                                   {"checkpoint_every", c.train.checkpoint_every}});
   root.insert("output", toml::table{{"dir", c.output_dir}});
   toml::array methods;
   for (const auto& m : c.methods) {
@@ -477,6 +479,39 @@ std::string resolved_toml(const Config& c) {
   std::ostringstream out;
   out << toml::toml_formatter(root) << "\n";
   return out.str();
+}
+
+namespace {
+
+// Every leaf of a TOML tree as "a.b[2].c" -> its value written as TOML.
+void flatten(const toml::node& n, const std::string& at, std::map<std::string, std::string>& out) {
+  if (const auto* t = n.as_table()) {
+    for (const auto& [k, v] : *t) flatten(v, at.empty() ? std::string(k.str()) : at + "." + std::string(k.str()), out);
+  } else if (const auto* a = n.as_array(); a != nullptr && !a->empty() && a->front().is_table()) {
+    for (std::size_t i = 0; i < a->size(); ++i) flatten(*a->get(i), at + "[" + std::to_string(i) + "]", out);
+  } else {
+    std::ostringstream v;
+    n.visit([&](const auto& x) { v << toml::toml_formatter(x); });
+    out[at] = v.str();
+  }
+}
+
+}  // namespace
+
+std::vector<std::string> config_differences(const std::string& before, const std::string& now) {
+  std::map<std::string, std::string> a, b;
+  flatten(toml::parse(before), "", a);
+  flatten(toml::parse(now), "", b);
+  std::vector<std::string> out;
+  for (const auto& [k, v] : a) {
+    const auto it = b.find(k);
+    if (it == b.end()) out.push_back(k + ": " + v + " → (absent)");
+    else if (it->second != v) out.push_back(k + ": " + v + " → " + it->second);
+  }
+  for (const auto& [k, v] : b)
+    if (!a.count(k)) out.push_back(k + ": (absent) → " + v);
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 }  // namespace tessera

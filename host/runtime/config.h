@@ -8,7 +8,8 @@
 //   [task]   kind ("sequence-classification" | "token-classification" | "causal-lm" | "seq2seq"), num_labels,
 //            pooling ("mean" | "cls")
 //   [train]  epochs, batch_size, eval_batch_size, lr, head_lr, weight_decay,
-//            warmup_ratio, max_grad_norm, threads, seed, max_steps, group_by_length, shuffle
+//            warmup_ratio, max_grad_norm, threads, seed, max_steps, group_by_length, shuffle,
+//            gradient_checkpointing, checkpoint_every
 //   [output] dir
 //   [[methods]] plugin, name, targets, load, [methods.params] …
 //   [[groups]]  name, kind, members, weights, normalize, tag (runtime/groups.h)
@@ -109,6 +110,9 @@ struct TrainConfig {
   // Layers keep only their inputs for backward and run again there (architectures/recompute.h):
   // one layer's activations held instead of all of them, for a second forward of the layers.
   bool gradient_checkpointing = false;
+  // A resumable checkpoint every this many optimizer steps (0: only at the end of each
+  // epoch), in the run directory's checkpoints/ (train/resume.h).
+  std::int64_t checkpoint_every = 0;
 };
 
 struct Config {
@@ -128,6 +132,10 @@ Config load_config(const std::string& path);
 void check_methods(Config& config, const PluginRegistry& registry);
 // The config as TOML with every default filled in (written into the run directory).
 std::string resolved_toml(const Config& config);
+
+// The keys whose values differ between two resolved configs (resolved_toml's text), as
+// "train.lr: 0.001 → 0.002" (methods by position: "methods[0].params.r"), in key order.
+std::vector<std::string> config_differences(const std::string& before, const std::string& now);
 
 // Levenshtein-nearest candidate within a small distance, or "".
 std::string nearest(const std::string& word, const std::vector<std::string>& candidates);

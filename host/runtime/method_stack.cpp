@@ -105,9 +105,15 @@ MethodStack::~MethodStack() {
 
 std::vector<Tensor> MethodStack::trainable() {
   std::vector<Tensor> out;
-  for (auto& m : instances_)
-    for (auto& [_, t] : m->call("trainable", [](Method& x) { return x.trainable(); })) out.push_back(t);
-  for (auto& [_, t] : group_state()) out.push_back(t);
+  for (auto& [_, t] : named_trainable()) out.push_back(t);
+  return out;
+}
+
+std::vector<std::pair<std::string, Tensor>> MethodStack::named_trainable() {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (std::size_t i = 0; i < instances_.size(); ++i)
+    for (auto& [k, t] : instances_[i]->call("trainable", [](Method& x) { return x.trainable(); })) out.emplace_back(configs_[i].name + "/" + k, t);
+  for (auto& [k, t] : group_state()) out.emplace_back("groups/" + k, t);
   return out;
 }
 

@@ -37,6 +37,8 @@ class MethodStack {
   const PluginInfo& plugin(std::size_t i) const { return plugins_[i]; }
 
   std::vector<Tensor> trainable();  // every instance's trainable tensors, in order, then the groups' gates
+  // The same tensors in the same order, named "<instance>/<tensor>" (gates: "groups/<tensor>").
+  std::vector<std::pair<std::string, Tensor>> named_trainable();
   std::int64_t trainable_count();
   // Reads one instance's state from a safetensors file (its weights_file(i)).
   void load_state(std::size_t i, const std::string& file);

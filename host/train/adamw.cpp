@@ -4,6 +4,8 @@
 #include <ATen/core/grad_mode.h>
 
 #include <map>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 
 namespace tessera {
@@ -56,6 +58,13 @@ void FusedAdamW::replace(std::size_t g, std::vector<at::Tensor> params) {
   }
   group.params = std::move(params);
   state = std::move(kept);  // empty before the first step: made then, as for any group
+}
+
+void FusedAdamW::set_state(std::size_t g, std::vector<State> state) {
+  if (!state.empty() && state.size() != groups_.at(g).params.size())
+    throw std::invalid_argument("optimizer group " + std::to_string(g) + ": " + std::to_string(state.size()) + " moments for " +
+                                std::to_string(groups_[g].params.size()) + " parameters");
+  state_.at(g) = std::move(state);
 }
 
 void FusedAdamW::zero_grad() {

@@ -30,10 +30,15 @@ class FusedAdamW {
   void step();
   void zero_grad();  // drops the gradients (set to none)
 
- private:
   struct State {
     at::Tensor exp_avg, exp_avg_sq, step;  // step: a float32 scalar on the parameter's device, as the kernel wants
   };
+  // Group g's moments and step counts, one per parameter in its order; empty before the
+  // group's first step. set_state takes the same (a resumed run's checkpoint).
+  const std::vector<State>& state(std::size_t g) const { return state_.at(g); }
+  void set_state(std::size_t g, std::vector<State> state);
+
+ private:
   std::vector<Group> groups_;
   std::vector<std::vector<State>> state_;  // per group, per parameter; made at the first step
   double beta1_, beta2_, eps_;

@@ -1,5 +1,5 @@
 // The run directory `tessera train` writes: config.toml, metrics.jsonl, adapter/,
-// result.json, report.md. A new run does not silently mix with, or replace, an earlier
+// checkpoints/ (train/resume.h), result.json, report.md. A new run does not silently mix with, or replace, an earlier
 // one: the CLI refuses a directory that holds a run unless told to overwrite, and then
 // clears only these entries (never the directory itself, which may be the user's own).
 #pragma once

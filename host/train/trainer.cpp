@@ -3,6 +3,7 @@
 #include "formats/safetensors.h"
 #include "train/adamw.h"
 #include "train/progress.h"
+#include "train/resume.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -123,8 +124,8 @@ class Optimizer {
   Optimizer(Session& s, std::int64_t total) : s_(s), total_(total) {
     const auto& cfg = s.config().train;
     warmup_ = static_cast<std::int64_t>(static_cast<double>(total) * cfg.warmup_ratio + 0.5);
-    std::vector<Tensor> method_params = s.methods().trainable();
-    for (auto& [_, t] : s.task().head()) head_.push_back(t);
+    std::vector<Tensor> method_params = named(s.methods().named_trainable(), names_[0]);
+    for (auto& [k, t] : s.task().head()) head_.push_back(t), names_[1].push_back("head/" + k);
     if (method_params.empty() && head_.empty()) throw std::runtime_error("nothing to train: a causal-lm run needs at least one method");
     opt_ = std::make_unique<FusedAdamW>(std::vector<FusedAdamW::Group>{{method_params, cfg.lr, cfg.weight_decay},
                                                                        {head_, cfg.head_lr > 0 ? cfg.head_lr : cfg.lr, cfg.weight_decay}});
@@ -142,15 +143,23 @@ class Optimizer {
   }
   // A method added or replaced tensors in this step's hooks: the optimizer follows.
   void refresh() {
-    std::vector<Tensor> method_params = s_.methods().trainable();
+    std::vector<Tensor> method_params = named(s_.methods().named_trainable(), names_[0]);
     opt_->replace(0, method_params);
     all_ = method_params;
     all_.insert(all_.end(), head_.begin(), head_.end());
   }
   FusedAdamW& adamw() { return *opt_; }
   const std::vector<Tensor>& all() const { return all_; }
+  OptimizerView view() { return {*opt_, names_}; }
 
  private:
+  static std::vector<Tensor> named(const std::vector<std::pair<std::string, Tensor>>& in, std::vector<std::string>& names) {
+    std::vector<Tensor> out;
+    names.clear();
+    for (const auto& [k, t] : in) out.push_back(t), names.push_back(k);
+    return out;
+  }
+  std::vector<std::vector<std::string>> names_{2};  // per group, the parameters' names (resume.h)
   Session& s_;
   std::int64_t total_, warmup_ = 0;
   std::size_t shown_ = 0;
@@ -249,12 +258,76 @@ void report_eval(Session& s, const EvalResult& ev, std::int64_t epoch, std::int6
 
 }  // namespace
 
-TrainResult train(Session& s, const std::string& run_dir) {
+namespace {
+
+// Where the loop stands and what it reports, across epochs (and across a resume).
+struct Loop {
+  Session& s;
+  Optimizer& opt;
+  const std::string& run_dir;
+  std::ofstream& metrics;
+  const std::function<void(const nlohmann::json&)>& log_metric;
+  std::int64_t total, per_epoch;
+  TrainPosition at;
+  Throughput speed;
+  std::int64_t steps_here = 0;  // steps this process took (the timing's warm-up)
+
+  void checkpoint() {
+    at.metrics_bytes = static_cast<std::uint64_t>(metrics.tellp());
+    save_checkpoint(s, opt.view(), at, run_dir);
+  }
+
+  // The rest of the current epoch: from step at.epoch_step of its batches.
+  void epoch() {
+    const auto every = s.config().train.checkpoint_every;
+    Progress bar("epoch " + std::to_string(at.epoch + 1) + "/" + std::to_string(s.config().train.epochs),
+                 std::min(per_epoch, total - (at.step - at.epoch_step)));
+    double loss_avg = 0, epoch_seconds = 0;
+    std::int64_t epoch_seen = 0, shown = 0;
+    const auto batches = epoch_batches(s, at.epoch);
+    for (auto b = static_cast<std::size_t>(at.epoch_step); b < batches.size() && at.step < total; ++b) {
+      const auto& order = batches[b];
+      const auto t0 = std::chrono::steady_clock::now();
+      const double lr = opt.schedule(at.step);
+      StepInfo info{at.step, total, lr};
+      for (std::size_t i = 0; i < s.methods().size(); ++i) s.methods()[i].call("on_step", [&](Method& x) { x.on_step(info); });
+      Batch batch = s.task().batch(Split::Train, order, 0, order.size());
+      const double l = finish_step(s, forward_backward(s, batch, opt), opt, Position{at.step, at.epoch, at.epochs_saved, lr, run_dir}, log_metric);
+      s.methods().after_step(info);  // the step's gradients still held (AdaLoRA's allocation)
+      if (s.take_trainable_changed()) opt.refresh();
+
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const auto B = batch.ids.size(0);
+      speed.add(steps_here++, dt, B);
+      epoch_seconds += dt, epoch_seen += B;
+      loss_avg = shown++ == 0 ? l : 0.9 * loss_avg + 0.1 * l;
+      ++at.step, ++at.epoch_step;
+      bar.update(at.epoch_step, loss_avg, static_cast<double>(epoch_seen) / std::max(epoch_seconds, 1e-9));
+      log_metric({{"event", "step"}, {"epoch", at.epoch + 1}, {"step", at.step}, {"loss", l}, {"lr", lr}, {"seconds", dt}});
+      if (every > 0 && at.step % every == 0 && at.step < total) checkpoint();
+    }
+    bar.finish();
+  }
+};
+
+// A resumed run: the checkpoint's tensors, moments and generators in place, metrics.jsonl
+// cut back to what it held then (steps after it were lost with the process).
+TrainPosition resume_from(Session& s, Optimizer& opt, const Checkpoint& c, const std::string& run_dir) {
+  restore_checkpoint(s, [&] {
+    opt.refresh();  // load_state() may have replaced tensors
+    return opt.view();
+  }, c);
+  const auto metrics = fs::path(run_dir) / "metrics.jsonl";
+  if (fs::exists(metrics) && fs::file_size(metrics) > c.at.metrics_bytes) fs::resize_file(metrics, c.at.metrics_bytes);
+  spdlog::info("resuming from {} at step {} (epoch {}, its step {})", c.dir, c.at.step, c.at.epoch + 1, c.at.epoch_step);
+  return c.at;
+}
+
+}  // namespace
+
+TrainResult train(Session& s, const std::string& run_dir, const Checkpoint* resume) {
   const auto& cfg = s.config().train;
   fs::create_directories(run_dir);
-  std::ofstream metrics(fs::path(run_dir) / "metrics.jsonl", std::ios::app);
-  const std::function<void(const nlohmann::json&)> log_metric = [&](const nlohmann::json& j) { metrics << j.dump() << "\n" << std::flush; };
-
   const auto n_train = s.task().examples(Split::Train).size();
   const auto bs = static_cast<std::size_t>(cfg.batch_size);
   const std::int64_t per_epoch = static_cast<std::int64_t>((n_train + bs - 1) / bs);
@@ -269,45 +342,26 @@ TrainResult train(Session& s, const std::string& run_dir) {
   spdlog::info("training {} of {} parameters ({:.3f}% of the base) on {} examples, {} steps", result.trainable, result.base,
                100.0 * static_cast<double>(result.trainable) / static_cast<double>(result.base), n_train, total);
   Optimizer opt(s, total);
+  const TrainPosition start_at = resume ? resume_from(s, opt, *resume, run_dir) : TrainPosition{};
+  std::ofstream metrics(fs::path(run_dir) / "metrics.jsonl", std::ios::app);
+  const std::function<void(const nlohmann::json&)> log_metric = [&](const nlohmann::json& j) { metrics << j.dump() << "\n" << std::flush; };
 
   const auto start = std::chrono::steady_clock::now();
-  Throughput speed;
-  std::int64_t step = 0, epochs_saved = 0;
+  Loop loop{s, opt, run_dir, metrics, log_metric, total, per_epoch, start_at, {}};
+  auto& at = loop.at;
   s.model().train(true);
-  for (std::int64_t epoch = 0; epoch < cfg.epochs && step < total; ++epoch) {
-    Progress bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(cfg.epochs), std::min(per_epoch, total - step));
-    double loss_avg = 0, epoch_seconds = 0;
-    std::int64_t epoch_seen = 0, epoch_step = 0;
-    for (const auto& order : epoch_batches(s, epoch)) {
-      if (step >= total) break;
-      const auto t0 = std::chrono::steady_clock::now();
-      const double lr = opt.schedule(step);
-      StepInfo info{step, total, lr};
-      for (std::size_t i = 0; i < s.methods().size(); ++i) s.methods()[i].call("on_step", [&](Method& x) { x.on_step(info); });
-      Batch batch = s.task().batch(Split::Train, order, 0, order.size());
-      const double l = finish_step(s, forward_backward(s, batch, opt), opt, Position{step, epoch, epochs_saved, lr, run_dir}, log_metric);
-      s.methods().after_step(info);  // the step's gradients still held (AdaLoRA's allocation)
-      if (s.take_trainable_changed()) opt.refresh();
-
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const auto B = batch.ids.size(0);
-      speed.add(step, dt, B);
-      epoch_seconds += dt, epoch_seen += B;
-      loss_avg = epoch_step == 0 ? l : 0.9 * loss_avg + 0.1 * l;
-      ++step, ++epoch_step;
-      bar.update(epoch_step, loss_avg, static_cast<double>(epoch_seen) / std::max(epoch_seconds, 1e-9));
-      log_metric({{"event", "step"}, {"epoch", epoch + 1}, {"step", step}, {"loss", l}, {"lr", lr}, {"seconds", dt}});
-    }
-    bar.finish();
+  while (at.epoch < cfg.epochs && at.step < total) {
+    loop.epoch();
     result.test = evaluate(s, Split::Test);
-    report_eval(s, result.test, epoch, step, log_metric);
+    report_eval(s, result.test, at.epoch, at.step, log_metric);
     s.save_adapter((fs::path(run_dir) / "adapter").string());
-    ++epochs_saved;
+    ++at.epochs_saved, ++at.epoch, at.epoch_step = 0;
+    if (at.epoch < cfg.epochs && at.step < total) loop.checkpoint();  // a finished run needs none
   }
   s.model().train(false);
-  result.steps = step;
+  result.steps = at.step;
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  result.examples_per_s = speed.per_second();
+  result.examples_per_s = loop.speed.per_second();
   return result;
 }
 

@@ -26,6 +26,9 @@ inline EvalResult evaluate(Session& s, Split split) { return s.task().evaluate(s
 // The batches of one epoch: a seeded shuffle; with group_by_length, batches of similar
 // length (sorted within windows of 50 batches) visited in a seeded order.
 std::vector<std::vector<std::size_t>> epoch_batches(const Session& s, std::int64_t epoch);
-TrainResult train(Session& s, const std::string& run_dir);
+// From the start, or from a checkpoint (train/resume.h) of the same config: the run then
+// ends as the uninterrupted one would, bit for bit with the same threads.
+struct Checkpoint;
+TrainResult train(Session& s, const std::string& run_dir, const Checkpoint* resume = nullptr);
 
 }  // namespace tessera

@@ -16,6 +16,7 @@
 #include "../parameter_deltas.h"
 #include "../sparse_deltas.h"
 
+#include <tessera/extensions.h>
 #include <tessera/plugin.h>
 
 #include <ATen/ATen.h>
@@ -147,6 +148,9 @@ class ChildTuning final : public tessera::Method {
   void unmerge() override { driven_ ? sparse_.unmerge(*owner_) : dense_.unmerge(*owner_); }
 
   tessera::NamedTensors trainable() override { return driven_ ? sparse_.trainable() : dense_.trainable(); }
+  // An exact resume (tessera.method.resume) needs task-free's mask generator where it stood;
+  // task-driven's mask comes again from prepare().
+  const void* extension(const char* id) const override { return std::string(id) == TESSERA_EXT_METHOD_RESUME ? &resume_ : nullptr; }
   // task_driven: `<HF name>.child_indices` and `.child_delta`; task_free: the tuned tensors'
   // full values under their HF names (a dense fine-tune of the targets).
   tessera::NamedTensors state() override { return driven_ ? sparse_.state() : dense_.values(); }
@@ -164,6 +168,8 @@ class ChildTuning final : public tessera::Method {
 
  private:
   static std::string hf_key(const tessera::ParameterSite& s) { return s.hf_name(); }
+  static void save_resume(void* self, tessera::NamedTensors* out) { (*out)["generator"] = static_cast<ChildTuning*>(self)->gen_.get_state(); }
+  static void load_resume(void* self, const tessera::NamedTensors* in) { static_cast<ChildTuning*>(self)->gen_.set_state(in->at("generator").clone()); }
 
   const tessera::Owner* owner_ = nullptr;
   bool driven_ = true;
@@ -175,6 +181,7 @@ class ChildTuning final : public tessera::Method {
   at::Generator gen_;
   tessera::ParameterDeltas dense_{hf_key, ".child_delta"};
   tessera::SparseDeltas sparse_{".child"};
+  tessera_method_resume_v1 resume_{{sizeof(tessera_method_resume_v1), 1}, this, &save_resume, &load_resume};
 };
 
 }  // namespace

@@ -118,6 +118,10 @@ class DiffPruning final : public tessera::Method {
     return total * lambda_;
   }
 
+  // An exact resume (tessera.method.resume): the stage, past the projection its sparse state,
+  // before it each tensor's noise generator and the step counter.
+  const void* extension(const char* id) const override { return std::string(id) == TESSERA_EXT_METHOD_RESUME ? &resume_ : nullptr; }
+
   bool mergeable() const override { return true; }
   void merge() override {
     if (projected_) return sparse_.merge(*owner_);
@@ -246,6 +250,25 @@ class DiffPruning final : public tessera::Method {
     }
   }
 
+  static void save_resume(void* self, tessera::NamedTensors* out) {
+    auto* m = static_cast<DiffPruning*>(self);
+    (*out)["noise_step"] = at::full({1}, m->noise_step_, at::kLong);
+    if (m->projected_) {
+      for (auto& [k, v] : m->state()) (*out)["state." + k] = v;
+      return;
+    }
+    for (std::size_t j = 0; j < m->dense_.size(); ++j) (*out)["generator." + std::to_string(j)] = m->dense_[j].gen.get_state();
+  }
+  static void load_resume(void* self, const tessera::NamedTensors* in) {
+    auto* m = static_cast<DiffPruning*>(self);
+    tessera::NamedTensors state;
+    for (const auto& [k, v] : *in)
+      if (k.rfind("state.", 0) == 0) state[k.substr(6)] = v;
+    if (!state.empty()) m->load_state(state);  // the projected stage: trainable() becomes the kept entries
+    for (std::size_t j = 0; j < m->dense_.size(); ++j) m->dense_[j].gen.set_state(in->at("generator." + std::to_string(j)).clone());
+    m->noise_step_ = in->at("noise_step").item<std::int64_t>();
+  }
+
   // Magnitude projection onto the k largest |δ| (evaluation gates), then the fixed-mask stage.
   void project() {
     if (merged_) throw std::runtime_error("diff pruning's projection while merged: unmerge first");
@@ -276,6 +299,7 @@ class DiffPruning final : public tessera::Method {
   std::string instance_;
   double target_ = 0.005, prune_at_ = 0.5, lambda_ = 1.25e-7, l_ = -1.5, r_ = 1.5;
   bool structured_ = true, projected_ = false, merged_ = false;
+  tessera_method_resume_v1 resume_{{sizeof(tessera_method_resume_v1), 1}, this, &save_resume, &load_resume};
   std::int64_t seed_ = 0, noise_step_ = 0;
   c10::TensorOptions opts_;
   std::vector<tessera::ParameterSite*> sites_;

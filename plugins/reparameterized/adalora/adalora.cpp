@@ -115,7 +115,12 @@ class AdaLoRA final : public tessera::Method {
     if (info.step == 0 && params_.integer("total_step") == 0) check_schedule(params_, info.total);
   }
 
-  const void* extension(const char* id) const override { return std::string(id) == TESSERA_EXT_METHOD_AFTER_STEP ? &after_step_ : nullptr; }
+  // The rank allocator after each step; for an exact resume, its moving averages and the last
+  // allocation's pattern (state() holds only the kept triplets).
+  const void* extension(const char* id) const override {
+    const std::string want(id);
+    return want == TESSERA_EXT_METHOD_AFTER_STEP ? static_cast<const void*>(&after_step_) : want == TESSERA_EXT_METHOD_RESUME ? &resume_ : nullptr;
+  }
 
   bool mergeable() const override { return true; }
   void merge() override {
@@ -278,6 +283,33 @@ class AdaLoRA final : public tessera::Method {
   // ---- the rank allocator (PEFT's RankAllocator) ------------------------------------------
   static void after_step_entry(void* self, const tessera::StepInfo* info) { static_cast<AdaLoRA*>(self)->after_step(*info); }
 
+  static void save_resume(void* self, tessera::NamedTensors* out) {
+    const auto* m = static_cast<AdaLoRA*>(self);
+    (*out)["run_total"] = at::full({1}, m->run_total_, at::kLong);
+    for (std::size_t i = 0; i < m->sites_.size(); ++i) {
+      const auto& t = m->sites_[i];
+      const std::string p = std::to_string(i) + ".";
+      if (t.keep.defined()) (*out)[p + "keep"] = t.keep;
+      for (int k = 0; k < 3; ++k)
+        if (t.avg[k].defined()) (*out)[p + "avg" + std::to_string(k)] = t.avg[k], (*out)[p + "unc" + std::to_string(k)] = t.unc[k];
+    }
+  }
+  static void load_resume(void* self, const tessera::NamedTensors* in) {
+    auto* m = static_cast<AdaLoRA*>(self);
+    m->run_total_ = in->at("run_total").item<std::int64_t>();
+    for (std::size_t i = 0; i < m->sites_.size(); ++i) {
+      auto& t = m->sites_[i];
+      const std::string p = std::to_string(i) + ".";
+      auto get = [&](const std::string& k, const Tensor& like) {
+        const auto it = in->find(p + k);
+        return it == in->end() ? Tensor() : it->second.to(like.device(), it->second.scalar_type() == at::kBool ? at::kBool : like.scalar_type()).clone();
+      };
+      t.keep = get("keep", t.E);
+      t.kept = t.keep.defined() ? t.keep.nonzero().reshape({-1}) : Tensor();
+      for (int k = 0; k < 3; ++k) t.avg[k] = get("avg" + std::to_string(k), *t.part(k)), t.unc[k] = get("unc" + std::to_string(k), *t.part(k));
+    }
+  }
+
   void after_step(const tessera::StepInfo& info) {
     const std::int64_t total = params_.integer("total_step") > 0 ? params_.integer("total_step") : info.total;
     if (run_total_ == 0) check_schedule(params_, total);
@@ -352,6 +384,7 @@ class AdaLoRA final : public tessera::Method {
   }
 
   tessera_method_after_step_v1 after_step_{{sizeof(tessera_method_after_step_v1), 1}, this, &after_step_entry};
+  tessera_method_resume_v1 resume_{{sizeof(tessera_method_resume_v1), 1}, this, &save_resume, &load_resume};
   const tessera::Owner* owner_ = nullptr;
   tessera::ModelView* model_ = nullptr;
   tessera::Params params_;

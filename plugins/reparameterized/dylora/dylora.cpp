@@ -136,6 +136,9 @@ class DyLora final : public tessera::Method {
     install();
   }
 
+  // An exact resume (tessera.method.resume) needs the rank draws' generator where it stood.
+  const void* extension(const char* id) const override { return std::string(id) == TESSERA_EXT_METHOD_RESUME ? &resume_ : nullptr; }
+
   tessera::NamedTensors trainable() override {
     tessera::NamedTensors out;
     for (const auto& a : adapters_) {
@@ -214,6 +217,17 @@ class DyLora final : public tessera::Method {
     }
   }
 
+  static void save_resume(void* self, tessera::NamedTensors* out) {
+    const auto* m = static_cast<DyLora*>(self);
+    (*out)["generator"] = m->gen_.get_state();
+    (*out)["step_rank"] = at::full({1}, m->step_rank_, at::kLong);
+  }
+  static void load_resume(void* self, const tessera::NamedTensors* in) {
+    auto* m = static_cast<DyLora*>(self);
+    m->gen_.set_state(in->at("generator").clone());
+    m->step_rank_ = in->at("step_rank").item<std::int64_t>();
+  }
+
   const tessera::Owner* owner_ = nullptr;  // the host's handle for this instance
   tessera::ModelView* model_ = nullptr;
   tessera::Params params_;
@@ -223,6 +237,7 @@ class DyLora final : public tessera::Method {
   std::int64_t step_rank_ = 0;  // this step's rank; 0: none drawn yet
   double alpha_ = 0.0, dropout_ = 0.0;
   bool last_only_ = true, merged_ = false;
+  tessera_method_resume_v1 resume_{{sizeof(tessera_method_resume_v1), 1}, this, &save_resume, &load_resume};
 };
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include <tessera/params.h>
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -136,6 +137,29 @@ struct tessera_method_after_step_v1 {
   tessera_extension_header header;  // version 1
   void* method;
   void (*after_step)(void* method, const tessera::StepInfo* info);
+};
+#endif
+
+#if TESSERA_TARGET_ABI_MINOR >= 6
+// ---- tessera.method.resume, version 1 (SDK 2.6): what a resumed run needs beyond state() --
+// Plugin → host. A training run checkpoints every instance's state() and trainable() tensors,
+// the optimizer's moments and torch's generators; a method whose training carries more —
+// moving averages (AdaLoRA's importance), its own generator (DyLoRA's rank draws), a step
+// counter — hands it over here, so that `tessera train --resume` continues bit for bit.
+// save() is called at each checkpoint; load() on resume with what save() returned, in place
+// of load_state() (a state() that differs from the training tensors — AdaLoRA's kept subset —
+// would reshape them), and before the trainable tensors get their checkpointed values: it
+// leaves the method with trainable() of the checkpoint's names and shapes (diff pruning past
+// its projection: the sparse stage). A generator travels as its get_state() bytes (a uint8
+// tensor). A method without the extension is resumed by load_state(state()), then its
+// trainable tensors' values. (Added within 2.6: the host asks for it by id, so an
+// older plugin answers null and an older host never asks.)
+#define TESSERA_EXT_METHOD_RESUME "tessera.method.resume"
+struct tessera_method_resume_v1 {
+  tessera_extension_header header;  // version 1
+  void* method;
+  void (*save)(void* method, std::map<std::string, at::Tensor>* out);
+  void (*load)(void* method, const std::map<std::string, at::Tensor>* in);
 };
 #endif
 

@@ -1,0 +1,59 @@
+// Resumable checkpoints of a training run, so that a killed run continues where it stood and
+// ends bit for bit as an uninterrupted one with the same seed and threads would. Each lives
+// in <run>/checkpoints/step-<N>/:
+//   position.json        where the run stands (step, epoch, step within the epoch, epochs
+//                        saved, metrics.jsonl's length then) and the resolved config it ran with
+//   tensors.safetensors  every instance's state() and trainable() tensors, the groups' gates,
+//                        the task head, what methods hand over through tessera.method.resume,
+//                        the optimizer's moments and step counts by parameter name, and torch's
+//                        generators (tessera::dropout draws from the default one)
+// written whole as step-<N>.partial and then renamed, so a folder without the suffix is
+// complete; the newest two are kept. The data order and the learning rate need nothing:
+// both follow from the seed, the epoch and the step.
+#pragma once
+
+#include "train/adamw.h"
+#include "train/session.h"
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tessera {
+
+struct TrainPosition {
+  std::int64_t step = 0;          // optimizer steps taken
+  std::int64_t epoch = 0;         // the epoch the next step belongs to
+  std::int64_t epoch_step = 0;    // steps of that epoch already taken
+  std::int64_t epochs_saved = 0;  // epochs whose adapter was saved
+  std::uint64_t metrics_bytes = 0;
+};
+
+// The optimizer as a checkpoint sees it: per group, its parameters' names in order.
+struct OptimizerView {
+  FusedAdamW& adamw;
+  std::vector<std::vector<std::string>> names;
+};
+
+struct Checkpoint {
+  std::string dir;
+  TrainPosition at;
+  std::string config;  // resolved_toml of the run that wrote it
+};
+
+void save_checkpoint(Session& s, const OptimizerView& opt, const TrainPosition& at, const std::string& run_dir);
+
+// The newest checkpoint whose files read back whole; one that does not is skipped for the
+// one before, said in one line. None: nullopt.
+std::optional<Checkpoint> newest_checkpoint(const std::string& run_dir);
+
+// Puts a checkpoint into the run: methods' states and trainable tensors, gates, head, what
+// methods saved through tessera.method.resume, the optimizer's moments, torch's generators.
+// A tensor the run lacks or has in another shape is refused by name.
+// `optimizer` is asked for the optimizer once the tensors are in (a method's load_state()
+// may replace tensors, which the optimizer must follow before its moments are set).
+void restore_checkpoint(Session& s, const std::function<OptimizerView()>& optimizer, const Checkpoint& c);
+
+}  // namespace tessera
