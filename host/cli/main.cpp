@@ -1,6 +1,7 @@
 // The `tessera` binary: a table of subcommands (cli/commands.h). Any error ends in one
 // line on stderr and a non-zero exit; nothing a plugin or a file does aborts the host.
 #include "cli/commands.h"
+#include "cli/launch.h"
 
 #include <spdlog/spdlog.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -11,6 +12,7 @@
 using namespace tessera;
 
 int main(int argc, char** argv) {
+  command_line().assign(argv, argv + argc);  // `train --nproc` starts its ranks with it
   CLI::App app{"Tessera: parameter-efficient fine-tuning of pretrained transformers"};
   app.require_subcommand(1);
   std::string log_level = "info";

@@ -3,8 +3,10 @@
 // result.json and report.md. `tessera train --resume RUN [CONFIG]` continues a run from its
 // newest checkpoint (train/resume.h).
 #include "cli/commands.h"
+#include "cli/launch.h"
 
 #include "formats/safetensors.h"
+#include "train/distributed.h"
 #include "train/progress.h"
 #include "train/resume.h"
 #include "train/run_dir.h"
@@ -25,7 +27,7 @@ namespace {
 
 struct Args {
   std::string config, run_dir, resume;
-  std::int64_t threads = -1;
+  std::int64_t threads = -1, nproc = 1;
   bool overwrite = false;
 };
 
@@ -43,12 +45,18 @@ std::string report(const Config& c, const Session& s, const TrainResult& r) {
   o << "| trainable parameters | " << r.trainable << " (" << 100.0 * static_cast<double>(r.trainable) / static_cast<double>(r.base) << "% of " << r.base << ") |\n"
     << "| optimizer steps | " << r.steps << " |\n| wall time | " << format_duration(r.seconds) << " |\n"
     << "| examples/s (training) | " << r.examples_per_s << " |\n";
+  if (r.ranks > 1)
+    o << "| data-parallel ranks | " << r.ranks << " (gradients all-reduced: " << r.allreduce_bytes_per_step << " bytes, "
+      << 1e3 * r.allreduce_seconds_per_step << " ms per step) |\n";
   return o.str();
 }
 
 void write_results(const Config& config, const Session& s, const TrainResult& r, const std::string& run_dir) {
   nlohmann::json result = {{"test_examples", r.test.examples}, {"task", config.task.kind}, {"trainable_parameters", r.trainable},
                            {"base_parameters", r.base}, {"steps", r.steps}, {"seconds", r.seconds}, {"examples_per_s", r.examples_per_s}};
+  if (r.ranks > 1)
+    result["data_parallel"] = {{"ranks", r.ranks}, {"allreduce_bytes_per_step", r.allreduce_bytes_per_step},
+                               {"allreduce_seconds_per_step", r.allreduce_seconds_per_step}};
   std::string line;
   for (const auto& m : s.task().metrics(r.test)) {
     result["test_" + m.key] = m.count ? nlohmann::json(static_cast<std::int64_t>(m.value)) : nlohmann::json(m.value);
@@ -84,14 +92,42 @@ int run_resume(const Args& a, const PluginRegistry& registry) {
                                "); only [train] epochs and checkpoint_every may change when a run resumes");
   set_threads(config.train.threads);
   Session session(config, registry);
-  write_file_atomic((fs::path(run_dir) / "config.toml").string(), resolved_toml(config));
-  write_results(config, session, train(session, run_dir, &*checkpoint), run_dir);
+  const auto dp = DataParallel::from_environment();
+  const bool lead = dp == nullptr || dp->rank() == 0;
+  if (lead) write_file_atomic((fs::path(run_dir) / "config.toml").string(), resolved_toml(config));
+  const TrainResult r = train(session, run_dir, &*checkpoint, dp.get());
+  if (lead) write_results(config, session, r, run_dir);
   return 0;
 }
 
+// Ranks after 0 of a data-parallel run: the same session and training, no writes (rank 0
+// checked and cleared the run directory).
+int run_follower(const Args& a, const PluginRegistry& registry) {
+  Config config = load_config(a.config);
+  check_methods(config, registry);
+  if (a.threads >= 0) config.train.threads = a.threads;
+  set_threads(config.train.threads);
+  const std::string run_dir = a.run_dir.empty() ? config.output_dir : a.run_dir;
+  config.output_dir = run_dir;
+  Session session(config, registry);
+  const auto dp = DataParallel::from_environment();
+  train(session, run_dir, nullptr, dp.get());
+  return 0;
+}
+
+// A data-parallel rank other than 0 writes nothing, and says only warnings.
+bool follower() {
+  const char* rank = std::getenv("RANK");
+  const char* world = std::getenv("WORLD_SIZE");
+  return rank != nullptr && world != nullptr && std::string(world) != "1" && std::string(rank) != "0";
+}
+
 int run_train(const Args& a, const PluginRegistry& registry) {
+  if (a.nproc > 1 && std::getenv("WORLD_SIZE") == nullptr) return launch_ranks(a.nproc, command_line());
+  if (follower()) spdlog::set_level(std::max(spdlog::get_level(), spdlog::level::warn));
   if (!a.resume.empty()) return run_resume(a, registry);
   if (a.config.empty()) throw std::runtime_error("train: name a config (or --resume RUN)");
+  if (follower()) return run_follower(a, registry);
   Config config = load_config(a.config);
   check_methods(config, registry);
   if (a.threads >= 0) config.train.threads = a.threads;
@@ -113,7 +149,8 @@ int run_train(const Args& a, const PluginRegistry& registry) {
   }
   fs::create_directories(run_dir);
   write_file_atomic((fs::path(run_dir) / "config.toml").string(), resolved_toml(config));
-  write_results(config, session, train(session, run_dir), run_dir);
+  const auto dp = DataParallel::from_environment();  // rank 0 of several: the others wait here for it
+  write_results(config, session, train(session, run_dir, nullptr, dp.get()), run_dir);
   return 0;
 }
 
@@ -125,6 +162,8 @@ Command train_command() {
           [a](CLI::App& c) {
             c.add_option("config", a->config, "TOML config (with --resume: the run's own config.toml when left out)");
             c.add_option("--resume", a->resume, "continue the run in this directory from its newest checkpoint");
+            c.add_option("--nproc", a->nproc, "data-parallel: start this many local ranks (c10d, Gloo), as torchrun would; each trains on its share of every batch")
+                ->check(CLI::Range(1, 1024));
             c.add_option("--run-dir", a->run_dir, "run directory (default: [output] dir)");
             c.add_option("--threads", a->threads, "override [train] threads")->check(CLI::Range(0, 4096));
             c.add_flag("--overwrite", a->overwrite, "replace an earlier run in the run directory (refused without it)");

@@ -14,6 +14,7 @@ class Seq2Seq final : public LanguageModelTask {
  public:
   Seq2Seq(const Config& config, Backbone& backbone, const Tokenizer& tokenizer);
   const char* kind() const override { return "seq2seq"; }
+  bool sums_add() const override { return false; }  // BLEU over every sentence: not split across ranks
   std::vector<Metric> metrics(const EvalResult& r) const override;
   // Greedy outputs for examples order[begin, end) of a split, as text.
   std::vector<std::string> generate_text(Split split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end);

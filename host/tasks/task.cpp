@@ -57,7 +57,8 @@ Batch Task::batch(Split split, const std::vector<std::size_t>& order, std::size_
   return b;
 }
 
-EvalResult Task::evaluate(Split split) {
+EvalResult Task::evaluate(Split split, const Share* share) {
+  if (share != nullptr && (share->world <= 1 || !sums_add())) share = nullptr;
   at::NoGradGuard no_grad;
   SiteModel& model = backbone_.sites();
   const bool was_training = model.training();
@@ -69,10 +70,15 @@ EvalResult Task::evaluate(Split split) {
   start(split);
   const auto bs = static_cast<std::size_t>(config_.train.eval_batch_size);
   for (std::size_t b = 0; b < n; b += bs) {
+    if (share != nullptr && static_cast<std::int64_t>(b / bs) % share->world != share->rank) continue;
     const std::size_t end = std::min(n, b + bs);
     accumulate(batch(split, order, b, end), split, std::vector<std::size_t>(order.begin() + static_cast<long>(b), order.begin() + static_cast<long>(end)), sums);
   }
   model.train(was_training);
+  if (share != nullptr) {
+    const auto all = share->sum({sums.accuracy, sums.loss, static_cast<double>(sums.tokens)});
+    sums.accuracy = all[0], sums.loss = all[1], sums.tokens = static_cast<std::int64_t>(all[2]);
+  }
   sums.examples = static_cast<std::int64_t>(n);
   finish(sums, split);
   return sums;

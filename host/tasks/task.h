@@ -73,8 +73,17 @@ class Task {
 
   virtual TaskOutput forward(const Batch& b) = 0;
   Tensor loss(const Batch& b) { return forward(b).loss; }
-  // Over a whole split, gradients off, the model in eval mode (restored after).
-  EvalResult evaluate(Split split);
+  // Over a whole split, gradients off, the model in eval mode (restored after). Shared by
+  // data-parallel ranks (`share`): batch i goes to rank i mod world and the ranks' sums are
+  // added before the means, unless the task's sums do not add (then each rank runs it all).
+  struct Share {
+    std::int64_t rank = 0, world = 1;
+    std::function<std::vector<double>(const std::vector<double>&)> sum;  // over the ranks
+  };
+  EvalResult evaluate(Split split, const Share* share = nullptr);
+  // Whether accumulate()'s sums (accuracy, loss, tokens) are all a result needs before finish():
+  // Seq2Seq's BLEU keeps its sentences, so it does not split.
+  virtual bool sums_add() const { return true; }
   // A result's numbers, the headline first.
   virtual std::vector<Metric> metrics(const EvalResult& r) const = 0;
 

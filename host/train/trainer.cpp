@@ -2,6 +2,7 @@
 
 #include "formats/safetensors.h"
 #include "train/adamw.h"
+#include "train/distributed.h"
 #include "train/progress.h"
 #include "train/resume.h"
 
@@ -17,6 +18,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <thread>
 
 namespace tessera {
@@ -168,23 +170,37 @@ class Optimizer {
   std::unique_ptr<FusedAdamW> opt_;
 };
 
-// The loss of one step with every method's extra loss, backward, and the methods' hooks.
-Tensor forward_backward(Session& s, const Batch& batch, Optimizer& opt) {
-  const TaskOutput step = s.task().forward(batch);
-  Tensor loss = step.loss;
-  {
-    struct During {  // a method's extra_loss() may read this pass or run it again; not after it, even when one throws
-      Session& s;
-      ~During() { s.set_training_step(nullptr, nullptr); }
-    } during{s};
-    s.set_training_step(&batch, &step);
-    for (std::size_t i = 0; i < s.methods().size(); ++i) {
-      Tensor extra = s.methods()[i].call("extra_loss", [](Method& x) { return x.extra_loss(); });
-      if (extra.defined()) loss = loss + extra;
-    }
-  }
+// A data-parallel rank's part of a step: its shard is `weight` of the global batch.
+struct Shard {
+  DataParallel* dp = nullptr;
+  double weight = 1.0;
+};
+
+// The loss of one step with every method's extra loss, backward, and the methods' hooks;
+// data-parallel, the gradients averaged over the ranks first, so that the hooks and the
+// update see the global batch's. Without a batch (a rank whose shard is empty) no pass runs
+// and the loss is undefined.
+Tensor forward_backward(Session& s, const Batch* batch, Optimizer& opt, const Shard& shard) {
   opt.adamw().zero_grad();
-  loss.backward();
+  Tensor loss;
+  if (batch != nullptr) {
+    const TaskOutput step = s.task().forward(*batch);
+    loss = step.loss;
+    {
+      struct During {  // a method's extra_loss() may read this pass or run it again; not after it, even when one throws
+        Session& s;
+        ~During() { s.set_training_step(nullptr, nullptr); }
+      } during{s};
+      s.set_training_step(batch, &step);
+      for (std::size_t i = 0; i < s.methods().size(); ++i) {
+        Tensor extra = s.methods()[i].call("extra_loss", [](Method& x) { return x.extra_loss(); });
+        if (extra.defined()) loss = loss + extra;
+      }
+    }
+    loss.backward();
+  }
+  if (s.take_trainable_changed()) opt.refresh();  // before the reduction: it covers the tensors the update will
+  if (shard.dp != nullptr) shard.dp->reduce_gradients(opt.all(), shard.weight);
   for (std::size_t i = 0; i < s.methods().size(); ++i) s.methods()[i].call("after_backward", [](Method& x) { x.after_backward(); });
   if (s.take_trainable_changed()) opt.refresh();
   return loss;
@@ -214,14 +230,16 @@ struct Position {
 
 // Clips, reads the loss (and the gradient norm when clipping computed it) in one
 // transfer, refuses a non-finite one, and steps; returns the loss.
-double finish_step(Session& s, const Tensor& loss, Optimizer& opt, const Position& at, const std::function<void(const nlohmann::json&)>& log_metric) {
+double finish_step(Session& s, Tensor loss, Optimizer& opt, const Position& at, const std::function<void(const nlohmann::json&)>& log_metric, const Shard& shard) {
   const double max_norm = s.config().train.max_grad_norm;
   const Tensor norm = max_norm > 0 ? clip_grad_norm(opt.all(), max_norm) : Tensor();
+  if (!loss.defined()) loss = at::zeros({}, s.model().info().options.dtype(at::kFloat));
   const Tensor read = (norm.defined() ? at::stack({loss.detach().to(at::kDouble).reshape({}), norm.to(loss.device(), at::kDouble)})
                                       : loss.detach().to(at::kDouble).reshape({1}))
                           .cpu();
-  const double l = read[0].item<double>();
-  const double g = norm.defined() ? read[1].item<double>() : 0.0;
+  double l = read[0].item<double>();
+  const double g = norm.defined() ? read[1].item<double>() : 0.0;  // of the averaged gradients: the same on every rank
+  if (shard.dp != nullptr) l = shard.dp->sum({shard.weight * l})[0];  // the global batch's loss, on every rank
   if (!std::isfinite(l) || !std::isfinite(g)) diverged(at, l, g, log_metric);
   opt.adamw().step();
   s.model().drop_dense_copies();  // what a plugin dequantized of a stored base this step (ParameterSite::base())
@@ -264,6 +282,7 @@ namespace {
 struct Loop {
   Session& s;
   Optimizer& opt;
+  DataParallel* dp;  // null: one process
   const std::string& run_dir;
   std::ofstream& metrics;
   const std::function<void(const nlohmann::json&)>& log_metric;
@@ -272,7 +291,10 @@ struct Loop {
   Throughput speed;
   std::int64_t steps_here = 0;  // steps this process took (the timing's warm-up)
 
+  bool lead() const { return dp == nullptr || dp->rank() == 0; }  // the rank that writes
+
   void checkpoint() {
+    if (!lead()) return;
     at.metrics_bytes = static_cast<std::uint64_t>(metrics.tellp());
     save_checkpoint(s, opt.view(), at, run_dir);
   }
@@ -280,8 +302,8 @@ struct Loop {
   // The rest of the current epoch: from step at.epoch_step of its batches.
   void epoch() {
     const auto every = s.config().train.checkpoint_every;
-    Progress bar("epoch " + std::to_string(at.epoch + 1) + "/" + std::to_string(s.config().train.epochs),
-                 std::min(per_epoch, total - (at.step - at.epoch_step)));
+    std::optional<Progress> bar;
+    if (lead()) bar.emplace("epoch " + std::to_string(at.epoch + 1) + "/" + std::to_string(s.config().train.epochs), std::min(per_epoch, total - (at.step - at.epoch_step)));
     double loss_avg = 0, epoch_seconds = 0;
     std::int64_t epoch_seen = 0, shown = 0;
     const auto batches = epoch_batches(s, at.epoch);
@@ -291,41 +313,46 @@ struct Loop {
       const double lr = opt.schedule(at.step);
       StepInfo info{at.step, total, lr};
       for (std::size_t i = 0; i < s.methods().size(); ++i) s.methods()[i].call("on_step", [&](Method& x) { x.on_step(info); });
-      Batch batch = s.task().batch(Split::Train, order, 0, order.size());
-      const double l = finish_step(s, forward_backward(s, batch, opt), opt, Position{at.step, at.epoch, at.epochs_saved, lr, run_dir}, log_metric);
+      const auto mine = dp != nullptr ? shard(order, dp->rank(), dp->world()) : order;  // this rank's examples
+      const Shard part{dp, static_cast<double>(mine.size()) / static_cast<double>(order.size())};
+      std::optional<Batch> batch;
+      if (!mine.empty()) batch = s.task().batch(Split::Train, mine, 0, mine.size());
+      const double l = finish_step(s, forward_backward(s, batch ? &*batch : nullptr, opt, part), opt, Position{at.step, at.epoch, at.epochs_saved, lr, run_dir},
+                                   log_metric, part);
       s.methods().after_step(info);  // the step's gradients still held (AdaLoRA's allocation)
       if (s.take_trainable_changed()) opt.refresh();
 
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const auto B = batch.ids.size(0);
+      const auto B = static_cast<std::int64_t>(order.size());  // every rank's examples
       speed.add(steps_here++, dt, B);
       epoch_seconds += dt, epoch_seen += B;
       loss_avg = shown++ == 0 ? l : 0.9 * loss_avg + 0.1 * l;
       ++at.step, ++at.epoch_step;
-      bar.update(at.epoch_step, loss_avg, static_cast<double>(epoch_seen) / std::max(epoch_seconds, 1e-9));
+      if (bar) bar->update(at.epoch_step, loss_avg, static_cast<double>(epoch_seen) / std::max(epoch_seconds, 1e-9));
       log_metric({{"event", "step"}, {"epoch", at.epoch + 1}, {"step", at.step}, {"loss", l}, {"lr", lr}, {"seconds", dt}});
       if (every > 0 && at.step % every == 0 && at.step < total) checkpoint();
     }
-    bar.finish();
+    if (bar) bar->finish();
   }
 };
 
 // A resumed run: the checkpoint's tensors, moments and generators in place, metrics.jsonl
 // cut back to what it held then (steps after it were lost with the process).
-TrainPosition resume_from(Session& s, Optimizer& opt, const Checkpoint& c, const std::string& run_dir) {
+TrainPosition resume_from(Session& s, Optimizer& opt, const Checkpoint& c, const std::string& run_dir, bool lead) {
   restore_checkpoint(s, [&] {
     opt.refresh();  // load_state() may have replaced tensors
     return opt.view();
   }, c);
   const auto metrics = fs::path(run_dir) / "metrics.jsonl";
-  if (fs::exists(metrics) && fs::file_size(metrics) > c.at.metrics_bytes) fs::resize_file(metrics, c.at.metrics_bytes);
+  if (lead && fs::exists(metrics) && fs::file_size(metrics) > c.at.metrics_bytes) fs::resize_file(metrics, c.at.metrics_bytes);
   spdlog::info("resuming from {} at step {} (epoch {}, its step {})", c.dir, c.at.step, c.at.epoch + 1, c.at.epoch_step);
   return c.at;
 }
 
 }  // namespace
 
-TrainResult train(Session& s, const std::string& run_dir, const Checkpoint* resume) {
+TrainResult train(Session& s, const std::string& run_dir, const Checkpoint* resume, DataParallel* dp) {
+  const bool lead = dp == nullptr || dp->rank() == 0;
   const auto& cfg = s.config().train;
   fs::create_directories(run_dir);
   const auto n_train = s.task().examples(Split::Train).size();
@@ -342,19 +369,24 @@ TrainResult train(Session& s, const std::string& run_dir, const Checkpoint* resu
   spdlog::info("training {} of {} parameters ({:.3f}% of the base) on {} examples, {} steps", result.trainable, result.base,
                100.0 * static_cast<double>(result.trainable) / static_cast<double>(result.base), n_train, total);
   Optimizer opt(s, total);
-  const TrainPosition start_at = resume ? resume_from(s, opt, *resume, run_dir) : TrainPosition{};
-  std::ofstream metrics(fs::path(run_dir) / "metrics.jsonl", std::ios::app);
-  const std::function<void(const nlohmann::json&)> log_metric = [&](const nlohmann::json& j) { metrics << j.dump() << "\n" << std::flush; };
+  const TrainPosition start_at = resume ? resume_from(s, opt, *resume, run_dir, lead) : TrainPosition{};
+  std::ofstream metrics;
+  if (lead) metrics.open(fs::path(run_dir) / "metrics.jsonl", std::ios::app);
+  const std::function<void(const nlohmann::json&)> log_metric = [&](const nlohmann::json& j) {
+    if (lead) metrics << j.dump() << "\n" << std::flush;
+  };
 
   const auto start = std::chrono::steady_clock::now();
-  Loop loop{s, opt, run_dir, metrics, log_metric, total, per_epoch, start_at, {}};
+  Loop loop{s, opt, dp, run_dir, metrics, log_metric, total, per_epoch, start_at, {}};
   auto& at = loop.at;
   s.model().train(true);
+  Task::Share share;  // data-parallel: the test split shared by the ranks
+  if (dp != nullptr) share = {dp->rank(), dp->world(), [dp](const std::vector<double>& v) { return dp->sum(v); }};
   while (at.epoch < cfg.epochs && at.step < total) {
     loop.epoch();
-    result.test = evaluate(s, Split::Test);
+    result.test = evaluate(s, Split::Test, dp != nullptr ? &share : nullptr);
     report_eval(s, result.test, at.epoch, at.step, log_metric);
-    s.save_adapter((fs::path(run_dir) / "adapter").string());
+    if (lead) s.save_adapter((fs::path(run_dir) / "adapter").string());
     ++at.epochs_saved, ++at.epoch, at.epoch_step = 0;
     if (at.epoch < cfg.epochs && at.step < total) loop.checkpoint();  // a finished run needs none
   }
@@ -362,6 +394,12 @@ TrainResult train(Session& s, const std::string& run_dir, const Checkpoint* resu
   result.steps = at.step;
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.examples_per_s = loop.speed.per_second();
+  if (dp != nullptr && dp->traffic().reductions > 0) {
+    const auto& t = dp->traffic();
+    result.ranks = dp->world();
+    result.allreduce_bytes_per_step = t.bytes / t.reductions;
+    result.allreduce_seconds_per_step = t.seconds / static_cast<double>(t.reductions);
+  }
   return result;
 }
 

@@ -15,20 +15,27 @@ struct TrainResult {
   double seconds = 0;         // wall time of the whole run, evaluation included
   double examples_per_s = 0;  // training steps only, after the first few (warm-up of allocators and kernels)
   std::int64_t steps = 0, trainable = 0, base = 0;
+  // Data-parallel: the ranks and what reducing the gradients cost per step (bytes each rank
+  // sent into the all-reduce, seconds of it); 1 and 0 for one process.
+  std::int64_t ranks = 1, allreduce_bytes_per_step = 0;
+  double allreduce_seconds_per_step = 0;
 };
 
 // Sets libtorch's intra-op threads: `threads`, or every processor when 0 (libtorch may
 // see fewer cores than there are).
 void set_threads(std::int64_t threads);
 
-inline EvalResult evaluate(Session& s, Split split) { return s.task().evaluate(split); }
+inline EvalResult evaluate(Session& s, Split split, const Task::Share* share = nullptr) { return s.task().evaluate(split, share); }
 
 // The batches of one epoch: a seeded shuffle; with group_by_length, batches of similar
 // length (sorted within windows of 50 batches) visited in a seeded order.
 std::vector<std::vector<std::size_t>> epoch_batches(const Session& s, std::int64_t epoch);
 // From the start, or from a checkpoint (train/resume.h) of the same config: the run then
 // ends as the uninterrupted one would, bit for bit with the same threads.
+// Data-parallel (`dp`, train/distributed.h): this process is one rank; it trains on its shard
+// of each batch, and only rank 0 writes into `run_dir`.
 struct Checkpoint;
-TrainResult train(Session& s, const std::string& run_dir, const Checkpoint* resume = nullptr);
+class DataParallel;
+TrainResult train(Session& s, const std::string& run_dir, const Checkpoint* resume = nullptr, DataParallel* dp = nullptr);
 
 }  // namespace tessera

@@ -1,0 +1,59 @@
+// Data-parallel training on libtorch's own c10d, as torchrun + DDP run it: each rank is a
+// process told its place by the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
+// MASTER_ADDR, MASTER_PORT), ranks meet through c10d's TCPStore and reduce through its
+// Gloo backend (CPU tensors). Each rank computes its shard of every global batch; the
+// trainable tensors' gradients alone are averaged, weighted by each shard's examples, so
+// every rank applies the same update as one process on the whole batch would. Rank 0 alone
+// writes the run directory.
+//
+// Kept out of the other headers: c10d's headers are heavy, and only this file includes them.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace tessera {
+
+class DataParallel {
+ public:
+  // From torchrun's environment; null when WORLD_SIZE is unset or 1. Refuses a partial or
+  // inconsistent environment naming the variable. Waits for every rank (`timeout_s`).
+  static std::unique_ptr<DataParallel> from_environment(double timeout_s = 300);
+  ~DataParallel();
+
+  std::int64_t rank() const { return rank_; }
+  std::int64_t world() const { return world_; }
+
+  // grads[i] ← Σ_r weight_r · grads_r[i] over the ranks, in one flat bucket per dtype and
+  // device (an adapter's gradients are a few MB); an undefined gradient counts as zeros.
+  // Each rank passes its weight (its shard's share of the global batch).
+  void reduce_gradients(const std::vector<at::Tensor>& params, double weight);
+  // Σ over the ranks of each value (evaluation counts, throughput).
+  std::vector<double> sum(const std::vector<double>& values);
+  void barrier();
+
+  // What the gradient reductions have cost so far: bytes each rank sent into them (the
+  // buckets' size), their wall time, and how many there were.
+  struct Traffic {
+    std::int64_t bytes = 0, reductions = 0;
+    double seconds = 0;
+  };
+  const Traffic& traffic() const { return traffic_; }
+
+ private:
+  Traffic traffic_;
+  struct Impl;
+  DataParallel(std::int64_t rank, std::int64_t world, std::unique_ptr<Impl> impl);
+  std::int64_t rank_, world_;
+  std::unique_ptr<Impl> impl_;
+};
+
+// This rank's part of a global batch: a contiguous slice, the first ranks one example
+// longer when the batch does not divide (as DistributedSampler's shards differ by at most one).
+std::vector<std::size_t> shard(const std::vector<std::size_t>& batch, std::int64_t rank, std::int64_t world);
+
+}  // namespace tessera
