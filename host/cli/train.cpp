@@ -28,7 +28,7 @@ namespace {
 struct Args {
   std::string config, run_dir, resume;
   std::int64_t threads = -1, nproc = 1;
-  bool overwrite = false;
+  bool overwrite = false, tensorboard = false;
 };
 
 std::string report(const Config& c, const Session& s, const TrainResult& r) {
@@ -95,7 +95,7 @@ int run_resume(const Args& a, const PluginRegistry& registry) {
   const auto dp = DataParallel::from_environment();
   const bool lead = dp == nullptr || dp->rank() == 0;
   if (lead) write_file_atomic((fs::path(run_dir) / "config.toml").string(), resolved_toml(config));
-  const TrainResult r = train(session, run_dir, &*checkpoint, dp.get());
+  const TrainResult r = train(session, run_dir, {&*checkpoint, dp.get(), a.tensorboard});
   if (lead) write_results(config, session, r, run_dir);
   return 0;
 }
@@ -111,7 +111,7 @@ int run_follower(const Args& a, const PluginRegistry& registry) {
   config.output_dir = run_dir;
   Session session(config, registry);
   const auto dp = DataParallel::from_environment();
-  train(session, run_dir, nullptr, dp.get());
+  train(session, run_dir, {nullptr, dp.get(), false});
   return 0;
 }
 
@@ -150,7 +150,7 @@ int run_train(const Args& a, const PluginRegistry& registry) {
   fs::create_directories(run_dir);
   write_file_atomic((fs::path(run_dir) / "config.toml").string(), resolved_toml(config));
   const auto dp = DataParallel::from_environment();  // rank 0 of several: the others wait here for it
-  write_results(config, session, train(session, run_dir, nullptr, dp.get()), run_dir);
+  write_results(config, session, train(session, run_dir, {nullptr, dp.get(), a.tensorboard}), run_dir);
   return 0;
 }
 
@@ -162,6 +162,7 @@ Command train_command() {
           [a](CLI::App& c) {
             c.add_option("config", a->config, "TOML config (with --resume: the run's own config.toml when left out)");
             c.add_option("--resume", a->resume, "continue the run in this directory from its newest checkpoint");
+            c.add_flag("--tensorboard", a->tensorboard, "also write TensorBoard event files (RUN/tensorboard/): train/loss, train/lr, test/<metric>");
             c.add_option("--nproc", a->nproc, "data-parallel: start this many local ranks (c10d, Gloo), as torchrun would; each trains on its share of every batch")
                 ->check(CLI::Range(1, 1024));
             c.add_option("--run-dir", a->run_dir, "run directory (default: [output] dir)");

@@ -15,12 +15,13 @@ std::vector<std::string> earlier_run_entries(const std::string& dir) {
     if (fs::exists(fs::path(dir) / f)) found.emplace_back(f);
   if (fs::exists(fs::path(dir) / "adapter")) found.emplace_back("adapter/");
   if (fs::exists(fs::path(dir) / "checkpoints")) found.emplace_back("checkpoints/");
+  if (fs::exists(fs::path(dir) / "tensorboard")) found.emplace_back("tensorboard/");
   return found;
 }
 
 void clear_earlier_run(const std::string& dir) {
   for (const char* f : kFiles) fs::remove(fs::path(dir) / f);
-  for (const char* d : {"adapter", "adapter.partial", "adapter.old", "checkpoints"}) fs::remove_all(fs::path(dir) / d);
+  for (const char* d : {"adapter", "adapter.partial", "adapter.old", "checkpoints", "tensorboard"}) fs::remove_all(fs::path(dir) / d);
 }
 
 void replace_folder(const std::string& dir, const std::function<void(const std::string& partial)>& fill) {

@@ -5,6 +5,7 @@
 #include "train/distributed.h"
 #include "train/progress.h"
 #include "train/resume.h"
+#include "train/tensorboard.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -351,7 +352,25 @@ TrainPosition resume_from(Session& s, Optimizer& opt, const Checkpoint& c, const
 
 }  // namespace
 
-TrainResult train(Session& s, const std::string& run_dir, const Checkpoint* resume, DataParallel* dp) {
+namespace {
+
+// The metrics' step and eval lines as TensorBoard scalars at the run's step.
+void to_tensorboard(EventWriter& w, const nlohmann::json& j) {
+  const auto step = j.value("step", std::int64_t{0});
+  if (j["event"] == "step") {
+    w.scalar("train/loss", j["loss"].get<double>(), step);
+    w.scalar("train/lr", j["lr"].get<double>(), step);
+  } else if (j["event"] == "eval") {
+    for (const auto& [k, v] : j.items())
+      if (v.is_number() && k != "epoch" && k != "step") w.scalar("test/" + k, v.get<double>(), step);
+  }
+}
+
+}  // namespace
+
+TrainResult train(Session& s, const std::string& run_dir, const TrainOptions& options) {
+  const Checkpoint* resume = options.resume;
+  DataParallel* dp = options.dp;
   const bool lead = dp == nullptr || dp->rank() == 0;
   const auto& cfg = s.config().train;
   fs::create_directories(run_dir);
@@ -372,8 +391,12 @@ TrainResult train(Session& s, const std::string& run_dir, const Checkpoint* resu
   const TrainPosition start_at = resume ? resume_from(s, opt, *resume, run_dir, lead) : TrainPosition{};
   std::ofstream metrics;
   if (lead) metrics.open(fs::path(run_dir) / "metrics.jsonl", std::ios::app);
+  std::unique_ptr<EventWriter> board;
+  if (lead && options.tensorboard) board = std::make_unique<EventWriter>((fs::path(run_dir) / "tensorboard").string());
   const std::function<void(const nlohmann::json&)> log_metric = [&](const nlohmann::json& j) {
-    if (lead) metrics << j.dump() << "\n" << std::flush;
+    if (!lead) return;
+    metrics << j.dump() << "\n" << std::flush;
+    if (board) to_tensorboard(*board, j);
   };
 
   const auto start = std::chrono::steady_clock::now();

@@ -32,10 +32,15 @@ inline EvalResult evaluate(Session& s, Split split, const Task::Share* share = n
 std::vector<std::vector<std::size_t>> epoch_batches(const Session& s, std::int64_t epoch);
 // From the start, or from a checkpoint (train/resume.h) of the same config: the run then
 // ends as the uninterrupted one would, bit for bit with the same threads.
-// Data-parallel (`dp`, train/distributed.h): this process is one rank; it trains on its shard
-// of each batch, and only rank 0 writes into `run_dir`.
 struct Checkpoint;
 class DataParallel;
-TrainResult train(Session& s, const std::string& run_dir, const Checkpoint* resume = nullptr, DataParallel* dp = nullptr);
+struct TrainOptions {
+  const Checkpoint* resume = nullptr;  // continue from it (train/resume.h)
+  // Data-parallel (train/distributed.h): this process is one rank; it trains on its shard of
+  // each batch, and only rank 0 writes into the run directory.
+  DataParallel* dp = nullptr;
+  bool tensorboard = false;  // also TensorBoard event files in RUN/tensorboard/ (train/tensorboard.h)
+};
+TrainResult train(Session& s, const std::string& run_dir, const TrainOptions& options = {});
 
 }  // namespace tessera
