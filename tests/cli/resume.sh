@@ -102,12 +102,13 @@ kill_at() {
   wait "$pid" 2>/dev/null || true
 }
 
-at=$((RANDOM % (steps - 6) + 5))
+# Kills land at steps 5 … steps − 6: a run must not finish between the count and the signal.
+at=$((RANDOM % (steps - 10) + 5))
 kill_at "$at" train "$out/run.toml" --run-dir "$out/killed"
 for ((k = 1; k < kills; k++)); do
   done_steps=$(grep -c '"event":"step"' "$out/killed/metrics.jsonl")
-  ((done_steps < steps - 2)) || break
-  kill_at $((done_steps + RANDOM % (steps - done_steps - 1) + 1)) train --resume "$out/killed"
+  ((done_steps < steps - 8)) || break
+  kill_at $((done_steps + RANDOM % (steps - 6 - done_steps) + 1)) train --resume "$out/killed"
 done
 echo "killed at step $(grep -c '"event":"step"' "$out/killed/metrics.jsonl") of $steps ($plugin); resuming"
 [ ! -f "$out/killed/result.json" ] || { echo "the run finished before it was killed: nothing was tested"; exit 1; }
