@@ -5,10 +5,12 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -47,6 +49,7 @@ pid_t start_rank(const std::vector<std::string>& args, std::int64_t rank, std::i
   const pid_t pid = ::fork();
   if (pid < 0) throw std::runtime_error("--nproc: fork failed: " + std::string(std::strerror(errno)));
   if (pid > 0) return pid;
+  ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // a launcher killed takes its ranks with it
   ::setenv("RANK", std::to_string(rank).c_str(), 1);
   ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
   ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
@@ -96,14 +99,20 @@ int launch_ranks(std::int64_t nproc, const std::vector<std::string>& argv) {
   const std::string addr = addr_env != nullptr && *addr_env ? addr_env : "127.0.0.1";
   const std::string port = port_env != nullptr && *port_env ? port_env : std::to_string(free_port());
   std::vector<pid_t> pids;
-  for (std::int64_t r = 0; r < nproc; ++r) pids.push_back(start_rank(args, r, nproc, addr, port));
-  for (std::size_t left = pids.size(); left > 0; --left) {
+  try {
+    for (std::int64_t r = 0; r < nproc; ++r) pids.push_back(start_rank(args, r, nproc, addr, port));
+  } catch (...) {
+    stop(pids);
+    throw;
+  }
+  auto running = [&] { return std::any_of(pids.begin(), pids.end(), [](pid_t p) { return p > 0; }); };
+  while (running()) {
     int status = 0;
     const pid_t done = ::waitpid(-1, &status, 0);
     if (done < 0) throw std::runtime_error("--nproc: waiting for the ranks failed: " + std::string(std::strerror(errno)));
     std::size_t rank = 0;
     while (rank < pids.size() && pids[rank] != done) ++rank;
-    if (rank == pids.size()) continue;
+    if (rank == pids.size()) continue;  // not a rank
     pids[rank] = -1;
     if (WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
     stop(pids);

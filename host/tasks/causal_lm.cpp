@@ -53,6 +53,10 @@ void CausalLm::label(Batch& b, Split split, const std::vector<std::size_t>& rows
 }
 
 // Text position t (prompt tokens a method prepended are dropped) predicts label t + 1.
+std::int64_t CausalLm::loss_units(const Batch& b) const {
+  return b.lm_labels.narrow(1, 1, b.lm_labels.size(1) - 1).ne(-100).sum().item<std::int64_t>();
+}
+
 std::pair<Tensor, Tensor> CausalLm::head_rows(const Batch& b) const {
   const auto T = b.ids.size(1);
   Tensor h = backbone_.lm_states(b.ids, b.mask, Tensor());  // (B, T, H)

@@ -19,6 +19,7 @@ class CausalLm final : public LanguageModelTask {
   void refuse_empty_splits() const;
   void label(Batch& b, Split split, const std::vector<std::size_t>& rows) const override;
   std::pair<Tensor, Tensor> head_rows(const Batch& b) const override;
+  std::int64_t loss_units(const Batch& b) const override;  // the labels after the first position: what is predicted
   std::vector<std::int64_t> prompt_[2];
 };
 

@@ -14,6 +14,8 @@ TaskOutput LanguageModelTask::forward(const Batch& b) {
   return {head_loss_sum(backbone_.lm_head(), h, next) / static_cast<double>(std::max<std::int64_t>(1, next.size(0))), Tensor()};
 }
 
+std::int64_t LanguageModelTask::loss_units(const Batch& b) const { return b.lm_labels.ne(-100).sum().item<std::int64_t>(); }
+
 void LanguageModelTask::accumulate(const Batch& b, Split, const std::vector<std::size_t>&, EvalResult& sums) {
   enter(b);
   auto [h, next] = head_rows(b);

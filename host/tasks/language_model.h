@@ -14,6 +14,8 @@ class LanguageModelTask : public Task {
  public:
   TaskOutput forward(const Batch& b) override;
   std::vector<Metric> metrics(const EvalResult& r) const override;
+  // The labelled tokens the loss averages over: lm_labels that are not -100.
+  std::int64_t loss_units(const Batch& b) const override;
 
  protected:
   using Task::Task;

@@ -72,6 +72,9 @@ class Task {
   Batch batch(Split split, const std::vector<std::size_t>& order, std::size_t begin, std::size_t end) const;
 
   virtual TaskOutput forward(const Batch& b) = 0;
+  // What forward()'s loss is a mean over, counted in a batch: examples here; labelled tokens
+  // for the token-level losses. Data-parallel ranks weigh their gradients by their share of it.
+  virtual std::int64_t loss_units(const Batch& b) const { return b.ids.size(0); }
   Tensor loss(const Batch& b) { return forward(b).loss; }
   // Over a whole split, gradients off, the model in eval mode (restored after). Shared by
   // data-parallel ranks (`share`): batch i goes to rank i mod world and the ranks' sums are

@@ -40,6 +40,8 @@ void TokenClassification::label(Batch& b, Split split, const std::vector<std::si
   }
 }
 
+std::int64_t TokenClassification::loss_units(const Batch& b) const { return b.lm_labels.ne(-100).sum().item<std::int64_t>(); }
+
 TaskOutput TokenClassification::forward(const Batch& b) {
   enter(b);
   Encoded e = backbone_.encode(b.ids, b.mask);

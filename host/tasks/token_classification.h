@@ -14,6 +14,7 @@ class TokenClassification final : public ClassificationTask {
   const char* kind() const override { return "token-classification"; }
   TaskOutput forward(const Batch& b) override;
   std::vector<Metric> metrics(const EvalResult& r) const override;
+  std::int64_t loss_units(const Batch& b) const override;  // the tagged pieces (lm_labels not -100)
 
  private:
   std::vector<std::int64_t> encode(const Example& e, Split split);

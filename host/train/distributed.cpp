@@ -74,21 +74,31 @@ void DataParallel::reduce_gradients(const std::vector<at::Tensor>& params, doubl
   std::map<std::tuple<std::string, at::ScalarType>, std::vector<std::size_t>> buckets;
   for (std::size_t i = 0; i < params.size(); ++i) buckets[{params[i].device().str(), params[i].scalar_type()}].push_back(i);
   for (const auto& [_, members] : buckets) {
+    // After the gradients, one flag per tensor: whether the rank has its gradient. A tensor no
+    // rank has one for stays without (AdamW then skips it, as in one process).
     std::vector<at::Tensor> flat;
     for (const auto i : members) {
       const auto& p = params[i];
-      flat.push_back(p.grad().defined() ? p.grad().reshape({-1}) : at::zeros({p.numel()}, p.options()));
+      flat.push_back(p.grad().defined() ? p.grad().reshape({-1}) * weight : at::zeros({p.numel()}, p.options()));
     }
-    std::vector<at::Tensor> bucket{at::cat(flat).mul_(weight)};
+    std::vector<double> has;
+    for (const auto i : members) has.push_back(params[i].grad().defined() ? 1.0 : 0.0);
+    flat.push_back(at::tensor(has, at::TensorOptions().dtype(at::kDouble)).to(params[members[0]].device(), params[members[0]].scalar_type()));
+    std::vector<at::Tensor> bucket{at::cat(flat)};
     impl_->group->allreduce(bucket)->wait();
     traffic_.bytes += bucket[0].numel() * static_cast<std::int64_t>(bucket[0].element_size());
+    const at::Tensor any = bucket[0].narrow(0, bucket[0].numel() - static_cast<std::int64_t>(members.size()), static_cast<std::int64_t>(members.size())).cpu();
     std::int64_t at = 0;
-    for (const auto i : members) {
-      const auto& p = params[i];
+    for (std::size_t m = 0; m < members.size(); ++m) {
+      const auto& p = params[members[m]];
       at::Tensor g = bucket[0].narrow(0, at, p.numel()).view(p.sizes());
+      at += p.numel();
+      if (any[static_cast<std::int64_t>(m)].item<double>() == 0.0) {
+        if (p.grad().defined()) p.mutable_grad().reset();
+        continue;
+      }
       if (p.grad().defined()) p.mutable_grad().copy_(g);
       else p.mutable_grad() = g.clone();
-      at += p.numel();
     }
   }
   traffic_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -112,6 +112,8 @@ void save_checkpoint(Session& s, const OptimizerView& opt, const TrainPosition& 
   });
   const auto all = complete(run_dir);
   for (std::size_t i = kKept; i < all.size(); ++i) fs::remove_all(all[i]);
+  for (const auto& e : fs::directory_iterator(checkpoints_dir(run_dir)))  // what a killed save left half-written
+    if (const auto n = e.path().filename().string(); n.rfind("step-", 0) == 0 && n.find('.') != std::string::npos) fs::remove_all(e.path());
 }
 
 std::optional<Checkpoint> newest_checkpoint(const std::string& run_dir) {

@@ -294,6 +294,23 @@ struct Loop {
 
   bool lead() const { return dp == nullptr || dp->rank() == 0; }  // the rank that writes
 
+  // Data-parallel: this rank's share of a global batch, weighted by its part of what the loss
+  // averages over (examples, or labelled tokens), so that the weighted sum of the ranks'
+  // gradients is the whole batch's. A rank left without examples (a last batch smaller than
+  // the ranks) runs one example at weight 0: every rank runs one pass per step, so methods
+  // that draw per pass (diff pruning's gate noise) stay in step with each other.
+  Batch this_ranks_batch(const std::vector<std::size_t>& order, Shard& part) const {
+    if (dp == nullptr) return s.task().batch(Split::Train, order, 0, order.size());
+    auto mine = shard(order, dp->rank(), dp->world());
+    const bool empty = mine.empty();
+    if (empty) mine = {order.back()};
+    Batch b = s.task().batch(Split::Train, mine, 0, mine.size());
+    const double units = empty ? 0.0 : static_cast<double>(s.task().loss_units(b));
+    const double all = dp->sum({units})[0];
+    part = {dp, all > 0 ? units / all : 0.0};
+    return b;
+  }
+
   void checkpoint() {
     if (!lead()) return;
     at.metrics_bytes = static_cast<std::uint64_t>(metrics.tellp());
@@ -314,12 +331,9 @@ struct Loop {
       const double lr = opt.schedule(at.step);
       StepInfo info{at.step, total, lr};
       for (std::size_t i = 0; i < s.methods().size(); ++i) s.methods()[i].call("on_step", [&](Method& x) { x.on_step(info); });
-      const auto mine = dp != nullptr ? shard(order, dp->rank(), dp->world()) : order;  // this rank's examples
-      const Shard part{dp, static_cast<double>(mine.size()) / static_cast<double>(order.size())};
-      std::optional<Batch> batch;
-      if (!mine.empty()) batch = s.task().batch(Split::Train, mine, 0, mine.size());
-      const double l = finish_step(s, forward_backward(s, batch ? &*batch : nullptr, opt, part), opt, Position{at.step, at.epoch, at.epochs_saved, lr, run_dir},
-                                   log_metric, part);
+      Shard part;
+      const Batch batch = this_ranks_batch(order, part);
+      const double l = finish_step(s, forward_backward(s, &batch, opt, part), opt, Position{at.step, at.epoch, at.epochs_saved, lr, run_dir}, log_metric, part);
       s.methods().after_step(info);  // the step's gradients still held (AdaLoRA's allocation)
       if (s.take_trainable_changed()) opt.refresh();
 

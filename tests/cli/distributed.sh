@@ -5,17 +5,21 @@
 # launcher naming it, with no adapter half-written; a data-parallel run killed after a
 # checkpoint resumes with one process and still ends at the same adapter.
 #
-# usage: distributed.sh TESSERA OUT_DIR PYTHON
+# usage: distributed.sh TESSERA OUT_DIR PYTHON GPT2_TEXT_DIR
 set -euo pipefail
-tessera=$1 out=$2 py=$3
+tessera=$1 out=$2 py=$3 gpt2=$4
 rm -rf "$out" && mkdir -p "$out"
-# The encoder without its dropout: each rank would draw other masks than one process does
+# The models without their dropout: each rank would draw other masks than one process does
 # on the whole batch (as with torch's DDP), and the comparison is of the reduction.
-mkdir -p "$out/model"
-for f in "$TESSERA_MODEL_DIR"/*; do ln -s "$f" "$out/model/"; done
-rm "$out/model/config.json"
-"$py" -c 'import json, sys; c = json.load(open(sys.argv[1])); c["hidden_dropout_prob"] = c["attention_probs_dropout_prob"] = 0.0; json.dump(c, open(sys.argv[2], "w"))' \
-  "$TESSERA_MODEL_DIR/config.json" "$out/model/config.json"
+without_dropout() {  # model dir, copy
+  mkdir -p "$2"
+  for f in "$1"/*; do ln -s "$(realpath "$f")" "$2/"; done
+  rm "$2/config.json"
+  "$py" -c 'import json, sys; c = json.load(open(sys.argv[1])); c.update({k: 0.0 for k in c if "drop" in k and isinstance(c[k], float)}); json.dump(c, open(sys.argv[2], "w"))' \
+    "$1/config.json" "$2/config.json"
+}
+without_dropout "$TESSERA_MODEL_DIR" "$out/model"
+without_dropout "$gpt2" "$out/gpt2"
 cat >"$out/run.toml" <<TOML
 [model]
 path = "$out/model"
@@ -42,24 +46,52 @@ TOML
 [ ! -e "$out/two/adapter.partial" ]
 
 # Same adapter, same losses, within float tolerance.
-compare() {
-  "$py" - "$out/one" "$1" <<'PY'
+compare() {  # run, [reference run, steps]
+  "$py" - "${2:-$out/one}" "$1" "${3:-28}" <<'PY'
 import json, sys
 from safetensors.torch import load_file
-a, b = sys.argv[1], sys.argv[2]
+a, b, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ta = load_file(f"{a}/adapter/lora/adapter_model.safetensors")
 tb = load_file(f"{b}/adapter/lora/adapter_model.safetensors")
 assert ta.keys() == tb.keys(), (ta.keys(), tb.keys())
 worst = max(float((ta[k] - tb[k]).abs().max() / ta[k].abs().max()) for k in ta)
 steps = lambda d: [j for j in map(json.loads, open(f"{d}/metrics.jsonl")) if j["event"] == "step"]
 sa, sb = steps(a), steps(b)
-assert len(sa) == len(sb) == 28, (len(sa), len(sb))
+assert len(sa) == len(sb) == n, (len(sa), len(sb))
 loss = max(abs(x["loss"] - y["loss"]) for x, y in zip(sa, sb))
 print(f"largest difference: adapter {worst:.2e} of its largest entry, loss {loss:.2e}")
 assert worst < 1e-4 and loss < 1e-5, "the data-parallel run departs from the one-process run"
 PY
 }
 compare "$out/two"
+
+# A causal LM: the loss averages over labelled tokens, so each rank's gradient is weighed by
+# its share of the batch's tokens (sentences differ in length), not of its examples.
+cat >"$out/lm.toml" <<TOML
+[model]
+path = "$out/gpt2"
+[data]
+path = "\${TESSERA_DATA_DIR}/polarity.csv"
+text_column = "text"
+limit = 125
+max_length = 24
+[task]
+kind = "causal-lm"
+[train]
+epochs = 1
+batch_size = 10
+threads = 1
+lr = 1e-2
+[[methods]]
+plugin = "lora"
+targets = ["attn.q", "attn.v", "mlp.up"]
+[methods.params]
+r = 4
+init_lora_weights = "false"
+TOML
+"$tessera" --log-level warn train "$out/lm.toml" --run-dir "$out/lm-one" >/dev/null
+"$tessera" --log-level warn train "$out/lm.toml" --run-dir "$out/lm-two" --nproc 2 >/dev/null
+compare "$out/lm-two" "$out/lm-one" 10
 
 # A rank killed with SIGKILL: the other is stopped within seconds, the launcher names it.
 setsid "$tessera" --log-level warn train "$out/run.toml" --run-dir "$out/killed" --nproc 2 2>"$out/err.txt" &

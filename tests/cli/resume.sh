@@ -7,7 +7,7 @@
 # checkpoint is refused. bench/resume_kill.sh runs the kill loop many times.
 #
 # usage: resume.sh TESSERA OUT_DIR [KILLS] [PLUGIN]   (KILLS: 1; PLUGIN: lora, or all: the five
-# plugins below in one run)
+# plugins below in one run, Child-Tuning in both modes)
 set -euo pipefail
 tessera=$1 out=$2 kills=${3:-1} plugin=${4:-lora}
 rm -rf "$out" && mkdir -p "$out"
@@ -56,6 +56,12 @@ plugin = "child_tuning"
 targets = ["layers.[0-2].mlp.down.weight"]
 [methods.params]
 mode = "task_free"
+[[methods]]
+plugin = "child_tuning"
+name = "child_driven"
+targets = ["layers.[0-2].mlp.up.weight"]
+[methods.params]
+mode = "task_driven"
 [[methods]]
 plugin = "diff_pruning"
 targets = ["layers.[3-5].mlp.down.weight"]

@@ -150,7 +150,7 @@ class ChildTuning final : public tessera::Method {
   tessera::NamedTensors trainable() override { return driven_ ? sparse_.trainable() : dense_.trainable(); }
   // An exact resume (tessera.method.resume) needs task-free's mask generator where it stood;
   // task-driven's mask comes again from prepare().
-  const void* extension(const char* id) const override { return std::string(id) == TESSERA_EXT_METHOD_RESUME ? &resume_ : nullptr; }
+  const void* extension(const char* id) const override { return std::string(id) == TESSERA_EXT_METHOD_RESUME && !driven_ ? &resume_ : nullptr; }
   // task_driven: `<HF name>.child_indices` and `.child_delta`; task_free: the tuned tensors'
   // full values under their HF names (a dense fine-tune of the targets).
   tessera::NamedTensors state() override { return driven_ ? sparse_.state() : dense_.values(); }

@@ -312,7 +312,7 @@ class AdaLoRA final : public tessera::Method {
 
   void after_step(const tessera::StepInfo& info) {
     const std::int64_t total = params_.integer("total_step") > 0 ? params_.integer("total_step") : info.total;
-    if (run_total_ == 0) check_schedule(params_, total);
+    if (run_total_ != total) check_schedule(params_, total);  // the first step, or a resumed run of another length
     run_total_ = total;
     const std::int64_t step = info.step, final_from = total - params_.integer("tfinal");
     at::NoGradGuard no_grad;
