@@ -25,5 +25,6 @@ Command eval_command();      // cli/eval.cpp
 Command generate_command();  // cli/generate.cpp
 Command export_command();    // cli/export.cpp
 Command merge_command();     // cli/merge.cpp
+Command assess_command();    // cli/assess.cpp
 
 }  // namespace tessera

@@ -23,7 +23,7 @@ int main(int argc, char** argv) {
   app.add_flag("--allow-insecure-plugins", allow_insecure_plugins,
                "load plugin files that users other than their owner and root can write to (refused by default)");
 
-  const std::vector<Command> commands = {plugins_command(), sites_command(), train_command(), eval_command(), generate_command(), export_command(), merge_command()};
+  const std::vector<Command> commands = {plugins_command(), sites_command(), train_command(), eval_command(), generate_command(), export_command(), merge_command(), assess_command()};
   std::vector<CLI::App*> subs;
   for (const auto& c : commands) {
     subs.push_back(app.add_subcommand(c.name, c.help));

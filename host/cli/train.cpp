@@ -44,7 +44,8 @@ std::string report(const Config& c, const Session& s, const TrainResult& r) {
   for (const auto& m : s.task().metrics(r.test)) o << "| " << m.label << " | " << m.value << " |\n";
   o << "| trainable parameters | " << r.trainable << " (" << 100.0 * static_cast<double>(r.trainable) / static_cast<double>(r.base) << "% of " << r.base << ") |\n"
     << "| optimizer steps | " << r.steps << " |\n| wall time | " << format_duration(r.seconds) << " |\n"
-    << "| examples/s (training) | " << r.examples_per_s << " |\n";
+    << "| examples/s (training) | " << r.examples_per_s << " |\n| tokens/s (training) | " << r.tokens_per_s << " |\n"
+    << "| examples/s (evaluation) | " << r.eval_examples_per_s << " |\n";
   if (r.ranks > 1)
     o << "| data-parallel ranks | " << r.ranks << " (gradients all-reduced: " << r.allreduce_bytes_per_step << " bytes, "
       << 1e3 * r.allreduce_seconds_per_step << " ms per step) |\n";
@@ -53,12 +54,15 @@ std::string report(const Config& c, const Session& s, const TrainResult& r) {
 
 void write_results(const Config& config, const Session& s, const TrainResult& r, const std::string& run_dir) {
   nlohmann::json result = {{"test_examples", r.test.examples}, {"task", config.task.kind}, {"trainable_parameters", r.trainable},
-                           {"base_parameters", r.base}, {"steps", r.steps}, {"seconds", r.seconds}, {"examples_per_s", r.examples_per_s}};
+                           {"base_parameters", r.base}, {"steps", r.steps}, {"seconds", r.seconds}, {"examples_per_s", r.examples_per_s},
+                           {"tokens_per_s", r.tokens_per_s}, {"eval_examples_per_s", r.eval_examples_per_s}, {"matmul_parameters", r.matmul_parameters}};
   if (r.ranks > 1)
     result["data_parallel"] = {{"ranks", r.ranks}, {"allreduce_bytes_per_step", r.allreduce_bytes_per_step},
                                {"allreduce_seconds_per_step", r.allreduce_seconds_per_step}};
   std::string line;
-  for (const auto& m : s.task().metrics(r.test)) {
+  const auto metrics = s.task().metrics(r.test);
+  if (!metrics.empty()) result["metric"] = metrics.front().key;  // the task's headline metric
+  for (const auto& m : metrics) {
     result["test_" + m.key] = m.count ? nlohmann::json(static_cast<std::int64_t>(m.value)) : nlohmann::json(m.value);
     line += fmt::format("{} {:.6g}; ", m.label, m.value);
   }

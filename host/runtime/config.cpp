@@ -1,4 +1,5 @@
 #include "runtime/config.h"
+#include "runtime/config_toml.h"
 
 #include "runtime/groups.h"
 #include "runtime/plugin_registry.h"
@@ -347,16 +348,34 @@ void read_groups(const std::string& path, const toml::node* n, std::vector<Group
 
 }  // namespace
 
+SourcePos source_of(const std::string& file, const toml::node& n) { return pos_of(file, n); }
+
+toml::table parse_toml(const std::string& file) {
+  try {
+    return toml::parse_file(file);
+  } catch (const toml::parse_error& e) {
+    const auto& b = e.source().begin;
+    throw ConfigError({file, static_cast<int>(b.line), static_cast<int>(b.column)}, std::string(e.description()));
+  }
+}
+
+void read_methods_and_groups(const std::string& file, const toml::table& t, Config& c) {
+  if (const toml::node* n = t.get("methods")) read_methods(file, n, c.methods);
+  if (const toml::node* n = t.get("groups")) read_groups(file, n, c.groups);
+}
+
+void read_train_keys(const std::string& file, const toml::table* t, TrainConfig& c) { read_train(file, t, c); }
+
+std::string config_path(const std::string& file, const toml::node& n) {
+  if (!n.is_string()) throw ConfigError(pos_of(file, n), "a path must be a string");
+  const std::string s = expand_env(n.as_string()->get(), pos_of(file, n));
+  return fs::path(s).is_relative() ? (fs::path(file).parent_path() / s).lexically_normal().string() : s;
+}
+
 Config load_config(const std::string& path) {
   Config c;
   c.file = path;
-  toml::table root;
-  try {
-    root = toml::parse_file(path);
-  } catch (const toml::parse_error& e) {
-    const auto& b = e.source().begin;
-    throw ConfigError({path, static_cast<int>(b.line), static_cast<int>(b.column)}, std::string(e.description()));
-  }
+  const toml::table root = parse_toml(path);
   read_model(path, section_table(path, root, "model"), c.model);
   read_data(path, section_table(path, root, "data"), c.data);
   read_task(path, section_table(path, root, "task"), c);
@@ -366,8 +385,7 @@ Config load_config(const std::string& path) {
     s.path("dir", c.output_dir);
     s.finish();
   }
-  if (const toml::node* n = root.get("methods")) read_methods(path, n, c.methods);
-  if (const toml::node* n = root.get("groups")) read_groups(path, n, c.groups);
+  read_methods_and_groups(path, root, c);
   const std::vector<std::string> sections = {"model", "data", "task", "train", "output", "methods", "groups"};
   for (const auto& [k, v] : root) {
     std::string key(k.str());

@@ -18,15 +18,21 @@ Progress::Progress(std::string label, std::int64_t total)
     : label_(std::move(label)), total_(total > 0 ? total : 1), tty_(isatty(STDERR_FILENO) != 0), start_(std::chrono::steady_clock::now()) {}
 
 void Progress::update(std::int64_t done, double loss, double examples_per_s) {
+  char detail[96];
+  std::snprintf(detail, sizeof detail, "loss %.4f  %.1f ex/s", loss, examples_per_s);
+  update(done, std::string(detail));
+}
+
+void Progress::update(std::int64_t done, const std::string& detail) {
   const double frac = static_cast<double>(done) / static_cast<double>(total_);
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   const double eta = done > 0 ? elapsed * (1.0 - frac) / frac : 0.0;
   constexpr int width = 28;
   std::string bar(static_cast<std::size_t>(frac * width), '#');
   bar.resize(width, '.');
-  char line[256];
-  std::snprintf(line, sizeof line, "%s [%s] %3.0f%% %lld/%lld  loss %.4f  %.1f ex/s  ETA %s", label_.c_str(), bar.c_str(), frac * 100,
-                static_cast<long long>(done), static_cast<long long>(total_), loss, examples_per_s, format_duration(eta).c_str());
+  char line[384];
+  std::snprintf(line, sizeof line, "%s [%s] %3.0f%% %lld/%lld  %s  ETA %s", label_.c_str(), bar.c_str(), frac * 100, static_cast<long long>(done),
+                static_cast<long long>(total_), detail.c_str(), done > 0 ? format_duration(eta).c_str() : "?");
   if (tty_) {
     std::fprintf(stderr, "\r%s\033[K", line);
   } else {

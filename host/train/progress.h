@@ -12,6 +12,8 @@ class Progress {
  public:
   Progress(std::string label, std::int64_t total);
   void update(std::int64_t done, double loss, double examples_per_s);
+  // The same bar with another text after the count (`tessera assess`: the setup running).
+  void update(std::int64_t done, const std::string& detail);
   void finish();
 
  private:

@@ -175,6 +175,7 @@ class Optimizer {
 struct Shard {
   DataParallel* dp = nullptr;
   double weight = 1.0;
+  double tokens = 0;  // the global batch's unpadded tokens
 };
 
 // The loss of one step with every method's extra loss, backward, and the methods' hooks;
@@ -251,16 +252,19 @@ double finish_step(Session& s, Tensor loss, Optimizer& opt, const Position& at, 
 // warm-up); a run no longer than the warm-up is timed over all its steps.
 struct Throughput {
   static constexpr std::int64_t kUntimedSteps = 3;
-  double timed_seconds = 0, all_seconds = 0;
+  double timed_seconds = 0, all_seconds = 0, timed_tokens = 0, all_tokens = 0;
   std::int64_t timed_examples = 0, all_examples = 0;
-  void add(std::int64_t step, double seconds, std::int64_t examples) {
-    if (step >= kUntimedSteps) timed_seconds += seconds, timed_examples += examples;
-    all_seconds += seconds, all_examples += examples;
+  void add(std::int64_t step, double seconds, std::int64_t examples, double tokens) {
+    if (step >= kUntimedSteps) timed_seconds += seconds, timed_examples += examples, timed_tokens += tokens;
+    all_seconds += seconds, all_examples += examples, all_tokens += tokens;
   }
   double per_second() const {
     return timed_examples > 0 ? static_cast<double>(timed_examples) / timed_seconds
            : all_examples > 0 ? static_cast<double>(all_examples) / all_seconds
                               : 0.0;
+  }
+  double tokens_per_second() const {
+    return timed_examples > 0 ? timed_tokens / timed_seconds : all_examples > 0 ? all_tokens / all_seconds : 0.0;
   }
 };
 
@@ -300,14 +304,19 @@ struct Loop {
   // the ranks) runs one example at weight 0: every rank runs one pass per step, so methods
   // that draw per pass (diff pruning's gate noise) stay in step with each other.
   Batch this_ranks_batch(const std::vector<std::size_t>& order, Shard& part) const {
-    if (dp == nullptr) return s.task().batch(Split::Train, order, 0, order.size());
+    if (dp == nullptr) {
+      Batch b = s.task().batch(Split::Train, order, 0, order.size());
+      part.tokens = static_cast<double>(b.mask.sum().item<std::int64_t>());
+      return b;
+    }
     auto mine = shard(order, dp->rank(), dp->world());
     const bool empty = mine.empty();
     if (empty) mine = {order.back()};
     Batch b = s.task().batch(Split::Train, mine, 0, mine.size());
     const double units = empty ? 0.0 : static_cast<double>(s.task().loss_units(b));
-    const double all = dp->sum({units})[0];
-    part = {dp, all > 0 ? units / all : 0.0};
+    const double tokens = empty ? 0.0 : static_cast<double>(b.mask.sum().item<std::int64_t>());
+    const auto all = dp->sum({units, tokens});
+    part = {dp, all[0] > 0 ? units / all[0] : 0.0, all[1]};
     return b;
   }
 
@@ -339,7 +348,7 @@ struct Loop {
 
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const auto B = static_cast<std::int64_t>(order.size());  // every rank's examples
-      speed.add(steps_here++, dt, B);
+      speed.add(steps_here++, dt, B, part.tokens);
       epoch_seconds += dt, epoch_seen += B;
       loss_avg = shown++ == 0 ? l : 0.9 * loss_avg + 0.1 * l;
       ++at.step, ++at.epoch_step;
@@ -399,6 +408,7 @@ TrainResult train(Session& s, const std::string& run_dir, const TrainOptions& op
   TrainResult result;
   result.trainable = s.trainable_parameter_count();
   result.base = s.base_parameter_count();
+  for (auto* l : s.model().linear_sites()) result.matmul_parameters += l->in_features() * l->out_features();
   spdlog::info("training {} of {} parameters ({:.3f}% of the base) on {} examples, {} steps", result.trainable, result.base,
                100.0 * static_cast<double>(result.trainable) / static_cast<double>(result.base), n_train, total);
   Optimizer opt(s, total);
@@ -421,7 +431,9 @@ TrainResult train(Session& s, const std::string& run_dir, const TrainOptions& op
   if (dp != nullptr) share = {dp->rank(), dp->world(), [dp](const std::vector<double>& v) { return dp->sum(v); }};
   while (at.epoch < cfg.epochs && at.step < total) {
     loop.epoch();
+    const auto eval_start = std::chrono::steady_clock::now();
     result.test = evaluate(s, Split::Test, dp != nullptr ? &share : nullptr);
+    result.eval_examples_per_s = static_cast<double>(result.test.examples) / std::chrono::duration<double>(std::chrono::steady_clock::now() - eval_start).count();
     report_eval(s, result.test, at.epoch, at.step, log_metric);
     if (lead) s.save_adapter((fs::path(run_dir) / "adapter").string());
     ++at.epochs_saved, ++at.epoch, at.epoch_step = 0;
@@ -431,6 +443,7 @@ TrainResult train(Session& s, const std::string& run_dir, const TrainOptions& op
   result.steps = at.step;
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.examples_per_s = loop.speed.per_second();
+  result.tokens_per_s = loop.speed.tokens_per_second();
   if (dp != nullptr && dp->traffic().reductions > 0) {
     const auto& t = dp->traffic();
     result.ranks = dp->world();

@@ -14,7 +14,12 @@ struct TrainResult {
   EvalResult test;
   double seconds = 0;         // wall time of the whole run, evaluation included
   double examples_per_s = 0;  // training steps only, after the first few (warm-up of allocators and kernels)
+  double tokens_per_s = 0;         // the same steps' tokens (padding not counted)
+  double eval_examples_per_s = 0;  // the last evaluation of the test split
   std::int64_t steps = 0, trainable = 0, base = 0;
+  // Weights of the layers' linear products (in × out summed): what a token's forward costs,
+  // 2 FLOPs each (`tessera assess` reads training FLOP/s from it).
+  std::int64_t matmul_parameters = 0;
   // Data-parallel: the ranks and what reducing the gradients cost per step (bytes each rank
   // sent into the all-reduce, seconds of it); 1 and 0 for one process.
   std::int64_t ranks = 1, allreduce_bytes_per_step = 0;

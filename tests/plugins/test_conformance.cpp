@@ -80,6 +80,9 @@ const std::vector<Row>& table() {
       {"prefix_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},  // T5: the decoder's self-attention, as peft
       {"prefix_tuning", {}, {{"num_virtual_tokens", std::int64_t{2}}, {"prefix_projection", true}}, {}},
       {"bitfit", {}, {}, {"bert", "gpt2"}},  // the families with biases
+      // Every tensor of the layers: `embeddings = false` also leaves out a decoder's separate LM head,
+      // which the table's hidden-state loss does not reach (the tables train in tests/plugins/test_partial.cpp).
+      {"full", {}, {{"embeddings", false}}, {}},
       {"ln_tuning", {}, {}, {}},              // peft's default norms (every LayerNorm in BERT)
       {"fish_mask", {}, {{"keep_ratio", 0.01}}, {}},  // its mask from prepare()'s calibration batches
       // Child-Tuning and diff pruning default to every tensor of the layers, dense in training

@@ -150,6 +150,36 @@ CATCH_TEST_CASE("BitFit equals the paper in plain PyTorch: gradients, and biases
   CATCH_CHECK(test::max_abs_diff_tokens(model2->forward(ids, mask).hidden, model->forward(ids, mask).hidden, mask) < 1e-5);
 }
 
+CATCH_TEST_CASE("Full fine-tuning equals every parameter trained in plain PyTorch: outputs after three SGD steps", "[plugins][partial][minilm][parity]") {
+  auto model = test::load_minilm();
+  auto& enc = test::cached_tensors(test::fixture("reference.safetensors"));
+  const Tensor ids = enc["input_ids"], mask = enc["attention_mask"];
+  const auto before = snapshot(*model);
+  auto full = test::registry().create("full", "full");
+  full->attach(*model, {}, apply_schema(test::registry().find("full")->params, {}));
+  auto deltas = full->call("trainable", [](Method& m) { return m.trainable(); });
+  CATCH_CHECK(static_cast<std::int64_t>(deltas.size()) == reference()["full.tensors"].item<std::int64_t>());  // every tensor transformers trains
+  const Tensor direction = reference()["bitfit.direction"];
+  for (int step = 0; step < 3; ++step) {
+    for (auto& [k, d] : deltas) d.mutable_grad().reset();
+    const Tensor h = model->forward(ids, mask).hidden;
+    ((h * direction * mask.unsqueeze(-1)).sum() / mask.sum()).backward();
+    at::NoGradGuard no_grad;
+    for (auto& [k, d] : deltas) d.sub_(0.05 * d.grad());
+  }
+  at::NoGradGuard no_grad;
+  const auto state = full->call("state", [](Method& m) { return m.state(); });
+  const Tensor word = state.at("base_model.model.embeddings.word_embeddings.weight").slice(0, 0, 200);
+  CATCH_CHECK(test::max_abs_diff(word, reference()["full.word_after"]) <= 1e-4);
+  TESSERA_CHECK_PARITY(test::parity(model->forward(ids, mask).hidden, reference(), "full.hidden_after", mask));
+  CATCH_CHECK(unchanged(*model, before));  // the base itself never written
+  // Without the embedding tables: three fewer tensors, and --disable-like removal restores the base.
+  auto model2 = test::load_minilm();
+  auto frozen_tables = test::registry().create("full", "f");
+  frozen_tables->attach(*model2, {}, apply_schema(test::registry().find("full")->params, {{"embeddings", false}}));
+  CATCH_CHECK(frozen_tables->call("trainable", [](Method& m) { return m.trainable(); }).size() + 3 == deltas.size());
+}
+
 CATCH_TEST_CASE("BitFit takes every bias by default, refuses a model without biases, and partial files are checked by name", "[plugins][partial]") {
   auto model = test::load_minilm();
   auto bitfit = test::registry().create("bitfit", "b");

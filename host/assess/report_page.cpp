@@ -1,0 +1,173 @@
+// report.md and report.html from the aggregated rows (assess/report.cpp).
+#include "assess/report.h"
+#include "assess/svg_chart.h"
+
+#include "train/progress.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace tessera {
+namespace {
+
+using json = nlohmann::json;
+
+bool has(const json& row, const char* k) { return row.contains(k) && row[k].is_number(); }
+double num(const json& row, const char* k) { return row[k].get<double>(); }
+
+std::string metric_text(const json& row) {
+  const bool percent = row["metric"] == "accuracy";
+  const double m = num(row, "metric_mean") * (percent ? 100 : 1), s = num(row, "metric_spread") * (percent ? 100 : 1);
+  const std::string v = percent ? fmt::format("{:.2f}", m) : fmt::format("{:.4g}", m);
+  const std::string sd = row["runs"].get<int>() - row["failed"].get<int>() > 1 ? (percent ? fmt::format(" ± {:.2f}", s) : fmt::format(" ± {:.3g}", s)) : "";
+  return v + sd + (percent ? "%" : "");
+}
+
+std::string count_text(double n) {
+  std::string d = fmt::format("{:.0f}", n), o;
+  for (std::size_t i = 0; i < d.size(); ++i) o += ((i > 0 && (d.size() - i) % 3 == 0) ? "," : "") + std::string(1, d[i]);
+  return o;
+}
+
+std::string bytes_text(double b) { return b >= 1e6 ? fmt::format("{:.1f} MB", b / 1e6) : fmt::format("{:.1f} kB", b / 1e3); }
+
+// The table's columns: a header, and the cell's text and raw value for a row.
+struct Column {
+  const char* header;
+  const char* key;  // the row's field the cell shows (its data-value); "" for text
+  std::string (*text)(const json&);
+};
+
+const std::vector<Column>& columns() {
+  static const std::vector<Column> c = {
+      {"metric (mean ± sd)", "metric_mean", metric_text},
+      {"trainable", "trainable", [](const json& r) { return count_text(num(r, "trainable")); }},
+      {"share", "trainable_share", [](const json& r) { return fmt::format("{:.3g}%", 100 * num(r, "trainable_share")); }},
+      {"peak RSS", "peak_rss_mib", [](const json& r) { return fmt::format("{:.0f} MiB", num(r, "peak_rss_mib")); }},
+      {"train ex/s", "train_examples_per_s", [](const json& r) { return fmt::format("{:.1f}", num(r, "train_examples_per_s")); }},
+      {"train tok/s", "train_tokens_per_s", [](const json& r) { return fmt::format("{:.0f}", num(r, "train_tokens_per_s")); }},
+      {"eval ex/s", "eval_examples_per_s", [](const json& r) { return fmt::format("{:.1f}", num(r, "eval_examples_per_s")); }},
+      {"eval ex/s merged", "eval_merged_examples_per_s",
+       [](const json& r) { return has(r, "eval_merged_examples_per_s") ? fmt::format("{:.1f}", num(r, "eval_merged_examples_per_s")) : std::string("—"); }},
+      {"adapter", "adapter_bytes", [](const json& r) { return bytes_text(num(r, "adapter_bytes")); }},
+      {"wall", "wall_seconds", [](const json& r) { return format_duration(num(r, "wall_seconds")); }},
+      {"FLOP/s of peak", "flops_share", [](const json& r) { return has(r, "flops_share") ? fmt::format("{:.1f}%", 100 * num(r, "flops_share")) : std::string("—"); }},
+  };
+  return c;
+}
+
+std::string status_text(const json& row) {
+  const std::string merge = row.contains("merge_error") ? " (no merge: " + row["merge_error"].get<std::string>() + ")" : "";
+  if (row["failed"].get<int>() == 0) return "ok" + merge;
+  std::string s = fmt::format("{} of {} failed:", row["failed"].get<int>(), row["runs"].get<int>());
+  for (const auto& e : row["errors"]) s += " " + e.get<std::string>() + (e == row["errors"].back() ? "" : ";");
+  return s;
+}
+
+std::string machine_text(const json& m) {
+  return fmt::format("{} ({} threads), torch {}, Tessera {}; dense f32 product peak {:.1f} GFLOP/s measured in this run; {}", m.value("cpu", "?"), m.value("threads", 0),
+                     m.value("torch", "?"), m.value("tessera", "?"), m.value("peak_flops", 0.0) / 1e9, m.value("date", ""));
+}
+
+// Footnotes every report carries: what the columns count.
+const char* kNotes =
+    "Peak RSS: the training process's (the kernel's ru_maxrss). Training examples/s and tokens/s: the optimizer steps after the first three. "
+    "Evaluation: the test split through `tessera eval` unmerged and after `--merge` (— where a method cannot be folded into the weights). "
+    "FLOP/s of peak: the base's linear products per training token, 4·N_matmul (forward and input gradients; 6·N_matmul when the "
+    "base's weights train), times tokens/s, over this machine's dense f32 product measured at the start; the methods' own products "
+    "and attention's T² products are left out (a lower bound; LST's backward skips the backbone, so its figure counts work it does not do).";
+
+// The training loss of each setup's first finished run, smoothed as the progress bar shows it.
+std::vector<Series> loss_series(const json& records) {
+  std::vector<Series> out;
+  std::vector<std::string> seen;
+  for (const auto& r : records) {
+    const std::string s = r["setup"].get<std::string>();
+    if (!r["ok"].get<bool>() || std::find(seen.begin(), seen.end(), s) != seen.end()) continue;
+    seen.push_back(s);
+    Series e{s, {}};
+    double avg = 0;
+    for (const auto& p : r["loss_curve"]) {
+      const double l = p[1].get<double>();
+      avg = e.points.empty() ? l : 0.9 * avg + 0.1 * l;
+      e.points.emplace_back(p[0].get<double>(), avg);
+    }
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+// The review's trade-off plots: the task metric against `x` (trainable share, peak memory).
+std::vector<Series> against(const json& rows, const char* x, double scale) {
+  std::vector<Series> out;
+  for (const auto& row : rows)
+    if (has(row, "metric_mean") && has(row, x))
+      out.push_back({row["setup"].get<std::string>(), {{scale * num(row, x), num(row, "metric_mean") * (row["metric"] == "accuracy" ? 100 : 1)}}});
+  return out;
+}
+
+std::string report_charts(const json& rows, const json& records) {
+  std::string metric = "metric";
+  for (const auto& row : rows)
+    if (row.contains("metric")) metric = row["metric"].get<std::string>() == "accuracy" ? "test accuracy (%)" : "test " + row["metric"].get<std::string>();
+  std::string o = svg_chart({"Training loss (moving average)", "optimizer step", "loss", true, false}, loss_series(records));
+  o += svg_chart({"Task metric against trainable share", "trainable parameters (% of the base, log scale)", metric, false, true}, against(rows, "trainable_share", 100));
+  o += svg_chart({"Task metric against peak memory", "peak RSS of training (MiB)", metric, false, false}, against(rows, "peak_rss_mib", 1));
+  return o;
+}
+
+// Each setup as a share of full fine-tuning's cost, where the matrix has a `full` row.
+std::string full_table(const json& rows) {
+  std::string o;
+  for (const auto& row : rows) {
+    if (!row.contains("vs_full")) continue;
+    const json& v = row["vs_full"];
+    auto cell = [&](const char* k) { return v.contains(k) ? fmt::format("<td data-key=\"{}\" data-value=\"{:.17g}\">{:.3g}×</td>", k, v[k].get<double>(), v[k].get<double>()) : std::string("<td>—</td>"); };
+    o += "<tr><td class=\"name\">" + escape_xml(row["setup"].get<std::string>()) + "</td>" + cell("trainable") + cell("peak_rss_mib") + cell("train_examples_per_s") + cell("adapter_bytes") + "</tr>";
+  }
+  if (o.empty()) return o;
+  return "<h2>As a share of full fine-tuning</h2><table id=\"vs-full\"><thead><tr><th>setup</th><th>trainable</th><th>peak RSS</th><th>train ex/s</th><th>adapter</th></tr></thead><tbody>" +
+         o + "</tbody></table>";
+}
+
+}  // namespace
+
+std::string report_markdown(const json& rows, const json& machine) {
+  std::string o = "# Tessera assessment\n\n" + machine_text(machine) + "\n\n| setup |";
+  for (const auto& c : columns()) o += std::string(" ") + c.header + " |";
+  o += " status |\n|---|";
+  for (std::size_t i = 0; i <= columns().size(); ++i) o += "---|";
+  o += "\n";
+  for (const auto& row : rows) {
+    o += "| " + row["setup"].get<std::string>() + " |";
+    for (const auto& c : columns()) o += " " + (has(row, c.key) ? c.text(row) : std::string("—")) + " |";
+    o += " " + status_text(row) + " |\n";
+  }
+  return o + "\n" + kNotes + "\n";
+}
+
+std::string report_html(const json& rows, const json& records, const json& machine) {
+  std::string o = "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Tessera assessment</title><style>"
+                  "body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;font-size:13px}"
+                  "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}th{background:#f4f4f4}"
+                  "td.name,td.status,th:first-child,th:last-child{text-align:left}td.status{white-space:normal;min-width:240px}"
+                  "td.failed{color:#b00}.charts{display:flex;flex-wrap:wrap;gap:16px}p.note{font-size:12px;color:#555;max-width:1100px}"
+                  "</style></head><body><h1>Tessera assessment</h1>";
+  o += "<p>" + escape_xml(machine_text(machine)) + "</p><table id=\"assessment\"><thead><tr><th>setup</th>";
+  for (const auto& c : columns()) o += std::string("<th>") + escape_xml(c.header) + "</th>";
+  o += "<th>status</th></tr></thead><tbody>";
+  for (const auto& row : rows) {
+    o += "<tr data-setup=\"" + escape_xml(row["setup"].get<std::string>()) + "\"><td class=\"name\">" + escape_xml(row["setup"].get<std::string>()) + "</td>";
+    for (const auto& c : columns())
+      o += has(row, c.key) ? fmt::format("<td data-key=\"{}\" data-value=\"{:.17g}\">{}</td>", c.key, num(row, c.key), escape_xml(c.text(row))) : "<td>—</td>";
+    o += std::string("<td class=\"status") + (row["failed"].get<int>() ? " failed" : "") + "\">" + escape_xml(status_text(row)) + "</td></tr>";
+  }
+  o += "</tbody></table><p class=\"note\">" + escape_xml(kNotes) + "</p>" + full_table(rows) + "<div class=\"charts\">";
+  o += report_charts(rows, records);
+  return o + "</div></body></html>\n";
+}
+
+}  // namespace tessera

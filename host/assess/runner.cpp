@@ -1,0 +1,170 @@
+#include "assess/runner.h"
+
+#include "formats/safetensors.h"
+#include "train/progress.h"
+
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+extern char** environ;
+
+namespace tessera {
+namespace fs = std::filesystem;
+namespace {
+
+struct Child {
+  int status = 0;
+  double wall_seconds = 0, peak_rss_mib = 0;
+  bool ok() const { return WIFEXITED(status) && WEXITSTATUS(status) == 0; }
+  std::string how() const {
+    if (WIFSIGNALED(status)) return "killed by signal " + std::to_string(WTERMSIG(status));
+    return "exit status " + std::to_string(WEXITSTATUS(status));
+  }
+};
+
+// Runs argv with stdout into `out` and stderr into `err` (both truncated), and waits.
+Child spawn(const std::vector<std::string>& argv, const std::string& out, const std::string& err) {
+  posix_spawn_file_actions_t files;
+  posix_spawn_file_actions_init(&files);
+  posix_spawn_file_actions_addopen(&files, STDOUT_FILENO, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&files, STDERR_FILENO, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  const auto start = std::chrono::steady_clock::now();
+  pid_t pid = 0;
+  const int rc = posix_spawn(&pid, args[0], &files, nullptr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&files);
+  if (rc != 0) throw std::runtime_error("cannot start " + argv[0] + ": " + std::strerror(rc));
+  Child c;
+  rusage usage{};
+  while (wait4(pid, &c.status, 0, &usage) < 0)
+    if (errno != EINTR) throw std::runtime_error("waiting for " + argv[0] + ": " + std::strerror(errno));
+  c.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  c.peak_rss_mib = static_cast<double>(usage.ru_maxrss) / 1024.0;  // KiB on Linux
+  return c;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::uintmax_t folder_bytes(const fs::path& dir) {
+  std::uintmax_t n = 0;
+  if (fs::exists(dir))
+    for (const auto& e : fs::recursive_directory_iterator(dir))
+      if (e.is_regular_file()) n += e.file_size();
+  return n;
+}
+
+// The training loss of every step, from the run's metrics.jsonl.
+nlohmann::json loss_curve(const fs::path& metrics) {
+  nlohmann::json curve = nlohmann::json::array();
+  std::ifstream in(metrics);
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.value("event", "") == "step") curve.push_back({j["step"], j["loss"]});
+  }
+  return curve;
+}
+
+// `tessera eval RUN --json [--merge]`: its JSON line, or {"error": why}.
+nlohmann::json evaluate_run(const RunnerOptions& o, const fs::path& run, bool merge) {
+  std::vector<std::string> argv = o.tessera;
+  for (const char* a : {"eval", "--json"}) argv.emplace_back(a);
+  argv.push_back(run.string());
+  if (merge) argv.emplace_back("--merge");
+  const std::string out = run.string() + (merge ? ".eval-merged.json" : ".eval.json"), err = run.string() + (merge ? ".eval-merged.log" : ".eval.log");
+  const Child c = spawn(argv, out, err);
+  if (!c.ok()) return {{"error", reason_from_log(err)}};
+  const auto j = nlohmann::json::parse(read_text(out), nullptr, false);
+  return j.is_discarded() ? nlohmann::json{{"error", "eval printed no JSON (" + out + ")"}} : j;
+}
+
+nlohmann::json run_one(const Setup& s, std::int64_t seed, const Matrix& m, const RunnerOptions& o) {
+  const fs::path dir = fs::path(m.out) / s.name, run = dir / ("seed-" + std::to_string(seed));
+  nlohmann::json plugins = nlohmann::json::array();
+  for (const auto& method : s.config.methods) plugins.push_back(method.plugin);
+  nlohmann::json r = {{"setup", s.name}, {"seed", seed}, {"dir", run.string()}, {"ok", false}, {"plugins", plugins}};
+  if (!s.error.empty()) return r["error"] = s.error, r;
+  fs::create_directories(dir);
+  const std::string config_text = resolved_toml(run_config(s, seed, run.string()));
+  const fs::path record = run.string() + ".json", config = run.string() + ".toml", log = run.string() + ".log";
+  if (!o.rerun && fs::exists(record)) {
+    const auto done = nlohmann::json::parse(read_text(record.string()), nullptr, false);
+    if (!done.is_discarded() && done.value("config", "") == config_text) return done;  // finished, same config: kept
+  }
+  write_file_atomic(config.string(), config_text);
+  std::vector<std::string> argv = o.tessera;
+  for (const std::string& a : std::initializer_list<std::string>{"train", config.string(), "--run-dir", run.string(), "--overwrite"}) argv.push_back(a);
+  const Child c = spawn(argv, log.string() + ".out", log.string());
+  r["wall_seconds"] = c.wall_seconds, r["peak_rss_mib"] = c.peak_rss_mib;
+  if (!c.ok()) return r["error"] = reason_from_log(log.string()) + " (" + c.how() + "; " + log.string() + ")", r;
+  r["result"] = nlohmann::json::parse(read_text((run / "result.json").string()));
+  r["loss_curve"] = loss_curve(run / "metrics.jsonl");
+  r["adapter_bytes"] = folder_bytes(run / "adapter");
+  r["eval"] = evaluate_run(o, run, false);
+  const auto merged = evaluate_run(o, run, true);
+  if (merged.contains("error")) r["merge_error"] = merged["error"];
+  else r["eval_merged"] = merged;
+  if (r["eval"].contains("error")) return r["error"] = "evaluating the saved adapter: " + r["eval"]["error"].get<std::string>(), r;
+  r["ok"] = true;
+  r["config"] = config_text;
+  write_file_atomic(record.string(), r.dump(1) + "\n");
+  return r;
+}
+
+std::string fmt_running(const std::string& setup, std::int64_t seed, std::int64_t failed) {
+  return setup + ", seed " + std::to_string(seed) + (failed ? " (" + std::to_string(failed) + " failed so far)" : std::string());
+}
+
+}  // namespace
+
+std::string reason_from_log(const std::string& log) {
+  std::ifstream in(log);
+  std::string line, last, error;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    last = line;
+    const auto at = line.find("[error] ");
+    if (at != std::string::npos) error = line.substr(at + 8);
+  }
+  return !error.empty() ? error : !last.empty() ? last : "no output (" + log + ")";
+}
+
+nlohmann::json run_matrix(const Matrix& m, const RunnerOptions& o) {
+  nlohmann::json records = nlohmann::json::array();
+  const auto total = static_cast<std::int64_t>(m.setups.size() * m.seeds.size());
+  Progress bar("assess", total);
+  std::int64_t done = 0, failed = 0;
+  for (const auto& s : m.setups)
+    for (const auto seed : m.seeds) {
+      bar.update(done, fmt_running(s.name, seed, failed));
+      records.push_back(run_one(s, seed, m, o));
+      if (!records.back()["ok"].get<bool>()) {
+        ++failed;
+        spdlog::warn("{} (seed {}) failed: {}", s.name, seed, records.back()["error"].get<std::string>());
+      }
+      ++done;
+    }
+  bar.update(done, failed ? std::to_string(failed) + " failed" : std::string("every run finished"));
+  bar.finish();
+  return records;
+}
+
+}  // namespace tessera

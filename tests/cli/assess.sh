@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# `tessera assess` on a small matrix: three setups (inline LoRA, full fine-tuning, prompt
+# tuning from a config file) × two seeds, and one setup naming an unknown plugin. The broken
+# row says why (file, line, column) while the rest runs and the exit status is 4; report.html's
+# table parses back to the numbers each run wrote (assess_check.py, reading the runs' own
+# result.json); a second call runs nothing again; a bad matrix ends in one line, exit 1.
+set -euo pipefail
+tessera=$1 out=$2 python=$3
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+rm -rf "$out" && mkdir -p "$out"
+cat >"$out/base.toml" <<TOML
+[model]
+path = "\${TESSERA_MODEL_DIR}"
+[data]
+path = "\${TESSERA_DATA_DIR}/polarity.csv"
+limit = 200
+max_length = 32
+[train]
+epochs = 1
+batch_size = 16
+threads = 1
+TOML
+cat >"$out/prompt.toml" <<TOML
+[model]
+path = "\${TESSERA_MODEL_DIR}"
+[data]
+path = "\${TESSERA_DATA_DIR}/polarity.csv"
+[train]
+lr = 3e-2
+[[methods]]
+plugin = "prompt_tuning"
+name = "prompt"
+[methods.params]
+num_virtual_tokens = 4
+TOML
+cat >"$out/matrix.toml" <<TOML
+base = "base.toml"
+seeds = [1, 2]
+out = "assessed"
+[train]
+max_steps = 4
+
+[[setups]]
+name = "lora"
+[[setups.methods]]
+plugin = "lora"
+name = "lora"
+targets = ["attn.q", "attn.v"]
+[setups.methods.params]
+r = 4
+
+[[setups]]
+name = "full"
+[[setups.methods]]
+plugin = "full"
+name = "full"
+[setups.train]
+lr = 5e-5
+
+[[setups]]
+name = "prompt"
+config = "prompt.toml"
+
+[[setups]]
+name = "broken"
+[[setups.methods]]
+plugin = "lorra"
+TOML
+status=0
+"$tessera" assess "$out/matrix.toml" >"$out/first.txt" 2>"$out/first.err" || status=$?
+cat "$out/first.txt"
+[ "$status" -eq 4 ] || { echo "a matrix with a failing setup must exit 4, got $status"; cat "$out/first.err"; exit 1; }
+grep -q "matrix.toml:[0-9]*:[0-9]*: no plugin with id 'lorra' (did you mean 'lora'?)" "$out/assessed/report.md"
+"$python" "$here/assess_check.py" "$out/assessed"
+
+# Nothing is run again: the runs' files stay as they were.
+stamp() { find "$out/assessed" -name result.json -printf '%p %T@\n' | sort; }
+before=$(stamp)
+status=0
+"$tessera" assess "$out/matrix.toml" >/dev/null 2>"$out/second.err" || status=$?
+[ "$status" -eq 4 ] && [ "$before" = "$(stamp)" ]
+"$python" "$here/assess_check.py" "$out/assessed"
+
+# A matrix that cannot be read at all: one line naming file, line and column.
+printf 'base = "base.toml"\nseed = [1]\n[[setups]]\nname = "x"\n' >"$out/bad.toml"
+if "$tessera" assess "$out/bad.toml" 2>"$out/bad.err"; then exit 1; fi
+grep -q "bad.toml:2:8: unknown key 'seed' (did you mean 'seeds'?)" "$out/bad.err"
+# The shipped matrices build: every setup's config read and its methods validated.
+root=$(cd "$here/../.." && pwd)
+"$tessera" assess --check "$root/configs/assess/quickstart.toml"
+"$tessera" assess --check "$root/configs/assess/smollm2.toml"
+echo "assess: ok"

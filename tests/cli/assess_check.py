@@ -1,0 +1,69 @@
+"""Reads back an assessment (tests/cli/assess.sh): report.html's table, parsed as HTML, holds
+for each finished setup the mean of the test metric and the trainable parameters that its
+runs wrote into their own result.json, the merged column only where the method folds, and a
+status naming the failure of a setup that could not run; report.md has one row per setup;
+the SVG charts are inline and nothing is fetched from elsewhere.
+
+usage: assess_check.py OUT"""
+import json
+import os
+import statistics
+import sys
+from html.parser import HTMLParser
+
+out = sys.argv[1]
+
+
+class Table(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.row, self.in_table, self.cell, self.text = {}, None, False, None, ""
+        self.srcs = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag in ("script", "link", "img", "iframe") or "src" in a or ("href" in a and not a["href"].startswith("#")):
+            self.srcs.append((tag, a))
+        if tag == "table" and a.get("id") == "assessment":
+            self.in_table = True
+        if self.in_table and tag == "tr" and "data-setup" in a:
+            self.row = self.rows.setdefault(a["data-setup"], {})
+        if self.row is not None and tag == "td":
+            self.cell, self.text = a, ""
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.text += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self.cell is not None:
+            if "data-key" in self.cell:
+                self.row[self.cell["data-key"]] = float(self.cell["data-value"])
+            elif "status" in self.cell.get("class", ""):
+                self.row["status"] = self.text
+            self.cell = None
+        if tag == "table":
+            self.in_table, self.row = False, None
+
+
+html = open(os.path.join(out, "report.html")).read()
+t = Table()
+t.feed(html)
+assert not t.srcs, f"report.html fetches or runs something: {t.srcs}"
+assert html.count("<svg") == 3, "three inline charts"
+assert set(t.rows) == {"lora", "full", "prompt", "broken"}, t.rows.keys()
+for setup in ("lora", "full", "prompt"):
+    runs = [json.load(open(os.path.join(out, setup, f"seed-{s}", "result.json"))) for s in (1, 2)]
+    row = t.rows[setup]
+    acc = [r["test_accuracy"] for r in runs]
+    assert abs(row["metric_mean"] - statistics.mean(acc)) < 1e-12, (setup, row["metric_mean"], acc)
+    assert abs(row["trainable"] - runs[0]["trainable_parameters"]) < 0.5, setup
+    assert row["peak_rss_mib"] > 50 and row["train_examples_per_s"] > 0 and row["eval_examples_per_s"] > 0, row
+    assert row["adapter_bytes"] > 0 and row["status"].startswith("ok"), row
+    assert ("eval_merged_examples_per_s" in row) == (setup != "prompt"), (setup, row)
+assert t.rows["full"]["trainable"] > 22_000_000, "full fine-tuning trains every parameter of MiniLM"
+assert "no merge" in t.rows["prompt"]["status"], t.rows["prompt"]["status"]
+assert "lorra" in t.rows["broken"]["status"] and "metric_mean" not in t.rows["broken"]
+md = open(os.path.join(out, "report.md")).read()
+assert sum(1 for line in md.splitlines() if line.startswith("| ") and not line.startswith("| setup")) == 4, md
+print("assess_check: report.html's table equals the runs' own results")
