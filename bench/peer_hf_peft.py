@@ -1,7 +1,11 @@
 """The peer: the same LoRA fine-tune as configs/quickstart.toml with transformers + peft
 on the same torch — or (IA)³ with peft, or a bottleneck adapter preset with AdapterHub's
 `adapters` (run by the adapters venv's python: its transformers differs from ours). Prints
-one JSON line: examples/s over the timed steps and peak RSS."""
+one JSON line: examples/s over the timed steps and peak RSS. With --epochs N it trains as
+Tessera's [train] does instead (a seeded shuffle each epoch, padding to the batch's longest,
+linear warm-up and decay, the head at its own rate) over the train split and adds the test
+split's accuracy: the peer column of `tessera assess --peers` (bench/assess_peers.py)."""
+import math
 import argparse
 import json
 import os
@@ -11,7 +15,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from peer_methods import REPARAMETERIZED, adalora_orth_reg, optimizer, peft_config
-from peer_split import train_rows
+from peer_split import split_rows
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
@@ -31,11 +35,20 @@ ap.add_argument("--method", choices=["lora", "lora_fa", "dora", "adalora", "loha
                 help="ia3: IA3Config with PEFT's defaults for BERT; prompt_tuning, p_tuning, prefix_tuning: 20 virtual tokens "
                      "(P-tuning's MLP encoder, prefix tuning without projection); the *_bn and compacter, compacter++: AdapterHub's bottleneck presets (adapters); mam, unipelt: its MAMConfig and UniPELTConfig")
 ap.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA, the base in bitsandbytes 4-bit with double quantization")
+ap.add_argument("--epochs", type=int, default=0, help="0: the timing mode (--steps consecutive batches of the file); N: train N epochs, then evaluate")
+ap.add_argument("--lr", type=float, default=1e-3)
+ap.add_argument("--head-lr", type=float, default=0.0, help="0: --lr")
+ap.add_argument("--weight-decay", type=float, default=0.01)
+ap.add_argument("--warmup-ratio", type=float, default=0.06)
+ap.add_argument("--seed", type=int, default=42, help="epochs mode: the shuffle's and the initialisation's seed")
+ap.add_argument("--limit", type=int, default=0, help="[data] limit")
+ap.add_argument("--split-seed", type=int, default=13, help="[data] seed")
+ap.add_argument("--test-fraction", type=float, default=0.2)
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
-torch.manual_seed(0)
+torch.manual_seed(args.seed if args.epochs else 0)
 
-train = train_rows(args.data)  # [data] test_fraction = 0.2, seed = 13
+train, test = split_rows(args.data, args.test_fraction, args.split_seed, args.limit)
 texts = [r["text"] for r in train]
 labels = [int(r["label"]) for r in train]
 
@@ -88,18 +101,24 @@ else:  # AdapterHub: the preset by name, as its users add one; train_adapter fre
 for p in model.head.parameters():
     p.requires_grad_(True)
 model.train()
-opt = optimizer(args.method, model.encoder, model.head.parameters(), args.rank) if args.method in REPARAMETERIZED else \
-    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+ADAPTERHUB = args.method.endswith("_bn") or args.method.startswith("compacter") or args.method in ("mam", "unipelt")
+peer_name = "transformers+adapters" if ADAPTERHUB else "transformers+peft"
+lr = args.lr if args.epochs else 1e-3
+opt = optimizer(args.method, model.encoder, model.head.parameters(), args.rank, lr=lr) if args.method in REPARAMETERIZED else \
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay)
+if args.epochs and args.head_lr > 0:  # the head at its own rate, as Tessera's head_lr (LoRA-FA's optimizer keeps one rate)
+    for o in getattr(opt, "opts", [opt]):
+        for g in o.param_groups:
+            if any(p is q for p in g["params"] for q in model.head.parameters()):
+                g["params"] = [p for p in g["params"] if not any(p is q for q in model.head.parameters())]
+    first = getattr(opt, "opts", [opt])[-1]
+    first.add_param_group({"params": list(model.head.parameters()), "lr": args.head_lr, "weight_decay": args.weight_decay})
 params = [p for p in model.parameters() if p.requires_grad]  # LoRA-FA: lora_A frozen by its optimizer's set-up
 
-seen, start = 0, None
-for step in range(args.warmup_steps + args.steps):
-    if step == args.warmup_steps:
-        start, seen = time.perf_counter(), 0
-    # Consecutive batches from the start of the file: the same ones Tessera sees with shuffle = false.
-    i = step * args.batch_size
-    batch = tok(texts[i:i + args.batch_size], padding=args.padding, truncation=True, max_length=args.max_length, return_tensors="pt")
-    y = torch.tensor(labels[i:i + args.batch_size])
+
+def step(batch_texts, batch_labels, at):
+    batch = tok(batch_texts, padding=args.padding, truncation=True, max_length=args.max_length, return_tensors="pt")
+    y = torch.tensor(batch_labels)
     # bf16: the peer's usual mixed precision on CPU (autocast), f32 master weights.
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
         logits = model(batch["input_ids"], batch["attention_mask"])
@@ -111,8 +130,48 @@ for step in range(args.warmup_steps + args.steps):
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     if args.method == "adalora":  # PEFT's loop: allocate after the step, before zero_grad
-        model.encoder.base_model.update_and_allocate(step)
-    seen += y.numel()
-elapsed = time.perf_counter() - start
-print(json.dumps({"peer": "transformers+peft", "examples_per_s": seen / elapsed,
-                  "threads": args.threads, "dtype": args.dtype, "steps": args.steps, "batch_size": args.batch_size}))
+        model.encoder.base_model.update_and_allocate(at)
+    return y.numel()
+
+
+if not args.epochs:
+    seen, start = 0, None
+    for at in range(args.warmup_steps + args.steps):
+        if at == args.warmup_steps:
+            start, seen = time.perf_counter(), 0
+        # Consecutive batches from the start of the file: the same ones Tessera sees with shuffle = false.
+        i = at * args.batch_size
+        seen += step(texts[i:i + args.batch_size], labels[i:i + args.batch_size], at)
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"peer": peer_name, "examples_per_s": seen / elapsed,
+                      "threads": args.threads, "dtype": args.dtype, "steps": args.steps, "batch_size": args.batch_size}))
+else:
+    per_epoch = math.ceil(len(texts) / args.batch_size)
+    total = per_epoch * args.epochs
+    warm = int(total * args.warmup_ratio)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: s / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+                 for o in getattr(opt, "opts", [opt])]
+    g = torch.Generator().manual_seed(args.seed)
+    seen, timed, at = 0, 0.0, 0
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(texts), generator=g).tolist()
+        for b in range(per_epoch):
+            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            t0 = time.perf_counter()
+            n = step([texts[k] for k in idx], [labels[k] for k in idx], at)
+            for sch in schedules:
+                sch.step()
+            if at >= args.warmup_steps:  # as Tessera times: the steps after the first few
+                timed += time.perf_counter() - t0
+                seen += n
+            at += 1
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for i in range(0, len(test), 128):
+            rows = test[i:i + 128]
+            batch = tok([r["text"] for r in rows], padding="longest", truncation=True, max_length=args.max_length, return_tensors="pt")
+            pred = model(batch["input_ids"], batch["attention_mask"]).argmax(-1)
+            right += int((pred == torch.tensor([int(r["label"]) for r in rows])).sum())
+    print(json.dumps({"peer": peer_name, "examples_per_s": seen / max(timed, 1e-9), "test_accuracy": right / len(test),
+                      "test_examples": len(test), "epochs": args.epochs, "steps": at, "threads": args.threads, "batch_size": args.batch_size}))

@@ -17,11 +17,22 @@ def seeded_shuffle(v, seed):
         v[i - 1], v[j] = v[j], v[i - 1]
 
 
-def train_rows(path, test_fraction=0.2, seed=13):
-    """The CSV rows of the train split ([data] test_fraction and seed): the test split is
-    the first share of the shuffled order."""
+def split_rows(path, test_fraction=0.2, seed=13, limit=0):
+    """The CSV rows of the train and the test split ([data] test_fraction, seed and limit): a
+    limit keeps a seeded sample in file order; the test split is the first share of the
+    shuffled order."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    if 0 < limit < len(rows):
+        keep = list(range(len(rows)))
+        seeded_shuffle(keep, seed ^ 0x5EED)
+        rows = [rows[k] for k in sorted(keep[:limit])]
     order = list(range(len(rows)))
     seeded_shuffle(order, seed)
-    return [rows[k] for k in order[int(len(rows) * test_fraction + 0.5):]]
+    cut = int(len(rows) * test_fraction + 0.5)
+    return [rows[k] for k in order[cut:]], [rows[k] for k in order[:cut]]
+
+
+def train_rows(path, test_fraction=0.2, seed=13):
+    """The CSV rows of the train split ([data] test_fraction and seed)."""
+    return split_rows(path, test_fraction, seed)[0]

@@ -76,10 +76,10 @@ Matrix load_matrix(const std::string& path, const PluginRegistry& registry) {
   const toml::node* base = root.get("base");
   if (base == nullptr) throw ConfigError({path, 1, 1}, "a matrix needs 'base': the config whose model, data, task and budget every setup shares");
   m.base = load_config(config_path(path, *base));
-  m.seeds = read_seeds(path, root, m.base.train.seed);
-  m.out = root.get("out") ? config_path(path, *root.get("out")) : (fs::path("runs") / ("assess-" + fs::path(path).stem().string())).string();
   const toml::table* budget = table_at(path, root, "train");
   read_train_keys(path, budget, m.base.train);  // checked once here, with the file's positions
+  m.seeds = read_seeds(path, root, m.base.train.seed);
+  m.out = root.get("out") ? config_path(path, *root.get("out")) : (fs::path("runs") / ("assess-" + fs::path(path).stem().string())).string();
   const toml::node* setups = root.get("setups");
   if (setups == nullptr || !setups->is_array_of_tables() || setups->as_array()->empty())
     throw ConfigError(setups ? source_of(path, *setups) : SourcePos{path, 1, 1}, "a matrix needs [[setups]]: each a name and a config or [[setups.methods]]");

@@ -8,7 +8,7 @@
 //
 //   base = "../quickstart.toml"
 //   seeds = [42, 7]                        # [train] seed of each repetition (default: the base's)
-//   out = "../../runs/assess-quickstart"   # default: runs/assess-<matrix name>
+//   out = "../../runs/assess-quickstart"   # default: runs/assess-<matrix name> in the working directory
 //   [train]                                # over every setup: the budget (epochs, max_steps, threads …)
 //   [[setups]]  name, config, [[setups.methods]], [[setups.groups]], [setups.train]
 #pragma once

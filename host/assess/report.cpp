@@ -41,12 +41,16 @@ struct Values {
 };
 
 // Model FLOPs of one training token in the base's linear products: the forward (2 per
-// weight) and the input gradients back through them (2 more); the weights' own gradients (2
-// more) when they train, 6N for full fine-tuning as utilisation figures count it. What the
-// methods add (small low-rank or bottleneck products) and attention's T² products are left
-// out: a lower bound of the work done, alike for every setup but LST, whose backward does not
-// pass through the backbone.
-double flops_per_token(double matmul, bool base_trains) { return (base_trains ? 6.0 : 4.0) * matmul; }
+// weight) and the input gradients back through them (2 more) — none where no gradient enters
+// the backbone (the head alone; LST, whose side network reads the backbone's states); the
+// weights' own gradients (2 more) when they train, 6N for full fine-tuning as utilisation
+// figures count it. What the methods add (small low-rank or bottleneck products) and
+// attention's T² products are left out: a lower bound of the work done.
+double flops_per_token(double matmul, const json& plugins) {
+  auto uses = [&](const char* p) { return std::find(plugins.begin(), plugins.end(), p) != plugins.end(); };
+  const bool no_backward = plugins.empty() || (plugins.size() == 1 && uses("lst"));
+  return (no_backward ? 2.0 : uses("full") ? 6.0 : 4.0) * matmul;
+}
 
 json row_of(const std::string& setup, const std::vector<const json*>& runs, double peak) {
   json row = {{"setup", setup}, {"runs", runs.size()}, {"failed", 0}, {"errors", json::array()}};
@@ -81,8 +85,7 @@ json row_of(const std::string& setup, const std::vector<const json*>& runs, doub
   row["peak_rss_mib"] = v.mean_of("peak_rss_mib"), row["wall_seconds"] = v.mean_of("wall_seconds"), row["adapter_bytes"] = v.mean_of("adapter_bytes");
   row["train_examples_per_s"] = v.mean_of("examples_per_s"), row["train_tokens_per_s"] = v.mean_of("tokens_per_s");
   row["eval_examples_per_s"] = v.mean_of("eval_examples_per_s"), row["eval_merged_examples_per_s"] = v.mean_of("eval_merged_examples_per_s");
-  const bool base_trains = row.contains("plugins") && std::find(row["plugins"].begin(), row["plugins"].end(), "full") != row["plugins"].end();
-  const double flops = row["train_tokens_per_s"].get<double>() * flops_per_token(v.mean_of("matmul_parameters").get<double>(), base_trains);
+  const double flops = row["train_tokens_per_s"].get<double>() * flops_per_token(v.mean_of("matmul_parameters").get<double>(), row.value("plugins", json::array()));
   row["train_flops_per_s"] = flops;
   row["flops_share"] = peak > 0 ? json(flops / peak) : json();
   return row;
@@ -95,7 +98,7 @@ bool is_full(const json& row) { return row.contains("plugins") && row["plugins"]
 
 bool lower_is_better(const std::string& metric) { return metric == "perplexity" || metric == "loss"; }
 
-json aggregate(const json& records, const json& machine) {
+json aggregate(const json& records, const json& machine, const json& peers) {
   std::vector<std::string> order;
   std::map<std::string, std::vector<const json*>> runs;
   for (const auto& r : records) {
@@ -104,7 +107,10 @@ json aggregate(const json& records, const json& machine) {
     runs[s].push_back(&r);
   }
   json rows = json::array();
-  for (const auto& s : order) rows.push_back(row_of(s, runs[s], machine.value("peak_flops", 0.0)));
+  for (const auto& s : order) {
+    rows.push_back(row_of(s, runs[s], machine.value("peak_flops", 0.0)));
+    if (peers.is_object() && peers.contains(s)) rows.back()["peer"] = peers[s];
+  }
   const auto full = std::find_if(rows.begin(), rows.end(), is_full);
   if (full != rows.end()) {
     const json f = *full;

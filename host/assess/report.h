@@ -14,8 +14,9 @@
 namespace tessera {
 
 // One row per setup, in matrix order. `machine` holds at least "peak_flops" (the dense
-// product's FLOP/s measured in this run; 0: unknown).
-nlohmann::json aggregate(const nlohmann::json& records, const nlohmann::json& machine);
+// product's FLOP/s measured in this run; 0: unknown). `peers`: bench/assess_peers.py's
+// peers.json (setup -> the peer library's accuracy, examples/s and peak RSS, or why none), or null.
+nlohmann::json aggregate(const nlohmann::json& records, const nlohmann::json& machine, const nlohmann::json& peers = nullptr);
 
 // The task metric's direction: perplexity and loss fall as a model gets better.
 bool lower_is_better(const std::string& metric);

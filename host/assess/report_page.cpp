@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <vector>
 
 namespace tessera {
@@ -17,6 +18,13 @@ using json = nlohmann::json;
 
 bool has(const json& row, const char* k) { return row.contains(k) && row[k].is_number(); }
 double num(const json& row, const char* k) { return row[k].get<double>(); }
+
+// A table cell's text: a '|' would end the cell.
+std::string cell(const std::string& s) {
+  std::string o;
+  for (char c : s) o += c == '|' ? std::string("\\|") : std::string(1, c);
+  return o;
+}
 
 std::string metric_text(const json& row) {
   const bool percent = row["metric"] == "accuracy";
@@ -74,11 +82,11 @@ std::string machine_text(const json& m) {
 
 // Footnotes every report carries: what the columns count.
 const char* kNotes =
-    "Peak RSS: the training process's (the kernel's ru_maxrss). Training examples/s and tokens/s: the optimizer steps after the first three. "
+    "Peak RSS: the training process's own high-water mark (VmHWM). Training examples/s and tokens/s: the optimizer steps after the first three. "
     "Evaluation: the test split through `tessera eval` unmerged and after `--merge` (— where a method cannot be folded into the weights). "
-    "FLOP/s of peak: the base's linear products per training token, 4·N_matmul (forward and input gradients; 6·N_matmul when the "
-    "base's weights train), times tokens/s, over this machine's dense f32 product measured at the start; the methods' own products "
-    "and attention's T² products are left out (a lower bound; LST's backward skips the backbone, so its figure counts work it does not do).";
+    "FLOP/s of peak: the base's linear products per training token, 4·N_matmul (forward and input gradients; 2·N_matmul where no "
+    "gradient enters the backbone: the head alone, LST; 6·N_matmul when the base's weights train), times tokens/s, over this machine's "
+    "dense f32 product measured at the start; the methods' own products and attention's T² products are left out (a lower bound).";
 
 // The training loss of each setup's first finished run, smoothed as the progress bar shows it.
 std::vector<Series> loss_series(const json& records) {
@@ -133,6 +141,76 @@ std::string full_table(const json& rows) {
          o + "</tbody></table>";
 }
 
+// Each setup beside the peer library that has its method (bench/assess_peers.py), where the
+// report has peers: the metric, training examples/s and peak RSS of both, and the ratios.
+struct PeerCell {
+  std::string text;
+  double value;
+  const char* key;
+};
+
+std::vector<PeerCell> peer_cells(const json& row) {
+  const json& p = row["peer"];
+  const bool percent = row.value("metric", "") == "accuracy";
+  auto metric = [&](double v) { return percent ? fmt::format("{:.2f}%", 100 * v) : fmt::format("{:.4g}", v); };
+  const double ours_speed = num(row, "train_examples_per_s"), peer_speed = p["examples_per_s"].get<double>();
+  const double ours_rss = num(row, "peak_rss_mib"), peer_rss = p["peak_rss_mib"].get<double>();
+  return {{metric(num(row, "metric_mean")), num(row, "metric_mean"), "metric_mean"},
+          {metric(p["test_accuracy"].get<double>()), p["test_accuracy"].get<double>(), "peer_metric"},
+          {fmt::format("{:.1f}", ours_speed), ours_speed, "train_examples_per_s"},
+          {fmt::format("{:.1f}", peer_speed), peer_speed, "peer_examples_per_s"},
+          {fmt::format("{:.2f}×", ours_speed / peer_speed), ours_speed / peer_speed, "speed_ratio"},
+          {fmt::format("{:.0f} MiB", ours_rss), ours_rss, "peak_rss_mib"},
+          {fmt::format("{:.0f} MiB", peer_rss), peer_rss, "peer_peak_rss_mib"},
+          {fmt::format("{:.2f}×", ours_rss / peer_rss), ours_rss / peer_rss, "rss_ratio"}};
+}
+
+bool has_peer(const json& row) { return row.contains("peer") && !row["peer"].contains("error") && has(row, "metric_mean"); }
+
+const char* kPeerHeaders[] = {"setup", "peer", "metric", "peer's metric", "train ex/s", "peer's ex/s", "speed", "peak RSS", "peer's peak RSS", "memory"};
+
+std::string peers_markdown(const json& rows) {
+  std::string body;
+  for (const auto& row : rows) {
+    if (!row.contains("peer")) continue;
+    body += "| " + cell(row["setup"].get<std::string>()) + " | ";
+    if (!has_peer(row)) {
+      body += "— | " + cell(row["peer"].value("error", std::string("no finished run"))) + " |||||||\n";
+      continue;
+    }
+    body += row["peer"]["peer"].get<std::string>() + " (" + row["peer"]["method"].get<std::string>() + ") |";
+    for (const auto& c : peer_cells(row)) body += " " + c.text + " |";
+    body += "\n";
+  }
+  if (body.empty()) return body;
+  std::string head = "\n## Against the peer libraries\n\n|";
+  for (const char* h : kPeerHeaders) head += std::string(" ") + h + " |";
+  head += "\n|";
+  for (std::size_t i = 0; i < std::size(kPeerHeaders); ++i) head += "---|";
+  return head + "\n" + body;
+}
+
+std::string peers_html(const json& rows) {
+  std::string body;
+  for (const auto& row : rows) {
+    if (!row.contains("peer")) continue;
+    body += "<tr data-setup=\"" + escape_xml(row["setup"].get<std::string>()) + "\"><td class=\"name\">" + escape_xml(row["setup"].get<std::string>()) + "</td>";
+    if (!has_peer(row)) {
+      body += "<td class=\"status\" colspan=\"9\">" + escape_xml(row["peer"].value("error", std::string("no finished run"))) + "</td></tr>";
+      continue;
+    }
+    body += "<td class=\"name\">" + escape_xml(row["peer"]["peer"].get<std::string>() + " (" + row["peer"]["method"].get<std::string>() + ")") + "</td>";
+    for (const auto& c : peer_cells(row)) body += fmt::format("<td data-key=\"{}\" data-value=\"{:.17g}\">{}</td>", c.key, c.value, escape_xml(c.text));
+    body += "</tr>";
+  }
+  if (body.empty()) return body;
+  std::string head = "<h2>Against the peer libraries</h2><p class=\"note\">The same data, split, batch, length, epochs, rates, seed and threads "
+                     "through transformers with peft or AdapterHub's adapters on the same torch (bench/assess_peers.py); speed and memory: ours over the peer's.</p>"
+                     "<table id=\"peers\"><thead><tr>";
+  for (const char* h : kPeerHeaders) head += std::string("<th>") + escape_xml(h) + "</th>";
+  return head + "</tr></thead><tbody>" + body + "</tbody></table>";
+}
+
 }  // namespace
 
 std::string report_markdown(const json& rows, const json& machine) {
@@ -142,11 +220,11 @@ std::string report_markdown(const json& rows, const json& machine) {
   for (std::size_t i = 0; i <= columns().size(); ++i) o += "---|";
   o += "\n";
   for (const auto& row : rows) {
-    o += "| " + row["setup"].get<std::string>() + " |";
+    o += "| " + cell(row["setup"].get<std::string>()) + " |";
     for (const auto& c : columns()) o += " " + (has(row, c.key) ? c.text(row) : std::string("—")) + " |";
-    o += " " + status_text(row) + " |\n";
+    o += " " + cell(status_text(row)) + " |\n";
   }
-  return o + "\n" + kNotes + "\n";
+  return o + "\n" + kNotes + "\n" + peers_markdown(rows);
 }
 
 std::string report_html(const json& rows, const json& records, const json& machine) {
@@ -165,7 +243,7 @@ std::string report_html(const json& rows, const json& records, const json& machi
       o += has(row, c.key) ? fmt::format("<td data-key=\"{}\" data-value=\"{:.17g}\">{}</td>", c.key, num(row, c.key), escape_xml(c.text(row))) : "<td>—</td>";
     o += std::string("<td class=\"status") + (row["failed"].get<int>() ? " failed" : "") + "\">" + escape_xml(status_text(row)) + "</td></tr>";
   }
-  o += "</tbody></table><p class=\"note\">" + escape_xml(kNotes) + "</p>" + full_table(rows) + "<div class=\"charts\">";
+  o += "</tbody></table><p class=\"note\">" + escape_xml(kNotes) + "</p>" + full_table(rows) + peers_html(rows) + "<div class=\"charts\">";
   o += report_charts(rows, records);
   return o + "</div></body></html>\n";
 }

@@ -1,10 +1,11 @@
 #include "assess/runner.h"
 
 #include "formats/safetensors.h"
+#include "runtime/plugin_registry.h"
 #include "train/progress.h"
 
 #include <fcntl.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -12,13 +13,13 @@
 #include <spdlog/spdlog.h>
 
 #include <cerrno>
+#include <csignal>
+#include <cstdlib>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
-
-extern char** environ;
 
 namespace tessera {
 namespace fs = std::filesystem;
@@ -34,26 +35,34 @@ struct Child {
   }
 };
 
-// Runs argv with stdout into `out` and stderr into `err` (both truncated), and waits.
+// Runs argv with stdout into `out` and stderr into `err` (both truncated), and waits. The
+// child dies with this process (PR_SET_PDEATHSIG): an interrupted matrix leaves no run behind.
 Child spawn(const std::vector<std::string>& argv, const std::string& out, const std::string& err) {
-  posix_spawn_file_actions_t files;
-  posix_spawn_file_actions_init(&files);
-  posix_spawn_file_actions_addopen(&files, STDOUT_FILENO, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&files, STDERR_FILENO, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
+  const int out_fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644), err_fd = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (out_fd < 0 || err_fd < 0) throw std::runtime_error("cannot write " + (out_fd < 0 ? out : err) + ": " + std::strerror(errno));
+  const pid_t parent = ::getpid();
   const auto start = std::chrono::steady_clock::now();
-  pid_t pid = 0;
-  const int rc = posix_spawn(&pid, args[0], &files, nullptr, args.data(), environ);
-  posix_spawn_file_actions_destroy(&files);
-  if (rc != 0) throw std::runtime_error("cannot start " + argv[0] + ": " + std::strerror(rc));
+  const pid_t pid = ::fork();
+  if (pid == 0) {  // only async-signal-safe calls until exec
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent) ::_exit(127);  // the parent died before the line above
+    ::dup2(out_fd, STDOUT_FILENO), ::dup2(err_fd, STDERR_FILENO);
+    ::execv(args[0], args.data());
+    ::_exit(127);
+  }
+  ::close(out_fd), ::close(err_fd);
+  if (pid < 0) throw std::runtime_error("cannot start " + argv[0] + ": " + std::strerror(errno));
   Child c;
   rusage usage{};
   while (wait4(pid, &c.status, 0, &usage) < 0)
     if (errno != EINTR) throw std::runtime_error("waiting for " + argv[0] + ": " + std::strerror(errno));
   c.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  c.peak_rss_mib = static_cast<double>(usage.ru_maxrss) / 1024.0;  // KiB on Linux
+  // KiB on Linux; from fork on, so at least this process's own peak: a training run reports its
+  // own (result.json's peak_rss_mib, VmHWM), which the record keeps instead.
+  c.peak_rss_mib = static_cast<double>(usage.ru_maxrss) / 1024.0;
   return c;
 }
 
@@ -109,6 +118,7 @@ nlohmann::json run_one(const Setup& s, std::int64_t seed, const Matrix& m, const
     const auto done = nlohmann::json::parse(read_text(record.string()), nullptr, false);
     if (!done.is_discarded() && done.value("config", "") == config_text) return done;  // finished, same config: kept
   }
+  fs::remove(record);  // before the run folder is cleared: a record names a run that is there
   write_file_atomic(config.string(), config_text);
   std::vector<std::string> argv = o.tessera;
   for (const std::string& a : std::initializer_list<std::string>{"train", config.string(), "--run-dir", run.string(), "--overwrite"}) argv.push_back(a);
@@ -116,6 +126,7 @@ nlohmann::json run_one(const Setup& s, std::int64_t seed, const Matrix& m, const
   r["wall_seconds"] = c.wall_seconds, r["peak_rss_mib"] = c.peak_rss_mib;
   if (!c.ok()) return r["error"] = reason_from_log(log.string()) + " (" + c.how() + "; " + log.string() + ")", r;
   r["result"] = nlohmann::json::parse(read_text((run / "result.json").string()));
+  if (r["result"].contains("peak_rss_mib")) r["peak_rss_mib"] = r["result"]["peak_rss_mib"];
   r["loss_curve"] = loss_curve(run / "metrics.jsonl");
   r["adapter_bytes"] = folder_bytes(run / "adapter");
   r["eval"] = evaluate_run(o, run, false);
@@ -134,6 +145,23 @@ std::string fmt_running(const std::string& setup, std::int64_t seed, std::int64_
 }
 
 }  // namespace
+
+nlohmann::json run_peers(const std::string& out) {
+  const char* venv = std::getenv("TESSERA_VENV");
+  const fs::path script = fs::path(TESSERA_SOURCE_DIR) / "bench" / "assess_peers.py";
+  if (venv == nullptr || !fs::exists(script)) {
+    spdlog::warn("--peers needs the source tree's {} and $TESSERA_VENV (source scripts/bootstrap's env.sh): no peer column", script.string());
+    return nullptr;
+  }
+  spdlog::info("running the peer libraries' side (log: {})", (fs::path(out) / "peers.log").string());
+  const Child c = spawn({(fs::path(venv) / "bin" / "python").string(), script.string(), out}, (fs::path(out) / "peers.out").string(),
+                        (fs::path(out) / "peers.log").string());
+  if (!c.ok()) spdlog::warn("the peer runner failed ({}): {}", c.how(), reason_from_log((fs::path(out) / "peers.log").string()));
+  const fs::path file = fs::path(out) / "peers.json";
+  if (!fs::exists(file)) return nullptr;
+  const auto j = nlohmann::json::parse(read_text(file.string()), nullptr, false);
+  return j.is_discarded() ? nlohmann::json() : j;
+}
 
 std::string reason_from_log(const std::string& log) {
   std::ifstream in(log);
@@ -155,7 +183,11 @@ nlohmann::json run_matrix(const Matrix& m, const RunnerOptions& o) {
   for (const auto& s : m.setups)
     for (const auto seed : m.seeds) {
       bar.update(done, fmt_running(s.name, seed, failed));
-      records.push_back(run_one(s, seed, m, o));
+      try {
+        records.push_back(run_one(s, seed, m, o));
+      } catch (const std::exception& e) {  // a file that cannot be written or read back: this row's failure only
+        records.push_back({{"setup", s.name}, {"seed", seed}, {"ok", false}, {"error", one_line(e)}});
+      }
       if (!records.back()["ok"].get<bool>()) {
         ++failed;
         spdlog::warn("{} (seed {}) failed: {}", s.name, seed, records.back()["error"].get<std::string>());

@@ -86,8 +86,10 @@ std::string escape_xml(const std::string& s) {
 std::string svg_chart(const ChartSpec& spec, const std::vector<Series>& series) {
   const Axis ax = axis_of(series, true, spec.log_x), ay = axis_of(series, false, false);
   const double x0 = kLeft, x1 = kWidth - kRight, y0 = kHeight - kBottom, y1 = kTop;
+  // Taller than the plot when the legend needs it (a row of 14 px per series).
+  const double height = std::max(kHeight, kTop + 14.0 * static_cast<double>(series.size()) + 12);
   std::string o = fmt::format("<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {} {}\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">", kWidth,
-                              kHeight, kWidth, kHeight);
+                              height, kWidth, height);
   o += frame(spec, ax, ay);
   for (std::size_t i = 0; i < series.size(); ++i) {
     const auto& s = series[i];

@@ -17,6 +17,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 
 namespace tessera {
@@ -25,7 +26,7 @@ namespace {
 
 struct Args {
   std::string matrix, out;
-  bool rerun = false, check = false;
+  bool rerun = false, check = false, peers = false;
 };
 
 // This binary with the global options it was given (plugin directories …), for the runs.
@@ -53,10 +54,18 @@ int run_assess(const Args& a, const PluginRegistry& registry) {
   spdlog::info("assessing {} setups × {} seeds into {}", m.setups.size(), m.seeds.size(), m.out);
   const nlohmann::json machine = machine_info(m.base.train.threads);
   const nlohmann::json records = run_matrix(m, {child_prefix(), a.rerun});
-  const nlohmann::json rows = aggregate(records, machine);
   nlohmann::json kept = records;
   for (auto& r : kept) r.erase("config");  // each run's own .toml holds it
-  write_file_atomic((fs::path(m.out) / "results.json").string(), nlohmann::json{{"matrix", fs::absolute(m.file).string()}, {"machine", machine}, {"rows", rows}, {"runs", kept}}.dump(1) + "\n");
+  const auto results = fs::path(m.out) / "results.json";
+  auto write_results = [&](const nlohmann::json& rows) {
+    write_file_atomic(results.string(), nlohmann::json{{"matrix", fs::absolute(m.file).string()}, {"machine", machine}, {"rows", rows}, {"runs", kept}}.dump(1) + "\n");
+  };
+  write_results(aggregate(records, machine));  // what the peer runner reads
+  // The peer column: run now (--peers), or kept from an earlier call's peers.json.
+  const auto peers_file = fs::path(m.out) / "peers.json";
+  const nlohmann::json peers = a.peers ? run_peers(m.out) : fs::exists(peers_file) ? nlohmann::json::parse(std::ifstream(peers_file), nullptr, false) : nlohmann::json();
+  const nlohmann::json rows = aggregate(records, machine, peers.is_discarded() ? nlohmann::json() : peers);
+  write_results(rows);
   const std::string md = report_markdown(rows, machine);
   write_file_atomic((fs::path(m.out) / "report.md").string(), md);
   write_file_atomic((fs::path(m.out) / "report.html").string(), report_html(rows, records, machine));
@@ -75,6 +84,7 @@ Command assess_command() {
             c.add_option("matrix", a->matrix, "matrix TOML: base, seeds, [train], [[setups]]")->required()->check(CLI::ExistingFile);
             c.add_option("--out", a->out, "output directory (default: the matrix's out)");
             c.add_flag("--rerun", a->rerun, "run every setup again, finished or not");
+            c.add_flag("--peers", a->peers, "also run the peer libraries (peft, AdapterHub's adapters) on the same task for the setups they have (bench/assess_peers.py)");
             c.add_flag("--check", a->check, "build every setup's config and validate its methods, run nothing (exit 4 when one fails)");
           },
           [a](const PluginRegistry& r) { return run_assess(*a, r); }};

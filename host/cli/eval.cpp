@@ -54,8 +54,9 @@ int run_eval(const Args& a, const PluginRegistry& registry) {
   const auto start = std::chrono::steady_clock::now();
   const EvalResult ev = evaluate(session, Split::Test);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  if (a.json) {
+  if (a.json) {  // a report's line: the numbers, and whether they reproduce training's, never an exit status
     nlohmann::json j = {{"examples", ev.examples}, {"seconds", seconds}, {"examples_per_s", static_cast<double>(ev.examples) / seconds}, {"merged", a.merge}};
+    if (!a.switches.any() && !a.merge) j["reproduces"] = compare_recorded(a.run_dir, ev.accuracy, stderr) == 0;
     for (const auto& m : session.task().metrics(ev)) j[m.key] = m.value;
     std::printf("%s\n", j.dump().c_str());
   } else {
@@ -64,7 +65,7 @@ int run_eval(const Args& a, const PluginRegistry& registry) {
   }
   // Another model than the one trained (switches), or the same folded into the weights
   // (merge: equal to rounding, not bit for bit): nothing to compare with exactly.
-  if (a.switches.any() || a.merge) return 0;
+  if (a.switches.any() || a.merge || a.json) return 0;
   return compare_recorded(a.run_dir, ev.accuracy, a.json ? stderr : stdout);
 }
 

@@ -18,6 +18,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <sstream>
 
@@ -52,10 +53,20 @@ std::string report(const Config& c, const Session& s, const TrainResult& r) {
   return o.str();
 }
 
+// This process's peak resident set (VmHWM, MiB): its own from exec on, unlike a parent's
+// ru_maxrss of a spawned child, which starts from the parent's high-water mark.
+double peak_rss_mib() {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;  // "VmHWM:  123456 kB"
+  return 0.0;
+}
+
 void write_results(const Config& config, const Session& s, const TrainResult& r, const std::string& run_dir) {
   nlohmann::json result = {{"test_examples", r.test.examples}, {"task", config.task.kind}, {"trainable_parameters", r.trainable},
                            {"base_parameters", r.base}, {"steps", r.steps}, {"seconds", r.seconds}, {"examples_per_s", r.examples_per_s},
-                           {"tokens_per_s", r.tokens_per_s}, {"eval_examples_per_s", r.eval_examples_per_s}, {"matmul_parameters", r.matmul_parameters}};
+                           {"tokens_per_s", r.tokens_per_s}, {"eval_examples_per_s", r.eval_examples_per_s}, {"matmul_parameters", r.matmul_parameters},
+                           {"peak_rss_mib", peak_rss_mib()}};
   if (r.ranks > 1)
     result["data_parallel"] = {{"ranks", r.ranks}, {"allreduce_bytes_per_step", r.allreduce_bytes_per_step},
                                {"allreduce_seconds_per_step", r.allreduce_seconds_per_step}};

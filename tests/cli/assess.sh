@@ -3,7 +3,8 @@
 # tuning from a config file) × two seeds, and one setup naming an unknown plugin. The broken
 # row says why (file, line, column) while the rest runs and the exit status is 4; report.html's
 # table parses back to the numbers each run wrote (assess_check.py, reading the runs' own
-# result.json); a second call runs nothing again; a bad matrix ends in one line, exit 1.
+# result.json); a second call runs nothing again; a bad matrix ends in one line, exit 1;
+# --peers puts peft's run of the same task beside ours.
 set -euo pipefail
 tessera=$1 out=$2 python=$3
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -85,6 +86,27 @@ status=0
 printf 'base = "base.toml"\nseed = [1]\n[[setups]]\nname = "x"\n' >"$out/bad.toml"
 if "$tessera" assess "$out/bad.toml" 2>"$out/bad.err"; then exit 1; fi
 grep -q "bad.toml:2:8: unknown key 'seed' (did you mean 'seeds'?)" "$out/bad.err"
+# --peers: the peer library on the same task (one epoch of the 200-sentence sample), its row
+# in report.html's peers table; a method no peer has says so.
+cat >"$out/peers.toml" <<TOML
+base = "base.toml"
+seeds = [3]
+out = "peered"
+[[setups]]
+name = "lora"
+[[setups.methods]]
+plugin = "lora"
+targets = ["attn.q", "attn.v"]
+[setups.methods.params]
+r = 4
+[[setups]]
+name = "bitfit"
+[[setups.methods]]
+plugin = "bitfit"
+TOML
+"$tessera" assess --peers "$out/peers.toml" >"$out/peers.txt" 2>"$out/peers.err" || { cat "$out/peers.err" "$out/peered/peers.log"; exit 1; }
+"$python" "$here/assess_check.py" "$out/peered" peers
+
 # The shipped matrices build: every setup's config read and its methods validated.
 root=$(cd "$here/../.." && pwd)
 "$tessera" assess --check "$root/configs/assess/quickstart.toml"

@@ -2,9 +2,10 @@
 for each finished setup the mean of the test metric and the trainable parameters that its
 runs wrote into their own result.json, the merged column only where the method folds, and a
 status naming the failure of a setup that could not run; report.md has one row per setup;
-the SVG charts are inline and nothing is fetched from elsewhere.
+the SVG charts are inline and nothing is fetched from elsewhere. With `peers`: the peers
+table holds peers.json's accuracy, and ratios computed from the cells beside them.
 
-usage: assess_check.py OUT"""
+usage: assess_check.py OUT [peers]"""
 import json
 import os
 import statistics
@@ -15,8 +16,9 @@ out = sys.argv[1]
 
 
 class Table(HTMLParser):
-    def __init__(self):
+    def __init__(self, table_id="assessment"):
         super().__init__()
+        self.table_id = table_id
         self.rows, self.row, self.in_table, self.cell, self.text = {}, None, False, None, ""
         self.srcs = []
 
@@ -24,7 +26,7 @@ class Table(HTMLParser):
         a = dict(attrs)
         if tag in ("script", "link", "img", "iframe") or "src" in a or ("href" in a and not a["href"].startswith("#")):
             self.srcs.append((tag, a))
-        if tag == "table" and a.get("id") == "assessment":
+        if tag == "table" and a.get("id") == self.table_id:
             self.in_table = True
         if self.in_table and tag == "tr" and "data-setup" in a:
             self.row = self.rows.setdefault(a["data-setup"], {})
@@ -47,6 +49,17 @@ class Table(HTMLParser):
 
 
 html = open(os.path.join(out, "report.html")).read()
+if len(sys.argv) > 2 and sys.argv[2] == "peers":  # the peers table: peft's numbers beside ours, read back
+    t = Table("peers")
+    t.feed(html)
+    peers = json.load(open(os.path.join(out, "peers.json")))
+    row = t.rows["lora"]
+    assert 0 <= row["peer_metric"] <= 1 and abs(row["peer_metric"] - peers["lora"]["test_accuracy"]) < 1e-12, row
+    assert row["peer_examples_per_s"] > 0 and row["peer_peak_rss_mib"] > 50, row
+    assert abs(row["speed_ratio"] - row["train_examples_per_s"] / row["peer_examples_per_s"]) < 1e-9, row
+    assert "no peer library has bitfit" in t.rows["bitfit"]["status"], t.rows["bitfit"]
+    print(f"assess_check: peers table read back (ours {row['train_examples_per_s']:.1f} ex/s, peft {row['peer_examples_per_s']:.1f})")
+    sys.exit(0)
 t = Table()
 t.feed(html)
 assert not t.srcs, f"report.html fetches or runs something: {t.srcs}"

@@ -20,11 +20,12 @@ namespace {
 
 std::string file_key(const tessera::ParameterSite& p) { return "base_model.model." + p.hf_name(); }
 
-// The lookup tables (word, position, token type; a T5's shared table, a separate LM head):
-// the sites every architecture names embed.<table>.weight, and head.weight; not embed.norm.
+// The lookup tables (word, position, token type; a T5's shared table and its relative-position
+// buckets) and a separate LM head: the sites every architecture names embed.<table>.weight,
+// <stack>.position_bias.weight and head.*; not embed.norm.
 bool embedding(const tessera::ParameterSite& p) {
   const std::string& n = p.name();
-  return n == "head.weight" || (n.rfind("embed.", 0) == 0 && n.find("norm") == std::string::npos);
+  return n.rfind("head.", 0) == 0 || n.find("position_bias.") != std::string::npos || (n.rfind("embed.", 0) == 0 && n.find("norm") == std::string::npos);
 }
 
 class Full final : public tessera::Method {
