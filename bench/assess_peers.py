@@ -1,7 +1,7 @@
 """The peer libraries' side of an assessment: `tessera assess --peers` runs this after its own
 runs (or run it by hand: python bench/assess_peers.py OUT, then `tessera assess MATRIX` again
 to re-render). For each setup in OUT/results.json whose method a peer library has — peft, or
-AdapterHub's adapters in its own venv — the same task through bench/peer_hf_peft.py with the
+AdapterHub's adapters in its own venv, or transformers alone for full fine-tuning — the same task through bench/peer_hf_peft.py with the
 run's own data, split, limit, batch, length, epochs, rates, seed and threads (read from the
 run's resolved config), measured as Tessera's runs are: the child's peak RSS (ru_maxrss), its
 training examples/s, its test accuracy. Writes OUT/peers.json, one entry per setup (an
@@ -47,8 +47,10 @@ def peer_method(cfg):
         return (name, extra + ["--rank", str(p.get("r", 8))]), None
     if plugin in ("adalora", "loha", "lokr", "vera"):
         return (plugin, extra + (["--rank", str(p["r"])] if plugin in ("loha", "lokr") else [])), None
-    if plugin in ("ia3", "prompt_tuning", "p_tuning", "prefix_tuning"):
+    if plugin in ("ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "ln_tuning"):
         return (plugin, extra), None
+    if plugin == "full" and p.get("embeddings", True) and not m.get("targets"):
+        return ("full", extra), None
     if plugin in ("bottleneck", "compacter"):
         return (p.get("config", "seq_bn"), extra), None
     return None, f"no peer library has {plugin}"
@@ -81,7 +83,8 @@ def run_peer(setup, record):
         lines = [l for l in log.read_text().splitlines() if l.strip()]
         return {"error": f"the peer failed ({lines[-1] if lines else 'no output'}; {log})", "method": method}
     j = json.loads(stdout.strip().splitlines()[-1])
-    return {"peer": j["peer"], "method": method, "test_accuracy": j["test_accuracy"], "examples_per_s": j["examples_per_s"],
+    label = method + (" over nf4" if "--quantize" in extra else "")
+    return {"peer": j["peer"], "method": label, "test_accuracy": j["test_accuracy"], "examples_per_s": j["examples_per_s"],
             "peak_rss_mib": usage.ru_maxrss / 1024, "wall_seconds": time.perf_counter() - start}
 
 

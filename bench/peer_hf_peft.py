@@ -30,7 +30,7 @@ ap.add_argument("--threads", type=int, default=os.cpu_count())
 ap.add_argument("--rank", type=int, default=8)
 ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 ap.add_argument("--padding", choices=["max_length", "longest"], default="max_length")
-ap.add_argument("--method", choices=["lora", "lora_fa", "dora", "adalora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn", "compacter", "compacter++", "mam", "unipelt"],
+ap.add_argument("--method", choices=["full", "ln_tuning", "lora", "lora_fa", "dora", "adalora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn", "compacter", "compacter++", "mam", "unipelt"],
                 default="lora",
                 help="ia3: IA3Config with PEFT's defaults for BERT; prompt_tuning, p_tuning, prefix_tuning: 20 virtual tokens "
                      "(P-tuning's MLP encoder, prefix tuning without projection); the *_bn and compacter, compacter++: AdapterHub's bottleneck presets (adapters); mam, unipelt: its MAMConfig and UniPELTConfig")
@@ -77,10 +77,14 @@ class Classifier(torch.nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp_min(1e-9))
 
 
-if args.method in ("lora", "lora_fa", "dora", "adalora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"):
-    from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+if args.method == "full":  # full fine-tuning as transformers users run it: every parameter trains
+    model = Classifier(encoder)
+elif args.method in ("ln_tuning", "lora", "lora_fa", "dora", "adalora", "loha", "lokr", "vera", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"):
+    from peft import IA3Config, LNTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
-    if args.method == "prompt_tuning":
+    if args.method == "ln_tuning":  # every LayerNorm, as configs/ln-tuning-minilm.toml
+        cfg = LNTuningConfig(target_modules=["LayerNorm"])
+    elif args.method == "prompt_tuning":
         cfg = PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20)
     elif args.method == "p_tuning":
         cfg = PromptEncoderConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20)
@@ -102,7 +106,7 @@ for p in model.head.parameters():
     p.requires_grad_(True)
 model.train()
 ADAPTERHUB = args.method.endswith("_bn") or args.method.startswith("compacter") or args.method in ("mam", "unipelt")
-peer_name = "transformers+adapters" if ADAPTERHUB else "transformers+peft"
+peer_name = "transformers+adapters" if ADAPTERHUB else "transformers" if args.method == "full" else "transformers+peft"
 lr = args.lr if args.epochs else 1e-3
 opt = optimizer(args.method, model.encoder, model.head.parameters(), args.rank, lr=lr) if args.method in REPARAMETERIZED else \
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay)

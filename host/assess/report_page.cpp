@@ -241,7 +241,10 @@ std::string report_html(const json& rows, const json& records, const json& machi
     o += "<tr data-setup=\"" + escape_xml(row["setup"].get<std::string>()) + "\"><td class=\"name\">" + escape_xml(row["setup"].get<std::string>()) + "</td>";
     for (const auto& c : columns())
       o += has(row, c.key) ? fmt::format("<td data-key=\"{}\" data-value=\"{:.17g}\">{}</td>", c.key, num(row, c.key), escape_xml(c.text(row))) : "<td>—</td>";
-    o += std::string("<td class=\"status") + (row["failed"].get<int>() ? " failed" : "") + "\">" + escape_xml(status_text(row)) + "</td></tr>";
+    // A run that cannot merge is fine: said briefly, the reason on hover (the Markdown has it whole).
+    const bool short_merge = row["failed"].get<int>() == 0 && row.contains("merge_error");
+    o += std::string("<td class=\"status") + (row["failed"].get<int>() ? " failed" : "") + "\"" +
+         (short_merge ? " title=\"" + escape_xml(row["merge_error"].get<std::string>()) + "\">ok, not mergeable" : ">" + escape_xml(status_text(row))) + "</td></tr>";
   }
   o += "</tbody></table><p class=\"note\">" + escape_xml(kNotes) + "</p>" + full_table(rows) + peers_html(rows) + "<div class=\"charts\">";
   o += report_charts(rows, records);

@@ -75,7 +75,7 @@ for setup in ("lora", "full", "prompt"):
     assert row["adapter_bytes"] > 0 and row["status"].startswith("ok"), row
     assert ("eval_merged_examples_per_s" in row) == (setup != "prompt"), (setup, row)
 assert t.rows["full"]["trainable"] > 22_000_000, "full fine-tuning trains every parameter of MiniLM"
-assert "no merge" in t.rows["prompt"]["status"], t.rows["prompt"]["status"]
+assert "not mergeable" in t.rows["prompt"]["status"], t.rows["prompt"]["status"]
 assert "lorra" in t.rows["broken"]["status"] and "metric_mean" not in t.rows["broken"]
 md = open(os.path.join(out, "report.md")).read()
 assert sum(1 for line in md.splitlines() if line.startswith("| ") and not line.startswith("| setup")) == 4, md

@@ -24,6 +24,12 @@ TOML
 "$tessera" --log-level warn train "$out/run.toml" --run-dir "$out/run"
 "$tessera" eval "$out/run" | tee "$out/eval.txt"
 grep -q "reproduces the accuracy recorded at training time" "$out/eval.txt"
+# --json: one JSON line on stdout (the verdict inside it and on stderr); --merge: LoRA folded
+# into the weights first, the same accuracy to rounding, no exact comparison.
+"$tessera" eval "$out/run" --json >"$out/eval.json" 2>/dev/null
+[ "$(wc -l <"$out/eval.json")" -eq 1 ] && grep -q '"reproduces":true' "$out/eval.json" && grep -q '"examples_per_s":[1-9]' "$out/eval.json"
+"$tessera" eval "$out/run" --merge | tee "$out/eval-merged.txt"
+grep -q "examples/s, merged)" "$out/eval-merged.txt" && ! grep -q "recorded at training time" "$out/eval-merged.txt"
 # --disable / --scale evaluate another model than the one trained: no comparison; a name the
 # run lacks and a scale without a number are refused.
 "$tessera" eval "$out/run" --disable lora | tee "$out/eval-off.txt"
