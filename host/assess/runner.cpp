@@ -124,7 +124,8 @@ nlohmann::json run_one(const Setup& s, std::int64_t seed, const Matrix& m, const
   for (const std::string& a : std::initializer_list<std::string>{"train", config.string(), "--run-dir", run.string(), "--overwrite"}) argv.push_back(a);
   const Child c = spawn(argv, log.string() + ".out", log.string());
   r["wall_seconds"] = c.wall_seconds, r["peak_rss_mib"] = c.peak_rss_mib;
-  if (!c.ok()) return r["error"] = reason_from_log(log.string()) + " (" + c.how() + "; " + log.string() + ")", r;
+  r["log"] = log.string();
+  if (!c.ok()) return r["error"] = reason_from_log(log.string()) + " (" + c.how() + ")", r;
   r["result"] = nlohmann::json::parse(read_text((run / "result.json").string()));
   if (r["result"].contains("peak_rss_mib")) r["peak_rss_mib"] = r["result"]["peak_rss_mib"];
   r["loss_curve"] = loss_curve(run / "metrics.jsonl");

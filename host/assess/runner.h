@@ -20,7 +20,7 @@ struct RunnerOptions {
 };
 
 // One record per setup and seed, in matrix order: {"setup", "seed", "ok", "error", "dir",
-// "wall_seconds", "peak_rss_mib", "result" (the run's result.json), "eval", "eval_merged" or
+// "log", "wall_seconds", "peak_rss_mib", "result" (the run's result.json), "eval", "eval_merged" or
 // "merge_error", "adapter_bytes", "loss_curve" ([[step, loss] …])}.
 nlohmann::json run_matrix(const Matrix& m, const RunnerOptions& o);
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `tessera assess` on a small matrix: three setups (inline LoRA, full fine-tuning, prompt
-# tuning from a config file) × two seeds, and one setup naming an unknown plugin. The broken
-# row says why (file, line, column) while the rest runs and the exit status is 4; report.html's
+# tuning from a config file) × two seeds, one setup naming an unknown plugin and one that
+# diverges. Their rows say why (file, line, column; the step) while the rest runs and the exit
+# status is 4; report.html's
 # table parses back to the numbers each run wrote (assess_check.py, reading the runs' own
 # result.json); a second call runs nothing again; a bad matrix ends in one line, exit 1;
 # --peers puts peft's run of the same task beside ours.
@@ -66,12 +67,21 @@ config = "prompt.toml"
 name = "broken"
 [[setups.methods]]
 plugin = "lorra"
+
+[[setups]]
+name = "diverging"
+[[setups.methods]]
+plugin = "lora"
+targets = ["attn.q"]
+[setups.train]
+lr = 1e30                      # Adam's step is about lr whatever the gradient: inf, then nan
 TOML
 status=0
 "$tessera" assess "$out/matrix.toml" >"$out/first.txt" 2>"$out/first.err" || status=$?
 cat "$out/first.txt"
 [ "$status" -eq 4 ] || { echo "a matrix with a failing setup must exit 4, got $status"; cat "$out/first.err"; exit 1; }
 grep -q "matrix.toml:[0-9]*:[0-9]*: no plugin with id 'lorra' (did you mean 'lora'?)" "$out/assessed/report.md"
+grep -q "^| diverging |.*2 of 2 failed: training diverged at step [0-9]* (epoch 1)" "$out/assessed/report.md"
 "$python" "$here/assess_check.py" "$out/assessed"
 
 # Nothing is run again: the runs' files stay as they were.

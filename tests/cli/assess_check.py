@@ -64,7 +64,8 @@ t = Table()
 t.feed(html)
 assert not t.srcs, f"report.html fetches or runs something: {t.srcs}"
 assert html.count("<svg") == 3, "three inline charts"
-assert set(t.rows) == {"lora", "full", "prompt", "broken"}, t.rows.keys()
+assert set(t.rows) == {"lora", "full", "prompt", "broken", "diverging"}, t.rows.keys()
+assert "training diverged" in t.rows["diverging"]["status"] and "metric_mean" not in t.rows["diverging"]
 for setup in ("lora", "full", "prompt"):
     runs = [json.load(open(os.path.join(out, setup, f"seed-{s}", "result.json"))) for s in (1, 2)]
     row = t.rows[setup]
@@ -78,5 +79,5 @@ assert t.rows["full"]["trainable"] > 22_000_000, "full fine-tuning trains every 
 assert "not mergeable" in t.rows["prompt"]["status"], t.rows["prompt"]["status"]
 assert "lorra" in t.rows["broken"]["status"] and "metric_mean" not in t.rows["broken"]
 md = open(os.path.join(out, "report.md")).read()
-assert sum(1 for line in md.splitlines() if line.startswith("| ") and not line.startswith("| setup")) == 4, md
+assert sum(1 for line in md.splitlines() if line.startswith("| ") and not line.startswith("| setup")) == 5, md
 print("assess_check: report.html's table equals the runs' own results")
