@@ -152,6 +152,9 @@ CATCH_TEST_CASE("a quantized T5 keeps wo dense as transformers does in 4 bits, u
   CATCH_CHECK(nf4 > dense);
 }
 
+// Codes and scales are bitsandbytes' own; dequantized values its published FP4 code book
+// applied to them (tests/fixtures/make_nf4.py: its CPU dequantize_4bit strays from that book on
+// some machines, and the fixture says so).
 CATCH_TEST_CASE("FP4 blocks: codes, scales and dequantized values are bitsandbytes' own, with and without double quantization", "[nf4][fp4]") {
   const auto f = test::read_tensors(test::fixture("nf4/blocks.safetensors"), at::kCPU);
   const auto bnb = test::read_tensors(test::fixture("nf4/bnb_blocks.safetensors"), at::kCPU);

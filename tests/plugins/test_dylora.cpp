@@ -111,7 +111,9 @@ CATCH_TEST_CASE("DyLoRA's gradients equal the paper's at each drawn rank: the b-
         CATCH_REQUIRE(t.grad().defined());
         // Which entries got a gradient: exactly the reference's (the rest exactly zero).
         CATCH_CHECK(at::equal(t.grad().ne(0).cpu(), theirs.ne(0).cpu()));
-        TESSERA_CHECK_PARITY(test::parity(ref_key, t.grad(), theirs, reference().at(ref_key + ".f64")));
+        // A gradient summed over every token of the batch through the whole backward: a floor of
+        // 64 float32 steps of its size, not the outputs' 16 (docs/testing.md).
+        TESSERA_CHECK_PARITY(test::parity(ref_key, t.grad(), theirs, reference().at(ref_key + ".f64"), {}, 4 * test::kParityFloor));
         ++compared;
       }
       CATCH_CHECK(compared == 2 * 18);  // A and B on query, value, intermediate.dense of six layers
