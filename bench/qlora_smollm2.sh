@@ -8,7 +8,8 @@
 #   qlora_kept  the same, activations kept (gradient_checkpointing = false);
 #   f32_recomputed  the f32 run with gradient checkpointing;
 #   gguf   the Q4_1 GGUF file itself, its own tokenizer, layers' weights kept as its blocks (configs/smollm2-gguf-lora.toml);
-# then loading the model alone (one generated token) from the directory and from the GGUF.
+# then loading the model alone (one generated token) from the directory and from the GGUF:
+# dense, the GGUF kept as its blocks (streamed: no dense copy is made), and NF4 from each.
 # Prints each run's test perplexity, training examples/s, peak RSS and wall time, and the
 # ratios to the f32 run.
 #   bash bench/qlora_smollm2.sh
@@ -33,14 +34,18 @@ run qlora_kept "$work/qlora_kept.src"
 sed 's|^\[train\]|[train]\ngradient_checkpointing = true|' "$root/configs/smollm2-lora.toml" >"$work/f32_recomputed.src"
 run f32_recomputed "$work/f32_recomputed.src"
 run gguf "$root/configs/smollm2-gguf-lora.toml"
-load() {  # name model [tokenizer]
-  local t0
+load() {  # name model [generate's options]
+  local t0 name=$1 model=$2
+  shift 2
   t0=$(date +%s.%N)
-  $py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn generate --model "$2" ${3:+--tokenizer "$3"} --max-new-tokens 1 "the film is" >/dev/null 2>"$work/$1.rss"
-  echo "$1 $(echo "$(date +%s.%N) - $t0" | bc)" >>"$work/loads"
+  $py "$root/bench/measure.py" "$root/build/bin/tessera" --log-level warn generate --model "$model" "$@" --max-new-tokens 1 "the film is" >/dev/null 2>"$work/$name.rss"
+  echo "$name $(echo "$(date +%s.%N) - $t0" | bc)" >>"$work/loads"
 }
 load dir "$TESSERA_DECODER_DIR"
 load gguf_file "$TESSERA_DECODER_GGUF"
+load gguf_blocks "$TESSERA_DECODER_GGUF" --quantize gguf
+load dir_nf4 "$TESSERA_DECODER_DIR" --quantize nf4
+load gguf_nf4 "$TESSERA_DECODER_GGUF" --quantize nf4
 $py - "$work" <<'PY'
 import json, os, sys
 work = sys.argv[1]
@@ -59,6 +64,6 @@ for n, (p, e, m, w) in rows.items():
 print()
 print("| load (one token generated) | wall s | peak RSS MiB |")
 print("|---|---:|---:|")
-for n in ["dir", "gguf_file"]:
+for n in ["dir", "gguf_file", "gguf_blocks", "dir_nf4", "gguf_nf4"]:
     print(f"| {n} | {float(loads[n]):.2f} | {rss(n):.0f} |")
 PY

@@ -110,8 +110,8 @@ std::vector<std::vector<std::int64_t>> Backbone::generate(const std::vector<std:
   throw no_lm(*this);
 }
 
-std::unique_ptr<Backbone> load_backbone(const std::string& dir, c10::TensorOptions options) {
-  if (is_gguf_file(dir)) return std::make_unique<DecoderBackbone>(DecoderModel::load(dir, options));  // a LLaMA GGUF (formats/gguf_llama.h)
+std::unique_ptr<Backbone> load_backbone(const std::string& dir, c10::TensorOptions options, bool stream_blocks) {
+  if (is_gguf_file(dir)) return std::make_unique<DecoderBackbone>(DecoderModel::load(dir, options, stream_blocks));  // a LLaMA GGUF (formats/gguf_llama.h)
   const std::string path = (std::filesystem::path(dir) / "config.json").string();
   const nlohmann::json config = read_json_file(path);
   if (!config.is_object()) throw std::runtime_error(path + ": must be a JSON object");

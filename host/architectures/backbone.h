@@ -55,8 +55,11 @@ class Backbone {
 // Reads dir/config.json's model_type: bert or roberta (an encoder), t5 (an
 // encoder-decoder), anything else a decoder (which refuses, naming it, a type it does not
 // know). Weights converted to `options`. `dir` may also name a LLaMA GGUF file (….gguf):
-// its metadata is the config and its tensors are dequantized as they are taken.
+// its metadata is the config and its tensors are dequantized as they are taken (with
+// stream_blocks, its quantized layer weights are kept as the file's blocks instead).
 // (How its weights are stored is the next stage, before methods attach: MethodStack.)
-std::unique_ptr<Backbone> load_backbone(const std::string& dir, c10::TensorOptions options);
+// stream_blocks: a GGUF file's quantized layer weights load as its blocks (DecoderModel::load's
+// keep_file_blocks), for a caller whose storage stage (store_weights) runs before any forward pass.
+std::unique_ptr<Backbone> load_backbone(const std::string& dir, c10::TensorOptions options, bool stream_blocks = false);
 
 }  // namespace tessera

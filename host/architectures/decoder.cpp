@@ -173,8 +173,7 @@ Tensor rope_inverse_frequencies(const DecoderConfig& c) {
 
 }  // namespace
 
-std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::TensorOptions options) {
-  namespace fs = std::filesystem;
+std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::TensorOptions options, bool keep_file_blocks) {
   std::unique_ptr<DecoderModel> m(new DecoderModel());
   m->config_ = DecoderConfig::of(dir);
   const auto& c = m->config_;
@@ -184,14 +183,18 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
   const std::string P = file.contains(body + (c.gpt2 ? "wte.weight" : "embed_tokens.weight")) ? body : "";
   const auto H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size, hd = c.head_dim;
   const auto nq = c.num_heads * hd, nkv = c.num_kv_heads * hd;
-  // A tensor under its canonical and HF names; GPT-2's Conv1D stores (in, out), so it is
-  // transposed (a view) to the (out, in) every linear site uses.
-  auto tensor = [&](const std::string& canonical, const std::string& hf, std::vector<int64_t> shape, bool conv1d = false) {
+  // A tensor under its canonical and HF names; GPT-2's Conv1D stores (in, out): transposed (a
+  // view) to the (out, in) every linear site uses. `blocks` with keep_file_blocks: a GGUF's
+  // quantized layer weight stays the file's blocks (t: its shape, no memory), never dense here.
+  auto tensor = [&](const std::string& canonical, const std::string& hf, std::vector<int64_t> shape, bool conv1d = false, bool blocks = false) {
     if (conv1d) std::swap(shape[0], shape[1]);
-    Tensor t = file.take(P + hf, shape, options);
-    return m->held_by(P + hf, m->param(canonical, P + hf, conv1d && t.defined() ? t.t() : t), conv1d);
+    auto stored = blocks && keep_file_blocks ? file.take_blocks(P + hf, shape, options) : nullptr;
+    Tensor t = stored ? at::empty(shape, options.device(at::kMeta)) : file.take(P + hf, shape, options);
+    auto* site = m->held_by(P + hf, m->param(canonical, P + hf, conv1d && t.defined() ? t.t() : t), conv1d);
+    if (stored) site->store(std::move(stored));
+    return site;
   };
-  file.check_layer_count(is_gguf_file(dir) ? dir : (fs::path(dir) / "config.json").string(), c.gpt2 ? "n_layer" : "num_hidden_layers", c.num_layers, P + (c.gpt2 ? "h." : "layers."));
+  file.check_layer_count(is_gguf_file(dir) ? dir : (std::filesystem::path(dir) / "config.json").string(), c.gpt2 ? "n_layer" : "num_hidden_layers", c.num_layers, P + (c.gpt2 ? "h." : "layers."));
   const std::string word = c.gpt2 ? "wte" : "embed_tokens";
   m->word_ = tensor("embed.word.weight", word + ".weight", {V, H});
   if (c.gpt2) m->position_ = tensor("embed.position.weight", "wpe.weight", {c.max_positions, H});
@@ -201,7 +204,7 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
   for (std::int64_t i = 0; i < c.num_layers; ++i) {
     const std::string cn = "layers." + std::to_string(i), hf = (c.gpt2 ? "h." : "layers.") + std::to_string(i);
     auto lin = [&](const std::string& cname, const std::string& hname, std::int64_t out, std::int64_t in, bool bias) {
-      auto* w = tensor(cn + "." + cname + ".weight", hf + "." + hname + ".weight", {out, in}, c.gpt2);
+      auto* w = tensor(cn + "." + cname + ".weight", hf + "." + hname + ".weight", {out, in}, c.gpt2, true);
       auto* b = bias ? tensor(cn + "." + cname + ".bias", hf + "." + hname + ".bias", {out}) : nullptr;
       return m->linear(cn + "." + cname, P + hf + "." + hname, w, b);
     };
@@ -246,7 +249,6 @@ std::unique_ptr<DecoderModel> DecoderModel::load(const std::string& dir, c10::Te
   if (file.contains("lm_head.weight")) m->held_by("lm_head.weight", head_w);
   m->head_ = m->linear("head", "lm_head", head_w, nullptr);
   m->ignored_ = file.finish();
-
   if (!c.gpt2) m->inv_freq_ = rope_inverse_frequencies(c).to(options.dtype(at::kFloat));
   m->describe({c.model_type, H, c.num_layers, c.num_heads, I, V, {}, {}}, options);
   return m;

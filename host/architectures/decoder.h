@@ -72,7 +72,10 @@ struct KVCache {
 
 class DecoderModel final : public SiteModel {
  public:
-  static std::unique_ptr<DecoderModel> load(const std::string& dir, c10::TensorOptions options);
+  // keep_file_blocks: a GGUF file's Q4_0/Q4_1/Q8_0 layer weights stay its blocks while loading
+  // (streamed: the f32 model is never held), for the storage stage to keep, quantize again or
+  // make dense one at a time (architectures/weight_storage.h); call it then, before a forward pass.
+  static std::unique_ptr<DecoderModel> load(const std::string& dir, c10::TensorOptions options, bool keep_file_blocks = false);
 
   // ids, mask: (B, T), mask 1 = real token (left or right padding). With a cache, the
   // cached keys come first and the cache is extended; embedding-site prompts and

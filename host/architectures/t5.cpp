@@ -1,6 +1,7 @@
 #include "architectures/t5.h"
 
 #include "architectures/attention.h"
+#include "architectures/recompute.h"
 #include "formats/checkpoint.h"
 #include "architectures/functional.h"
 #include "formats/json_file.h"
@@ -8,6 +9,7 @@
 #include <tessera/dropout.h>
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <nlohmann/json.hpp>
 
 #include <cmath>
@@ -215,15 +217,22 @@ Encoded T5Model::encode(const Tensor& ids, const Tensor& mask) const {
   const Tensor bias = position_bias(enc_bias_, S, S, 0, true);
   const Tensor keep = out.mask.to(at::kBool).view({B, 1, 1, S});
   enter_forward(out.mask, nullptr);
-  for (const auto& b : encoder_) {
-    x = b.layer->run(x, [&](const Tensor& h, const Tensor& kept) {
-      Tensor n = norm(h, b.self.norm);
-      Tensor a = tessera::dropout(attention(b.self, n, n, routed(keep, kept, 0), bias, nullptr, nullptr, false), config_.dropout, training_);
-      Tensor h1 = h + b.self.sub->apply(n, a, h, SublayerSiteImpl::identity());
-      Tensor n2 = norm(h1, b.mlp_norm);
-      return h1 + b.mlp->apply(n2, tessera::dropout(ff(b, n2), config_.dropout, training_), h1, SublayerSiteImpl::identity());
+  // Layer b on x with the position bias (extras[0], which carries a gradient when a method
+  // trains the bias table). By value: a recomputed layer runs it again in backward, where it
+  // sets the encoder's forward context again (the decoder's is current by then).
+  auto layer = [this, keep, mask = out.mask](const Block* b, const Tensor& x, const std::vector<Tensor>& extras) {
+    if (at::GradMode::is_enabled() && gradient_checkpointing()) enter_forward(mask, nullptr);
+    return b->layer->run(x, [&](const Tensor& h, const Tensor& kept) {
+      Tensor n = norm(h, b->self.norm);
+      Tensor a = tessera::dropout(attention(b->self, n, n, routed(keep, kept, 0), extras[0], nullptr, nullptr, false), config_.dropout, training_);
+      Tensor h1 = h + b->self.sub->apply(n, a, h, SublayerSiteImpl::identity());
+      Tensor n2 = norm(h1, b->mlp_norm);
+      return h1 + b->mlp->apply(n2, tessera::dropout(ff(*b, n2), config_.dropout, training_), h1, SublayerSiteImpl::identity());
     });
-  }
+  };
+  const bool recompute = gradient_checkpointing() && training_ && at::GradMode::is_enabled();
+  for (const auto& b : encoder_)
+    x = !recompute ? layer(&b, x, {bias}) : recomputed_layer(x, {bias}, [layer, b = &b](const Tensor& h, const std::vector<Tensor>& e) { return layer(b, h, e); });
   out.hidden = tessera::dropout(norm(x, enc_final_), config_.dropout, training_);
   return out;
 }
@@ -253,20 +262,34 @@ Tensor T5Model::decode(const Tensor& target_ids, const Encoded& source, Seq2SeqC
   const auto lopts = target_ids.options();
   const Tensor causal = (at::arange(past + T, lopts).view({1, past + T}) <= at::arange(past, past + T, lopts).view({T, 1})).view({1, 1, T, past + T});
   const Tensor cross_keep = source.mask.to(at::kBool).view({source.mask.size(0), 1, 1, source.mask.size(1)});
-  for (std::size_t i = 0; i < decoder_.size(); ++i) {
+  // Layer i on y; extras: the position bias, the encoder's output, and the self-attention
+  // prefix's K and V when there is one — what reaches the layer from outside with a gradient.
+  // By value, as the encoder's (a recomputed layer runs without a cache, so `first` holds).
+  const Tensor decoder_mask = at::ones({B, T}, target_ids.options());
+  auto layer = [this, causal, cross_keep, past, first, cache, decoder_mask](std::size_t i, const Tensor& y, const std::vector<Tensor>& extras) {
+    if (at::GradMode::is_enabled() && gradient_checkpointing()) enter_forward(decoder_mask, nullptr);
     const Block& b = decoder_[i];
-    y = b.layer->run(y, [&](const Tensor& h, const Tensor& kept) {
+    const KVPair prefix = extras.size() > 2 ? KVPair{extras[2], extras[3]} : KVPair{};
+    return b.layer->run(y, [&](const Tensor& h, const Tensor& kept) {
       Tensor n = norm(h, b.self.norm);
-      Tensor a = attention(b.self, n, n, routed(causal, kept, past), bias, cache ? &cache->self_k[i] : nullptr, cache ? &cache->self_v[i] : nullptr, true,
-                           first ? &prefixes[i] : nullptr);
+      Tensor a = attention(b.self, n, n, routed(causal, kept, past), extras[0], cache ? &cache->self_k[i] : nullptr, cache ? &cache->self_v[i] : nullptr, true,
+                           first ? &prefix : nullptr);
       Tensor h1 = h + b.self.sub->apply(n, tessera::dropout(a, config_.dropout, training_), h, SublayerSiteImpl::identity());
       Tensor n2 = norm(h1, b.cross.norm);
-      Tensor c = attention(b.cross, n2, source.hidden, cross_keep, Tensor(), cache ? &cache->cross_k[i] : nullptr,
-                           cache ? &cache->cross_v[i] : nullptr, false);
+      Tensor c = attention(b.cross, n2, extras[1], cross_keep, Tensor(), cache ? &cache->cross_k[i] : nullptr, cache ? &cache->cross_v[i] : nullptr, false);
       Tensor h2 = h1 + b.cross.sub->apply(n2, tessera::dropout(c, config_.dropout, training_), h1, SublayerSiteImpl::identity());
       Tensor n3 = norm(h2, b.mlp_norm);
       return h2 + b.mlp->apply(n3, tessera::dropout(ff(b, n3), config_.dropout, training_), h2, SublayerSiteImpl::identity());
     });
+  };
+  const bool recompute = gradient_checkpointing() && training_ && cache == nullptr && at::GradMode::is_enabled();
+  for (std::size_t i = 0; i < decoder_.size(); ++i) {
+    std::vector<Tensor> extras{bias, source.hidden};
+    if (first) {
+      const auto kv = prefix_extras(prefixes[i]);
+      extras.insert(extras.end(), kv.begin(), kv.end());
+    }
+    y = !recompute ? layer(i, y, extras) : recomputed_layer(y, extras, [layer, i](const Tensor& h, const std::vector<Tensor>& e) { return layer(i, h, e); });
   }
   if (cache) cache->length += T;
   return output_site_->apply(tessera::dropout(norm(y, dec_final_), config_.dropout, training_));

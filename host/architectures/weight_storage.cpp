@@ -65,6 +65,10 @@ std::string override_of(const std::vector<std::pair<std::string, std::string>>& 
   return format;
 }
 
+// A weight the loader kept as the GGUF file's blocks (Checkpoint::take_blocks), not made dense
+// yet: the plan decides what it becomes, one weight at a time.
+bool as_loaded_blocks(const ParameterSiteImpl& w) { return w.stored() != nullptr && std::string(w.stored()->format()) == "gguf"; }
+
 std::unique_ptr<StoredTensor> stored_as(const std::string& format, const Tensor& dense, bool double_quant) {
   if (format == "int8") return int8_storage(dense);
   return nf4_storage(dense, 64, double_quant, format);  // nf4, fp4
@@ -93,16 +97,16 @@ std::vector<Planned> plan(SiteModel& model, const std::string& quantize, const s
     const bool kept = matches_any(model.keep_dense(), name, site->hf_path());  // T5's wo, as transformers
     const std::string over = in_layers ? override_of(overrides, *site, used) : "";  // the config's, for this site
     const std::string format = asked != requested.end() ? asked->second : !over.empty() ? over : in_layers && !kept ? quantize : "none";
-    if (format == "none") continue;
+    auto& w = ParameterSiteImpl::of(site->weight());
+    if (format == "none" && !as_loaded_blocks(w)) continue;
     if (!is_format(format) || (format == "gguf" && gguf_names == nullptr))
       throw std::invalid_argument("linear site " + name + ": a method asked for storage \"" + format + "\", which is not one (nf4, fp4, int8)");
-    auto& w = ParameterSiteImpl::of(site->weight());
     if (w.hf_name().find('[') != std::string::npos) {  // a view: it follows its whole
       if (asked != requested.end())
         throw std::invalid_argument("linear site " + name + " is a row block of a fused weight (" + w.hf_name() + "): ask for the fused site's storage");
       continue;
     }
-    if (w.stored() != nullptr || !planned.insert(&w).second) continue;
+    if ((w.stored() != nullptr && !as_loaded_blocks(w)) || !planned.insert(&w).second) continue;
     std::string gguf_name;
     if (format == "gguf") {
       const auto it = gguf_names->find(w.hf_name());
@@ -134,12 +138,19 @@ std::size_t store_weights(SiteModel& model, const std::string& quantize, bool do
   std::size_t released = 0;
   std::map<std::string, std::size_t> counts;  // format -> weights
   for (const auto& p : planned) {
+    ++counts[p.format];
+    if (as_loaded_blocks(*p.weight)) {  // streamed: the file's blocks, dequantized here if at all
+      if (p.format == "none") p.weight->unstore(p.weight->stored()->dense());
+      else if (p.format != "gguf") p.weight->store(stored_as(p.format, p.weight->stored()->dense(), double_quant));
+      continue;
+    }
     const Tensor dense = p.weight->dense_base();
     p.weight->store(p.format == "gguf" ? gguf_storage(gguf, p.gguf_name, dense.options()) : stored_as(p.format, dense, double_quant));
     released += release_mapped_pages(dense);  // the checkpoint's pages of it: read once, never again
-    ++counts[p.format];
   }
-  const std::size_t n = planned.size();
+  counts.erase("none");
+  std::size_t n = 0;
+  for (const auto& [_, k] : counts) n += k;
   // The views of a stored whole read their rows from it: the fused product and the split
   // ones see the same weights, and the whole's dense tensor is freed.
   for (const auto& v : views)

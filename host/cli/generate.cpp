@@ -26,7 +26,7 @@ namespace fs = std::filesystem;
 namespace {
 
 struct Args {
-  std::string model, tokenizer, run, peft, adapterhub, prompt;
+  std::string model, tokenizer, run, peft, adapterhub, prompt, quantize;
   GenerateOptions gen;
   std::int64_t threads = -1;
   bool merge = false;
@@ -61,6 +61,7 @@ Plan plan(const Args& a, const PluginRegistry& registry) {
     p.state_dirs.push_back(a.adapterhub);
   }
   if (p.model.path.empty()) throw std::runtime_error("generate needs --model or --run");
+  if (!a.quantize.empty()) p.model.quantize = a.quantize;  // checked by the storage stage, naming the value
   return p;
 }
 
@@ -74,7 +75,7 @@ std::string dir_of(const Plan& p, const std::string& name) {
 int run_generate(const Args& a, const PluginRegistry& registry) {
   set_threads(a.threads >= 0 ? a.threads : 0);
   const Plan p = plan(a, registry);
-  auto backbone = load_backbone(p.model.path, options_for(p.model));
+  auto backbone = load_backbone(p.model.path, options_for(p.model), streams_blocks(p.model));
   if (backbone->kind() == BackboneKind::Encoder)
     throw std::runtime_error("generate needs a decoder or an encoder-decoder: " + p.model.path + " (" + backbone->sites().info().architecture + ") is an encoder");
   auto tokenizer = load_tokenizer(p.model.tokenizer_dir());
@@ -128,6 +129,9 @@ Command generate_command() {
             c.add_option("--run", a->run, "run directory of a causal-lm or seq2seq `tessera train`: its model and adapter")->check(CLI::ExistingDirectory);
             c.add_option("--peft", a->peft, "Hugging Face PEFT adapter directory to apply")->check(CLI::ExistingDirectory);
             c.add_option("--adapterhub", a->adapterhub, "AdapterHub (adapters) bottleneck adapter directory to apply")->check(CLI::ExistingDirectory);
+            c.add_option("--quantize", a->quantize,
+                         "keep the layers' linear weights as none, nf4, fp4, int8 or gguf (a GGUF file's own blocks, loaded without a dense copy); "
+                         "default: --run's [model] quantize, else none");
             c.add_option("--max-new-tokens", a->gen.max_new_tokens, "tokens to generate (default 32)")->check(CLI::PositiveNumber);
             c.add_flag("--sample", a->gen.sample, "sample instead of taking the most likely token");
             c.add_option("--temperature", a->gen.temperature, "sampling temperature (default 1)")->check(CLI::PositiveNumber);

@@ -3,6 +3,8 @@
 #include "formats/gguf_llama.h"
 #include "formats/json_file.h"
 
+#include <tessera/internal/sites_impl.h>
+
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
@@ -81,6 +83,18 @@ at::Tensor Checkpoint::take(const std::string& name, const std::vector<int64_t>&
   taken_.insert(name);
   // Same dtype and device: a zero-copy view of the (private) mapping; otherwise converted.
   return t.to(options).detach().set_requires_grad(false);
+}
+
+std::unique_ptr<StoredTensor> Checkpoint::take_blocks(const std::string& name, const std::vector<int64_t>& shape, c10::TensorOptions options) {
+  const auto it = where_.find(name);
+  if (!gguf_ || it == where_.end() || it->second.file) return nullptr;
+  const auto& info = gguf_->info(it->second.gguf_name);
+  if (info.type != 2 && info.type != 3 && info.type != 8) return nullptr;  // Q4_0, Q4_1, Q8_0
+  if (info.shape != shape)
+    throw SafetensorsError(dir_, name, "has shape " + c10::str(at::IntArrayRef(info.shape)) + ", the config needs " + c10::str(at::IntArrayRef(shape)));
+  auto blocks = gguf_storage(gguf_, it->second.gguf_name, options);
+  taken_.insert(name);
+  return blocks;
 }
 
 void Checkpoint::check_layer_count(const std::string& config, const char* key, std::int64_t count, const std::string& layer_prefix) const {

@@ -21,6 +21,7 @@
 namespace tessera {
 
 class GgufFile;
+class StoredTensor;
 
 // A path that names a GGUF file (….gguf, a regular file) rather than a model directory.
 bool is_gguf_file(const std::string& path);
@@ -40,6 +41,11 @@ class Checkpoint {
   // no memory) that the model may be built around but never run with: loading goes on,
   // and finish() reports every missing tensor at once.
   at::Tensor take(const std::string& name, const std::vector<int64_t>& shape, c10::TensorOptions options);
+  // A GGUF file's tensor kept as its own Q4_0, Q4_1 or Q8_0 blocks (formats/gguf_llama.h's
+  // storage), checked against `shape` and recorded as taken, without a dense copy ever being
+  // made: how a model whose weights stay in the file's blocks loads one tensor at a time.
+  // Null — nothing recorded — for a safetensors checkpoint, a missing name or another type.
+  std::unique_ptr<StoredTensor> take_blocks(const std::string& name, const std::vector<int64_t>& shape, c10::TensorOptions options);
   // Refuses a layer count (`key` of the config file `config`) that runs past the
   // checkpoint: no tensor is named `layer_prefix` + (count − 1) + ".…". Checked before the
   // layers are built, so that a wrong count is named as such, not as many missing tensors.

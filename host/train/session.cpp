@@ -16,8 +16,10 @@ c10::TensorOptions options_for(const ModelConfig& m) {
   return c10::TensorOptions().dtype(m.dtype == "bf16" ? at::kBFloat16 : at::kFloat).device(device);
 }
 
+bool streams_blocks(const ModelConfig& m) { return m.quantize != "none" || !m.quantize_targets.empty(); }
+
 Session::Session(Config config, const PluginRegistry& registry) : config_(std::move(config)) {
-  backbone_ = load_backbone(config_.model.path, options_for(config_.model));
+  backbone_ = load_backbone(config_.model.path, options_for(config_.model), streams_blocks(config_.model));
   for (const auto& n : model().ignored_tensors()) spdlog::debug("checkpoint tensor {} is not used by the model", n);
   tokenizer_ = load_tokenizer(config_.model.tokenizer_dir());
   task_ = make_task(config_, *backbone_, *tokenizer_);
@@ -26,11 +28,7 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   methods_ = std::make_unique<MethodStack>(registry, config_.methods, model(), config_.model, config_.groups);
   model().drop_dense_copies();
   task_->create_head();
-  if (config_.train.gradient_checkpointing) {
-    if (backbone_->kind() == BackboneKind::EncoderDecoder)
-      throw std::runtime_error("[train] gradient_checkpointing: the encoder-decoder's (T5's) layers are not recomputed yet; BERT, RoBERTa and the decoders' are");
-    model().set_gradient_checkpointing(true);
-  }
+  if (config_.train.gradient_checkpointing) model().set_gradient_checkpointing(true);
 }
 
 Session::~Session() { methods_.reset(); }  // before the model they are attached to

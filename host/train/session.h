@@ -66,5 +66,8 @@ class Session {
 };
 
 c10::TensorOptions options_for(const ModelConfig& m);
+// Whether the model's storage stage may keep quantized weights, so a GGUF file's blocks load
+// streamed rather than dense (load_backbone's stream_blocks).
+bool streams_blocks(const ModelConfig& m);
 
 }  // namespace tessera

@@ -150,6 +150,12 @@ void ParameterSiteImpl::store(std::unique_ptr<StoredTensor> stored) {
   dense_copy_ = Tensor();
 }
 
+void ParameterSiteImpl::unstore(Tensor dense) {
+  base_ = std::move(dense).detach().set_requires_grad(false);
+  stored_.reset();
+  dense_copy_ = Tensor();
+}
+
 std::int64_t ParameterSiteImpl::numel() const {
   std::int64_t n = 1;
   for (auto d : shape_) n *= d;
@@ -250,7 +256,8 @@ std::vector<std::string> ParameterSiteImpl::kinds(const OwnerImpl& o) const {
 
 LinearSiteImpl::LinearSiteImpl(std::string name, std::string hf_path, ParameterSite* weight, ParameterSite* bias)
     : SiteCore(std::move(name), std::move(hf_path)), input_group_(name_), weight_(weight), bias_(bias) {
-  if (weight_ == nullptr || weight_->base().dim() != 2) throw std::invalid_argument("linear site " + name_ + " needs a 2-D weight");
+  // The shape, not base(): a weight loaded as stored blocks is not dequantized here.
+  if (weight_ == nullptr || ParameterSiteImpl::of(*weight_).sizes().size() != 2) throw std::invalid_argument("linear site " + name_ + " needs a 2-D weight");
 }
 
 const std::string& LinearSite::name() const { return LinearSiteImpl::of(*this).name_; }

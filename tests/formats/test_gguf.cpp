@@ -139,3 +139,50 @@ CATCH_TEST_CASE("SmolLM2 trained on its GGUF blocks as they are: quantize gguf k
   CATCH_CHECK(test::max_abs_diff(a, b) < 1e-4 * b.abs().max().item<double>());  // the same weights; the products' rounding may differ
   CATCH_CHECK_THROWS_WITH(store_weights(dense->sites(), "gguf", false, {}, test::decoder_dir()), Catch::Contains("is no GGUF file"));
 }
+
+CATCH_TEST_CASE("SmolLM2's GGUF streamed: its layer weights load as the file's blocks, never dense, and become what the storage stage asks", "[formats][gguf][real]") {
+  const char* path = std::getenv("TESSERA_DECODER_GGUF");
+  CATCH_REQUIRE(path != nullptr);
+  auto dense = load_backbone(path, test::options());
+  auto streamed = [&] {
+    auto b = load_backbone(path, test::options(), true);
+    std::size_t blocks = 0;
+    for (auto* l : b->sites().linear_sites()) {
+      const auto& w = ParameterSiteImpl::of(l->weight());
+      if (w.stored() == nullptr) continue;
+      CATCH_CHECK(!w.dense_base().defined());  // nothing dense was made of it
+      CATCH_CHECK(!w.has_dense_copy());
+      ++blocks;
+    }
+    CATCH_CHECK(blocks == 30 * 7);  // every layer's projection; the tied head stays dense
+    return b;
+  };
+  // Kept as blocks: what quantize = "gguf" keeps after a dense load, bit for bit.
+  auto kept = streamed();
+  CATCH_CHECK(store_weights(kept->sites(), "gguf", false, {}, path) == 30 * 7);
+  // Made dense: the dense load's bases; quantized again: the NF4 of the dense load's weights.
+  auto made_dense = streamed();
+  CATCH_CHECK(store_weights(made_dense->sites(), "none", false, {}, path) == 0);
+  auto nf4 = streamed(), nf4_of_dense = load_backbone(path, test::options());
+  store_weights(nf4->sites(), "nf4", true, {}, path);
+  store_weights(nf4_of_dense->sites(), "nf4", true, {}, path);
+  const auto& ld = dense->sites().linear_sites();
+  for (std::size_t i = 0; i < ld.size(); ++i) {
+    const auto& d = ParameterSiteImpl::of(ld[i]->weight());
+    const auto& k = ParameterSiteImpl::of(kept->sites().linear_sites()[i]->weight());
+    const auto& m = ParameterSiteImpl::of(made_dense->sites().linear_sites()[i]->weight());
+    const auto& q = ParameterSiteImpl::of(nf4->sites().linear_sites()[i]->weight());
+    const auto& r = ParameterSiteImpl::of(nf4_of_dense->sites().linear_sites()[i]->weight());
+    CATCH_CHECK(m.stored() == nullptr);
+    CATCH_CHECK(at::equal(m.base_value(), d.base_value()));
+    if (k.stored() == nullptr) continue;  // the head
+    CATCH_CHECK(std::string(k.stored()->format()) == "gguf");
+    CATCH_CHECK(at::equal(k.base_value(), d.base_value()));
+    CATCH_CHECK(std::string(q.stored()->format()) == "nf4");
+    CATCH_CHECK(at::equal(q.base_value(), r.base_value()));
+  }
+  const Tensor ids = at::tensor({1, 504, 3156, 314, 260, 1345, 28}, at::kLong).view({1, -1}).to(test::device());
+  const Tensor mask = at::ones_like(ids);
+  at::NoGradGuard no_grad;
+  CATCH_CHECK(at::equal(made_dense->lm_head().forward(made_dense->lm_states(ids, mask, {})), dense->lm_head().forward(dense->lm_states(ids, mask, {}))));
+}

@@ -197,6 +197,9 @@ class ParameterSiteImpl final : public ParameterSite, public SiteCore {
   static const ParameterSiteImpl& of(const ParameterSite& s) { return static_cast<const ParameterSiteImpl&>(s); }
   // Keeps the base as `stored` from now on; the dense tensor is dropped.
   void store(std::unique_ptr<StoredTensor> stored);
+  // Keeps `dense` as the base from now on: a weight loaded as stored blocks (a GGUF file's,
+  // streamed) that the storage stage keeps dense after all.
+  void unstore(Tensor dense);
   const StoredTensor* stored() const { return stored_.get(); }
   c10::IntArrayRef sizes() const { return shape_; }
   std::int64_t numel() const;
