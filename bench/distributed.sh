@@ -3,11 +3,13 @@
 # r 8, batch 32, length 64) for STEPS steps as one rank with 2 threads and as 2 ranks with 1
 # thread each (`--nproc 2`, c10d Gloo over loopback), one run each in one run of this script.
 # Prints training examples/s, wall time, peak RSS (one rank's; two ranks hold two
-# processes), and what the all-reduce of the gradients costs per step.
-#   bash bench/distributed.sh [steps]   (40)
+# processes), and what the all-reduce of the gradients costs per step (with it overlapped
+# with backward, as by default, the time a step waits for it after backward; and once more
+# with TESSERA_DP_OVERLAP=0, reduced after backward, all of it).
+#   bash bench/distributed.sh [steps] [bucket_cap_mb]   (40, 25)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-steps=${1:-40}
+steps=${1:-40} cap=${2:-25}
 bash "$root/scripts/build" >/dev/null
 source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
 tessera=$root/build/bin/tessera
@@ -24,6 +26,7 @@ padding = "max_length"
 epochs = 1
 batch_size = 32
 max_steps = $steps
+bucket_cap_mb = $cap
 [[methods]]
 plugin = "lora"
 targets = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
@@ -49,3 +52,4 @@ echo "| run | training examples/s | wall | peak RSS (one process) | all-reduce p
 echo "|---|---|---|---|---|"
 run "1 rank x 2 threads" --threads 2
 run "2 ranks x 1 thread" --threads 1 --nproc 2
+TESSERA_DP_OVERLAP=0 run "2 ranks x 1 thread, reduced after backward" --threads 1 --nproc 2

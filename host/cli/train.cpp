@@ -86,7 +86,7 @@ void write_results(const Config& config, const Session& s, const TrainResult& r,
 // Keys a resumed run may change: how long it runs and how often it checkpoints (and where
 // the run directory was named from). Anything else would not be the run the checkpoint is of.
 bool may_change_on_resume(const std::string& difference) {
-  for (const char* key : {"train.epochs:", "train.checkpoint_every:", "output.dir:"})
+  for (const char* key : {"train.epochs:", "train.checkpoint_every:", "train.bucket_cap_mb:", "output.dir:"})
     if (difference.rfind(key, 0) == 0) return true;
   return false;
 }
@@ -104,7 +104,7 @@ int run_resume(const Args& a, const PluginRegistry& registry) {
   for (const auto& d : config_differences(checkpoint->config, resolved_toml(config)))
     if (!may_change_on_resume(d))
       throw std::runtime_error("--resume " + run_dir + ": the config changed since the checkpoint (" + d +
-                               "); only [train] epochs and checkpoint_every may change when a run resumes");
+                               "); only [train] epochs, checkpoint_every and bucket_cap_mb may change when a run resumes");
   set_threads(config.train.threads);
   Session session(config, registry);
   const auto dp = DataParallel::from_environment();

@@ -297,6 +297,7 @@ void read_train(const std::string& path, const toml::table* t, TrainConfig& c) {
   s.get("shuffle", c.shuffle);
   s.get("gradient_checkpointing", c.gradient_checkpointing);
   s.positive("checkpoint_every", c.checkpoint_every, 0);
+  s.number("bucket_cap_mb", c.bucket_cap_mb, 1.0 / 1024);
   s.finish();
 }
 
@@ -453,7 +454,7 @@ std::string resolved_toml(const Config& c) {
                                    {"seed", c.train.seed}, {"max_steps", c.train.max_steps},
                                    {"group_by_length", c.train.group_by_length},
                                    {"shuffle", c.train.shuffle}, {"gradient_checkpointing", c.train.gradient_checkpointing},
-                                   {"checkpoint_every", c.train.checkpoint_every}});
+                                   {"checkpoint_every", c.train.checkpoint_every}, {"bucket_cap_mb", c.train.bucket_cap_mb}});
   root.insert("output", toml::table{{"dir", c.output_dir}});
   toml::array methods;
   for (const auto& m : c.methods) {

@@ -9,7 +9,7 @@
 //            pooling ("mean" | "cls")
 //   [train]  epochs, batch_size, eval_batch_size, lr, head_lr, weight_decay,
 //            warmup_ratio, max_grad_norm, threads, seed, max_steps, group_by_length, shuffle,
-//            gradient_checkpointing, checkpoint_every
+//            gradient_checkpointing, checkpoint_every, bucket_cap_mb
 //   [output] dir
 //   [[methods]] plugin, name, targets, load, [methods.params] …
 //   [[groups]]  name, kind, members, weights, normalize, tag (runtime/groups.h)
@@ -113,6 +113,9 @@ struct TrainConfig {
   // A resumable checkpoint every this many optimizer steps (0: only at the end of each
   // epoch), in the run directory's checkpoints/ (train/resume.h).
   std::int64_t checkpoint_every = 0;
+  // Data-parallel: the size of the buckets whose gradients are all-reduced while backward
+  // runs (DDP's bucket_cap_mb; the first bucket is 1 MiB as DDP's); train/distributed.h.
+  double bucket_cap_mb = 25;
 };
 
 struct Config {

@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -14,9 +17,116 @@
 
 namespace tessera {
 
+namespace {
+
+// The overlapped reduction's state for one set of tensors (DataParallel::begin_gradients).
+struct Reducer {
+  struct Bucket {
+    std::vector<std::size_t> members;  // indices into params
+    std::size_t pending = 0;           // members whose gradient has not arrived this step
+    std::vector<at::Tensor> flat;      // what is being reduced: the weighted gradients, then one flag each
+    c10::intrusive_ptr<c10d::Work> work;
+  };
+  std::vector<at::Tensor> params;
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;  // held, so that the hooks on them live
+  std::vector<std::size_t> bucket_of;
+  std::vector<bool> arrived;
+  std::vector<Bucket> buckets;
+  std::size_t next = 0;  // the first bucket not started
+  double weight = 1;
+  bool active = false;   // between begin and finish
+  std::uint64_t generation = 0;
+  c10d::ProcessGroupGloo* group = nullptr;
+  std::int64_t bytes = 0;
+
+  void arrive(std::size_t i) {
+    if (!active || arrived[i]) return;
+    arrived[i] = true;
+    --buckets[bucket_of[i]].pending;
+    while (next < buckets.size() && buckets[next].pending == 0) start(next++);
+  }
+
+  void start(std::size_t b) {
+    at::NoGradGuard no_grad;
+    auto& k = buckets[b];
+    std::vector<at::Tensor> parts;
+    std::vector<double> has;
+    for (const auto i : k.members) {
+      const auto& p = params[i];
+      parts.push_back(p.grad().defined() ? p.grad().reshape({-1}) * weight : at::zeros({p.numel()}, p.options()));
+      has.push_back(p.grad().defined() ? 1.0 : 0.0);
+    }
+    const auto& first = params[k.members[0]];
+    parts.push_back(at::tensor(has, at::TensorOptions().dtype(at::kDouble)).to(first.device(), first.scalar_type()));
+    k.flat = {at::cat(parts)};
+    bytes += k.flat[0].numel() * static_cast<std::int64_t>(k.flat[0].element_size());
+    k.work = group->allreduce(k.flat);
+  }
+};
+
+// Called by autograd after a tensor's gradient has been accumulated into its .grad.
+class Arrived final : public torch::autograd::FunctionPostHook {
+ public:
+  Arrived(Reducer* r, std::uint64_t generation, std::size_t index) : r_(r), generation_(generation), index_(index) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) override {
+    if (r_->generation == generation_) r_->arrive(index_);
+    return outputs;
+  }
+
+ private:
+  Reducer* r_;
+  std::uint64_t generation_;  // hooks of an earlier set of tensors stay on their nodes, inert
+  std::size_t index_;
+};
+
+bool same_tensors(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (!a[i].is_same(b[i])) return false;
+  return true;
+}
+
+}  // namespace
+
 struct DataParallel::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
+  Reducer reducer;
+
+  // Buckets and hooks for `params`, made again only when the set changes (a method's
+  // trainable tensors may change at a step).
+  void prepare(const std::vector<at::Tensor>& params, double cap_mib) {
+    auto& r = reducer;
+    r.group = group.get();
+    if (same_tensors(r.params, params)) return;
+    ++r.generation;
+    r.params = params;
+    r.accumulators.clear();
+    r.buckets.clear();
+    r.bucket_of.assign(params.size(), 0);
+    const auto later = static_cast<std::int64_t>(cap_mib * (1 << 20));
+    std::int64_t filled = 0, cap = std::min<std::int64_t>(std::int64_t{1} << 20, later);  // DDP: 1 MiB first, then bucket_cap_mb
+    for (std::size_t j = params.size(); j-- > 0;) {
+      const auto& p = params[j];
+      const auto bytes = p.numel() * static_cast<std::int64_t>(p.element_size());
+      const bool fits = !r.buckets.empty() && filled + bytes <= cap && params[r.buckets.back().members[0]].options().type_equal(p.options()) &&
+                        params[r.buckets.back().members[0]].device() == p.device();
+      if (!fits) {
+        if (!r.buckets.empty()) cap = later;
+        r.buckets.emplace_back();
+        filled = 0;
+      }
+      r.buckets.back().members.push_back(j);
+      r.bucket_of[j] = r.buckets.size() - 1;
+      filled += bytes;
+    }
+    for (std::size_t j = 0; j < params.size(); ++j) {
+      auto acc = torch::autograd::impl::grad_accumulator(params[j]);
+      if (!acc) throw std::logic_error("data-parallel training: trainable tensor " + std::to_string(j) + " is not a leaf that accumulates its gradient");
+      acc->add_post_hook(std::make_unique<Arrived>(&r, r.generation, j));
+      r.accumulators.push_back(std::move(acc));
+    }
+  }
 };
 
 namespace {
@@ -68,39 +178,48 @@ DataParallel::DataParallel(std::int64_t rank, std::int64_t world, std::unique_pt
 DataParallel::~DataParallel() = default;
 
 void DataParallel::reduce_gradients(const std::vector<at::Tensor>& params, double weight) {
+  begin_gradients(params, weight);  // after backward: every bucket starts in finish_gradients()
+  finish_gradients();
+}
+
+void DataParallel::begin_gradients(const std::vector<at::Tensor>& params, double weight) {
+  impl_->prepare(params, bucket_cap_mib_);
+  auto& r = impl_->reducer;
+  r.weight = weight;
+  r.arrived.assign(params.size(), false);
+  for (auto& b : r.buckets) b.pending = b.members.size(), b.work.reset(), b.flat.clear();
+  r.next = 0;
+  r.active = true;
+}
+
+void DataParallel::finish_gradients() {
   at::NoGradGuard no_grad;
   const auto start = std::chrono::steady_clock::now();
-  // One bucket per (device, dtype): the gradients flattened, weighted, summed, copied back.
-  std::map<std::tuple<std::string, at::ScalarType>, std::vector<std::size_t>> buckets;
-  for (std::size_t i = 0; i < params.size(); ++i) buckets[{params[i].device().str(), params[i].scalar_type()}].push_back(i);
-  for (const auto& [_, members] : buckets) {
-    // After the gradients, one flag per tensor: whether the rank has its gradient. A tensor no
-    // rank has one for stays without (AdamW then skips it, as in one process).
-    std::vector<at::Tensor> flat;
-    for (const auto i : members) {
-      const auto& p = params[i];
-      flat.push_back(p.grad().defined() ? p.grad().reshape({-1}) * weight : at::zeros({p.numel()}, p.options()));
-    }
-    std::vector<double> has;
-    for (const auto i : members) has.push_back(params[i].grad().defined() ? 1.0 : 0.0);
-    flat.push_back(at::tensor(has, at::TensorOptions().dtype(at::kDouble)).to(params[members[0]].device(), params[members[0]].scalar_type()));
-    std::vector<at::Tensor> bucket{at::cat(flat)};
-    impl_->group->allreduce(bucket)->wait();
-    traffic_.bytes += bucket[0].numel() * static_cast<std::int64_t>(bucket[0].element_size());
-    const at::Tensor any = bucket[0].narrow(0, bucket[0].numel() - static_cast<std::int64_t>(members.size()), static_cast<std::int64_t>(members.size())).cpu();
+  auto& r = impl_->reducer;
+  r.active = false;
+  while (r.next < r.buckets.size()) r.start(r.next++);
+  for (auto& b : r.buckets) {
+    b.work->wait();
+    const at::Tensor& flat = b.flat[0];
+    const auto n = static_cast<std::int64_t>(b.members.size());
+    const at::Tensor any = flat.narrow(0, flat.numel() - n, n).cpu();
     std::int64_t at = 0;
-    for (std::size_t m = 0; m < members.size(); ++m) {
-      const auto& p = params[members[m]];
-      at::Tensor g = bucket[0].narrow(0, at, p.numel()).view(p.sizes());
+    for (std::int64_t m = 0; m < n; ++m) {
+      const auto& p = r.params[b.members[static_cast<std::size_t>(m)]];
+      at::Tensor g = flat.narrow(0, at, p.numel()).view(p.sizes());
       at += p.numel();
-      if (any[static_cast<std::int64_t>(m)].item<double>() == 0.0) {
+      if (any[m].item<double>() == 0.0) {  // no rank had one: it stays without (AdamW skips it)
         if (p.grad().defined()) p.mutable_grad().reset();
         continue;
       }
       if (p.grad().defined()) p.mutable_grad().copy_(g);
       else p.mutable_grad() = g.clone();
     }
+    b.work.reset();
+    b.flat.clear();
   }
+  traffic_.bytes += r.bytes;
+  r.bytes = 0;
   traffic_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   ++traffic_.reductions;
 }
@@ -109,6 +228,14 @@ std::vector<double> DataParallel::sum(const std::vector<double>& values) {
   std::vector<at::Tensor> t{at::tensor(values, at::kDouble)};
   impl_->group->allreduce(t)->wait();
   return {t[0].data_ptr<double>(), t[0].data_ptr<double>() + t[0].numel()};
+}
+
+std::vector<at::Tensor> DataParallel::all_gather(const at::Tensor& t) {
+  std::vector<std::vector<at::Tensor>> out(1);
+  for (std::int64_t r = 0; r < world_; ++r) out[0].push_back(at::empty_like(t));
+  std::vector<at::Tensor> in{t.contiguous()};
+  impl_->group->allgather(out, in)->wait();
+  return out[0];
 }
 
 void DataParallel::barrier() { impl_->group->barrier()->wait(); }

@@ -32,12 +32,30 @@ class DataParallel {
   // device (an adapter's gradients are a few MB); an undefined gradient counts as zeros.
   // Each rank passes its weight (its shard's share of the global batch).
   void reduce_gradients(const std::vector<at::Tensor>& params, double weight);
+  // The same reduction overlapped with the backward pass, as DDP's reducer does it: call
+  // begin_gradients() before loss.backward() and finish_gradients() after. The tensors go
+  // into buckets in reverse order (the order backward reaches them: the head and the last
+  // layers first), the first of 1 MiB (or less) and the rest of set_bucket_cap()'s (25 MiB by default, DDP's bucket_cap_mb), one
+  // dtype and device each; a bucket's all-reduce starts, on Gloo's threads, as soon as
+  // every gradient in it has been accumulated — and only after every bucket before it, so
+  // that every rank starts the same collectives in the same order. finish_gradients()
+  // starts those still waiting (a tensor that got no gradient this step), waits for all and
+  // writes the sums back. Only for a backward pass that accumulates each tensor's gradient
+  // once: recomputed layers (gradient checkpointing) run a backward pass of their own per
+  // layer, so a tensor used in two layers would be sent half-done; use reduce_gradients() there.
+  void begin_gradients(const std::vector<at::Tensor>& params, double weight);
+  void set_bucket_cap(double mib) { bucket_cap_mib_ = mib; }  // [train] bucket_cap_mb
+  void finish_gradients();
+  // Every rank's `t` (the same shape and dtype on each, a CPU tensor), in rank order.
+  std::vector<at::Tensor> all_gather(const at::Tensor& t);
   // Σ over the ranks of each value (evaluation counts, throughput).
   std::vector<double> sum(const std::vector<double>& values);
   void barrier();
 
   // What the gradient reductions have cost so far: bytes each rank sent into them (the
-  // buckets' size), their wall time, and how many there were.
+  // buckets' size), the wall time a step spent on them outside the backward pass (all of it
+  // for reduce_gradients(); for the overlapped form, what finish_gradients() waited), and how
+  // many there were.
   struct Traffic {
     std::int64_t bytes = 0, reductions = 0;
     double seconds = 0;
@@ -46,6 +64,7 @@ class DataParallel {
 
  private:
   Traffic traffic_;
+  double bucket_cap_mib_ = 25;
   struct Impl;
   DataParallel(std::int64_t rank, std::int64_t world, std::unique_ptr<Impl> impl);
   std::int64_t rank_, world_;

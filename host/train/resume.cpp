@@ -95,8 +95,15 @@ NamedTensors collect(Session& s, const OptimizerView& opt) {
 
 }  // namespace
 
-void save_checkpoint(Session& s, const OptimizerView& opt, const TrainPosition& at, const std::string& run_dir) {
-  const auto tensors = collect(s, opt);
+at::Tensor rank_generators(Session& s) {
+  std::vector<Tensor> parts{at::detail::getDefaultCPUGenerator().get_state()};
+  if (!s.model().info().options.device().is_cpu()) parts.push_back(device_generator(s).get_state());
+  return at::cat(parts);
+}
+
+void save_checkpoint(Session& s, const OptimizerView& opt, const TrainPosition& at, const std::string& run_dir, const std::vector<at::Tensor>& ranks) {
+  auto tensors = collect(s, opt);
+  for (std::size_t r = 1; r < ranks.size(); ++r) tensors["rng/rank" + std::to_string(r)] = ranks[r];
   const nlohmann::json position = {{"step", at.step},
                                    {"epoch", at.epoch},
                                    {"epoch_step", at.epoch_step},
@@ -135,7 +142,7 @@ std::optional<Checkpoint> newest_checkpoint(const std::string& run_dir) {
   return std::nullopt;
 }
 
-void restore_checkpoint(Session& s, const std::function<OptimizerView()>& optimizer, const Checkpoint& c) {
+void restore_checkpoint(Session& s, const std::function<OptimizerView()>& optimizer, const Checkpoint& c, std::int64_t rank, std::int64_t world) {
   const auto t = read_safetensors((fs::path(c.dir) / "tensors.safetensors").string());
   auto& m = s.methods();
   for (std::size_t i = 0; i < m.size(); ++i) {
@@ -171,6 +178,13 @@ void restore_checkpoint(Session& s, const std::function<OptimizerView()>& optimi
   at::Generator cpu = at::detail::getDefaultCPUGenerator();
   cpu.set_state(t.at("rng/cpu").clone());
   if (t.count("rng/device")) device_generator(s).set_state(t.at("rng/device").clone());
+  const std::string mine = "rng/rank" + std::to_string(rank), past_last = "rng/rank" + std::to_string(world);
+  if (rank > 0 && t.count(mine) && !t.count(past_last) && t.count("rng/rank" + std::to_string(world - 1))) {  // written by `world` ranks
+    const Tensor& bytes = t.at(mine);
+    const auto n = t.at("rng/cpu").numel();
+    cpu.set_state(bytes.narrow(0, 0, n).clone());
+    if (t.count("rng/device")) device_generator(s).set_state(bytes.narrow(0, n, bytes.numel() - n).clone());
+  }
 }
 
 }  // namespace tessera

@@ -43,7 +43,15 @@ struct Checkpoint {
   std::string config;  // resolved_toml of the run that wrote it
 };
 
-void save_checkpoint(Session& s, const OptimizerView& opt, const TrainPosition& at, const std::string& run_dir);
+// `ranks`: in a data-parallel run, rank_generators() of every rank, gathered in rank order
+// (rank 0's are the checkpoint's own); a resume with as many ranks gives each its own back.
+void save_checkpoint(Session& s, const OptimizerView& opt, const TrainPosition& at, const std::string& run_dir,
+                     const std::vector<at::Tensor>& ranks = {});
+
+// This process's random streams as one byte tensor (torch's CPU generator's state, then the
+// compute device's when it is not the CPU): what differs between data-parallel ranks, whose
+// dropout draws masks for shards of different sizes.
+at::Tensor rank_generators(Session& s);
 
 // The newest checkpoint whose files read back whole; one that does not is skipped for the
 // one before, said in one line. None: nullopt.
@@ -54,6 +62,9 @@ std::optional<Checkpoint> newest_checkpoint(const std::string& run_dir);
 // A tensor the run lacks or has in another shape is refused by name.
 // `optimizer` is asked for the optimizer once the tensors are in (a method's load_state()
 // may replace tensors, which the optimizer must follow before its moments are set).
-void restore_checkpoint(Session& s, const std::function<OptimizerView()>& optimizer, const Checkpoint& c);
+// Data-parallel rank `rank` of `world` gets its own streams back when the checkpoint was written
+// by as many ranks; otherwise (a changed N) rank 0's, as every rank had at the start.
+void restore_checkpoint(Session& s, const std::function<OptimizerView()>& optimizer, const Checkpoint& c, std::int64_t rank = 0,
+                        std::int64_t world = 1);
 
 }  // namespace tessera

@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -184,6 +185,12 @@ struct Shard {
 // and the loss is undefined.
 Tensor forward_backward(Session& s, const Batch* batch, Optimizer& opt, const Shard& shard) {
   opt.adamw().zero_grad();
+  // Data-parallel, the all-reduce overlaps backward (DataParallel::begin_gradients) unless
+  // layers are recomputed: each runs a backward pass of its own, where a tensor two layers
+  // share would be sent before its second part arrived.
+  // TESSERA_DP_OVERLAP=0 reduces after backward instead (bench/distributed.sh's A/B).
+  static const bool allowed = std::getenv("TESSERA_DP_OVERLAP") == nullptr || std::string(std::getenv("TESSERA_DP_OVERLAP")) != "0";
+  const bool overlap = allowed && shard.dp != nullptr && batch != nullptr && !s.model().gradient_checkpointing();
   Tensor loss;
   if (batch != nullptr) {
     const TaskOutput step = s.task().forward(*batch);
@@ -199,10 +206,13 @@ Tensor forward_backward(Session& s, const Batch* batch, Optimizer& opt, const Sh
         if (extra.defined()) loss = loss + extra;
       }
     }
+    if (s.take_trainable_changed()) opt.refresh();  // before the reduction: it covers the tensors the update will
+    if (overlap) shard.dp->begin_gradients(opt.all(), shard.weight);
     loss.backward();
   }
-  if (s.take_trainable_changed()) opt.refresh();  // before the reduction: it covers the tensors the update will
-  if (shard.dp != nullptr) shard.dp->reduce_gradients(opt.all(), shard.weight);
+  if (s.take_trainable_changed()) opt.refresh();  // (methods change their set in extra_loss or after_backward, not during backward)
+  if (overlap) shard.dp->finish_gradients();
+  else if (shard.dp != nullptr) shard.dp->reduce_gradients(opt.all(), shard.weight);
   for (std::size_t i = 0; i < s.methods().size(); ++i) s.methods()[i].call("after_backward", [](Method& x) { x.after_backward(); });
   if (s.take_trainable_changed()) opt.refresh();
   return loss;
@@ -321,9 +331,11 @@ struct Loop {
   }
 
   void checkpoint() {
+    // Every rank's random streams (a collective: every rank comes here at the same step).
+    const std::vector<Tensor> ranks = dp != nullptr ? dp->all_gather(rank_generators(s)) : std::vector<Tensor>{};
     if (!lead()) return;
     at.metrics_bytes = static_cast<std::uint64_t>(metrics.tellp());
-    save_checkpoint(s, opt.view(), at, run_dir);
+    save_checkpoint(s, opt.view(), at, run_dir, ranks);
   }
 
   // The rest of the current epoch: from step at.epoch_step of its batches.
@@ -362,11 +374,12 @@ struct Loop {
 
 // A resumed run: the checkpoint's tensors, moments and generators in place, metrics.jsonl
 // cut back to what it held then (steps after it were lost with the process).
-TrainPosition resume_from(Session& s, Optimizer& opt, const Checkpoint& c, const std::string& run_dir, bool lead) {
+TrainPosition resume_from(Session& s, Optimizer& opt, const Checkpoint& c, const std::string& run_dir, const DataParallel* dp) {
+  const bool lead = dp == nullptr || dp->rank() == 0;
   restore_checkpoint(s, [&] {
     opt.refresh();  // load_state() may have replaced tensors
     return opt.view();
-  }, c);
+  }, c, dp ? dp->rank() : 0, dp ? dp->world() : 1);
   const auto metrics = fs::path(run_dir) / "metrics.jsonl";
   if (lead && fs::exists(metrics) && fs::file_size(metrics) > c.at.metrics_bytes) fs::resize_file(metrics, c.at.metrics_bytes);
   spdlog::info("resuming from {} at step {} (epoch {}, its step {})", c.dir, c.at.step, c.at.epoch + 1, c.at.epoch_step);
@@ -396,6 +409,7 @@ TrainResult train(Session& s, const std::string& run_dir, const TrainOptions& op
   DataParallel* dp = options.dp;
   const bool lead = dp == nullptr || dp->rank() == 0;
   const auto& cfg = s.config().train;
+  if (dp != nullptr) dp->set_bucket_cap(cfg.bucket_cap_mb);
   fs::create_directories(run_dir);
   const auto n_train = s.task().examples(Split::Train).size();
   const auto bs = static_cast<std::size_t>(cfg.batch_size);
@@ -412,7 +426,7 @@ TrainResult train(Session& s, const std::string& run_dir, const TrainOptions& op
   spdlog::info("training {} of {} parameters ({:.3f}% of the base) on {} examples, {} steps", result.trainable, result.base,
                100.0 * static_cast<double>(result.trainable) / static_cast<double>(result.base), n_train, total);
   Optimizer opt(s, total);
-  const TrainPosition start_at = resume ? resume_from(s, opt, *resume, run_dir, lead) : TrainPosition{};
+  const TrainPosition start_at = resume ? resume_from(s, opt, *resume, run_dir, dp) : TrainPosition{};
   std::ofstream metrics;
   if (lead) metrics.open(fs::path(run_dir) / "metrics.jsonl", std::ios::app);
   std::unique_ptr<EventWriter> board;
