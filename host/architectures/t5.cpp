@@ -218,21 +218,28 @@ Encoded T5Model::encode(const Tensor& ids, const Tensor& mask) const {
   const Tensor keep = out.mask.to(at::kBool).view({B, 1, 1, S});
   enter_forward(out.mask, nullptr);
   // Layer b on x with the position bias (extras[0], which carries a gradient when a method
-  // trains the bias table). By value: a recomputed layer runs it again in backward, where it
-  // sets the encoder's forward context again (the decoder's is current by then).
+  // trains the bias table) and its attention's prefix (extras[1], [2] when there is one: made
+  // once per forward, outside the layer, as the decoder's). By value: a recomputed layer runs
+  // it again in backward, where it sets the encoder's forward context again (the decoder's is
+  // current by then).
   auto layer = [this, keep, mask = out.mask](const Block* b, const Tensor& x, const std::vector<Tensor>& extras) {
     if (at::GradMode::is_enabled() && gradient_checkpointing()) enter_forward(mask, nullptr);
+    const KVPair prefix = extras.size() > 1 ? KVPair{extras[1], extras[2]} : KVPair{};
     return b->layer->run(x, [&](const Tensor& h, const Tensor& kept) {
       Tensor n = norm(h, b->self.norm);
-      Tensor a = tessera::dropout(attention(b->self, n, n, routed(keep, kept, 0), extras[0], nullptr, nullptr, false), config_.dropout, training_);
+      Tensor a = tessera::dropout(attention(b->self, n, n, routed(keep, kept, 0), extras[0], nullptr, nullptr, false, &prefix), config_.dropout, training_);
       Tensor h1 = h + b->self.sub->apply(n, a, h, SublayerSiteImpl::identity());
       Tensor n2 = norm(h1, b->mlp_norm);
       return h1 + b->mlp->apply(n2, tessera::dropout(ff(*b, n2), config_.dropout, training_), h1, SublayerSiteImpl::identity());
     });
   };
   const bool recompute = gradient_checkpointing() && training_ && at::GradMode::is_enabled();
-  for (const auto& b : encoder_)
-    x = !recompute ? layer(&b, x, {bias}) : recomputed_layer(x, {bias}, [layer, b = &b](const Tensor& h, const std::vector<Tensor>& e) { return layer(b, h, e); });
+  for (const auto& b : encoder_) {
+    std::vector<Tensor> extras{bias};
+    const auto kv = prefix_extras(b.self.site->prefix(B));
+    extras.insert(extras.end(), kv.begin(), kv.end());
+    x = !recompute ? layer(&b, x, extras) : recomputed_layer(x, extras, [layer, b = &b](const Tensor& h, const std::vector<Tensor>& e) { return layer(b, h, e); });
+  }
   out.hidden = tessera::dropout(norm(x, enc_final_), config_.dropout, training_);
   return out;
 }

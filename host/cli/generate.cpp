@@ -131,7 +131,8 @@ Command generate_command() {
             c.add_option("--adapterhub", a->adapterhub, "AdapterHub (adapters) bottleneck adapter directory to apply")->check(CLI::ExistingDirectory);
             c.add_option("--quantize", a->quantize,
                          "keep the layers' linear weights as none, nf4, fp4, int8 or gguf (a GGUF file's own blocks, loaded without a dense copy); "
-                         "default: --run's [model] quantize, else none");
+                         "default: --run's [model] quantize, else none")
+                ->check(CLI::IsMember({"none", "nf4", "fp4", "int8", "gguf"}));
             c.add_option("--max-new-tokens", a->gen.max_new_tokens, "tokens to generate (default 32)")->check(CLI::PositiveNumber);
             c.add_flag("--sample", a->gen.sample, "sample instead of taking the most likely token");
             c.add_option("--temperature", a->gen.temperature, "sampling temperature (default 1)")->check(CLI::PositiveNumber);

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <map>
+#include <mutex>
 #include <stdexcept>
 #include <tuple>
 
@@ -29,6 +30,8 @@ struct Reducer {
   };
   std::vector<at::Tensor> params;
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;  // held, so that the hooks on them live
+  std::vector<std::uintptr_t> hooks;                                   // each accumulator's hook, removed with it
+  std::mutex mutex;  // autograd runs each device's accumulators on a thread of its own
   std::vector<std::size_t> bucket_of;
   std::vector<bool> arrived;
   std::vector<Bucket> buckets;
@@ -40,6 +43,7 @@ struct Reducer {
   std::int64_t bytes = 0;
 
   void arrive(std::size_t i) {
+    std::lock_guard<std::mutex> lock(mutex);
     if (!active || arrived[i]) return;
     arrived[i] = true;
     --buckets[bucket_of[i]].pending;
@@ -75,7 +79,7 @@ class Arrived final : public torch::autograd::FunctionPostHook {
 
  private:
   Reducer* r_;
-  std::uint64_t generation_;  // hooks of an earlier set of tensors stay on their nodes, inert
+  std::uint64_t generation_;  // an earlier set's hooks are taken off (Impl::unhook); this guards the rest
   std::size_t index_;
 };
 
@@ -93,15 +97,24 @@ struct DataParallel::Impl {
   c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
   Reducer reducer;
 
+  ~Impl() { unhook(); }
+  // Takes this set's hooks off their accumulators (a node that outlives the reducer must not call it).
+  void unhook() {
+    auto& r = reducer;
+    for (std::size_t j = 0; j < r.hooks.size(); ++j) r.accumulators[j]->del_post_hook(r.hooks[j]);
+    r.hooks.clear();
+    r.accumulators.clear();
+  }
+
   // Buckets and hooks for `params`, made again only when the set changes (a method's
   // trainable tensors may change at a step).
   void prepare(const std::vector<at::Tensor>& params, double cap_mib) {
     auto& r = reducer;
     r.group = group.get();
     if (same_tensors(r.params, params)) return;
+    unhook();
     ++r.generation;
     r.params = params;
-    r.accumulators.clear();
     r.buckets.clear();
     r.bucket_of.assign(params.size(), 0);
     const auto later = static_cast<std::int64_t>(cap_mib * (1 << 20));
@@ -123,7 +136,7 @@ struct DataParallel::Impl {
     for (std::size_t j = 0; j < params.size(); ++j) {
       auto acc = torch::autograd::impl::grad_accumulator(params[j]);
       if (!acc) throw std::logic_error("data-parallel training: trainable tensor " + std::to_string(j) + " is not a leaf that accumulates its gradient");
-      acc->add_post_hook(std::make_unique<Arrived>(&r, r.generation, j));
+      r.hooks.push_back(acc->add_post_hook(std::make_unique<Arrived>(&r, r.generation, j)));
       r.accumulators.push_back(std::move(acc));
     }
   }
@@ -196,8 +209,11 @@ void DataParallel::finish_gradients() {
   at::NoGradGuard no_grad;
   const auto start = std::chrono::steady_clock::now();
   auto& r = impl_->reducer;
-  r.active = false;
-  while (r.next < r.buckets.size()) r.start(r.next++);
+  {
+    std::lock_guard<std::mutex> lock(r.mutex);
+    r.active = false;
+    while (r.next < r.buckets.size()) r.start(r.next++);
+  }
   for (auto& b : r.buckets) {
     b.work->wait();
     const at::Tensor& flat = b.flat[0];

@@ -176,7 +176,8 @@ class Optimizer {
 struct Shard {
   DataParallel* dp = nullptr;
   double weight = 1.0;
-  double tokens = 0;  // the global batch's unpadded tokens
+  double tokens = 0;  // the global batch's unpadded tokens (data-parallel: summed over the ranks)
+  Tensor device_tokens;  // one process: the same count, on the model's device, read once at the end (no sync a step)
 };
 
 // The loss of one step with every method's extra loss, backward, and the methods' hooks;
@@ -262,11 +263,14 @@ double finish_step(Session& s, Tensor loss, Optimizer& opt, const Position& at, 
 // warm-up); a run no longer than the warm-up is timed over all its steps.
 struct Throughput {
   static constexpr std::int64_t kUntimedSteps = 3;
-  double timed_seconds = 0, all_seconds = 0, timed_tokens = 0, all_tokens = 0;
+  double timed_seconds = 0, all_seconds = 0;
   std::int64_t timed_examples = 0, all_examples = 0;
-  void add(std::int64_t step, double seconds, std::int64_t examples, double tokens) {
-    if (step >= kUntimedSteps) timed_seconds += seconds, timed_examples += examples, timed_tokens += tokens;
-    all_seconds += seconds, all_examples += examples, all_tokens += tokens;
+  Tensor timed_tokens, all_tokens;  // sums kept where the counts are (a GPU's, in one process): read once, at the end
+  void add(std::int64_t step, double seconds, std::int64_t examples, const Shard& part) {
+    const Tensor tokens = part.device_tokens.defined() ? part.device_tokens : at::scalar_tensor(part.tokens, at::kDouble);
+    auto sum = [&](Tensor& into) { into = into.defined() ? into + tokens : tokens; };
+    if (step >= kUntimedSteps) timed_seconds += seconds, timed_examples += examples, sum(timed_tokens);
+    all_seconds += seconds, all_examples += examples, sum(all_tokens);
   }
   double per_second() const {
     return timed_examples > 0 ? static_cast<double>(timed_examples) / timed_seconds
@@ -274,7 +278,7 @@ struct Throughput {
                               : 0.0;
   }
   double tokens_per_second() const {
-    return timed_examples > 0 ? timed_tokens / timed_seconds : all_examples > 0 ? all_tokens / all_seconds : 0.0;
+    return timed_examples > 0 ? timed_tokens.item<double>() / timed_seconds : all_examples > 0 ? all_tokens.item<double>() / all_seconds : 0.0;
   }
 };
 
@@ -316,7 +320,7 @@ struct Loop {
   Batch this_ranks_batch(const std::vector<std::size_t>& order, Shard& part) const {
     if (dp == nullptr) {
       Batch b = s.task().batch(Split::Train, order, 0, order.size());
-      part.tokens = static_cast<double>(b.mask.sum().item<std::int64_t>());
+      part.device_tokens = b.mask.sum();
       return b;
     }
     auto mine = shard(order, dp->rank(), dp->world());
@@ -360,7 +364,7 @@ struct Loop {
 
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const auto B = static_cast<std::int64_t>(order.size());  // every rank's examples
-      speed.add(steps_here++, dt, B, part.tokens);
+      speed.add(steps_here++, dt, B, part);
       epoch_seconds += dt, epoch_seen += B;
       loss_avg = shown++ == 0 ? l : 0.9 * loss_avg + 0.1 * l;
       ++at.step, ++at.epoch_step;

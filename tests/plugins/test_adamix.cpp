@@ -145,3 +145,77 @@ CATCH_TEST_CASE("AdaMix's consistency term is w times the symmetric KL of the st
   inst->detach(*m.model);
   m.model->set_extension(TESSERA_EXT_HOST_TRAINING, nullptr);
 }
+
+namespace {
+
+// Layer 0's query with plain LoRA (the `lora` plugin, itself equal to peft's) of factors A, B at
+// AdaMix-LoRA's scale.
+Tensor lora_out(Mistral& m, const Tensor& A, const Tensor& B) {
+  auto inst = test::registry().create("lora", "l");
+  inst->attach(*m.model, {"layers.0.attn.q"}, apply_schema(test::registry().find("lora")->params, {{"r", std::int64_t{4}}, {"lora_alpha", 32.0}}));
+  const std::string k = "base_model.model.model.layers.0.self_attn.q_proj.";
+  inst->call("load_state", [&](Method& x) { x.load_state({{k + "lora_A.weight", A}, {k + "lora_B.weight", B}}); });
+  const Tensor out = m.out();
+  inst->detach(*m.model);
+  return out;
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("AdaMix-LoRA routes each training pass through one A and one B expert drawn at random, and infers with their means",
+                "[plugins][adamix][decoder]") {
+  Mistral m;
+  const auto params = apply_schema(test::registry().find("adamix_lora")->params,
+                                   {{"num_experts", std::int64_t{2}}, {"share_B", false}, {"lora_dropout", 0.0}, {"consistency_weight", 0.0}});
+  auto inst = test::registry().create("adamix_lora", "a");
+  inst->attach(*m.model, {"layers.0.attn.q"}, params);
+  const auto w = randomize(*inst);
+  CATCH_CHECK(w.size() == 4);
+  inst->detach(*m.model);  // while plain LoRA is measured alone
+  const std::string k = "model.layers.0.self_attn.q_proj.experts_lora_";
+  std::vector<Tensor> pairs;
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) pairs.push_back(lora_out(m, w.at(k + "A." + std::to_string(i)), w.at(k + "B." + std::to_string(j))));
+  const Tensor averaged = lora_out(m, (w.at(k + "A.0") + w.at(k + "A.1")) / 2, (w.at(k + "B.0") + w.at(k + "B.1")) / 2);
+  inst = test::registry().create("adamix_lora", "a");
+  inst->attach(*m.model, {"layers.0.attn.q"}, params);
+  inst->call("load_state", [&](Method& x) { x.load_state(w); });
+
+  m.model->train(false);
+  CATCH_CHECK((m.out() - averaged).abs().max().item<double>() < 1e-5);
+  m.model->train(true);
+  std::set<int> seen;
+  for (int pass = 0; pass < 24; ++pass) {
+    const Tensor out = m.out();
+    int match = -1;
+    for (int c = 0; c < 4; ++c)
+      if ((out - pairs[c]).abs().max().item<double>() < 1e-5) match = c;
+    CATCH_CHECK(match >= 0);
+    seen.insert(match);
+  }
+  CATCH_CHECK(seen.size() == 4);
+  m.model->train(false);
+  for (int c = 0; c < 4; ++c) CATCH_CHECK((averaged - pairs[c]).abs().max().item<double>() > 1e-3);  // the experts differ
+  // Merged: s · B̄ Ā in the weight, the same outputs as the averaged branch.
+  inst->call("merge", [](Method& x) { x.merge(); });
+  CATCH_CHECK((m.out() - averaged).abs().max().item<double>() < 1e-4);
+  inst->call("unmerge", [](Method& x) { x.unmerge(); });
+  inst->detach(*m.model);
+}
+
+CATCH_TEST_CASE("AdaMix-LoRA starts its A experts as one draw and its B at zero (the base model), the authors' 8 A experts and one B",
+                "[plugins][adamix][decoder]") {
+  Mistral m;
+  const Tensor before = m.out();
+  auto inst = test::registry().create("adamix_lora", "a");
+  inst->attach(*m.model, {}, apply_schema(test::registry().find("adamix_lora")->params, {}));
+  const auto s = inst->call("state", [](Method& x) { return x.state(); });
+  const std::string k = "model.layers.1.self_attn.v_proj.experts_lora_";
+  CATCH_CHECK(s.count(k + "A.7") == 1);
+  CATCH_CHECK(s.count(k + "B.0") == 1);
+  CATCH_CHECK(s.count(k + "B.1") == 0);
+  CATCH_CHECK(at::equal(s.at(k + "A.0"), s.at(k + "A.5")));
+  m.model->train(true);
+  CATCH_CHECK(at::equal(m.out(), before));
+  inst->detach(*m.model);
+}

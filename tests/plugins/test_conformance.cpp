@@ -67,11 +67,14 @@ const std::vector<Row>& table() {
       // attention path) on Houlsby's, T5's cross-attention too.
       {"sparse_adapter", {}, {{"sparsity", 0.5}}, {}},
       {"sparse_adapter", {}, {{"config", std::string("double_seq_bn")}, {"pruner", std::string("grasp")}, {"cross_adapter", true}}, {}},
+      {"sparse_lora", {}, {{"r", std::int64_t{4}}, {"sparsity", 0.5}}, {}},  // SNIP on q and v's factors
       // AdaMix with one expert: a training step reaches only the drawn experts, so a mixture's
       // experts would not all get a gradient in the table's two steps (its routing, averaging
       // and consistency term: tests/plugins/test_adamix.cpp).
       {"adamix", {}, {{"num_experts", std::int64_t{1}}}, {}},
+      {"adamix_lora", {}, {{"num_experts", std::int64_t{1}}, {"lora_dropout", 0.0}}, {}},
       {"propetl", {}, {{"keep", 0.5}}, {}},  // one prototype, a mask per layer from its scores
+      {"propetl_lora", {}, {{"r", std::int64_t{4}}, {"keep", 0.5}}, {}},  // a prototype per module (q, v), masks per layer
       {"lst", {}, {{"reduction_factor", std::int64_t{4}}, {"dropout", 0.0}}, {"bert", "gpt2", "llama"}},  // side blocks: BERT and pre-norm decoders (not T5 yet)
       {"coda", {}, {{"k", 0.5}}, {"bert", "t5"}},  // encoder layers (T5: its encoder)
       {"prompt_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},  // T5: the encoder's input

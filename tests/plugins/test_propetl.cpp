@@ -89,3 +89,98 @@ CATCH_TEST_CASE("ProPETL shares one prototype, keeps the asked share per mask, a
   CATCH_CHECK(cfg["tessera"]["propetl"]["keep"] == 0.5);
   p->detach(*model);
 }
+
+// ProPETL-LoRA (the `propetl_lora` plugin) against its equations: each layer's query and value
+// run LoRA with the prototype's A and B masked by the top of that layer's scores — the output
+// of the `lora` plugin (itself equal to peft's) given those masked factors — and the gradients
+// are the straight-through ones: ∂L/∂S_l = ∂L/∂A_l ⊙ A ⊙ sign(S_l), ∂L/∂A = Σ_l ∂L/∂A_l ⊙ M_l
+// (B likewise), one prototype per module (query's, value's) shared by the six layers.
+CATCH_TEST_CASE("ProPETL-LoRA's layers run each module's shared prototype masked by the top of their scores, with straight-through gradients",
+                "[plugins][propetl][minilm]") {
+  auto& base = test::cached_tensors(test::fixture("reference.safetensors"));
+  const auto &ids = base["input_ids"], &mask = base["attention_mask"], &dir = base["grad.direction"];
+  auto model = test::load_minilm();
+  const double keep = 0.3;
+  auto p = test::registry().create("propetl_lora", "p");
+  p->attach(*model, {}, apply_schema(test::registry().find("propetl_lora")->params, {{"keep", keep}, {"r", std::int64_t{8}}, {"lora_alpha", 12.0}}));
+  at::manual_seed(13);
+  NamedTensors w;
+  for (const auto& [k, t] : p->call("state", [](Method& m) { return m.state(); })) w[k] = at::randn_like(t) * 0.2;  // B ≠ 0: every gradient flows
+  CATCH_CHECK(w.size() == 2 * 2 + 12 * 2);  // two prototypes (q, v) of two factors, two score tensors per site
+  p->call("load_state", [&](Method& m) { m.load_state(w); });
+  auto loss = [&] { return (model->forward(ids, mask).hidden * dir * mask.unsqueeze(-1).to(dir.dtype())).sum(); };
+  const Tensor ours = loss();
+  ours.backward();
+  const auto trained = p->call("trainable", [](Method& m) { return m.trainable(); });
+  p->detach(*model);
+
+  // The same forward from plain LoRA whose layer-l factors are A ⊙ M_A,l and B ⊙ M_B,l.
+  auto d = test::registry().create("lora", "d");
+  d->attach(*model, {"attn.q", "attn.v"}, apply_schema(test::registry().find("lora")->params, {{"r", std::int64_t{8}}, {"lora_alpha", 12.0}}));
+  NamedTensors dense, masks;
+  for (int l = 0; l < 6; ++l)
+    for (const std::string m : {"query", "value"})
+      for (const std::string f : {"A", "B"}) {
+        const std::string path = "encoder.layer." + std::to_string(l) + ".attention.self." + m;
+        const std::string proto = std::string("prototype.attn.") + (m == "query" ? "q" : "v") + ".lora_" + f;
+        masks[path + f] = top_mask(w.at(path + ".lora_" + f + ".mask_scores"), keep);
+        dense["base_model.model." + path + ".lora_" + f + ".weight"] = w.at(proto) * masks[path + f];
+      }
+  d->call("load_state", [&](Method& m) { m.load_state(dense); });
+  const Tensor theirs = loss();
+  CATCH_CHECK(std::abs(ours.item<double>() - theirs.item<double>()) < 1e-4 * std::abs(theirs.item<double>()));
+  theirs.backward();
+  const auto g = d->call("state", [](Method& m) { return m.state(); });  // the masked factors (PEFT's keys), their ∂L/∂A_l, ∂L/∂B_l
+  for (const std::string m : {"query", "value"})
+    for (const std::string f : {"A", "B"}) {
+      const std::string proto = std::string("prototype.attn.") + (m == "query" ? "q" : "v") + ".lora_" + f;
+      Tensor proto_grad = at::zeros_like(w.at(proto));
+      for (int l = 0; l < 6; ++l) {
+        const std::string path = "encoder.layer." + std::to_string(l) + ".attention.self." + m;
+        const std::string scores = path + ".lora_" + f + ".mask_scores";
+        const Tensor G = g.at("base_model.model." + path + ".lora_" + f + ".weight").grad();
+        const Tensor expected = G * w.at(proto) * w.at(scores).sign();
+        CATCH_INFO(scores);
+        CATCH_CHECK((trained.at(scores).grad() - expected).abs().max().item<double>() < 1e-4 * expected.abs().max().item<double>());
+        proto_grad += G * masks.at(path + f);
+      }
+      CATCH_INFO(proto);
+      CATCH_CHECK((trained.at(proto).grad() - proto_grad).abs().max().item<double>() < 1e-4 * proto_grad.abs().max().item<double>());
+    }
+  d->detach(*model);
+}
+
+CATCH_TEST_CASE("ProPETL-LoRA starts at the base model, keeps the asked share per mask, merges its masked update, refuses targets that match nothing",
+                "[plugins][propetl][minilm]") {
+  auto& base = test::cached_tensors(test::fixture("reference.safetensors"));
+  const auto &ids = base["input_ids"], &mask = base["attention_mask"];
+  auto model = test::load_minilm();
+  at::NoGradGuard no_grad;
+  const Tensor before = model->forward(ids, mask).hidden;
+  auto p = test::registry().create("propetl_lora", "p");
+  p->attach(*model, {}, apply_schema(test::registry().find("propetl_lora")->params, {}));
+  CATCH_CHECK(at::equal(model->forward(ids, mask).hidden, before));  // B = 0
+  auto s = p->call("state", [](Method& m) { return m.state(); });
+  CATCH_CHECK(s.at("prototype.attn.q.lora_A").sizes() == at::IntArrayRef({32, 384}));
+  for (auto& [k, t] : s)
+    if (k.rfind("prototype.", 0) == 0) t.normal_(0, 0.1);  // an update that acts
+  const Tensor unmerged = model->forward(ids, mask).hidden;
+  CATCH_CHECK(test::max_abs_diff(unmerged, before) > 1e-3);
+  // Merged: the plugin's own masks, each keeping k = n − ⌊0.9 n⌋ entries, folded as s · (B ⊙ M_B)(A ⊙ M_A).
+  LinearSite* v2 = nullptr;
+  for (auto* l : model->linear_sites())
+    if (l->name() == "layers.2.attn.v") v2 = l;
+  const Tensor w_before = v2->weight().base().clone();
+  p->call("merge", [](Method& m) { m.merge(); });
+  const std::string site = "encoder.layer.2.attention.self.value.";
+  const Tensor ma = top_mask(s.at(site + "lora_A.mask_scores"), 0.1), mb = top_mask(s.at(site + "lora_B.mask_scores"), 0.1);
+  CATCH_CHECK(ma.sum().item<double>() == ma.numel() - std::floor(0.9 * ma.numel()));
+  const Tensor expected = 1.5 * at::matmul(s.at("prototype.attn.v.lora_B") * mb, s.at("prototype.attn.v.lora_A") * ma);
+  CATCH_CHECK(test::max_abs_diff(v2->weight().base() - w_before, expected) < 1e-6 * expected.abs().max().item<double>() + 1e-7);
+  CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, unmerged) < 1e-4 * unmerged.abs().max().item<double>());
+  p->call("unmerge", [](Method& m) { m.unmerge(); });
+  CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, unmerged) < 1e-4 * unmerged.abs().max().item<double>());
+  p->detach(*model);
+  auto q = test::registry().create("propetl_lora", "q");
+  CATCH_CHECK_THROWS_WITH(q->attach(*model, {"mlp.gate"}, apply_schema(test::registry().find("propetl_lora")->params, {})), Catch::Contains("matches the targets"));
+}

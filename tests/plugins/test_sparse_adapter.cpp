@@ -6,6 +6,9 @@
 
 #include "runtime/method_stack.h"
 
+#include <torch/csrc/autograd/autograd.h>
+
+#include <algorithm>
 #include <cmath>
 
 using namespace tessera;
@@ -132,4 +135,108 @@ CATCH_TEST_CASE("sparse_adapter refuses a scored pruner on an adapter that start
   lacking.erase("encoder.layer.1.output.adapters.a.adapter_up.weight_mask");
   CATCH_CHECK_THROWS_WITH(inst->call("load_state", [&](Method& m) { m.load_state(lacking); }),
                           Catch::Contains("adapter lacks tensor 'encoder.layer.1.output.adapters.a.adapter_up.weight_mask'"));
+}
+
+// SparseAdapter's LoRA form (`sparse_lora`) against its equations: the SNIP scores of every A and
+// B entry, |θ ⊙ Σ_b ∇θ L_b|, computed here by torch autograd through plain LoRA (the `lora`
+// plugin, itself equal to peft's) with the same factors and calibration batches; one global
+// threshold pruning ⌈0.4 N⌉; then the pruned LoRA's outputs are plain LoRA's with the masked
+// factors, and only the kept entries train.
+CATCH_TEST_CASE("sparse_lora prunes LoRA's factors by SNIP with one global threshold, and runs plain LoRA of the masked factors",
+                "[plugins][sparse_adapter][minilm]") {
+  auto& base = test::cached_tensors(test::fixture("reference.safetensors"));
+  const auto &ids = base["input_ids"], &mask = base["attention_mask"];
+  auto model = test::load_minilm();
+  model->train(false);  // as the trainer's prepare()
+  const std::map<std::string, ParamValue> params = {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}, {"sparsity", 0.4}};
+  auto inst = test::registry().create("sparse_lora", "s");
+  inst->attach(*model, {}, apply_schema(test::registry().find("sparse_lora")->params, params));
+  at::manual_seed(21);
+  NamedTensors start;  // the factors before pruning: N(0, 0.02) as the plugin's init, every mask 1
+  for (const auto& [k, t] : inst->call("state", [](Method& m) { return m.state(); }))
+    start[k] = t.scalar_type() == at::kByte ? at::ones_like(t) : at::randn_like(t) * 0.02;
+  inst->call("load_state", [&](Method& m) { m.load_state(start); });
+  inst->detach(*model);
+
+  // The reference scores through plain LoRA, the same calibration (two batches).
+  auto lora = test::registry().create("lora", "l");
+  lora->attach(*model, {"attn.q", "attn.v"}, apply_schema(test::registry().find("lora")->params, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}}));
+  NamedTensors factors;
+  for (const auto& [k, t] : start)
+    if (t.scalar_type() != at::kByte) factors[k] = t;
+  lora->call("load_state", [&](Method& m) { m.load_state(factors); });
+  auto live = lora->call("state", [](Method& m) { return m.state(); });
+  const Calibration c = calibration(*model);
+  std::vector<std::string> keys;  // every factor (the threshold is global: their order does not matter)
+  for (const auto& [k, t] : live) keys.push_back(k);
+  std::vector<Tensor> grads(keys.size());
+  for (std::int64_t b = 0; b < c.batches; ++b) {
+    std::vector<Tensor> v;
+    for (const auto& k : keys) v.push_back(live.at(k));
+    const auto g = torch::autograd::grad({c.loss(b)}, v);
+    for (std::size_t i = 0; i < g.size(); ++i) grads[i] = grads[i].defined() ? grads[i] + g[i] : g[i];
+  }
+  std::vector<Tensor> scores;
+  for (std::size_t i = 0; i < keys.size(); ++i) scores.push_back((live.at(keys[i]).detach() * grads[i]).abs().flatten());
+  const Tensor all = at::cat(scores);
+  const auto N = all.numel(), pruned = static_cast<std::int64_t>(std::ceil(0.4 * static_cast<double>(N)));
+  const double threshold = std::get<0>(all.sort()).index({pruned - 1}).item<double>();  // the last pruned score
+  lora->detach(*model);
+
+  inst = test::registry().create("sparse_lora", "s");
+  inst->attach(*model, {}, apply_schema(test::registry().find("sparse_lora")->params, params));
+  inst->call("load_state", [&](Method& m) { m.load_state(start); });
+  inst->call("prepare", [&](Method& m) { m.prepare(c); });
+  NamedTensors ours;  // copies: state() hands out the live factors
+  for (const auto& [k, t] : inst->call("state", [](Method& m) { return m.state(); })) ours[k] = t.clone();
+  // The masks agree wherever the score is clear of the threshold (within 1e-4 of the scores'
+  // scale an entry may fall either side in another summation order).
+  const double scale = all.max().item<double>();
+  std::int64_t kept = 0, far = 0, near = 0;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    const Tensor m = ours.at(keys[i] + "_mask").flatten().to(at::kBool), differs = m.ne(scores[i].gt(threshold));
+    const Tensor close = (scores[i] - threshold).abs().le(1e-4 * scale);
+    far += (differs & close.logical_not()).sum().item<std::int64_t>();
+    near += (differs & close).sum().item<std::int64_t>();
+    kept += m.sum().item<std::int64_t>();
+  }
+  CATCH_CHECK(N == 6 * 2 * 2 * 4 * 384);
+  CATCH_CHECK(kept == N - pruned);
+  CATCH_CHECK(far == 0);
+  CATCH_CHECK(near <= 8);
+  // Only the kept entries train: one SGD step moves them, the pruned stay 0.
+  auto trainable = inst->call("trainable", [](Method& m) { return m.trainable(); });
+  std::int64_t count = 0;
+  for (const auto& [k, t] : trainable) count += t.numel();
+  CATCH_CHECK(count == N - pruned);
+  (model->forward(ids, mask).hidden * base["grad.direction"]).sum().backward();
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [k, t] : trainable) t.sub_(t.grad() * 0.1), t.mutable_grad().reset();
+  }
+  const auto stepped = inst->call("state", [](Method& m) { return m.state(); });
+  for (const auto& k : keys) {
+    const Tensor m = stepped.at(k + "_mask").to(at::kBool);
+    CATCH_CHECK(stepped.at(k).masked_select(m.logical_not()).abs().max().item<double>() == 0);
+    CATCH_CHECK_FALSE(at::equal(stepped.at(k).masked_select(m), ours.at(k).masked_select(m)));
+  }
+  // The pruned LoRA: plain LoRA of the masked factors.
+  at::NoGradGuard no_grad;
+  const Tensor pruned_out = model->forward(ids, mask).hidden;
+  inst->detach(*model);
+  lora = test::registry().create("lora", "l");
+  lora->attach(*model, {"attn.q", "attn.v"}, apply_schema(test::registry().find("lora")->params, {{"r", std::int64_t{4}}, {"lora_alpha", 8.0}}));
+  NamedTensors masked;
+  for (const auto& k : keys) masked[k] = stepped.at(k);  // 0 where pruned
+  lora->call("load_state", [&](Method& m) { m.load_state(masked); });
+  CATCH_CHECK(test::max_abs_diff(model->forward(ids, mask).hidden, pruned_out) < 1e-5 * pruned_out.abs().max().item<double>());
+  lora->detach(*model);
+}
+
+CATCH_TEST_CASE("sparse_lora refuses a scored pruner on a LoRA that starts silent, with the key's place", "[plugins][sparse_adapter]") {
+  const auto dir = test::temp_dir("sparse-lora-cfg");
+  const auto path = (dir / "run.toml").string();
+  std::ofstream(path) << "[model]\npath = \"/m\"\n[data]\npath = \"/d.csv\"\n[[methods]]\nplugin = \"sparse_lora\"\n[methods.params]\ninit = \"lora\"\n";
+  Config c = load_config(path);
+  CATCH_CHECK_THROWS_WITH(check_methods(c, test::registry()), Catch::Contains("run.toml:") && Catch::Contains("cannot score a LoRA that starts silent"));
 }

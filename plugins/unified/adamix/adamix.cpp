@@ -11,6 +11,7 @@
 //
 // The placement and wiring are AdapterHub's (../../additive/adapterhub_bn.h).
 #include "../../additive/adapterhub_bn.h"
+#include "../adamix_consistency.h"
 
 #include <tessera/extensions.h>
 #include <tessera/plugin.h>
@@ -56,35 +57,16 @@ class AdaMix final : public tessera::adapterhub_bn::Wiring {
     Wiring::attach(ctx);
   }
 
-  // The consistency regulariser, as the authors run it: the step's own pass and the task's
-  // forward pass once more on this batch (a fresh routing, fresh dropout), the symmetric KL
-  // between their softmaxes, each direction against the other pass held fixed.
+  // The consistency regulariser, as the authors run it (../adamix_consistency.h).
   Tensor extra_loss() override {
     if (weight_ == 0.0 || !model_->training() || (!mixed_down_ && !mixed_up_)) return {};
-    if (training_ == nullptr)
-      throw std::runtime_error("AdaMix's consistency loss needs the host's tessera.host.training version 2 (the step's pass and a second one); set consistency_weight = 0");
-    Tensor loss, a, b;
-    training_->step_output(training_->host, &loss, &a);
-    if (!a.defined())  // before the second pass, which would be wasted
-      throw std::runtime_error("AdaMix's consistency loss compares a classifier's predicted distributions, and this task has no logits: set consistency_weight = 0");
-    training_->forward_again(training_->host, &loss, &b);
-    return symmetric_kl(a, b) * weight_;
+    return tessera::adamix::consistency(training_, weight_);
   }
 
   // Not AdapterHub's layout: a mixture per projection.
   std::string adapter_config_json() const override {
     return own_layout_config("adamix", {{"num_experts", experts_}, {"share_up", !mixed_up_}, {"share_down", !mixed_down_}, {"consistency_weight", weight_},
                                         {"non_linearity", act_}, {"inference", "the experts' weights averaged"}});
-  }
-
- private:
-  // ½ [KL(sg p_a ‖ p_b) + KL(sg p_b ‖ p_a)] over the rows of (B, L) logits (per token: (B·T, L)),
-  // KL(p ‖ q) = Σ p (log p − log q) averaged over the rows (PyTorch's "batchmean").
-  static Tensor symmetric_kl(const Tensor& a, const Tensor& b) {
-    const Tensor la = at::log_softmax(a.flatten(0, a.dim() - 2).to(at::kFloat), -1), lb = at::log_softmax(b.flatten(0, b.dim() - 2).to(at::kFloat), -1);
-    const auto rows = static_cast<double>(la.size(0));
-    auto kl = [rows](const Tensor& target_log, const Tensor& log_q) { return (target_log.exp() * (target_log - log_q)).sum() / rows; };
-    return 0.5 * (kl(la.detach(), lb) + kl(lb.detach(), la));
   }
 
  protected:

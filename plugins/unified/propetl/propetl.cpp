@@ -84,7 +84,7 @@ class ProPETL final : public tessera::adapterhub_bn::Wiring {
         at::NoGradGuard no_grad;
         hard = at::zeros({magnitude.numel()}, magnitude.options()).index_fill_(0, std::get<1>(magnitude.flatten().topk(k)), 1.0).view(magnitude.sizes());
       }
-      const Tensor mask = hard + magnitude - magnitude.detach();  // value M, gradient of |S|
+      const Tensor mask = hard + (magnitude - magnitude.detach());  // value M exactly, gradient of |S|
       return at::linear(x, (w * mask).to(dtype), b.to(dtype));
     };
   }

@@ -12,12 +12,11 @@
 // The adapter's placement and wiring are AdapterHub's (../../additive/adapterhub_bn.h): its
 // files load in `adapters` as a dense bottleneck adapter whose pruned weights are 0.
 #include "../../additive/adapterhub_bn.h"
+#include "../prune_at_init.h"
 
 #include <tessera/plugin.h>
 
 #include <ATen/ATen.h>
-#include <ATen/core/grad_mode.h>
-#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <map>
@@ -29,26 +28,7 @@ using tessera::NamedTensors;
 using tessera::Tensor;
 using tessera::adapterhub_bn::Preset;
 
-// One pruned weight: what trains is `kept`, its entries at the flat indices `index`.
-struct Sparse {
-  Tensor dense;   // (out, in): the weight as saved, 0 where pruned; refreshed from `kept`
-  Tensor mask;    // (out, in) uint8: 1 where kept
-  Tensor index;   // (k) int64: flat indices of the kept entries
-  Tensor kept;    // (k): the trained values
-  // (out, in) from the trained values, differentiable in them.
-  Tensor weight() const { return at::zeros({dense.numel()}, kept.options()).scatter(0, index, kept).view(dense.sizes()); }
-  void keep(const Tensor& m) {  // m: (out, in) bool or 0/1
-    mask = m.to(at::kByte);
-    index = mask.flatten().nonzero().squeeze(1);
-    kept = dense.flatten().index_select(0, index).clone().set_requires_grad(true);
-    refresh();
-  }
-  void refresh() const {
-    at::NoGradGuard no_grad;
-    dense.zero_();
-    dense.view({-1}).index_copy_(0, index, kept.detach());
-  }
-};
+using tessera::prune_at_init::Sparse;
 
 class SparseAdapter final : public tessera::adapterhub_bn::Wiring {
  public:
@@ -95,30 +75,8 @@ class SparseAdapter final : public tessera::adapterhub_bn::Wiring {
   // The one-shot pruning: scores over every adapter weight from the calibration batches (the
   // model in evaluation mode), one global threshold, the masks fixed from here on.
   void prepare(const tessera::Calibration& c) override {
-    for (auto& [impl, s] : sparse_) s->keep(at::ones_like(s->mask));  // score every entry, as at initialisation
-    std::vector<Tensor> scores;
-    if (pruner_ == "magnitude" || pruner_ == "random") {
-      for (const auto& s : order_) scores.push_back(pruner_ == "magnitude" ? s->kept.detach().abs() : at::rand_like(s->kept));
-    } else {
-      const auto n = std::min(batches_, c.batches);
-      if (n <= 0) throw std::runtime_error("SparseAdapter's " + pruner_ + " scores need calibration batches, and the host offers none");
-      scores = pruner_ == "snip" ? snip(c, n) : grasp(c, n);
-    }
-    const Tensor all = at::cat(scores);
-    if (!at::isfinite(all).all().item<bool>()) throw std::runtime_error("the " + pruner_ + " scores are not finite (a calibration loss overflowed): no mask chosen");
-    if (pruner_ != "random" && all.abs().max().item<double>() == 0.0)
-      throw std::runtime_error("every " + pruner_ + " score is 0 (an adapter that starts silent, such as init_weights = \"mam_adapter\"): no mask to choose");
-    // Exactly ⌈s·N⌉ pruned: the lowest scores, ties broken by position (a stable sort).
-    const auto N = all.numel();
-    const auto pruned = std::min<std::int64_t>(N - 1, static_cast<std::int64_t>(std::ceil(sparsity_ * static_cast<double>(N) - 1e-9)));
-    Tensor keep = at::ones({N}, at::kBool);
-    keep.index_fill_(0, std::get<1>(all.sort(/*stable=*/true, 0, false)).slice(0, 0, pruned), false);
-    std::int64_t offset = 0;
-    for (const auto& s : order_) {
-      const auto size = s->dense.numel();
-      s->keep(keep.slice(0, offset, offset + size).view(s->dense.sizes()));
-      offset += size;
-    }
+    tessera::prune_at_init::prune(order_, pruner_, sparsity_, batches_, c, *model_, *owner_, "SparseAdapter",
+                                  "an adapter that starts silent, such as init_weights = \"mam_adapter\"");
   }
 
   std::string adapter_config_json() const override {
@@ -167,73 +125,6 @@ class SparseAdapter final : public tessera::adapterhub_bn::Wiring {
   }
 
  private:
-  std::vector<Tensor> values() const {
-    std::vector<Tensor> v;
-    for (const auto& s : order_) v.push_back(s->kept);
-    return v;
-  }
-
-  // ∇θ L for the adapter weights alone (no other tensor's .grad is touched); 0 for a weight the
-  // loss does not reach.
-  std::vector<Tensor> gradient(const Tensor& loss, bool create_graph) const {
-    const auto v = values();
-    auto g = torch::autograd::grad({loss}, v, {}, create_graph, create_graph, /*allow_unused=*/true);
-    for (std::size_t i = 0; i < g.size(); ++i)
-      if (!g[i].defined()) g[i] = at::zeros_like(v[i]);
-    return g;
-  }
-
-  // Σ_b ∇θ L_b over the first n calibration batches.
-  std::vector<Tensor> gradient_sum(const tessera::Calibration& c, std::int64_t n) const {
-    std::vector<Tensor> sum;
-    for (std::int64_t b = 0; b < n; ++b) {
-      const auto g = gradient(c.loss(b), false);
-      if (sum.empty()) sum = g;
-      else
-        for (std::size_t i = 0; i < g.size(); ++i) sum[i].add_(g[i]);
-    }
-    return sum;
-  }
-
-  // SNIP (Lee et al. 2019): the loss's sensitivity to each connection, |θ ⊙ Σ_b ∇θ L_b|.
-  std::vector<Tensor> snip(const tessera::Calibration& c, std::int64_t n) const {
-    auto g = gradient_sum(c, n);
-    for (std::size_t i = 0; i < g.size(); ++i) g[i] = (order_[i]->kept.detach() * g[i]).abs();
-    return g;
-  }
-
-  // GraSP (Wang et al. 2020): θ ⊙ H g with g = Σ_b ∇θ L_b and H g = Σ_b ∇θ (gᵀ ∇θ L_b), a
-  // Hessian-gradient product by double backward; the lowest scores are pruned (removing them
-  // reduces the gradient flow least).
-  std::vector<Tensor> grasp(const tessera::Calibration& c, std::int64_t n) const {
-    // torch's fused attention kernels have no second derivative (on the CPU: "derivative for
-    // _scaled_dot_product_flash_attention_for_cpu_backward is not implemented"). An identity
-    // score hook sends every attention through its plain product-softmax-product path, which
-    // has one; the hooks go (this owner holds nothing else at attention sites) however it ends.
-    struct PlainAttention {
-      std::vector<tessera::AttentionSite*> sites;
-      const tessera::Owner& owner;
-      ~PlainAttention() {
-        for (auto* a : sites) a->remove(owner);
-      }
-    } plain{model_->attention_sites(), *owner_};
-    for (auto* a : plain.sites) a->add_score_hook(*owner_, [](const Tensor& scores) { return scores; });
-    const auto g = gradient_sum(c, n);
-    const auto v = values();
-    std::vector<Tensor> hg;
-    for (const auto& t : v) hg.push_back(at::zeros_like(t));
-    for (std::int64_t b = 0; b < n; ++b) {
-      const auto grads = gradient(c.loss(b), true);  // ∇θ L_b with its graph
-      Tensor z = at::zeros({}, v.front().options());
-      for (std::size_t i = 0; i < v.size(); ++i) z = z + (g[i] * grads[i]).sum();
-      if (!z.requires_grad()) continue;  // this batch reaches no adapter weight
-      const auto h = gradient(z, false);
-      for (std::size_t i = 0; i < v.size(); ++i) hg[i].add_(h[i]);
-    }
-    for (std::size_t i = 0; i < v.size(); ++i) hg[i] = v[i].detach() * hg[i];
-    return hg;
-  }
-
   double sparsity_ = 0.4;
   std::string pruner_;
   std::int64_t batches_ = 10;
