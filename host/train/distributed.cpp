@@ -38,7 +38,6 @@ struct Reducer {
   std::size_t next = 0;  // the first bucket not started
   double weight = 1;
   bool active = false;   // between begin and finish
-  std::uint64_t generation = 0;
   c10d::ProcessGroupGloo* group = nullptr;
   std::int64_t bytes = 0;
 
@@ -71,15 +70,14 @@ struct Reducer {
 // Called by autograd after a tensor's gradient has been accumulated into its .grad.
 class Arrived final : public torch::autograd::FunctionPostHook {
  public:
-  Arrived(Reducer* r, std::uint64_t generation, std::size_t index) : r_(r), generation_(generation), index_(index) {}
+  Arrived(Reducer* r, std::size_t index) : r_(r), index_(index) {}
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) override {
-    if (r_->generation == generation_) r_->arrive(index_);
+    r_->arrive(index_);
     return outputs;
   }
 
  private:
   Reducer* r_;
-  std::uint64_t generation_;  // an earlier set's hooks are taken off (Impl::unhook); this guards the rest
   std::size_t index_;
 };
 
@@ -113,7 +111,6 @@ struct DataParallel::Impl {
     r.group = group.get();
     if (same_tensors(r.params, params)) return;
     unhook();
-    ++r.generation;
     r.params = params;
     r.buckets.clear();
     r.bucket_of.assign(params.size(), 0);
@@ -136,7 +133,7 @@ struct DataParallel::Impl {
     for (std::size_t j = 0; j < params.size(); ++j) {
       auto acc = torch::autograd::impl::grad_accumulator(params[j]);
       if (!acc) throw std::logic_error("data-parallel training: trainable tensor " + std::to_string(j) + " is not a leaf that accumulates its gradient");
-      r.hooks.push_back(acc->add_post_hook(std::make_unique<Arrived>(&r, r.generation, j)));
+      r.hooks.push_back(acc->add_post_hook(std::make_unique<Arrived>(&r, j)));
       r.accumulators.push_back(std::move(acc));
     }
   }
