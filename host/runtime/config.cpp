@@ -272,7 +272,7 @@ void read_data(const std::string& path, const toml::table* t, DataConfig& d) {
 
 void read_task(const std::string& path, const toml::table* t, Config& c) {
   Section s(path, "task", t);
-  s.choice("kind", c.task.kind, {"sequence-classification", "token-classification", "causal-lm", "seq2seq"});
+  s.choice("kind", c.task.kind, {"sequence-classification", "token-classification", "causal-lm", "seq2seq", "distillation"});
   s.positive("num_labels", c.task.num_labels, 0);
   s.choice("pooling", c.task.pooling, {"mean", "cls"});
   s.finish();

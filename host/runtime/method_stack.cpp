@@ -66,6 +66,21 @@ std::map<std::string, OwnerImpl*> MethodStack::owners() const {
 void MethodStack::disable(const std::string& name) { disable_named(name, configs_, groups_, owners()); }
 void MethodStack::rescale(const std::string& name, double factor) { rescale_named(name, factor, configs_, groups_, owners()); }
 
+void MethodStack::base_only(const std::function<void()>& f) {
+  std::vector<std::pair<OwnerImpl*, bool>> was;
+  for (const auto& [name, o] : owners()) was.emplace_back(o, o->enabled()), o->set_enabled(false);
+  auto restore = [&] {
+    for (auto& [o, on] : was) o->set_enabled(on);
+  };
+  try {
+    f();
+  } catch (...) {
+    restore();
+    throw;
+  }
+  restore();
+}
+
 void MethodStack::load_group_state(const std::string& file) {
   if (!composition_) return;
   composition_->load_state(read_safetensors(file));

@@ -9,6 +9,7 @@
 #include "runtime/plugin_registry.h"
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -59,6 +60,8 @@ class MethodStack {
   // --disable NAME, --scale NAME=F: an instance, or every instance of a group.
   void disable(const std::string& name);
   void rescale(const std::string& name, double factor);
+  // Runs f with every instance switched off (the base model alone), each restored after.
+  void base_only(const std::function<void()>& f);
   // After each optimizer update of a training run: every instance offering
   // tessera.method.after_step, in config order.
   void after_step(const StepInfo& info);

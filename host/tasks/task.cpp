@@ -1,6 +1,7 @@
 #include "tasks/task.h"
 
 #include "tasks/causal_lm.h"
+#include "tasks/distillation.h"
 #include "tasks/seq2seq.h"
 #include "tasks/sequence_classification.h"
 #include "tasks/token_classification.h"
@@ -95,6 +96,7 @@ std::unique_ptr<Task> make_task(const Config& config, Backbone& backbone, const 
   if (kind == "token-classification") return need(BackboneKind::Encoder), std::make_unique<TokenClassification>(config, backbone, tokenizer);
   if (kind == "causal-lm") return need(BackboneKind::Decoder), std::make_unique<CausalLm>(config, backbone, tokenizer);
   if (kind == "seq2seq") return need(BackboneKind::EncoderDecoder), std::make_unique<Seq2Seq>(config, backbone, tokenizer);
+  if (kind == "distillation") return std::make_unique<Distillation>(config, backbone, tokenizer);
   throw std::logic_error("unknown task kind '" + kind + "' passed the config check");
 }
 

@@ -5,6 +5,7 @@
 //   token-classification     an encoder, a linear head per token      tasks/token_classification.h
 //   causal-lm                a decoder and its own LM head            tasks/causal_lm.h
 //   seq2seq                  an encoder-decoder, loss over the target tasks/seq2seq.h
+//   distillation             any backbone learning its own base's states tasks/distillation.h
 // `make_task` is the one place a kind is chosen by name.
 #pragma once
 
@@ -96,6 +97,10 @@ class Task {
   virtual void create_head() {}
   // Reads head() back from a file save_safetensors wrote; refuses a missing or misshapen tensor by name.
   virtual void load_head(const std::string& file) { (void)file; }
+  // Runs a function with every method instance switched off: the base model alone. Given
+  // once the methods are attached; a task that learns from the base itself keeps it.
+  using BaseOnly = std::function<void(const std::function<void()>&)>;
+  virtual void use_base_only(BaseOnly run) { (void)run; }
 
  protected:
   Task(const Config& config, Backbone& backbone, const Tokenizer& tokenizer, Labels labels);

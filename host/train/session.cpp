@@ -27,6 +27,7 @@ Session::Session(Config config, const PluginRegistry& registry) : config_(std::m
   offer_extensions();
   methods_ = std::make_unique<MethodStack>(registry, config_.methods, model(), config_.model, config_.groups);
   model().drop_dense_copies();
+  task_->use_base_only([this](const std::function<void()>& f) { methods_->base_only(f); });
   task_->create_head();
   if (config_.train.gradient_checkpointing) model().set_gradient_checkpointing(true);
 }
