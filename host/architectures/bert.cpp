@@ -245,7 +245,7 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
              token_type_->value()[0];                                  // single-segment input
   x = at::layer_norm(x, {H}, embed_norm_w_->value(), embed_norm_b_->value(), config_.layer_norm_eps);
   x = tessera::dropout(x, config_.hidden_dropout, training_);
-  embed_site_->tap(x);
+  x = embed_site_->enter(x);
   if (u) x = u->rows(x);  // (N, H)
   // With gradient checkpointing each layer runs again in backward (architectures/recompute.h),
   // after forward returned: what it reads is held by value.

@@ -391,7 +391,7 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     x = x + at::embedding(position_->value(), positions);
   }
   x = tessera::dropout(x, config_.embed_dropout, training_);
-  embed_site_->tap(x);
+  x = embed_site_->enter(x);
   const auto rope = config_.gpt2 ? std::pair<Tensor, Tensor>{} : rope_tables(positions, x.scalar_type());
   // Padding never influences real tokens, so without a cache (training, evaluation) the
   // token-wise work skips it: the layers run on the N real tokens' rows, attention alone

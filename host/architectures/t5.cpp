@@ -213,7 +213,7 @@ Encoded T5Model::encode(const Tensor& ids, const Tensor& mask) const {
   const auto B = x.size(0), S = x.size(1);
   out.mask = out.prompt_length > 0 ? at::cat({at::ones({B, out.prompt_length}, mask.options()), mask}, 1) : mask;
   x = tessera::dropout(x, config_.dropout, training_);
-  embed_site_->tap(x);
+  x = embed_site_->enter(x);
   const Tensor bias = position_bias(enc_bias_, S, S, 0, true);
   const Tensor keep = out.mask.to(at::kBool).view({B, 1, 1, S});
   enter_forward(out.mask, nullptr);

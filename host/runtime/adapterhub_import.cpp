@@ -23,7 +23,8 @@ void refuse_unsupported(const nlohmann::json& c, const std::string& path) {
   for (const char* key : {"ln_before", "ln_after", "adapter_residual_before_ln"})
     if (c.contains(key) && c[key].is_boolean() && c[key].get<bool>()) refuse(key, "not supported by the bottleneck and compacter plugins");
   if (c.contains("original_ln_after") && c["original_ln_after"] == false) refuse("original_ln_after", "not supported: the block's residual and norm always follow");
-  if (c.contains("inv_adapter") && !c["inv_adapter"].is_null()) refuse("inv_adapter", "invertible adapters are not supported");
+  if (c.contains("inv_adapter") && !c["inv_adapter"].is_null() && c["inv_adapter"] != "nice" && c["inv_adapter"] != "glow")
+    refuse("inv_adapter", "an invertible adapter other than nice and glow");
   if (c.value("stochastic_depth", 0.0) > 0.0) refuse("stochastic_depth", "not supported");
   if (c.value("phm_layer", false) && c.value("is_parallel", false)) refuse("is_parallel", "a parallel PHM adapter is not among the compacter plugin's presets");
   if (c.contains("reduction_factor") && !c["reduction_factor"].is_number()) refuse("reduction_factor", "a per-layer mapping is not supported");
@@ -98,6 +99,14 @@ MethodConfig read(const std::string& path, const PluginRegistry& registry, const
     if (c.contains(key)) m.params[key] = c[key].get<bool>();
   if (c.contains("dropout")) m.params["dropout"] = c["dropout"].get<double>();
   if (c.contains("use_gating") && c["use_gating"].is_boolean() && c["use_gating"].get<bool>()) m.params["use_gating"] = true;
+  if (c.contains("inv_adapter") && c["inv_adapter"].is_string()) {
+    m.params["inv_adapter"] = c["inv_adapter"].get<std::string>();
+    if (c.contains("inv_adapter_reduction_factor") && c["inv_adapter_reduction_factor"].is_number())
+      m.params["inv_adapter_reduction_factor"] = c["inv_adapter_reduction_factor"].get<double>();
+    // Where Tessera saved it, whether its inverse ran before the head (AdapterHub does not say).
+    const auto& ours = j.value("tessera", nlohmann::json::object());
+    if (ours.contains("inv_adapter_reverse") && ours["inv_adapter_reverse"].is_boolean()) m.params["inv_adapter_reverse"] = ours["inv_adapter_reverse"].get<bool>();
+  }
   try {
     m.checked = apply_schema(info->params, m.params);
   } catch (const ParamError& e) {  // a value the plugin's schema refuses (an unknown activation)

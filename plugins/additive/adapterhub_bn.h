@@ -14,6 +14,14 @@
 // h: the sublayer's output before its residual add; x: the residual stream it is added to;
 // N: the block's own norm after that add (identity in pre-norm blocks). The block then
 // computes N(x + h') as always (SDK 2.3's residual module).
+//
+// Invertible adapter (inv_adapter, MAD-X: Pfeiffer et al. 2020, arXiv:2005.00052): a coupling
+// block on the first layer's input (SDK 2.7's embedding transform), its inverse before the
+// language-model head. x = [x1 ; x2] split at H/2 on the hidden axis:
+//   nice:  y1 = x1 + F(x2),  y2 = x2 + G(y1)              inverse: x2 = y2 − G(y1), x1 = y1 − F(x2)
+//   glow:  [a2 ; t2] = s2(x2), y1 = e(a2) x1 + t2,  [a1 ; t1] = s1(y1), y2 = e(a1) x2 + t1
+//          e(a) = exp(5 · 0.636 · atan(a / 5))            inverse: the same steps undone, last first
+// F, G, s1, s2: Linear → act → Linear, inner width ⌊half / inv_adapter_reduction_factor⌋.
 #pragma once
 
 #include <tessera/dropout.h>
@@ -46,6 +54,7 @@ struct Preset {
   double reduction, scaling;
   const char *act, *init, *scaling_type;
   std::vector<std::string> targets;  // sublayer sites: "attn" (mh_adapter), "mlp" (output_adapter)
+  const char* inv = "";              // the invertible adapter: "", "nice" or "glow"
 };
 
 // AdapterHub's dense presets (BnConfig's seq_bn, double_seq_bn, par_bn, scaled_par_bn).
@@ -55,6 +64,8 @@ inline const std::map<std::string, Preset>& bottleneck_presets() {
       {"double_seq_bn", {false, false, 16, 1.0, "swish", "bert", "fixed", {"attn", "mlp"}}},  // Houlsby
       {"par_bn", {true, false, 2, 4.0, "relu", "mam_adapter", "fixed", {"mlp"}}},             // He et al.
       {"scaled_par_bn", {true, false, 2, 4.0, "relu", "mam_adapter", "learned", {"mlp"}}},
+      {"seq_bn_inv", {false, true, 16, 1.0, "relu", "bert", "fixed", {"mlp"}, "nice"}},  // MAD-X's language adapter
+      {"double_seq_bn_inv", {false, false, 16, 1.0, "swish", "bert", "fixed", {"attn", "mlp"}, "nice"}},
   };
   return p;
 }
@@ -63,8 +74,9 @@ inline const std::map<std::string, Preset>& bottleneck_presets() {
 inline std::vector<ParamSpec> bottleneck_preset_keys() {
   return {
       {"config", ParamType::String, std::string("seq_bn"),
-       "AdapterHub's preset: seq_bn (Pfeiffer), double_seq_bn (Houlsby), par_bn (He et al.'s parallel adapter), scaled_par_bn (with a learned scale)",
-       std::nullopt, std::nullopt, {"seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"}},
+       "AdapterHub's preset: seq_bn (Pfeiffer), double_seq_bn (Houlsby), par_bn (He et al.'s parallel adapter), scaled_par_bn (with a learned scale), "
+       "seq_bn_inv and double_seq_bn_inv (with a NICE invertible adapter on the embeddings: MAD-X)",
+       std::nullopt, std::nullopt, {"seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn", "seq_bn_inv", "double_seq_bn_inv"}},
       {"init_weights", ParamType::String, std::string(""),
        "bert: N(0, 0.02) weights; mam_adapter: Kaiming-uniform down, zero up (starts at the base model); houlsby: truncated N(0, 0.01); empty: the preset's",
        std::nullopt, std::nullopt, {"", "bert", "mam_adapter", "houlsby"}},
@@ -150,12 +162,59 @@ inline std::string base_prefix(const std::string& module) {
 // "encoder.layer.0.output.adapters.*.adapter_up.weight"; the tensors shared by all layers
 // likewise: "transformer.shared_parameters.x.phm_rule" -> "shared_parameters.*.phm_rule".
 inline std::string normalized(const std::string& key) {
-  static const std::regex name(R"(\.adapters\.[^.]+\.)"), shared(R"((^|\.)shared_parameters\.[^.]+\.)");
+  static const std::regex name(R"(\.adapters\.[^.]+\.)"), shared(R"((^|\.)shared_parameters\.[^.]+\.)"),
+      inv(R"((^|\.)invertible_(lang_)?adapters\.[^.]+\.)");  // invertible_lang_adapters: AdapterHub's older name
   std::string k = std::regex_replace(key, name, ".adapters.*.", std::regex_constants::format_first_only);
   k = std::regex_replace(k, shared, "$1shared_parameters.*.", std::regex_constants::format_first_only);
+  k = std::regex_replace(k, inv, "$1invertible_adapters.*.", std::regex_constants::format_first_only);
   for (const char* prefix : {"bert.", "roberta.", "transformer.", "model."})
     if (k.rfind(prefix, 0) == 0) return k.substr(std::string(prefix).size());
   return k;
+}
+
+// An invertible adapter's sub-network as AdapterHub builds it (get_subnet_constructor):
+// Linear(in, inner) → act → Linear(inner, out), "<net>.0.*" and "<net>.2.*", weights N(0, 0.02²)
+// and zero biases (Adapter.init_bert_weights, whatever the adapter's own init).
+inline NamedTensors coupling_net(const std::string& net, std::int64_t in, std::int64_t inner, std::int64_t out, const c10::TensorOptions& opts) {
+  at::NoGradGuard no_grad;
+  return {{net + ".0.weight", at::empty({inner, in}, opts).normal_(0.0, 0.02).set_requires_grad(true)},
+          {net + ".0.bias", at::zeros({inner}, opts).set_requires_grad(true)},
+          {net + ".2.weight", at::empty({out, inner}, opts).normal_(0.0, 0.02).set_requires_grad(true)},
+          {net + ".2.bias", at::zeros({out}, opts).set_requires_grad(true)}};
+}
+
+inline at::Tensor run_net(const NamedTensors& t, const std::string& net, const std::string& act, const at::Tensor& x) {
+  const auto dt = x.scalar_type();
+  auto w = [&](const char* n) { return t.at(net + n).to(dt); };
+  return at::linear(activate(act, at::linear(x, w(".0.weight"), w(".0.bias"))), w(".2.weight"), w(".2.bias"));
+}
+
+// GLOW's soft clamp of a log-scale to ±5 · 0.636 · π/2 (FrEIA's e(s), clamp 5).
+inline at::Tensor glow_scale(const at::Tensor& a) { return at::exp(5.0 * 0.636 * at::atan(a / 5.0)); }
+
+// The coupling block (the formulas at the top), x (..., H) -> (..., H); `reverse` undoes it.
+inline at::Tensor couple(const std::string& kind, const NamedTensors& t, const std::string& act, const at::Tensor& x, bool reverse) {
+  const auto H = x.size(-1), h1 = H / 2, h2 = H - h1;
+  const at::Tensor x1 = x.narrow(-1, 0, h1), x2 = x.narrow(-1, h1, h2);
+  at::Tensor y1, y2;
+  if (kind == "nice" && !reverse) {
+    y1 = x1 + run_net(t, "F", act, x2);
+    y2 = x2 + run_net(t, "G", act, y1);
+  } else if (kind == "nice") {
+    y2 = x2 - run_net(t, "G", act, x1);
+    y1 = x1 - run_net(t, "F", act, y2);
+  } else if (!reverse) {
+    const at::Tensor r2 = run_net(t, "s2", act, x2);  // (..., 2 h1): log-scale, shift
+    y1 = glow_scale(r2.narrow(-1, 0, h1)) * x1 + r2.narrow(-1, h1, h1);
+    const at::Tensor r1 = run_net(t, "s1", act, y1);  // (..., 2 h2)
+    y2 = glow_scale(r1.narrow(-1, 0, h2)) * x2 + r1.narrow(-1, h2, h2);
+  } else {
+    const at::Tensor r1 = run_net(t, "s1", act, x1);
+    y2 = (x2 - r1.narrow(-1, h2, h2)) / glow_scale(r1.narrow(-1, 0, h2));
+    const at::Tensor r2 = run_net(t, "s2", act, y2);
+    y1 = (x1 - r2.narrow(-1, h1, h1)) / glow_scale(r2.narrow(-1, 0, h1));
+  }
+  return at::cat({y1, y2}, -1);
 }
 
 // One adapter at one sublayer site: its projections' tensors under AdapterHub's names inside
@@ -207,6 +266,7 @@ class Wiring : public Method {
     if (adapters_.empty()) throw std::runtime_error("no sublayer site of this " + arch_ + " model matches the targets");
     shared_prefix_ = base_prefix(adapters_.front().module) + "shared_parameters." + name_ + ".";
     for (const auto& a : adapters_) install(a);
+    if (!inv_.empty()) install_invertible(ctx.model.info().hidden_size);
   }
 
   // What trains: every tensor of the state that requires a gradient (a fixed PHM rule does not).
@@ -229,6 +289,7 @@ class Wiring : public Method {
       for (const auto& [n, t] : a.gate) out[k + "gate." + n] = t;
     }
     for (const auto& [n, t] : shared()) out[shared_prefix_ + n] = t;
+    for (const auto& [n, t] : inv_tensors_) out[inv_prefix_ + n] = t;
     return out;
   }
 
@@ -269,13 +330,14 @@ class Wiring : public Method {
                         {"original_ln_before", preset_->ln_before}, {"original_ln_after", true}, {"ln_before", false}, {"ln_after", false},
                         {"init_weights", init_}, {"init_weights_seed", nullptr}, {"is_parallel", preset_->parallel}, {"scaling", scaling},
                         {"use_gating", gating_}, {"residual_before_ln", residual_before_ln_}, {"adapter_residual_before_ln", false},
-                        {"inv_adapter", nullptr}, {"inv_adapter_reduction_factor", nullptr}, {"leave_out", left.first}, {"dropout", dropout_},
+                        {"inv_adapter", inv_.empty() ? nlohmann::json() : nlohmann::json(inv_)},
+                        {"inv_adapter_reduction_factor", inv_.empty() ? nlohmann::json() : nlohmann::json(inv_rf_)}, {"leave_out", left.first}, {"dropout", dropout_},
                         {"phm_layer", false}, {"stochastic_depth", 0.0}};
     projection_config(c);
     return nlohmann::json{{"config", c}, {"hidden_size", H}, {"model_type", arch_}, {"name", name_}, {"version", "adapters.1.3.0"},
                           // adapterhub_exact false: targets pick sublayers AdapterHub's flags cannot
                           // name (attn in some layers only): it would add adapters we lack
-                          {"tessera", {{"preset", config_}, {"bottleneck_size", r_}, {"adapterhub_exact", left.second}}}}
+                          {"tessera", {{"preset", config_}, {"bottleneck_size", r_}, {"adapterhub_exact", left.second}, {"inv_adapter_reverse", inv_reverse_}}}}
         .dump(2);
   }
 
@@ -305,6 +367,22 @@ class Wiring : public Method {
     j.erase("version");
     j["tessera"][method] = std::move(keys);
     return j.dump(2);
+  }
+
+  // Whether the plugin takes invertible_keys() (AdapterHub's BnConfig has them for dense and
+  // PHM adapters; the unified methods built on this wiring do not).
+  virtual bool offers_invertible() const { return false; }
+  static std::vector<ParamSpec> invertible_keys() {
+    return {
+        {"inv_adapter", ParamType::String, std::string(""),
+         "an invertible adapter on the first layer's input (MAD-X): nice, glow or none; empty: the preset's (nice for *_inv)", std::nullopt, std::nullopt,
+         {"", "none", "nice", "glow"}},
+        {"inv_adapter_reduction_factor", ParamType::Float, 0.0, "its sub-networks' inner width is floor(H/2 / this); 0: 2 (AdapterHub's)", 0.0, std::nullopt, {}},
+        {"inv_adapter_reverse", ParamType::Bool, true,
+         "apply its inverse before a language-model head (decoders, T5's decoder) as MAD-X and AdapterHub's flexible heads do; false: left out, as "
+         "AdapterHub's static heads (AutoModelForCausalLM with adapters.init) leave it",
+         std::nullopt, std::nullopt, {}},
+    };
   }
 
   // The keys every AdapterHub bottleneck takes, after the plugin's `config`.
@@ -356,7 +434,44 @@ class Wiring : public Method {
     cross_ = p.flag("cross_adapter");
     dropout_ = p.number("dropout");
     gating_ = p.flag("use_gating");
+    inv_ = preset_->inv;
+    if (offers_invertible()) {
+      if (!p.text("inv_adapter").empty()) inv_ = p.text("inv_adapter") == "none" ? "" : p.text("inv_adapter");
+      if (p.number("inv_adapter_reduction_factor") > 0) inv_rf_ = p.number("inv_adapter_reduction_factor");
+      inv_reverse_ = p.flag("inv_adapter_reverse");
+      if (!inv_.empty() && python_floor_div(static_cast<double>(H / 2), inv_rf_) < 1)
+        throw ParamError("inv_adapter_reduction_factor", "inv_adapter_reduction_factor " + c10::str(inv_rf_) + " leaves no inner width of half the hidden size (" +
+                                                             std::to_string(H / 2) + ")");
+    }
     read_projections(p, H);
+  }
+
+  // The coupling block's tensors under AdapterHub's names, installed on the embedding site,
+  // and its inverse on the output site where a language-model head reads it.
+  void install_invertible(std::int64_t H) {
+    EmbeddingSite* embed = model_->embedding_site();
+    if (embed == nullptr) throw std::runtime_error("inv_adapter: this " + arch_ + " model has no embedding site");
+    const std::int64_t h1 = H / 2, h2 = H - h1;
+    auto inner = [&](std::int64_t in) { return python_floor_div(static_cast<double>(in), inv_rf_); };  // AdapterHub: int(in // rf)
+    const auto& opts = model_->info().param_options;
+    if (inv_ == "nice") {
+      inv_tensors_ = coupling_net("F", h2, inner(h2), h1, opts);
+      for (auto& kv : coupling_net("G", h1, inner(h1), h2, opts)) inv_tensors_.insert(kv);
+    } else {
+      inv_tensors_ = coupling_net("s1", h1, inner(h1), 2 * h2, opts);
+      for (auto& kv : coupling_net("s2", h2, inner(h2), 2 * h1, opts)) inv_tensors_.insert(kv);
+    }
+    // AdapterHub keeps it on the base model, T5's on its encoder (the only stack it transforms).
+    inv_prefix_ = base_prefix(adapters_.front().module) + (arch_ == "t5" ? "encoder." : "") + "invertible_adapters." + name_ + ".";
+    const NamedTensors t = inv_tensors_;
+    const std::string kind = inv_, act = act_;
+    embed->add_transform(*owner_, [=](const at::Tensor& x) { return couple(kind, t, act, x, false); });
+    const bool lm_head = arch_ != "bert" && arch_ != "roberta";
+    if (inv_reverse_ && lm_head) {
+      OutputSite* out = model_->output_site();
+      if (out == nullptr) throw std::runtime_error("inv_adapter: this " + arch_ + " model has no output site for the inverse");
+      out->add_transform(*owner_, [=](const at::Tensor& y) { return couple(kind, t, act, y, true); });
+    }
   }
 
   // A site's layer as AdapterHub numbers it: T5's decoder layers come after its encoder's.
@@ -436,7 +551,10 @@ class Wiring : public Method {
     });
   }
 
-  std::string scaling_type_, shared_prefix_;
+  std::string scaling_type_, shared_prefix_, inv_, inv_prefix_;
+  double inv_rf_ = 2.0;
+  bool inv_reverse_ = true;
+  NamedTensors inv_tensors_;
   std::int64_t encoder_layers_ = 0;
   double scaling_ = 1.0, dropout_ = 0.0;
   bool residual_before_ln_ = true, cross_ = false, gating_ = false;

@@ -518,21 +518,27 @@ void EmbeddingSite::add_prompt(const Owner& o, PerBatch p) { auto& s = static_ca
 void EmbeddingSite::remove(const Owner& owner) { static_cast<EmbeddingSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
 bool EmbeddingSite::has_prompts() const { return any_on(static_cast<const EmbeddingSiteImpl&>(*this).prompts_); }
 void EmbeddingSite::add_tap(const Owner& o, HiddenTap t) { auto& s = static_cast<EmbeddingSiteImpl&>(*this); s.add(s.taps_, o, std::move(t)); }
+void EmbeddingSite::add_transform(const Owner& o, TensorMap t) { auto& s = static_cast<EmbeddingSiteImpl&>(*this); s.add(s.transforms_, o, std::move(t)); }
 
 void EmbeddingSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(prompts_, owner);
   erase_owner(taps_, owner);
+  erase_owner(transforms_, owner);
 }
 std::vector<std::string> EmbeddingSiteImpl::kinds(const OwnerImpl& o) const {
-  return present({{owns(prompts_, o), "a prompt"}, {owns(taps_, o), "a tap"}});
+  return present({{owns(prompts_, o), "a prompt"}, {owns(taps_, o), "a tap"}, {owns(transforms_, o), "an embedding transform"}});
 }
 
-void EmbeddingSiteImpl::tap(const Tensor& x0) const {  // (B, S, H)
+Tensor EmbeddingSiteImpl::enter(const Tensor& x0) const {  // (B, S, H)
+  const Tensor x = chain(
+      transforms_, x0, [&](const auto& f, const Tensor& in) { return call(f, in); },
+      [&](const auto& f, const Tensor& in) { return per_token(f, *this, in); });
   for (const auto& t : taps_)
     if (t.on()) {
       refuse_factors(t, *this, "a tap");
-      call(t, x0.detach());
+      call(t, x.detach());
     }
+  return x;
 }
 
 Tensor EmbeddingSiteImpl::prepend(const Tensor& embedded, std::int64_t* prompt_length) const {  // (B, T, H)

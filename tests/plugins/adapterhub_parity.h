@@ -21,11 +21,16 @@ inline std::string adapters_fixture(const std::string& name) { return fixture("a
 inline NamedTensors& adapters_reference() { return cached_tensors(adapters_fixture("reference.safetensors")); }
 
 // The AdapterHub folder as a method instance of `plugin` named as AdapterHub named it ("a"),
-// so that our state's keys must equal the file's keys exactly.
-inline std::unique_ptr<MethodInstance> attach_adapterhub(const std::string& name, ModelView& model, const std::string& plugin) {
+// so that our state's keys must equal the file's keys exactly; `extra`: keys of ours on top.
+inline std::unique_ptr<MethodInstance> attach_adapterhub(const std::string& name, ModelView& model, const std::string& plugin,
+                                                         const std::map<std::string, ParamValue>& extra = {}) {
   const auto dir = adapters_fixture(name);
   MethodConfig mc = method_from_adapterhub_dir(dir, registry(), "a");
   CATCH_CHECK(mc.plugin == plugin);
+  if (!extra.empty()) {
+    for (const auto& [k, v] : extra) mc.params[k] = v;
+    mc.checked = apply_schema(registry().find(plugin)->params, mc.params);
+  }
   auto inst = registry().create(plugin, "a");
   inst->attach(model, mc.targets, mc.checked);
   auto file = read_tensors(dir + "/adapter.safetensors");

@@ -36,6 +36,9 @@ class Probe final : public tessera::Method {
 #if TESSERA_TARGET_ABI_MINOR >= 3
           , "residual"
 #endif
+#if TESSERA_TARGET_ABI_MINOR >= 7
+          , "embed_transform"
+#endif
          }},
         {"value", ParamType::Float, 1.0, "the constant of the intervention", std::nullopt, std::nullopt, {}},
         {"length", ParamType::Int, std::int64_t{2}, "prompt or prefix length; nan_loss: the 0-based step from which the loss is nan", 1, 64, {}},
@@ -165,6 +168,10 @@ class Probe final : public tessera::Method {
       model.output_site()->add_transform(owner, [=](const Tensor& h) { return h * v; });
     } else if (kind == "embed_tap") {  // keeps what the first layer receives, as state "tapped"
       model.embedding_site()->add_tap(owner, [this](const Tensor& x0) { seen_["tapped"] = x0; });
+#endif
+#if TESSERA_TARGET_ABI_MINOR >= 7
+    } else if (kind == "embed_transform") {  // the first layer's input x0 ↦ x0 · value
+      model.embedding_site()->add_transform(owner, [=](const Tensor& x0) { return x0 * v; });
 #endif
 #if TESSERA_TARGET_ABI_MINOR >= 2
     } else if (kind == "nf4_storage") {  // asked for NF4 storage of its targets' weights (tessera.method.storage)

@@ -56,6 +56,8 @@ const std::vector<Row>& table() {
       {"bottleneck", {}, {{"config", std::string("double_seq_bn")}, {"cross_adapter", true}}, {}},  // Houlsby, T5's cross-attention too
       {"bottleneck", {}, {{"config", std::string("scaled_par_bn")}, {"init_weights", std::string("bert")}}, {}},  // parallel, learned scale
       {"bottleneck", {}, {{"use_gating", true}}, {}},  // gated per sample from its input (UniPELT)
+      {"bottleneck", {}, {{"config", std::string("seq_bn_inv")}}, {}},  // MAD-X: a NICE block on the embeddings, its inverse before an LM head
+      {"bottleneck", {}, {{"config", std::string("double_seq_bn_inv")}, {"inv_adapter", std::string("glow")}}, {}},  // the GLOW block
       // Compacter: r = 8 (H // 32 is too small for phm_dim 4 on the tiny checkpoints); the shared
       // rule drawn U(±1) so that it acts at once (N(0, 1e-4) by default). Then Compacter++ with
       // one full B per direction shared by all layers and a rule per projection.

@@ -126,6 +126,21 @@ CATCH_TEST_CASE("embedding site: prompts prepended in install order", "[sdk][sit
   CATCH_CHECK(out.select(1, 3).abs().sum().item<double>() == 0);
 }
 
+CATCH_TEST_CASE("embedding site: transforms chain in install order before the taps (SDK 2.7)", "[sdk][sites]") {
+  EmbeddingSiteImpl e("embed", "", 4);
+  Tensor seen;
+  e.add_tap(owner("t"), [&](const Tensor& x) { seen = x; });
+  const Tensor x0 = at::randn({2, 3, 4});
+  CATCH_CHECK(at::equal(e.enter(x0), x0));  // nothing installed: x0 itself
+  e.add_transform(owner("a"), [](const Tensor& x) { return x + 1; });
+  e.add_transform(owner("b"), [](const Tensor& x) { return x * 2; });
+  const Tensor out = e.enter(x0);
+  CATCH_CHECK(max_abs_diff(out, (x0 + 1) * 2) < 1e-6);
+  CATCH_CHECK(max_abs_diff(seen, out) == 0);  // the taps see what layer 0 reads
+  e.remove(owner("a"));
+  CATCH_CHECK(max_abs_diff(e.enter(x0), x0 * 2) < 1e-6);
+}
+
 CATCH_TEST_CASE("layer site: a parallel module adds to every token, routed or not, before the taps (SDK 2.3)", "[sdk][sites]") {
   LayerSiteImpl l("layers.0", "", 0);
   Tensor h = at::randn({2, 3, 4}), seen;

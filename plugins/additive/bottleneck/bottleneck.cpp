@@ -31,12 +31,14 @@ class Bottleneck final : public tessera::adapterhub_bn::Wiring {
   tessera::MethodSchema describe() const override {
     std::vector<tessera::ParamSpec> keys = tessera::adapterhub_bn::bottleneck_preset_keys();
     for (auto& k : wiring_keys()) keys.push_back(std::move(k));
+    for (auto& k : invertible_keys()) keys.push_back(std::move(k));
     return {keys};
   }
 
  protected:
   const std::map<std::string, Preset>& presets() const override { return tessera::adapterhub_bn::bottleneck_presets(); }
   const char* kind() const override { return "bottleneck adapter"; }
+  bool offers_invertible() const override { return true; }
 
   void read_projections(const tessera::Params& p, std::int64_t) override {
     if (!p.text("init_weights").empty()) init_ = p.text("init_weights");

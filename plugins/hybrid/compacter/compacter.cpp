@@ -57,12 +57,14 @@ class Compacter final : public tessera::adapterhub_bn::Wiring {
         {"phm_bias", ParamType::Bool, true, "the PHM layers' biases", std::nullopt, std::nullopt, {}},
     };
     for (auto& k : wiring_keys()) keys.push_back(std::move(k));
+    for (auto& k : invertible_keys()) keys.push_back(std::move(k));
     return {keys};
   }
 
  protected:
   const std::map<std::string, Preset>& presets() const override { return compacter_presets(); }
   const char* kind() const override { return "compacter"; }
+  bool offers_invertible() const override { return true; }
 
   void read_projections(const tessera::Params& p, std::int64_t H) override {
     n_ = p.integer("phm_dim");

@@ -27,6 +27,7 @@
 //                   scores = hook_n(… hook_1(QKᵀ/√d + mask))       before the softmax
 //   EmbeddingSite   e      = [prompt_1 ; … ; prompt_n ; embed(ids)] mask extended with ones,
 //                                                                   token labels with -100
+//                   x0     = t_n(… t_1(x0))                        transforms (2.7), in install order
 //                   tap_k(x0) for every tap                        x0: what layer 0 receives
 //                                                                   (after the embedding block's
 //                                                                   norm and dropout), read-only
@@ -46,7 +47,7 @@
 // s ↦ 1 + α(s − 1) for scales and gates, h ↦ h + α(seq(h) − h) for a sequential module,
 // scores ↦ scores + α(hook(scores) − scores) for a score hook, and likewise
 // W ↦ W + α(T(W) − W) for a weight transform and
-// h ↦ h + α(out(h) − h) for an output transform. Prefixes, prompts, routers
+// h ↦ h + α(out(h) − h) for an output or embedding transform. Prefixes, prompts, routers
 // and taps change a shape or a path, not a magnitude: they follow only `enabled`.
 // At α = 1 nothing is multiplied, so the numbers are those of the method alone. A
 // disabled owner's interventions are skipped as if absent. Composition groups (the host's
@@ -257,6 +258,12 @@ class EmbeddingSite : public SiteHandle {
 #if TESSERA_TARGET_ABI_MINOR >= 1
   // Since SDK 2.1. Sees (B, P + T, H): the input of the first layer (T5: of the encoder's).
   void add_tap(const Owner& owner, HiddenTap tap);
+#endif
+#if TESSERA_TARGET_ABI_MINOR >= 7
+  // Since SDK 2.7. Replaces the first layer's input x0 (B, P + T, H) — after the embedding
+  // block's norm and dropout (T5: the encoder's; in generation, each call's new tokens) —
+  // by transform(x0), token by token: AdapterHub's invertible adapters. Taps see the result.
+  void add_transform(const Owner& owner, TensorMap transform);
 #endif
 };
 

@@ -314,8 +314,8 @@ class EmbeddingSiteImpl final : public EmbeddingSite, public SiteCore {
   EmbeddingSiteImpl(std::string name, std::string hf_path, std::int64_t hidden_size);
   // (B, T, H) -> (B, P + T, H); P is returned through prompt_length.
   Tensor prepend(const Tensor& embedded, std::int64_t* prompt_length) const;
-  // Shows x0 (B, S, H), the first layer's input, to every tap.
-  void tap(const Tensor& x0) const;
+  // The first layer's input x0 (B, S, H) through every transform, then shown to every tap.
+  Tensor enter(const Tensor& x0) const;
 
  private:
   friend class EmbeddingSite;
@@ -324,6 +324,7 @@ class EmbeddingSiteImpl final : public EmbeddingSite, public SiteCore {
   std::int64_t hidden_size_;
   Entries<PerBatch> prompts_;
   Entries<HiddenTap> taps_;
+  Entries<TensorMap> transforms_;
 };
 
 class OutputSiteImpl final : public OutputSite, public SiteCore {
