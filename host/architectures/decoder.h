@@ -90,7 +90,6 @@ class DecoderModel final : public SiteModel {
   std::int64_t max_tokens() const { return config_.gpt2 ? config_.max_positions : 0; }
   // An output transform (LST's side network) may read every position of the sequence, not
   // only those a cached step feeds: generation then recomputes the sequence at each token.
-  bool output_reads_sequence() const { return output_site_ && !output_site_->empty(); }
 
  private:
   struct Layer {

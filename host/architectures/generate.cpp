@@ -115,8 +115,11 @@ std::vector<std::vector<std::int64_t>> generate(const T5Model& model, const std:
   auto [src, src_mask] = pad(sources, model.config().pad_token_id, /*left=*/false);
   const Encoded encoded = model.encode(src.to(device), src_mask.to(device));
   Seq2SeqCache cache;
+  Tensor seen;  // (B, U): the whole target so far, when each step recomputes it (an output transform)
+  const bool whole = model.output_reads_sequence();
   auto step = [&](const Tensor& new_ids, const Tensor&) {
-    Tensor hidden = model.decode(new_ids, encoded, &cache);  // (B, T, d)
+    if (whole) seen = seen.defined() ? at::cat({seen, new_ids}, 1) : new_ids;
+    Tensor hidden = whole ? model.decode(seen, encoded) : model.decode(new_ids, encoded, &cache);  // (B, T, d)
     return model.logits(hidden.select(1, hidden.size(1) - 1));
   };
   const auto B = static_cast<std::int64_t>(sources.size());

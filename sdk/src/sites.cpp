@@ -86,6 +86,15 @@ void refuse_factors(const Entry<Fn>& e, const SiteCore& site, const char* what) 
                             " cannot be weighed per sample or per token (put the instance outside the group)");
 }
 
+// Shows x, detached, to every tap that is on (taps read; they never change the forward).
+void show(const Entries<HiddenTap>& taps, const SiteCore& site, const Tensor& x) {
+  for (const auto& t : taps)
+    if (t.on()) {
+      refuse_factors(t, site, "a tap");
+      site.call(t, x.detach());
+    }
+}
+
 // Runs interventions that chain (each reads what the one before gave) over v in install
 // order: v ↦ v + w(run(v) − v). Owners of one parallel group (composition) all read the
 // value before the first of them, and their changes add up.
@@ -533,11 +542,7 @@ Tensor EmbeddingSiteImpl::enter(const Tensor& x0) const {  // (B, S, H)
   const Tensor x = chain(
       transforms_, x0, [&](const auto& f, const Tensor& in) { return call(f, in); },
       [&](const auto& f, const Tensor& in) { return per_token(f, *this, in); });
-  for (const auto& t : taps_)
-    if (t.on()) {
-      refuse_factors(t, *this, "a tap");
-      call(t, x.detach());
-    }
+  show(taps_, *this, x);
   return x;
 }
 
@@ -568,23 +573,27 @@ std::int64_t LayerSite::index() const { return static_cast<const LayerSiteImpl&>
 void LayerSite::add_tap(const Owner& o, HiddenTap t) { auto& s = static_cast<LayerSiteImpl&>(*this); s.add(s.taps_, o, std::move(t)); }
 void LayerSite::add_router(const Owner& o, TensorMap r) { auto& s = static_cast<LayerSiteImpl&>(*this); s.add(s.routers_, o, std::move(r)); }
 void LayerSite::add_parallel(const Owner& o, TensorMap m) { auto& s = static_cast<LayerSiteImpl&>(*this); s.add(s.parallel_, o, std::move(m)); }
+void LayerSite::add_input_tap(const Owner& o, HiddenTap t) { auto& s = static_cast<LayerSiteImpl&>(*this); s.add(s.input_taps_, o, std::move(t)); }
 void LayerSite::remove(const Owner& owner) { static_cast<LayerSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
 
 bool LayerSite::empty() const {
   const auto& s = static_cast<const LayerSiteImpl&>(*this);
-  return !any_on(s.taps_) && !any_on(s.routers_) && !any_on(s.parallel_);
+  return !any_on(s.taps_) && !any_on(s.routers_) && !any_on(s.parallel_) && !any_on(s.input_taps_);
 }
 
 void LayerSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(taps_, owner);
   erase_owner(routers_, owner);
   erase_owner(parallel_, owner);
+  erase_owner(input_taps_, owner);
 }
 std::vector<std::string> LayerSiteImpl::kinds(const OwnerImpl& o) const {
-  return present({{owns(taps_, o), "a tap"}, {owns(routers_, o), "a token router"}, {owns(parallel_, o), "a layer-parallel module"}});
+  return present({{owns(taps_, o), "a tap"}, {owns(routers_, o), "a token router"}, {owns(parallel_, o), "a layer-parallel module"},
+                  {owns(input_taps_, o), "an input tap"}});
 }
 
 Tensor LayerSiteImpl::run(const Tensor& h, const LayerFn& layer) const {  // h: (B, T, H)
+  show(input_taps_, *this, h);
   Tensor keep;
   for (const auto& r : routers_) {
     if (!r.on()) continue;
@@ -603,11 +612,7 @@ Tensor LayerSiteImpl::run(const Tensor& h, const LayerFn& layer) const {  // h: 
   }
   for (const auto& p : parallel_)
     if (p.on()) out = out + times(per_token(p, *this, h), call(p, h));
-  for (const auto& t : taps_)
-    if (t.on()) {
-      refuse_factors(t, *this, "a tap");
-      call(t, out.detach());
-    }
+  show(taps_, *this, out);
   return out;
 }
 

@@ -77,7 +77,7 @@ const std::vector<Row>& table() {
       {"adamix_lora", {}, {{"num_experts", std::int64_t{1}}, {"lora_dropout", 0.0}}, {}},
       {"propetl", {}, {{"keep", 0.5}}, {}},  // one prototype, a mask per layer from its scores
       {"propetl_lora", {}, {{"r", std::int64_t{4}}, {"keep", 0.5}}, {}},  // a prototype per module (q, v), masks per layer
-      {"lst", {}, {{"reduction_factor", std::int64_t{4}}, {"dropout", 0.0}}, {"bert", "gpt2", "llama"}},  // side blocks: BERT and pre-norm decoders (not T5 yet)
+      {"lst", {}, {{"reduction_factor", std::int64_t{4}}, {"dropout", 0.0}}, {"bert", "gpt2", "llama", "t5"}},  // side blocks: BERT, pre-norm decoders, T5 (both stacks)
       {"coda", {}, {{"k", 0.5}}, {"bert", "t5"}},  // encoder layers (T5: its encoder)
       {"prompt_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},  // T5: the encoder's input
       {"p_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},

@@ -99,8 +99,8 @@ CATCH_TEST_CASE("LST refuses a reduction that does not divide the model with the
   CATCH_CHECK_THAT(refusal(5), Catch::Contains("run.toml:8:") && Catch::Contains("reduction_factor 5 does not divide the hidden size 384"));
   CATCH_CHECK_THAT(refusal(64), Catch::Contains("run.toml:8:") && Catch::Contains("side width of 6, which the model's 12 heads do not divide"));
 
-  auto t5 = T5Model::load(test::fixture("seq2seq/t5"), test::options());
-  CATCH_CHECK_THROWS_WITH(attach_lst(*t5), Catch::Contains("LST's side network is written for BERT-family encoders and pre-norm decoders (GPT-2, the LLaMA family), not a t5 model"));
+  auto t5 = T5Model::load(test::fixture("seq2seq/t5"), test::options());  // d_kv 8: r = 16 leaves half a dimension per head
+  CATCH_CHECK_THROWS_WITH(attach_lst(*t5, {{"reduction_factor", std::int64_t{16}}}), Catch::Contains("does not divide the attention heads' width d_kv = 8"));
 
   auto lst = attach_lst(*model);
   auto s = lst->call("state", [](Method& m) { return m.state(); });
@@ -148,6 +148,73 @@ CATCH_TEST_CASE("LST on decoders prunes causal side blocks as the reference does
       CATCH_CHECK(tokens[b] == std::vector<std::int64_t>(row.data_ptr<std::int64_t>(), row.data_ptr<std::int64_t>() + row.numel()));
     }
   }
+}
+
+// T5, the authors' own setting (ReLU and gated-GELU FFNs) against
+// tests/fixtures/make_lst_t5.py: the pruning chain through both stacks, the logits with the
+// side decoder's output in place of the decoder's, and greedy targets recomputed per step.
+CATCH_TEST_CASE("LST on T5: a side encoder and a side decoder pruned as the reference does, its logits and greedy targets equal the reference's", "[plugins][lst][t5][parity]") {
+  const auto& ref = test::cached_tensors(test::fixture("lst_t5/reference.safetensors"));
+  auto& s2s = test::cached_tensors(test::fixture("seq2seq/reference.safetensors"));
+  const auto &ids = s2s["input_ids"], &mask = s2s["attention_mask"];
+  for (const std::string name : {"t5", "t5_v1_1"}) {
+    CATCH_INFO("model " << name);
+    auto model = T5Model::load(test::fixture("seq2seq/" + name), test::options());
+    test::perturb_if_asked(*model);
+    // The tiny checkpoints bucket positions up to 20 (T5's own 128 is the key's default).
+    auto lst = attach_lst(*model, {{"reduction_factor", std::int64_t{4}}, {"relative_attention_max_distance", std::int64_t{20}}});
+    auto ours = lst->call("state", [](Method& m) { return m.state(); });
+    const auto pruned = test::read_tensors(test::fixture("lst_t5/" + name + ".pruned.safetensors"));
+    const std::size_t ffn = name == "t5" ? 3 : 4;  // norm, (gate,) up, down
+    CATCH_CHECK(pruned.size() == 2 * (5 + ffn) + 2 * (10 + ffn) + 4);
+    for (const auto& [k, t] : pruned) {
+      CATCH_INFO("tensor " << k);
+      CATCH_REQUIRE(ours.count(k));
+      CATCH_CHECK(test::max_abs_diff(ours.at(k), t) < 1e-6);
+    }
+    lst->call("load_state", [&](Method& m) { m.load_state(test::read_tensors(test::fixture("lst_t5/" + name + ".adapter.safetensors"))); });
+    at::NoGradGuard no_grad;
+    const Tensor logits = model->logits(model->decode(s2s[name + ".decoder_input_ids"], model->encode(ids, mask)));
+    TESSERA_CHECK_PARITY(test::parity(logits, ref, name + ".logits"));
+    CATCH_CHECK(model->output_reads_sequence());  // generation decodes the whole target at each step
+    std::vector<std::vector<std::int64_t>> sources;
+    for (std::int64_t b = 0; b < ids.size(0); ++b) {
+      const auto n = mask[b].sum().item<std::int64_t>();
+      sources.emplace_back(ids[b].data_ptr<std::int64_t>(), ids[b].data_ptr<std::int64_t>() + n);
+    }
+    GenerateOptions o;
+    o.max_new_tokens = 6;
+    const auto tokens = generate(*model, sources, o);
+    const Tensor expected = ref.at(name + ".generated");
+    for (std::int64_t b = 0; b < ids.size(0); ++b) {
+      CATCH_INFO("source " << b);
+      const Tensor row = expected[b].contiguous();
+      CATCH_CHECK(tokens[b] == std::vector<std::int64_t>(row.data_ptr<std::int64_t>(), row.data_ptr<std::int64_t>() + row.numel()));
+    }
+  }
+}
+
+CATCH_TEST_CASE("LST on T5 trains its side network alone: no graph through either backbone stack, a gradient on every side tensor", "[plugins][lst][t5]") {
+  auto model = T5Model::load(test::fixture("seq2seq/t5"), test::options());
+  auto lst = attach_lst(*model, {{"reduction_factor", std::int64_t{4}}, {"relative_attention_max_distance", std::int64_t{20}}});
+  bool backbone_graph = false;
+  for (const char* layer : {"encoder.layers.1", "decoder.layers.1"})
+    model->match_layers({layer}).at(0)->add_router(test::owner("watch"), [&](const Tensor& h) {
+      backbone_graph = backbone_graph || h.requires_grad();
+      return at::ones({h.size(0), h.size(1)}, h.options());
+    });
+  auto& s2s = test::cached_tensors(test::fixture("seq2seq/reference.safetensors"));
+  model->train(true);
+  const Tensor logits = model->logits(model->decode(s2s["t5.decoder_input_ids"], model->encode(s2s["input_ids"], s2s["attention_mask"])));
+  CATCH_CHECK_FALSE(backbone_graph);
+  logits.pow(2).mean().backward();
+  for (const auto& [k, t] : lst->call("trainable", [](Method& m) { return m.trainable(); })) {
+    CATCH_INFO(k);
+    CATCH_CHECK((t.grad().defined() && t.grad().abs().sum().item<double>() > 0));
+  }
+  const auto cfg = nlohmann::json::parse(lst->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
+  CATCH_CHECK(cfg["tessera"]["block"] == "T5 encoder and decoder");
+  CATCH_CHECK(cfg["tessera"]["side_d_kv"] == 2);
 }
 
 CATCH_TEST_CASE("LST on LLaMA: no backbone graph, every side tensor trained, the file says the block's kind", "[plugins][lst][decoder]") {

@@ -141,6 +141,29 @@ CATCH_TEST_CASE("embedding site: transforms chain in install order before the ta
   CATCH_CHECK(max_abs_diff(e.enter(x0), x0 * 2) < 1e-6);
 }
 
+CATCH_TEST_CASE("layer site: input taps see the layer's input before the routers and the layer (SDK 2.7)", "[sdk][sites]") {
+  LayerSiteImpl l("decoder.layers.0", "", 0);
+  const Tensor h = at::randn({2, 3, 4});
+  Tensor seen_in, seen_by_router;
+  CATCH_CHECK(l.empty());
+  l.add_input_tap(owner("in"), [&](const Tensor& x) {
+    CATCH_CHECK_FALSE(seen_by_router.defined());  // before the router
+    seen_in = x;
+  });
+  CATCH_CHECK_FALSE(l.empty());
+  l.add_router(owner("r"), [&](const Tensor& x) {
+    seen_by_router = x;
+    return at::ones({x.size(0), x.size(1)});
+  });
+  const Tensor out = l.run(h, [](const Tensor& x, const Tensor&) { return x * 3; });
+  CATCH_CHECK(at::equal(seen_in, h));
+  CATCH_CHECK_FALSE(seen_in.requires_grad());
+  CATCH_CHECK(max_abs_diff(out, h * 3) < 1e-6);
+  l.remove(owner("in"));
+  l.remove(owner("r"));
+  CATCH_CHECK(l.empty());
+}
+
 CATCH_TEST_CASE("layer site: a parallel module adds to every token, routed or not, before the taps (SDK 2.3)", "[sdk][sites]") {
   LayerSiteImpl l("layers.0", "", 0);
   Tensor h = at::randn({2, 3, 4}), seen;

@@ -31,7 +31,8 @@
 //                   tap_k(x0) for every tap                        x0: what layer 0 receives
 //                                                                   (after the embedding block's
 //                                                                   norm and dropout), read-only
-//   LayerSite       keep   = Π router_k(h)  (B, T)                 tokens with 0 skip the layer:
+//   LayerSite       in_tap_k(h) for every input tap                read-only (2.7)
+//                   keep   = Π router_k(h)  (B, T)                 tokens with 0 skip the layer:
 //                   h'     = keep ∘ layer_kept(h) + (1 − keep) ∘ h  the layer runs on the kept
 //                                                                   tokens alone (they attend to
 //                                                                   kept tokens only; an encoder
@@ -283,6 +284,11 @@ class LayerSite : public SiteHandle {
   // h (B,T,H), the layer's input ↦ (B,T,H), added to the layer's (routed) output before the
   // taps. CoDA's adapter: the tokens a router sends past the layer still get it.
   void add_parallel(const Owner& owner, TensorMap module);
+#endif
+#if TESSERA_TARGET_ABI_MINOR >= 7
+  // Since SDK 2.7. Sees the layer's input h (B, T, H) before anything runs, read-only: a
+  // side network's first ladder where no embedding site precedes the layer (T5's decoder).
+  void add_input_tap(const Owner& owner, HiddenTap tap);
 #endif
 };
 

@@ -348,7 +348,8 @@ using LayerFn = std::function<Tensor(const Tensor& h, const Tensor& kept)>;
 class LayerSiteImpl final : public LayerSite, public SiteCore {
  public:
   LayerSiteImpl(std::string name, std::string hf_path, std::int64_t index);
-  // Runs `layer` on h under the routers, adds the parallel modules, then runs the taps.
+  // Shows h to the input taps, runs `layer` on it under the routers, adds the parallel
+  // modules, then runs the taps.
   Tensor run(const Tensor& h, const LayerFn& layer) const;
 
  private:
@@ -356,7 +357,7 @@ class LayerSiteImpl final : public LayerSite, public SiteCore {
   void drop(const OwnerImpl& owner) override;
   std::vector<std::string> kinds(const OwnerImpl& owner) const override;
   std::int64_t index_;
-  Entries<HiddenTap> taps_;
+  Entries<HiddenTap> taps_, input_taps_;
   Entries<TensorMap> routers_, parallel_;
 };
 
@@ -380,6 +381,9 @@ class ModelViewImpl : public ModelView {
   void set_sample_tags(std::map<std::string, std::vector<std::string>> tags) const { tags_ = std::move(tags); }
   // Offers `table` (beginning with a tessera_extension_header) under `id`; it must outlive the view.
   void set_extension(const std::string& id, const void* table) { extensions_[id] = table; }
+  // Whether an output transform is installed: it may read every earlier position, so
+  // generation runs each step over the whole sequence rather than a KV cache's new tokens.
+  bool output_reads_sequence() const { return output_site_ && !output_site_->empty(); }
 
  protected:
   friend class ModelView;
