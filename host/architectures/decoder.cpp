@@ -391,18 +391,16 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     x = x + at::embedding(position_->value(), positions);
   }
   x = tessera::dropout(x, config_.embed_dropout, training_);
-  x = embed_site_->enter(x);
-  const auto rope = config_.gpt2 ? std::pair<Tensor, Tensor>{} : rope_tables(positions, x.scalar_type());
   // Padding never influences real tokens, so without a cache (training, evaluation) the
   // token-wise work skips it: the layers run on the N real tokens' rows, attention alone
   // on the padded layout. Hidden states at padding come back as zeros.
   std::optional<Unpadded> unpadded;
-  if (cache == nullptr && !all_real && token_wise_only()) {
-    unpadded = Unpadded::of(new_mask);
-    x = unpadded->rows(x);  // (N, H)
-  }
+  if (cache == nullptr && !all_real && token_wise_only()) unpadded = Unpadded::of(new_mask);
   const Unpadded* u = unpadded ? &*unpadded : nullptr;
-  enter_forward(new_mask, u);
+  enter_forward(new_mask, u);  // before the embedding transforms: a gate over them reads this forward's mask
+  x = embed_site_->enter(x);
+  if (u) x = u->rows(x);  // (N, H)
+  const auto rope = config_.gpt2 ? std::pair<Tensor, Tensor>{} : rope_tables(positions, x.scalar_type());
   // Layer i on x, with the attention site's prefix for this forward (undefined: none). It
   // captures by value: a recomputed layer runs it again in backward, after forward returned.
   auto shared_u = unpadded ? std::make_shared<Unpadded>(*unpadded) : nullptr;

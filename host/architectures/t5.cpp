@@ -213,10 +213,10 @@ Encoded T5Model::encode(const Tensor& ids, const Tensor& mask) const {
   const auto B = x.size(0), S = x.size(1);
   out.mask = out.prompt_length > 0 ? at::cat({at::ones({B, out.prompt_length}, mask.options()), mask}, 1) : mask;
   x = tessera::dropout(x, config_.dropout, training_);
+  enter_forward(out.mask, nullptr);  // before the embedding transforms: a gate over them reads this forward's mask
   x = embed_site_->enter(x);
   const Tensor bias = position_bias(enc_bias_, S, S, 0, true);
   const Tensor keep = out.mask.to(at::kBool).view({B, 1, 1, S});
-  enter_forward(out.mask, nullptr);
   // Layer b on x with the position bias (extras[0], which carries a gradient when a method
   // trains the bias table) and its attention's prefix (extras[1], [2] when there is one: made
   // once per forward, outside the layer, as the decoder's). By value: a recomputed layer runs

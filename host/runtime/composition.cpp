@@ -104,10 +104,11 @@ std::string member_under(const std::string& name, const Placement& p, const std:
 // the first forward pass, at the member's place in the config (the sites refuse it again in
 // the forward pass, for a model changed after this check).
 void check_members(const Config& c, const std::map<std::string, Placement>& plan, const std::map<std::string, OwnerImpl*>& owners) {
-  static const std::set<std::string> unweighable = {"a prompt", "a tap", "a token router", "a weight transform", "a score hook"};
+  static const std::set<std::string> unweighable = {"a prompt", "a tap", "an input tap", "a token router", "a weight transform", "a score hook"};
+  static const std::set<std::string> replacing = {"an output transform", "an embedding transform"};  // they replace a site's states
   static const std::set<std::string> unroutable = {"a prefix", "an input prefix", "a parameter delta", "a sparse parameter delta"};
   for (const auto& g : c.groups) {
-    std::map<SiteCore*, std::string> replaced;  // site -> the member whose output transform replaces it
+    std::map<SiteCore*, std::string> replaced;  // site -> the member whose output or embedding transform replaces it
     for (const auto& [name, owner] : owners) {
       const auto it = plan.find(name);
       const std::string member = it == plan.end() ? "" : member_under(name, it->second, g.name);
@@ -121,12 +122,12 @@ void check_members(const Config& c, const std::map<std::string, Placement>& plan
             throw ConfigError(member_at(g, member), "group '" + g.name + "' (" + g.kind + "): instance '" + name + "' installs " + kind + " at site '" + site->site_name() +
                                                         "', which cannot be " + (g.kind == "route" ? "routed by sample" : "weighed per sample or per token") +
                                                         " (put the instance outside the group)");
-          if (kind != "an output transform" || (g.kind != "parallel" && g.kind != "gated")) continue;
+          if (!replacing.count(kind) || (g.kind != "parallel" && g.kind != "gated")) continue;
           const auto [at, fresh] = replaced.emplace(site, member);
           if (!fresh && at->second != member)
             throw ConfigError(member_at(g, member), "group '" + g.name + "' (" + g.kind + ") adds its members' changes, but '" + at->second + "' and '" + member +
-                                                        "' both replace the hidden states at site '" + site->site_name() +
-                                                        "' (an output transform): their sum is neither's (an average group takes their mean)");
+                                                        "' both replace the hidden states at site '" + site->site_name() + "' (" + kind +
+                                                        "): their sum is neither's (an average group takes their mean)");
         }
     }
   }

@@ -37,11 +37,11 @@ Tensor Distillation::teacher(const Batch& b) {
 }
 
 TaskOutput Distillation::forward(const Batch& b) {
-  Tensor target = teacher(b), h = student(b);                   // (B, T, H) each
-  Tensor m = b.mask.unsqueeze(-1).to(h.dtype());                // (B, T, 1)
-  Tensor squared = (h - target.to(h.dtype())).pow(2) * m;       // padding counts nothing
-  Tensor loss = squared.sum() / (m.sum() * h.size(-1)).clamp_min(1);
-  return {loss.to(at::kFloat), {}};
+  Tensor target = teacher(b), h = student(b);         // (B, T, H) each
+  Tensor m = b.mask.unsqueeze(-1).to(at::kFloat);     // (B, T, 1)
+  // In f32 as every task's loss: a bf16 sum of thousands of tokens would round.
+  Tensor squared = (h.to(at::kFloat) - target.to(at::kFloat)).pow(2) * m;  // padding counts nothing
+  return {squared.sum() / (m.sum() * h.size(-1)).clamp_min(1), {}};
 }
 
 void Distillation::accumulate(const Batch& b, Split, const std::vector<std::size_t>&, EvalResult& sums) {

@@ -234,6 +234,8 @@ using Projection = std::function<at::Tensor(const at::Tensor&)>;
 class Wiring : public Method {
  public:
   void validate(const Params& p) const override {
+    if (*presets().at(p.text("config")).inv != '\0' && !offers_invertible())
+      throw ParamError("config", "the preset " + p.text("config") + " carries an invertible adapter, which this plugin does not offer");
     if (p.number("reduction_factor") > 0 && p.integer("bottleneck_size") > 0)
       throw ParamError("bottleneck_size", "give reduction_factor or bottleneck_size, not both");
     if (p.number("scaling") > 0) {
@@ -434,8 +436,8 @@ class Wiring : public Method {
     cross_ = p.flag("cross_adapter");
     dropout_ = p.number("dropout");
     gating_ = p.flag("use_gating");
-    inv_ = preset_->inv;
     if (offers_invertible()) {
+      inv_ = preset_->inv;
       if (!p.text("inv_adapter").empty()) inv_ = p.text("inv_adapter") == "none" ? "" : p.text("inv_adapter");
       if (p.number("inv_adapter_reduction_factor") > 0) inv_rf_ = p.number("inv_adapter_reduction_factor");
       inv_reverse_ = p.flag("inv_adapter_reverse");
@@ -470,7 +472,7 @@ class Wiring : public Method {
     if (inv_reverse_ && lm_head) {
       OutputSite* out = model_->output_site();
       if (out == nullptr) throw std::runtime_error("inv_adapter: this " + arch_ + " model has no output site for the inverse");
-      out->add_transform(*owner_, [=](const at::Tensor& y) { return couple(kind, t, act, y, true); });
+      out->add_token_wise_transform(*owner_, [=](const at::Tensor& y) { return couple(kind, t, act, y, true); });  // generation keeps its cache
     }
   }
 

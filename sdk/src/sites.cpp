@@ -626,7 +626,14 @@ const std::string& OutputSite::hf_path() const { return static_cast<const Output
 std::int64_t OutputSite::hidden_size() const { return static_cast<const OutputSiteImpl&>(*this).hidden_size_; }
 void OutputSite::add_transform(const Owner& o, TensorMap f) { auto& s = static_cast<OutputSiteImpl&>(*this); s.add(s.transforms_, o, std::move(f)); }
 void OutputSite::remove(const Owner& owner) { static_cast<OutputSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
+void OutputSite::add_token_wise_transform(const Owner& o, TensorMap f) {
+  auto& s = static_cast<OutputSiteImpl&>(*this);
+  s.add(s.transforms_, o, std::move(f), /*token_wise=*/true);
+}
 bool OutputSite::empty() const { return !any_on(static_cast<const OutputSiteImpl&>(*this).transforms_); }
+bool OutputSiteImpl::reads_sequence() const {
+  return std::any_of(transforms_.begin(), transforms_.end(), [](const auto& e) { return e.on() && !e.token_wise; });
+}
 void OutputSiteImpl::drop(const OwnerImpl& owner) { erase_owner(transforms_, owner); }
 std::vector<std::string> OutputSiteImpl::kinds(const OwnerImpl& o) const {
   return present({{owns(transforms_, o), "an output transform"}});

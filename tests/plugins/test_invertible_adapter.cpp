@@ -1,8 +1,11 @@
 // Invertible adapters (MAD-X's NICE and GLOW coupling blocks on the first layer's input, the
 // inverse before a language-model head), in the bottleneck and compacter plugins, against
 // AdapterHub's `adapters` (tests/fixtures/make_adapters.py): its saved folders, its outputs —
-// GLOW through a rendering of its equations, since adapters' own block cannot run on
-// (B, T, H) — and the inverse composed from AdapterHub's own block with rev=True.
+// GLOW through a rendering of its equations (make_adapters.py's glow_forward replaces the
+// block's forward: adapters' own block cannot run on (B, T, H), so for GLOW AdapterHub checks
+// the names, shapes and the model around the block, the rendering the block's math) — and the
+// inverse composed from AdapterHub's own block with rev=True (on T5 in our order: before the
+// head's rescale, which AdapterHub's flexible head applies first; the README says so).
 #include "adapterhub_parity.h"
 
 #include "../../plugins/additive/adapterhub_bn.h"
@@ -47,6 +50,7 @@ CATCH_TEST_CASE("invertible adapters on GPT-2 and Mistral: AdapterHub's static h
         auto a = test::attach_adapterhub(name, *model, "bottleneck", {{"inv_adapter_reverse", reverse}});
         at::NoGradGuard no_grad;
         TESSERA_CHECK_PARITY(test::parity(model->logits(model->forward(ids, mask)), ref, name, mask));
+        CATCH_CHECK_FALSE(model->output_reads_sequence());  // the inverse is token-wise: generation keeps its KV cache
       }
 }
 
@@ -114,6 +118,11 @@ CATCH_TEST_CASE("invertible adapters: AdapterHub's keys, its config, a folder it
     n->attach(*model, {}, apply_schema(info->params, {{"config", std::string("seq_bn_inv")}, {"inv_adapter", std::string("none")}}));
     CATCH_CHECK(n->call("state", [](Method& m) { return m.state(); }).size() == 6 * 4);
     n->detach(*model);
+  }
+  {  // the unified methods built on the same wiring do not offer the block: their *_inv presets are refused
+    auto sa = test::registry().create("sparse_adapter", "s");
+    const auto params = apply_schema(test::registry().find("sparse_adapter")->params, {{"config", std::string("seq_bn_inv")}});
+    CATCH_CHECK_THROWS_WITH(sa->call("validate", [&](Method& m) { m.validate(params); }), Catch::Contains("the preset seq_bn_inv carries an invertible adapter"));
   }
   {  // an inner width of 0 is refused with the key
     auto z = test::registry().create("bottleneck", "z");

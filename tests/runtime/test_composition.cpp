@@ -274,6 +274,11 @@ CATCH_TEST_CASE("what a group cannot weigh or add is refused once attached, at t
   CATCH_CHECK_THROWS_WITH(build(lst, "[[groups]]\nname = \"g\"\nkind = \"parallel\"\nmembers = [\"s1\", \"s2\"]\n"),
                           Catch::Contains("group 'g' (parallel) adds its members' changes, but 's1' and 's2' both replace the hidden states at site 'output'"));
   CATCH_CHECK_NOTHROW(build(lst, "[[groups]]\nname = \"g\"\nkind = \"average\"\nmembers = [\"s1\", \"s2\"]\n"));  // their mean is one
+  // Two invertible adapters would both replace the first layer's input (SDK 2.7).
+  const std::string inv = "[[methods]]\nplugin = \"bottleneck\"\nname = \"i1\"\n[methods.params]\nconfig = \"seq_bn_inv\"\n"
+                          "[[methods]]\nplugin = \"bottleneck\"\nname = \"i2\"\n[methods.params]\nconfig = \"seq_bn_inv\"\n";
+  CATCH_CHECK_THROWS_WITH(build(inv, "[[groups]]\nname = \"g\"\nkind = \"gated\"\nmembers = [\"i1\", \"i2\"]\n"),
+                          Catch::Contains("'i1' and 'i2' both replace the hidden states at site 'embed' (an embedding transform)"));
 }
 
 CATCH_TEST_CASE("a method's load key starts it from a saved adapter folder, a bad folder is refused at the key", "[runtime][composition]") {

@@ -141,6 +141,20 @@ CATCH_TEST_CASE("embedding site: transforms chain in install order before the ta
   CATCH_CHECK(max_abs_diff(e.enter(x0), x0 * 2) < 1e-6);
 }
 
+CATCH_TEST_CASE("output site: transforms chain in install order, and only those not token-wise read the sequence (SDK 2.7)", "[sdk][sites]") {
+  OutputSiteImpl o("output", "", 4);
+  const Tensor h = at::randn({2, 3, 4});
+  CATCH_CHECK_FALSE(o.reads_sequence());
+  o.add_token_wise_transform(owner("inv"), [](const Tensor& x) { return x * 2; });
+  CATCH_CHECK_FALSE(o.reads_sequence());  // generation may keep its KV cache
+  CATCH_CHECK(max_abs_diff(o.apply(h), h * 2) < 1e-6);
+  o.add_transform(owner("side"), [](const Tensor& x) { return x.cumsum(1); });  // reads earlier positions
+  CATCH_CHECK(o.reads_sequence());
+  CATCH_CHECK(max_abs_diff(o.apply(h), (h * 2).cumsum(1)) < 1e-5);
+  o.remove(owner("side"));
+  CATCH_CHECK_FALSE(o.reads_sequence());
+}
+
 CATCH_TEST_CASE("layer site: input taps see the layer's input before the routers and the layer (SDK 2.7)", "[sdk][sites]") {
   LayerSiteImpl l("decoder.layers.0", "", 0);
   const Tensor h = at::randn({2, 3, 4});

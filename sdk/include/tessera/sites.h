@@ -305,6 +305,12 @@ class OutputSite : public SiteHandle {
   void add_transform(const Owner& owner, TensorMap transform);  // h (B,T,H) -> (B,T,H), in install order
   void remove(const Owner& owner);
   bool empty() const;
+#if TESSERA_TARGET_ABI_MINOR >= 7
+  // Since SDK 2.7. As add_transform, for a function of each token's state alone (an
+  // invertible adapter's inverse): generation keeps its KV cache, which a transform that
+  // may read every earlier position makes the host give up.
+  void add_token_wise_transform(const Owner& owner, TensorMap transform);
+#endif
 };
 #endif
 

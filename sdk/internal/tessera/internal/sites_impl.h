@@ -331,6 +331,8 @@ class OutputSiteImpl final : public OutputSite, public SiteCore {
  public:
   OutputSiteImpl(std::string name, std::string hf_path, std::int64_t hidden_size);
   Tensor apply(Tensor h) const;  // (B, T, H) through every transform in install order
+  // Whether a transform that is on may read other positions than its own (not token-wise).
+  bool reads_sequence() const;
 
  private:
   friend class OutputSite;
@@ -381,9 +383,10 @@ class ModelViewImpl : public ModelView {
   void set_sample_tags(std::map<std::string, std::vector<std::string>> tags) const { tags_ = std::move(tags); }
   // Offers `table` (beginning with a tessera_extension_header) under `id`; it must outlive the view.
   void set_extension(const std::string& id, const void* table) { extensions_[id] = table; }
-  // Whether an output transform is installed: it may read every earlier position, so
-  // generation runs each step over the whole sequence rather than a KV cache's new tokens.
-  bool output_reads_sequence() const { return output_site_ && !output_site_->empty(); }
+  // Whether an output transform that is not token-wise is on: it may read every earlier
+  // position, so generation runs each step over the whole sequence rather than a KV cache's
+  // new tokens.
+  bool output_reads_sequence() const { return output_site_ && output_site_->reads_sequence(); }
 
  protected:
   friend class ModelView;
