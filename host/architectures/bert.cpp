@@ -221,11 +221,11 @@ Encoded BertModel::forward(const Tensor& input_ids, const Tensor& attention_mask
   // The prefixes are computed once per layer and forward (they may run a network), before
   // the embedding: prefix keys count as earlier tokens, so positions start after layer 0's
   // (transformers numbers BERT's tokens from the past key values' length, which is how a
-  // PEFT prefix reaches it), as they do in decoders.
+  // PEFT prefix reaches it), as they do in decoders — all but positionless prefixes' (SDK 2.8).
   std::vector<KV> prefixes;
   prefixes.reserve(layers_.size());
   for (const auto& l : layers_) prefixes.push_back(l.attention->prefix(B));
-  const auto offset = layers_.empty() ? std::int64_t{0} : prefix_keys(layers_[0], prefixes[0]);
+  const auto offset = layers_.empty() ? std::int64_t{0} : layers_[0].attention->positioned_prefix_length() + layers_[0].attention->input_prefix_length();
   if (S + offset > max_tokens())
     throw std::runtime_error("sequence of " + std::to_string(S) + " tokens" + (offset > 0 ? " after " + std::to_string(offset) + " prefix keys" : std::string()) +
                              " exceeds the " + std::to_string(max_tokens()) + " positions of the model");

@@ -370,8 +370,9 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
   const auto B = x.size(0), T = x.size(1);
   Tensor new_mask = prompt > 0 ? at::cat({at::ones({B, prompt}, mask.options()), mask}, 1) : mask;
   // Prefix keys count as earlier tokens: positions continue after them, as transformers
-  // does for past key values.
+  // does for past key values; a positionless prefix's (SDK 2.8) do not.
   Tensor past;
+  std::int64_t positionless = cache ? cache->positionless : 0;
   std::vector<std::pair<Tensor, Tensor>> prefixes;  // per layer, first call only
   if (!first) {
     past = cache->mask;
@@ -381,10 +382,12 @@ Tensor DecoderModel::forward(const Tensor& ids, const Tensor& mask, KVCache* cac
     const auto& p0 = prefixes.empty() ? std::pair<Tensor, Tensor>{} : prefixes[0];
     const auto in0 = layers_.empty() ? 0 : layers_[0].attention->input_prefix_length();
     past = at::ones({B, (p0.first.defined() ? p0.first.size(2) : 0) + in0}, mask.options());
+    positionless = layers_.empty() ? 0 : (p0.first.defined() ? p0.first.size(2) : 0) - layers_[0].attention->positioned_prefix_length();
+    if (cache) cache->positionless = positionless;
   }
   Tensor key_mask = at::cat({past, new_mask}, 1);  // (B, S)
   const bool all_real = key_mask.all().item<bool>();
-  Tensor positions = (at::cumsum(key_mask, 1) - 1).clamp_min(0).narrow(1, key_mask.size(1) - T, T);  // (B, T)
+  Tensor positions = (at::cumsum(key_mask, 1) - 1 - positionless).clamp_min(0).narrow(1, key_mask.size(1) - T, T);  // (B, T)
   if (config_.gpt2) {
     if (positions.max().item<std::int64_t>() >= config_.max_positions)
       throw std::runtime_error("position " + std::to_string(positions.max().item<std::int64_t>()) + " exceeds n_positions " + std::to_string(config_.max_positions));

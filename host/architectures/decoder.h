@@ -67,6 +67,7 @@ struct DecoderConfig {
 struct KVCache {
   std::vector<Tensor> k, v;  // per layer: (B, kv_heads, L, head_dim)
   Tensor mask;               // (B, L) int64, 1 = real key
+  std::int64_t positionless = 0;  // the first keys, prefixes' that are not earlier tokens (SDK 2.8)
   std::int64_t length() const { return mask.defined() ? mask.size(1) : 0; }
 };
 

@@ -250,7 +250,8 @@ Tensor T5Model::decode(const Tensor& target_ids, const Encoded& source, Seq2SeqC
   if (cache && cache->self_k.size() != L) cache->self_k.resize(L), cache->self_v.resize(L), cache->cross_k.resize(L), cache->cross_v.resize(L);
   // Self-attention prefixes count as earlier target tokens, as transformers counts a PEFT
   // prefix in the decoder's cache: queries sit after them and their keys get the relative
-  // position bias of that distance. They are evaluated once, at the first call.
+  // position bias of that distance. They are evaluated once, at the first call. Positionless
+  // prefixes (SDK 2.8) come first among the keys and get no bias, as the encoder's prefixes.
   enter_forward(at::ones({B, T}, target_ids.options()), nullptr);  // before the prefixes: they may read it
   const bool first = cache == nullptr || cache->length == 0;
   std::vector<KVPair> prefixes;
@@ -258,9 +259,10 @@ Tensor T5Model::decode(const Tensor& target_ids, const Encoded& source, Seq2SeqC
   if (first) {
     for (const auto& b : decoder_) prefixes.push_back(b.self.site->prefix(B));
     auto keys = [&](std::size_t i) { return (prefixes[i].first.defined() ? prefixes[i].first.size(2) : 0) + decoder_[i].self.site->input_prefix_length(); };
-    P = prefixes.empty() ? 0 : keys(0);
+    auto past_keys = [&](std::size_t i) { return decoder_[i].self.site->positioned_prefix_length() + decoder_[i].self.site->input_prefix_length(); };
+    P = prefixes.empty() ? 0 : past_keys(0);
     for (std::size_t i = 1; i < prefixes.size(); ++i)
-      if (keys(i) != P) throw std::runtime_error(decoder_[i].self.site->name() + ": decoder self-attention prefixes of different lengths are not supported");
+      if (keys(i) != keys(0) || past_keys(i) != P) throw std::runtime_error(decoder_[i].self.site->name() + ": decoder self-attention prefixes of different lengths are not supported");
     if (cache) cache->prefix = P;
   }
   const std::int64_t past = P + (cache ? cache->length : 0);  // keys before this call's tokens

@@ -1,5 +1,6 @@
 #include "runtime/composition.h"
 
+#include "runtime/gate_bank.h"
 #include "runtime/groups.h"
 
 #include <tessera/internal/sites_impl.h>
@@ -138,10 +139,12 @@ void check_members(const Config& c, const std::map<std::string, Placement>& plan
 // A gated group's gates for one member: at each site it has interventions on, σ(x W_gᵀ + b)
 // from what the contribution reads, averaged over the sample's real tokens — one gate per
 // sample, as UniPELT (and AdapterHub's use_gating) computes it, in either layout the host
-// runs (tessera/sample_mean.h); a parameter site's is σ(s), a learned scalar.
+// runs (tessera/sample_mean.h); a parameter site's is σ(s), a learned scalar. A linear site's
+// gate is a column of the run's GateBank, computed with every gate that reads the same input.
 class GateSet final : public ContributionFactor {
  public:
-  GateSet(const GroupConfig& g, std::string member, const OwnerImpl& owner, const SiteModel& model) : prefix_(g.name + "." + member + "."), model_(model) {
+  GateSet(const GroupConfig& g, std::string member, const OwnerImpl& owner, const SiteModel& model, std::shared_ptr<GateBank> bank)
+      : prefix_(g.name + "." + member + "."), model_(model), bank_(std::move(bank)) {
     const auto opts = model.info().param_options;
     std::map<std::string, SiteCore*> by_name;  // drawn in name order, not in the sites' address order
     for (SiteCore* site : owner.sites()) by_name[site->site_name()] = site;
@@ -153,12 +156,15 @@ class GateSet final : public ContributionFactor {
       } else {
         gate.weight = (at::randn({1, width}, opts) * 0.02).requires_grad_(true);  // AdapterHub's init: N(0, 0.02²)
         gate.bias = at::zeros({1}, opts).requires_grad_(true);
+        if (auto* linear = dynamic_cast<LinearSiteImpl*>(site)) gate.input = linear->input_group(), gate.column = bank_->add(gate.input, gate.weight, gate.bias);
       }
       gates_[site->site_name()] = gate;
     }
   }
 
   Tensor per_token(const std::string& site, const Tensor& x) const override {  // x: (B, T, F) or (N, F) unpadded -> (B, 1, 1) or (N, 1)
+    const Gate& g = at_site(site);
+    if (g.column >= 0 && (x.dim() == 2 || x.dim() == 3)) return bank_->gate(g.input, g.column, x);
     return mean_over_tokens_per_row(model_, sigmoid(site, x));
   }
   Tensor per_sample(const std::string& site, const Tensor& x, std::int64_t) const override {
@@ -178,6 +184,8 @@ class GateSet final : public ContributionFactor {
  private:
   struct Gate {
     Tensor weight, bias, scalar;
+    std::string input;         // a linear site's input group, whose GateBank entry holds it
+    std::int64_t column = -1;  // its column there; -1: computed alone
   };
   Tensor sigmoid(const std::string& site, const Tensor& x) const {  // x: (..., F) -> σ(x W_gᵀ + b) (..., 1)
     const Gate& g = at_site(site);
@@ -191,11 +199,13 @@ class GateSet final : public ContributionFactor {
   }
   std::string prefix_;
   const SiteModel& model_;
+  std::shared_ptr<GateBank> bank_;  // shared by every gated member of the run
   std::map<std::string, Gate> gates_;
 };
 
 Composition::Composition(const std::vector<MethodConfig>& methods, const std::vector<GroupConfig>& groups,
-                         const std::map<std::string, OwnerImpl*>& owners, SiteModel& model) {
+                         const std::map<std::string, OwnerImpl*>& owners, SiteModel& model)
+    : bank_(std::make_shared<GateBank>(model)) {
   Config c;
   c.methods = methods;
   c.groups = groups;
@@ -215,7 +225,7 @@ Composition::Composition(const std::vector<MethodConfig>& methods, const std::ve
         factors.push_back(std::make_shared<RouteMask>(g, member, model));
         sample_dependent_.emplace(name, g.name);
       } else if (g.kind == "gated") {
-        auto gates = std::make_shared<GateSet>(g, name, *owner, model);
+        auto gates = std::make_shared<GateSet>(g, name, *owner, model, bank_);
         gates_.push_back(gates);
         factors.push_back(gates);
         sample_dependent_.emplace(name, g.name);

@@ -35,6 +35,7 @@ class Composition {
   std::string sample_dependent_group(const std::string& name) const;
 
  private:
+  std::shared_ptr<class GateBank> bank_;  // the gates at linear sites, computed per input
   std::vector<std::shared_ptr<const class GateSet>> gates_;
   std::map<std::string, std::string> sample_dependent_;
 };

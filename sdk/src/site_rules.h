@@ -48,6 +48,13 @@ inline Tensor times(const Weight& w, Tensor t) {
   if (w.alpha != 1.0) t = t * w.alpha;
   return w.f.defined() ? t * w.f : t;
 }
+// y + w·t. A per-row factor joins the sum in one pass (addcmul) rather than as its own
+// product the size of t: a gated branch's output is (N, out) rows.
+inline Tensor plus(const Tensor& y, const Weight& w, const Tensor& t) {
+  if (!w.f.defined()) return y + (w.alpha != 1.0 ? t * w.alpha : t);
+  Tensor f = w.f.scalar_type() == t.scalar_type() ? w.f : w.f.to(t.scalar_type());
+  return at::addcmul(y, t, w.alpha != 1.0 ? f * w.alpha : f);
+}
 // 1 + w(s − 1): a multiplicative intervention moved from the identity toward s.
 inline Tensor toward(const Weight& w, const Tensor& s) { return w.one() ? s : times(w, s - 1) + 1; }
 
@@ -59,6 +66,14 @@ Weight per_token(const Entry<Fn>& e, const SiteCore& site, const Tensor& x) {
   Weight w{e.alpha()};
   for (const auto& f : e.owner->factors()) w.f = product(w.f, f->per_token(site.site_name(), x));
   return w;
+}
+// What a row-scaled branch of `owner` is handed for x (SDK 2.8): α times its groups' per-token
+// factors, undefined without factors (α then weighs the branch's output, as any contribution's).
+inline Tensor row_weight(const OwnerImpl& owner, const SiteCore& site, const Tensor& x) {
+  Tensor f;
+  for (const auto& factor : owner.factors()) f = product(f, factor->per_token(site.site_name(), x));
+  if (!f.defined() || owner.scale() == 1.0) return f;
+  return f * owner.scale();
 }
 // For a parameter delta: scalars.
 template <class Fn>

@@ -162,13 +162,15 @@ void LinearSite::add_weight_delta(const Owner& o, TensorThunk d) { auto& s = Lin
 void LinearSite::add_input_scale(const Owner& o, TensorThunk v) { auto& s = LinearSiteImpl::of(*this); s.add(s.input_scales_, o, std::move(v)); }
 void LinearSite::add_output_scale(const Owner& o, TensorThunk v) { auto& s = LinearSiteImpl::of(*this); s.add(s.output_scales_, o, std::move(v)); }
 void LinearSite::add_branch(const Owner& o, TensorMap b) { auto& s = LinearSiteImpl::of(*this); s.add(s.branches_, o, std::move(b)); }
+void LinearSite::add_row_scaled_branch(const Owner& o, RowScaledBranch b) { auto& s = LinearSiteImpl::of(*this); s.add(s.row_branches_, o, std::move(b)); }
+Tensor LinearSite::row_weights(const Owner& o, const Tensor& x) const { return row_weight(OwnerImpl::of(o), LinearSiteImpl::of(*this), x); }
 void LinearSite::add_weight_transform(const Owner& o, TensorMap t) { auto& s = LinearSiteImpl::of(*this); s.add(s.weight_transforms_, o, std::move(t)); }
 void LinearSite::remove(const Owner& owner) { LinearSiteImpl::of(*this).remove_owner(OwnerImpl::of(owner)); }
 
 bool LinearSite::has_interventions() const {
   const auto& s = LinearSiteImpl::of(*this);
   return any_on(s.weight_deltas_) || any_on(s.input_scales_) || any_on(s.output_scales_) || any_on(s.branches_) ||
-         any_on(s.weight_transforms_);
+         any_on(s.row_branches_) || any_on(s.weight_transforms_);
 }
 
 void LinearSiteImpl::drop(const OwnerImpl& owner) {
@@ -176,11 +178,12 @@ void LinearSiteImpl::drop(const OwnerImpl& owner) {
   erase_owner(input_scales_, owner);
   erase_owner(output_scales_, owner);
   erase_owner(branches_, owner);
+  erase_owner(row_branches_, owner);
   erase_owner(weight_transforms_, owner);
 }
 std::vector<std::string> LinearSiteImpl::kinds(const OwnerImpl& o) const {
   return present({{owns(weight_deltas_, o), "a weight delta"}, {owns(input_scales_, o), "an input scale"}, {owns(output_scales_, o), "an output scale"},
-                  {owns(branches_, o), "a branch"}, {owns(weight_transforms_, o), "a weight transform"}});
+                  {owns(branches_, o) || owns(row_branches_, o), "a branch"}, {owns(weight_transforms_, o), "a weight transform"}});
 }
 
 Tensor LinearSiteImpl::forward(const Tensor& x) const { return forward(x, Activation::none); }
@@ -197,11 +200,16 @@ Tensor LinearSiteImpl::forward(const Tensor& x, Activation act, const Tensor& ti
     if (s.on()) xin = xin * toward(per_token(s, *this, x), call(s));  // (in) broadcast
   const auto rest = [&](Tensor y) {  // y: (..., out)
     for (const auto& d : weight_deltas_)
-      if (d.on() && factored(d)) y = y + times(per_token(d, *this, x), at::matmul(xin, call(d).to(xin.scalar_type()).t()));
+      if (d.on() && factored(d)) y = plus(y, per_token(d, *this, x), at::matmul(xin, call(d).to(xin.scalar_type()).t()));
     for (const auto& s : output_scales_)
       if (s.on()) y = y * toward(per_token(s, *this, x), call(s));  // (out) broadcast
     for (const auto& br : branches_)
-      if (br.on()) y = y + times(per_token(br, *this, x), call(br, x));
+      if (br.on()) y = plus(y, per_token(br, *this, x), call(br, x));
+    for (const auto& br : row_branches_)
+      if (br.on()) {
+        const Tensor rows = row_weight(*br.owner, *this, x);  // a per-row weight goes inside the branch, α with it
+        y = rows.defined() ? y + call(br, x, rows) : plus(y, Weight{br.alpha()}, call(br, x, Tensor()));
+      }
     return y;
   };
   if (delta_branches && any_on(weight_transforms_))  // T(W + ΔW) cannot split into a branch
@@ -221,7 +229,7 @@ Tensor LinearSiteImpl::forward(const Tensor& x, Activation act, const Tensor& ti
         return call(t, base);  // (out, in)
       },
       [](const auto& t, const Tensor&) { return Weight{t.alpha()}; });
-  if (!any_on(output_scales_) && !any_on(branches_) && !delta_branches) return dense_linear(xin, w, b, act, times_);  // (..., out)
+  if (!any_on(output_scales_) && !any_on(branches_) && !any_on(row_branches_) && !delta_branches) return dense_linear(xin, w, b, act, times_);  // (..., out)
   return activate(act, rest(dense_linear(xin, w, b)), times_);
 }
 
@@ -287,7 +295,7 @@ Tensor SublayerSiteImpl::apply(const Tensor& x, Tensor h, const Tensor& residual
       sequential_, h, [&](const auto& s, const Tensor& in) { return call(s, in, residual, norm); },
       [&](const auto& s, const Tensor& in) { return per_token(s, *this, in); });  // a module's change, weighed by what it read
   for (const auto& p : parallel_)
-    if (p.on()) h = h + times(per_token(p, *this, x), call(p, x));
+    if (p.on()) h = plus(h, per_token(p, *this, x), call(p, x));
   for (const auto& g : gates_)
     if (g.on()) h = h * toward(per_token(g, *this, x), call(g, x));
   return h;
@@ -311,6 +319,11 @@ void AttentionSite::add_input_prefix(const Owner& o, std::int64_t length, KVFrom
 }
 
 void AttentionSite::add_prefix(const Owner& o, KVPrefix p) { auto& s = static_cast<AttentionSiteImpl&>(*this); s.add(s.prefixes_, o, std::move(p)); }
+void AttentionSite::add_positionless_prefix(const Owner& o, KVPrefix p) {
+  auto& s = static_cast<AttentionSiteImpl&>(*this);
+  s.add(s.prefixes_, o, std::move(p));
+  s.prefixes_.back().positionless = true;
+}
 void AttentionSite::add_score_hook(const Owner& o, TensorMap h) { auto& s = static_cast<AttentionSiteImpl&>(*this); s.add(s.score_hooks_, o, std::move(h)); }
 void AttentionSite::remove(const Owner& owner) { static_cast<AttentionSiteImpl&>(*this).remove_owner(OwnerImpl::of(owner)); }
 bool AttentionSite::has_prefix() const {
@@ -352,18 +365,39 @@ std::pair<Tensor, Tensor> AttentionSiteImpl::input_prefix(const Tensor& x) const
   return {at::cat(ks, 2), at::cat(vs, 2)};
 }
 
+namespace {
+// The enabled prefixes in key order: the positionless ones first, then those that count as
+// earlier tokens (nearest the tokens, where a relative bias puts the past), each in install order.
+template <class Visit>
+void in_key_order(const Entries<KVPrefix>& prefixes, const Visit& visit) {
+  for (const bool positionless : {true, false})
+    for (const auto& p : prefixes)
+      if (p.on() && p.positionless == positionless) visit(p);
+}
+}  // namespace
+
 std::pair<Tensor, Tensor> AttentionSiteImpl::prefix(std::int64_t batch) const {
   std::vector<Tensor> ks, vs;
   prefix_lengths_.clear();
-  for (const auto& p : prefixes_) {
-    if (!p.on()) continue;
+  in_key_order(prefixes_, [&](const auto& p) {
     auto [k, v] = call(p, batch);  // (B, heads, P_i, head_dim)
     prefix_lengths_.push_back(k.size(2));
     ks.push_back(k);
     vs.push_back(v);
-  }
+  });
   if (ks.empty()) return {};
   return {at::cat(ks, 2), at::cat(vs, 2)};
+}
+
+std::int64_t AttentionSiteImpl::positioned_prefix_length() const {
+  std::int64_t n = 0;
+  std::size_t i = 0;
+  in_key_order(prefixes_, [&](const auto& p) {
+    const std::int64_t len = i < prefix_lengths_.size() ? prefix_lengths_[i] : 0;
+    ++i;
+    if (!p.positionless) n += len;
+  });
+  return n;
 }
 
 std::pair<Tensor, Tensor> AttentionSiteImpl::weigh_prefix(const std::pair<Tensor, Tensor>& kv, const Tensor& x) const {
@@ -373,8 +407,7 @@ std::pair<Tensor, Tensor> AttentionSiteImpl::weigh_prefix(const std::pair<Tensor
   std::vector<Tensor> ks, vs;
   std::int64_t start = 0;
   std::size_t i = 0;
-  for (const auto& p : prefixes_) {
-    if (!p.on()) continue;
+  in_key_order(prefixes_, [&](const auto& p) {
     if (i >= prefix_lengths_.size()) throw std::logic_error("site '" + name_ + "': prefixes were switched between prefix() and weigh_prefix()");
     const std::int64_t len = prefix_lengths_[i++];
     Tensor k = kv.first.narrow(2, start, len), v = kv.second.narrow(2, start, len);
@@ -382,7 +415,7 @@ std::pair<Tensor, Tensor> AttentionSiteImpl::weigh_prefix(const std::pair<Tensor
     const auto [fk, fv] = kv_factors(p, *this, x, batch);
     ks.push_back(fk.defined() ? k * fk : k);
     vs.push_back(fv.defined() ? v * fv : v);
-  }
+  });
   return {at::cat(ks, 2), at::cat(vs, 2)};
 }
 

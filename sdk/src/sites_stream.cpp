@@ -101,7 +101,7 @@ Tensor LayerSiteImpl::run(const Tensor& h, const LayerFn& layer) const {  // h: 
     out = w * layer(h, keep.ne(0)) + (1 - w) * h;
   }
   for (const auto& p : parallel_)
-    if (p.on()) out = out + times(per_token(p, *this, h), call(p, h));
+    if (p.on()) out = plus(out, per_token(p, *this, h), call(p, h));
   show(taps_, *this, out);
   return out;
 }

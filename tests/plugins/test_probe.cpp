@@ -1,7 +1,7 @@
 // The site order for every intervention kind, exercised through the plugin boundary by
 // the probe plugin (tests/plugins/probe.cpp) on the real encoder — built against this
 // tree's SDK ("probe") and against the frozen SDK 2.0 … 2.6 headers ("probe-2.0",
-// "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6"): all must give the same known math in this host.
+// "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6", "probe-2.7"): all must give the same known math in this host.
 #include "support.h"
 
 #include "architectures/decoder.h"
@@ -38,7 +38,7 @@ Tensor embeddings(ModelView& model, const Tensor& ids) {
 }  // namespace
 
 CATCH_TEST_CASE("linear and parameter interventions from several plugins compose in the documented order", "[plugins][probe][minilm]") {
-  probe_id = GENERATE(as<std::string>{}, "probe", "probe-2.0", "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6");
+  probe_id = GENERATE(as<std::string>{}, "probe", "probe-2.0", "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6", "probe-2.7");
   auto model = test::load_minilm();
   at::NoGradGuard no_grad;
   auto* site = &LinearSiteImpl::of(*model->match_linear({"layers.2.attn.v"}).at(0));
@@ -57,7 +57,7 @@ CATCH_TEST_CASE("linear and parameter interventions from several plugins compose
 }
 
 CATCH_TEST_CASE("sublayer, attention, embedding and layer interventions through plugins", "[plugins][probe][minilm]") {
-  probe_id = GENERATE(as<std::string>{}, "probe", "probe-2.0", "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6");
+  probe_id = GENERATE(as<std::string>{}, "probe", "probe-2.0", "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6", "probe-2.7");
   auto model = test::load_minilm();
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   const auto& ids = ref["input_ids"];
@@ -127,7 +127,7 @@ CATCH_TEST_CASE("sublayer, attention, embedding and layer interventions through 
 }
 
 CATCH_TEST_CASE("SDK 2.1: weight transforms after the summed deltas, token-wise sublayer modules, the forward context, input prefixes, routing, the output site, the embedding tap", "[plugins][probe][minilm]") {
-  probe_id = GENERATE(as<std::string>{}, "probe", "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6");  // the 2.1 kinds: the 2.0 build does not have them
+  probe_id = GENERATE(as<std::string>{}, "probe", "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6", "probe-2.7");  // the 2.1 kinds: the 2.0 build does not have them
   at::NoGradGuard no_grad;
   {  // A weight transform sees every weight delta, whichever was installed first.
     auto model = test::load_minilm();

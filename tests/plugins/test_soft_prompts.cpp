@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <filesystem>
 #include <fstream>
 
 using namespace tessera;
@@ -54,6 +55,18 @@ std::unique_ptr<MethodInstance> attach(const std::string& key, ModelView& model,
   auto peft = test::read_tensors(dir_of(key) + "/adapter_model.safetensors");
   CATCH_CHECK(test::max_abs_diff(saved.at("prompt_embeddings"), peft.at("prompt_embeddings")) < 1e-5);
   return inst;
+}
+
+// A copy of peft's folder `key` whose config says shift_positions = false (Tessera's key).
+std::string positionless_copy(const std::string& key) {
+  const auto dir = test::temp_dir("positionless-" + key);
+  for (const auto& e : std::filesystem::directory_iterator(dir_of(key)))
+    std::filesystem::copy(e.path(), dir / e.path().filename(), std::filesystem::copy_options::overwrite_existing);
+  std::ifstream in((dir / "adapter_config.json").string());
+  auto j = nlohmann::json::parse(in);
+  j["shift_positions"] = false;
+  std::ofstream((dir / "adapter_config.json").string()) << j.dump(2);
+  return dir.string();
 }
 
 Tensor with_prompt_mask(const Tensor& mask, const std::string& method) {
@@ -153,6 +166,41 @@ CATCH_TEST_CASE("soft prompts on T5 equal peft's: prompts in the encoder, peft's
       inst->detach(*model);
     }
   }
+}
+
+CATCH_TEST_CASE("prefix tuning with shift_positions = false numbers the tokens as without the prefix: GPT-2, LLaMA and T5 logits equal transformers' so numbered, through the cache too (SDK 2.8)",
+                "[plugins][prompts][decoder][t5][parity]") {
+  auto& dec = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
+  const Tensor ids = dec["input_ids"], mask = dec["attention_mask"];
+  for (const std::string arch : {"gpt2", "llama"}) {
+    const std::string key = arch + ".prefix";
+    CATCH_INFO(key);
+    auto model = DecoderModel::load(test::fixture("decoders/" + arch), test::options());
+    test::perturb_if_asked(*model);
+    auto inst = test::attach_peft_adapter(positionless_copy(key), *model);
+    at::NoGradGuard no_grad;
+    const Tensor logits = model->logits(model->forward(ids, mask));
+    TESSERA_CHECK_PARITY(test::parity(logits, reference(), key + ".positionless.logits", mask));
+    CATCH_CHECK(test::max_abs_diff_tokens(logits, reference()[key + ".logits"], mask) > 1e-3);  // peft's numbering differs
+    KVCache cache;  // the cache remembers that the prefix's keys are not earlier tokens
+    const Tensor first = model->logits(model->forward(ids.narrow(1, 0, 3), mask.narrow(1, 0, 3), &cache));
+    const Tensor rest = model->logits(model->forward(ids.narrow(1, 3, ids.size(1) - 3), mask.narrow(1, 3, ids.size(1) - 3), &cache));
+    CATCH_CHECK(test::max_abs_diff_tokens(at::cat({first, rest}, 1), logits, mask) < 1e-4 * std::max(1.0, logits.abs().max().item<double>()));
+  }
+  auto& s2s = test::cached_tensors(test::fixture("seq2seq/reference.safetensors"));
+  auto model = T5Model::load(test::fixture("seq2seq/t5"), test::options());
+  test::perturb_if_asked(*model);
+  auto inst = test::attach_peft_adapter(positionless_copy("t5.prefix"), *model);
+  at::NoGradGuard no_grad;
+  Encoded source = model->encode(s2s["input_ids"], s2s["attention_mask"]);
+  const Tensor target = s2s["t5.decoder_input_ids"];
+  const Tensor logits = model->logits(model->decode(target, source));
+  TESSERA_CHECK_PARITY(test::parity(logits, reference(), "t5.prefix.positionless.logits"));
+  CATCH_CHECK(test::max_abs_diff(logits, reference()["t5.prefix.logits"]) > 1e-3);
+  Seq2SeqCache cache;
+  const Tensor first = model->logits(model->decode(target.narrow(1, 0, 3), source, &cache));
+  const Tensor rest = model->logits(model->decode(target.narrow(1, 3, target.size(1) - 3), source, &cache));
+  CATCH_CHECK(test::max_abs_diff(at::cat({first, rest}, 1), logits) < 1e-4 * std::max(1.0, logits.abs().max().item<double>()));
 }
 
 CATCH_TEST_CASE("a prompt and a prefix compose with LoRA through the site order: peft's prompt on the LoRA-merged model",

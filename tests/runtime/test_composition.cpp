@@ -377,9 +377,10 @@ CATCH_TEST_CASE("a gated prefix in GPT-2 and in T5's decoder: a gate of σ(b) is
 }
 
 // AdapterHub's prefix leaves the tokens' positions at 0..; transformers (and so peft's prefix
-// tuning, and Tessera) numbers them after the prefix's 30. The reference is AdapterHub's MAM
-// run with the positions numbered so: that convention is the one difference.
-CATCH_TEST_CASE("configs/hybrid/mam.toml is AdapterHub's MAMConfig: the same prefix and parallel adapter give its outputs on MiniLM, positions after the prefix", "[runtime][composition][minilm][parity]") {
+// tuning, and Tessera's default) numbers them after the prefix's 30. The configs say
+// shift_positions = false (SDK 2.8's positionless prefix), so the reference is AdapterHub's MAM
+// as it runs; the prefix alone, numbered after the prefix, would differ (checked below).
+CATCH_TEST_CASE("configs/hybrid/mam.toml is AdapterHub's MAMConfig: the same prefix and parallel adapter give its outputs on MiniLM, positions as AdapterHub numbers them", "[runtime][composition][minilm][parity]") {
   Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/mam.toml");
   check_methods(c, test::registry());
   auto model = test::load_minilm();
@@ -400,9 +401,19 @@ CATCH_TEST_CASE("configs/hybrid/mam.toml is AdapterHub's MAMConfig: the same pre
   stack[index_of(stack, "adapter")].call("load_state", [&](Method& m) { m.load_state(adapter); });
   TESSERA_CHECK_PARITY(test::parity(model->forward(base["input_ids"], base["attention_mask"]).hidden, test::adapters_reference(), "minilm_mam_prefix_only",
                                     base["attention_mask"]));
+  // peft's numbering (after the prefix) is another model: the check tells them apart.
+  for (auto& m : c.methods)
+    if (m.plugin == "prefix_tuning") m.params["shift_positions"] = true;
+  check_methods(c, test::registry());
+  auto shifted_model = test::load_minilm();
+  MethodStack shifted(test::registry(), c.methods, *shifted_model, c.model, c.groups);
+  shifted[index_of(shifted, "prefix")].call("load_state", [&](Method& m) { m.load_state(prefix); });
+  shifted[index_of(shifted, "adapter")].call("load_state", [&](Method& m) { m.load_state(adapter); });
+  CATCH_CHECK(test::max_abs_diff_tokens(shifted_model->forward(base["input_ids"], base["attention_mask"]).hidden,
+                                        test::adapters_reference()["minilm_mam_prefix_only"], base["attention_mask"]) > 1e-2);
 }
 
-CATCH_TEST_CASE("configs/hybrid/unipelt.toml is AdapterHub's UniPELTConfig: the same LoRA, prefix, adapter and gates give its outputs on MiniLM, each sample as alone", "[runtime][composition][minilm][parity]") {
+CATCH_TEST_CASE("configs/hybrid/unipelt.toml is AdapterHub's UniPELTConfig: the same LoRA, prefix, adapter and gates give its outputs on MiniLM, each sample as alone, positions as AdapterHub's", "[runtime][composition][minilm][parity]") {
   Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/unipelt.toml");
   check_methods(c, test::registry());
   auto model = test::load_minilm();

@@ -29,7 +29,7 @@ CATCH_TEST_CASE("bad plugins are refused with their reasons while good ones stil
   CATCH_CHECK_THAT(reason_for(reg, "no_entry"), Catch::Contains("no entry symbol 'tessera_plugin_entry'"));
   CATCH_CHECK_THAT(reason_for(reg, "probe-copy"), Catch::Contains("duplicate id 'probe'"));
   CATCH_CHECK(reg.refused().size() == 8);
-  CATCH_CHECK(reg.plugins().size() == 9);  // probe, probe-2.0 … probe-2.6 (the frozen headers), probe-target-2.0 (declares 2.0)
+  CATCH_CHECK(reg.plugins().size() == 10);  // probe, probe-2.0 … probe-2.7 (the frozen headers), probe-target-2.0 (declares 2.0)
   CATCH_REQUIRE(reg.find("probe-2.2") != nullptr);
   CATCH_CHECK(reg.find("probe-2.2")->abi_minor == 2);
   CATCH_REQUIRE(reg.find("probe-2.3") != nullptr);
@@ -40,6 +40,8 @@ CATCH_TEST_CASE("bad plugins are refused with their reasons while good ones stil
   CATCH_CHECK(reg.find("probe-2.5")->abi_minor == 5);
   CATCH_REQUIRE(reg.find("probe-2.6") != nullptr);
   CATCH_CHECK(reg.find("probe-2.6")->abi_minor == 6);
+  CATCH_REQUIRE(reg.find("probe-2.7") != nullptr);
+  CATCH_CHECK(reg.find("probe-2.7")->abi_minor == 7);
   CATCH_REQUIRE(reg.find("probe-2.1") != nullptr);
   CATCH_CHECK(reg.find("probe-2.1")->abi_minor == 1);
   CATCH_REQUIRE(reg.find("probe-target-2.0") != nullptr);
@@ -55,7 +57,7 @@ CATCH_TEST_CASE("extensions: tables fetched by id in both directions, checked by
     const char* kind;
   };
   auto model = test::load_minilm();
-  for (const char* id : {"probe", "probe-2.0", "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6"}) {
+  for (const char* id : {"probe", "probe-2.0", "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6", "probe-2.7"}) {
     auto p = test::registry().create(id, "ext");
     p->attach(*model, {"attn.q"}, apply_schema(test::registry().find(id)->params, {{"kind", std::string("output_scale")}}));
     const auto* ext = p->extension<ProbeExtension>("tessera.test.probe", 1);
@@ -77,7 +79,7 @@ CATCH_TEST_CASE("an intervention that throws in forward is named by plugin, inst
   auto ref = test::read_tensors(test::fixture("reference.safetensors"));
   at::NoGradGuard no_grad;
   const Tensor base = model->forward(ref["input_ids"], ref["attention_mask"]).hidden;
-  for (const char* id : {"probe", "probe-2.0", "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6"}) {
+  for (const char* id : {"probe", "probe-2.0", "probe-2.1", "probe-2.2", "probe-2.3", "probe-2.4", "probe-2.5", "probe-2.6", "probe-2.7"}) {
     auto bad = test::registry().create(id, "faulty");
     bad->attach(*model, {"layers.2.attn.q"}, apply_schema(test::registry().find(id)->params, {{"kind", std::string("throw_forward")}}));
     CATCH_CHECK_THROWS_WITH(model->forward(ref["input_ids"], ref["attention_mask"]),

@@ -73,6 +73,46 @@ CATCH_TEST_CASE("low_rank: value and the gradients of x, A and B equal autograd'
   }
 }
 
+CATCH_TEST_CASE("low_rank with rows: value and the gradients of x, A, B and the rows equal autograd's of s ((x Aᵀ) ∘ rows) Bᵀ (SDK 2.8)", "[sdk][low_rank]") {
+  at::manual_seed(5);
+  const auto f32 = test::options();
+  const std::int64_t in = 48, out = 80, r = 4;
+  const double s = 1.5;
+  // (B, T, in) with one weight per sample (a gate), per token, and (N, in) rows with (N, 1).
+  const std::vector<std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>>> shapes{
+      {{3, 7, in}, {3, 1, 1}}, {{3, 7, in}, {3, 7, 1}}, {{11, in}, {11, 1}}};
+  for (const auto& [xs, rs] : shapes) {
+    CATCH_INFO("x " << c10::str(at::IntArrayRef(xs)) << ", rows " << c10::str(at::IntArrayRef(rs)));
+    Tensor x = at::randn(xs, f32).requires_grad_(true);
+    Tensor A = (at::randn({r, in}, f32) * 0.2).requires_grad_(true), B = (at::randn({out, r}, f32) * 0.2).requires_grad_(true);
+    Tensor rows = at::rand(rs, f32).requires_grad_(true);
+    auto gshape = xs;
+    gshape.back() = out;
+    const Tensor g = at::randn(gshape, f32);
+    Tensor y = low_rank(x, A, B, s, rows);
+    torch::autograd::backward({y}, {g});
+    // The formula in float64 through autograd's own products.
+    Tensor x64 = x.detach().to(at::kDouble).requires_grad_(true), A64 = A.detach().to(at::kDouble).requires_grad_(true),
+           B64 = B.detach().to(at::kDouble).requires_grad_(true), r64 = rows.detach().to(at::kDouble).requires_grad_(true);
+    Tensor y64 = at::matmul(at::matmul(x64, A64.t()) * r64, B64.t()) * s;
+    torch::autograd::backward({y64}, {g.to(at::kDouble)});
+    auto close = [](const Tensor& a, const Tensor& b) { return max_abs_diff(a.to(at::kDouble), b) <= 1e-5 * std::max(1.0, scale(b)); };
+    CATCH_CHECK(y.sizes() == y64.sizes());
+    CATCH_CHECK(close(y, y64.detach()));
+    CATCH_CHECK(close(x.grad(), x64.grad()));
+    CATCH_CHECK(close(A.grad(), A64.grad()));
+    CATCH_CHECK(close(B.grad(), B64.grad()));
+    CATCH_CHECK(rows.grad().sizes() == rows.sizes());
+    CATCH_CHECK(close(rows.grad(), r64.grad()));
+    // Outside autograd the same values; undefined rows are low_rank without them.
+    at::NoGradGuard no_grad;
+    CATCH_CHECK(close(low_rank(x, A, B, s, rows), y64.detach()));
+    CATCH_CHECK(max_abs_diff(low_rank(x, A, B, s, Tensor()), low_rank(x, A, B, s)) == 0);
+  }
+  const Tensor x = at::randn({2, 3, in}), A = at::randn({r, in}), B = at::randn({out, r});
+  CATCH_CHECK_THROWS_WITH(low_rank(x, A, B, 1.0, at::ones({2, 3, 2})), Catch::Contains("not one weight per row"));
+}
+
 CATCH_TEST_CASE("low_rank: a bf16 x with float32 masters computes in bf16, and the masters' gradients arrive in float32", "[sdk][low_rank]") {
   at::manual_seed(4);
   const auto f32 = test::options();
@@ -226,4 +266,46 @@ CATCH_TEST_CASE("low_rank_group: a dropout below 0 or of 1 and more, and shapes 
   CATCH_CHECK_THROWS_WITH(low_rank_group(at::zeros({2, 5}, f32), f, 1.0, true), Catch::Contains("dropout must lie in [0, 1)"));
   f.push_back({at::zeros({4, 6}, f32), at::zeros({3, 4}, f32), 1.0});
   CATCH_CHECK_THROWS_WITH(low_rank_group(at::zeros({2, 5}, f32), f, 0.0, true), Catch::Contains("low_rank_group: x [2, 5], A [4, 6], B [3, 4] do not chain"));
+}
+
+CATCH_TEST_CASE("low_rank_group with rows: each update and every gradient, the rows' too, equal autograd's of s_i ((drop_i(x) A_iᵀ) ∘ rows_i) B_iᵀ (SDK 2.8)",
+                "[sdk][low_rank][dropout]") {
+  if (!test::device().is_cpu()) return;  // the masks are reproducible from the seed on the CPU path
+  at::manual_seed(8);
+  const std::int64_t in = 48;
+  for (const double p : {0.0, 0.25}) {
+    CATCH_INFO("dropout " << p);
+    auto ups = three_updates(in);
+    Tensor x = at::randn({3, 7, in}, test::options()).requires_grad_(true);
+    std::vector<Tensor> rows, g;
+    for (const auto& u : ups) {
+      rows.push_back(at::rand({3, 1, 1}, test::options()).requires_grad_(true));  // a gate per sample
+      g.push_back(at::randn({3, 7, u.B.size(0)}, test::options()));
+    }
+    at::manual_seed(80);
+    auto y = low_rank_group(x, factors_of(ups), p, true, rows);
+    torch::autograd::backward(y, g);
+    // The formula in float64, on the same draws (one dropout of 3 · x.numel() elements).
+    at::manual_seed(80);
+    const Tensor keep = p > 0 ? (tessera::dropout(at::ones({3, x.numel()}, test::options()), p, true) != 0) : Tensor();
+    const double c = p > 0 ? 1.0 / (1.0 - std::round(p * 32768) / 32768) : 1.0;
+    Tensor x64 = x.detach().to(at::kDouble).requires_grad_(true);
+    for (std::size_t i = 0; i < ups.size(); ++i) {
+      CATCH_INFO("update " << i);
+      Tensor A64 = ups[i].A.detach().to(at::kDouble).requires_grad_(true), B64 = ups[i].B.detach().to(at::kDouble).requires_grad_(true);
+      Tensor r64 = rows[i].detach().to(at::kDouble).requires_grad_(true);
+      const Tensor xi = keep.defined() ? x64 * keep[static_cast<std::int64_t>(i)].view(x.sizes()).to(at::kDouble) * c : x64;
+      Tensor y64 = at::matmul(at::matmul(xi, A64.t()) * r64, B64.t()) * ups[i].s;
+      torch::autograd::backward({y64}, {g[i].to(at::kDouble)});
+      auto close = [](const Tensor& a, const Tensor& b) { return max_abs_diff(a.to(at::kDouble), b) <= 1e-5 * std::max(1.0, scale(b)); };
+      CATCH_CHECK(close(y[i], y64.detach()));
+      CATCH_CHECK(close(ups[i].A.grad(), A64.grad()));
+      CATCH_CHECK(close(ups[i].B.grad(), B64.grad()));
+      CATCH_CHECK(rows[i].grad().sizes() == rows[i].sizes());
+      CATCH_CHECK(close(rows[i].grad(), r64.grad()));
+    }
+    CATCH_CHECK(max_abs_diff(x.grad().to(at::kDouble), x64.grad()) <= 1e-5 * std::max(1.0, scale(x64.grad())));
+  }
+  const Tensor x = at::randn({2, 48});
+  CATCH_CHECK_THROWS_WITH(low_rank_group(x, factors_of(three_updates(48)), 0.0, false, {at::ones({2, 1})}), Catch::Contains("1 row weights for 3 updates"));
 }

@@ -381,3 +381,61 @@ CATCH_TEST_CASE("a site that goes before its owner tells the owner", "[sdk][site
   CATCH_CHECK(o->site_count() == 0);
   o->remove_all();  // nothing left to touch
 }
+
+CATCH_TEST_CASE("a row-scaled branch gets the owner's per-row weight with α inside, or nothing and α outside (SDK 2.8)", "[sdk][sites]") {
+  at::manual_seed(6);
+  ParameterSiteImpl w("w", "", at::randn({3, 4})), bias("b", "", at::randn({3}));
+  LinearSiteImpl lin("lin", "", &w, &bias);
+  const Tensor x = at::randn({2, 5, 4});
+  const Tensor base = lin.forward(x);
+  auto o = OwnerImpl::create("test", "o");
+  std::vector<Tensor> seen;  // the rows each call was handed
+  lin.add_row_scaled_branch(*o, [&](const Tensor& in, const Tensor& rows) {
+    seen.push_back(rows);
+    const Tensor f = in.narrow(-1, 0, 3) * 2;  // f(x)
+    return rows.defined() ? f * rows : f;
+  });
+  CATCH_CHECK(lin.has_interventions());
+  CATCH_CHECK(static_cast<const SiteCore&>(lin).kinds(*o) == std::vector<std::string>{"a branch"});
+  // No factor: rows undefined, the host applies α to f(x).
+  o->set_scale(0.5);
+  CATCH_CHECK_FALSE(lin.row_weights(*o, x).defined());
+  CATCH_CHECK(max_abs_diff(lin.forward(x), base + 0.5 * 2 * x.narrow(-1, 0, 3)) < 1e-6);
+  CATCH_REQUIRE(seen.size() == 1);
+  CATCH_CHECK_FALSE(seen[0].defined());
+  // A per-sample factor: rows = α · f_b, (B, 1, 1), and the host adds what the branch returns.
+  const Tensor f = at::tensor({0.25f, 2.f});
+  o->set_factors({std::make_shared<KnownFactor>(f, 0.5)});
+  const Tensor got = lin.forward(x);
+  CATCH_REQUIRE(seen.size() == 2);
+  CATCH_CHECK(seen[1].sizes() == at::IntArrayRef({2, 1, 1}));
+  CATCH_CHECK(max_abs_diff(seen[1].reshape({-1}), 0.5 * f) < 1e-7);
+  CATCH_CHECK(max_abs_diff(lin.row_weights(*o, x), seen[1]) == 0);  // what a grouped branch reads ahead of the call
+  for (std::int64_t s = 0; s < 2; ++s) CATCH_CHECK(max_abs_diff(got[s], base[s] + 0.5 * f[s].item<double>() * 2 * x[s].narrow(-1, 0, 3)) < 1e-6);
+  o->set_enabled(false);
+  CATCH_CHECK(max_abs_diff(lin.forward(x), base) == 0);
+  o->set_enabled(true);
+  lin.remove(*o);
+  CATCH_CHECK_FALSE(lin.has_interventions());
+}
+
+CATCH_TEST_CASE("attention site: positionless prefixes come first among the keys and are not counted as earlier tokens (SDK 2.8)", "[sdk][sites]") {
+  auto a = OwnerImpl::create("test", "a"), b = OwnerImpl::create("test", "b");
+  AttentionSiteImpl att("layers.0.attn", "", 1, 2);
+  att.add_prefix(*a, [](std::int64_t batch) { return std::make_pair(at::ones({batch, 1, 3, 2}), at::ones({batch, 1, 3, 2})); });
+  att.add_positionless_prefix(*b, [](std::int64_t batch) { return std::make_pair(at::full({batch, 1, 2, 2}, 7.0), at::full({batch, 1, 2, 2}, 7.0)); });
+  const auto kv = att.prefix(2);
+  CATCH_CHECK(kv.first.size(2) == 5);
+  CATCH_CHECK(max_abs_diff(kv.first.narrow(2, 0, 2), at::full({2, 1, 2, 2}, 7.0)) == 0);  // b's keys first
+  CATCH_CHECK(max_abs_diff(kv.first.narrow(2, 2, 3), at::ones({2, 1, 3, 2})) == 0);
+  CATCH_CHECK(att.positioned_prefix_length() == 3);
+  // Weighed in the same key order: a factor on b scales the first two keys.
+  b->set_factors({std::make_shared<KnownFactor>(at::tensor({0.5f, 0.f}), 1.0)});
+  const auto [k, v] = att.weigh_prefix(kv, at::randn({2, 4, 2}));
+  CATCH_CHECK(max_abs_diff(k.select(0, 0).narrow(1, 0, 2), at::full({1, 2, 2}, 3.5)) == 0);
+  CATCH_CHECK(max_abs_diff(k.narrow(2, 2, 3), at::ones({2, 1, 3, 2})) == 0);
+  a->set_enabled(false);
+  att.prefix(2);
+  CATCH_CHECK(att.positioned_prefix_length() == 0);
+  CATCH_CHECK(static_cast<const SiteCore&>(att).kinds(*b) == std::vector<std::string>{"a prefix"});
+}

@@ -9,7 +9,8 @@
 // d = kv heads × head dim (grouped-query models keep one prefix per key/value head), L the
 // layers PEFT counts. Each layer's keys and values get P more in front, at the attention
 // site: the host extends the masks and numbers the tokens after the prefix, as transformers
-// does for past key values; in generation the KV cache holds the prefix once.
+// does for past key values (shift_positions = false: from 0, as AdapterHub's prefix; SDK 2.8's
+// positionless prefix); in generation the KV cache holds the prefix once.
 // T5, as PEFT 0.21 lays it out: the decoder's self-attention only, decoder layer i reading
 // rows 4i mod 2L (keys) and 4i + 1 mod 2L (values) of the table of the L encoder layers.
 // Files, as PEFT's: `prompt_embeddings` = Z, (P, 2 L d); a loaded adapter uses Z directly.
@@ -38,6 +39,10 @@ class PrefixTuning final : public tessera::Method {
                       std::nullopt, {}});
     params.push_back({"encoder_hidden_size", ParamType::Int, std::int64_t{0}, "the projection's hidden size h; 0: d (kv heads × head dim)", 0.0,
                       65536.0, {}});
+    params.push_back({"shift_positions", ParamType::Bool, true,
+                      "true: the tokens are numbered after the prefix, as transformers numbers them after past key values (peft); false: from 0, "
+                      "as without it (AdapterHub's prefix tuning, MAM, UniPELT)",
+                      std::nullopt, std::nullopt, {}});
     params.push_back({"init_weights", ParamType::String, std::string(), "\"zero\": the prefix starts at 0 (the projection's last layer, or the table)",
                       std::nullopt, std::nullopt, {"", "zero"}});
     return {params};
@@ -68,6 +73,7 @@ class PrefixTuning final : public tessera::Method {
     P_ = ctx.params.integer("num_virtual_tokens");
     submodules_ = tessera::peft_prompt::submodules(ctx.params, info_);
     projection_ = ctx.params.flag("prefix_projection");
+    shift_ = ctx.params.flag("shift_positions");
     hidden_ = ctx.params.integer("encoder_hidden_size") > 0 ? ctx.params.integer("encoder_hidden_size") : d_;
     zero_ = ctx.params.text("init_weights") == "zero";
     const auto& o = info_.param_options;
@@ -90,12 +96,14 @@ class PrefixTuning final : public tessera::Method {
       // PEFT's rows of layer i: 2i, 2i + 1; on T5 (its key/value blocks doubled, the cross
       // halves dropped) 4i mod 2L, 4i + 1 mod 2L.
       const auto k_row = t5 ? (4 * I) % (2 * L_) : 2 * I, v_row = k_row + 1;
-      sites_[i]->add_prefix(ctx.owner, [this, i, k_row, v_row](std::int64_t B) {
+      tessera::KVPrefix prefix = [this, i, k_row, v_row](std::int64_t B) {
         // One evaluation per forward: the first layer's call computes Z for all of them.
         if (i == 0 || !current_.defined()) current_ = layout(rows());
         auto at_row = [&](std::int64_t r) { return current_.select(1, r).transpose(0, 1).unsqueeze(0).expand({B, heads_, P_, head_dim_}); };
         return std::make_pair(at_row(k_row), at_row(v_row));  // (B, heads, P, head_dim) each
-      });
+      };
+      if (shift_) sites_[i]->add_prefix(ctx.owner, std::move(prefix));
+      else sites_[i]->add_positionless_prefix(ctx.owner, std::move(prefix));
     }
   }
 
@@ -136,6 +144,7 @@ class PrefixTuning final : public tessera::Method {
     j["prefix_projection"] = projection_;
     j["encoder_hidden_size"] = hidden_;
     j["init_weights"] = zero_ ? nlohmann::json("zero") : nlohmann::json(nullptr);
+    if (!shift_) j["shift_positions"] = false;  // Tessera's key, written only where peft's numbering is not what it means
     return j.dump(2);
   }
 
@@ -152,7 +161,7 @@ class PrefixTuning final : public tessera::Method {
   tessera::ModelInfo info_;
   std::vector<tessera::AttentionSite*> sites_;
   std::int64_t L_ = 0, heads_ = 0, head_dim_ = 0, d_ = 0, P_ = 0, submodules_ = 1, hidden_ = 0;
-  bool projection_ = false, zero_ = false, direct_ = false;
+  bool projection_ = false, zero_ = false, direct_ = false, shift_ = true;
   Tensor table_;                 // E (P, 2L d) or E' (P, d), f32 master
   std::vector<Tensor> weights_;  // W1, b1, W2, b2 with a projection
   Tensor current_;               // this forward's Z, laid out: (P, 2L, heads, head_dim)

@@ -385,13 +385,21 @@ class Lora final : public tessera::Method {
       if (!a.A0.defined()) by_input[a.site->input_group()].push_back(&a);
     shared_.clear();
     for (auto& [_, members] : by_input) {
+      // Weighed per row (a gated or route group), each adapter takes its site's weight on its
+      // r-wide product, ((drop(x) Aᵀ) ∘ rows) s Bᵀ: the host hands it to each branch, and the
+      // group reads every member's at the first call (LinearSite::row_weights).
       auto shared = std::make_unique<tessera::SharedInput>(members.size(), [this, members = members](const Tensor& x) {
         std::vector<tessera::LowRankFactors> factors;
-        for (const auto* m : members) factors.push_back({m->A, m->B, m->scaling});
-        return tessera::low_rank_group(x, factors, dropout_, model_->training());  // x: (..., in) -> (..., out_i) each
+        std::vector<Tensor> rows;
+        for (const auto* m : members) {
+          factors.push_back({m->A, m->B, m->scaling});
+          if (Tensor r = m->site->row_weights(*owner_, x); r.defined()) rows.push_back(std::move(r));
+        }
+        if (!rows.empty() && rows.size() != members.size()) throw std::logic_error("LoRA: some sites of one input are weighed per row and some not");
+        return tessera::low_rank_group(x, factors, dropout_, model_->training(), rows);  // x: (..., in) -> (..., out_i) each
       });
       for (std::size_t i = 0; i < members.size(); ++i)
-        members[i]->site->add_branch(*owner_, [group = shared.get(), i](const Tensor& x) { return (*group)(i, x); });
+        members[i]->site->add_row_scaled_branch(*owner_, [group = shared.get(), i](const Tensor& x, const Tensor&) { return (*group)(i, x); });
       shared_.push_back(std::move(shared));
     }
   }

@@ -35,7 +35,7 @@
 #include <stdint.h>
 
 #define TESSERA_SDK_ABI_MAJOR 2
-#define TESSERA_SDK_ABI_MINOR 7
+#define TESSERA_SDK_ABI_MINOR 8
 
 /* The minor a plugin declares, and so the oldest 2.x host that loads it: this SDK's
  * unless the plugin defines TESSERA_TARGET_ABI_MINOR before its first include, in which

@@ -47,4 +47,20 @@ struct LowRankFactors {
 std::vector<at::Tensor> low_rank_group(const at::Tensor& x, const std::vector<LowRankFactors>& updates, double dropout, bool training);
 #endif
 
+#if TESSERA_TARGET_ABI_MINOR >= 8
+// Since SDK 2.8. y = s · ((x Aᵀ) ∘ rows) Bᵀ: the update with a weight per row of x applied to
+// its r-wide product — a gated group's gate inside LoRA (LinearSite::add_row_scaled_branch).
+// rows broadcasts against x's leading dimensions with a last size of 1 ((B, 1, 1) or (B, T, 1)
+// for x (B, T, in), (N, 1) for x (N, in)); its gradient is Σ_r ∂u ∘ u, r wide. Undefined rows:
+// low_rank(x, A, B, s).
+at::Tensor low_rank(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, double scaling, const at::Tensor& rows);
+
+// Since SDK 2.8. low_rank_group with a weight per row for each update, on its r-wide product:
+// y_i = s_i · ((drop_i(x) A_iᵀ) ∘ rows_i) B_iᵀ, each rows_i as low_rank's (LoRA's q, k and v in a
+// gated group: LinearSite::row_weights gives each site's). rows: one per update, or none (the
+// overload above). Throws std::invalid_argument for another count.
+std::vector<at::Tensor> low_rank_group(const at::Tensor& x, const std::vector<LowRankFactors>& updates, double dropout, bool training,
+                                       const std::vector<at::Tensor>& rows);
+#endif
+
 }  // namespace tessera

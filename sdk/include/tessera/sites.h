@@ -93,6 +93,10 @@ using TensorMap = std::function<Tensor(const Tensor&)>;   // x ↦ f(x)
 using PerBatch = std::function<Tensor(std::int64_t)>;     // batch size ↦ tensor
 using KVPrefix = std::function<std::pair<Tensor, Tensor>(std::int64_t)>;
 using HiddenTap = std::function<void(const Tensor&)>;
+#if TESSERA_TARGET_ABI_MINOR >= 8
+// (x, rows) ↦ rows ∘ f(x): a branch that takes the host's per-row weight inside; since SDK 2.8
+using RowScaledBranch = std::function<Tensor(const Tensor& x, const Tensor& rows)>;
+#endif
 #if TESSERA_TARGET_ABI_MINOR >= 1
 using KVFromInput = std::function<std::pair<Tensor, Tensor>(const Tensor&)>;  // since SDK 2.1
 #endif
@@ -179,6 +183,22 @@ class LinearSite : public SiteHandle {
   // tessera::low_rank_group.
   const std::string& input_group() const;
 #endif
+
+#if TESSERA_TARGET_ABI_MINOR >= 8
+  // Since SDK 2.8. A branch that applies the host's weight of each row itself: branch(x, rows)
+  // returns rows ∘ f(x), rows broadcasting over x's rows ((..., 1): a gated group's gate per
+  // sample, (B, 1, 1) or (N, 1), with the owner's α in it), and f(x) when rows is undefined (no
+  // group weighs the owner per row; the host applies α then, as for add_branch). The point is
+  // where: a low-rank branch scales its (..., r) product, ((x Aᵀ) ∘ rows) Bᵀ
+  // (tessera::low_rank's rows), so the gate's forward and backward touch r columns, not out,
+  // and the host keeps no (..., out) copy for the gate's gradient. Otherwise as add_branch.
+  void add_row_scaled_branch(const Owner& owner, RowScaledBranch branch);
+  // Since SDK 2.8. The rows this site hands `owner`'s row-scaled branches for input x, before it
+  // calls them (undefined: none). Branches of several sites that compute together (one input
+  // group, tessera::SharedInput) read each member's here at the first call:
+  // tessera::low_rank_group's rows.
+  Tensor row_weights(const Owner& owner, const Tensor& x) const;
+#endif
 };
 
 // A whole sub-layer (attention or MLP block) up to, not including, its residual add.
@@ -243,6 +263,16 @@ class AttentionSite : public SiteHandle {
   // grouped-query attention num_heads() (key/value heads, which prefixes are laid out in)
   // is smaller: query head h reads key/value head h / (num_query_heads() / num_heads()).
   std::int64_t num_query_heads() const;
+#endif
+
+#if TESSERA_TARGET_ABI_MINOR >= 8
+  // Since SDK 2.8. As add_prefix, for keys that are not earlier tokens: the tokens' positions
+  // stay what they are without the prefix (0, 1, …; AdapterHub's prefix tuning, which puts its
+  // keys inside the attention). add_prefix's keys count as past tokens, so the positions start
+  // after them (transformers' past key values: how peft's prefix tuning reaches a model). T5's
+  // relative bias gives these keys no bias (AdapterHub's); add_prefix's have the distance of
+  // past tokens. Masks, weighing and removal are add_prefix's.
+  void add_positionless_prefix(const Owner& owner, KVPrefix prefix);
 #endif
 };
 

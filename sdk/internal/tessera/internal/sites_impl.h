@@ -87,6 +87,7 @@ struct Entry {
   std::shared_ptr<OwnerImpl> owner;
   Fn fn;
   bool token_wise = false;  // a sublayer module that maps each token on its own
+  bool positionless = false;  // a prefix whose keys are not earlier tokens (SDK 2.8)
   bool on() const { return owner->enabled(); }
   double alpha() const { return owner->scale(); }
 };
@@ -251,6 +252,7 @@ class LinearSiteImpl final : public LinearSite, public SiteCore {
   ParameterSite* bias_;
   Entries<TensorThunk> weight_deltas_, input_scales_, output_scales_;
   Entries<TensorMap> branches_, weight_transforms_;
+  Entries<RowScaledBranch> row_branches_;  // SDK 2.8: branches that take the per-row weight inside
 };
 
 class SublayerSiteImpl final : public SublayerSite, public SiteCore {
@@ -287,6 +289,10 @@ class AttentionSiteImpl final : public AttentionSite, public SiteCore {
   AttentionSiteImpl(std::string name, std::string hf_path, std::int64_t num_heads, std::int64_t head_dim, std::int64_t query_heads = 0);
   // Concatenated input-free prefixes for a batch: (B, heads, P, head_dim) each; undefined when none.
   std::pair<Tensor, Tensor> prefix(std::int64_t batch) const;
+  // How many keys of the last prefix(batch) count as earlier tokens (add_prefix's); the rest
+  // (add_positionless_prefix's, SDK 2.8) leave the tokens' positions alone. They come first:
+  // [positionless ; positioned], so a relative bias reads the positioned ones as the nearest past.
+  std::int64_t positioned_prefix_length() const;
   // The input prefixes' total declared length, and their (K, V) for the attention input x
   // (B, T, H): (B, heads, P_in, head_dim) each, undefined when none.
   std::int64_t input_prefix_length() const;
