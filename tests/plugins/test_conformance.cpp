@@ -77,6 +77,7 @@ const std::vector<Row>& table() {
       {"adamix_lora", {}, {{"num_experts", std::int64_t{1}}, {"lora_dropout", 0.0}}, {}},
       {"propetl", {}, {{"keep", 0.5}}, {}},  // one prototype, a mask per layer from its scores
       {"propetl_lora", {}, {{"r", std::int64_t{4}}, {"keep", 0.5}}, {}},  // a prototype per module (q, v), masks per layer
+      {"propetl_prefix", {}, {{"num_virtual_tokens", std::int64_t{3}}, {"encoder_hidden_size", std::int64_t{8}}, {"keep", 0.5}}, {}},  // one prototype prefix, a mask per layer; T5: both stacks
       {"lst", {}, {{"reduction_factor", std::int64_t{4}}, {"dropout", 0.0}}, {"bert", "gpt2", "llama", "t5"}},  // side blocks: BERT, pre-norm decoders, T5 (both stacks)
       {"coda", {}, {{"k", 0.5}}, {"bert", "t5"}},  // encoder layers (T5: its encoder)
       {"prompt_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},  // T5: the encoder's input
@@ -84,6 +85,7 @@ const std::vector<Row>& table() {
       {"p_tuning", {}, {{"num_virtual_tokens", std::int64_t{2}}, {"encoder_reparameterization_type", std::string("LSTM")}}, {}},
       {"prefix_tuning", {}, {{"num_virtual_tokens", std::int64_t{3}}}, {}},  // T5: the decoder's self-attention, as peft
       {"prefix_tuning", {}, {{"num_virtual_tokens", std::int64_t{2}}, {"prefix_projection", true}}, {}},
+      {"prefix_tuning", {}, {{"num_virtual_tokens", std::int64_t{2}}, {"shift_positions", false}}, {}},  // positionless (SDK 2.8): AdapterHub's numbering
       {"bitfit", {}, {}, {"bert", "gpt2"}},  // the families with biases
       // Every tensor of the layers: `embeddings = false` also leaves out a decoder's separate LM head,
       // which the table's hidden-state loss does not reach (the tables train in tests/plugins/test_partial.cpp).

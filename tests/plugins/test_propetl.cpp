@@ -184,3 +184,79 @@ CATCH_TEST_CASE("ProPETL-LoRA starts at the base model, keeps the asked share pe
   auto q = test::registry().create("propetl_lora", "q");
   CATCH_CHECK_THROWS_WITH(q->attach(*model, {"mlp.gate"}, apply_schema(test::registry().find("propetl_lora")->params, {})), Catch::Contains("matches the targets"));
 }
+
+// ProPETL over prefixes (the `propetl_prefix` plugin) against its equations: layer l's keys and
+// values are Z ⊙ M_l, Z = W2 tanh(E W1ᵀ + b1) + b2 computed here in plain torch — the output of
+// the `prefix_tuning` plugin (itself equal to peft's, and with shift_positions = false to
+// AdapterHub's MAM) given that table — and the gradients are the straight-through ones:
+// ∂L/∂S_l = ∂L/∂Z_l ⊙ Z ⊙ sign(S_l), and the prototype's through Z from Σ_l ∂L/∂Z_l ⊙ M_l.
+CATCH_TEST_CASE("ProPETL's prefix: every layer's keys and values are the shared prototype masked by the top of its scores, with straight-through gradients",
+                "[plugins][propetl][prompts][minilm]") {
+  auto& base = test::cached_tensors(test::fixture("reference.safetensors"));
+  const auto &ids = base["input_ids"], &mask = base["attention_mask"], &dir = base["grad.direction"];
+  auto model = test::load_minilm();
+  const double keep = 0.3;
+  const std::int64_t P = 5, L = 6, d = 384;
+  auto p = test::registry().create("propetl_prefix", "p");
+  p->attach(*model, {}, apply_schema(test::registry().find("propetl_prefix")->params, {{"keep", keep}, {"num_virtual_tokens", P}, {"encoder_hidden_size", std::int64_t{16}}}));
+  at::manual_seed(14);
+  NamedTensors w;
+  for (const auto& [k, t] : p->call("state", [](Method& m) { return m.state(); })) w[k] = at::randn_like(t) * 0.3;
+  CATCH_CHECK(w.size() == 5 + 6);  // the prototype's five tensors, a score tensor per layer
+  p->call("load_state", [&](Method& m) { m.load_state(w); });
+  auto loss = [&] { return (model->forward(ids, mask).hidden * dir * mask.unsqueeze(-1).to(dir.dtype())).sum(); };
+  const Tensor ours = loss();
+  ours.backward();
+  const auto trained = p->call("trainable", [](Method& m) { return m.trainable(); });
+  p->detach(*model);
+
+  // The table prefix_tuning reads: row p = [K_0 | V_0 | K_1 | V_1 | …], layer l's block Z ⊙ M_l.
+  NamedTensors proto;
+  for (const char* k : {"prefix.wte.weight", "prefix.control_trans.0.weight", "prefix.control_trans.0.bias", "prefix.control_trans.2.weight", "prefix.control_trans.2.bias"})
+    proto[k] = w.at(k).clone().requires_grad_(true);
+  const Tensor Z = at::linear(at::tanh(at::linear(proto["prefix.wte.weight"], proto["prefix.control_trans.0.weight"], proto["prefix.control_trans.0.bias"])),
+                              proto["prefix.control_trans.2.weight"], proto["prefix.control_trans.2.bias"]);  // (P, 2d)
+  std::vector<Tensor> masks, blocks;
+  for (std::int64_t l = 0; l < L; ++l) {
+    masks.push_back(top_mask(w.at("prefix.encoder.layer." + std::to_string(l) + ".attention.self.mask_scores"), keep));
+    blocks.push_back(Z.detach() * masks.back());
+  }
+  auto d_inst = test::registry().create("prefix_tuning", "d");
+  d_inst->attach(*model, {}, apply_schema(test::registry().find("prefix_tuning")->params, {{"num_virtual_tokens", P}, {"shift_positions", false}}));
+  d_inst->call("load_state", [&](Method& m) { m.load_state({{"prompt_embeddings", at::cat(blocks, 1)}}); });
+  const Tensor theirs = loss();
+  CATCH_CHECK(std::abs(ours.item<double>() - theirs.item<double>()) < 1e-4 * std::abs(theirs.item<double>()));
+  theirs.backward();
+  const Tensor G = d_inst->call("trainable", [](Method& m) { return m.trainable(); }).begin()->second.grad();  // ∂L/∂table (P, L·2d)
+  CATCH_REQUIRE(G.sizes() == at::IntArrayRef({P, L * 2 * d}));
+  Tensor to_z = at::zeros_like(Z);
+  for (std::int64_t l = 0; l < L; ++l) {
+    const std::string scores = "prefix.encoder.layer." + std::to_string(l) + ".attention.self.mask_scores";
+    const Tensor Gl = G.narrow(1, l * 2 * d, 2 * d);
+    const Tensor expected = Gl * Z.detach() * w.at(scores).sign();
+    CATCH_INFO(scores);
+    CATCH_CHECK((trained.at(scores).grad() - expected).abs().max().item<double>() < 1e-4 * expected.abs().max().item<double>());
+    to_z += Gl * masks[static_cast<std::size_t>(l)];
+  }
+  Z.backward(to_z);  // the prototype's gradients through the MLP, by autograd
+  for (const auto& [k, t] : proto) {
+    CATCH_INFO(k);
+    CATCH_CHECK((trained.at(k).grad() - t.grad()).abs().max().item<double>() < 1e-4 * t.grad().abs().max().item<double>());
+  }
+  d_inst->detach(*model);
+}
+
+CATCH_TEST_CASE("ProPETL's prefix keeps the asked share per layer, runs on decoders and T5's stacks, and refuses targets", "[plugins][propetl][prompts]") {
+  auto model = test::load_minilm();
+  auto p = test::registry().create("propetl_prefix", "p");
+  p->attach(*model, {}, apply_schema(test::registry().find("propetl_prefix")->params, {}));
+  const auto s = p->call("state", [](Method& m) { return m.state(); });
+  CATCH_CHECK(s.at("prefix.wte.weight").sizes() == at::IntArrayRef({64, 384}));
+  CATCH_CHECK(s.at("prefix.control_trans.2.weight").sizes() == at::IntArrayRef({768, 512}));
+  CATCH_CHECK(top_mask(s.at("prefix.encoder.layer.5.attention.self.mask_scores"), 0.1).sum().item<double>() == 64 * 768 - std::floor(0.9 * 64 * 768));
+  const auto cfg = nlohmann::json::parse(p->call("cfg", [](Method& m) { return m.adapter_config_json(); }));
+  CATCH_CHECK(cfg["tessera"]["propetl_prefix"]["shift_positions"] == false);
+  p->detach(*model);
+  auto q = test::registry().create("propetl_prefix", "q");
+  CATCH_CHECK_THROWS_WITH(q->attach(*model, {"attn.q"}, apply_schema(test::registry().find("propetl_prefix")->params, {})), Catch::Contains("no targets"));
+}

@@ -10,6 +10,7 @@
 //
 // The placement and wiring are AdapterHub's (../../additive/adapterhub_bn.h).
 #include "../../additive/adapterhub_bn.h"
+#include "../propetl_mask.h"
 
 #include <tessera/plugin.h>
 
@@ -58,35 +59,16 @@ class ProPETL final : public tessera::adapterhub_bn::Wiring {
   }
 
   // A layer's own tensors: the mask scores of one projection, (out, in) as its weight, each layer
-  // drawn on its own. The authors draw S ~ U(±1/√in) (Kaiming-uniform) and train it at ratio
-  // times the prototype's rate; a mask reads only the ranking of |S|, so this plugin keeps
-  // u = S / ratio instead, drawn U(±1/(ratio·√in)), at the run's rate: Adam's steps of about lr
-  // in u are steps of ratio · lr in S.
+  // drawn on its own, u = S / ratio as ../propetl_mask.h draws it.
   NamedTensors make(std::int64_t in, std::int64_t out, const std::string&) override {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    Tensor u = at::empty({out, in}, model_->info().param_options);
-    {
-      at::NoGradGuard no_grad;
-      u.uniform_(-bound / ratio_, bound / ratio_);
-    }
-    return {{"mask_scores", u.set_requires_grad(true)}};
+    return {{"mask_scores", tessera::propetl::draw_scores({out, in}, static_cast<double>(in), ratio_, model_->info().param_options)}};
   }
 
   // y = x (W ⊙ M)ᵀ + b with M the top-k of |S|, passed straight through to S.
   tessera::adapterhub_bn::Projection project(const NamedTensors& own, const std::string& position, c10::ScalarType dtype) const override {
     const Tensor u = own.at("mask_scores"), w = prototype_.at("adapter_" + position + ".weight"), b = prototype_.at("adapter_" + position + ".bias");
     const double keep = keep_;
-    return [=](const Tensor& x) {
-      const Tensor magnitude = u.abs();
-      const auto k = std::max<std::int64_t>(1, magnitude.numel() - static_cast<std::int64_t>(std::floor((1.0 - keep) * static_cast<double>(magnitude.numel()))));
-      Tensor hard;
-      {
-        at::NoGradGuard no_grad;
-        hard = at::zeros({magnitude.numel()}, magnitude.options()).index_fill_(0, std::get<1>(magnitude.flatten().topk(k)), 1.0).view(magnitude.sizes());
-      }
-      const Tensor mask = hard + (magnitude - magnitude.detach());  // value M exactly, gradient of |S|
-      return at::linear(x, (w * mask).to(dtype), b.to(dtype));
-    };
+    return [=](const Tensor& x) { return at::linear(x, (w * tessera::propetl::topk_mask(u, keep)).to(dtype), b.to(dtype)); };
   }
 
   NamedTensors shared() const override { return prototype_; }

@@ -8,6 +8,8 @@
 //   site l of module m:  y = W x + b + s · (B_m ⊙ M_B,l)(A_m ⊙ M_A,l) drop(x),   s = lora_alpha / r
 //   M = 1 on the k largest |S| of its matrix,  k = n − ⌊(1 − keep)·n⌋
 //   backward:  ∂L/∂S_l = ∂L/∂(A ⊙ M_l) ⊙ A ⊙ sign(S_l)   (M passed straight through; B likewise)
+#include "../propetl_mask.h"
+
 #include <tessera/dropout.h>
 #include <tessera/low_rank.h>
 #include <tessera/plugin.h>
@@ -74,14 +76,12 @@ class ProPETLLoRA final : public tessera::Method {
         throw std::runtime_error("linear site " + s->name() + " is (" + std::to_string(s->out_features()) + ", " + std::to_string(s->in_features()) +
                                  "), not the shape of the other '" + module + "' sites that share its prototype");
       }
-      // The authors draw S with nn.Linear's Kaiming-uniform, U(±1/√fan_in), and train it `ratio`
-      // times faster than the prototype; a mask reads only the ranking of |S|, so this keeps
-      // u = S / ratio, drawn U(±1/(ratio·√fan_in)), at the run's rate (as the adapter form).
-      layers_.push_back({s, module, uniform({r_, s->in_features()}, 1.0 / (ratio_ * std::sqrt(static_cast<double>(s->in_features()))), opts),
-                         uniform({s->out_features(), r_}, 1.0 / (ratio_ * std::sqrt(static_cast<double>(r_))), opts), {}});
+      // u = S / ratio as ../propetl_mask.h draws it (the authors' Kaiming-uniform S).
+      Tensor score_a = tessera::propetl::draw_scores({r_, s->in_features()}, static_cast<double>(s->in_features()), ratio_, opts);
+      Tensor score_b = tessera::propetl::draw_scores({s->out_features(), r_}, static_cast<double>(r_), ratio_, opts);
+      layers_.push_back({s, module, score_a, score_b, {}});
     }
     for (auto& [_, p] : prototypes_) p.A.set_requires_grad(true), p.B.set_requires_grad(true);
-    for (auto& l : layers_) l.score_a.set_requires_grad(true), l.score_b.set_requires_grad(true);
     install();
   }
 
@@ -134,22 +134,10 @@ class ProPETLLoRA final : public tessera::Method {
 
   static Tensor uniform(at::IntArrayRef shape, double bound, const at::TensorOptions& opts) { return at::empty(shape, opts).uniform_(-bound, bound); }
 
-  // 0/1 on the k largest |u|, with the gradient of |u| passed straight through.
-  Tensor mask(const Tensor& u) const {
-    const Tensor magnitude = u.abs();
-    const auto n = magnitude.numel(), k = std::max<std::int64_t>(1, n - static_cast<std::int64_t>(std::floor((1.0 - keep_) * static_cast<double>(n))));
-    Tensor hard;
-    {
-      at::NoGradGuard no_grad;
-      hard = at::zeros({n}, magnitude.options()).index_fill_(0, std::get<1>(magnitude.flatten().topk(k)), 1.0).view(magnitude.sizes());
-    }
-    return hard + (magnitude - magnitude.detach());  // exactly 0/1 (the bracket: 1 + m − m would round)
-  }
-
   // The site's A ⊙ M_A and B ⊙ M_B.
   std::pair<Tensor, Tensor> masked(const Layer& l) const {
     const auto& p = prototypes_.at(l.module);
-    return {p.A * mask(l.score_a), p.B * mask(l.score_b)};
+    return {p.A * tessera::propetl::topk_mask(l.score_a, keep_), p.B * tessera::propetl::topk_mask(l.score_b, keep_)};
   }
 
   void install() {
