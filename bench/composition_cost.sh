@@ -2,14 +2,15 @@
 # What the composition engine costs in training: the quickstart's LoRA (six projections, r 8,
 # bench/lora_config.sh's batches) alone and as the one member of a stack and of a gated group;
 # then two such LoRAs without a group, in a parallel group, averaged (weights 1 and 3) and
-# gated. Same data, batch, length, threads and steps for all, one run each, in one run of
-# this script; prints training examples/s and peak RSS, and each as a ratio to its baseline.
+# gated. Same data, batch, length, threads and steps for all, ROUNDS alternating rounds
+# (bench/train_rounds.sh); prints the median training examples/s and peak RSS, and each as a
+# ratio to its baseline.
 # padding max_length pads every batch to 64 tokens (the unpadded layout then drops many);
 # longest pads each to its longest sentence.
-#   bash bench/composition_cost.sh [steps] [max_length|longest]
+#   bash bench/composition_cost.sh [steps] [max_length|longest] [rounds]
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-steps=${1:-20} padding=${2:-max_length}
+steps=${1:-20} padding=${2:-max_length} rounds=${3:-3}
 bash "$root/scripts/build" >/dev/null
 source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
 py=$TESSERA_VENV/bin/python
@@ -24,16 +25,16 @@ printf '%s\n%s\n' "$one" "$second" >"$work/2-alone.toml"
 printf '%s\n%s\n%s\n' "$one" "$second" "$(group parallel '"a", "b"')" >"$work/2-parallel.toml"
 printf '%s\n%s\n%s\n' "$one" "$second" "$(group average '"a", "b"' 'weights = [1.0, 3.0]')" >"$work/2-average.toml"
 printf '%s\n%s\n%s\n' "$one" "$second" "$(group gated '"a", "b"')" >"$work/2-gated.toml"
-bash "$root/bench/train_each.sh" "$work"
-$py - "$work" <<'PY'
-import json, pathlib, sys
-w = pathlib.Path(sys.argv[1])
-last = lambda p: json.loads([l for l in p.read_text().splitlines() if l.startswith("{")][-1])
-rows = {e.stem: (json.loads((w / e.stem / "result.json").read_text())["examples_per_s"], last(e)["peak_rss_mib"]) for e in sorted(w.glob("*.err"))}
-print("| run | examples/s | peak RSS MiB | examples/s vs its baseline | peak RSS vs its baseline |")
-print("|---|---|---|---|---|")
-for name, (eps, rss) in rows.items():
-    base = rows[name.split("-")[0] + "-alone"]
-    print(f"| {name} | {eps:.1f} | {rss:.0f} | {eps / base[0]:.2f}x | {rss / base[1]:.2f}x |")
+bash "$root/bench/train_rounds.sh" "$work" "$rounds"
+PYTHONPATH="$root/bench" $py - "$work" "$rounds" <<'PY'
+import sys
+from rounds import rounds
+r = rounds(sys.argv[1], int(sys.argv[2]))
+print("| run | examples/s (median) | runs | peak RSS MiB | examples/s vs its baseline | peak RSS vs its baseline |")
+print("|---|---|---|---|---|---|")
+for name, v in r.items():
+    base = r[name.split("-")[0] + "-alone"]
+    print(f"| {name} | {v['median_eps']:.1f} | {' '.join(f'{x:.1f}' for x in v['eps'])} | {v['rss']:.0f} | "
+          f"{v['median_eps'] / base['median_eps']:.2f}x | {v['rss'] / base['rss']:.2f}x |")
 PY
 rm -rf "$work"

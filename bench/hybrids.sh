@@ -63,16 +63,16 @@ for name in names:
     if 'kind = "gated"' in group:  # no gates at all: the group's and the adapter's own off
         (work / f"{name}-ungated.toml").write_text(text.replace('kind = "gated"', 'kind = "parallel"').replace("use_gating = true", "use_gating = false"))
 PY
-bash "$root/bench/train_each.sh" "$work"
-$py - "$work" <<'PY'
+bash "$root/bench/train_rounds.sh" "$work" 1
+PYTHONPATH="$root/bench" $py - "$work" <<'PY'
 import json, pathlib, sys
+from rounds import rounds
 w = pathlib.Path(sys.argv[1])
-last = lambda p: json.loads([l for l in p.read_text().splitlines() if l.startswith("{")][-1])
 print(f"| run | test accuracy | trainable | share of the base | examples/s | peak RSS MiB |")
 print("|---|---|---|---|---|---|")
-for err in sorted(w.glob("*.err")):
-    r = json.loads((w / err.stem / "result.json").read_text())
+for name, v in rounds(w, 1).items():
+    r = json.loads((w / f"{name}-1" / "result.json").read_text())
     share = 100 * r["trainable_parameters"] / r["base_parameters"]
-    print(f"| {err.stem} | {100 * r['test_accuracy']:.2f}% | {r['trainable_parameters']} | {share:.2f}% | {r['examples_per_s']:.1f} | {last(err)['peak_rss_mib']:.0f} |")
+    print(f"| {name} | {100 * r['test_accuracy']:.2f}% | {r['trainable_parameters']} | {share:.2f}% | {v['median_eps']:.1f} | {v['rss']:.0f} |")
 PY
 rm -rf "$work"
