@@ -18,7 +18,10 @@ std::int64_t GateBank::add(const std::string& input, at::Tensor weight, at::Tens
 at::Tensor GateBank::gate(const std::string& input, std::int64_t column, const at::Tensor& x) const {
   const Input& in = inputs_.at(input);
   const bool grad = at::GradMode::is_enabled();
-  const bool same = in.x_impl == x.unsafeGetTensorImpl() && !in.x.expired() && in.grad == grad && in.gates.defined();
+  std::int64_t versions = static_cast<std::int64_t>(x._version());
+  for (const auto& w : in.weights) versions += static_cast<std::int64_t>(w._version());
+  for (const auto& b : in.biases) versions += static_cast<std::int64_t>(b._version());
+  const bool same = in.x_impl == x.unsafeGetTensorImpl() && !in.x.expired() && in.grad == grad && in.versions == versions && in.gates.defined();
   if (!same) {
     const auto dtype = x.scalar_type();
     const at::Tensor w = in.weights.size() == 1 ? in.weights[0] : at::cat(in.weights, 0);  // (K, F)
@@ -27,6 +30,7 @@ at::Tensor GateBank::gate(const std::string& input, std::int64_t column, const a
     in.x = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(x.getIntrusivePtr());
     in.x_impl = x.unsafeGetTensorImpl();
     in.grad = grad;
+    in.versions = versions;
   }
   return in.gates.narrow(-1, column, 1);
 }

@@ -25,7 +25,9 @@ class GateBank {
   // input group); its column in that input's gates.
   std::int64_t add(const std::string& input, at::Tensor weight, at::Tensor bias);
   // Gate `column` of `input`'s gates for x (B, T, F) or (N, F), the real tokens' rows:
-  // (B, 1, 1) or (N, 1). Computed once per x: later calls with the same tensor read it back.
+  // (B, 1, 1) or (N, 1). Computed once per x: later calls with the same tensor, unchanged, and
+  // the same gate tensors, unchanged, read it back. Not thread-safe: one forward pass at a time,
+  // as the forward context it reads.
   at::Tensor gate(const std::string& input, std::int64_t column, const at::Tensor& x) const;
 
  private:
@@ -36,6 +38,7 @@ class GateBank {
     mutable c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> x{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
     mutable const c10::TensorImpl* x_impl = nullptr;
     mutable bool grad = false;
+    mutable std::int64_t versions = -1;  // x's and the gates' tensors' version counters, summed: an in-place change recomputes
     mutable at::Tensor gates;  // (B, 1, K) or (N, K)
   };
   const ModelView& model_;

@@ -29,6 +29,13 @@ at::Tensor per_row(const at::Tensor& rows, const at::Tensor& x) {
   return rows.to(x.scalar_type()).expand(with_last(x, 1)).reshape({-1, 1});
 }
 
+// Σ_r ∂(u ∘ rows) ∘ u for each row, (n, 1): the rows' gradient, summed in float32 at least
+// (a bf16 sum over r would round).
+at::Tensor row_sums(const at::Tensor& gv, const at::Tensor& u) {
+  const auto acc = at::promote_types(u.scalar_type(), at::kFloat);
+  return (gv.to(acc) * u.to(acc)).sum(1, true);
+}
+
 struct LowRank : torch::autograd::Function<LowRank> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, double s) {
     const at::Tensor x2 = x.reshape({-1, x.size(-1)});         // (n, in)
@@ -90,7 +97,7 @@ struct LowRankRows : torch::autograd::Function<LowRankRows> {
     const at::Tensor gv = dense_linear(g, sB.t());                // (n, r): ∂(u ∘ rows)
     at::Tensor grows;
     if (ctx->needs_input_grad(3))  // the tensor inputs' 4th: Σ_r ∂(u ∘ rows) ∘ u, r wide where a weight on y would read out
-      grows = (gv * u).sum(1, true).view(with_last(grad_out[0], 1)).sum_to_size(ctx->saved_data["rows_sizes"].toIntVector())
+      grows = row_sums(gv, u).view(with_last(grad_out[0], 1)).sum_to_size(ctx->saved_data["rows_sizes"].toIntVector())
                   .to(static_cast<at::ScalarType>(ctx->saved_data["rows_dtype"].toInt()));
     auto [gx, gA, gB] = LowRank::factor_grads(ctx, grad_out[0], g, gv * r2, u * r2, x2, Ax);
     return {gx, gA, gB, at::Tensor(), grows};
@@ -196,7 +203,7 @@ struct LowRankGroup : torch::autograd::Function<LowRankGroup> {
         shape.back() = 1;
         const at::Tensor r2 = rows.to(u(i).scalar_type()).expand(shape).reshape({-1, 1});  // (n, 1)
         if (ctx->needs_input_grad(static_cast<std::size_t>(1 + 2 * m + i)))  // the rows' edge: Σ_r ∂(u ∘ rows) ∘ u, r wide
-          result[static_cast<std::size_t>(1 + 2 * m + 2 + i)] = (gi * u(i)).sum(1, true).view(shape).sum_to_size(rows.sizes()).to(rows.scalar_type());
+          result[static_cast<std::size_t>(1 + 2 * m + 2 + i)] = row_sums(gi, u(i)).view(shape).sum_to_size(rows.sizes()).to(rows.scalar_type());
         gi = gi * r2, met = met * r2;
       }
       gu[static_cast<std::size_t>(i)] = gi;

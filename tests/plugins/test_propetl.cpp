@@ -246,7 +246,7 @@ CATCH_TEST_CASE("ProPETL's prefix: every layer's keys and values are the shared 
   d_inst->detach(*model);
 }
 
-CATCH_TEST_CASE("ProPETL's prefix keeps the asked share per layer, runs on decoders and T5's stacks, and refuses targets", "[plugins][propetl][prompts]") {
+CATCH_TEST_CASE("ProPETL's prefix has the authors' shapes, keeps the asked share per layer, says its keys in its config, refuses targets", "[plugins][propetl][prompts]") {
   auto model = test::load_minilm();
   auto p = test::registry().create("propetl_prefix", "p");
   p->attach(*model, {}, apply_schema(test::registry().find("propetl_prefix")->params, {}));

@@ -109,6 +109,31 @@ CATCH_TEST_CASE("low_rank with rows: value and the gradients of x, A, B and the 
     CATCH_CHECK(close(low_rank(x, A, B, s, rows), y64.detach()));
     CATCH_CHECK(max_abs_diff(low_rank(x, A, B, s, Tensor()), low_rank(x, A, B, s)) == 0);
   }
+  {  // A frozen and rows without a gradient (a route mask): only x and B get theirs, and the right ones
+    Tensor x = at::randn({3, 7, in}, f32).requires_grad_(true), A = at::randn({r, in}, f32) * 0.2, B = (at::randn({out, r}, f32) * 0.2).requires_grad_(true);
+    const Tensor rows = at::rand({3, 1, 1}, f32), g = at::randn({3, 7, out}, f32);
+    torch::autograd::backward({low_rank(x, A, B, s, rows)}, {g});
+    Tensor x64 = x.detach().to(at::kDouble).requires_grad_(true), B64 = B.detach().to(at::kDouble).requires_grad_(true);
+    torch::autograd::backward({at::matmul(at::matmul(x64, A.to(at::kDouble).t()) * rows.to(at::kDouble), B64.t()) * s}, {g.to(at::kDouble)});
+    CATCH_CHECK(max_abs_diff(x.grad().to(at::kDouble), x64.grad()) <= 1e-5 * std::max(1.0, scale(x64.grad())));
+    CATCH_CHECK(max_abs_diff(B.grad().to(at::kDouble), B64.grad()) <= 1e-5 * std::max(1.0, scale(B64.grad())));
+  }
+  {  // a bf16 x with float32 masters and rows: the gradients arrive in float32, the rows' summed in float32
+    Tensor x = at::randn({3, 7, in}, f32).to(at::kBFloat16).requires_grad_(true);
+    Tensor A = (at::randn({r, in}, f32) * 0.2).requires_grad_(true), B = (at::randn({out, r}, f32) * 0.2).requires_grad_(true);
+    Tensor rows = at::rand({3, 1, 1}, f32).requires_grad_(true);
+    const Tensor g = at::randn({3, 7, out}, f32).to(at::kBFloat16);
+    Tensor y = low_rank(x, A, B, s, rows);
+    CATCH_CHECK(y.scalar_type() == at::kBFloat16);
+    torch::autograd::backward({y}, {g});
+    CATCH_CHECK(A.grad().scalar_type() == at::kFloat);
+    CATCH_CHECK(B.grad().scalar_type() == at::kFloat);
+    CATCH_CHECK(rows.grad().scalar_type() == at::kFloat);
+    Tensor r64 = rows.detach().to(at::kDouble).requires_grad_(true);
+    torch::autograd::backward({at::matmul(at::matmul(x.detach().to(at::kDouble), A.detach().to(at::kDouble).t()) * r64, B.detach().to(at::kDouble).t()) * s},
+                              {g.to(at::kDouble)});
+    CATCH_CHECK(max_abs_diff(rows.grad().to(at::kDouble), r64.grad()) <= 2e-2 * scale(r64.grad()));  // bf16 products: a percent or two
+  }
   const Tensor x = at::randn({2, 3, in}), A = at::randn({r, in}), B = at::randn({out, r});
   CATCH_CHECK_THROWS_WITH(low_rank(x, A, B, 1.0, at::ones({2, 3, 2})), Catch::Contains("not one weight per row"));
 }
