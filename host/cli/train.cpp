@@ -49,7 +49,7 @@ std::string report(const Config& c, const Session& s, const TrainResult& r) {
     << "| examples/s (evaluation) | " << r.eval_examples_per_s << " |\n";
   if (r.ranks > 1)
     o << "| data-parallel ranks | " << r.ranks << " (gradients all-reduced: " << r.allreduce_bytes_per_step << " bytes, "
-      << 1e3 * r.allreduce_seconds_per_step << " ms per step) |\n";
+      << 1e3 * r.allreduce_seconds_per_step << " ms per step outside backward; " << 100 * r.allreduce_overlapped << "% of the buckets started before it ended) |\n";
   return o.str();
 }
 
@@ -69,7 +69,8 @@ void write_results(const Config& config, const Session& s, const TrainResult& r,
                            {"peak_rss_mib", peak_rss_mib()}};
   if (r.ranks > 1)
     result["data_parallel"] = {{"ranks", r.ranks}, {"allreduce_bytes_per_step", r.allreduce_bytes_per_step},
-                               {"allreduce_seconds_per_step", r.allreduce_seconds_per_step}};
+                               {"allreduce_seconds_per_step", r.allreduce_seconds_per_step}, {"allreduce_overlapped", r.allreduce_overlapped},
+                               {"unused_tensors_per_step", r.unused_per_step}, {"graph_walk_seconds_per_step", r.graph_walk_seconds_per_step}};
   std::string line;
   const auto metrics = s.task().metrics(r.test);
   if (!metrics.empty()) result["metric"] = metrics.front().key;  // the task's headline metric

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <tuple>
+#include <unordered_set>
 
 namespace tessera {
 
@@ -40,13 +41,14 @@ struct Reducer {
   bool active = false;   // between begin and finish
   c10d::ProcessGroupGloo* group = nullptr;
   std::int64_t bytes = 0;
+  std::int64_t started_early = 0;  // buckets of this step started before finish_gradients()
 
   void arrive(std::size_t i) {
     std::lock_guard<std::mutex> lock(mutex);
     if (!active || arrived[i]) return;
     arrived[i] = true;
     --buckets[bucket_of[i]].pending;
-    while (next < buckets.size() && buckets[next].pending == 0) start(next++);
+    while (next < buckets.size() && buckets[next].pending == 0) start(next++), ++started_early;
   }
 
   void start(std::size_t b) {
@@ -80,6 +82,23 @@ class Arrived final : public torch::autograd::FunctionPostHook {
   Reducer* r_;
   std::size_t index_;
 };
+
+// The nodes a backward pass from `root` can reach, gradient accumulators included: a walk
+// of its graph (DDP's find_unused_parameters). A trainable tensor whose accumulator is not
+// among them gets no gradient this step, so its bucket need not wait for it.
+std::unordered_set<const torch::autograd::Node*> reachable(const at::Tensor& root) {
+  std::unordered_set<const torch::autograd::Node*> seen;
+  std::vector<torch::autograd::Node*> todo;
+  if (const auto& f = root.grad_fn()) todo.push_back(f.get());
+  while (!todo.empty()) {
+    torch::autograd::Node* n = todo.back();
+    todo.pop_back();
+    if (!seen.insert(n).second) continue;
+    for (const auto& e : n->next_edges())
+      if (e.function) todo.push_back(e.function.get());
+  }
+  return seen;
+}
 
 bool same_tensors(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
   if (a.size() != b.size()) return false;
@@ -188,18 +207,27 @@ DataParallel::DataParallel(std::int64_t rank, std::int64_t world, std::unique_pt
 DataParallel::~DataParallel() = default;
 
 void DataParallel::reduce_gradients(const std::vector<at::Tensor>& params, double weight) {
-  begin_gradients(params, weight);  // after backward: every bucket starts in finish_gradients()
+  begin_gradients(params, weight, at::Tensor());  // after backward: every bucket starts in finish_gradients()
   finish_gradients();
 }
 
-void DataParallel::begin_gradients(const std::vector<at::Tensor>& params, double weight) {
+void DataParallel::begin_gradients(const std::vector<at::Tensor>& params, double weight, const at::Tensor& loss) {
   impl_->prepare(params, bucket_cap_mib_);
   auto& r = impl_->reducer;
   r.weight = weight;
   r.arrived.assign(params.size(), false);
   for (auto& b : r.buckets) b.pending = b.members.size(), b.work.reset(), b.flat.clear();
   r.next = 0;
+  r.started_early = 0;
   r.active = true;
+  if (!loss.defined()) return;
+  // Tensors the loss does not reach (AdaMix's undrawn experts, a switched-off member) arrive
+  // now, with no gradient, so that the buckets after theirs start while backward runs.
+  const auto walk = std::chrono::steady_clock::now();
+  const auto reached = reachable(loss);
+  for (std::size_t j = 0; j < params.size(); ++j)
+    if (reached.count(r.accumulators[j].get()) == 0) r.arrive(j), ++traffic_.unused;
+  traffic_.walk_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - walk).count();
 }
 
 void DataParallel::finish_gradients() {
@@ -232,6 +260,8 @@ void DataParallel::finish_gradients() {
     b.flat.clear();
   }
   traffic_.bytes += r.bytes;
+  traffic_.buckets += static_cast<std::int64_t>(r.buckets.size());
+  traffic_.overlapped += r.started_early;
   r.bytes = 0;
   traffic_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   ++traffic_.reductions;

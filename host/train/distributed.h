@@ -39,11 +39,14 @@ class DataParallel {
   // dtype and device each; a bucket's all-reduce starts, on Gloo's threads, as soon as
   // every gradient in it has been accumulated — and only after every bucket before it, so
   // that every rank starts the same collectives in the same order. finish_gradients()
-  // starts those still waiting (a tensor that got no gradient this step), waits for all and
-  // writes the sums back. Only for a backward pass that accumulates each tensor's gradient
-  // once: recomputed layers (gradient checkpointing) run a backward pass of their own per
-  // layer, so a tensor used in two layers would be sent half-done; use reduce_gradients() there.
-  void begin_gradients(const std::vector<at::Tensor>& params, double weight);
+  // starts those still waiting, waits for all and writes the sums back. `loss` is what
+  // backward will start from: its graph is walked (DDP's find_unused_parameters) and a tensor
+  // it does not reach counts as arrived, without a gradient, at once — otherwise it would hold
+  // its bucket and every later one until backward ended. Only for a backward pass that
+  // accumulates each tensor's gradient once: recomputed layers (gradient checkpointing) run a
+  // backward pass of their own per layer, so a tensor used in two layers would be sent
+  // half-done; use reduce_gradients() there.
+  void begin_gradients(const std::vector<at::Tensor>& params, double weight, const at::Tensor& loss);
   void set_bucket_cap(double mib) { bucket_cap_mib_ = mib; }  // [train] bucket_cap_mb
   void finish_gradients();
   // Every rank's `t` (the same shape and dtype on each, a CPU tensor), in rank order.
@@ -56,9 +59,11 @@ class DataParallel {
   // buckets' size), the wall time a step spent on them outside the backward pass (all of it
   // for reduce_gradients(); for the overlapped form, what finish_gradients() waited), and how
   // many there were.
+  // Also: buckets reduced, and how many of them started before backward ended (the overlap);
+  // the tensors the graph walk found unused, summed over the steps, and the walk's time.
   struct Traffic {
-    std::int64_t bytes = 0, reductions = 0;
-    double seconds = 0;
+    std::int64_t bytes = 0, reductions = 0, buckets = 0, overlapped = 0, unused = 0;
+    double seconds = 0, walk_seconds = 0;
   };
   const Traffic& traffic() const { return traffic_; }
 

@@ -208,7 +208,7 @@ Tensor forward_backward(Session& s, const Batch* batch, Optimizer& opt, const Sh
       }
     }
     if (s.take_trainable_changed()) opt.refresh();  // before the reduction: it covers the tensors the update will
-    if (overlap) shard.dp->begin_gradients(opt.all(), shard.weight);
+    if (overlap) shard.dp->begin_gradients(opt.all(), shard.weight, loss);
     loss.backward();
   }
   if (s.take_trainable_changed()) opt.refresh();  // (methods change their set in extra_loss or after_backward, not during backward)
@@ -467,6 +467,9 @@ TrainResult train(Session& s, const std::string& run_dir, const TrainOptions& op
     result.ranks = dp->world();
     result.allreduce_bytes_per_step = t.bytes / t.reductions;
     result.allreduce_seconds_per_step = t.seconds / static_cast<double>(t.reductions);
+    result.allreduce_overlapped = t.buckets > 0 ? static_cast<double>(t.overlapped) / static_cast<double>(t.buckets) : 0.0;
+    result.unused_per_step = static_cast<double>(t.unused) / static_cast<double>(t.reductions);
+    result.graph_walk_seconds_per_step = t.walk_seconds / static_cast<double>(t.reductions);
   }
   return result;
 }

@@ -24,6 +24,9 @@ struct TrainResult {
   // sent into the all-reduce, seconds of it); 1 and 0 for one process.
   std::int64_t ranks = 1, allreduce_bytes_per_step = 0;
   double allreduce_seconds_per_step = 0;
+  // Of the buckets reduced, the share started before backward ended; the trainable tensors the
+  // loss did not reach, per step; the graph walk that found them, seconds per step.
+  double allreduce_overlapped = 0, unused_per_step = 0, graph_walk_seconds_per_step = 0;
 };
 
 // Sets libtorch's intra-op threads: `threads`, or every processor when 0 (libtorch may
