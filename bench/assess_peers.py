@@ -7,8 +7,11 @@ run's resolved config), measured as Tessera's runs are: the child's peak RSS (ru
 training examples/s, its test accuracy. Writes OUT/peers.json, one entry per setup (an
 "error" where no peer applies or the peer failed); a setup already there is not run again.
 
-The peer runner covers sequence classification on an encoder; composition groups, and the
-methods no peer library has, are listed with that reason."""
+Sequence classification on an encoder runs through bench/peer_hf_peft.py (peft's methods,
+AdapterHub's bottleneck presets, and AdapterHub's MAM and UniPELT for the composition groups that
+are those methods); a causal LM on a LLaMA-family decoder through bench/peer_lm_peft.py, its
+peft config built from the run's own method keys (Tessera's plugins that mirror peft take peft's
+key names). Other groups, and the methods no peer library has, are listed with the reason."""
 import json
 import os
 import pathlib
@@ -26,12 +29,25 @@ venv = os.environ.get("TESSERA_VENV", "")
 adapters_venv = os.environ.get("TESSERA_ADAPTERS_VENV", "")
 
 
+def adapterhub_group(cfg):
+    """'mam' or 'unipelt' when a config's methods are AdapterHub's MAMConfig or UniPELTConfig
+    (configs/hybrid/mam.toml, unipelt.toml), else None: a group the peer has no preset for."""
+    by = {m["plugin"]: m.get("params", {}) for m in cfg.get("methods", [])}
+    kinds = sorted(g.get("kind", "") for g in cfg.get("groups", []))
+    if kinds == ["parallel"] and set(by) == {"prefix_tuning", "bottleneck"} and by["bottleneck"].get("config") == "par_bn" and \
+            by["prefix_tuning"].get("num_virtual_tokens") == 30 and by["prefix_tuning"].get("encoder_hidden_size") == 800:
+        return "mam"  # prefix tuning (30, bottleneck 800) beside a parallel adapter
+    if kinds == ["gated"] and set(by) == {"lora", "prefix_tuning", "bottleneck"} and by["bottleneck"].get("use_gating") and \
+            by["lora"].get("r") == 8 and by["prefix_tuning"].get("num_virtual_tokens") == 10:
+        return "unipelt"  # gated LoRA r 8, prefix 10, sequential adapter
+    return None
+
+
 def peer_method(cfg):
     """(peer_hf_peft.py --method, extra args) for a resolved config, or a reason why none."""
-    if cfg["task"]["kind"] != "sequence-classification":
-        return None, "the peer runner covers sequence classification"
     if cfg.get("groups"):
-        return None, "composition groups: no peer runner"
+        group = adapterhub_group(cfg)
+        return ((group, []), None) if group else (None, "a composition group that is neither AdapterHub's MAM nor UniPELT: no peer")
     methods = cfg.get("methods", [])
     if len(methods) != 1:
         return None, "no methods (the head alone)" if not methods else "several methods: no peer runner"
@@ -56,23 +72,107 @@ def peer_method(cfg):
     return None, f"no peer library has {plugin}"
 
 
-def run_peer(setup, record):
-    cfg = tomllib.loads(pathlib.Path(record["dir"] + ".toml").read_text())
+# Tessera's decoder site names -> the LLaMA family's module names (peft's target_modules).
+LLAMA_TARGETS = {"attn.q": "q_proj", "attn.k": "k_proj", "attn.v": "v_proj", "attn.o": "o_proj", "mlp.gate": "gate_proj",
+                 "mlp.up": "up_proj", "mlp.down": "down_proj"}
+# Tessera's plugins that mirror a peft method -> its config class.
+PEFT_CLASSES = {"lora": "LoraConfig", "adalora": "AdaLoraConfig", "loha": "LoHaConfig", "lokr": "LoKrConfig", "vera": "VeraConfig",
+                "ia3": "IA3Config", "prompt_tuning": "PromptTuningConfig", "p_tuning": "PromptEncoderConfig",
+                "prefix_tuning": "PrefixTuningConfig", "ln_tuning": "LNTuningConfig"}
+# Keys that mean "unset" in a resolved config, where peft's own default applies.
+UNSET = ("", [], {}, None)
+
+
+def lm_peer(cfg):
+    """(peer_lm_peft.py args, label) for a resolved causal-LM config, or (None, why not)."""
+    path = pathlib.Path(cfg["model"]["path"])
+    if path.suffix == ".gguf" or cfg["model"].get("quantize") == "gguf":
+        return None, "no peer trains on a GGUF file's blocks (transformers dequantizes a GGUF at load)"
+    arch = json.loads((path / "config.json").read_text()).get("model_type") if (path / "config.json").exists() else "unknown"
+    if arch not in ("llama", "mistral"):
+        return None, f"the decoder peer runner covers the LLaMA family, not {arch}"
+    if cfg.get("groups"):
+        return None, "composition groups on a decoder: no peer runner"
+    methods = cfg.get("methods", [])
+    if len(methods) != 1:
+        return None, "no methods (the base alone)" if not methods else "several methods: no peer runner"
+    m = methods[0]
+    plugin, p = m["plugin"], dict(m.get("params", {}))
+    q, extra = cfg["model"].get("quantize", "none"), []
+    if cfg["model"].get("quantize_targets"):
+        return None, "[model.quantize_targets]: no peer"
+    if q == "nf4" and cfg["model"].get("double_quant"):
+        extra += ["--quantize", "nf4"]  # bitsandbytes NF4 with double quantization: QLoRA as peft users run it
+    elif q != "none":
+        return None, f"quantize = {q}{' without double_quant' if q == 'nf4' else ''}: no peer"
+    if cfg["train"].get("gradient_checkpointing"):
+        extra += ["--gradient-checkpointing"]
+    if plugin == "full":
+        if m.get("targets") or not p.get("embeddings", True):
+            return None, "full fine-tuning of some weights: no peer"
+        return extra + ["--full"], "full"
+    if plugin in ("bottleneck", "compacter"):  # AdapterHub's preset of that name, with the run's size
+        if p.get("bottleneck_size") or p.get("invertible") or p.get("use_gating"):
+            return None, f"{plugin} with bottleneck_size, invertible or use_gating: the decoder peer runner passes the preset and its size alone"
+        kwargs = {k: p[k] for k in ("reduction_factor", "phm_dim") if p.get(k)}
+        return extra + ["--adapterhub", json.dumps({"config": p.get("config") or "seq_bn", "kwargs": kwargs})], p.get("config") or "seq_bn"
+    if plugin not in PEFT_CLASSES:
+        return None, f"no peer library has {plugin} for decoders here"
+    method = "lora_fa" if p.pop("lora_fa", False) else plugin
+    if p.pop("init_weights", None) == "zero":
+        return None, "prefix_tuning with init_weights = zero: peft's prefix has no such start"
+    import peft  # the field names the peer's config class takes (this runs in the peft venv)
+
+    fields = {f.name for f in __import__("dataclasses").fields(getattr(peft, PEFT_CLASSES[plugin]))}
+    kwargs = {k: ({"true": True, "false": False}.get(v, v) if isinstance(v, str) else v) for k, v in p.items()
+              if k in fields and v not in UNSET and not (k in ("num_transformer_submodules", "encoder_hidden_size", "total_step") and v == 0)}
+    if m.get("targets"):
+        unknown = [t for t in m["targets"] if t not in LLAMA_TARGETS]
+        if unknown:
+            return None, f"targets {unknown}: no LLaMA module name known"
+        kwargs["target_modules"] = [LLAMA_TARGETS[t] for t in m["targets"]]
+    label = ("dora" if kwargs.get("use_dora") else method) + (" over nf4" if "--quantize" in extra else "")
+    return extra + ["--method", "lora_fa" if method == "lora_fa" else "lora",
+                    "--peft-config", json.dumps({"class": PEFT_CLASSES[plugin], "kwargs": kwargs})], label
+
+
+def classifier_argv(cfg):
+    """(argv, label, python) for sequence classification through peer_hf_peft.py, or (None, why, None)."""
     what, why = peer_method(cfg)
     if what is None:
-        return {"error": why}
+        return None, why, None
     method, extra = what
-    adapterhub = method.endswith("_bn") or method.startswith("compacter")
-    py = pathlib.Path(adapters_venv if adapterhub else venv) / "bin" / "python"
+    adapterhub = method.endswith("_bn") or method.startswith("compacter") or method in ("mam", "unipelt")
+    t = cfg["train"]
+    argv = [str(here / "peer_hf_peft.py"), "--method", method, "--head-lr", str(t["head_lr"]), "--padding", "longest"] + extra
+    return argv, method + (" over nf4" if "--quantize" in extra else ""), adapters_venv if adapterhub else venv
+
+
+def run_peer(setup, record):
+    cfg = tomllib.loads(pathlib.Path(record["dir"] + ".toml").read_text())
     t, d = cfg["train"], cfg["data"]
-    threads = t["threads"] or os.cpu_count()
-    argv = [str(py), str(here / "peer_hf_peft.py"), "--model", cfg["model"]["path"], "--data", d["path"], "--method", method,
-            "--epochs", str(t["epochs"]), "--batch-size", str(t["batch_size"]), "--max-length", str(d["max_length"]),
-            "--threads", str(threads), "--lr", str(t["lr"]), "--head-lr", str(t["head_lr"]), "--weight-decay", str(t["weight_decay"]),
-            "--warmup-ratio", str(t["warmup_ratio"]), "--seed", str(t["seed"]), "--limit", str(d["limit"]),
-            "--split-seed", str(d["seed"]), "--test-fraction", str(d["test_fraction"]), "--padding", "longest"] + extra
     if t.get("max_steps", 0):
         return {"error": "[train] max_steps: the peer runner trains whole epochs"}
+    if cfg["task"]["kind"] == "sequence-classification":
+        script, label, env = classifier_argv(cfg)
+    elif cfg["task"]["kind"] == "causal-lm":
+        args, label = lm_peer(cfg)
+        script, env = (None, None) if args is None else ([str(here / "peer_lm_peft.py"), "--eval-batch-size", str(t["eval_batch_size"]),
+                                                           "--max-grad-norm", str(t["max_grad_norm"])] + args +
+                                                          ([] if t.get("shuffle", True) else ["--no-shuffle"]) +
+                                                          ([] if t.get("group_by_length", False) else ["--no-group-by-length"]),
+                                                          adapters_venv if "--adapterhub" in args else venv)
+    else:
+        script, label = None, f"the peer runner covers sequence classification and causal LMs, not {cfg['task']['kind']}"
+    if script is None:
+        return {"error": label}
+    method = label
+    threads = t["threads"] or os.cpu_count()
+    argv = [str(pathlib.Path(env) / "bin" / "python")] + script + [
+        "--model", cfg["model"]["path"], "--data", d["path"], "--epochs", str(t["epochs"]), "--batch-size", str(t["batch_size"]),
+        "--max-length", str(d["max_length"]), "--threads", str(threads), "--lr", str(t["lr"]), "--weight-decay", str(t["weight_decay"]),
+        "--warmup-ratio", str(t["warmup_ratio"]), "--seed", str(t["seed"]), "--limit", str(d["limit"]),
+        "--split-seed", str(d["seed"]), "--test-fraction", str(d["test_fraction"])]
     log = pathlib.Path(record["dir"] + ".peer.log")
     start = time.perf_counter()
     with open(log, "w") as err:
@@ -83,8 +183,8 @@ def run_peer(setup, record):
         lines = [l for l in log.read_text().splitlines() if l.strip()]
         return {"error": f"the peer failed ({lines[-1] if lines else 'no output'}; {log})", "method": method}
     j = json.loads(stdout.strip().splitlines()[-1])
-    label = method + (" over nf4" if "--quantize" in extra else "")
-    return {"peer": j["peer"], "method": label, "test_accuracy": j["test_accuracy"], "examples_per_s": j["examples_per_s"],
+    metric = {k: j[k] for k in ("test_accuracy", "test_perplexity", "tokens_per_s") if k in j}
+    return {"peer": j["peer"], "method": label, **metric, "examples_per_s": j["examples_per_s"],
             "peak_rss_mib": usage.ru_maxrss / 1024, "wall_seconds": time.perf_counter() - start}
 
 

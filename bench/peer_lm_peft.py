@@ -6,15 +6,15 @@ fine-tuning of every weight (bench/fish_memory.sh's reference). Prints one JSON 
 examples/s over the timed steps and the last step's loss."""
 import argparse
 import json
+import math
 import time
 
 import torch
-from peft import get_peft_model
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 from peer_methods import REPARAMETERIZED, optimizer, peft_config
-from peer_split import train_rows
+from peer_split import seeded_shuffle, split_rows, train_rows
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)
@@ -32,13 +32,31 @@ ap.add_argument("--method", choices=REPARAMETERIZED, default="lora")
 ap.add_argument("--full", action="store_true", help="full fine-tuning: every weight trains, no peft")
 ap.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA, the base in bitsandbytes 4-bit with double quantization")
 ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (prepare_model_for_kbit_training's default)")
+ap.add_argument("--peft-config", default="", help='{"class": peft config class, "kwargs": {...}}: this config instead of --method\'s')
+ap.add_argument("--adapterhub", default="", help='{"config": AdapterHub preset, "kwargs": {...}}: that adapter through AdapterHub\'s adapters '
+                                                 '(run by its own venv\'s python) instead of peft')
+ap.add_argument("--epochs", type=int, default=0, help="0: the timing mode (--steps consecutive batches); N: Tessera's epochs, then the test perplexity")
+ap.add_argument("--lr", type=float, default=1e-3)
+ap.add_argument("--weight-decay", type=float, default=0.01)
+ap.add_argument("--warmup-ratio", type=float, default=0.06)
+ap.add_argument("--max-grad-norm", type=float, default=1.0)
+ap.add_argument("--seed", type=int, default=42, help="epochs mode: [train] seed (the batch order's and the initialisation's)")
+ap.add_argument("--limit", type=int, default=0, help="epochs mode: [data] limit")
+ap.add_argument("--split-seed", type=int, default=13, help="epochs mode: [data] seed")
+ap.add_argument("--no-shuffle", action="store_true", help="epochs mode: [train] shuffle = false")
+ap.add_argument("--no-group-by-length", action="store_true", help="epochs mode: [train] group_by_length = false")
+ap.add_argument("--eval-batch-size", type=int, default=32)
 args = ap.parse_args()
 device = torch.device(args.device)
 finish = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # the clock waits for the device
 torch.set_num_threads(args.threads)
-torch.manual_seed(0)
+torch.manual_seed(args.seed if args.epochs else 0)
 
-train = [r["text"] for r in train_rows(args.data, args.test_fraction)]
+if args.epochs:
+    train_split, test_split = split_rows(args.data, args.test_fraction, args.split_seed, args.limit)
+    train, test = [r["text"] for r in train_split], [r["text"] for r in test_split]
+else:
+    train = [r["text"] for r in train_rows(args.data, args.test_fraction)]
 
 tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
 if args.quantize == "nf4":  # QLoRA as PEFT users run it: bitsandbytes NF4, double quantization, prepare_model_for_kbit_training
@@ -55,21 +73,74 @@ else:
         model.enable_input_require_grads()
 eos = model.config.eos_token_id
 eos = eos[0] if isinstance(eos, list) else eos
-total = args.warmup_steps + args.steps
-# CAUSAL_LM: peft's causal-LM wrapper calls its tuner's forward, where AdaLoRA adds its
-# orthogonality term to the loss (a bare PeftModel skips that forward, and the term with it).
-model = (model if args.full else get_peft_model(model, peft_config(args.method, args.targets.split(","), total, task_type="CAUSAL_LM",
-                                                                     fan_in_fan_out=args.fan_in_fan_out))).to(device)
+
+
+def encode(text):
+    """text + EOS, truncated (Tessera's causal-lm examples)."""
+    return (tok.encode(text).ids + [eos])[: args.max_length]
+
+
+def epoch_batches(lengths, epoch):
+    """Tessera's batches of one epoch (host/train/trainer.cpp's epoch_batches): a seeded shuffle,
+    windows of 50 batches sorted longest first, the batches visited in a seeded order."""
+    seed = (args.seed * 1000003 + epoch) & ((1 << 64) - 1)
+    order = list(range(len(lengths)))
+    if not args.no_shuffle:
+        seeded_shuffle(order, seed)
+    window = 50 * args.batch_size
+    if not args.no_group_by_length:
+        order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=lambda i: -lengths[i])]
+    batches = [order[b:b + args.batch_size] for b in range(0, len(order), args.batch_size)]
+    if not args.no_group_by_length:
+        visit = list(range(len(batches)))
+        seeded_shuffle(visit, seed ^ 0xBA7C4)
+        batches = [batches[i] for i in visit]
+    return batches
+
+
+if args.epochs:
+    train_ids = [encode(t) for t in train]
+    per_epoch = math.ceil(len(train) / args.batch_size)
+    total = per_epoch * args.epochs
+else:
+    total = args.warmup_steps + args.steps
+if args.peft_config:  # the run's own method keys, mapped by bench/assess_peers.py
+    import peft
+
+    spec = json.loads(args.peft_config)
+    if spec["class"] == "AdaLoraConfig":  # its budget schedule spans the run's steps
+        spec["kwargs"]["total_step"] = total
+    if spec["class"] == "PromptTuningConfig" and spec["kwargs"].get("prompt_tuning_init") == "TEXT":
+        spec["kwargs"]["tokenizer_name_or_path"] = args.model
+    config = getattr(peft, spec["class"])(task_type="CAUSAL_LM", **spec["kwargs"])
+elif args.adapterhub:  # the preset with the run's own keys; train_adapter freezes the rest
+    import adapters
+
+    spec, config = json.loads(args.adapterhub), None
+    adapters.init(model)
+    model.add_adapter("a", config=adapters.AdapterConfig.load(spec["config"], **spec["kwargs"]))
+    model.train_adapter("a")
+elif not args.full:
+    config = peft_config(args.method, args.targets.split(","), total, task_type="CAUSAL_LM", fan_in_fan_out=args.fan_in_fan_out)
+if not args.full and not args.adapterhub:
+    from peft import get_peft_model
+
+    # CAUSAL_LM: peft's causal-LM wrapper calls its tuner's forward, where AdaLoRA adds its
+    # orthogonality term to the loss (a bare PeftModel skips that forward, and the term with it).
+    model = get_peft_model(model, config)
+model = model.to(device)
 model.train()
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01) if args.full else optimizer(args.method, model)
+lr, wd = (args.lr, args.weight_decay) if args.epochs else (1e-3, 0.01)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd) if args.full else \
+    optimizer(args.method, model, rank=getattr(config, "r", 8), lr=lr, weight_decay=wd)
 params = [p for p in model.parameters() if p.requires_grad]  # LoRA-FA: lora_A frozen by its optimizer's set-up
-# Tessera's schedule over the same steps: linear warm-up over 6% of them, then linear decay.
-sched = get_linear_schedule_with_warmup(opt, int(total * 0.06 + 0.5), total)
+# Tessera's schedule over the same steps: linear warm-up over a share of them, then linear decay.
+sched = get_linear_schedule_with_warmup(opt, int(total * (args.warmup_ratio if args.epochs else 0.06) + 0.5), total)
 
 
-def batch(texts):
+def batch(texts=None, seqs=None):
     """text + EOS, truncated, right-padded; labels -100 on padding (Tessera's causal-lm batches)."""
-    seqs = [(tok.encode(t).ids + [eos])[: args.max_length] for t in texts]
+    seqs = seqs if seqs is not None else [encode(t) for t in texts]
     T = max(map(len, seqs))
     ids = torch.full((len(seqs), T), eos)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -80,22 +151,58 @@ def batch(texts):
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
-seen, start = 0, None
-for step in range(args.warmup_steps + args.steps):
-    if step == args.warmup_steps:
-        finish()
-        start, seen = time.perf_counter(), 0
-    i = step * args.batch_size
-    ids, mask, labels = batch(train[i:i + args.batch_size])
+ADALORA = not args.full and not args.adapterhub and type(model.peft_config["default"]).__name__ == "AdaLoraConfig"
+
+
+def train_step(ids, mask, labels, step):
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     opt.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.epochs else 1.0)
     opt.step()
     sched.step()
-    if args.method == "adalora" and not args.full:  # PEFT's loop: allocate after the step, before zero_grad
+    if ADALORA:  # PEFT's loop: allocate after the step, before zero_grad
         model.base_model.update_and_allocate(step)
-    seen += ids.size(0)
-finish()
-elapsed = time.perf_counter() - start
-print(json.dumps({"peer": "transformers" if args.full else "transformers+peft", "examples_per_s": seen / elapsed, "loss": loss.item(), "steps": args.steps}))
+    return loss
+
+
+peer = "transformers" if args.full else "transformers+adapters" if args.adapterhub else "transformers+peft"
+if not args.epochs:
+    seen, start = 0, None
+    for step in range(args.warmup_steps + args.steps):
+        if step == args.warmup_steps:
+            finish()
+            start, seen = time.perf_counter(), 0
+        i = step * args.batch_size
+        ids, mask, labels = batch(train[i:i + args.batch_size])
+        loss = train_step(ids, mask, labels, step)
+        seen += ids.size(0)
+    finish()
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"peer": peer, "examples_per_s": seen / elapsed, "loss": loss.item(), "steps": args.steps}))
+else:
+    seen, tokens, timed, step = 0, 0, 0.0, 0
+    lengths = [len(s) for s in train_ids]
+    for epoch in range(args.epochs):
+        for rows in epoch_batches(lengths, epoch):
+            ids, mask, labels = batch(seqs=[train_ids[i] for i in rows])
+            finish()
+            t0 = time.perf_counter()
+            loss = train_step(ids, mask, labels, step)
+            loss.item()
+            finish()
+            if step >= args.warmup_steps:  # as Tessera times: the steps after the first few
+                timed += time.perf_counter() - t0
+                seen, tokens = seen + ids.size(0), tokens + int(mask.sum())
+            step += 1
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(test), args.eval_batch_size):
+            ids, mask, labels = batch(test[i:i + args.eval_batch_size])
+            n = int((labels[:, 1:] != -100).sum())  # the shifted targets the model's mean loss is over
+            nll += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * n
+            count += n
+    print(json.dumps({"peer": peer, "examples_per_s": seen / max(timed, 1e-9), "tokens_per_s": tokens / max(timed, 1e-9),
+                      "test_perplexity": math.exp(nll / max(count, 1)), "test_tokens": count, "epochs": args.epochs, "steps": step,
+                      "threads": args.threads, "batch_size": args.batch_size}))

@@ -155,8 +155,10 @@ std::vector<PeerCell> peer_cells(const json& row) {
   auto metric = [&](double v) { return percent ? fmt::format("{:.2f}%", 100 * v) : fmt::format("{:.4g}", v); };
   const double ours_speed = num(row, "train_examples_per_s"), peer_speed = p["examples_per_s"].get<double>();
   const double ours_rss = num(row, "peak_rss_mib"), peer_rss = p["peak_rss_mib"].get<double>();
+  // The peer's value of the row's own metric (accuracy, or a decoder's perplexity).
+  const double theirs = p.value("test_" + row.value("metric", std::string("accuracy")), std::nan(""));
   return {{metric(num(row, "metric_mean")), num(row, "metric_mean"), "metric_mean"},
-          {metric(p["test_accuracy"].get<double>()), p["test_accuracy"].get<double>(), "peer_metric"},
+          {std::isnan(theirs) ? std::string("—") : metric(theirs), theirs, "peer_metric"},
           {fmt::format("{:.1f}", ours_speed), ours_speed, "train_examples_per_s"},
           {fmt::format("{:.1f}", peer_speed), peer_speed, "peer_examples_per_s"},
           {fmt::format("{:.2f}×", ours_speed / peer_speed), ours_speed / peer_speed, "speed_ratio"},

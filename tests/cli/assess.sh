@@ -5,7 +5,8 @@
 # status is 4; report.html's
 # table parses back to the numbers each run wrote (assess_check.py, reading the runs' own
 # result.json); a second call runs nothing again; a bad matrix ends in one line, exit 1;
-# --peers puts peft's run of the same task beside ours.
+# --peers puts peft's (and AdapterHub's, for MAM) run of the same task beside ours, on the
+# encoder and on the real decoder.
 set -euo pipefail
 tessera=$1 out=$2 python=$3
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -97,7 +98,8 @@ printf 'base = "base.toml"\nseed = [1]\n[[setups]]\nname = "x"\n' >"$out/bad.tom
 if "$tessera" assess "$out/bad.toml" 2>"$out/bad.err"; then exit 1; fi
 grep -q "bad.toml:2:8: unknown key 'seed' (did you mean 'seeds'?)" "$out/bad.err"
 # --peers: the peer library on the same task (one epoch of the 200-sentence sample), its row
-# in report.html's peers table; a method no peer has says so.
+# in report.html's peers table; a method no peer has says so; MAM's composition group runs as
+# AdapterHub's MAMConfig.
 cat >"$out/peers.toml" <<TOML
 base = "base.toml"
 seeds = [3]
@@ -113,9 +115,48 @@ r = 4
 name = "bitfit"
 [[setups.methods]]
 plugin = "bitfit"
+[[setups]]
+name = "mam"
+config = "$(cd "$here/../.." && pwd)/configs/hybrid/mam.toml"
 TOML
 "$tessera" assess --peers "$out/peers.toml" >"$out/peers.txt" 2>"$out/peers.err" || { cat "$out/peers.err" "$out/peered/peers.log"; exit 1; }
 "$python" "$here/assess_check.py" "$out/peered" peers
+# The decoder's peers: peft on the real SmolLM2 over Tessera's own batches (split, shuffle and
+# length grouping rebuilt by bench/peer_lm_peft.py), so (IA)³, which draws nothing at random,
+# must reach our test perplexity; a plugin peft lacks says so.
+cat >"$out/lm.toml" <<TOML
+[model]
+path = "\${TESSERA_DECODER_DIR}"
+[data]
+path = "\${TESSERA_DATA_DIR}/polarity.csv"
+text_column = "text"
+limit = 60
+max_length = 32
+[task]
+kind = "causal-lm"
+[train]
+epochs = 1
+batch_size = 8
+lr = 3e-3
+threads = 1
+group_by_length = true
+TOML
+cat >"$out/lm-peers.toml" <<TOML
+base = "lm.toml"
+seeds = [5]
+out = "lm-peered"
+[[setups]]
+name = "ia3"
+[[setups.methods]]
+plugin = "ia3"
+[[setups]]
+name = "dylora"
+[[setups.methods]]
+plugin = "dylora"
+targets = ["attn.q", "attn.v"]
+TOML
+"$tessera" assess --peers "$out/lm-peers.toml" >"$out/lm-peers.txt" 2>"$out/lm-peers.err" || { cat "$out/lm-peers.err" "$out/lm-peered/peers.log"; exit 1; }
+"$python" "$here/assess_check.py" "$out/lm-peered" lm-peers
 
 # The shipped matrices build: every setup's config read and its methods validated.
 root=$(cd "$here/../.." && pwd)

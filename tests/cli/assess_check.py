@@ -58,7 +58,22 @@ if len(sys.argv) > 2 and sys.argv[2] == "peers":  # the peers table: peft's numb
     assert row["peer_examples_per_s"] > 0 and row["peer_peak_rss_mib"] > 50, row
     assert abs(row["speed_ratio"] - row["train_examples_per_s"] / row["peer_examples_per_s"]) < 1e-9, row
     assert "no peer library has bitfit" in t.rows["bitfit"]["status"], t.rows["bitfit"]
-    print(f"assess_check: peers table read back (ours {row['train_examples_per_s']:.1f} ex/s, peft {row['peer_examples_per_s']:.1f})")
+    mam = t.rows["mam"]  # a composition group that is AdapterHub's MAMConfig runs as that preset
+    assert peers["mam"]["peer"] == "transformers+adapters" and abs(mam["peer_metric"] - peers["mam"]["test_accuracy"]) < 1e-12, mam
+    print(f"assess_check: peers table read back (ours {row['train_examples_per_s']:.1f} ex/s, peft {row['peer_examples_per_s']:.1f};"
+          f" MAM {mam['metric_mean']:.4f} against AdapterHub's {mam['peer_metric']:.4f})")
+    sys.exit(0)
+if len(sys.argv) > 2 and sys.argv[2] == "lm-peers":  # the decoder's peers: perplexity, on our own batches
+    t = Table("peers")
+    t.feed(html)
+    peers = json.load(open(os.path.join(out, "peers.json")))
+    row = t.rows["ia3"]
+    assert abs(row["peer_metric"] - peers["ia3"]["test_perplexity"]) < 1e-9 * row["peer_metric"], row
+    # The same batches, rates and schedule: (IA)³ draws nothing at random, so both sides train
+    # the same vectors; only float sums in another order part them.
+    assert abs(row["peer_metric"] / row["metric_mean"] - 1) < 1e-4, f"(IA)³ perplexity: ours {row['metric_mean']}, peft's {row['peer_metric']}"
+    assert "no peer library has dylora" in t.rows["dylora"]["status"], t.rows["dylora"]
+    print(f"assess_check: decoder peers read back ((IA)³ perplexity ours {row['metric_mean']:.4f}, peft's {row['peer_metric']:.4f})")
     sys.exit(0)
 t = Table()
 t.feed(html)
