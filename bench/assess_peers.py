@@ -13,6 +13,7 @@ are those methods); a causal LM on a LLaMA-family decoder through bench/peer_lm_
 peft config built from the run's own method keys (Tessera's plugins that mirror peft take peft's
 key names). Other groups, and the methods no peer library has, are listed with the reason."""
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -30,16 +31,26 @@ adapters_venv = os.environ.get("TESSERA_ADAPTERS_VENV", "")
 
 
 def adapterhub_group(cfg):
-    """'mam' or 'unipelt' when a config's methods are AdapterHub's MAMConfig or UniPELTConfig
-    (configs/hybrid/mam.toml, unipelt.toml), else None: a group the peer has no preset for."""
-    by = {m["plugin"]: m.get("params", {}) for m in cfg.get("methods", [])}
-    kinds = sorted(g.get("kind", "") for g in cfg.get("groups", []))
-    if kinds == ["parallel"] and set(by) == {"prefix_tuning", "bottleneck"} and by["bottleneck"].get("config") == "par_bn" and \
-            by["prefix_tuning"].get("num_virtual_tokens") == 30 and by["prefix_tuning"].get("encoder_hidden_size") == 800:
-        return "mam"  # prefix tuning (30, bottleneck 800) beside a parallel adapter
-    if kinds == ["gated"] and set(by) == {"lora", "prefix_tuning", "bottleneck"} and by["bottleneck"].get("use_gating") and \
-            by["lora"].get("r") == 8 and by["prefix_tuning"].get("num_virtual_tokens") == 10:
-        return "unipelt"  # gated LoRA r 8, prefix 10, sequential adapter
+    """'mam' or 'unipelt' when a config's methods and group are AdapterHub's MAMConfig or
+    UniPELTConfig (configs/hybrid/mam.toml, unipelt.toml), else None: a group the peer has no
+    preset for."""
+    methods, groups = cfg.get("methods", []), cfg.get("groups", [])
+    by = {m["plugin"]: m.get("params", {}) for m in methods}
+    names = {m["plugin"]: m["name"] for m in methods}
+    if len(by) != len(methods) or len(groups) != 1:
+        return None
+    g, members = groups[0], set(groups[0].get("members", []))
+    prefix, adapter = by.get("prefix_tuning", {}), by.get("bottleneck", {})
+    preset_prefix = lambda n, w: prefix.get("num_virtual_tokens") == n and prefix.get("encoder_hidden_size") == w and \
+        prefix.get("prefix_projection") and prefix.get("shift_positions") is False
+    if g.get("kind") == "parallel" and set(by) == {"prefix_tuning", "bottleneck"} and members == set(names.values()) and \
+            adapter.get("config") == "par_bn" and preset_prefix(30, 800):
+        return "mam"  # prefix tuning (30, MLP 800) beside a parallel adapter, positions left alone
+    if g.get("kind") == "gated" and set(by) == {"lora", "prefix_tuning", "bottleneck"} and \
+            members == {names["lora"], names["prefix_tuning"]} and adapter.get("config") == "seq_bn" and adapter.get("use_gating") and \
+            by["lora"].get("r") == 8 and sorted(m.get("targets", []) for m in methods if m["plugin"] == "lora")[0] == ["attn.q", "attn.v"] and \
+            preset_prefix(10, 512):
+        return "unipelt"  # gated LoRA r 8 on q, v and a gated 10-token prefix, beside a gated seq_bn adapter
     return None
 
 
@@ -47,6 +58,8 @@ def peer_method(cfg):
     """(peer_hf_peft.py --method, extra args) for a resolved config, or a reason why none."""
     if cfg.get("groups"):
         group = adapterhub_group(cfg)
+        if group and cfg["model"].get("quantize", "none") != "none":
+            return None, f"{group} over quantize = {cfg['model']['quantize']}: no peer"
         return ((group, []), None) if group else (None, "a composition group that is neither AdapterHub's MAM nor UniPELT: no peer")
     methods = cfg.get("methods", [])
     if len(methods) != 1:
@@ -93,6 +106,12 @@ def lm_peer(cfg):
         return None, f"the decoder peer runner covers the LLaMA family, not {arch}"
     if cfg.get("groups"):
         return None, "composition groups on a decoder: no peer runner"
+    d, model = cfg["data"], cfg["model"]
+    if d.get("prompt_column") or d.get("target_column") or d.get("text_column", "text") != "text" or d.get("format", "auto") not in ("auto", "csv") \
+            or not str(d["path"]).endswith(".csv"):
+        return None, "the decoder peer runner reads a CSV's 'text' column alone (no prompt or target column)"
+    if model.get("dtype", "f32") != "f32" or model.get("tokenizer") or model.get("device", "cpu") != "cpu":
+        return None, "the decoder peer runner loads the model in f32 on the CPU with its own tokenizer.json"
     methods = cfg.get("methods", [])
     if len(methods) != 1:
         return None, "no methods (the base alone)" if not methods else "several methods: no peer runner"
@@ -119,8 +138,11 @@ def lm_peer(cfg):
     if plugin not in PEFT_CLASSES:
         return None, f"no peer library has {plugin} for decoders here"
     method = "lora_fa" if p.pop("lora_fa", False) else plugin
-    if p.pop("init_weights", None) == "zero":
+    if plugin == "prefix_tuning" and p.pop("init_weights", None) == "zero":
         return None, "prefix_tuning with init_weights = zero: peft's prefix has no such start"
+    named = [k for k in ("rank_pattern", "alpha_pattern", "feedforward_modules", "layers_to_transform") if p.get(k) not in UNSET]
+    if named:
+        return None, f"{', '.join(named)}: Tessera's site names are not mapped to peft's here"
     import peft  # the field names the peer's config class takes (this runs in the peft venv)
 
     fields = {f.name for f in __import__("dataclasses").fields(getattr(peft, PEFT_CLASSES[plugin]))}
@@ -184,6 +206,8 @@ def run_peer(setup, record):
         return {"error": f"the peer failed ({lines[-1] if lines else 'no output'}; {log})", "method": method}
     j = json.loads(stdout.strip().splitlines()[-1])
     metric = {k: j[k] for k in ("test_accuracy", "test_perplexity", "tokens_per_s") if k in j}
+    if not all(math.isfinite(v) for v in metric.values()):  # JSON has no NaN: the report could not read it
+        return {"error": f"the peer diverged ({metric}; {log})", "method": method}
     return {"peer": j["peer"], "method": label, **metric, "examples_per_s": j["examples_per_s"],
             "peak_rss_mib": usage.ru_maxrss / 1024, "wall_seconds": time.perf_counter() - start}
 

@@ -132,7 +132,7 @@ model = model.to(device)
 model.train()
 lr, wd = (args.lr, args.weight_decay) if args.epochs else (1e-3, 0.01)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd) if args.full else \
-    optimizer(args.method, model, rank=getattr(config, "r", 8), lr=lr, weight_decay=wd)
+    optimizer(args.method, model, rank=getattr(config, "r", 8), lr=lr, weight_decay=wd, lora_alpha=getattr(config, "lora_alpha", None))
 params = [p for p in model.parameters() if p.requires_grad]  # LoRA-FA: lora_A frozen by its optimizer's set-up
 # Tessera's schedule over the same steps: linear warm-up over a share of them, then linear decay.
 sched = get_linear_schedule_with_warmup(opt, int(total * (args.warmup_ratio if args.epochs else 0.06) + 0.5), total)
@@ -158,7 +158,9 @@ def train_step(ids, mask, labels, step):
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     opt.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.epochs else 1.0)
+    clip = args.max_grad_norm if args.epochs else 1.0
+    if clip > 0:  # Tessera's max_grad_norm = 0: no clipping
+        torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
     sched.step()
     if ADALORA:  # PEFT's loop: allocate after the step, before zero_grad
@@ -200,9 +202,14 @@ else:
     with torch.no_grad():
         for i in range(0, len(test), args.eval_batch_size):
             ids, mask, labels = batch(test[i:i + args.eval_batch_size])
-            n = int((labels[:, 1:] != -100).sum())  # the shifted targets the model's mean loss is over
-            nll += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * n
-            count += n
+            # Tessera's targets: text position t predicts token t + 1 (the first text token is no
+            # target). A prompt's virtual positions come first in peft's logits: dropped, so the
+            # last of them predicting the first text token counts on neither side.
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.size(1):]
+            target = labels[:, 1:]
+            nll += torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), target.reshape(-1),
+                                                     ignore_index=-100, reduction="sum").item()
+            count += int((target != -100).sum())
     print(json.dumps({"peer": peer, "examples_per_s": seen / max(timed, 1e-9), "tokens_per_s": tokens / max(timed, 1e-9),
                       "test_perplexity": math.exp(nll / max(count, 1)), "test_tokens": count, "epochs": args.epochs, "steps": step,
                       "threads": args.threads, "batch_size": args.batch_size}))

@@ -49,13 +49,13 @@ def adalora_orth_reg(peft_model):
     return w * torch.stack(terms).mean()
 
 
-def optimizer(method, peft_model, extra_params=(), rank=8, lr=1e-3, weight_decay=0.01):
+def optimizer(method, peft_model, extra_params=(), rank=8, lr=1e-3, weight_decay=0.01, lora_alpha=None):
     """AdamW over what trains; LoRA-FA: PEFT's create_lorafa_optimizer over the adapter (A frozen,
     B's gradient projected), AdamW over extra_params (a task head)."""
     if method != "lora_fa":
         return torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad] + list(extra_params), lr=lr, weight_decay=weight_decay)
     from peft.optimizers import create_lorafa_optimizer
 
-    fa = create_lorafa_optimizer(peft_model, r=rank, lora_alpha=2 * rank, lr=lr, weight_decay=weight_decay)
+    fa = create_lorafa_optimizer(peft_model, r=rank, lora_alpha=lora_alpha or 2 * rank, lr=lr, weight_decay=weight_decay)
     extra = list(extra_params)
     return _Both(fa, torch.optim.AdamW(extra, lr=lr, weight_decay=weight_decay)) if extra else fa

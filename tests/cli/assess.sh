@@ -130,13 +130,13 @@ path = "\${TESSERA_DECODER_DIR}"
 [data]
 path = "\${TESSERA_DATA_DIR}/polarity.csv"
 text_column = "text"
-limit = 60
+limit = 130                 # 104 to train on in batches of 2: two windows of 50 batches
 max_length = 32
 [task]
 kind = "causal-lm"
 [train]
-epochs = 1
-batch_size = 8
+epochs = 2                  # the second epoch's order from its own seed
+batch_size = 2
 lr = 3e-3
 threads = 1
 group_by_length = true
