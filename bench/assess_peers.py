@@ -12,6 +12,7 @@ AdapterHub's bottleneck presets, and AdapterHub's MAM and UniPELT for the compos
 are those methods); a causal LM on a LLaMA-family decoder through bench/peer_lm_peft.py, its
 peft config built from the run's own method keys (Tessera's plugins that mirror peft take peft's
 key names). Other groups, and the methods no peer library has, are listed with the reason."""
+import dataclasses
 import json
 import math
 import os
@@ -145,7 +146,7 @@ def lm_peer(cfg):
         return None, f"{', '.join(named)}: Tessera's site names are not mapped to peft's here"
     import peft  # the field names the peer's config class takes (this runs in the peft venv)
 
-    fields = {f.name for f in __import__("dataclasses").fields(getattr(peft, PEFT_CLASSES[plugin]))}
+    fields = {f.name for f in dataclasses.fields(getattr(peft, PEFT_CLASSES[plugin]))}
     kwargs = {k: ({"true": True, "false": False}.get(v, v) if isinstance(v, str) else v) for k, v in p.items()
               if k in fields and v not in UNSET and not (k in ("num_transformer_submodules", "encoder_hidden_size", "total_step") and v == 0)}
     if m.get("targets"):
@@ -188,7 +189,6 @@ def run_peer(setup, record):
         script, label = None, f"the peer runner covers sequence classification and causal LMs, not {cfg['task']['kind']}"
     if script is None:
         return {"error": label}
-    method = label
     threads = t["threads"] or os.cpu_count()
     argv = [str(pathlib.Path(env) / "bin" / "python")] + script + [
         "--model", cfg["model"]["path"], "--data", d["path"], "--epochs", str(t["epochs"]), "--batch-size", str(t["batch_size"]),
@@ -203,11 +203,11 @@ def run_peer(setup, record):
         _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         lines = [l for l in log.read_text().splitlines() if l.strip()]
-        return {"error": f"the peer failed ({lines[-1] if lines else 'no output'}; {log})", "method": method}
+        return {"error": f"the peer failed ({lines[-1] if lines else 'no output'}; {log})", "method": label}
     j = json.loads(stdout.strip().splitlines()[-1])
     metric = {k: j[k] for k in ("test_accuracy", "test_perplexity", "tokens_per_s") if k in j}
     if not all(math.isfinite(v) for v in metric.values()):  # JSON has no NaN: the report could not read it
-        return {"error": f"the peer diverged ({metric}; {log})", "method": method}
+        return {"error": f"the peer diverged ({metric}; {log})", "method": label}
     return {"peer": j["peer"], "method": label, **metric, "examples_per_s": j["examples_per_s"],
             "peak_rss_mib": usage.ru_maxrss / 1024, "wall_seconds": time.perf_counter() - start}
 
