@@ -116,7 +116,15 @@ nlohmann::json run_one(const Setup& s, std::int64_t seed, const Matrix& m, const
   const fs::path record = run.string() + ".json", config = run.string() + ".toml", log = run.string() + ".log";
   if (!o.rerun && fs::exists(record)) {
     const auto done = nlohmann::json::parse(read_text(record.string()), nullptr, false);
-    if (!done.is_discarded() && done.value("config", "") == config_text) return done;  // finished, same config: kept
+    // Finished with the same config (a host key added since at its default is the same): kept.
+    auto same = [&] {
+      try {
+        return config_differences(done.value("config", ""), config_text).empty();
+      } catch (const std::exception&) {
+        return false;  // a record whose config no longer parses: run again
+      }
+    };
+    if (!done.is_discarded() && done.contains("config") && same()) return done;
   }
   fs::remove(record);  // before the run folder is cleared: a record names a run that is there
   write_file_atomic(config.string(), config_text);

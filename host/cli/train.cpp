@@ -84,10 +84,12 @@ void write_results(const Config& config, const Session& s, const TrainResult& r,
               100.0 * static_cast<double>(r.trainable) / static_cast<double>(r.base), format_duration(r.seconds).c_str(), run_dir.c_str());
 }
 
-// Keys a resumed run may change: how long it runs and how often it checkpoints (and where
-// the run directory was named from). Anything else would not be the run the checkpoint is of.
+// Keys a resumed run may change: how long it runs, how often it checkpoints, how its batches
+// are cut into buckets and micro-batches (the same update; the ranks' number may change too),
+// and where the run directory was named from. Anything else would not be the run the
+// checkpoint is of.
 bool may_change_on_resume(const std::string& difference) {
-  for (const char* key : {"train.epochs:", "train.checkpoint_every:", "train.bucket_cap_mb:", "output.dir:"})
+  for (const char* key : {"train.epochs:", "train.checkpoint_every:", "train.bucket_cap_mb:", "train.micro_batches:", "output.dir:"})
     if (difference.rfind(key, 0) == 0) return true;
   return false;
 }
@@ -105,7 +107,7 @@ int run_resume(const Args& a, const PluginRegistry& registry) {
   for (const auto& d : config_differences(checkpoint->config, resolved_toml(config)))
     if (!may_change_on_resume(d))
       throw std::runtime_error("--resume " + run_dir + ": the config changed since the checkpoint (" + d +
-                               "); only [train] epochs, checkpoint_every and bucket_cap_mb may change when a run resumes");
+                               "); only [train] epochs, checkpoint_every, bucket_cap_mb and micro_batches may change when a run resumes");
   set_threads(config.train.threads);
   Session session(config, registry);
   const auto dp = DataParallel::from_environment();

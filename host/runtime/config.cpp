@@ -298,6 +298,13 @@ void read_train(const std::string& path, const toml::table* t, TrainConfig& c) {
   s.get("gradient_checkpointing", c.gradient_checkpointing);
   s.positive("checkpoint_every", c.checkpoint_every, 0);
   s.number("bucket_cap_mb", c.bucket_cap_mb, 1.0 / 1024);
+  s.positive("micro_batches", c.micro_batches);
+  if (c.micro_batches > c.batch_size) {
+    // Read twice over (a matrix's budget, then a setup's), the key that broke it is the one here.
+    const toml::node* at = t->get("micro_batches") != nullptr ? t->get("micro_batches") : t->get("batch_size");
+    s.fail(*at, "'micro_batches' (" + std::to_string(c.micro_batches) + ") must be at most batch_size (" + std::to_string(c.batch_size) +
+                    "): each piece of a batch needs an example");
+  }
   s.finish();
 }
 
@@ -454,7 +461,8 @@ std::string resolved_toml(const Config& c) {
                                    {"seed", c.train.seed}, {"max_steps", c.train.max_steps},
                                    {"group_by_length", c.train.group_by_length},
                                    {"shuffle", c.train.shuffle}, {"gradient_checkpointing", c.train.gradient_checkpointing},
-                                   {"checkpoint_every", c.train.checkpoint_every}, {"bucket_cap_mb", c.train.bucket_cap_mb}});
+                                   {"checkpoint_every", c.train.checkpoint_every}, {"bucket_cap_mb", c.train.bucket_cap_mb},
+                                   {"micro_batches", c.train.micro_batches}});
   root.insert("output", toml::table{{"dir", c.output_dir}});
   toml::array methods;
   for (const auto& m : c.methods) {
@@ -527,8 +535,13 @@ std::vector<std::string> config_differences(const std::string& before, const std
     if (it == b.end()) out.push_back(k + ": " + v + " → (absent)");
     else if (it->second != v) out.push_back(k + ": " + v + " → " + it->second);
   }
-  for (const auto& [k, v] : b)
-    if (!a.count(k)) out.push_back(k + ": (absent) → " + v);
+  // A key the older text lacks at its default value was added since, and changes nothing.
+  std::map<std::string, std::string> defaults;
+  flatten(toml::parse(resolved_toml(Config{})), "", defaults);
+  for (const auto& [k, v] : b) {
+    const auto d = defaults.find(k);
+    if (!a.count(k) && (d == defaults.end() || d->second != v)) out.push_back(k + ": (absent) → " + v);
+  }
   std::sort(out.begin(), out.end());
   return out;
 }

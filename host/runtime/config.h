@@ -9,7 +9,7 @@
 //            pooling ("mean" | "cls")
 //   [train]  epochs, batch_size, eval_batch_size, lr, head_lr, weight_decay,
 //            warmup_ratio, max_grad_norm, threads, seed, max_steps, group_by_length, shuffle,
-//            gradient_checkpointing, checkpoint_every, bucket_cap_mb
+//            gradient_checkpointing, checkpoint_every, bucket_cap_mb, micro_batches
 //   [output] dir
 //   [[methods]] plugin, name, targets, load, [methods.params] …
 //   [[groups]]  name, kind, members, weights, normalize, tag (runtime/groups.h)
@@ -116,6 +116,11 @@ struct TrainConfig {
   // Data-parallel: the size of the buckets whose gradients are all-reduced while backward
   // runs (DDP's bucket_cap_mb; the first bucket is 1 MiB as DDP's); train/distributed.h.
   double bucket_cap_mb = 25;
+  // Each global batch computed in this many pieces whose gradients are summed, weighted by
+  // their share of the batch (gradient accumulation): the update of the whole batch with the
+  // activations of one piece. Piece k of rank r is what rank r·M + k of a run with M times
+  // the ranks computes, with a random stream of its own (train/pass_streams.h).
+  std::int64_t micro_batches = 1;
 };
 
 struct Config {
@@ -137,7 +142,9 @@ void check_methods(Config& config, const PluginRegistry& registry);
 std::string resolved_toml(const Config& config);
 
 // The keys whose values differ between two resolved configs (resolved_toml's text), as
-// "train.lr: 0.001 → 0.002" (methods by position: "methods[0].params.r"), in key order.
+// "train.lr: 0.001 → 0.002" (methods by position: "methods[0].params.r"), in key order. A
+// host key `before` lacks (added since it was written) counts only when `now` has it away
+// from its default.
 std::vector<std::string> config_differences(const std::string& before, const std::string& now);
 
 // Levenshtein-nearest candidate within a small distance, or "".

@@ -93,12 +93,24 @@ NamedTensors collect(Session& s, const OptimizerView& opt) {
   return t;
 }
 
+// The checkpoint's own streams (its first rank's) in rank_generators()' form.
+Tensor rank_generators_of(const std::map<std::string, Tensor>& t) {
+  return t.count("rng/device") ? at::cat({t.at("rng/cpu"), t.at("rng/device")}) : t.at("rng/cpu");
+}
+
 }  // namespace
 
 at::Tensor rank_generators(Session& s) {
   std::vector<Tensor> parts{at::detail::getDefaultCPUGenerator().get_state()};
   if (!s.model().info().options.device().is_cpu()) parts.push_back(device_generator(s).get_state());
   return at::cat(parts);
+}
+
+void set_rank_generators(Session& s, const at::Tensor& bytes) {
+  at::Generator cpu = at::detail::getDefaultCPUGenerator();
+  const auto n = cpu.get_state().numel();
+  cpu.set_state(bytes.narrow(0, 0, n).clone());
+  if (!s.model().info().options.device().is_cpu()) device_generator(s).set_state(bytes.narrow(0, n, bytes.numel() - n).clone());
 }
 
 void save_checkpoint(Session& s, const OptimizerView& opt, const TrainPosition& at, const std::string& run_dir, const std::vector<at::Tensor>& ranks) {
@@ -142,7 +154,8 @@ std::optional<Checkpoint> newest_checkpoint(const std::string& run_dir) {
   return std::nullopt;
 }
 
-void restore_checkpoint(Session& s, const std::function<OptimizerView()>& optimizer, const Checkpoint& c, std::int64_t rank, std::int64_t world) {
+std::vector<Tensor> restore_checkpoint(Session& s, const std::function<OptimizerView()>& optimizer, const Checkpoint& c, std::int64_t rank, std::int64_t world,
+                                       std::int64_t passes) {
   const auto t = read_safetensors((fs::path(c.dir) / "tensors.safetensors").string());
   auto& m = s.methods();
   for (std::size_t i = 0; i < m.size(); ++i) {
@@ -175,16 +188,14 @@ void restore_checkpoint(Session& s, const std::function<OptimizerView()>& optimi
     opt.adamw.set_state(g, std::move(state));
   }
   // Last: nothing may draw from the generators between here and the next step.
-  at::Generator cpu = at::detail::getDefaultCPUGenerator();
-  cpu.set_state(t.at("rng/cpu").clone());
-  if (t.count("rng/device")) device_generator(s).set_state(t.at("rng/device").clone());
-  const std::string mine = "rng/rank" + std::to_string(rank), past_last = "rng/rank" + std::to_string(world);
-  if (rank > 0 && t.count(mine) && !t.count(past_last) && t.count("rng/rank" + std::to_string(world - 1))) {  // written by `world` ranks
-    const Tensor& bytes = t.at(mine);
-    const auto n = t.at("rng/cpu").numel();
-    cpu.set_state(bytes.narrow(0, 0, n).clone());
-    if (t.count("rng/device")) device_generator(s).set_state(bytes.narrow(0, n, bytes.numel() - n).clone());
-  }
+  const std::int64_t streams = world * passes;
+  const bool as_many = streams > 1 && t.count("rng/rank" + std::to_string(streams - 1)) && !t.count("rng/rank" + std::to_string(streams));
+  const Tensor first = rank_generators_of(t);
+  auto stream = [&](std::int64_t v) { return as_many && v > 0 ? t.at("rng/rank" + std::to_string(v)).clone() : first.clone(); };
+  set_rank_generators(s, stream(rank * passes));
+  std::vector<Tensor> kept;
+  for (std::int64_t k = 1; k < passes; ++k) kept.push_back(stream(rank * passes + k));
+  return kept;
 }
 
 }  // namespace tessera

@@ -43,8 +43,9 @@ struct Checkpoint {
   std::string config;  // resolved_toml of the run that wrote it
 };
 
-// `ranks`: in a data-parallel run, rank_generators() of every rank, gathered in rank order
-// (rank 0's are the checkpoint's own); a resume with as many ranks gives each its own back.
+// `ranks`: in a data-parallel run or one in micro-batches, rank_generators() of every stream,
+// in the order of the ranks they stand for (train/pass_streams.h: pass k of rank r is rank
+// r·M + k; the first is the checkpoint's own); a resume with as many gives each its own back.
 void save_checkpoint(Session& s, const OptimizerView& opt, const TrainPosition& at, const std::string& run_dir,
                      const std::vector<at::Tensor>& ranks = {});
 
@@ -52,6 +53,8 @@ void save_checkpoint(Session& s, const OptimizerView& opt, const TrainPosition& 
 // compute device's when it is not the CPU): what differs between data-parallel ranks, whose
 // dropout draws masks for shards of different sizes.
 at::Tensor rank_generators(Session& s);
+// Puts such a tensor back into the generators.
+void set_rank_generators(Session& s, const at::Tensor& bytes);
 
 // The newest checkpoint whose files read back whole; one that does not is skipped for the
 // one before, said in one line. None: nullopt.
@@ -62,9 +65,11 @@ std::optional<Checkpoint> newest_checkpoint(const std::string& run_dir);
 // A tensor the run lacks or has in another shape is refused by name.
 // `optimizer` is asked for the optimizer once the tensors are in (a method's load_state()
 // may replace tensors, which the optimizer must follow before its moments are set).
-// Data-parallel rank `rank` of `world` gets its own streams back when the checkpoint was written
-// by as many ranks; otherwise (a changed N) rank 0's, as every rank had at the start.
-void restore_checkpoint(Session& s, const std::function<OptimizerView()>& optimizer, const Checkpoint& c, std::int64_t rank = 0,
-                        std::int64_t world = 1);
+// Data-parallel rank `rank` of `world`, computing each batch in `passes` micro-batches, gets
+// its own streams back when the checkpoint was written by as many ranks × passes; otherwise (a
+// changed N or M) rank 0's, as every stream had at the start. The generators get its first
+// pass's; the states of its other passes are returned (PassStreams::restore).
+std::vector<at::Tensor> restore_checkpoint(Session& s, const std::function<OptimizerView()>& optimizer, const Checkpoint& c, std::int64_t rank = 0,
+                                           std::int64_t world = 1, std::int64_t passes = 1);
 
 }  // namespace tessera

@@ -3,6 +3,7 @@
 #include "formats/safetensors.h"
 #include "train/adamw.h"
 #include "train/distributed.h"
+#include "train/pass_streams.h"
 #include "train/progress.h"
 #include "train/resume.h"
 #include "train/tensorboard.h"
@@ -172,7 +173,8 @@ class Optimizer {
   std::unique_ptr<FusedAdamW> opt_;
 };
 
-// A data-parallel rank's part of a step: its shard is `weight` of the global batch.
+// This process's part of a step: data-parallel, its shard is `weight` of the global batch
+// (1 when it runs in micro-batches, whose pieces carry their own weights).
 struct Shard {
   DataParallel* dp = nullptr;
   double weight = 1.0;
@@ -180,37 +182,76 @@ struct Shard {
   Tensor device_tokens;  // one process: the same count, on the model's device, read once at the end (no sync a step)
 };
 
-// The loss of one step with every method's extra loss, backward, and the methods' hooks;
-// data-parallel, the gradients averaged over the ranks first, so that the hooks and the
-// update see the global batch's. Without a batch (a rank whose shard is empty) no pass runs
-// and the loss is undefined.
-Tensor forward_backward(Session& s, const Batch* batch, Optimizer& opt, const Shard& shard) {
+// One pass of a step: its examples and their share of the global batch.
+struct Piece {
+  Batch batch;
+  double weight = 1.0;
+};
+
+// One pass: the loss of `batch` with every method's extra loss, and backward. `overlap`: the
+// data-parallel reduction, weighted by `weight`, starts on buckets as backward fills them.
+Tensor pass(Session& s, const Batch& batch, Optimizer& opt, DataParallel* overlap, double weight) {
+  const TaskOutput step = s.task().forward(batch);
+  Tensor loss = step.loss;
+  {
+    struct During {  // a method's extra_loss() may read this pass or run it again; not after it, even when one throws
+      Session& s;
+      ~During() { s.set_training_step(nullptr, nullptr); }
+    } during{s};
+    s.set_training_step(&batch, &step);
+    for (std::size_t i = 0; i < s.methods().size(); ++i) {
+      Tensor extra = s.methods()[i].call("extra_loss", [](Method& x) { return x.extra_loss(); });
+      if (extra.defined()) loss = loss + extra;
+    }
+  }
+  if (s.take_trainable_changed()) opt.refresh();  // before the reduction: it covers the tensors the update will
+  if (overlap != nullptr) overlap->begin_gradients(opt.all(), weight, loss);
+  loss.backward();
+  return loss;
+}
+
+// A step in micro-batches: each piece's pass with its own random stream, its gradients
+// weighted by its share (g·w, as the data-parallel reducer weighs a rank's) and added in
+// pass order, so that one process in M pieces sums what M ranks would. Returns the weighted
+// sum of the pieces' losses (f64).
+Tensor accumulate(Session& s, const std::vector<Piece>& pieces, Optimizer& opt, PassStreams& streams) {
+  std::vector<Tensor> params, sum;
+  Tensor loss;
+  for (std::size_t k = 0; k < pieces.size(); ++k) {
+    Tensor l;
+    streams.run(k, [&] { l = pass(s, pieces[k].batch, opt, nullptr, 1.0); });
+    if (k == 0) params = opt.all(), sum.resize(params.size());
+    bool same = params.size() == opt.all().size();
+    for (std::size_t i = 0; same && i < params.size(); ++i) same = params[i].is_same(opt.all()[i]);
+    if (!same) throw std::runtime_error("[train] micro_batches: a method changed its trainable tensors between the micro-batches of a step");
+    at::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      if (!params[i].grad().defined()) continue;  // this piece did not reach it
+      const Tensor g = params[i].grad() * pieces[k].weight;
+      sum[i] = sum[i].defined() ? sum[i] + g : g;
+      params[i].mutable_grad().reset();
+    }
+    const Tensor lk = l.detach().to(at::kDouble) * pieces[k].weight;
+    loss = loss.defined() ? loss + lk : lk;
+  }
+  for (std::size_t i = 0; i < params.size(); ++i)
+    if (sum[i].defined()) params[i].mutable_grad() = sum[i];
+  return loss;
+}
+
+// The loss of one step and its gradients, then the methods' after_backward hooks;
+// data-parallel, the gradients are summed over the ranks first, so that the hooks and the
+// update see the global batch's.
+Tensor forward_backward(Session& s, const std::vector<Piece>& pieces, Optimizer& opt, const Shard& shard, PassStreams& streams) {
   opt.adamw().zero_grad();
   // Data-parallel, the all-reduce overlaps backward (DataParallel::begin_gradients) unless
   // layers are recomputed: each runs a backward pass of its own, where a tensor two layers
-  // share would be sent before its second part arrived.
+  // share would be sent before its second part arrived; or unless the step runs in pieces,
+  // whose gradients are summed here before the ranks'.
   // TESSERA_DP_OVERLAP=0 reduces after backward instead (bench/distributed.sh's A/B).
   static const bool allowed = std::getenv("TESSERA_DP_OVERLAP") == nullptr || std::string(std::getenv("TESSERA_DP_OVERLAP")) != "0";
-  const bool overlap = allowed && shard.dp != nullptr && batch != nullptr && !s.model().gradient_checkpointing();
-  Tensor loss;
-  if (batch != nullptr) {
-    const TaskOutput step = s.task().forward(*batch);
-    loss = step.loss;
-    {
-      struct During {  // a method's extra_loss() may read this pass or run it again; not after it, even when one throws
-        Session& s;
-        ~During() { s.set_training_step(nullptr, nullptr); }
-      } during{s};
-      s.set_training_step(batch, &step);
-      for (std::size_t i = 0; i < s.methods().size(); ++i) {
-        Tensor extra = s.methods()[i].call("extra_loss", [](Method& x) { return x.extra_loss(); });
-        if (extra.defined()) loss = loss + extra;
-      }
-    }
-    if (s.take_trainable_changed()) opt.refresh();  // before the reduction: it covers the tensors the update will
-    if (overlap) shard.dp->begin_gradients(opt.all(), shard.weight, loss);
-    loss.backward();
-  }
+  const bool overlap = allowed && shard.dp != nullptr && pieces.size() == 1 && !s.model().gradient_checkpointing();
+  const Tensor loss = pieces.size() == 1 ? pass(s, pieces[0].batch, opt, overlap ? shard.dp : nullptr, shard.weight) : accumulate(s, pieces, opt, streams);
   if (s.take_trainable_changed()) opt.refresh();  // (methods change their set in extra_loss or after_backward, not during backward)
   if (overlap) shard.dp->finish_gradients();
   else if (shard.dp != nullptr) shard.dp->reduce_gradients(opt.all(), shard.weight);
@@ -243,10 +284,9 @@ struct Position {
 
 // Clips, reads the loss (and the gradient norm when clipping computed it) in one
 // transfer, refuses a non-finite one, and steps; returns the loss.
-double finish_step(Session& s, Tensor loss, Optimizer& opt, const Position& at, const std::function<void(const nlohmann::json&)>& log_metric, const Shard& shard) {
+double finish_step(Session& s, const Tensor& loss, Optimizer& opt, const Position& at, const std::function<void(const nlohmann::json&)>& log_metric, const Shard& shard) {
   const double max_norm = s.config().train.max_grad_norm;
   const Tensor norm = max_norm > 0 ? clip_grad_norm(opt.all(), max_norm) : Tensor();
-  if (!loss.defined()) loss = at::zeros({}, s.model().info().options.dtype(at::kFloat));
   const Tensor read = (norm.defined() ? at::stack({loss.detach().to(at::kDouble).reshape({}), norm.to(loss.device(), at::kDouble)})
                                       : loss.detach().to(at::kDouble).reshape({1}))
                           .cpu();
@@ -302,6 +342,7 @@ struct Loop {
   Session& s;
   Optimizer& opt;
   DataParallel* dp;  // null: one process
+  PassStreams& streams;
   const std::string& run_dir;
   std::ofstream& metrics;
   const std::function<void(const nlohmann::json&)>& log_metric;
@@ -312,31 +353,52 @@ struct Loop {
 
   bool lead() const { return dp == nullptr || dp->rank() == 0; }  // the rank that writes
 
-  // Data-parallel: this rank's share of a global batch, weighted by its part of what the loss
-  // averages over (examples, or labelled tokens), so that the weighted sum of the ranks'
-  // gradients is the whole batch's. A rank left without examples (a last batch smaller than
-  // the ranks) runs one example at weight 0: every rank runs one pass per step, so methods
-  // that draw per pass (diff pruning's gate noise) stay in step with each other.
-  Batch this_ranks_batch(const std::vector<std::size_t>& order, Shard& part) const {
-    if (dp == nullptr) {
-      Batch b = s.task().batch(Split::Train, order, 0, order.size());
-      part.device_tokens = b.mask.sum();
-      return b;
+  // This process's part of a global batch in [train] micro_batches pieces: piece k of rank r
+  // is the shard of rank r·M + k of world·M, weighted by its part of what the loss averages
+  // over (examples, or labelled tokens), so that the weighted sum of every piece's gradient is
+  // the whole batch's. A piece left without examples (a last batch smaller than world·M) runs
+  // one example at weight 0: every stream runs one pass per step, so methods that draw per pass
+  // (diff pruning's gate noise) stay in step with each other.
+  std::vector<Piece> pieces(const std::vector<std::size_t>& order, Shard& part) const {
+    const std::int64_t passes = s.config().train.micro_batches;
+    if (dp == nullptr && passes == 1) {
+      std::vector<Piece> one{{s.task().batch(Split::Train, order, 0, order.size())}};
+      part.device_tokens = one[0].batch.mask.sum();
+      return one;
     }
-    auto mine = shard(order, dp->rank(), dp->world());
-    const bool empty = mine.empty();
-    if (empty) mine = {order.back()};
-    Batch b = s.task().batch(Split::Train, mine, 0, mine.size());
-    const double units = empty ? 0.0 : static_cast<double>(s.task().loss_units(b));
-    const double tokens = empty ? 0.0 : static_cast<double>(b.mask.sum().item<std::int64_t>());
-    const auto all = dp->sum({units, tokens});
-    part = {dp, all[0] > 0 ? units / all[0] : 0.0, all[1]};
-    return b;
+    const std::int64_t rank = dp != nullptr ? dp->rank() : 0, world = dp != nullptr ? dp->world() : 1;
+    std::vector<Piece> out;
+    std::vector<double> units;
+    double tokens = 0;
+    for (std::int64_t k = 0; k < passes; ++k) {
+      auto mine = shard(order, rank * passes + k, world * passes);
+      const bool empty = mine.empty();
+      if (empty) mine = {order.back()};
+      out.push_back({s.task().batch(Split::Train, mine, 0, mine.size())});
+      units.push_back(empty ? 0.0 : static_cast<double>(s.task().loss_units(out.back().batch)));
+      tokens += empty ? 0.0 : static_cast<double>(out.back().batch.mask.sum().item<std::int64_t>());
+    }
+    double mine_units = 0;
+    for (const double u : units) mine_units += u;
+    const auto all = dp != nullptr ? dp->sum({mine_units, tokens}) : std::vector<double>{mine_units, tokens};
+    for (std::size_t k = 0; k < out.size(); ++k) out[k].weight = all[0] > 0 ? units[k] / all[0] : 0.0;
+    part = {dp, passes == 1 ? out[0].weight : 1.0, all[1]};
+    return out;
   }
 
   void checkpoint() {
-    // Every rank's random streams (a collective: every rank comes here at the same step).
-    const std::vector<Tensor> ranks = dp != nullptr ? dp->all_gather(rank_generators(s)) : std::vector<Tensor>{};
+    // Every stream's state, in the order of the ranks they stand for (a collective: every rank
+    // comes here at the same step).
+    const std::vector<Tensor> mine = streams.states();
+    std::vector<Tensor> ranks;
+    if (dp != nullptr) {
+      std::vector<std::vector<Tensor>> by_pass;
+      for (const auto& st : mine) by_pass.push_back(dp->all_gather(st));
+      for (std::int64_t r = 0; r < dp->world(); ++r)
+        for (const auto& gathered : by_pass) ranks.push_back(gathered[static_cast<std::size_t>(r)]);
+    } else if (mine.size() > 1) {
+      ranks = mine;
+    }
     if (!lead()) return;
     at.metrics_bytes = static_cast<std::uint64_t>(metrics.tellp());
     save_checkpoint(s, opt.view(), at, run_dir, ranks);
@@ -357,8 +419,8 @@ struct Loop {
       StepInfo info{at.step, total, lr};
       for (std::size_t i = 0; i < s.methods().size(); ++i) s.methods()[i].call("on_step", [&](Method& x) { x.on_step(info); });
       Shard part;
-      const Batch batch = this_ranks_batch(order, part);
-      const double l = finish_step(s, forward_backward(s, &batch, opt, part), opt, Position{at.step, at.epoch, at.epochs_saved, lr, run_dir}, log_metric, part);
+      const auto passes = pieces(order, part);
+      const double l = finish_step(s, forward_backward(s, passes, opt, part, streams), opt, Position{at.step, at.epoch, at.epochs_saved, lr, run_dir}, log_metric, part);
       s.methods().after_step(info);  // the step's gradients still held (AdaLoRA's allocation)
       if (s.take_trainable_changed()) opt.refresh();
 
@@ -378,12 +440,12 @@ struct Loop {
 
 // A resumed run: the checkpoint's tensors, moments and generators in place, metrics.jsonl
 // cut back to what it held then (steps after it were lost with the process).
-TrainPosition resume_from(Session& s, Optimizer& opt, const Checkpoint& c, const std::string& run_dir, const DataParallel* dp) {
+TrainPosition resume_from(Session& s, Optimizer& opt, PassStreams& streams, const Checkpoint& c, const std::string& run_dir, const DataParallel* dp) {
   const bool lead = dp == nullptr || dp->rank() == 0;
-  restore_checkpoint(s, [&] {
+  streams.restore(restore_checkpoint(s, [&] {
     opt.refresh();  // load_state() may have replaced tensors
     return opt.view();
-  }, c, dp ? dp->rank() : 0, dp ? dp->world() : 1);
+  }, c, dp ? dp->rank() : 0, dp ? dp->world() : 1, streams.passes()));
   const auto metrics = fs::path(run_dir) / "metrics.jsonl";
   if (lead && fs::exists(metrics) && fs::file_size(metrics) > c.at.metrics_bytes) fs::resize_file(metrics, c.at.metrics_bytes);
   spdlog::info("resuming from {} at step {} (epoch {}, its step {})", c.dir, c.at.step, c.at.epoch + 1, c.at.epoch_step);
@@ -430,7 +492,8 @@ TrainResult train(Session& s, const std::string& run_dir, const TrainOptions& op
   spdlog::info("training {} of {} parameters ({:.3f}% of the base) on {} examples, {} steps", result.trainable, result.base,
                100.0 * static_cast<double>(result.trainable) / static_cast<double>(result.base), n_train, total);
   Optimizer opt(s, total);
-  const TrainPosition start_at = resume ? resume_from(s, opt, *resume, run_dir, dp) : TrainPosition{};
+  PassStreams streams(s, cfg.micro_batches);  // each as the generators stand before the first step
+  const TrainPosition start_at = resume ? resume_from(s, opt, streams, *resume, run_dir, dp) : TrainPosition{};
   std::ofstream metrics;
   if (lead) metrics.open(fs::path(run_dir) / "metrics.jsonl", std::ios::app);
   std::unique_ptr<EventWriter> board;
@@ -442,7 +505,7 @@ TrainResult train(Session& s, const std::string& run_dir, const TrainOptions& op
   };
 
   const auto start = std::chrono::steady_clock::now();
-  Loop loop{s, opt, dp, run_dir, metrics, log_metric, total, per_epoch, start_at, {}};
+  Loop loop{s, opt, dp, streams, run_dir, metrics, log_metric, total, per_epoch, start_at, {}};
   auto& at = loop.at;
   s.model().train(true);
   Task::Share share;  // data-parallel: the test split shared by the ranks

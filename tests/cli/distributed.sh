@@ -4,7 +4,8 @@
 # ranks adds in another order); a rank killed mid-run stops the other within seconds, the
 # launcher naming it, with no adapter half-written; a data-parallel run killed after a
 # checkpoint resumes with one process and still ends at the same adapter; with dropout, a
-# 2-rank run killed and resumed with 2 ranks ends bit for bit as the uninterrupted one; tensors
+# 2-rank run killed and resumed with 2 ranks ends bit for bit as the uninterrupted one; one
+# process in 2 micro-batches is the 2-rank run bit for bit, and resumes as one; tensors
 # a step leaves unused (AdaMix's undrawn experts) do not hold the overlap.
 #
 # usage: distributed.sh TESSERA OUT_DIR PYTHON GPT2_TEXT_DIR
@@ -48,6 +49,14 @@ TOML
 "$tessera" --log-level warn train "$out/run.toml" --run-dir "$out/two" --nproc 2
 [ ! -e "$out/two/adapter.partial" ]
 
+same_metrics() {  # run, run: metrics.jsonl equal but for the seconds
+  "$py" - "$1" "$2" <<'PY'
+import json, sys
+strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in open(f"{d}/metrics.jsonl")]
+a, b = strip(sys.argv[1]), strip(sys.argv[2])
+assert a == b, [(x, y) for x, y in zip(a, b) if x != y][:2]
+PY
+}
 # Same adapter, same losses, within float tolerance.
 compare() {  # run, [reference run, steps, tolerance of an adapter tensor's largest entry]
   "$py" - "${2:-$out/one}" "$1" "${3:-28}" "${4:-1e-4}" <<'PY'
@@ -156,21 +165,36 @@ compare "$out/killed"
 # rank's random streams come back as they were.
 sed -e "s|^path = \"$out/model\"|path = \"$TESSERA_MODEL_DIR\"|" -e 's|^lora_dropout = 0.0|lora_dropout = 0.1|' "$out/run.toml" >"$out/drop.toml"
 "$tessera" --log-level warn train "$out/drop.toml" --run-dir "$out/drop" --nproc 2
-setsid "$tessera" --log-level warn train "$out/drop.toml" --run-dir "$out/drop-killed" --nproc 2 2>/dev/null &
-launcher=$!
-for _ in $(seq 1 600); do
-  [ -f "$out/drop-killed/metrics.jsonl" ] && grep -q '"step":11' "$out/drop-killed/metrics.jsonl" && break
-  sleep 0.05
-done
-kill -9 -- "-$launcher" 2>/dev/null || true
-wait "$launcher" 2>/dev/null || true
-ls "$out/drop-killed/checkpoints" | grep -q '^step-'
+killed_at() {  # step, config, run dir, train args...: the run's process group SIGKILLed once it logs that step
+  local step=$1 config=$2 run=$3
+  shift 3
+  setsid "$tessera" --log-level warn train "$config" --run-dir "$run" "$@" 2>/dev/null &
+  local group=$!
+  for _ in $(seq 1 600); do
+    [ -f "$run/metrics.jsonl" ] && grep -q "\"step\":$step" "$run/metrics.jsonl" && break
+    sleep 0.05
+  done
+  kill -9 -- "-$group" 2>/dev/null || true
+  wait "$group" 2>/dev/null || true
+  ls "$run/checkpoints" | grep -q '^step-'
+}
+killed_at 11 "$out/drop.toml" "$out/drop-killed" --nproc 2
 "$tessera" --log-level warn train --resume "$out/drop-killed" --nproc 2
 cmp "$out/drop/adapter/lora/adapter_model.safetensors" "$out/drop-killed/adapter/lora/adapter_model.safetensors"
-"$py" - "$out/drop" "$out/drop-killed" <<'PY'
-import json, sys
-strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in open(f"{d}/metrics.jsonl")]
-a, b = strip(sys.argv[1]), strip(sys.argv[2])
-assert a == b, [(x, y) for x, y in zip(a, b) if x != y][:2]
-PY
-echo "distributed: equal across 1 and 2 ranks; a killed rank stops the run; resumed across N; resumed with dropout bit for bit"
+same_metrics "$out/drop" "$out/drop-killed"
+# One process in 2 micro-batches ([train] micro_batches = 2, one thread) takes the 2-rank run's
+# steps bit for bit, dropout included: piece k is rank k's shard and draws from a stream of its
+# own, its gradient is weighted as the reducer weighs a rank's, and two gradients add up the
+# same in either order.
+sed -e 's|^bucket_cap_mb = .*|micro_batches = 2|' "$out/drop.toml" >"$out/micro.toml"
+grep -q '^micro_batches = 2' "$out/micro.toml"
+"$tessera" --log-level warn train "$out/micro.toml" --run-dir "$out/micro"
+cmp "$out/drop/adapter/lora/adapter_model.safetensors" "$out/micro/adapter/lora/adapter_model.safetensors"
+same_metrics "$out/drop" "$out/micro"
+# Killed after a checkpoint and resumed as 2 ranks of one micro-batch each: every stream comes
+# back to the rank it stood for, and the run still ends as the uninterrupted 2-rank run.
+killed_at 8 "$out/micro.toml" "$out/micro-killed"
+"$tessera" --log-level warn train --resume "$out/micro-killed" "$out/drop.toml" --nproc 2
+cmp "$out/drop/adapter/lora/adapter_model.safetensors" "$out/micro-killed/adapter/lora/adapter_model.safetensors"
+same_metrics "$out/drop" "$out/micro-killed"
+echo "distributed: equal across 1 and 2 ranks; a killed rank stops the run; resumed across N; resumed with dropout bit for bit; 2 micro-batches are 2 ranks bit for bit"

@@ -71,6 +71,32 @@ CATCH_TEST_CASE("config errors carry file, line, column and a suggestion", "[run
               "run.toml:3:10: 'device' must be \"cpu\", \"cuda\" or \"cuda:N\", not \"gpu\"");
   CATCH_CHECK(config_error("[model]\npath = \"/m\"\ndevice = \"cuda:x\"\n[data]\npath = \"/d.csv\"\n") != "no error");
   CATCH_CHECK(config_error("[model]\npath = \"/m\"\ndevice = \"cuda:1\"\n[data]\npath = \"/d.csv\"\n") == "no error");
+  // Each micro-batch needs an example of the batch.
+  CATCH_CHECK(config_error(std::string(kBase) + "[train]\nbatch_size = 4\nmicro_batches = 5\n") ==
+              "run.toml:7:17: 'micro_batches' (5) must be at most batch_size (4): each piece of a batch needs an example");
+  CATCH_CHECK(config_error(std::string(kBase) + "[train]\nmicro_batches = 0\n") == "run.toml:6:17: 'micro_batches' must be at least 1");
+  CATCH_CHECK(config_error(std::string(kBase) + "[train]\nbatch_size = 4\nmicro_batches = 4\n") == "no error");
+}
+
+CATCH_TEST_CASE("config_differences: changed, removed and added keys, a host key added since at its default is none", "[runtime][config]") {
+  auto dir = test::temp_dir("cfg-diff");
+  const auto path = (dir / "run.toml").string();
+  {
+    std::ofstream(path) << kBase << "[train]\nlr = 5e-4\n";
+  }
+  const std::string now = resolved_toml(load_config(path));
+  CATCH_CHECK(config_differences(now, now).empty());
+  // A text written before [train] micro_batches existed: the key at its default changes nothing.
+  std::string before = now;
+  const auto at = before.find("micro_batches = 1\n");
+  CATCH_REQUIRE(at != std::string::npos);
+  before.erase(at, std::string("micro_batches = 1\n").size());
+  CATCH_CHECK(config_differences(before, now).empty());
+  std::string two = now;
+  two.replace(two.find("micro_batches = 1"), 17, "micro_batches = 2");
+  CATCH_CHECK(config_differences(before, two) == std::vector<std::string>{"train.micro_batches: (absent) → 2"});
+  CATCH_CHECK(config_differences(two, now) == std::vector<std::string>{"train.micro_batches: 2 → 1"});
+  CATCH_CHECK(config_differences(now, before) == std::vector<std::string>{"train.micro_batches: 1 → (absent)"});
 }
 
 CATCH_TEST_CASE("method parameters are checked against the plugin's schema with positions", "[runtime][config]") {
