@@ -167,7 +167,8 @@ def classifier_argv(cfg):
     method, extra = what
     adapterhub = method.endswith("_bn") or method.startswith("compacter") or method in ("mam", "unipelt")
     t = cfg["train"]
-    argv = [str(here / "peer_hf_peft.py"), "--method", method, "--head-lr", str(t["head_lr"]), "--padding", "longest"] + extra
+    argv = [str(here / "peer_hf_peft.py"), "--method", method, "--head-lr", str(t["head_lr"]), "--max-grad-norm", str(t["max_grad_norm"]),
+            "--padding", "longest"] + extra
     return argv, method + (" over nf4" if "--quantize" in extra else ""), adapters_venv if adapterhub else venv
 
 

@@ -38,6 +38,7 @@ ap.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4
 ap.add_argument("--epochs", type=int, default=0, help="0: the timing mode (--steps consecutive batches of the file); N: train N epochs, then evaluate")
 ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--head-lr", type=float, default=0.0, help="0: --lr")
+ap.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping (Tessera's [train] max_grad_norm = 0)")
 ap.add_argument("--weight-decay", type=float, default=0.01)
 ap.add_argument("--warmup-ratio", type=float, default=0.06)
 ap.add_argument("--seed", type=int, default=42, help="epochs mode: the shuffle's and the initialisation's seed")
@@ -131,7 +132,8 @@ def step(batch_texts, batch_labels, at):
         loss = loss + adalora_orth_reg(model.encoder)
     opt.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     opt.step()
     if args.method == "adalora":  # PEFT's loop: allocate after the step, before zero_grad
         model.encoder.base_model.update_and_allocate(at)

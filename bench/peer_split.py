@@ -29,7 +29,7 @@ def split_rows(path, test_fraction=0.2, seed=13, limit=0):
         rows = [rows[k] for k in sorted(keep[:limit])]
     order = list(range(len(rows)))
     seeded_shuffle(order, seed)
-    cut = int(len(rows) * test_fraction + 0.5)
+    cut = max(1, int(len(rows) * test_fraction + 0.5))  # as the dataset: at least one test row
     return [rows[k] for k in order[cut:]], [rows[k] for k in order[:cut]]
 
 
