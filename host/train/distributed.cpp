@@ -35,6 +35,8 @@ struct Reducer {
   std::mutex mutex;  // autograd runs each device's accumulators on a thread of its own
   std::vector<std::size_t> bucket_of;
   std::vector<bool> arrived;
+  std::vector<bool> walked_past;  // marked unused by the graph walk this step
+  std::int64_t late = -1;         // such a tensor whose gradient came all the same (the walk was wrong)
   std::vector<Bucket> buckets;
   std::size_t next = 0;  // the first bucket not started
   double weight = 1;
@@ -43,8 +45,9 @@ struct Reducer {
   std::int64_t bytes = 0;
   std::int64_t started_early = 0;  // buckets of this step started before finish_gradients()
 
-  void arrive(std::size_t i) {
+  void arrive(std::size_t i, bool from_backward) {
     std::lock_guard<std::mutex> lock(mutex);
+    if (active && from_backward && walked_past[i]) late = static_cast<std::int64_t>(i);  // its bucket may be gone already
     if (!active || arrived[i]) return;
     arrived[i] = true;
     --buckets[bucket_of[i]].pending;
@@ -74,7 +77,7 @@ class Arrived final : public torch::autograd::FunctionPostHook {
  public:
   Arrived(Reducer* r, std::size_t index) : r_(r), index_(index) {}
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) override {
-    r_->arrive(index_);
+    r_->arrive(index_, true);
     return outputs;
   }
 
@@ -216,6 +219,8 @@ void DataParallel::begin_gradients(const std::vector<at::Tensor>& params, double
   auto& r = impl_->reducer;
   r.weight = weight;
   r.arrived.assign(params.size(), false);
+  r.walked_past.assign(params.size(), false);
+  r.late = -1;
   for (auto& b : r.buckets) b.pending = b.members.size(), b.work.reset(), b.flat.clear();
   r.next = 0;
   r.started_early = 0;
@@ -226,7 +231,7 @@ void DataParallel::begin_gradients(const std::vector<at::Tensor>& params, double
   const auto walk = std::chrono::steady_clock::now();
   const auto reached = reachable(loss);
   for (std::size_t j = 0; j < params.size(); ++j)
-    if (reached.count(r.accumulators[j].get()) == 0) r.arrive(j), ++traffic_.unused;
+    if (reached.count(r.accumulators[j].get()) == 0) r.walked_past[j] = true, r.arrive(j, false), ++traffic_.unused;
   traffic_.walk_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - walk).count();
 }
 
@@ -265,6 +270,9 @@ void DataParallel::finish_gradients() {
   r.bytes = 0;
   traffic_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   ++traffic_.reductions;
+  if (r.late >= 0)  // its gradient would be left out of the sum on this rank: stop rather than train on
+    throw std::logic_error("data-parallel training: trainable tensor " + std::to_string(r.late) +
+                           " got a gradient in backward after the walk of the loss's graph found it unreachable");
 }
 
 std::vector<double> DataParallel::sum(const std::vector<double>& values) {
