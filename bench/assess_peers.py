@@ -105,14 +105,19 @@ def lm_peer(cfg):
     arch = json.loads((path / "config.json").read_text()).get("model_type") if (path / "config.json").exists() else "unknown"
     if arch not in ("llama", "mistral"):
         return None, f"the decoder peer runner covers the LLaMA family, not {arch}"
-    if cfg.get("groups"):
-        return None, "composition groups on a decoder: no peer runner"
     d, model = cfg["data"], cfg["model"]
     if d.get("prompt_column") or d.get("target_column") or d.get("text_column", "text") != "text" or d.get("format", "auto") not in ("auto", "csv") \
             or not str(d["path"]).endswith(".csv"):
         return None, "the decoder peer runner reads a CSV's 'text' column alone (no prompt or target column)"
     if model.get("dtype", "f32") != "f32" or model.get("tokenizer") or model.get("device", "cpu") != "cpu":
         return None, "the decoder peer runner loads the model in f32 on the CPU with its own tokenizer.json"
+    if cfg.get("groups"):  # AdapterHub's MAM and UniPELT presets, on LLaMA as on BERT
+        group = adapterhub_group(cfg)
+        if not group:
+            return None, "a composition group that is neither AdapterHub's MAM nor UniPELT: no peer"
+        if model.get("quantize", "none") != "none" or cfg["train"].get("gradient_checkpointing"):
+            return None, f"{group} over a quantized base or with gradient checkpointing: no peer"
+        return ["--adapterhub", json.dumps({"config": group, "kwargs": {}})], group
     methods = cfg.get("methods", [])
     if len(methods) != 1:
         return None, "no methods (the base alone)" if not methods else "several methods: no peer runner"

@@ -67,7 +67,12 @@ if args.quantize == "nf4":  # QLoRA as PEFT users run it: bitsandbytes NF4, doub
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, quantization_config=q, device_map=args.device)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
 else:
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    # AdapterHub's prefix on LLaMA pads the attention mask with ones and inverts it, which is
+    # right for eager attention's additive float mask and wrong for SDPA's boolean one (every
+    # prefix column masked out) or its absent one (is_causal aligned top-left over prefix +
+    # tokens): its presets with a prefix (MAM, UniPELT) run on eager attention.
+    prefix_preset = args.adapterhub and json.loads(args.adapterhub)["config"] in ("mam", "unipelt", "prefix_tuning")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **({"attn_implementation": "eager"} if prefix_preset else {}))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()

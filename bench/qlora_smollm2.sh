@@ -14,12 +14,7 @@
 # ratios to the f32 run.
 #   bash bench/qlora_smollm2.sh
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$root/scripts/build" >/dev/null
-source "${TESSERA_HOME:-$HOME/.cache/tessera}/env.sh"
-py=$TESSERA_VENV/bin/python
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 run() {  # name config [extra [model] line]
   sed -e "s|^dir = .*|dir = \"$work/$1\"|" "$2" >"$work/$1.toml"
   if [[ -n ${3:-} ]]; then sed -i "s|^\[model\]|[model]\n$3|" "$work/$1.toml"; fi
