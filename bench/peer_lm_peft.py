@@ -59,6 +59,7 @@ else:
     train = [r["text"] for r in train_rows(args.data, args.test_fraction)]
 
 tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
+hub = json.loads(args.adapterhub) if args.adapterhub else None  # {"config": preset, "kwargs": {...}}
 if args.quantize == "nf4":  # QLoRA as PEFT users run it: bitsandbytes NF4, double quantization, prepare_model_for_kbit_training
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
@@ -71,7 +72,7 @@ else:
     # right for eager attention's additive float mask and wrong for SDPA's boolean one (every
     # prefix column masked out) or its absent one (is_causal aligned top-left over prefix +
     # tokens): its presets with a prefix (MAM, UniPELT) run on eager attention.
-    prefix_preset = args.adapterhub and json.loads(args.adapterhub)["config"] in ("mam", "unipelt", "prefix_tuning")
+    prefix_preset = hub is not None and hub["config"] in ("mam", "unipelt", "prefix_tuning")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **({"attn_implementation": "eager"} if prefix_preset else {}))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -121,9 +122,9 @@ if args.peft_config:  # the run's own method keys, mapped by bench/assess_peers.
 elif args.adapterhub:  # the preset with the run's own keys; train_adapter freezes the rest
     import adapters
 
-    spec, config = json.loads(args.adapterhub), None
+    config = None
     adapters.init(model)
-    model.add_adapter("a", config=adapters.AdapterConfig.load(spec["config"], **spec["kwargs"]))
+    model.add_adapter("a", config=adapters.AdapterConfig.load(hub["config"], **hub["kwargs"]))
     model.train_adapter("a")
 elif not args.full:
     config = peft_config(args.method, args.targets.split(","), total, task_type="CAUSAL_LM", fan_in_fan_out=args.fan_in_fan_out)
