@@ -334,6 +334,9 @@ CATCH_TEST_CASE("soft prompts refuse bad input by name: virtual-token and layer 
                             Catch::Contains("has 128 columns, this model needs 4608 (2 × 6 layers × 12 kv heads × 32 head dim)"));
     inst->detach(*model);
   }
+  // AdapterHub's wide input table is the projection's: without one it is refused at its key.
+  CATCH_CHECK_THROWS_AS(create("prefix_tuning", {{"embedding_width", std::string("hidden")}}), ParamError);
+  CATCH_CHECK_THROWS_WITH(create("prefix_tuning", {{"embedding_width", std::string("hidden")}}), Catch::Contains("needs prefix_projection = true"));
   CATCH_CHECK_THROWS_WITH(apply_schema(test::registry().find("prompt_tuning")->params, {{"num_virtual_tokens", std::int64_t{0}}}),
                           Catch::Contains("num_virtual_tokens"));
   {

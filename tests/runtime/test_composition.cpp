@@ -413,27 +413,101 @@ CATCH_TEST_CASE("configs/hybrid/mam.toml is AdapterHub's MAMConfig: the same pre
                                         test::adapters_reference()["minilm_mam_prefix_only"], base["attention_mask"]) > 1e-2);
 }
 
+// AdapterHub's UniPELT tensors (tests/fixtures/make_adapters.py) loaded into the stack of
+// configs/hybrid/unipelt.toml: prefix (unless prefix_rows is false) and LoRA as peft's files
+// hold them, the adapter (its gate inside) under AdapterHub's names, the LoRA and prefix gates
+// under the group's.
+static void load_unipelt(MethodStack& stack, const std::string& file, bool prefix_rows = true) {
+  std::map<std::string, NamedTensors> parts;
+  for (const auto& [k, t] : test::read_tensors(test::adapters_fixture(file))) {
+    const auto dot = k.find('.');
+    parts[k.substr(0, dot)][k.substr(dot + 1)] = t;
+  }
+  for (const char* name : {"prefix", "lora", "adapter"})
+    if (prefix_rows || std::string(name) != "prefix") stack[index_of(stack, name)].call("load_state", [&](Method& m) { m.load_state(parts.at(name)); });
+  NamedTensors gates = stack.group_state();
+  CATCH_REQUIRE(gates.size() == parts.at("gate").size());  // q, v and attention gates of every layer, weight and bias each
+  at::NoGradGuard no_grad;
+  for (auto& [k, t] : gates) Tensor(t).copy_(parts.at("gate").at(k));
+}
+
 CATCH_TEST_CASE("configs/hybrid/unipelt.toml is AdapterHub's UniPELTConfig: the same LoRA, prefix, adapter and gates give its outputs on MiniLM, each sample as alone, positions as AdapterHub's", "[runtime][composition][minilm][parity]") {
   Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/unipelt.toml");
   check_methods(c, test::registry());
   auto model = test::load_minilm();
   MethodStack stack(test::registry(), c.methods, *model, c.model, c.groups);
   CATCH_CHECK(model->token_wise_only());  // the gates average real tokens: the batch runs unpadded
-  // tests/fixtures/make_adapters.py: prefix and LoRA as peft's files hold them, the adapter
-  // (its gate inside) under AdapterHub's names, the LoRA and prefix gates under the group's.
-  std::map<std::string, NamedTensors> parts;
-  for (const auto& [k, t] : test::read_tensors(test::adapters_fixture("minilm_unipelt/tensors.safetensors"))) {
-    const auto dot = k.find('.');
-    parts[k.substr(0, dot)][k.substr(dot + 1)] = t;
-  }
-  for (const char* name : {"prefix", "lora", "adapter"}) stack[index_of(stack, name)].call("load_state", [&](Method& m) { m.load_state(parts.at(name)); });
-  NamedTensors gates = stack.group_state();
-  CATCH_REQUIRE(gates.size() == parts.at("gate").size());  // q, v and attention gates of 6 layers, weight and bias each
-  {
-    at::NoGradGuard no_grad;
-    for (auto& [k, t] : gates) Tensor(t).copy_(parts.at("gate").at(k));
-  }
+  load_unipelt(stack, "minilm_unipelt/tensors.safetensors");
   auto& base = test::cached_tensors(test::fixture("reference.safetensors"));
   at::NoGradGuard no_grad;
   TESSERA_CHECK_PARITY(test::parity(model->forward(base["input_ids"], base["attention_mask"]).hidden, test::adapters_reference(), "minilm_unipelt", base["attention_mask"]));
+}
+
+// The same on a decoder: a tiny LLaMA with grouped-query attention (its prefix one row per
+// key/value head, as AdapterHub lays it out), causal attention over prefix + tokens; logits
+// and the gradient of every trained tensor (the prefix's on its rows Z) against AdapterHub's.
+CATCH_TEST_CASE("configs/hybrid/unipelt.toml is AdapterHub's UniPELTConfig on a grouped-query LLaMA too: the same logits and gradients", "[runtime][composition][decoder][parity]") {
+  Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/unipelt.toml");
+  check_methods(c, test::registry());
+  auto model = DecoderModel::load(test::adapters_fixture("llama_gqa"), test::options());
+  test::perturb_if_asked(*model);
+  MethodStack stack(test::registry(), c.methods, *model, c.model, c.groups);
+  load_unipelt(stack, "llama_unipelt/tensors.safetensors");
+  auto& ref = test::adapters_reference();
+  auto& base = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
+  const Tensor& mask = base["attention_mask"];
+  const Tensor logits = model->logits(model->forward(base["input_ids"], mask));
+  TESSERA_CHECK_PARITY(test::parity(logits.detach(), ref, "llama_unipelt", mask));
+  (logits * ref["llama_unipelt.grad.direction"] * mask.unsqueeze(-1)).sum().backward();
+  std::size_t compared = 0;
+  auto check = [&](const std::string& key, const Tensor& t) {
+    CATCH_INFO(key);
+    const auto it = ref.find("llama_unipelt.grad." + key);
+    CATCH_REQUIRE(it != ref.end());
+    CATCH_REQUIRE(t.grad().defined());
+    const Tensor theirs = it->second.to(at::kDouble);
+    CATCH_CHECK((t.grad().to(at::kCPU, at::kDouble) - theirs).abs().max().item<double>() <= 2e-3 * theirs.abs().max().item<double>());
+    ++compared;
+  };
+  // The loaded prefix trains its rows Z (its state() is a detached copy of them).
+  check("prefix.prompt_embeddings", stack[index_of(stack, "prefix")].call("trainable", [](Method& m) { return m.trainable(); }).at("prompt_encoder.embedding.weight"));
+  for (const auto& [k, t] : state_of(stack, "lora")) check("lora." + k, t);
+  for (const auto& [k, t] : state_of(stack, "adapter")) {  // AdapterHub's names carry the adapter's: "a" there
+    const std::string ours = ".adapters.adapter.";
+    std::string theirs = k;
+    check("adapter." + theirs.replace(theirs.find(ours), ours.size(), ".adapters.a."), t);
+  }
+  for (const auto& [k, t] : stack.group_state()) check("gate." + k, t);
+  std::size_t theirs = 0;
+  for (const auto& [k, _] : ref) theirs += k.rfind("llama_unipelt.grad.", 0) == 0 && k != "llama_unipelt.grad.direction";
+  CATCH_CHECK(compared == theirs);
+}
+
+// AdapterHub's prefix MLP itself, its input table as wide as the hidden size (64 here, the
+// key/value heads' 32): the config's projection (embedding_width = "hidden") takes its tensors
+// as they are and gives its logits.
+CATCH_TEST_CASE("configs/hybrid/unipelt.toml's prefix MLP is AdapterHub's on a grouped-query LLaMA: its tensors as they are give its logits", "[runtime][composition][decoder][parity]") {
+  Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/unipelt.toml");
+  check_methods(c, test::registry());
+  auto model = DecoderModel::load(test::adapters_fixture("llama_gqa"), test::options());
+  test::perturb_if_asked(*model);
+  MethodStack stack(test::registry(), c.methods, *model, c.model, c.groups);
+  load_unipelt(stack, "llama_unipelt/tensors.safetensors", /*prefix_rows=*/false);
+  auto ours = stack[index_of(stack, "prefix")].call("trainable", [](Method& m) { return m.trainable(); });
+  std::size_t copied = 0;
+  {
+    at::NoGradGuard no_grad;
+    for (const auto& [k, t] : test::read_tensors(test::adapters_fixture("llama_unipelt/tensors.safetensors"))) {
+      if (k.rfind("prefix_mlp.", 0) != 0) continue;
+      CATCH_INFO(k);
+      Tensor mine = ours.at(k.substr(11));
+      CATCH_REQUIRE(mine.sizes() == t.sizes());  // E' (10, 64), W1 (512, 64), W2 (2·2·32, 512)
+      mine.copy_(t), ++copied;
+    }
+  }
+  CATCH_CHECK(copied == ours.size());
+  auto& base = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
+  at::NoGradGuard no_grad;
+  const Tensor& mask = base["attention_mask"];
+  TESSERA_CHECK_PARITY(test::parity(model->logits(model->forward(base["input_ids"], mask)), test::adapters_reference(), "llama_unipelt", mask));
 }

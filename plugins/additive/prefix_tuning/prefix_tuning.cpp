@@ -3,11 +3,11 @@
 // al. 2022, arXiv:2110.07602). The math and every key: README.md beside this.
 //
 //   Z = E                              E: (P, 2 L d) trainable     (prefix_projection = false)
-//   Z = W2 tanh(W1 E' + b1) + b2       E': (P, d), W1: (h, d), W2: (2 L d, h)   (= true)
+//   Z = W2 tanh(W1 E' + b1) + b2       E': (P, e), W1: (h, e), W2: (2 L d, h)   (= true)
 //   layer l:  K = [Z_K(l) ; K],  V = [Z_V(l) ; V]      Z row p = (2L, kv heads, head_dim)
 //
 // d = kv heads × head dim (grouped-query models keep one prefix per key/value head), L the
-// layers PEFT counts. Each layer's keys and values get P more in front, at the attention
+// layers PEFT counts, e = d (peft's) or the model's hidden size (AdapterHub's, embedding_width). Each layer's keys and values get P more in front, at the attention
 // site: the host extends the masks and numbers the tokens after the prefix, as transformers
 // does for past key values (shift_positions = false: from 0, as AdapterHub's prefix; SDK 2.8's
 // positionless prefix); in generation the KV cache holds the prefix once.
@@ -39,6 +39,10 @@ class PrefixTuning final : public tessera::Method {
                       std::nullopt, {}});
     params.push_back({"encoder_hidden_size", ParamType::Int, std::int64_t{0}, "the projection's hidden size h; 0: d (kv heads × head dim)", 0.0,
                       65536.0, {}});
+    params.push_back({"embedding_width", ParamType::String, std::string("kv"),
+                      "with a projection, the width e of its input table E': \"kv\" = d (kv heads × head dim, peft's), \"hidden\" = the model's "
+                      "hidden size (AdapterHub's); the two differ on grouped-query models",
+                      std::nullopt, std::nullopt, {"kv", "hidden"}});
     params.push_back({"shift_positions", ParamType::Bool, true,
                       "true: the tokens are numbered after the prefix, as transformers numbers them after past key values (peft); false: from 0, "
                       "as without it (AdapterHub's prefix tuning, MAM, UniPELT)",
@@ -76,13 +80,16 @@ class PrefixTuning final : public tessera::Method {
     shift_ = ctx.params.flag("shift_positions");
     hidden_ = ctx.params.integer("encoder_hidden_size") > 0 ? ctx.params.integer("encoder_hidden_size") : d_;
     zero_ = ctx.params.text("init_weights") == "zero";
+    const bool hidden_wide = ctx.params.text("embedding_width") == "hidden";
+    if (hidden_wide && !projection_) throw tessera::ParamError("embedding_width", "embedding_width = \"hidden\" is the projection's input: it needs prefix_projection = true");
+    const std::int64_t e = hidden_wide ? info_.hidden_size : d_;
     const auto& o = info_.param_options;
     const auto width = 2 * L_ * d_;
     {
       at::NoGradGuard no_grad;
-      table_ = at::empty({P_, projection_ ? d_ : width}, o).normal_();
+      table_ = at::empty({P_, projection_ ? e : width}, o).normal_();
       if (projection_) {
-        weights_ = {torch_default_uniform({hidden_, d_}, d_, o), torch_default_uniform({hidden_}, d_, o), torch_default_uniform({width, hidden_}, hidden_, o),
+        weights_ = {torch_default_uniform({hidden_, e}, e, o), torch_default_uniform({hidden_}, e, o), torch_default_uniform({width, hidden_}, hidden_, o),
                     torch_default_uniform({width}, hidden_, o)};
         if (zero_) weights_[2].zero_(), weights_[3].zero_();
       } else if (zero_) {
@@ -162,7 +169,7 @@ class PrefixTuning final : public tessera::Method {
   std::vector<tessera::AttentionSite*> sites_;
   std::int64_t L_ = 0, heads_ = 0, head_dim_ = 0, d_ = 0, P_ = 0, submodules_ = 1, hidden_ = 0;
   bool projection_ = false, zero_ = false, direct_ = false, shift_ = true;
-  Tensor table_;                 // E (P, 2L d) or E' (P, d), f32 master
+  Tensor table_;                 // E (P, 2L d) or E' (P, e), f32 master
   std::vector<Tensor> weights_;  // W1, b1, W2, b2 with a projection
   Tensor current_;               // this forward's Z, laid out: (P, 2L, heads, head_dim)
 };
