@@ -112,14 +112,16 @@ nlohmann::json run_one(const Setup& s, std::int64_t seed, const Matrix& m, const
   nlohmann::json r = {{"setup", s.name}, {"seed", seed}, {"dir", run.string()}, {"ok", false}, {"plugins", plugins}};
   if (!s.error.empty()) return r["error"] = s.error, r;
   fs::create_directories(dir);
-  const std::string config_text = resolved_toml(run_config(s, seed, run.string()));
+  const Config run_cfg = run_config(s, seed, run.string());
+  const std::string config_text = resolved_toml(run_cfg);
   const fs::path record = run.string() + ".json", config = run.string() + ".toml", log = run.string() + ".log";
   if (!o.rerun && fs::exists(record)) {
     const auto done = nlohmann::json::parse(read_text(record.string()), nullptr, false);
-    // Finished with the same config (a host key added since at its default is the same): kept.
+    // Finished with the same config (a host key or plugin parameter added since, at its
+    // default, is the same): kept.
     auto same = [&] {
       try {
-        return config_differences(done.value("config", ""), config_text).empty();
+        return config_differences(done.value("config", ""), run_cfg).empty();
       } catch (const std::exception&) {
         return false;  // a record whose config no longer parses: run again
       }

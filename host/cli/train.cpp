@@ -104,7 +104,7 @@ int run_resume(const Args& a, const PluginRegistry& registry) {
   check_methods(config, registry);
   if (a.threads >= 0) config.train.threads = a.threads;
   config.output_dir = run_dir;
-  for (const auto& d : config_differences(checkpoint->config, resolved_toml(config)))
+  for (const auto& d : config_differences(checkpoint->config, config))
     if (!may_change_on_resume(d))
       throw std::runtime_error("--resume " + run_dir + ": the config changed since the checkpoint (" + d +
                                "); only [train] epochs, checkpoint_every, bucket_cap_mb and micro_batches may change when a run resumes");

@@ -415,7 +415,7 @@ void check_methods(Config& config, const PluginRegistry& registry) {
                                    "; `tessera plugins` lists the plugins found");
     }
     std::vector<std::string> keys;
-    for (const auto& s : info->params) keys.push_back(s.name);
+    for (const auto& s : info->params) keys.push_back(s.name), m.defaults[s.name] = s.default_value;
     for (const auto& [k, v] : m.params) {
       auto spec = std::find_if(info->params.begin(), info->params.end(), [&](const ParamSpec& s) { return s.name == k; });
       if (spec == info->params.end()) {
@@ -525,10 +525,26 @@ void flatten(const toml::node& n, const std::string& at, std::map<std::string, s
 
 }  // namespace
 
-std::vector<std::string> config_differences(const std::string& before, const std::string& now) {
+namespace {
+
+// The defaults a key added since `before` is compared with: the host's, and for each of
+// `now`'s methods (at its position) its plugin schema's.
+std::string defaults_toml(const Config& now) {
+  Config d;
+  for (const auto& m : now.methods) {
+    MethodConfig x;
+    x.plugin = m.plugin, x.name = m.name, x.params = m.defaults;
+    d.methods.push_back(std::move(x));
+  }
+  return resolved_toml(d);
+}
+
+}  // namespace
+
+std::vector<std::string> config_differences(const std::string& before, const Config& now) {
   std::map<std::string, std::string> a, b;
   flatten(toml::parse(before), "", a);
-  flatten(toml::parse(now), "", b);
+  flatten(toml::parse(resolved_toml(now)), "", b);
   std::vector<std::string> out;
   for (const auto& [k, v] : a) {
     const auto it = b.find(k);
@@ -537,7 +553,7 @@ std::vector<std::string> config_differences(const std::string& before, const std
   }
   // A key the older text lacks at its default value was added since, and changes nothing.
   std::map<std::string, std::string> defaults;
-  flatten(toml::parse(resolved_toml(Config{})), "", defaults);
+  flatten(toml::parse(defaults_toml(now)), "", defaults);
   for (const auto& [k, v] : b) {
     const auto d = defaults.find(k);
     if (!a.count(k) && (d == defaults.end() || d->second != v)) out.push_back(k + ": (absent) → " + v);

@@ -47,6 +47,7 @@ struct MethodConfig {
   std::map<std::string, SourcePos> param_pos;
   SourcePos pos, params_pos;
   Params checked;                           // after check_methods: schema defaults filled
+  std::map<std::string, ParamValue> defaults;  // after check_methods: the schema's default of every parameter
   // An adapter folder of this method to start from (its state is read after attaching): a
   // run's adapter/<name>, or what `tessera train` wrote for another run. Empty: fresh.
   std::string load;
@@ -141,11 +142,12 @@ void check_methods(Config& config, const PluginRegistry& registry);
 // The config as TOML with every default filled in (written into the run directory).
 std::string resolved_toml(const Config& config);
 
-// The keys whose values differ between two resolved configs (resolved_toml's text), as
-// "train.lr: 0.001 → 0.002" (methods by position: "methods[0].params.r"), in key order. A
-// host key `before` lacks (added since it was written) counts only when `now` has it away
-// from its default.
-std::vector<std::string> config_differences(const std::string& before, const std::string& now);
+// The keys whose values differ between a resolved config written before (resolved_toml's
+// text) and `now`'s, as "train.lr: 0.001 → 0.002" (methods by position:
+// "methods[0].params.r"), in key order. A key `before` lacks — a host key or a plugin
+// parameter added since it was written — counts only when `now` has it away from its
+// default (a parameter's: its plugin's schema's, known once check_methods ran).
+std::vector<std::string> config_differences(const std::string& before, const Config& now);
 
 // Levenshtein-nearest candidate within a small distance, or "".
 std::string nearest(const std::string& word, const std::vector<std::string>& candidates);

@@ -78,25 +78,46 @@ CATCH_TEST_CASE("config errors carry file, line, column and a suggestion", "[run
   CATCH_CHECK(config_error(std::string(kBase) + "[train]\nbatch_size = 4\nmicro_batches = 4\n") == "no error");
 }
 
-CATCH_TEST_CASE("config_differences: changed, removed and added keys, a host key added since at its default is none", "[runtime][config]") {
+CATCH_TEST_CASE("config_differences: changed, removed and added keys, a host key or plugin parameter added since at its default is none", "[runtime][config]") {
   auto dir = test::temp_dir("cfg-diff");
   const auto path = (dir / "run.toml").string();
   {
     std::ofstream(path) << kBase << "[train]\nlr = 5e-4\n";
   }
-  const std::string now = resolved_toml(load_config(path));
-  CATCH_CHECK(config_differences(now, now).empty());
+  const Config cfg = load_config(path);
+  const std::string now = resolved_toml(cfg);
+  CATCH_CHECK(config_differences(now, cfg).empty());
   // A text written before [train] micro_batches existed: the key at its default changes nothing.
   std::string before = now;
   const auto at = before.find("micro_batches = 1\n");
   CATCH_REQUIRE(at != std::string::npos);
   before.erase(at, std::string("micro_batches = 1\n").size());
-  CATCH_CHECK(config_differences(before, now).empty());
-  std::string two = now;
-  two.replace(two.find("micro_batches = 1"), 17, "micro_batches = 2");
+  CATCH_CHECK(config_differences(before, cfg).empty());
+  Config two = cfg;
+  two.train.micro_batches = 2;
   CATCH_CHECK(config_differences(before, two) == std::vector<std::string>{"train.micro_batches: (absent) → 2"});
-  CATCH_CHECK(config_differences(two, now) == std::vector<std::string>{"train.micro_batches: 2 → 1"});
-  CATCH_CHECK(config_differences(now, before) == std::vector<std::string>{"train.micro_batches: 1 → (absent)"});
+  CATCH_CHECK(config_differences(resolved_toml(two), cfg) == std::vector<std::string>{"train.micro_batches: 2 → 1"});
+
+  // A plugin parameter added since (prefix_tuning's embedding_width): the same at its schema's
+  // default, written or not (a resumed run's config.toml, written again, writes every key).
+  const std::string prefix = std::string(kBase) + "[[methods]]\nplugin = \"prefix_tuning\"\n[methods.params]\nprefix_projection = true\n";
+  auto checked = [&](const std::string& text) {
+    std::ofstream(path) << text;
+    Config c = load_config(path);
+    check_methods(c, test::registry());
+    return c;
+  };
+  const Config p = checked(prefix);
+  std::string old_text = resolved_toml(p);
+  const auto key = old_text.find("embedding_width = 'kv'\n");
+  CATCH_REQUIRE(key != std::string::npos);
+  old_text.erase(key, std::string("embedding_width = 'kv'\n").size());
+  CATCH_CHECK(config_differences(old_text, p).empty());
+  CATCH_CHECK(config_differences(old_text, checked(old_text)).empty());  // a resumed run's config.toml, read back
+  CATCH_CHECK(config_differences(old_text, checked(prefix + "embedding_width = \"hidden\"\n")) ==
+              std::vector<std::string>{"methods[0].params.embedding_width: (absent) → 'hidden'"});
+  CATCH_CHECK(config_differences(old_text, checked(prefix + "embedding_width = \"kv\"\n")).empty());
+  CATCH_CHECK(config_differences(old_text, checked(resolved_toml(p))).empty());
 }
 
 CATCH_TEST_CASE("method parameters are checked against the plugin's schema with positions", "[runtime][config]") {
