@@ -33,8 +33,8 @@ adapters_venv = os.environ.get("TESSERA_ADAPTERS_VENV", "")
 
 def adapterhub_group(cfg):
     """'mam' or 'unipelt' when a config's methods and group are AdapterHub's MAMConfig or
-    UniPELTConfig (configs/hybrid/mam.toml, unipelt.toml), else None: a group the peer has no
-    preset for."""
+    UniPELTConfig (configs/hybrid/mam.toml, unipelt.toml: the prefix MLP's input as wide as the
+    model), else None: a group the peer has no preset for."""
     methods, groups = cfg.get("methods", []), cfg.get("groups", [])
     by = {m["plugin"]: m.get("params", {}) for m in methods}
     names = {m["plugin"]: m["name"] for m in methods}
@@ -43,7 +43,7 @@ def adapterhub_group(cfg):
     g, members = groups[0], set(groups[0].get("members", []))
     prefix, adapter = by.get("prefix_tuning", {}), by.get("bottleneck", {})
     preset_prefix = lambda n, w: prefix.get("num_virtual_tokens") == n and prefix.get("encoder_hidden_size") == w and \
-        prefix.get("prefix_projection") and prefix.get("shift_positions") is False
+        prefix.get("prefix_projection") and prefix.get("shift_positions") is False and prefix.get("embedding_width", "hidden") == "hidden"
     if g.get("kind") == "parallel" and set(by) == {"prefix_tuning", "bottleneck"} and members == set(names.values()) and \
             adapter.get("config") == "par_bn" and preset_prefix(30, 800):
         return "mam"  # prefix tuning (30, MLP 800) beside a parallel adapter, positions left alone

@@ -25,21 +25,28 @@ name = "$3"
 config = "$4"
 EOF
 }
+assess() {  # matrix name, assess options…; a failed row shows its log (the scratch folder goes on exit)
+  "$root/build/bin/tessera" assess "${@:2}" "$work/$1.toml" >"$work/$1.log" 2>&1 || { tail -n 20 "$work/$1.log" >&2; exit 1; }
+}
 list=$(IFS=,; echo "[${seeds[*]}]")
 for s in "${seeds[@]}"; do  # one matrix per seed: --peers runs the peer of a setup's first seed
   matrix "hidden-$s" "[$s]" unipelt "$root/configs/hybrid/unipelt.toml"
-  "$root/build/bin/tessera" assess --peers "$work/hidden-$s.toml" >"$work/hidden-$s.log" 2>&1
+  assess "hidden-$s" --peers
 done
 matrix kv "$list" unipelt_kv "$work/unipelt_kv.toml"
-"$root/build/bin/tessera" assess "$work/kv.toml" >"$work/kv.log" 2>&1
+assess kv
 "$py" - "$work" "${seeds[@]}" <<'EOF'
 import json, pathlib, statistics, sys
 work, seeds = pathlib.Path(sys.argv[1]), [int(s) for s in sys.argv[2:]]
 def ours(folder, seed):
     runs = json.loads((work / folder / "results.json").read_text())["runs"]
     return next(r["result"]["test_perplexity"] for r in runs if r["seed"] == seed)
-rows = [(s, ours(f"hidden-{s}", s), ours("kv", s), json.loads((work / f"hidden-{s}" / "peers.json").read_text())["unipelt"]["test_perplexity"])
-        for s in seeds]
+def peer(seed):
+    p = json.loads((work / f"hidden-{seed}" / "peers.json").read_text())["unipelt"]
+    if "error" in p:
+        sys.exit(f"seed {seed}: the peer failed: {p['error']}")
+    return p["test_perplexity"]
+rows = [(s, ours(f"hidden-{s}", s), ours("kv", s), peer(s)) for s in seeds]
 print("| seed | Tessera, AdapterHub's width | Tessera, peft's width | AdapterHub |\n|---|---:|---:|---:|")
 for s, h, k, a in rows:
     print(f"| {s} | {h:.2f} | {k:.2f} | {a:.2f} |")

@@ -415,7 +415,8 @@ void check_methods(Config& config, const PluginRegistry& registry) {
                                    "; `tessera plugins` lists the plugins found");
     }
     std::vector<std::string> keys;
-    for (const auto& s : info->params) keys.push_back(s.name), m.defaults[s.name] = s.default_value;
+    for (const auto& s : info->params) keys.push_back(s.name);
+    m.defaults = apply_schema(info->params, {}).values();  // typed as checked values are (an Int default of a Float: a double)
     for (const auto& [k, v] : m.params) {
       auto spec = std::find_if(info->params.begin(), info->params.end(), [&](const ParamSpec& s) { return s.name == k; });
       if (spec == info->params.end()) {
@@ -528,7 +529,7 @@ void flatten(const toml::node& n, const std::string& at, std::map<std::string, s
 namespace {
 
 // The defaults a key added since `before` is compared with: the host's, and for each of
-// `now`'s methods (at its position) its plugin schema's.
+// `now`'s methods (at its position) its plugin schema's parameters'.
 std::string defaults_toml(const Config& now) {
   Config d;
   for (const auto& m : now.methods) {
@@ -554,9 +555,16 @@ std::vector<std::string> config_differences(const std::string& before, const Con
   // A key the older text lacks at its default value was added since, and changes nothing.
   std::map<std::string, std::string> defaults;
   flatten(toml::parse(defaults_toml(now)), "", defaults);
+  // A method's parameter only where `before` has the same plugin at that position: a method
+  // added since is a change, its parameters at their defaults or not.
+  auto same_plugin = [&](const std::string& k) {
+    if (k.rfind("methods[", 0) != 0) return true;
+    const auto plugin = k.substr(0, k.find(']') + 1) + ".plugin";
+    return k.find("].params.") != std::string::npos && a.count(plugin) && b.count(plugin) && a.at(plugin) == b.at(plugin);
+  };
   for (const auto& [k, v] : b) {
     const auto d = defaults.find(k);
-    if (!a.count(k) && (d == defaults.end() || d->second != v)) out.push_back(k + ": (absent) → " + v);
+    if (!a.count(k) && (d == defaults.end() || d->second != v || !same_plugin(k))) out.push_back(k + ": (absent) → " + v);
   }
   std::sort(out.begin(), out.end());
   return out;

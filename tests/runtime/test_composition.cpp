@@ -466,6 +466,7 @@ CATCH_TEST_CASE("configs/hybrid/unipelt.toml is AdapterHub's UniPELTConfig on a 
     CATCH_REQUIRE(it != ref.end());
     CATCH_REQUIRE(t.grad().defined());
     const Tensor theirs = it->second.to(at::kDouble);
+    CATCH_REQUIRE(t.grad().sizes() == theirs.sizes());
     CATCH_CHECK((t.grad().to(at::kCPU, at::kDouble) - theirs).abs().max().item<double>() <= 2e-3 * theirs.abs().max().item<double>());
     ++compared;
   };

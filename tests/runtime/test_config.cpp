@@ -3,6 +3,7 @@
 
 #include "runtime/config.h"
 
+#include <algorithm>
 #include <fstream>
 
 using namespace tessera;
@@ -97,6 +98,8 @@ CATCH_TEST_CASE("config_differences: changed, removed and added keys, a host key
   two.train.micro_batches = 2;
   CATCH_CHECK(config_differences(before, two) == std::vector<std::string>{"train.micro_batches: (absent) → 2"});
   CATCH_CHECK(config_differences(resolved_toml(two), cfg) == std::vector<std::string>{"train.micro_batches: 2 → 1"});
+  // A key the older text has and this version does not: removed.
+  CATCH_CHECK(config_differences(now + "[extra]\nold_key = 3\n", cfg) == std::vector<std::string>{"extra.old_key: 3 → (absent)"});
 
   // A plugin parameter added since (prefix_tuning's embedding_width): the same at its schema's
   // default, written or not (a resumed run's config.toml, written again, writes every key).
@@ -118,6 +121,11 @@ CATCH_TEST_CASE("config_differences: changed, removed and added keys, a host key
               std::vector<std::string>{"methods[0].params.embedding_width: (absent) → 'hidden'"});
   CATCH_CHECK(config_differences(old_text, checked(prefix + "embedding_width = \"kv\"\n")).empty());
   CATCH_CHECK(config_differences(old_text, checked(resolved_toml(p))).empty());
+  // A method added since is a change, though every key of it is at its default.
+  const std::string two_methods = prefix + "[[methods]]\nplugin = \"prompt_tuning\"\n";
+  const auto added = config_differences(old_text, checked(two_methods));
+  CATCH_CHECK(std::count(added.begin(), added.end(), "methods[1].plugin: (absent) → 'prompt_tuning'") == 1);
+  CATCH_CHECK(std::count(added.begin(), added.end(), "methods[1].params.num_virtual_tokens: (absent) → 20") == 1);
 }
 
 CATCH_TEST_CASE("method parameters are checked against the plugin's schema with positions", "[runtime][config]") {

@@ -52,6 +52,11 @@ class PrefixTuning final : public tessera::Method {
     return {params};
   }
 
+  void validate(const tessera::Params& p) const override {
+    if (p.text("embedding_width") == "hidden" && !p.flag("prefix_projection"))
+      throw tessera::ParamError("embedding_width", "embedding_width = \"hidden\" is the projection's input: it needs prefix_projection = true");
+  }
+
   void attach(tessera::AttachContext& ctx) override {
     if (!ctx.targets.empty()) throw std::runtime_error("prefix tuning has no targets: PEFT's prefix goes to every layer");
     info_ = ctx.model.info();
@@ -80,9 +85,8 @@ class PrefixTuning final : public tessera::Method {
     shift_ = ctx.params.flag("shift_positions");
     hidden_ = ctx.params.integer("encoder_hidden_size") > 0 ? ctx.params.integer("encoder_hidden_size") : d_;
     zero_ = ctx.params.text("init_weights") == "zero";
-    const bool hidden_wide = ctx.params.text("embedding_width") == "hidden";
-    if (hidden_wide && !projection_) throw tessera::ParamError("embedding_width", "embedding_width = \"hidden\" is the projection's input: it needs prefix_projection = true");
-    const std::int64_t e = hidden_wide ? info_.hidden_size : d_;
+    validate(ctx.params);
+    const std::int64_t e = ctx.params.text("embedding_width") == "hidden" ? info_.hidden_size : d_;
     const auto& o = info_.param_options;
     const auto width = 2 * L_ * d_;
     {
