@@ -446,7 +446,7 @@ CATCH_TEST_CASE("configs/hybrid/unipelt.toml is AdapterHub's UniPELTConfig: the 
 // The same on a decoder: a tiny LLaMA with grouped-query attention (its prefix one row per
 // key/value head, as AdapterHub lays it out), causal attention over prefix + tokens; logits
 // and the gradient of every trained tensor (the prefix's on its rows Z) against AdapterHub's.
-CATCH_TEST_CASE("configs/hybrid/unipelt.toml is AdapterHub's UniPELTConfig on a grouped-query LLaMA too: the same logits and gradients", "[runtime][composition][decoder][parity]") {
+CATCH_TEST_CASE("UniPELT on a LLaMA with grouped query attention: configs/hybrid/unipelt.toml gives AdapterHub's logits and gradients", "[runtime][composition][decoder][parity]") {
   Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/unipelt.toml");
   check_methods(c, test::registry());
   auto model = DecoderModel::load(test::adapters_fixture("llama_gqa"), test::options());
@@ -487,7 +487,7 @@ CATCH_TEST_CASE("configs/hybrid/unipelt.toml is AdapterHub's UniPELTConfig on a 
 // AdapterHub's prefix MLP itself, its input table as wide as the hidden size (64 here, the
 // key/value heads' 32): the config's projection (embedding_width = "hidden") takes its tensors
 // as they are and gives its logits.
-CATCH_TEST_CASE("configs/hybrid/unipelt.toml's prefix MLP is AdapterHub's on a grouped-query LLaMA: its tensors as they are give its logits", "[runtime][composition][decoder][parity]") {
+CATCH_TEST_CASE("UniPELT's prefix MLP on a grouped query LLaMA: configs/hybrid/unipelt.toml takes AdapterHub's tensors as they are and gives its logits", "[runtime][composition][decoder][parity]") {
   Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/unipelt.toml");
   check_methods(c, test::registry());
   auto model = DecoderModel::load(test::adapters_fixture("llama_gqa"), test::options());
