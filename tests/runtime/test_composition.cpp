@@ -443,15 +443,32 @@ CATCH_TEST_CASE("configs/hybrid/unipelt.toml is AdapterHub's UniPELTConfig: the 
   TESSERA_CHECK_PARITY(test::parity(model->forward(base["input_ids"], base["attention_mask"]).hidden, test::adapters_reference(), "minilm_unipelt", base["attention_mask"]));
 }
 
+// configs/hybrid/unipelt.toml on make_adapters.py's tiny grouped-query LLaMA.
+struct LlamaUnipelt {
+  Config config = [] {
+    Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/unipelt.toml");
+    check_methods(c, test::registry());
+    return c;
+  }();
+  std::unique_ptr<DecoderModel> model = [] {
+    auto m = DecoderModel::load(test::adapters_fixture("llama_gqa"), test::options());
+    test::perturb_if_asked(*m);
+    return m;
+  }();
+  std::unique_ptr<MethodStack> stack = std::make_unique<MethodStack>(test::registry(), config.methods, *model, config.model, config.groups);
+};
+
+static NamedTensors trainable_of(MethodStack& s, const std::string& name) {
+  return s[index_of(s, name)].call("trainable", [](Method& m) { return m.trainable(); });
+}
+
 // The same on a decoder: a tiny LLaMA with grouped-query attention (its prefix one row per
 // key/value head, as AdapterHub lays it out), causal attention over prefix + tokens; logits
 // and the gradient of every trained tensor (the prefix's on its rows Z) against AdapterHub's.
 CATCH_TEST_CASE("UniPELT on a LLaMA with grouped query attention: configs/hybrid/unipelt.toml gives AdapterHub's logits and gradients", "[runtime][composition][decoder][parity]") {
-  Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/unipelt.toml");
-  check_methods(c, test::registry());
-  auto model = DecoderModel::load(test::adapters_fixture("llama_gqa"), test::options());
-  test::perturb_if_asked(*model);
-  MethodStack stack(test::registry(), c.methods, *model, c.model, c.groups);
+  LlamaUnipelt u;
+  auto& model = u.model;
+  auto& stack = *u.stack;
   load_unipelt(stack, "llama_unipelt/tensors.safetensors");
   auto& ref = test::adapters_reference();
   auto& base = test::cached_tensors(test::fixture("decoders/reference.safetensors"));
@@ -471,7 +488,7 @@ CATCH_TEST_CASE("UniPELT on a LLaMA with grouped query attention: configs/hybrid
     ++compared;
   };
   // The loaded prefix trains its rows Z (its state() is a detached copy of them).
-  check("prefix.prompt_embeddings", stack[index_of(stack, "prefix")].call("trainable", [](Method& m) { return m.trainable(); }).at("prompt_encoder.embedding.weight"));
+  check("prefix.prompt_embeddings", trainable_of(stack, "prefix").at("prompt_encoder.embedding.weight"));
   for (const auto& [k, t] : state_of(stack, "lora")) check("lora." + k, t);
   for (const auto& [k, t] : state_of(stack, "adapter")) {  // AdapterHub's names carry the adapter's: "a" there
     const std::string ours = ".adapters.adapter.";
@@ -488,13 +505,11 @@ CATCH_TEST_CASE("UniPELT on a LLaMA with grouped query attention: configs/hybrid
 // key/value heads' 32): the config's projection (embedding_width = "hidden") takes its tensors
 // as they are and gives its logits.
 CATCH_TEST_CASE("UniPELT's prefix MLP on a grouped query LLaMA: configs/hybrid/unipelt.toml takes AdapterHub's tensors as they are and gives its logits", "[runtime][composition][decoder][parity]") {
-  Config c = load_config(std::string(TESSERA_SOURCE_DIR) + "/configs/hybrid/unipelt.toml");
-  check_methods(c, test::registry());
-  auto model = DecoderModel::load(test::adapters_fixture("llama_gqa"), test::options());
-  test::perturb_if_asked(*model);
-  MethodStack stack(test::registry(), c.methods, *model, c.model, c.groups);
+  LlamaUnipelt u;
+  auto& model = u.model;
+  auto& stack = *u.stack;
   load_unipelt(stack, "llama_unipelt/tensors.safetensors", /*prefix_rows=*/false);
-  auto ours = stack[index_of(stack, "prefix")].call("trainable", [](Method& m) { return m.trainable(); });
+  auto ours = trainable_of(stack, "prefix");
   std::size_t copied = 0;
   {
     at::NoGradGuard no_grad;
