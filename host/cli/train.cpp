@@ -6,6 +6,7 @@
 #include "cli/launch.h"
 
 #include "formats/safetensors.h"
+#include "runtime/device.h"
 #include "train/distributed.h"
 #include "train/progress.h"
 #include "train/resume.h"
@@ -110,7 +111,7 @@ int run_resume(const Args& a, const PluginRegistry& registry) {
                                "); only [train] epochs, checkpoint_every, bucket_cap_mb and micro_batches may change when a run resumes");
   set_threads(config.train.threads);
   Session session(config, registry);
-  const auto dp = DataParallel::from_environment();
+  const auto dp = DataParallel::from_environment(rank_device(config.model.device));
   const bool lead = dp == nullptr || dp->rank() == 0;
   if (lead) write_file_atomic((fs::path(run_dir) / "config.toml").string(), resolved_toml(config));
   const TrainResult r = train(session, run_dir, {&*checkpoint, dp.get(), a.tensorboard});
@@ -128,7 +129,7 @@ int run_follower(const Args& a, const PluginRegistry& registry) {
   const std::string run_dir = a.run_dir.empty() ? config.output_dir : a.run_dir;
   config.output_dir = run_dir;
   Session session(config, registry);
-  const auto dp = DataParallel::from_environment();
+  const auto dp = DataParallel::from_environment(rank_device(config.model.device));
   train(session, run_dir, {nullptr, dp.get(), false});
   return 0;
 }
@@ -167,7 +168,7 @@ int run_train(const Args& a, const PluginRegistry& registry) {
   }
   fs::create_directories(run_dir);
   write_file_atomic((fs::path(run_dir) / "config.toml").string(), resolved_toml(config));
-  const auto dp = DataParallel::from_environment();  // rank 0 of several: the others wait here for it
+  const auto dp = DataParallel::from_environment(rank_device(config.model.device));  // rank 0 of several: the others wait here for it
   write_results(config, session, train(session, run_dir, {nullptr, dp.get(), a.tensorboard}), run_dir);
   return 0;
 }
@@ -181,7 +182,7 @@ Command train_command() {
             c.add_option("config", a->config, "TOML config (with --resume: the run's own config.toml when left out)");
             c.add_option("--resume", a->resume, "continue the run in this directory from its newest checkpoint");
             c.add_flag("--tensorboard", a->tensorboard, "also write TensorBoard event files (RUN/tensorboard/): train/loss, train/lr, test/<metric>");
-            c.add_option("--nproc", a->nproc, "data-parallel: start this many local ranks (c10d, Gloo), as torchrun would; each trains on its share of every batch")
+            c.add_option("--nproc", a->nproc, "data-parallel: start this many local ranks (c10d: Gloo on CPU, NCCL on CUDA, one GPU a rank), as torchrun would; each trains on its share of every batch")
                 ->check(CLI::Range(1, 1024));
             c.add_option("--run-dir", a->run_dir, "run directory (default: [output] dir)");
             c.add_option("--threads", a->threads, "override [train] threads")->check(CLI::Range(0, 4096));

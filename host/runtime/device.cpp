@@ -5,6 +5,7 @@
 
 #include <dlfcn.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <mutex>
 #include <stdexcept>
@@ -44,6 +45,18 @@ void prepare_device(const c10::Device& device) {
   // LSTM encoder ~1e-3 (relative) off the CPU's result. A run that wants that speed trains
   // in bf16 instead.
   at::globalContext().setAllowTF32CuDNN(false);
+}
+
+c10::Device rank_device(const std::string& configured) {
+  c10::Device device(configured);
+  const char* world = std::getenv("WORLD_SIZE");
+  const char* local = std::getenv("LOCAL_RANK");
+  if (!device.is_cuda() || device.has_index() || world == nullptr || local == nullptr || std::atoll(world) <= 1) return device;
+  char* end = nullptr;
+  const long index = std::strtol(local, &end, 10);
+  if (end == local || *end != '\0' || index < 0 || index > 127)
+    throw std::runtime_error("LOCAL_RANK=" + std::string(local) + " is not a GPU index (device 'cuda' in a data-parallel run takes this rank's LOCAL_RANK)");
+  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
 }
 
 }  // namespace tessera

@@ -10,10 +10,17 @@
 
 #include <c10/core/Device.h>
 
+#include <string>
+
 namespace tessera {
 
 // CPU: nothing. CUDA: loads the backend once; throws naming the library and the loader's
 // reason when the wheel has none, or when torch then sees no CUDA device.
 void prepare_device(const c10::Device& device);
+
+// The device a run's config names, as this process uses it: "cuda" without an index in a
+// data-parallel run (WORLD_SIZE > 1) is the GPU of this rank's LOCAL_RANK, as torchrun's
+// scripts pick it (one rank per GPU); anything else is what it says.
+c10::Device rank_device(const std::string& configured);
 
 }  // namespace tessera

@@ -1,5 +1,7 @@
 #include "train/distributed.h"
 
+#include "train/nccl_group.h"
+
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -9,8 +11,11 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <dlfcn.h>
+
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -41,7 +46,7 @@ struct Reducer {
   std::size_t next = 0;  // the first bucket not started
   double weight = 1;
   bool active = false;   // between begin and finish
-  c10d::ProcessGroupGloo* group = nullptr;
+  c10d::Backend* group = nullptr;
   std::int64_t bytes = 0;
   std::int64_t started_early = 0;  // buckets of this step started before finish_gradients()
 
@@ -114,7 +119,8 @@ bool same_tensors(const std::vector<at::Tensor>& a, const std::vector<at::Tensor
 
 struct DataParallel::Impl {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
+  c10::intrusive_ptr<c10d::Backend> group;
+  c10::Device device{c10::kCPU};  // where the group's tensors live (NCCL: the rank's GPU)
   Reducer reducer;
 
   ~Impl() { unhook(); }
@@ -182,7 +188,57 @@ std::int64_t env_int(const char* name, const std::string& fallback = "") {
 
 }  // namespace
 
-std::unique_ptr<DataParallel> DataParallel::from_environment(double timeout_s) {
+namespace {
+
+c10::intrusive_ptr<c10d::Backend> gloo_group(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world, std::chrono::milliseconds timeout) {
+  auto opts = c10d::ProcessGroupGloo::Options::create();
+  opts->timeout = timeout;
+  opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+}
+
+// libtessera_nccl.so: in the lib/ beside the running binary's bin/ (the build tree's layout
+// and an installed one's).
+std::filesystem::path nccl_module() {
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) throw std::runtime_error("data-parallel training through NCCL: cannot tell where this binary is (/proc/self/exe): " + ec.message());
+  return exe.parent_path().parent_path() / "lib" / kNcclModuleName;
+}
+
+c10::intrusive_ptr<c10d::Backend> nccl_group(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world, std::chrono::milliseconds timeout,
+                                             const c10::Device& device) {
+  const auto module = nccl_module();
+  const std::string what = "data-parallel training on " + device.str() + " through NCCL";
+  if (!std::filesystem::exists(module))
+    throw std::runtime_error(what + " needs " + module.string() + ", which is built only against a CUDA build of the torch wheel");
+  // Loaded once and never unloaded: the group's threads run its code until the process ends.
+  void* handle = dlopen(module.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (handle == nullptr) {
+    const char* why = dlerror();
+    throw std::runtime_error(what + ": cannot load " + module.string() + ": " + (why != nullptr ? why : "unknown reason"));
+  }
+  const auto make = reinterpret_cast<MakeNcclGroup>(dlsym(handle, kMakeNcclGroupSymbol));
+  if (make == nullptr) throw std::runtime_error(what + ": " + module.string() + " has no " + kMakeNcclGroupSymbol);
+  NcclGroupRequest request;
+  request.store = store.get();
+  request.rank = rank, request.world = world;
+  request.device_index = device.has_index() ? device.index() : 0;
+  request.timeout_ms = timeout.count();
+  if (make(&request) != 0) throw std::runtime_error(what + ": " + request.error);
+  return c10::intrusive_ptr<c10d::Backend>::reclaim(request.group);
+}
+
+}  // namespace
+
+c10::intrusive_ptr<c10d::Backend> make_process_group(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world,
+                                                      std::chrono::milliseconds timeout, const c10::Device& device) {
+  if (device.is_cuda()) return nccl_group(store, rank, world, timeout, device);
+  if (!device.is_cpu()) throw std::runtime_error("data-parallel training on " + device.str() + ": no c10d backend for it (cpu: Gloo, cuda: NCCL)");
+  return gloo_group(store, rank, world, timeout);
+}
+
+std::unique_ptr<DataParallel> DataParallel::from_environment(const c10::Device& device, double timeout_s) {
   const std::int64_t world = env("WORLD_SIZE").empty() ? 1 : env_int("WORLD_SIZE");
   if (world <= 1) return nullptr;
   const std::int64_t rank = env_int("RANK");
@@ -198,10 +254,8 @@ std::unique_ptr<DataParallel> DataParallel::from_environment(double timeout_s) {
   o.timeout = timeout;
   auto impl = std::make_unique<Impl>();
   impl->store = c10::make_intrusive<c10d::TCPStore>(env("MASTER_ADDR", "127.0.0.1"), o);
-  auto opts = c10d::ProcessGroupGloo::Options::create();
-  opts->timeout = timeout;
-  opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-  impl->group = c10::make_intrusive<c10d::ProcessGroupGloo>(impl->store, static_cast<int>(rank), static_cast<int>(world), opts);
+  impl->group = make_process_group(impl->store, static_cast<int>(rank), static_cast<int>(world), timeout, device);
+  impl->device = device.is_cuda() ? device : c10::Device(c10::kCPU);
   return std::unique_ptr<DataParallel>(new DataParallel(rank, world, std::move(impl)));
 }
 
@@ -276,16 +330,19 @@ void DataParallel::finish_gradients() {
 }
 
 std::vector<double> DataParallel::sum(const std::vector<double>& values) {
-  std::vector<at::Tensor> t{at::tensor(values, at::kDouble)};
+  std::vector<at::Tensor> t{at::tensor(values, at::kDouble).to(impl_->device)};
   impl_->group->allreduce(t)->wait();
-  return {t[0].data_ptr<double>(), t[0].data_ptr<double>() + t[0].numel()};
+  const at::Tensor s = t[0].cpu();
+  return {s.data_ptr<double>(), s.data_ptr<double>() + s.numel()};
 }
 
 std::vector<at::Tensor> DataParallel::all_gather(const at::Tensor& t) {
   std::vector<std::vector<at::Tensor>> out(1);
-  for (std::int64_t r = 0; r < world_; ++r) out[0].push_back(at::empty_like(t));
-  std::vector<at::Tensor> in{t.contiguous()};
+  const at::Tensor mine = t.to(impl_->device).contiguous();
+  for (std::int64_t r = 0; r < world_; ++r) out[0].push_back(at::empty_like(mine));
+  std::vector<at::Tensor> in{mine};
   impl_->group->allgather(out, in)->wait();
+  for (auto& each : out[0]) each = each.cpu();
   return out[0];
 }
 

@@ -1,7 +1,7 @@
 // Data-parallel training on libtorch's own c10d, as torchrun + DDP run it: each rank is a
 // process told its place by the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
 // MASTER_ADDR, MASTER_PORT), ranks meet through c10d's TCPStore and reduce through its
-// Gloo backend (CPU tensors). Each rank computes its shard of every global batch; the
+// Gloo backend (a CPU model) or its NCCL backend (a CUDA model; train/nccl_group.h). Each rank computes its shard of every global batch; the
 // trainable tensors' gradients alone are averaged, weighted by each shard's examples, so
 // every rank applies the same update as one process on the whole batch would. Rank 0 alone
 // writes the run directory.
@@ -9,20 +9,32 @@
 // Kept out of the other headers: c10d's headers are heavy, and only this file includes them.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "train/c10d_fwd.h"
 
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
+
 namespace tessera {
+
+// The process group for a model on `device`: Gloo for the CPU; for CUDA, NCCL from
+// libtessera_nccl.so (in the lib/ beside the running binary's directory), bound to the
+// device's GPU. Throws naming the backend and the reason (no module, no GPU …).
+c10::intrusive_ptr<c10d::Backend> make_process_group(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world,
+                                                      std::chrono::milliseconds timeout, const c10::Device& device);
 
 class DataParallel {
  public:
   // From torchrun's environment; null when WORLD_SIZE is unset or 1. Refuses a partial or
   // inconsistent environment naming the variable. Waits for every rank (`timeout_s`).
-  static std::unique_ptr<DataParallel> from_environment(double timeout_s = 300);
+  // `device` is the model's (rank_device()): it picks the backend.
+  static std::unique_ptr<DataParallel> from_environment(const c10::Device& device, double timeout_s = 300);
   ~DataParallel();
 
   std::int64_t rank() const { return rank_; }
@@ -49,7 +61,7 @@ class DataParallel {
   void begin_gradients(const std::vector<at::Tensor>& params, double weight, const at::Tensor& loss);
   void set_bucket_cap(double mib) { bucket_cap_mib_ = mib; }  // [train] bucket_cap_mb
   void finish_gradients();
-  // Every rank's `t` (the same shape and dtype on each, a CPU tensor), in rank order.
+  // Every rank's `t` (the same shape and dtype on each, a CPU tensor), in rank order, on the CPU.
   std::vector<at::Tensor> all_gather(const at::Tensor& t);
   // Σ over the ranks of each value (evaluation counts, throughput).
   std::vector<double> sum(const std::vector<double>& values);

@@ -11,7 +11,7 @@ namespace tessera {
 namespace fs = std::filesystem;
 
 c10::TensorOptions options_for(const ModelConfig& m) {
-  const c10::Device device(m.device);
+  const c10::Device device = rank_device(m.device);
   prepare_device(device);
   return c10::TensorOptions().dtype(m.dtype == "bf16" ? at::kBFloat16 : at::kFloat).device(device);
 }
