@@ -140,8 +140,11 @@ std::size_t store_weights(SiteModel& model, const std::string& quantize, bool do
   for (const auto& p : planned) {
     ++counts[p.format];
     if (as_loaded_blocks(*p.weight)) {  // streamed: the file's blocks, dequantized here if at all
-      if (p.format == "none") p.weight->unstore(p.weight->stored()->dense());
-      else if (p.format != "gguf") p.weight->store(stored_as(p.format, p.weight->stored()->dense(), double_quant));
+      if (p.format == "gguf") continue;
+      const Tensor dense = p.weight->stored()->dense();
+      released += release_file_pages(*p.weight->stored());  // read once into `dense`, never again
+      if (p.format == "none") p.weight->unstore(dense);
+      else p.weight->store(stored_as(p.format, dense, double_quant));
       continue;
     }
     const Tensor dense = p.weight->dense_base();

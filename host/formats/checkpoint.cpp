@@ -82,6 +82,8 @@ at::Tensor Checkpoint::take(const std::string& name, const std::vector<int64_t>&
     throw SafetensorsError(path_of(it->second), name, "has shape " + c10::str(t.sizes()) + ", the config needs " + c10::str(at::IntArrayRef(shape)));
   taken_.insert(name);
   // Same dtype and device: a zero-copy view of the (private) mapping; otherwise converted.
+  // A GGUF tensor was dequantized into a fresh one: its blocks' pages are not needed again.
+  if (!it->second.file) gguf_->release_pages(it->second.gguf_name);
   return t.to(options).detach().set_requires_grad(false);
 }
 

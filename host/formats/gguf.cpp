@@ -188,6 +188,15 @@ at::Tensor GgufFile::raw(const std::string& name) const {
   return at::from_blob(base, {static_cast<std::int64_t>(t.bytes) / l.bytes, l.bytes}, at::TensorOptions().dtype(at::kByte));
 }
 
+std::size_t GgufFile::release_pages(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  const auto page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<std::uintptr_t>(map_) + t.offset;
+  const auto first = (begin + page - 1) / page * page, last = (begin + t.bytes) / page * page;  // whole pages only: a neighbour's share stays
+  if (last <= first || madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED) != 0) return 0;
+  return last - first;
+}
+
 at::Tensor GgufFile::dequantize(const std::string& name) const {
   const TensorInfo& t = info(name);
   return dequantize_gguf(raw(name), t.type, t.shape);

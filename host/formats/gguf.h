@@ -60,6 +60,10 @@ class GgufFile {
   // Its bytes as (blocks, bytes per block) uint8, a view of the mapping: valid while this
   // file is (hold the shared_ptr).
   at::Tensor raw(const std::string& name) const;
+  // Gives back the whole pages of the mapping that hold the tensor's bytes (MADV_DONTNEED):
+  // resident memory once its values live elsewhere (dequantized, quantized again). Pages
+  // touched later are read from the file again, so views stay valid. Returns the bytes given back.
+  std::size_t release_pages(const std::string& name) const;
   static const char* type_name(std::uint32_t type);  // "Q4_1", or nullptr for a type not read here
 
  private:

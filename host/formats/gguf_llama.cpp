@@ -99,6 +99,7 @@ class GgufBlocks final : public StoredTensor {
     if (options.device() != raw_.device()) raw_ = raw_.to(options.device());  // the blocks, once; the mapping stays the CPU's copy
   }
   const char* format() const override { return "gguf"; }
+  std::size_t release_pages() const { return file_->release_pages(info_.name); }
   Tensor dense() const override {
     const Tensor w = dequantize_gguf(raw_, info_.type, info_.shape);
     return (heads_ > 0 ? unpermute(w, heads_) : w).to(options_);
@@ -160,6 +161,11 @@ std::map<std::string, std::string> gguf_names_by_hf(const GgufFile& f) {
 
 std::unique_ptr<StoredTensor> gguf_storage(std::shared_ptr<const GgufFile> file, const std::string& gguf_name, c10::TensorOptions options) {
   return std::make_unique<GgufBlocks>(std::move(file), gguf_name, options.requires_grad(false));
+}
+
+std::size_t release_file_pages(const StoredTensor& storage) {
+  const auto* blocks = dynamic_cast<const GgufBlocks*>(&storage);
+  return blocks != nullptr ? blocks->release_pages() : 0;
 }
 
 }  // namespace tessera

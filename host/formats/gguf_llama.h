@@ -39,5 +39,8 @@ std::map<std::string, std::string> gguf_names_by_hf(const GgufFile& file);
 // Q4_1, read from the mapping (copied once to a non-CPU device), and each product
 // dequantizes it (and un-permutes q and k) into `options`, the model's compute dtype and device.
 std::unique_ptr<StoredTensor> gguf_storage(std::shared_ptr<const GgufFile> file, const std::string& gguf_name, c10::TensorOptions options);
+// For such a storage about to be replaced (its weight quantized again, or made dense): gives
+// back the file's mapped pages of its blocks (GgufFile::release_pages). 0 for any other storage.
+std::size_t release_file_pages(const StoredTensor& storage);
 
 }  // namespace tessera

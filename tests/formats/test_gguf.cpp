@@ -10,12 +10,27 @@
 #include "formats/gguf_llama.h"
 #include "formats/safetensors.h"
 
+#include <cstdio>
 #include <fstream>
 
 using namespace tessera;
 
 namespace {
 std::string gguf(const std::string& name) { return test::fixture("gguf/" + name); }
+
+// The resident KiB of this process's mapping that holds `address` (/proc/self/smaps), or -1.
+long mapping_rss_kib(const void* address) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto at = reinterpret_cast<std::uintptr_t>(address);
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    unsigned long begin = 0, end = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &begin, &end) == 2 && line.find(':') > line.find(' ')) inside = begin <= at && at < end;
+    long kib = 0;
+    if (inside && std::sscanf(line.c_str(), "Rss: %ld kB", &kib) == 1) return kib;
+  }
+  return -1;
+}
 }  // namespace
 
 CATCH_TEST_CASE("a GGUF file's metadata and tensors read as the gguf package reads them, F32 to Q8_0 bit for bit", "[formats][gguf]") {
@@ -138,6 +153,22 @@ CATCH_TEST_CASE("SmolLM2 trained on its GGUF blocks as they are: quantize gguf k
   const Tensor b = dense->lm_head().forward(dense->lm_states(ids, mask, {}));
   CATCH_CHECK(test::max_abs_diff(a, b) < 1e-4 * b.abs().max().item<double>());  // the same weights; the products' rounding may differ
   CATCH_CHECK_THROWS_WITH(store_weights(dense->sites(), "gguf", false, {}, test::decoder_dir()), Catch::Contains("is no GGUF file"));
+}
+
+CATCH_TEST_CASE("GgufFile::release_pages: a tensor's resident pages of the mapping are given back and read the same again", "[formats][gguf][real]") {
+  const char* path = std::getenv("TESSERA_DECODER_GGUF");
+  CATCH_REQUIRE(path != nullptr);
+  const auto f = GgufFile::open(path);
+  const std::string name = "blk.3.ffn_up.weight";  // Q4_1, 1536 × 576: 553 KB of blocks
+  const at::Tensor raw = f->raw(name);
+  const auto checksum = [&] { return raw.to(at::kLong).sum().item<std::int64_t>(); };  // reads every byte
+  const auto before = checksum();
+  const long touched = mapping_rss_kib(raw.data_ptr());
+  CATCH_REQUIRE(touched > 0);
+  const std::size_t released = f->release_pages(name);
+  CATCH_CHECK(released + 2 * 4096 >= f->info(name).bytes);  // every whole page inside it
+  CATCH_CHECK(touched - mapping_rss_kib(raw.data_ptr()) == static_cast<long>(released / 1024));
+  CATCH_CHECK(checksum() == before);  // the view reads the file again
 }
 
 CATCH_TEST_CASE("SmolLM2's GGUF streamed: its layer weights load as the file's blocks, never dense, and become what the storage stage asks", "[formats][gguf][real]") {
