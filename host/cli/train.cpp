@@ -86,11 +86,12 @@ void write_results(const Config& config, const Session& s, const TrainResult& r,
 }
 
 // Keys a resumed run may change: how long it runs, how often it checkpoints, how its batches
-// are cut into buckets and micro-batches (the same update; the ranks' number may change too),
+// are cut into buckets and micro-batches and the order their sums are added in (the same
+// update; the ranks' number may change too),
 // and where the run directory was named from. Anything else would not be the run the
 // checkpoint is of.
 bool may_change_on_resume(const std::string& difference) {
-  for (const char* key : {"train.epochs:", "train.checkpoint_every:", "train.bucket_cap_mb:", "train.micro_batches:", "output.dir:"})
+  for (const char* key : {"train.epochs:", "train.checkpoint_every:", "train.bucket_cap_mb:", "train.micro_batches:", "train.ordered_reduction:", "output.dir:"})
     if (difference.rfind(key, 0) == 0) return true;
   return false;
 }
@@ -108,7 +109,7 @@ int run_resume(const Args& a, const PluginRegistry& registry) {
   for (const auto& d : config_differences(checkpoint->config, config))
     if (!may_change_on_resume(d))
       throw std::runtime_error("--resume " + run_dir + ": the config changed since the checkpoint (" + d +
-                               "); only [train] epochs, checkpoint_every, bucket_cap_mb and micro_batches may change when a run resumes");
+                               "); only [train] epochs, checkpoint_every, bucket_cap_mb, micro_batches and ordered_reduction may change when a run resumes");
   set_threads(config.train.threads);
   Session session(config, registry);
   const auto dp = DataParallel::from_environment(rank_device(config.model.device));

@@ -299,6 +299,7 @@ void read_train(const std::string& path, const toml::table* t, TrainConfig& c) {
   s.positive("checkpoint_every", c.checkpoint_every, 0);
   s.number("bucket_cap_mb", c.bucket_cap_mb, 1.0 / 1024);
   s.positive("micro_batches", c.micro_batches);
+  s.get("ordered_reduction", c.ordered_reduction);
   if (c.micro_batches > c.batch_size) {
     // Read twice over (a matrix's budget, then a setup's), the key that broke it is the one here.
     const toml::node* at = t->get("micro_batches") != nullptr ? t->get("micro_batches") : t->get("batch_size");
@@ -463,7 +464,7 @@ std::string resolved_toml(const Config& c) {
                                    {"group_by_length", c.train.group_by_length},
                                    {"shuffle", c.train.shuffle}, {"gradient_checkpointing", c.train.gradient_checkpointing},
                                    {"checkpoint_every", c.train.checkpoint_every}, {"bucket_cap_mb", c.train.bucket_cap_mb},
-                                   {"micro_batches", c.train.micro_batches}});
+                                   {"micro_batches", c.train.micro_batches}, {"ordered_reduction", c.train.ordered_reduction}});
   root.insert("output", toml::table{{"dir", c.output_dir}});
   toml::array methods;
   for (const auto& m : c.methods) {

@@ -9,7 +9,8 @@
 //            pooling ("mean" | "cls")
 //   [train]  epochs, batch_size, eval_batch_size, lr, head_lr, weight_decay,
 //            warmup_ratio, max_grad_norm, threads, seed, max_steps, group_by_length, shuffle,
-//            gradient_checkpointing, checkpoint_every, bucket_cap_mb, micro_batches
+//            gradient_checkpointing, checkpoint_every, bucket_cap_mb, micro_batches,
+//            ordered_reduction
 //   [output] dir
 //   [[methods]] plugin, name, targets, load, [methods.params] …
 //   [[groups]]  name, kind, members, weights, normalize, tag (runtime/groups.h)
@@ -122,6 +123,11 @@ struct TrainConfig {
   // activations of one piece. Piece k of rank r is what rank r·M + k of a run with M times
   // the ranks computes, with a random stream of its own (train/pass_streams.h).
   std::int64_t micro_batches = 1;
+  // Data-parallel: each bucket's sum over the ranks is added in rank order (every rank's
+  // bucket gathered, then 0 + 1 + … + N−1), not in the ring order of an all-reduce: N ranks
+  // then take the steps of one process in N micro-batches bit for bit, for any N, at N times
+  // the traffic (train/distributed.h).
+  bool ordered_reduction = false;
 };
 
 struct Config {

@@ -2,6 +2,7 @@
 
 #include <ATen/Context.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <dlfcn.h>
 
@@ -40,6 +41,15 @@ void prepare_device(const c10::Device& device) {
   if (!error.empty()) throw std::runtime_error(error);
   if (!at::hasCUDA())
     throw std::runtime_error("device '" + device.str() + "': libtorch_cuda is loaded but torch sees no CUDA device (no NVIDIA driver or GPU here)");
+  if (device.has_index()) {
+    const auto gpus = at::getNumGPUs();
+    if (static_cast<std::size_t>(device.index()) >= gpus)
+      throw std::runtime_error("device '" + device.str() + "': torch sees " + std::to_string(gpus) + " CUDA device" + (gpus == 1 ? "" : "s") +
+                               " here (a data-parallel rank's 'cuda' is cuda:LOCAL_RANK: one GPU a rank)");
+    // The current device too, as a torchrun script sets it first: whatever uses the current
+    // device (new streams, NCCL's communicators) is on this rank's GPU from here on.
+    c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->setDevice(device);
+  }
   // float32 is float32 on every device: torch leaves cuBLAS's TF32 off but turns cuDNN's on
   // (its RNNs and convolutions then round inputs to 10 mantissa bits), which put P-tuning's
   // LSTM encoder ~1e-3 (relative) off the CPU's result. A run that wants that speed trains

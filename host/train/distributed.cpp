@@ -32,6 +32,7 @@ struct Reducer {
     std::vector<std::size_t> members;  // indices into params
     std::size_t pending = 0;           // members whose gradient has not arrived this step
     std::vector<at::Tensor> flat;      // what is being reduced: the weighted gradients, then one flag each
+    std::vector<std::vector<at::Tensor>> gathered;  // ordered: every rank's flat, in rank order
     c10::intrusive_ptr<c10d::Work> work;
   };
   std::vector<at::Tensor> params;
@@ -45,6 +46,8 @@ struct Reducer {
   std::vector<Bucket> buckets;
   std::size_t next = 0;  // the first bucket not started
   double weight = 1;
+  bool ordered = false;  // gathered and added in rank order (DataParallel::set_ordered)
+  std::int64_t world = 1;
   bool active = false;   // between begin and finish
   c10d::Backend* group = nullptr;
   std::int64_t bytes = 0;
@@ -72,8 +75,26 @@ struct Reducer {
     const auto& first = params[k.members[0]];
     parts.push_back(at::tensor(has, at::TensorOptions().dtype(at::kDouble)).to(first.device(), first.scalar_type()));
     k.flat = {at::cat(parts)};
-    bytes += k.flat[0].numel() * static_cast<std::int64_t>(k.flat[0].element_size());
-    k.work = group->allreduce(k.flat);
+    bytes += k.flat[0].numel() * static_cast<std::int64_t>(k.flat[0].element_size()) * (ordered ? world : 1);
+    if (!ordered) {
+      k.work = group->allreduce(k.flat);
+      return;
+    }
+    k.gathered.assign(1, {});
+    for (std::int64_t r = 0; r < world; ++r) k.gathered[0].push_back(at::empty_like(k.flat[0]));
+    k.work = group->allgather(k.gathered, k.flat);
+  }
+
+  // After the bucket's work: its sum over the ranks (ordered: added in rank order here).
+  static const at::Tensor& summed(Bucket& k) {
+    if (!k.gathered.empty()) {
+      const auto& parts = k.gathered[0];
+      at::Tensor sum = parts[0].clone();
+      for (std::size_t r = 1; r < parts.size(); ++r) sum.add_(parts[r]);
+      k.flat[0] = sum;
+      k.gathered.clear();
+    }
+    return k.flat[0];
   }
 };
 
@@ -123,7 +144,10 @@ struct DataParallel::Impl {
   c10::Device device{c10::kCPU};  // where the group's tensors live (NCCL: the rank's GPU)
   Reducer reducer;
 
-  ~Impl() { unhook(); }
+  ~Impl() {
+    unhook();
+    if (group) group->shutdown();  // NCCL: its watchdog and communicators end here, not in a destructor's warning
+  }
   // Takes this set's hooks off their accumulators (a node that outlives the reducer must not call it).
   void unhook() {
     auto& r = reducer;
@@ -197,8 +221,7 @@ c10::intrusive_ptr<c10d::Backend> gloo_group(const c10::intrusive_ptr<c10d::Stor
   return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
 }
 
-// libtessera_nccl.so: in the lib/ beside the running binary's bin/ (the build tree's layout
-// and an installed one's).
+// libtessera_nccl.so: in the lib/ beside the running binary's bin/ (the build tree's layout).
 std::filesystem::path nccl_module() {
   std::error_code ec;
   const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
@@ -272,10 +295,11 @@ void DataParallel::begin_gradients(const std::vector<at::Tensor>& params, double
   impl_->prepare(params, bucket_cap_mib_);
   auto& r = impl_->reducer;
   r.weight = weight;
+  r.ordered = ordered_, r.world = world_;
   r.arrived.assign(params.size(), false);
   r.walked_past.assign(params.size(), false);
   r.late = -1;
-  for (auto& b : r.buckets) b.pending = b.members.size(), b.work.reset(), b.flat.clear();
+  for (auto& b : r.buckets) b.pending = b.members.size(), b.work.reset(), b.flat.clear(), b.gathered.clear();
   r.next = 0;
   r.started_early = 0;
   r.active = true;
@@ -300,7 +324,7 @@ void DataParallel::finish_gradients() {
   }
   for (auto& b : r.buckets) {
     b.work->wait();
-    const at::Tensor& flat = b.flat[0];
+    const at::Tensor& flat = Reducer::summed(b);
     const auto n = static_cast<std::int64_t>(b.members.size());
     const at::Tensor any = flat.narrow(0, flat.numel() - n, n).cpu();
     std::int64_t at = 0;
@@ -330,9 +354,16 @@ void DataParallel::finish_gradients() {
 }
 
 std::vector<double> DataParallel::sum(const std::vector<double>& values) {
-  std::vector<at::Tensor> t{at::tensor(values, at::kDouble).to(impl_->device)};
-  impl_->group->allreduce(t)->wait();
-  const at::Tensor s = t[0].cpu();
+  at::Tensor s;
+  if (ordered_) {  // in rank order, as one process adds its micro-batches' losses
+    const auto parts = all_gather(at::tensor(values, at::kDouble));
+    s = parts[0].clone();
+    for (std::size_t r = 1; r < parts.size(); ++r) s.add_(parts[r]);
+  } else {
+    std::vector<at::Tensor> t{at::tensor(values, at::kDouble).to(impl_->device)};
+    impl_->group->allreduce(t)->wait();
+    s = t[0].cpu();
+  }
   return {s.data_ptr<double>(), s.data_ptr<double>() + s.numel()};
 }
 

@@ -60,6 +60,11 @@ class DataParallel {
   // half-done; use reduce_gradients() there.
   void begin_gradients(const std::vector<at::Tensor>& params, double weight, const at::Tensor& loss);
   void set_bucket_cap(double mib) { bucket_cap_mib_ = mib; }  // [train] bucket_cap_mb
+  // [train] ordered_reduction: every sum over the ranks (gradient buckets, sum()) gathers each
+  // rank's part and adds them in rank order, ((x₀ + x₁) + x₂) + …, as one process adds its
+  // micro-batches, instead of an all-reduce's ring order, which depends on the rank's place in
+  // the ring. The same bits for any number of ranks, at N times the traffic.
+  void set_ordered(bool ordered) { ordered_ = ordered; }
   void finish_gradients();
   // Every rank's `t` (the same shape and dtype on each, a CPU tensor), in rank order, on the CPU.
   std::vector<at::Tensor> all_gather(const at::Tensor& t);
@@ -68,7 +73,7 @@ class DataParallel {
   void barrier();
 
   // What the gradient reductions have cost so far: bytes each rank sent into them (the
-  // buckets' size), the wall time a step spent on them outside the backward pass (all of it
+  // buckets' size; ordered: N times it, what each rank receives), the wall time a step spent on them outside the backward pass (all of it
   // for reduce_gradients(); for the overlapped form, what finish_gradients() waited), and how
   // many there were.
   // Also: buckets reduced, and how many of them started before backward ended (the overlap);
@@ -82,6 +87,7 @@ class DataParallel {
  private:
   Traffic traffic_;
   double bucket_cap_mib_ = 25;
+  bool ordered_ = false;
   struct Impl;
   DataParallel(std::int64_t rank, std::int64_t world, std::unique_ptr<Impl> impl);
   std::int64_t rank_, world_;

@@ -18,12 +18,15 @@ extern "C" __attribute__((visibility("default"))) int tessera_make_nccl_group_v1
                     gpus == 1 ? "" : "s");
       return 1;
     }
-    // Collectives without a tensor (barrier) and NCCL's communicators use the current device.
+    // NCCL's communicators are made on the current device.
     c10::cuda::set_device(static_cast<c10::DeviceIndex>(r->device_index));
     auto options = c10d::ProcessGroupNCCL::Options::create();
     options->timeout = std::chrono::milliseconds(r->timeout_ms);
     auto store = c10::intrusive_ptr<c10d::Store>::unsafe_reclaim_from_nonowning(r->store);
     auto group = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, r->rank, r->world, options);
+    // Bound to this rank's GPU: collectives without a tensor of their own (barrier) use it,
+    // rather than a guess from the rank's number.
+    group->setBoundDeviceId(c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(r->device_index)));
     r->group = group.release();
     return 0;
   } catch (const c10::Error& e) {  // torch's reason, without its C++ backtrace

@@ -475,7 +475,7 @@ TrainResult train(Session& s, const std::string& run_dir, const TrainOptions& op
   DataParallel* dp = options.dp;
   const bool lead = dp == nullptr || dp->rank() == 0;
   const auto& cfg = s.config().train;
-  if (dp != nullptr) dp->set_bucket_cap(cfg.bucket_cap_mb);
+  if (dp != nullptr) dp->set_bucket_cap(cfg.bucket_cap_mb), dp->set_ordered(cfg.ordered_reduction);
   fs::create_directories(run_dir);
   const auto n_train = s.task().examples(Split::Train).size();
   const auto bs = static_cast<std::size_t>(cfg.batch_size);

@@ -5,7 +5,8 @@
 # launcher naming it, with no adapter half-written; a data-parallel run killed after a
 # checkpoint resumes with one process and still ends at the same adapter; with dropout, a
 # 2-rank run killed and resumed with 2 ranks ends bit for bit as the uninterrupted one; one
-# process in 2 micro-batches is the 2-rank run bit for bit, and resumes as one; tensors
+# process in 2 micro-batches is the 2-rank run bit for bit, and resumes as one, and 3 are 3
+# ranks under ordered_reduction; tensors
 # a step leaves unused (AdaMix's undrawn experts) do not hold the overlap.
 #
 # usage: distributed.sh TESSERA OUT_DIR PYTHON GPT2_TEXT_DIR
@@ -199,4 +200,15 @@ killed_at 8 "$out/micro.toml" "$out/micro-killed"
 "$tessera" --log-level warn train --resume "$out/micro-killed" "$out/drop.toml" --nproc 2
 cmp "$out/drop/adapter/lora/adapter_model.safetensors" "$out/micro-killed/adapter/lora/adapter_model.safetensors"
 same_metrics "$out/drop" "$out/micro-killed"
-echo "distributed: equal across 1 and 2 ranks; a killed rank stops the run; resumed across N; resumed with dropout bit for bit; 2 micro-batches are 2 ranks bit for bit"
+# Three ranks: a sum of three depends on the order its terms are added in, and an all-reduce's
+# ring adds them in an order of its own. With [train] ordered_reduction every rank's bucket
+# (and loss) is gathered and added in rank order, as one process adds its 3 micro-batches:
+# the same steps bit for bit, dropout included.
+sed -e 's|^bucket_cap_mb = .*|&\nordered_reduction = true|' "$out/drop.toml" >"$out/ordered.toml"
+grep -q '^ordered_reduction = true' "$out/ordered.toml"
+"$tessera" --log-level warn train "$out/ordered.toml" --run-dir "$out/three" --nproc 3
+sed -e 's|^bucket_cap_mb = .*|micro_batches = 3|' "$out/drop.toml" >"$out/micro3.toml"
+"$tessera" --log-level warn train "$out/micro3.toml" --run-dir "$out/micro3"
+cmp "$out/three/adapter/lora/adapter_model.safetensors" "$out/micro3/adapter/lora/adapter_model.safetensors"
+same_metrics "$out/three" "$out/micro3"
+echo "distributed: equal across 1 and 2 ranks; a killed rank stops the run; resumed across N; resumed with dropout bit for bit; 2 micro-batches are 2 ranks bit for bit, 3 are 3 ordered ranks"

@@ -137,7 +137,7 @@ rm -rf "$out/killed"
 kill_at 6 train "$out/run.toml" --run-dir "$out/killed"
 sed 's/^batch_size = 16/batch_size = 8/' "$out/run.toml" >"$out/changed.toml"
 if "$tessera" train --resume "$out/killed" "$out/changed.toml" 2>"$out/err.txt"; then exit 1; fi
-grep -q "the config changed since the checkpoint (train.batch_size: 16 → 8); only \[train\] epochs, checkpoint_every, bucket_cap_mb and micro_batches may change" "$out/err.txt"
+grep -q "the config changed since the checkpoint (train.batch_size: 16 → 8); only \[train\] epochs, checkpoint_every, bucket_cap_mb, micro_batches and ordered_reduction may change" "$out/err.txt"
 rm -rf "$out/empty" && mkdir -p "$out/empty"
 if "$tessera" train --resume "$out/empty" 2>"$out/err.txt"; then exit 1; fi
 grep -q "holds no complete checkpoint to resume from" "$out/err.txt"

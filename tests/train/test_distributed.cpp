@@ -21,7 +21,7 @@ void check_one_rank_sum(c10d::Backend& group, const c10::Device& device) {
   const at::Tensor values = at::tensor({1.5, -2.0, 3.25}, at::kFloat);
   std::vector<at::Tensor> t{values.to(device)};
   group.allreduce(t)->wait();
-  CATCH_CHECK(t[0].device() == device);
+  CATCH_CHECK(t[0].device() == (device.is_cuda() && !device.has_index() ? c10::Device(c10::kCUDA, 0) : device));
   CATCH_CHECK(at::equal(t[0].cpu(), values));
 }
 
@@ -44,13 +44,13 @@ CATCH_TEST_CASE("process groups: a CUDA model reduces through NCCL from libtesse
     return;
   }
 #ifdef TESSERA_HAVE_NCCL
-  // No GPU here: the module loads with every symbol bound (ProcessGroupNCCL's among them),
-  // its entry point runs, and its refusal comes back as an exception naming the backend and
-  // the GPU (not an abort, not a missing symbol).
-  CATCH_CHECK_THROWS_WITH(make_process_group(store, 0, 2, std::chrono::seconds(1), c10::Device("cuda:0")),
-                          Catch::Contains("on cuda:0 through NCCL: this rank's GPU is cuda:0, and torch sees 0 CUDA devices here"));
+  // A GPU this machine lacks (none, here): the module loads with every symbol bound
+  // (ProcessGroupNCCL's among them), its entry point runs, and its refusal comes back as an
+  // exception naming the backend and the GPU (not an abort, not a missing symbol).
+  CATCH_CHECK_THROWS_WITH(make_process_group(store, 0, 2, std::chrono::seconds(1), c10::Device("cuda:127")),
+                          Catch::Contains("on cuda:127 through NCCL: this rank's GPU is cuda:127, and torch sees"));
 #else
-  CATCH_CHECK_THROWS_WITH(make_process_group(store, 0, 2, std::chrono::seconds(1), c10::Device("cuda:0")),
+  CATCH_CHECK_THROWS_WITH(make_process_group(store, 0, 2, std::chrono::seconds(1), c10::Device("cuda:127")),
                           Catch::Contains("libtessera_nccl.so, which is built only against a CUDA build"));
 #endif
 }
