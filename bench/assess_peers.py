@@ -82,7 +82,8 @@ def peer_method(cfg):
     if plugin == "full" and p.get("embeddings", True) and not m.get("targets"):
         return ("full", extra), None
     if plugin in ("bottleneck", "compacter"):
-        return (p.get("config", "seq_bn"), extra), None
+        preset, kwargs = adapterhub_bn(p)
+        return (None, kwargs) if preset is None else ((preset, extra + ["--adapterhub-kwargs", json.dumps(kwargs)]), None)
     return None, f"no peer library has {plugin}"
 
 
@@ -95,6 +96,26 @@ PEFT_CLASSES = {"lora": "LoraConfig", "adalora": "AdaLoraConfig", "loha": "LoHaC
                 "prefix_tuning": "PrefixTuningConfig", "ln_tuning": "LNTuningConfig"}
 # Keys that mean "unset" in a resolved config, where peft's own default applies.
 UNSET = ("", [], {}, None)
+# The bottleneck and compacter plugins' keys that AdapterHub's adapter configs have, under the
+# same names and meanings (plugins/additive/bottleneck/README.md).
+BN_SHARED = ("reduction_factor", "non_linearity", "init_weights", "dropout", "residual_before_ln", "cross_adapter", "use_gating",
+             "phm_dim", "phm_rank", "phm_bias", "phm_c_init", "phm_init_range", "learn_phm", "factorized_phm_W", "factorized_phm_rule",
+             "shared_W_phm", "shared_phm_rule", "hypercomplex_nonlinearity")
+
+
+def adapterhub_bn(p):
+    """(AdapterHub preset, its kwargs) for a bottleneck or compacter method's resolved params: the
+    run's own keys over the preset's (a key at "the preset's" passes nothing), or (None, why not)."""
+    if p.get("bottleneck_size"):
+        return None, "bottleneck_size: AdapterHub sizes an adapter by reduction_factor alone"
+    if p.get("inv_adapter") not in UNSET or (p.get("config") or "").endswith("_inv"):
+        return None, "an invertible adapter: the peer runners add no invertible adapter"
+    kwargs = {k: p[k] for k in BN_SHARED if p.get(k) not in UNSET and not (k == "reduction_factor" and p[k] == 0)}
+    if p.get("scaling_type") in ("learned", "channel"):
+        kwargs["scaling"] = p["scaling_type"]  # AdapterHub names a trained scaling by its kind
+    elif p.get("scaling"):
+        kwargs["scaling"] = p["scaling"]
+    return p.get("config") or "seq_bn", kwargs
 
 
 def lm_peer(cfg):
@@ -136,11 +157,11 @@ def lm_peer(cfg):
         if m.get("targets") or not p.get("embeddings", True):
             return None, "full fine-tuning of some weights: no peer"
         return extra + ["--full"], "full"
-    if plugin in ("bottleneck", "compacter"):  # AdapterHub's preset of that name, with the run's size
-        if p.get("bottleneck_size") or p.get("invertible") or p.get("use_gating"):
-            return None, f"{plugin} with bottleneck_size, invertible or use_gating: the decoder peer runner passes the preset and its size alone"
-        kwargs = {k: p[k] for k in ("reduction_factor", "phm_dim") if p.get(k)}
-        return extra + ["--adapterhub", json.dumps({"config": p.get("config") or "seq_bn", "kwargs": kwargs})], p.get("config") or "seq_bn"
+    if plugin in ("bottleneck", "compacter"):  # AdapterHub's preset of that name, with the run's keys
+        preset, kwargs = adapterhub_bn(p)
+        if preset is None:
+            return None, kwargs
+        return extra + ["--adapterhub", json.dumps({"config": preset, "kwargs": kwargs})], preset
     if plugin not in PEFT_CLASSES:
         return None, f"no peer library has {plugin} for decoders here"
     method = "lora_fa" if p.pop("lora_fa", False) else plugin

@@ -34,6 +34,7 @@ ap.add_argument("--method", choices=["full", "ln_tuning", "lora", "lora_fa", "do
                 default="lora",
                 help="ia3: IA3Config with PEFT's defaults for BERT; prompt_tuning, p_tuning, prefix_tuning: 20 virtual tokens "
                      "(P-tuning's MLP encoder, prefix tuning without projection); the *_bn and compacter, compacter++: AdapterHub's bottleneck presets (adapters); mam, unipelt: its MAMConfig and UniPELTConfig")
+ap.add_argument("--adapterhub-kwargs", default="{}", help="the *_bn and compacter presets: {key: value} over the preset's (AdapterConfig.load)")
 ap.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA, the base in bitsandbytes 4-bit with double quantization")
 ap.add_argument("--epochs", type=int, default=0, help="0: the timing mode (--steps consecutive batches of the file); N: train N epochs, then evaluate")
 ap.add_argument("--lr", type=float, default=1e-3)
@@ -100,7 +101,8 @@ else:  # AdapterHub: the preset by name, as its users add one; train_adapter fre
     import adapters
 
     adapters.init(encoder)
-    encoder.add_adapter("a", config=args.method)
+    kwargs = json.loads(args.adapterhub_kwargs)  # the run's own keys over the preset's
+    encoder.add_adapter("a", config=adapters.AdapterConfig.load(args.method, **kwargs) if kwargs else args.method)
     encoder.train_adapter("a")
     model = Classifier(encoder)
 for p in model.head.parameters():
