@@ -96,7 +96,10 @@ class GgufBlocks final : public StoredTensor {
   GgufBlocks(std::shared_ptr<const GgufFile> file, const std::string& name, c10::TensorOptions options)
       : file_(std::move(file)), info_(file_->info(name)), heads_(rotary_heads(*file_, name)), options_(options) {
     raw_ = file_->raw(name);
-    if (options.device() != raw_.device()) raw_ = raw_.to(options.device());  // the blocks, once; the mapping stays the CPU's copy
+    if (options.device() != raw_.device()) {  // the blocks, once; the mapping's pages are then not needed here
+      raw_ = raw_.to(options.device());
+      file_->release_pages(name);
+    }
   }
   const char* format() const override { return "gguf"; }
   std::size_t release_pages() const { return file_->release_pages(info_.name); }

@@ -46,9 +46,11 @@ void prepare_device(const c10::Device& device) {
     if (static_cast<std::size_t>(device.index()) >= gpus)
       throw std::runtime_error("device '" + device.str() + "': torch sees " + std::to_string(gpus) + " CUDA device" + (gpus == 1 ? "" : "s") +
                                " here (a data-parallel rank's 'cuda' is cuda:LOCAL_RANK: one GPU a rank)");
-    // The current device too, as a torchrun script sets it first: whatever uses the current
-    // device (new streams, NCCL's communicators) is on this rank's GPU from here on.
-    c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->setDevice(device);
+    // A data-parallel rank owns one GPU: it becomes the current device too, as a torchrun
+    // script sets it first, so whatever uses the current device (new streams, NCCL's
+    // communicators) is on it. Another process keeps its current device as it is.
+    const char* world = std::getenv("WORLD_SIZE");
+    if (world != nullptr && std::atoll(world) > 1) c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->setDevice(device);
   }
   // float32 is float32 on every device: torch leaves cuBLAS's TF32 off but turns cuDNN's on
   // (its RNNs and convolutions then round inputs to 10 mantissa bits), which put P-tuning's

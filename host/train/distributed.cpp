@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
 #include <map>
 #include <mutex>
@@ -146,7 +147,15 @@ struct DataParallel::Impl {
 
   ~Impl() {
     unhook();
-    if (group) group->shutdown();  // NCCL: its watchdog and communicators end here, not in a destructor's warning
+    if (!group) return;
+    // NCCL: its watchdog and communicators end here, not in a destructor's warning. Leaving
+    // by an exception, collectives may be in flight that the other ranks never join: abort
+    // them rather than wait for them (shutdown() would flush them, up to the timeout).
+    try {
+      if (std::uncaught_exceptions() > 0) group->abort();
+      else group->shutdown();
+    } catch (const std::exception&) {  // nothing to do about it on the way out
+    }
   }
   // Takes this set's hooks off their accumulators (a node that outlives the reducer must not call it).
   void unhook() {
