@@ -23,6 +23,12 @@ std::filesystem::path torch_lib_dir() {
   return std::filesystem::path(info.dli_fname).parent_path();
 }
 
+// A rank of a data-parallel run (torchrun's WORLD_SIZE above 1): it owns one GPU.
+bool data_parallel_rank() {
+  const char* world = std::getenv("WORLD_SIZE");
+  return world != nullptr && std::atoll(world) > 1;
+}
+
 }  // namespace
 
 void prepare_device(const c10::Device& device) {
@@ -49,8 +55,7 @@ void prepare_device(const c10::Device& device) {
     // A data-parallel rank owns one GPU: it becomes the current device too, as a torchrun
     // script sets it first, so whatever uses the current device (new streams, NCCL's
     // communicators) is on it. Another process keeps its current device as it is.
-    const char* world = std::getenv("WORLD_SIZE");
-    if (world != nullptr && std::atoll(world) > 1) c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->setDevice(device);
+    if (data_parallel_rank()) c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->setDevice(device);
   }
   // float32 is float32 on every device: torch leaves cuBLAS's TF32 off but turns cuDNN's on
   // (its RNNs and convolutions then round inputs to 10 mantissa bits), which put P-tuning's
@@ -61,9 +66,8 @@ void prepare_device(const c10::Device& device) {
 
 c10::Device rank_device(const std::string& configured) {
   c10::Device device(configured);
-  const char* world = std::getenv("WORLD_SIZE");
   const char* local = std::getenv("LOCAL_RANK");
-  if (!device.is_cuda() || device.has_index() || world == nullptr || local == nullptr || std::atoll(world) <= 1) return device;
+  if (!device.is_cuda() || device.has_index() || local == nullptr || !data_parallel_rank()) return device;
   char* end = nullptr;
   const long index = std::strtol(local, &end, 10);
   if (end == local || *end != '\0' || index < 0 || index > 127)

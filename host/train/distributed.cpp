@@ -27,6 +27,14 @@ namespace tessera {
 
 namespace {
 
+// ((x₀ + x₁) + x₂) + …: the ranks' parts added in rank order, as one process adds its
+// micro-batches (DataParallel::set_ordered).
+at::Tensor in_rank_order(const std::vector<at::Tensor>& parts) {
+  at::Tensor sum = parts[0].clone();
+  for (std::size_t r = 1; r < parts.size(); ++r) sum.add_(parts[r]);
+  return sum;
+}
+
 // The overlapped reduction's state for one set of tensors (DataParallel::begin_gradients).
 struct Reducer {
   struct Bucket {
@@ -89,10 +97,7 @@ struct Reducer {
   // After the bucket's work: its sum over the ranks (ordered: added in rank order here).
   static const at::Tensor& summed(Bucket& k) {
     if (!k.gathered.empty()) {
-      const auto& parts = k.gathered[0];
-      at::Tensor sum = parts[0].clone();
-      for (std::size_t r = 1; r < parts.size(); ++r) sum.add_(parts[r]);
-      k.flat[0] = sum;
+      k.flat[0] = in_rank_order(k.gathered[0]);
       k.gathered.clear();
     }
     return k.flat[0];
@@ -219,10 +224,6 @@ std::int64_t env_int(const char* name, const std::string& fallback = "") {
   throw std::runtime_error(std::string("data-parallel training: ") + name + "=" + v + " is not an integer");
 }
 
-}  // namespace
-
-namespace {
-
 c10::intrusive_ptr<c10d::Backend> gloo_group(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world, std::chrono::milliseconds timeout) {
   auto opts = c10d::ProcessGroupGloo::Options::create();
   opts->timeout = timeout;
@@ -287,7 +288,7 @@ std::unique_ptr<DataParallel> DataParallel::from_environment(const c10::Device& 
   auto impl = std::make_unique<Impl>();
   impl->store = c10::make_intrusive<c10d::TCPStore>(env("MASTER_ADDR", "127.0.0.1"), o);
   impl->group = make_process_group(impl->store, static_cast<int>(rank), static_cast<int>(world), timeout, device);
-  impl->device = device.is_cuda() ? device : c10::Device(c10::kCPU);
+  impl->device = device;  // make_process_group took only a CPU or CUDA one
   return std::unique_ptr<DataParallel>(new DataParallel(rank, world, std::move(impl)));
 }
 
@@ -364,10 +365,8 @@ void DataParallel::finish_gradients() {
 
 std::vector<double> DataParallel::sum(const std::vector<double>& values) {
   at::Tensor s;
-  if (ordered_) {  // in rank order, as one process adds its micro-batches' losses
-    const auto parts = all_gather(at::tensor(values, at::kDouble));
-    s = parts[0].clone();
-    for (std::size_t r = 1; r < parts.size(); ++r) s.add_(parts[r]);
+  if (ordered_) {  // as one process adds its micro-batches' losses
+    s = in_rank_order(all_gather(at::tensor(values, at::kDouble)));
   } else {
     std::vector<at::Tensor> t{at::tensor(values, at::kDouble).to(impl_->device)};
     impl_->group->allreduce(t)->wait();

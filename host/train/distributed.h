@@ -1,10 +1,10 @@
 // Data-parallel training on libtorch's own c10d, as torchrun + DDP run it: each rank is a
 // process told its place by the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
 // MASTER_ADDR, MASTER_PORT), ranks meet through c10d's TCPStore and reduce through its
-// Gloo backend (a CPU model) or its NCCL backend (a CUDA model; train/nccl_group.h). Each rank computes its shard of every global batch; the
-// trainable tensors' gradients alone are averaged, weighted by each shard's examples, so
-// every rank applies the same update as one process on the whole batch would. Rank 0 alone
-// writes the run directory.
+// Gloo backend (a CPU model) or its NCCL backend (a CUDA model; train/nccl_group.h). Each
+// rank computes its shard of every global batch; the trainable tensors' gradients alone are
+// averaged, weighted by each shard's examples, so every rank applies the same update as one
+// process on the whole batch would. Rank 0 alone writes the run directory.
 //
 // Kept out of the other headers: c10d's headers are heavy, and only this file includes them.
 #pragma once
@@ -19,7 +19,6 @@
 #include <memory>
 #include <string>
 #include <vector>
-
 
 namespace tessera {
 
