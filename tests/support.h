@@ -6,6 +6,7 @@
 #include "formats/safetensors.h"
 #include "runtime/peft_import.h"
 #include "runtime/plugin_registry.h"
+#include "test_paths.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
