@@ -4,8 +4,10 @@ to re-render). For each setup in OUT/results.json whose method a peer library ha
 AdapterHub's adapters in its own venv, or transformers alone for full fine-tuning — the same task through bench/peer_hf_peft.py with the
 run's own data, split, limit, batch, length, epochs, rates, seed and threads (read from the
 run's resolved config), measured as Tessera's runs are: the child's peak RSS (ru_maxrss), its
-training examples/s, its test accuracy. Writes OUT/peers.json, one entry per setup (an
-"error" where no peer applies or the peer failed); a setup already there is not run again.
+training examples/s, its test accuracy — for every seed the setup finished, as Tessera's own rows
+are means over them. Writes OUT/peers.json, one entry per setup: the means over its seeds, with
+each seed's run under "runs" (an "error" where no peer applies or every seed's peer failed); a
+seed already there is not run again.
 
 Sequence classification on an encoder runs through bench/peer_hf_peft.py (peft's methods,
 AdapterHub's bottleneck presets, and AdapterHub's MAM and UniPELT for the composition groups that
@@ -239,13 +241,51 @@ def run_peer(setup, record):
             "peak_rss_mib": usage.ru_maxrss / 1024, "wall_seconds": time.perf_counter() - start}
 
 
+def summary(runs):
+    """A setup's peer entry from its seeds' runs: the means of their numbers (the fields one run
+    has, so a report reads one entry alike), each seed's metric, their sample standard deviation
+    (n - 1, as the report's own rows), and the runs themselves. Seeds whose peer failed stay in
+    "runs" with their error; the means are over the rest."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {**{k: v for k, v in runs[0].items() if k != "seed"}, "runs": runs}
+    entry = {"peer": ok[0]["peer"], "method": ok[0]["method"], "seeds": [r["seed"] for r in ok], "runs": runs,
+             "failed_seeds": [r["seed"] for r in runs if "error" in r]}
+    for k in ("test_accuracy", "test_perplexity", "tokens_per_s", "examples_per_s", "peak_rss_mib", "wall_seconds"):
+        if all(k in r for r in ok):
+            entry[k] = sum(r[k] for r in ok) / len(ok)
+    metric = "test_accuracy" if "test_accuracy" in entry else "test_perplexity"
+    values = [r[metric] for r in ok]
+    entry["metric_values"] = values
+    entry["metric_spread"] = math.sqrt(sum((v - entry[metric]) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return entry
+
+
+def earlier_runs(setup):
+    """The runs peers.json already holds for a setup; an entry written before peers ran every
+    seed is one run, of the setup's first finished seed (the one it ran)."""
+    e = peers.get(setup)
+    if e is None:
+        return []
+    if "runs" in e:
+        return e["runs"]
+    first = next((r for r in results["runs"] if r["setup"] == setup and r.get("ok")), None)
+    return [] if first is None else [{**e, "seed": first["seed"]}]
+
+
+# Every finished seed of each setup, as Tessera's own rows: the peer's column is then a mean over
+# the same seeds. A refusal before any run (no peer has the method: no "method" named) holds for
+# every seed, and is said once.
 for record in results["runs"]:
     setup = record["setup"]
-    if setup in peers or not record.get("ok"):
-        continue  # the first finished seed of each setup
-    print(f"[assess_peers] {setup}", file=sys.stderr, flush=True)
-    peers[setup] = run_peer(setup, record)
-    if "error" in peers[setup]:
-        print(f"[assess_peers] {setup}: {peers[setup]['error']}", file=sys.stderr, flush=True)
+    runs = earlier_runs(setup)
+    refused = bool(runs) and "method" not in runs[0]
+    if not record.get("ok") or refused or record["seed"] in {r["seed"] for r in runs}:
+        continue
+    print(f"[assess_peers] {setup}, seed {record['seed']}", file=sys.stderr, flush=True)
+    run = {**run_peer(setup, record), "seed": record["seed"]}
+    if "error" in run:
+        print(f"[assess_peers] {setup}, seed {record['seed']}: {run['error']}", file=sys.stderr, flush=True)
+    peers[setup] = summary(runs + [run])
     peers_file.write_text(json.dumps(peers, indent=1) + "\n")
 peers_file.write_text(json.dumps(peers, indent=1) + "\n")

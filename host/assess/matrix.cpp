@@ -44,7 +44,7 @@ Config build_setup(const std::string& file, const toml::table& t, const Matrix& 
   read_train_keys(file, table_at(file, t, "train"), run.train);
   for (const auto& [k, v] : t) {
     const std::string key(k.str());
-    static const std::vector<std::string> known = {"name", "config", "methods", "groups", "train"};
+    static const std::vector<std::string> known = {"name", "config", "seeds", "methods", "groups", "train"};
     if (std::find(known.begin(), known.end(), key) != known.end()) continue;
     const std::string hint = nearest(key, known);
     fail(file, v, "unknown key '" + key + "' in [[setups]]" + (hint.empty() ? "" : " (did you mean '" + hint + "'?)"));
@@ -53,9 +53,10 @@ Config build_setup(const std::string& file, const toml::table& t, const Matrix& 
   return run;
 }
 
-std::vector<std::int64_t> read_seeds(const std::string& file, const toml::table& root, std::int64_t fallback) {
+// A table's 'seeds' (the matrix's, or one setup's), else `fallback`.
+std::vector<std::int64_t> read_seeds(const std::string& file, const toml::table& root, const std::vector<std::int64_t>& fallback) {
   const toml::node* n = root.get("seeds");
-  if (n == nullptr) return {fallback};
+  if (n == nullptr) return fallback;
   const toml::array* a = n->as_array();
   if (a == nullptr || a->empty()) fail(file, *n, "'seeds' must be a non-empty list of integers");
   std::vector<std::int64_t> seeds;
@@ -78,7 +79,7 @@ Matrix load_matrix(const std::string& path, const PluginRegistry& registry) {
   m.base = load_config(config_path(path, *base));
   const toml::table* budget = table_at(path, root, "train");
   read_train_keys(path, budget, m.base.train);  // checked once here, with the file's positions
-  m.seeds = read_seeds(path, root, m.base.train.seed);
+  m.seeds = read_seeds(path, root, {m.base.train.seed});
   m.out = root.get("out") ? config_path(path, *root.get("out")) : (fs::path("runs") / ("assess-" + fs::path(path).stem().string())).string();
   const toml::node* setups = root.get("setups");
   if (setups == nullptr || !setups->is_array_of_tables() || setups->as_array()->empty())
@@ -88,10 +89,11 @@ Matrix load_matrix(const std::string& path, const PluginRegistry& registry) {
     const toml::table& t = *e.as_table();
     const toml::node* name = t.get("name");
     if (name == nullptr || !name->is_string() || name->as_string()->get().empty()) fail(path, t, "a setup needs a 'name'");
-    Setup s{name->as_string()->get(), {}, {}};
+    Setup s{name->as_string()->get(), {}, {}, m.seeds};
     if (s.name.find_first_of("/\\") != std::string::npos || s.name[0] == '.') fail(path, *name, "a setup's name is a folder's name: no '/', no leading '.'");
     if (!names.insert(s.name).second) fail(path, *name, "two setups are named '" + s.name + "'");
     try {
+      s.seeds = read_seeds(path, t, m.seeds);
       s.config = build_setup(path, t, m, budget, registry);
     } catch (const std::exception& x) {
       s.error = one_line(x);

@@ -10,7 +10,8 @@
 //   seeds = [42, 7]                        # [train] seed of each repetition (default: the base's)
 //   out = "../../runs/assess-quickstart"   # default: runs/assess-<matrix name> in the working directory
 //   [train]                                # over every setup: the budget (epochs, max_steps, threads …)
-//   [[setups]]  name, config, [[setups.methods]], [[setups.groups]], [setups.train]
+//   [[setups]]  name, config, seeds, [[setups.methods]], [[setups.groups]], [setups.train]
+//               (a setup's own seeds: more repetitions where one setup's metric swings more)
 #pragma once
 
 #include "runtime/config.h"
@@ -25,6 +26,7 @@ struct Setup {
   std::string name;
   Config config;      // the base with this setup's methods; seed set per run
   std::string error;  // non-empty: the setup could not be built (file:line:column: why)
+  std::vector<std::int64_t> seeds;  // its own 'seeds', else the matrix's
 };
 
 struct Matrix {

@@ -149,16 +149,26 @@ struct PeerCell {
   const char* key;
 };
 
+// The peer's mean over the seeds it ran (bench/assess_peers.py runs every seed ours finished),
+// ± their sample standard deviation as metric_text gives ours, and the seeds whose peer failed.
+std::string peer_metric_text(const json& p, double mean, bool percent) {
+  const double k = percent ? 100 : 1;
+  const auto values = p.value("metric_values", json::array());
+  const std::string sd = values.size() < 2 ? "" : percent ? fmt::format(" ± {:.2f}", k * p["metric_spread"].get<double>()) : fmt::format(" ± {:.3g}", p["metric_spread"].get<double>());
+  const auto failed = p.value("failed_seeds", json::array());
+  return (percent ? fmt::format("{:.2f}", k * mean) : fmt::format("{:.4g}", mean)) + sd + (percent ? "%" : "") +
+         (failed.empty() ? "" : fmt::format(" ({} of {} seeds failed)", failed.size(), failed.size() + values.size()));
+}
+
 std::vector<PeerCell> peer_cells(const json& row) {
   const json& p = row["peer"];
   const bool percent = row.value("metric", "") == "accuracy";
-  auto metric = [&](double v) { return percent ? fmt::format("{:.2f}%", 100 * v) : fmt::format("{:.4g}", v); };
   const double ours_speed = num(row, "train_examples_per_s"), peer_speed = p["examples_per_s"].get<double>();
   const double ours_rss = num(row, "peak_rss_mib"), peer_rss = p["peak_rss_mib"].get<double>();
   // The peer's value of the row's own metric (accuracy, or a decoder's perplexity).
   const double theirs = p.value("test_" + row.value("metric", std::string("accuracy")), std::nan(""));
-  return {{metric(num(row, "metric_mean")), num(row, "metric_mean"), "metric_mean"},
-          {std::isnan(theirs) ? std::string("—") : metric(theirs), theirs, "peer_metric"},
+  return {{metric_text(row), num(row, "metric_mean"), "metric_mean"},
+          {std::isnan(theirs) ? std::string("—") : peer_metric_text(p, theirs, percent), theirs, "peer_metric"},
           {fmt::format("{:.1f}", ours_speed), ours_speed, "train_examples_per_s"},
           {fmt::format("{:.1f}", peer_speed), peer_speed, "peer_examples_per_s"},
           {fmt::format("{:.2f}×", ours_speed / peer_speed), ours_speed / peer_speed, "speed_ratio"},
@@ -206,8 +216,9 @@ std::string peers_html(const json& rows) {
     body += "</tr>";
   }
   if (body.empty()) return body;
-  std::string head = "<h2>Against the peer libraries</h2><p class=\"note\">The same data, split, batch, length, epochs, rates, seed and threads "
-                     "through transformers with peft or AdapterHub's adapters on the same torch (bench/assess_peers.py); speed and memory: ours over the peer's.</p>"
+  std::string head = "<h2>Against the peer libraries</h2><p class=\"note\">The same data, split, batch, length, epochs, rates, seeds and threads "
+                     "through transformers with peft or AdapterHub's adapters on the same torch (bench/assess_peers.py), each side's metric "
+                     "the mean ± sd over the seeds; speed and memory: ours over the peer's.</p>"
                      "<table id=\"peers\"><thead><tr>";
   for (const char* h : kPeerHeaders) head += std::string("<th>") + escape_xml(h) + "</th>";
   return head + "</tr></thead><tbody>" + body + "</tbody></table>";

@@ -188,11 +188,12 @@ std::string reason_from_log(const std::string& log) {
 
 nlohmann::json run_matrix(const Matrix& m, const RunnerOptions& o) {
   nlohmann::json records = nlohmann::json::array();
-  const auto total = static_cast<std::int64_t>(m.setups.size() * m.seeds.size());
+  std::int64_t total = 0;
+  for (const auto& s : m.setups) total += static_cast<std::int64_t>(s.seeds.size());
   Progress bar("assess", total);
   std::int64_t done = 0, failed = 0;
   for (const auto& s : m.setups)
-    for (const auto seed : m.seeds) {
+    for (const auto seed : s.seeds) {
       bar.update(done, fmt_running(s.name, seed, failed));
       try {
         records.push_back(run_one(s, seed, m, o));

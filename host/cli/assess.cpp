@@ -51,7 +51,9 @@ int run_assess(const Args& a, const PluginRegistry& registry) {
   fs::create_directories(m.out);
   for (const auto& s : m.setups)
     if (!s.error.empty()) spdlog::warn("setup {} cannot run: {}", s.name, s.error);
-  spdlog::info("assessing {} setups × {} seeds into {}", m.setups.size(), m.seeds.size(), m.out);
+  std::size_t runs = 0;
+  for (const auto& s : m.setups) runs += s.seeds.size();
+  spdlog::info("assessing {} setups in {} runs into {}", m.setups.size(), runs, m.out);
   const nlohmann::json machine = machine_info(m.base.train.threads);
   const nlohmann::json records = run_matrix(m, {child_prefix(), a.rerun});
   nlohmann::json kept = records;
@@ -84,7 +86,7 @@ Command assess_command() {
             c.add_option("matrix", a->matrix, "matrix TOML: base, seeds, [train], [[setups]]")->required()->check(CLI::ExistingFile);
             c.add_option("--out", a->out, "output directory (default: the matrix's out)");
             c.add_flag("--rerun", a->rerun, "run every setup again, finished or not");
-            c.add_flag("--peers", a->peers, "also run the peer libraries (peft, AdapterHub's adapters) on the same task for the setups they have (bench/assess_peers.py)");
+            c.add_flag("--peers", a->peers, "also run the peer libraries (peft, AdapterHub's adapters) on the same task and seeds for the setups they have (bench/assess_peers.py)");
             c.add_flag("--check", a->check, "build every setup's config and validate its methods, run nothing (exit 4 when one fails)");
           },
           [a](const PluginRegistry& r) { return run_assess(*a, r); }};

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # `tessera assess` on a small matrix: three setups (inline LoRA, full fine-tuning, prompt
-# tuning from a config file) × two seeds, one setup naming an unknown plugin and one that
-# diverges. Their rows say why (file, line, column; the step) while the rest runs and the exit
-# status is 4; report.html's
-# table parses back to the numbers each run wrote (assess_check.py, reading the runs' own
-# result.json); a second call runs nothing again; a bad matrix ends in one line, exit 1;
-# --peers puts peft's (and AdapterHub's, for MAM) run of the same task beside ours, on the
-# encoder and on the real decoder.
+# tuning from a config file) × two seeds, one setup naming an unknown plugin, one listing a seed
+# twice and one that diverges. Their rows say why (file, line, column; the step) while the rest
+# runs and the exit status is 4; report.html's table parses back to the numbers each run wrote
+# (assess_check.py, reading the runs' own result.json); a second call runs nothing again; a bad
+# matrix ends in one line, exit 1; --peers puts peft's (and AdapterHub's, for MAM) run of the
+# same task beside ours, on the encoder and on the real decoder.
 set -euo pipefail
 tessera=$1 out=$2 python=$3
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -70,6 +69,12 @@ name = "broken"
 plugin = "lorra"
 
 [[setups]]
+name = "twice"
+seeds = [5, 5]
+[[setups.methods]]
+plugin = "lora"
+
+[[setups]]
 name = "diverging"
 [[setups.methods]]
 plugin = "lora"
@@ -83,6 +88,7 @@ cat "$out/first.txt"
 [ "$status" -eq 4 ] || { echo "a matrix with a failing setup must exit 4, got $status"; cat "$out/first.err"; exit 1; }
 grep -q "matrix.toml:[0-9]*:[0-9]*: no plugin with id 'lorra' (did you mean 'lora'?)" "$out/assessed/report.md"
 grep -q "^| diverging |.*2 of 2 failed: training diverged at step [0-9]* (epoch 1)" "$out/assessed/report.md"
+grep -q "^| twice |.*matrix.toml:[0-9]*:[0-9]*: seed 5 is listed twice" "$out/assessed/report.md"
 "$python" "$here/assess_check.py" "$out/assessed"
 
 # Nothing is run again: the runs' files stay as they were.
@@ -97,15 +103,16 @@ status=0
 printf 'base = "base.toml"\nseed = [1]\n[[setups]]\nname = "x"\n' >"$out/bad.toml"
 if "$tessera" assess "$out/bad.toml" 2>"$out/bad.err"; then exit 1; fi
 grep -q "bad.toml:2:8: unknown key 'seed' (did you mean 'seeds'?)" "$out/bad.err"
-# --peers: the peer library on the same task (one epoch of the 200-sentence sample), its row
-# in report.html's peers table; a method no peer has says so; MAM's composition group runs as
-# AdapterHub's MAMConfig.
+# --peers: the peer library on the same task (one epoch of the 200-sentence sample), for each
+# seed of ours (LoRA's own two), its mean ± sd in report.html's peers table; a method no peer
+# has says so; MAM's composition group runs as AdapterHub's MAMConfig.
 cat >"$out/peers.toml" <<TOML
 base = "base.toml"
 seeds = [3]
 out = "peered"
 [[setups]]
 name = "lora"
+seeds = [3, 4]              # its own seeds: two rows of ours, two of the peer's
 [[setups.methods]]
 plugin = "lora"
 targets = ["attn.q", "attn.v"]
@@ -113,6 +120,7 @@ targets = ["attn.q", "attn.v"]
 r = 4
 [[setups]]
 name = "bitfit"
+seeds = [3, 4]
 [[setups.methods]]
 plugin = "bitfit"
 [[setups]]
@@ -121,6 +129,11 @@ config = "$(cd "$here/../.." && pwd)/configs/hybrid/mam.toml"
 TOML
 "$tessera" assess --peers "$out/peers.toml" >"$out/peers.txt" 2>"$out/peers.err" || { cat "$out/peers.err" "$out/peered/peers.log"; exit 1; }
 "$python" "$here/assess_check.py" "$out/peered" peers
+# A second call runs no peer again: every seed is there.
+cp "$out/peered/peers.json" "$out/peers-before.json"
+"$tessera" assess --peers "$out/peers.toml" >/dev/null 2>"$out/peers-again.err" || { cat "$out/peers-again.err"; exit 1; }
+cmp "$out/peers-before.json" "$out/peered/peers.json"
+! grep -q "assess_peers\] .*seed" "$out/peered/peers.log"
 # The decoder's peers: peft on the real SmolLM2 over Tessera's own batches (split, shuffle and
 # length grouping rebuilt by bench/peer_lm_peft.py), so (IA)³, which draws nothing at random,
 # must reach our test perplexity; a plugin peft lacks says so.
@@ -154,6 +167,8 @@ name = "dylora"
 [[setups.methods]]
 plugin = "dylora"
 targets = ["attn.q", "attn.v"]
+[setups.train]
+epochs = 1                  # it is here for the peer's refusal alone
 TOML
 "$tessera" assess --peers "$out/lm-peers.toml" >"$out/lm-peers.txt" 2>"$out/lm-peers.err" || { cat "$out/lm-peers.err" "$out/lm-peered/peers.log"; exit 1; }
 "$python" "$here/assess_check.py" "$out/lm-peered" lm-peers

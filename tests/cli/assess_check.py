@@ -3,7 +3,8 @@ for each finished setup the mean of the test metric and the trainable parameters
 runs wrote into their own result.json, the merged column only where the method folds, and a
 status naming the failure of a setup that could not run; report.md has one row per setup;
 the SVG charts are inline and nothing is fetched from elsewhere. With `peers`: the peers
-table holds peers.json's accuracy, and ratios computed from the cells beside them.
+table holds peers.json's accuracy — the mean ± sd of a peer run for each of our seeds — and
+ratios computed from the cells beside them.
 
 usage: assess_check.py OUT [peers]"""
 import json
@@ -41,6 +42,7 @@ class Table(HTMLParser):
         if tag == "td" and self.cell is not None:
             if "data-key" in self.cell:
                 self.row[self.cell["data-key"]] = float(self.cell["data-value"])
+                self.row[self.cell["data-key"] + "_text"] = self.text
             elif "status" in self.cell.get("class", ""):
                 self.row["status"] = self.text
             self.cell = None
@@ -57,7 +59,18 @@ if len(sys.argv) > 2 and sys.argv[2] == "peers":  # the peers table: peft's numb
     assert 0 <= row["peer_metric"] <= 1 and abs(row["peer_metric"] - peers["lora"]["test_accuracy"]) < 1e-12, row
     assert row["peer_examples_per_s"] > 0 and row["peer_peak_rss_mib"] > 50, row
     assert abs(row["speed_ratio"] - row["train_examples_per_s"] / row["peer_examples_per_s"]) < 1e-9, row
+    # Every seed ours finished has its peer run, and each side's cell is the mean ± sd over them.
+    lora = peers["lora"]
+    accs = [r["test_accuracy"] for r in lora["runs"]]
+    assert sorted(r["seed"] for r in lora["runs"]) == [3, 4] and lora["seeds"] == [3, 4] and not lora["failed_seeds"], lora
+    assert abs(lora["test_accuracy"] - statistics.mean(accs)) < 1e-12 and abs(lora["metric_spread"] - statistics.stdev(accs)) < 1e-12, lora
+    assert row["peer_metric_text"] == f"{100 * statistics.mean(accs):.2f} ± {100 * statistics.stdev(accs):.2f}%", row
+    assert " ± " in row["metric_mean_text"], row
     assert "no peer library has bitfit" in t.rows["bitfit"]["status"], t.rows["bitfit"]
+    assert len(peers["bitfit"]["runs"]) == 1, peers["bitfit"]  # a refusal holds for every seed: said once
+    ran = json.load(open(os.path.join(out, "results.json")))["runs"]  # each setup's own seeds, else the matrix's
+    assert sorted((r["setup"], r["seed"]) for r in ran) == [("bitfit", 3), ("bitfit", 4), ("lora", 3), ("lora", 4), ("mam", 3)], ran
+    assert peers["mam"]["seeds"] == [3], peers["mam"]
     mam = t.rows["mam"]  # a composition group that is AdapterHub's MAMConfig runs as that preset
     assert peers["mam"]["peer"] == "transformers+adapters" and abs(mam["peer_metric"] - peers["mam"]["test_accuracy"]) < 1e-12, mam
     print(f"assess_check: peers table read back (ours {row['train_examples_per_s']:.1f} ex/s, peft {row['peer_examples_per_s']:.1f};"
@@ -79,7 +92,7 @@ t = Table()
 t.feed(html)
 assert not t.srcs, f"report.html fetches or runs something: {t.srcs}"
 assert html.count("<svg") == 3, "three inline charts"
-assert set(t.rows) == {"lora", "full", "prompt", "broken", "diverging"}, t.rows.keys()
+assert set(t.rows) == {"lora", "full", "prompt", "broken", "twice", "diverging"}, t.rows.keys()
 assert "training diverged" in t.rows["diverging"]["status"] and "metric_mean" not in t.rows["diverging"]
 for setup in ("lora", "full", "prompt"):
     runs = [json.load(open(os.path.join(out, setup, f"seed-{s}", "result.json"))) for s in (1, 2)]
@@ -94,5 +107,5 @@ assert t.rows["full"]["trainable"] > 22_000_000, "full fine-tuning trains every 
 assert "not mergeable" in t.rows["prompt"]["status"], t.rows["prompt"]["status"]
 assert "lorra" in t.rows["broken"]["status"] and "metric_mean" not in t.rows["broken"]
 md = open(os.path.join(out, "report.md")).read()
-assert sum(1 for line in md.splitlines() if line.startswith("| ") and not line.startswith("| setup")) == 5, md
+assert sum(1 for line in md.splitlines() if line.startswith("| ") and not line.startswith("| setup")) == 6, md
 print("assess_check: report.html's table equals the runs' own results")
