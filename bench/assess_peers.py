@@ -241,16 +241,19 @@ def run_peer(setup, record):
             "peak_rss_mib": usage.ru_maxrss / 1024, "wall_seconds": time.perf_counter() - start}
 
 
-def summary(runs):
-    """A setup's peer entry from its seeds' runs: the means of their numbers (the fields one run
-    has, so a report reads one entry alike), each seed's metric, their sample standard deviation
-    (n - 1, as the report's own rows), and the runs themselves. Seeds whose peer failed stay in
-    "runs" with their error; the means are over the rest."""
-    ok = [r for r in runs if "error" not in r]
+def summary(runs, seeds):
+    """A setup's peer entry from its runs: the means over those of `seeds` (the seeds ours
+    finished in this matrix, so both sides' means are over the same seeds) of the fields one run
+    has (so a report reads one entry alike), each seed's metric, their sample standard deviation
+    (n - 1, as the report's own rows), and every run kept (a seed dropped since may come back).
+    Seeds whose peer failed are counted out of the means and listed."""
+    counted = [r for r in runs if r["seed"] in seeds]
+    ok = [r for r in counted if "error" not in r]
     if not ok:
-        return {**{k: v for k, v in runs[0].items() if k != "seed"}, "runs": runs}
+        first = counted[0] if counted else runs[0]
+        return {**{k: v for k, v in first.items() if k != "seed"}, "runs": runs}
     entry = {"peer": ok[0]["peer"], "method": ok[0]["method"], "seeds": [r["seed"] for r in ok], "runs": runs,
-             "failed_seeds": [r["seed"] for r in runs if "error" in r]}
+             "failed_seeds": [r["seed"] for r in counted if "error" in r]}
     for k in ("test_accuracy", "test_perplexity", "tokens_per_s", "examples_per_s", "peak_rss_mib", "wall_seconds"):
         if all(k in r for r in ok):
             entry[k] = sum(r[k] for r in ok) / len(ok)
@@ -263,7 +266,8 @@ def summary(runs):
 
 def earlier_runs(setup):
     """The runs peers.json already holds for a setup; an entry written before peers ran every
-    seed is one run, of the setup's first finished seed (the one it ran)."""
+    seed is one run, of the setup's first finished seed (the one it ran, unless the matrix's
+    seeds changed since)."""
     e = peers.get(setup)
     if e is None:
         return []
@@ -275,17 +279,22 @@ def earlier_runs(setup):
 
 # Every finished seed of each setup, as Tessera's own rows: the peer's column is then a mean over
 # the same seeds. A refusal before any run (no peer has the method: no "method" named) holds for
-# every seed, and is said once.
-for record in results["runs"]:
-    setup = record["setup"]
+# every seed, and is said once. Every setup's entry is summed up again on every call, so a seed
+# no longer in the matrix leaves its means.
+for setup in dict.fromkeys(r["setup"] for r in results["runs"]):
+    finished = [r for r in results["runs"] if r["setup"] == setup and r.get("ok")]
     runs = earlier_runs(setup)
-    refused = bool(runs) and "method" not in runs[0]
-    if not record.get("ok") or refused or record["seed"] in {r["seed"] for r in runs}:
-        continue
-    print(f"[assess_peers] {setup}, seed {record['seed']}", file=sys.stderr, flush=True)
-    run = {**run_peer(setup, record), "seed": record["seed"]}
-    if "error" in run:
-        print(f"[assess_peers] {setup}, seed {record['seed']}: {run['error']}", file=sys.stderr, flush=True)
-    peers[setup] = summary(runs + [run])
-    peers_file.write_text(json.dumps(peers, indent=1) + "\n")
+    seeds = {r["seed"] for r in finished}
+    for record in finished:
+        if (runs and "method" not in runs[0]) or record["seed"] in {r["seed"] for r in runs}:
+            continue
+        print(f"[assess_peers] {setup}, seed {record['seed']}", file=sys.stderr, flush=True)
+        run = {**run_peer(setup, record), "seed": record["seed"]}
+        if "error" in run:
+            print(f"[assess_peers] {setup}, seed {record['seed']}: {run['error']}", file=sys.stderr, flush=True)
+        runs.append(run)
+        peers[setup] = summary(runs, seeds)
+        peers_file.write_text(json.dumps(peers, indent=1) + "\n")
+    if runs and seeds:
+        peers[setup] = summary(runs, seeds)
 peers_file.write_text(json.dumps(peers, indent=1) + "\n")

@@ -150,11 +150,11 @@ struct PeerCell {
 };
 
 // The peer's mean over the seeds it ran (bench/assess_peers.py runs every seed ours finished),
-// ± their sample standard deviation as metric_text gives ours, and the seeds whose peer failed.
+// ± their sample standard deviation as metric_text gives ours, and how many seeds' peers failed.
 std::string peer_metric_text(const json& p, double mean, bool percent) {
   const double k = percent ? 100 : 1;
   const auto values = p.value("metric_values", json::array());
-  const std::string sd = values.size() < 2 ? "" : percent ? fmt::format(" ± {:.2f}", k * p["metric_spread"].get<double>()) : fmt::format(" ± {:.3g}", p["metric_spread"].get<double>());
+  const std::string sd = values.size() < 2 ? "" : percent ? fmt::format(" ± {:.2f}", k * p.value("metric_spread", 0.0)) : fmt::format(" ± {:.3g}", p.value("metric_spread", 0.0));
   const auto failed = p.value("failed_seeds", json::array());
   return (percent ? fmt::format("{:.2f}", k * mean) : fmt::format("{:.4g}", mean)) + sd + (percent ? "%" : "") +
          (failed.empty() ? "" : fmt::format(" ({} of {} seeds failed)", failed.size(), failed.size() + values.size()));

@@ -133,7 +133,17 @@ TOML
 cp "$out/peered/peers.json" "$out/peers-before.json"
 "$tessera" assess --peers "$out/peers.toml" >/dev/null 2>"$out/peers-again.err" || { cat "$out/peers-again.err"; exit 1; }
 cmp "$out/peers-before.json" "$out/peered/peers.json"
-! grep -q "assess_peers\] .*seed" "$out/peered/peers.log"
+if grep -q "assess_peers\] .*seed" "$out/peered/peers.log"; then echo "a peer ran again"; cat "$out/peered/peers.log"; exit 1; fi
+# A seed dropped from a setup leaves the peer's means too (its run stays kept in peers.json).
+sed 's/^seeds = \[3, 4\]  *# its own seeds.*$/seeds = [3]/' "$out/peers.toml" >"$out/peers-one.toml"
+"$tessera" assess --peers "$out/peers-one.toml" >/dev/null 2>"$out/peers-one.err" || { cat "$out/peers-one.err"; exit 1; }
+"$python" - "$out/peered/peers.json" <<'PY'
+import json, sys
+lora = json.load(open(sys.argv[1]))["lora"]
+three = next(r for r in lora["runs"] if r["seed"] == 3)
+assert lora["seeds"] == [3] and len(lora["runs"]) == 2 and lora["test_accuracy"] == three["test_accuracy"], lora
+assert lora["metric_spread"] == 0 and lora["metric_values"] == [three["test_accuracy"]], lora
+PY
 # The decoder's peers: peft on the real SmolLM2 over Tessera's own batches (split, shuffle and
 # length grouping rebuilt by bench/peer_lm_peft.py), so (IA)³, which draws nothing at random,
 # must reach our test perplexity; a plugin peft lacks says so.
