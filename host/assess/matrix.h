@@ -34,6 +34,13 @@ struct Matrix {
   Config base;
   std::vector<std::int64_t> seeds;
   std::vector<Setup> setups;
+
+  // Every setup's seeds together: the runs the matrix makes.
+  std::size_t runs() const {
+    std::size_t n = 0;
+    for (const auto& s : setups) n += s.seeds.size();
+    return n;
+  }
 };
 
 // Throws ConfigError for a matrix that cannot be read at all (syntax, base, seeds, a setup

@@ -26,12 +26,17 @@ std::string cell(const std::string& s) {
   return o;
 }
 
+// A metric's mean over n runs, ± their sample standard deviation where n > 1; an accuracy in percent.
+std::string mean_sd_text(double mean, double sd, std::size_t n, bool percent) {
+  const double k = percent ? 100 : 1;
+  const std::string v = percent ? fmt::format("{:.2f}", k * mean) : fmt::format("{:.4g}", mean);
+  const std::string s = n < 2 ? "" : percent ? fmt::format(" ± {:.2f}", k * sd) : fmt::format(" ± {:.3g}", sd);
+  return v + s + (percent ? "%" : "");
+}
+
 std::string metric_text(const json& row) {
-  const bool percent = row["metric"] == "accuracy";
-  const double m = num(row, "metric_mean") * (percent ? 100 : 1), s = num(row, "metric_spread") * (percent ? 100 : 1);
-  const std::string v = percent ? fmt::format("{:.2f}", m) : fmt::format("{:.4g}", m);
-  const std::string sd = row["runs"].get<int>() - row["failed"].get<int>() > 1 ? (percent ? fmt::format(" ± {:.2f}", s) : fmt::format(" ± {:.3g}", s)) : "";
-  return v + sd + (percent ? "%" : "");
+  return mean_sd_text(num(row, "metric_mean"), num(row, "metric_spread"), row["runs"].get<std::size_t>() - row["failed"].get<std::size_t>(),
+                      row["metric"] == "accuracy");
 }
 
 std::string count_text(double n) {
@@ -152,11 +157,9 @@ struct PeerCell {
 // The peer's mean over the seeds it ran (bench/assess_peers.py runs every seed ours finished),
 // ± their sample standard deviation as metric_text gives ours, and how many seeds' peers failed.
 std::string peer_metric_text(const json& p, double mean, bool percent) {
-  const double k = percent ? 100 : 1;
   const auto values = p.value("metric_values", json::array());
-  const std::string sd = values.size() < 2 ? "" : percent ? fmt::format(" ± {:.2f}", k * p.value("metric_spread", 0.0)) : fmt::format(" ± {:.3g}", p.value("metric_spread", 0.0));
   const auto failed = p.value("failed_seeds", json::array());
-  return (percent ? fmt::format("{:.2f}", k * mean) : fmt::format("{:.4g}", mean)) + sd + (percent ? "%" : "") +
+  return mean_sd_text(mean, p.value("metric_spread", 0.0), values.size(), percent) +
          (failed.empty() ? "" : fmt::format(" ({} of {} seeds failed)", failed.size(), failed.size() + values.size()));
 }
 

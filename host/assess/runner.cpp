@@ -188,9 +188,7 @@ std::string reason_from_log(const std::string& log) {
 
 nlohmann::json run_matrix(const Matrix& m, const RunnerOptions& o) {
   nlohmann::json records = nlohmann::json::array();
-  std::int64_t total = 0;
-  for (const auto& s : m.setups) total += static_cast<std::int64_t>(s.seeds.size());
-  Progress bar("assess", total);
+  Progress bar("assess", static_cast<std::int64_t>(m.runs()));
   std::int64_t done = 0, failed = 0;
   for (const auto& s : m.setups)
     for (const auto seed : s.seeds) {

@@ -51,9 +51,7 @@ int run_assess(const Args& a, const PluginRegistry& registry) {
   fs::create_directories(m.out);
   for (const auto& s : m.setups)
     if (!s.error.empty()) spdlog::warn("setup {} cannot run: {}", s.name, s.error);
-  std::size_t runs = 0;
-  for (const auto& s : m.setups) runs += s.seeds.size();
-  spdlog::info("assessing {} setups in {} runs into {}", m.setups.size(), runs, m.out);
+  spdlog::info("assessing {} setups in {} runs into {}", m.setups.size(), m.runs(), m.out);
   const nlohmann::json machine = machine_info(m.base.train.threads);
   const nlohmann::json records = run_matrix(m, {child_prefix(), a.rerun});
   nlohmann::json kept = records;
